@@ -1,0 +1,191 @@
+//! Request and response bodies of the control-plane API.
+
+use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+/// Error body of every failed API call: `{ "error": "...", "detail": ... }`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+}
+
+/// Role of a node in the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Worker,
+    Proxy,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Worker => "worker",
+            Role::Proxy => "proxy",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "worker" => Some(Role::Worker),
+            "proxy" => Some(Role::Proxy),
+            _ => None,
+        }
+    }
+}
+
+/// Sent once by a new agent, authenticated by a join token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// The full join token as printed by `berth token create`.
+    pub token: String,
+    /// Node name, a DNS label; unique in the fleet.
+    pub name: String,
+    /// Ed25519 verifying key, base64 (32 bytes). Signs every later request.
+    pub signing_key: String,
+    /// WireGuard public key, base64 (32 bytes).
+    pub wg_public_key: String,
+    /// UDP port WireGuard listens on.
+    pub wg_port: u16,
+    /// The node's address on its local network, with prefix (e.g. `192.168.1.5/24`).
+    /// Peers on the same network reach it there.
+    #[serde(default)]
+    pub private_addr: Option<String>,
+    /// Address peers on other networks reach it at. When absent the control
+    /// plane uses the source address it saw the registration come from.
+    #[serde(default)]
+    pub public_ip: Option<IpAddr>,
+    /// Whether the agent was started with `--proxy`; must match the token.
+    #[serde(default)]
+    pub proxy: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub node_id: String,
+    pub name: String,
+    pub role: Role,
+    pub mesh_ip: Ipv4Addr,
+    /// The whole mesh pool, so the agent can route it through the tunnel.
+    pub mesh_cidr: String,
+    /// This node's container subnet.
+    pub subnet: String,
+}
+
+/// One other node as seen by a node's WireGuard interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub node_id: String,
+    pub name: String,
+    pub wg_public_key: String,
+    pub mesh_ip: Ipv4Addr,
+    pub subnet: String,
+    /// Where to send this peer's packets; chosen per pair of nodes
+    /// (private address on a shared network, else public).
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// The node a desired-state document is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSelf {
+    pub node_id: String,
+    pub name: String,
+    pub role: Role,
+    pub mesh_ip: Ipv4Addr,
+    pub mesh_cidr: String,
+    pub subnet: String,
+    /// The pool all container subnets come from; routed through the mesh
+    /// (the node's own, more specific subnet stays local).
+    pub subnet_pool: String,
+    pub wg_port: u16,
+}
+
+/// Everything a node should be running, at one revision. The agent caches it
+/// and brings the data plane up from the cache before talking to the control plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    pub revision: u64,
+    pub node: NodeSelf,
+    pub peers: Vec<Peer>,
+}
+
+/// Handshake state of one WireGuard peer, as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub wg_public_key: String,
+    /// Seconds since the last handshake; `None` when there was none.
+    pub handshake_age_secs: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// Heartbeat and apply report, posted by the agent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Revision of the last desired state applied completely.
+    pub applied_revision: u64,
+    pub agent_version: String,
+    #[serde(default)]
+    pub peers: Vec<PeerStatus>,
+    /// Last apply error, if the last apply failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Resident memory of the agent, bytes.
+    #[serde(default)]
+    pub rss_bytes: Option<u64>,
+}
+
+/// A node as listed by `berth nodes list`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node_id: String,
+    pub name: String,
+    pub role: Role,
+    pub mesh_ip: Ipv4Addr,
+    pub subnet: String,
+    pub online: bool,
+    /// Unix seconds of the last heartbeat, if any.
+    pub last_seen: Option<i64>,
+    pub revision: u64,
+    pub applied_revision: u64,
+    pub agent_version: Option<String>,
+    pub error: Option<String>,
+    pub peers: Vec<PeerStatusNamed>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatusNamed {
+    pub name: String,
+    pub handshake_age_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateTokenRequest {
+    #[serde(default)]
+    pub proxy: bool,
+    /// Lifetime in seconds.
+    pub ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatedToken {
+    pub id: String,
+    pub token: String,
+    pub role: Role,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub role: Role,
+    pub created_at: i64,
+    pub expires_at: i64,
+    /// `valid`, `used`, `expired` or `revoked`.
+    pub state: String,
+    pub used_by: Option<String>,
+}
+
+/// Path prefix of the versioned API.
+pub const API_PREFIX: &str = "/v1";

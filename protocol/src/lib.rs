@@ -1,0 +1,11 @@
+//! Wire types shared by `berth-agent`, `berth-control-plane` and the `berth` CLI.
+//!
+//! Everything that crosses the network between an agent and the control plane
+//! is defined here, so both ends agree on it by construction.
+
+pub mod api;
+pub mod names;
+pub mod signing;
+pub mod token;
+
+pub use api::*;

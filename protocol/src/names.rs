@@ -1,0 +1,44 @@
+//! Validation of user-supplied names.
+
+/// Checks that `value` is a DNS label (RFC 1123): 1..=63 chars of `a-z0-9-`,
+/// not starting or ending with `-`. `field` names the input in the error.
+pub fn validate_dns_label(field: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("{field}: must not be empty"));
+    }
+    if value.len() > 63 {
+        return Err(format!("{field}: {value:?} is longer than 63 characters"));
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(format!(
+            "{field}: {value:?} may contain only lowercase letters, digits and '-'"
+        ));
+    }
+    if value.starts_with('-') || value.ends_with('-') {
+        return Err(format!("{field}: {value:?} must not start or end with '-'"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_labels() {
+        for ok in ["a", "node-1", "n0", &"x".repeat(63)] {
+            assert!(validate_dns_label("name", ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_labels_naming_the_field() {
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"x".repeat(64)] {
+            let err = validate_dns_label("name", bad).unwrap_err();
+            assert!(err.starts_with("name: "), "{err}");
+        }
+    }
+}
