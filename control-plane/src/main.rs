@@ -1,1 +1,112 @@
-fn main() {}
+use berth_control_plane::{start, store::nodes::Pools, tls::OwnCert, ServeConfig};
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The Berth control plane: registers nodes, allocates their addresses and
+/// pushes each node its desired state.
+#[derive(Parser)]
+#[command(name = "berth-control-plane", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API over HTTPS.
+    Serve(Serve),
+}
+
+#[derive(clap::Args)]
+struct Serve {
+    /// Where the CA, the admin token and the SQLite store live.
+    #[arg(long, default_value = "/var/lib/berth", env = "BERTH_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Store URL: sqlite://PATH (default: DATA_DIR/cp.db) or postgres://USER:PASS@HOST/DB.
+    #[arg(long, env = "BERTH_DATABASE")]
+    database: Option<String>,
+    /// Address and port to serve HTTPS on.
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    listen: SocketAddr,
+    /// Extra name or IP for the generated certificate (repeatable). The first
+    /// one is also used in the agent command printed with new tokens.
+    #[arg(long = "san")]
+    sans: Vec<String>,
+    /// Use this certificate (PEM chain) instead of generating one.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA that signed --tls-cert; agents pin its hash. Default: the chain's last certificate.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// URL agents use to reach this control plane (printed with new tokens).
+    #[arg(long)]
+    advertise_url: Option<String>,
+    /// Pool node mesh IPs are taken from.
+    #[arg(long, default_value = "10.100.0.0/16")]
+    mesh_pool: ipnet::Ipv4Net,
+    /// Pool node container subnets are taken from.
+    #[arg(long, default_value = "10.200.0.0/13")]
+    subnet_pool: ipnet::Ipv4Net,
+    /// Prefix length of each node's container subnet.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u8).range(8..=30))]
+    subnet_prefix: u8,
+    /// A node without a heartbeat for this many seconds is shown offline.
+    #[arg(long, default_value_t = 30)]
+    offline_after: i64,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Command::Serve(s) = Cli::parse().command;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+    if s.log_format == "json" {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+    let database = s
+        .database
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", s.data_dir.join("cp.db").display()));
+    let cfg = ServeConfig {
+        data_dir: s.data_dir,
+        database,
+        listen: s.listen,
+        sans: s.sans,
+        own_cert: s.tls_cert.map(|cert| OwnCert { cert, key: s.tls_key.unwrap_or_default(), ca: s.tls_ca }),
+        advertise_url: s.advertise_url,
+        pools: Pools { mesh: s.mesh_pool.trunc(), subnets: s.subnet_pool.trunc(), subnet_prefix: s.subnet_prefix },
+        offline_after_secs: s.offline_after,
+    };
+    let started = match start(cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("berth-control-plane: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    eprintln!(
+        "berth-control-plane: serving on https://{}\n  admin token: {}\n  CA:          {}",
+        started.addr,
+        started.admin_token_file.display(),
+        started.ca_file.display()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        r = started.task => {
+            if let Ok(Err(e)) = r { eprintln!("berth-control-plane: {e:#}"); std::process::exit(1); }
+        }
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

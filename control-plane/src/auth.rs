@@ -1,0 +1,97 @@
+//! Authentication: admin bearer token for the CLI, Ed25519 request
+//! signatures for agents.
+
+use crate::error::{ApiErr, ApiResult};
+use crate::state::AppState;
+use crate::store::{nodes::NodeRow, now};
+use axum::http::{HeaderMap, Method, Uri};
+use berth_protocol::signing::{self, HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
+use sha2::{Digest, Sha256};
+
+pub fn hash_admin_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.trim().as_bytes()))
+}
+
+/// Checks `Authorization: Bearer <admin token>`.
+pub fn require_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiErr::unauthorized("authorization: missing admin bearer token"))?;
+    // Compare digests so the comparison time says nothing about the token.
+    let a = hash_admin_token(given);
+    let ok = a.len() == state.admin_token_hash.len()
+        && a.bytes().zip(state.admin_token_hash.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiErr::unauthorized("authorization: admin token is not valid"))
+    }
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> ApiResult<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiErr::unauthorized(format!("{name}: missing")))
+}
+
+pub fn path_and_query(uri: &Uri) -> &str {
+    uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+}
+
+/// Verifies a signed request from a registered node and records its nonce.
+pub async fn require_node(
+    state: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult<NodeRow> {
+    let node_id = header(headers, HEADER_NODE)?;
+    let ts = header(headers, HEADER_TIMESTAMP)?;
+    let nonce = header(headers, HEADER_NONCE)?;
+    let sig = header(headers, HEADER_SIGNATURE)?;
+    let node = state
+        .store
+        .get_node(node_id)
+        .await?
+        .ok_or_else(|| ApiErr::unauthorized(format!("{HEADER_NODE}: unknown node {node_id:?} (removed?)")))?;
+    let key = signing::parse_verifying_key("signing_key", &node.signing_key).map_err(ApiErr::internal)?;
+    let now = now();
+    signing::verify(&key, method.as_str(), path_and_query(uri), body, ts, nonce, sig, now)
+        .map_err(|e| ApiErr::unauthorized(e.to_string()))?;
+    let ts: i64 = ts.parse().unwrap_or(now);
+    let fresh = state
+        .store
+        .record_nonce(&node.id, nonce, ts + signing::MAX_CLOCK_SKEW_SECS + 1)
+        .await?;
+    if !fresh {
+        return Err(ApiErr::unauthorized(format!("{HEADER_NONCE}: replayed")));
+    }
+    Ok(node)
+}
+
+/// Verifies that a registration request is signed by the key it registers
+/// (proof of possession of the private key).
+pub fn verify_self_signed(
+    key_b64: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult<()> {
+    let key = signing::parse_verifying_key("signing_key", key_b64).map_err(ApiErr::bad_request)?;
+    signing::verify(
+        &key,
+        method.as_str(),
+        path_and_query(uri),
+        body,
+        header(headers, HEADER_TIMESTAMP)?,
+        header(headers, HEADER_NONCE)?,
+        header(headers, HEADER_SIGNATURE)?,
+        now(),
+    )
+    .map_err(|e| ApiErr::unauthorized(e.to_string()))
+}

@@ -1,0 +1,118 @@
+//! Desired state: what each node should run, computed from a snapshot of
+//! the store. One snapshot serves every long-poll that wakes for the same
+//! revision, so a change fans out to all nodes with one store read.
+
+use crate::store::nodes::NodeRow;
+use berth_protocol::{DesiredState, NodeSelf, Peer};
+use ipnet::Ipv4Net;
+use std::net::{IpAddr, SocketAddr};
+
+/// All nodes at one cluster revision.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub revision: i64,
+    pub nodes: Vec<NodeRow>,
+}
+
+/// Where `from` should send packets for `to`: `to`'s private address when
+/// both sit on the same network, otherwise its public address.
+pub fn endpoint(from: &NodeRow, to: &NodeRow) -> Option<SocketAddr> {
+    if let (Some(a), Some(b)) = (from.private_addr, to.private_addr) {
+        if a.network() == b.network() && a.prefix_len() == b.prefix_len() {
+            return Some(SocketAddr::new(IpAddr::V4(b.addr()), to.wg_port));
+        }
+    }
+    to.public_ip.map(|ip| SocketAddr::new(ip, to.wg_port))
+}
+
+/// The desired state of `node` in `snap`, or None if it is not in the snapshot.
+pub fn for_node(snap: &Snapshot, node_id: &str, mesh: Ipv4Net, subnet_pool: Ipv4Net) -> Option<DesiredState> {
+    let me = snap.nodes.iter().find(|n| n.id == node_id)?;
+    let peers = snap
+        .nodes
+        .iter()
+        .filter(|n| n.id != me.id)
+        .map(|n| Peer {
+            node_id: n.id.clone(),
+            name: n.name.clone(),
+            wg_public_key: n.wg_public_key.clone(),
+            mesh_ip: n.mesh_ip,
+            subnet: n.subnet.to_string(),
+            endpoint: endpoint(me, n),
+        })
+        .collect();
+    Some(DesiredState {
+        revision: me.revision as u64,
+        node: NodeSelf {
+            node_id: me.id.clone(),
+            name: me.name.clone(),
+            role: me.role,
+            mesh_ip: me.mesh_ip,
+            mesh_cidr: mesh.to_string(),
+            subnet: me.subnet.to_string(),
+            subnet_pool: subnet_pool.to_string(),
+            wg_port: me.wg_port,
+        },
+        peers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_protocol::Role;
+
+    fn node(id: &str, private: Option<&str>, public: Option<&str>, mesh: &str, rev: i64) -> NodeRow {
+        NodeRow {
+            id: id.into(),
+            name: format!("name-{id}"),
+            role: Role::Worker,
+            signing_key: String::new(),
+            wg_public_key: format!("key-{id}"),
+            wg_port: 51820,
+            private_addr: private.map(|s| s.parse().unwrap()),
+            public_ip: public.map(|s| s.parse().unwrap()),
+            mesh_ip: mesh.parse().unwrap(),
+            subnet: "10.200.0.0/24".parse().unwrap(),
+            revision: rev,
+            applied_revision: 0,
+            last_seen: None,
+            agent_version: None,
+            status: None,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn private_endpoint_on_shared_network_else_public() {
+        let a = node("a", Some("192.168.1.10/24"), Some("203.0.113.1"), "10.100.0.1", 1);
+        let b = node("b", Some("192.168.1.11/24"), Some("203.0.113.2"), "10.100.0.2", 1);
+        let c = node("c", Some("192.168.7.11/24"), Some("203.0.113.3"), "10.100.0.3", 1);
+        let d = node("d", None, None, "10.100.0.4", 1);
+        assert_eq!(endpoint(&a, &b), Some("192.168.1.11:51820".parse().unwrap()));
+        assert_eq!(endpoint(&a, &c), Some("203.0.113.3:51820".parse().unwrap()));
+        assert_eq!(endpoint(&d, &a), Some("203.0.113.1:51820".parse().unwrap()));
+        assert_eq!(endpoint(&a, &d), None);
+    }
+
+    #[test]
+    fn desired_state_lists_every_other_node_at_the_nodes_revision() {
+        let snap = Snapshot {
+            revision: 9,
+            nodes: vec![
+                node("a", Some("198.18.0.11/24"), None, "10.100.0.1", 9),
+                node("b", Some("198.18.0.12/24"), None, "10.100.0.2", 9),
+                node("c", Some("198.18.0.13/24"), None, "10.100.0.3", 7),
+            ],
+        };
+        let mesh = "10.100.0.0/16".parse().unwrap();
+        let pool = "10.200.0.0/13".parse().unwrap();
+        let d = for_node(&snap, "c", mesh, pool).unwrap();
+        assert_eq!(d.revision, 7);
+        assert_eq!(d.node.mesh_ip.to_string(), "10.100.0.3");
+        let names: Vec<_> = d.peers.iter().map(|p| p.node_id.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(d.peers[0].endpoint, Some("198.18.0.11:51820".parse().unwrap()));
+        assert!(for_node(&snap, "zz", mesh, pool).is_none());
+    }
+}

@@ -1,0 +1,113 @@
+//! Berth control plane: the API server, its store and the desired-state
+//! computation. `berth-control-plane serve` is the binary around [`serve`].
+
+pub mod alloc;
+pub mod api;
+pub mod auth;
+pub mod desired;
+pub mod error;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod tls;
+
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub database: String,
+    pub listen: SocketAddr,
+    pub sans: Vec<String>,
+    pub own_cert: Option<tls::OwnCert>,
+    pub advertise_url: Option<String>,
+    pub pools: store::nodes::Pools,
+    pub offline_after_secs: i64,
+}
+
+/// A started control plane: its state and the address it listens on.
+pub struct Started {
+    pub state: state::SharedState,
+    pub addr: SocketAddr,
+    pub admin_token_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Opens the store, prepares TLS and the admin credential, and starts serving.
+pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("--data-dir {}", cfg.data_dir.display()))?;
+    let cap = alloc::capacity(cfg.pools.mesh, cfg.pools.subnets, cfg.pools.subnet_prefix);
+    if cap == 0 {
+        anyhow::bail!("--subnet-prefix: /{} does not fit in --subnet-pool {}", cfg.pools.subnet_prefix, cfg.pools.subnets);
+    }
+    let store = store::Store::connect(&cfg.database).await?;
+    let tls = match &cfg.own_cert {
+        Some(own) => tls::own(own)?,
+        None => tls::generated(&cfg.data_dir, &cfg.sans)?,
+    };
+    let ca_file = cfg.data_dir.join("ca.pem");
+    if cfg.own_cert.is_some() {
+        std::fs::write(&ca_file, &tls.ca_pem)?;
+    }
+    let admin_token_file = cfg.data_dir.join("admin.token");
+    let admin_hash = admin_credential(&store, &admin_token_file).await?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("--listen {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let advertise_url = cfg.advertise_url.clone().unwrap_or_else(|| {
+        let host = cfg.sans.first().cloned().unwrap_or_else(|| addr.ip().to_string());
+        format!("https://{host}:{}", addr.port())
+    });
+    let state = state::AppState::new(
+        store.clone(),
+        cfg.pools,
+        tls.ca_hash.clone(),
+        tls.ca_pem.clone(),
+        admin_hash,
+        advertise_url,
+        cfg.offline_after_secs,
+    )
+    .await?;
+    if store.backend == store::Backend::Postgres {
+        tokio::spawn(state::follow_other_replicas(state.clone(), cfg.database.clone()));
+    }
+    tokio::spawn(prune_nonces(store.clone()));
+    let app = api::router(state.clone());
+    let task = tokio::spawn(server::serve_tls(listener, tls.server_config.clone(), app));
+    tracing::info!(%addr, nodes_capacity = cap, ca_hash = %tls.ca_hash, "control plane listening");
+    let _ = Arc::strong_count(&state);
+    Ok(Started { state, addr, admin_token_file, ca_file, task })
+}
+
+/// The admin bearer token: made on first start and written 0600 to
+/// `admin.token`; only its hash is kept in the store, so replicas sharing
+/// a PostgreSQL store accept the same token.
+async fn admin_credential(store: &store::Store, file: &std::path::Path) -> anyhow::Result<String> {
+    if let Some(hash) = store.setting("admin_token_sha256").await? {
+        if !file.exists() {
+            tracing::warn!(path = %file.display(), "the store has an admin token but this data dir does not; copy admin.token from the first replica");
+        }
+        return Ok(hash);
+    }
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    let stored = store.setting_insert_if_absent("admin_token_sha256", &auth::hash_admin_token(&token)).await?;
+    if stored == auth::hash_admin_token(&token) {
+        tls::write_private(file, format!("{token}\n").as_bytes())?;
+        tracing::info!(path = %file.display(), "created the admin token");
+    }
+    Ok(stored)
+}
+
+async fn prune_nonces(store: store::Store) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        if let Err(e) = store.prune_nonces(store::now()).await {
+            tracing::warn!(error = %e, "pruning nonces failed");
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Shared server state: the store, the pools, and the revision signal that
+//! wakes long-polls.
+
+use crate::desired::Snapshot;
+use crate::store::nodes::Pools;
+use crate::store::{Backend, Store};
+use std::sync::Arc;
+use tokio::sync::{watch, Mutex};
+
+pub struct AppState {
+    pub store: Store,
+    pub pools: Pools,
+    /// SHA-256 of the CA certificate, carried in join tokens.
+    pub ca_hash: String,
+    pub ca_pem: String,
+    /// SHA-256 (hex) of the admin bearer token.
+    pub admin_token_hash: String,
+    /// URL agents are told to use, printed with new tokens.
+    pub advertise_url: String,
+    /// A node is online when its last heartbeat is newer than this many seconds.
+    pub offline_after_secs: i64,
+    revision: watch::Sender<i64>,
+    snapshot: Mutex<Arc<Snapshot>>,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    pub async fn new(
+        store: Store,
+        pools: Pools,
+        ca_hash: String,
+        ca_pem: String,
+        admin_token_hash: String,
+        advertise_url: String,
+        offline_after_secs: i64,
+    ) -> anyhow::Result<SharedState> {
+        let rev = store.revision().await?;
+        let (tx, _) = watch::channel(rev);
+        Ok(Arc::new(AppState {
+            store,
+            pools,
+            ca_hash,
+            ca_pem,
+            admin_token_hash,
+            advertise_url,
+            offline_after_secs,
+            revision: tx,
+            snapshot: Mutex::new(Arc::new(Snapshot { revision: -1, nodes: vec![] })),
+        }))
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.revision.subscribe()
+    }
+
+    pub fn current_revision(&self) -> i64 {
+        *self.revision.borrow()
+    }
+
+    /// Called after a commit that moved the revision: wakes local long-polls
+    /// and, on PostgreSQL, the other control-plane replicas.
+    pub async fn revision_moved(&self, rev: i64) {
+        self.revision.send_if_modified(|cur| {
+            let moved = rev > *cur;
+            if moved {
+                *cur = rev;
+            }
+            moved
+        });
+        if self.store.backend == Backend::Postgres {
+            let res = sqlx::query("SELECT pg_notify('berth_revision', $1)")
+                .bind(rev.to_string())
+                .execute(&self.store.pool)
+                .await;
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "pg_notify failed; other replicas catch up on their next poll");
+            }
+        }
+    }
+
+    /// The snapshot for the current revision, loaded once per revision.
+    pub async fn snapshot(&self) -> sqlx::Result<Arc<Snapshot>> {
+        let want = self.current_revision();
+        let mut cached = self.snapshot.lock().await;
+        if cached.revision >= want {
+            return Ok(cached.clone());
+        }
+        // Read the counter first: the node rows are then at least that new.
+        let revision = self.store.revision().await?;
+        let nodes = self.store.list_nodes().await?;
+        *cached = Arc::new(Snapshot { revision, nodes });
+        Ok(cached.clone())
+    }
+}
+
+/// Keeps this replica's revision signal in step with changes made by other
+/// replicas sharing the same PostgreSQL (LISTEN/NOTIFY, plus a slow poll
+/// in case a notification was missed while reconnecting).
+pub async fn follow_other_replicas(state: SharedState, url: String) {
+    use sqlx::postgres::PgListener;
+    loop {
+        let mut listener = match PgListener::connect(&url).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "LISTEN connection failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen("berth_revision").await {
+            tracing::warn!(error = %e, "LISTEN failed; retrying");
+            continue;
+        }
+        loop {
+            let got = tokio::time::timeout(std::time::Duration::from_secs(5), listener.recv()).await;
+            if let Ok(Err(e)) = got {
+                tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+                break;
+            }
+            if let Ok(rev) = state.store.revision().await {
+                state.revision.send_if_modified(|cur| {
+                    let moved = rev > *cur;
+                    if moved {
+                        *cur = rev;
+                    }
+                    moved
+                });
+            }
+        }
+    }
+}

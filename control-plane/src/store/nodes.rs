@@ -1,0 +1,263 @@
+//! Nodes: registration (token use + address allocation in one transaction),
+//! heartbeats, listing and removal.
+
+use super::{bump_all, is_retryable, now, Store};
+use crate::alloc;
+use berth_protocol::{Role, StatusReport};
+use ipnet::Ipv4Net;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+#[derive(Debug, Clone)]
+pub struct NodeRow {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub signing_key: String,
+    pub wg_public_key: String,
+    pub wg_port: u16,
+    pub private_addr: Option<Ipv4Net>,
+    pub public_ip: Option<IpAddr>,
+    pub mesh_ip: Ipv4Addr,
+    pub subnet: Ipv4Net,
+    pub revision: i64,
+    pub applied_revision: i64,
+    pub last_seen: Option<i64>,
+    pub agent_version: Option<String>,
+    pub status: Option<StatusReport>,
+    pub last_error: Option<String>,
+}
+
+const COLUMNS: &str = "id, name, role, signing_key, wg_public_key, wg_port, private_addr, public_ip, \
+     mesh_ip, subnet, revision, applied_revision, last_seen, agent_version, status_json, last_error";
+
+impl NodeRow {
+    fn from_row(r: &AnyRow) -> NodeRow {
+        let opt = |c: &str| r.get::<Option<String>, _>(c);
+        NodeRow {
+            id: r.get("id"),
+            name: r.get("name"),
+            role: Role::parse(&r.get::<String, _>("role")).unwrap_or(Role::Worker),
+            signing_key: r.get("signing_key"),
+            wg_public_key: r.get("wg_public_key"),
+            wg_port: r.get::<i64, _>("wg_port") as u16,
+            private_addr: opt("private_addr").and_then(|s| s.parse().ok()),
+            public_ip: opt("public_ip").and_then(|s| s.parse().ok()),
+            mesh_ip: r.get::<String, _>("mesh_ip").parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
+            subnet: r.get::<String, _>("subnet").parse().unwrap_or_default(),
+            revision: r.get("revision"),
+            applied_revision: r.get("applied_revision"),
+            last_seen: r.get("last_seen"),
+            agent_version: opt("agent_version"),
+            status: opt("status_json").and_then(|s| serde_json::from_str(&s).ok()),
+            last_error: opt("last_error"),
+        }
+    }
+}
+
+/// Everything registration needs, already validated by the API layer.
+#[derive(Debug, Clone)]
+pub struct NewNode {
+    pub token_id: String,
+    pub token_secret_hash: String,
+    pub name: String,
+    pub proxy: bool,
+    pub signing_key: String,
+    pub wg_public_key: String,
+    pub wg_port: u16,
+    pub private_addr: Option<Ipv4Net>,
+    pub public_ip: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Pools {
+    pub mesh: Ipv4Net,
+    pub subnets: Ipv4Net,
+    pub subnet_prefix: u8,
+}
+
+/// Why registration was refused; the API maps each to a status code.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("token: unknown")]
+    UnknownToken,
+    #[error("token: {0}")]
+    TokenNotUsable(&'static str),
+    #[error("proxy: the token is for a {token} node but the agent was started {flag}")]
+    RoleMismatch { token: &'static str, flag: &'static str },
+    #[error("name: a node named {0:?} already exists")]
+    NameTaken(String),
+    #[error("{0}: this key is already registered to another node")]
+    KeyTaken(&'static str),
+    #[error("no free {0} left in the pool; widen it with --{0}-pool")]
+    PoolExhausted(&'static str),
+    #[error(transparent)]
+    Store(#[from] sqlx::Error),
+}
+
+impl Store {
+    pub async fn list_nodes(&self) -> sqlx::Result<Vec<NodeRow>> {
+        let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM nodes ORDER BY name"))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(NodeRow::from_row).collect())
+    }
+
+    pub async fn get_node(&self, id: &str) -> sqlx::Result<Option<NodeRow>> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM nodes WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(NodeRow::from_row))
+    }
+
+    /// Consumes the token, allocates addresses and inserts the node, all in
+    /// one transaction; retried when a concurrent registration won a race.
+    /// Returns the new node and the revision it was registered at.
+    pub async fn register_node(&self, new: &NewNode, pools: Pools) -> Result<(NodeRow, i64), RegisterError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.try_register(new, pools).await {
+                Err(RegisterError::Store(e)) if attempt < 20 && is_retryable(&e) => {
+                    let jitter = rand::random::<u64>() % (5 * attempt);
+                    tokio::time::sleep(std::time::Duration::from_millis(2 + jitter)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_register(&self, new: &NewNode, pools: Pools) -> Result<(NodeRow, i64), RegisterError> {
+        let now = now();
+        let mut tx = self.pool.begin().await?;
+        // Take the write lock first (SQLite) / lock the token row (Postgres).
+        let taken = sqlx::query(
+            "UPDATE tokens SET used_at = $1, used_by = $2 \
+             WHERE id = $3 AND secret_hash = $4 AND used_at IS NULL AND revoked_at IS NULL AND expires_at > $1",
+        )
+        .bind(now)
+        .bind(&new.name)
+        .bind(&new.token_id)
+        .bind(&new.token_secret_hash)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let token = Store::get_token(&mut *tx, &new.token_id).await?;
+        let token = match token {
+            Some(t) if t.secret_hash == new.token_secret_hash => t,
+            _ => return Err(RegisterError::UnknownToken),
+        };
+        if taken != 1 {
+            return Err(RegisterError::TokenNotUsable(match token.state(now) {
+                super::tokens::TokenState::Used => "already used",
+                super::tokens::TokenState::Revoked => "revoked",
+                _ => "expired",
+            }));
+        }
+        let flag_role = if new.proxy { Role::Proxy } else { Role::Worker };
+        if token.role != flag_role {
+            return Err(RegisterError::RoleMismatch {
+                token: token.role.as_str(),
+                flag: if new.proxy { "with --proxy" } else { "without --proxy" },
+            });
+        }
+        let existing = sqlx::query("SELECT name, signing_key, wg_public_key, mesh_ip, subnet FROM nodes")
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut used_ips = HashSet::new();
+        let mut used_nets = HashSet::new();
+        for r in &existing {
+            if r.get::<String, _>(0) == new.name {
+                return Err(RegisterError::NameTaken(new.name.clone()));
+            }
+            if r.get::<String, _>(1) == new.signing_key {
+                return Err(RegisterError::KeyTaken("signing_key"));
+            }
+            if r.get::<String, _>(2) == new.wg_public_key {
+                return Err(RegisterError::KeyTaken("wg_public_key"));
+            }
+            if let Ok(ip) = r.get::<String, _>(3).parse::<Ipv4Addr>() {
+                used_ips.insert(ip);
+            }
+            if let Ok(net) = r.get::<String, _>(4).parse::<Ipv4Net>() {
+                used_nets.insert(net);
+            }
+        }
+        let mesh_ip = alloc::next_mesh_ip(pools.mesh, &used_ips).ok_or(RegisterError::PoolExhausted("mesh"))?;
+        let subnet = alloc::next_subnet(pools.subnets, pools.subnet_prefix, &used_nets)
+            .ok_or(RegisterError::PoolExhausted("subnet"))?;
+        let id = format!("n{}", hex::encode(rand::random::<[u8; 8]>()));
+        sqlx::query(
+            "INSERT INTO nodes (id, name, role, signing_key, wg_public_key, wg_port, private_addr, public_ip, \
+             mesh_ip, subnet, revision, applied_revision, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, 0, $11)",
+        )
+        .bind(&id)
+        .bind(&new.name)
+        .bind(token.role.as_str())
+        .bind(&new.signing_key)
+        .bind(&new.wg_public_key)
+        .bind(new.wg_port as i64)
+        .bind(new.private_addr.map(|n| n.to_string()))
+        .bind(new.public_ip.map(|n| n.to_string()))
+        .bind(mesh_ip.to_string())
+        .bind(subnet.to_string())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let rev = bump_all(&mut tx).await?;
+        tx.commit().await?;
+        let node = self.get_node(&id).await?.ok_or(sqlx::Error::RowNotFound)?;
+        Ok((node, rev))
+    }
+
+    /// Removes a node; every other node's peer list changes. Returns the new
+    /// revision, or None if there was no such node.
+    pub async fn remove_node(&self, name: &str) -> sqlx::Result<Option<i64>> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let res: sqlx::Result<Option<i64>> = async {
+                let mut tx = self.pool.begin().await?;
+                let gone = sqlx::query("DELETE FROM nodes WHERE name = $1")
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if gone == 0 {
+                    return Ok(None);
+                }
+                let rev = bump_all(&mut tx).await?;
+                tx.commit().await?;
+                Ok(Some(rev))
+            }
+            .await;
+            match res {
+                Err(e) if attempt < 20 && is_retryable(&e) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(5 * attempt)).await
+                }
+                other => return other,
+            }
+        }
+    }
+
+    pub async fn record_status(&self, node_id: &str, report: &StatusReport) -> sqlx::Result<()> {
+        let json = serde_json::to_string(report).unwrap_or_default();
+        sqlx::query(
+            "UPDATE nodes SET last_seen = $1, applied_revision = $2, agent_version = $3, status_json = $4, last_error = $5 \
+             WHERE id = $6",
+        )
+        .bind(now())
+        .bind(report.applied_revision as i64)
+        .bind(&report.agent_version)
+        .bind(json)
+        .bind(&report.error)
+        .bind(node_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
