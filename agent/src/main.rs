@@ -1,1 +1,245 @@
-fn main() {}
+use anyhow::{bail, Context};
+use berth_agent::client::{fetch_pinned_ca, Client, Poll, Refused};
+use berth_agent::identity::{self, Identity, Registration};
+use berth_agent::reconcile::{self, Reconciler, Settings};
+use berth_protocol::token::JoinToken;
+use berth_protocol::RegisterRequest;
+use clap::Parser;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// berth-agent: the per-node daemon. Registers with the control plane once
+/// (with --token), then keeps this node's WireGuard mesh and firewall in the
+/// state the control plane asks for. It starts from its cached state, so the
+/// data plane comes up even while the control plane is unreachable.
+#[derive(Parser)]
+#[command(name = "berth-agent", version)]
+struct Args {
+    /// Control plane URL, e.g. https://cp.example.com:7443.
+    #[arg(long, env = "BERTH_URL")]
+    url: Option<String>,
+    /// Join token from `berth token create`; needed on the first run only.
+    #[arg(long, env = "BERTH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where keys, the registration and the cached desired state live.
+    #[arg(long, default_value = "/var/lib/berth", env = "BERTH_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Register as a proxy node (must match the token).
+    #[arg(long)]
+    proxy: bool,
+    /// Node name (a DNS label). Default: the host name.
+    #[arg(long)]
+    name: Option<String>,
+    /// WireGuard interface name (unique on the host).
+    #[arg(long, default_value = "berth0")]
+    interface: String,
+    /// WireGuard UDP port.
+    #[arg(long, default_value_t = 51820)]
+    wg_port: u16,
+    /// This node's address on its local network with prefix (peers on the
+    /// same network use it). Default: the address that routes to the control plane.
+    #[arg(long)]
+    private_addr: Option<ipnet::Ipv4Net>,
+    /// Address peers on other networks reach this node at. Default: the
+    /// address the control plane sees the node connect from.
+    #[arg(long)]
+    public_ip: Option<IpAddr>,
+    /// wireguard-go binary, used when the kernel has no WireGuard module.
+    #[arg(long, default_value = "wireguard-go")]
+    wireguard_go: PathBuf,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 10)]
+    heartbeat: u64,
+    /// Log format: text, json, or journald (default: journald under systemd, else text).
+    #[arg(long, value_parser = ["text", "json", "journald"])]
+    log_format: Option<String>,
+}
+
+fn init_logging(format: Option<&str>) {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let format = format.unwrap_or(if std::env::var_os("JOURNAL_STREAM").is_some() { "journald" } else { "text" });
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        "journald" => match tracing_journald::layer() {
+            Ok(j) => registry.with(j).init(),
+            Err(_) => registry.with(tracing_subscriber::fmt::layer()).init(),
+        },
+        "json" => registry.with(tracing_subscriber::fmt::layer().json()).init(),
+        _ => registry.with(tracing_subscriber::fmt::layer()).init(),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Args::parse();
+    init_logging(args.log_format.as_deref());
+    if let Err(e) = run(args).await {
+        tracing::error!("{e:#}");
+        eprintln!("berth-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_lowercase()).unwrap_or_default()
+}
+
+/// The local address used to reach `url`'s host, with its prefix length.
+async fn detect_private_addr(url: &str) -> Option<ipnet::Ipv4Net> {
+    let u = reqwest::Url::parse(url).ok()?;
+    let host = u.host_str()?.to_string();
+    let port = u.port_or_known_default()?;
+    let target = tokio::net::lookup_host((host.as_str(), port)).await.ok()?.find(|a| a.is_ipv4())?;
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    sock.connect(target).ok()?;
+    let IpAddr::V4(local) = sock.local_addr().ok()?.ip() else { return None };
+    let out = tokio::process::Command::new("ip").args(["-j", "-4", "addr", "show"]).output().await.ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    for link in v.as_array()? {
+        for a in link["addr_info"].as_array().into_iter().flatten() {
+            if a["local"].as_str() == Some(&local.to_string()) {
+                let prefix = a["prefixlen"].as_u64()? as u8;
+                return ipnet::Ipv4Net::new(local, prefix).ok();
+            }
+        }
+    }
+    None
+}
+
+async fn register(args: &Args, id: &Identity) -> anyhow::Result<Registration> {
+    let Some(url) = &args.url else { bail!("--url: needed for the first run (this node is not registered yet)") };
+    let Some(token) = &args.token else {
+        bail!("--token: this node is not registered yet; create a token with `berth token create` on the control plane")
+    };
+    let token = JoinToken::parse(token).map_err(anyhow::Error::msg)?;
+    let name = args.name.clone().unwrap_or_else(hostname);
+    berth_protocol::names::validate_dns_label("--name", &name).map_err(anyhow::Error::msg)?;
+    tracing::info!(%url, %name, "registering with the control plane");
+    let ca = fetch_pinned_ca(url, &token).await?;
+    let ca_path = args.data_dir.join("ca.pem");
+    std::fs::write(&ca_path, &ca)?;
+    let private_addr = match args.private_addr {
+        Some(a) => Some(a),
+        None => detect_private_addr(url).await,
+    };
+    let client = Client::new(url, &ca_path, id.signing_key.clone(), String::new())?;
+    let resp = client
+        .register(&RegisterRequest {
+            token: token.to_string(),
+            name: name.clone(),
+            signing_key: id.signing_public(),
+            wg_public_key: id.wg_public.clone(),
+            wg_port: args.wg_port,
+            private_addr: private_addr.map(|a| a.to_string()),
+            public_ip: args.public_ip,
+            proxy: args.proxy,
+        })
+        .await?;
+    let reg = Registration { node_id: resp.node_id, name: resp.name, url: url.clone(), proxy: args.proxy };
+    identity::save_registration(&args.data_dir, &reg)?;
+    tracing::info!(node_id = %reg.node_id, mesh_ip = %resp.mesh_ip, subnet = %resp.subnet, "registered");
+    Ok(reg)
+}
+
+fn notify(state: sd_notify::NotifyState) {
+    let _ = sd_notify::notify(false, &[state]);
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("--data-dir {}", args.data_dir.display()))?;
+    let id = Identity::load_or_create(&args.data_dir)?;
+    let reg = match identity::load_registration(&args.data_dir)? {
+        Some(r) => {
+            if args.token.is_some() {
+                tracing::info!(node = %r.name, "already registered; ignoring --token");
+            }
+            r
+        }
+        None => register(&args, &id).await?,
+    };
+    let url = args.url.clone().unwrap_or_else(|| reg.url.clone());
+    let rec = Arc::new(Mutex::new(Reconciler::new(Settings {
+        data_dir: args.data_dir.clone(),
+        interface: args.interface.clone(),
+        wireguard_go: args.wireguard_go.clone(),
+        wg_private: id.wg_private.clone(),
+    })));
+
+    // Data plane first, from the cache: the control plane may be down.
+    if let Some(cached) = reconcile::load_cache(&args.data_dir) {
+        match rec.lock().await.apply(&cached).await {
+            Ok(()) => tracing::info!(revision = cached.revision, "applied the cached desired state"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "applying the cached desired state failed"),
+        }
+        notify(sd_notify::NotifyState::Ready);
+    }
+
+    let client = Arc::new(Client::new(&url, &args.data_dir.join("ca.pem"), id.signing_key.clone(), reg.node_id.clone())?);
+    tokio::spawn(heartbeat(client.clone(), rec.clone(), Duration::from_secs(args.heartbeat.max(1))));
+    sync_loop(client, rec).await
+}
+
+/// Long-polls the control plane and applies every new revision.
+async fn sync_loop(client: Arc<Client>, rec: Arc<Mutex<Reconciler>>) -> anyhow::Result<()> {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let after = rec.lock().await.applied_revision;
+        match client.poll_desired(after, 25).await {
+            Ok(Poll::Unchanged) => backoff = Duration::from_millis(250),
+            Ok(Poll::Changed(d)) => {
+                if let Err(e) = reconcile::save_cache(rec.lock().await.data_dir(), &d) {
+                    tracing::warn!(error = %format!("{e:#}"), "caching the desired state failed");
+                }
+                let res = rec.lock().await.apply(&d).await;
+                notify(sd_notify::NotifyState::Ready);
+                let report = rec.lock().await.report().await;
+                if let Err(e) = client.report(&report).await {
+                    tracing::debug!(error = %format!("{e:#}"), "status report failed");
+                }
+                match res {
+                    Ok(()) => {
+                        tracing::debug!(revision = d.revision, "applied");
+                        backoff = Duration::from_millis(250);
+                    }
+                    Err(e) => {
+                        tracing::warn!(revision = d.revision, error = %format!("{e:#}"), "apply failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+            Err(e) => {
+                let gone = e.downcast_ref::<Refused>().map(|r| r.status.as_u16());
+                match gone {
+                    Some(401) | Some(410) => tracing::error!(error = %format!("{e:#}"), "the control plane refuses this node; keeping the current state"),
+                    _ => tracing::warn!(error = %format!("{e:#}"), "cannot reach the control plane; keeping the current state"),
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(if gone.is_some() { 60 } else { 5 }));
+            }
+        }
+    }
+}
+
+async fn heartbeat(client: Arc<Client>, rec: Arc<Mutex<Reconciler>>, every: Duration) {
+    let watchdog = std::env::var("WATCHDOG_USEC").ok().and_then(|v| v.parse::<u64>().ok());
+    let every = match watchdog {
+        Some(us) => every.min(Duration::from_micros(us / 2)),
+        None => every,
+    };
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        notify(sd_notify::NotifyState::Watchdog);
+        let report = rec.lock().await.report().await;
+        if let Err(e) = client.report(&report).await {
+            tracing::debug!(error = %format!("{e:#}"), "heartbeat failed");
+        }
+    }
+}

@@ -1,1 +1,291 @@
-fn main() {}
+use berth_cli::client::{parse_duration, AdminClient, Target};
+use berth_cli::lab::{self, Lab};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// berth: manage a Berth fleet (tokens, nodes) and run a local lab cluster.
+///
+/// The CLI talks to the control plane's API with the admin token that the
+/// control plane wrote on first start (DATA_DIR/admin.token, mode 0600) and
+/// trusts only its CA (DATA_DIR/ca.pem).
+#[derive(Parser)]
+#[command(name = "berth", version)]
+struct Cli {
+    /// Control plane URL.
+    #[arg(long, global = true, env = "BERTH_URL", default_value = "https://127.0.0.1:7443")]
+    url: String,
+    /// File holding the admin token.
+    #[arg(long, global = true, env = "BERTH_ADMIN_TOKEN_FILE", default_value = "/var/lib/berth/admin.token")]
+    admin_token_file: PathBuf,
+    /// The control plane's CA certificate (PEM).
+    #[arg(long, global = true, env = "BERTH_CA_FILE", default_value = "/var/lib/berth/ca.pem")]
+    ca_file: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join tokens for new nodes.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// The nodes of the fleet.
+    #[command(subcommand)]
+    Nodes(NodesCmd),
+    /// A local cluster in network namespaces on this machine (needs root).
+    #[command(subcommand)]
+    Lab(LabCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a single-use join token and print the agent command that uses it.
+    Create {
+        /// The token registers a proxy node.
+        #[arg(long)]
+        proxy: bool,
+        /// How long the token stays valid: 30m, 24h, 7d (1 minute to 30 days).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: u64,
+        /// Print only the token.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// List tokens and their state (valid, used, expired, revoked).
+    List,
+    /// Revoke an unused token by its id.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum NodesCmd {
+    /// Every node: mesh IP, subnet, role, state, last seen, revisions, peer handshakes.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a node; every other node drops it from its peers.
+    Remove { name: String },
+}
+
+#[derive(Args, Clone)]
+struct LabSel {
+    /// Lab number (0-255); its underlay is 198.18.ID.0/24.
+    #[arg(long, default_value_t = 0)]
+    id: u8,
+    /// Lab directory (state, logs, node data). Default: /var/lib/berth-lab/ID.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+impl LabSel {
+    fn dir(&self) -> PathBuf {
+        self.dir.clone().unwrap_or_else(|| lab::default_dir(self.id))
+    }
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Build a lab: a control plane and N nodes, each in its own namespace, in a WireGuard mesh.
+    Up {
+        #[command(flatten)]
+        sel: LabSel,
+        /// Worker nodes.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=200))]
+        nodes: u16,
+        /// Proxy nodes (in addition to the workers).
+        #[arg(long, default_value_t = 0)]
+        proxies: u16,
+        /// Where berth-agent and berth-control-plane are. Default: beside this binary.
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+    },
+    /// Show the lab's nodes as the control plane sees them.
+    Status {
+        #[command(flatten)]
+        sel: LabSel,
+    },
+    /// Print shell exports that point `berth` at the lab's control plane.
+    Env {
+        #[command(flatten)]
+        sel: LabSel,
+    },
+    /// Run a command inside a node's namespace: berth lab exec n1 -- ping 10.100.0.2
+    Exec {
+        #[command(flatten)]
+        sel: LabSel,
+        node: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Stop every lab process and remove every namespace, link and file it made.
+    Down {
+        #[command(flatten)]
+        sel: LabSel,
+        /// Keep the lab directory (logs).
+        #[arg(long)]
+        keep_logs: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("berth: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn ago(t: Option<i64>) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    match t {
+        Some(t) => format!("{}s ago", (now - t).max(0)),
+        None => "never".into(),
+    }
+}
+
+fn print_nodes(nodes: &[berth_protocol::NodeInfo]) {
+    println!("{:<16} {:<8} {:<13} {:<16} {:<8} {:<10} {:<9} PEERS (handshake age)", "NAME", "ROLE", "MESH IP", "SUBNET", "STATE", "LAST SEEN", "REVISION");
+    for n in nodes {
+        let peers: Vec<String> = n
+            .peers
+            .iter()
+            .map(|p| format!("{}:{}", p.name, p.handshake_age_secs.map(|s| format!("{s}s")).unwrap_or_else(|| "-".into())))
+            .collect();
+        println!(
+            "{:<16} {:<8} {:<13} {:<16} {:<8} {:<10} {:<9} {}",
+            n.name,
+            n.role.as_str(),
+            n.mesh_ip,
+            n.subnet,
+            if n.online { "online" } else { "offline" },
+            ago(n.last_seen),
+            format!("{}/{}", n.applied_revision, n.revision),
+            peers.join(" ")
+        );
+        if let Some(e) = &n.error {
+            println!("  last error: {e}");
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let target = Target { url: cli.url.clone(), admin_token_file: cli.admin_token_file.clone(), ca_file: cli.ca_file.clone() };
+    match cli.command {
+        Command::Token(t) => {
+            let api = AdminClient::new(&target)?;
+            match t {
+                TokenCmd::Create { proxy, ttl, quiet } => {
+                    let t = api.create_token(proxy, ttl).await?;
+                    if quiet {
+                        println!("{}", t["token"].as_str().unwrap_or_default());
+                    } else {
+                        println!("token {} ({}, expires in {})", t["id"].as_str().unwrap_or_default(), t["role"].as_str().unwrap_or_default(), humantime(ttl));
+                        println!("{}", t["token"].as_str().unwrap_or_default());
+                        println!("\nOn the new server, run:\n  {}", t["agent_command"].as_str().unwrap_or_default());
+                    }
+                }
+                TokenCmd::List => {
+                    println!("{:<10} {:<7} {:<8} {:<12} USED BY", "ID", "ROLE", "STATE", "EXPIRES");
+                    for t in api.list_tokens().await? {
+                        let left = t.expires_at - std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+                        println!("{:<10} {:<7} {:<8} {:<12} {}", t.id, t.role.as_str(), t.state, if left > 0 { humantime(left as u64) } else { "-".into() }, t.used_by.unwrap_or_default());
+                    }
+                }
+                TokenCmd::Revoke { id } => {
+                    api.revoke_token(&id).await?;
+                    println!("revoked token {id}");
+                }
+            }
+        }
+        Command::Nodes(n) => {
+            let api = AdminClient::new(&target)?;
+            match n {
+                NodesCmd::List { json } => {
+                    let nodes = api.list_nodes().await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&nodes)?);
+                    } else {
+                        print_nodes(&nodes);
+                    }
+                }
+                NodesCmd::Remove { name } => {
+                    let rev = api.remove_node(&name).await?;
+                    println!("removed node {name} (revision {rev})");
+                }
+            }
+        }
+        Command::Lab(l) => return lab_cmd(l).await,
+    }
+    Ok(0)
+}
+
+fn humantime(secs: u64) -> String {
+    match secs {
+        s if s >= 86400 && s % 86400 == 0 => format!("{}d", s / 86400),
+        s if s >= 3600 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+async fn lab_cmd(cmd: LabCmd) -> anyhow::Result<i32> {
+    match cmd {
+        LabCmd::Up { sel, nodes, proxies, bin_dir } => {
+            let dir = sel.dir();
+            let bin_dir = bin_dir.unwrap_or_else(lab::default_bin_dir);
+            eprintln!("lab {}: building the network and starting the control plane...", sel.id);
+            let mut l = match Lab::create(sel.id, &dir, &bin_dir).await {
+                Ok(l) => l,
+                Err(e) => {
+                    // Leave nothing half-made behind, unless the lab was already there.
+                    if !e.to_string().contains("already exists") {
+                        let _ = lab::destroy_by_id(sel.id, &dir, true);
+                    }
+                    return Err(e);
+                }
+            };
+            for i in 0..nodes + proxies {
+                let name = l.add_node(i >= nodes).await?;
+                eprintln!("lab {}: started node {name}", sel.id);
+            }
+            eprintln!("lab {}: waiting for every node to register and apply the mesh...", sel.id);
+            let list = l.wait_converged(Duration::from_secs(60)).await?;
+            print_nodes(&list);
+            let t = l.target();
+            println!("\nThe lab is up. Point the CLI at it:");
+            println!("  export BERTH_URL={} BERTH_ADMIN_TOKEN_FILE={} BERTH_CA_FILE={}", t.url, t.admin_token_file.display(), t.ca_file.display());
+            if let (Some(a), Some(b)) = (list.first(), list.get(1)) {
+                println!("Ping across the mesh:\n  berth lab exec --id {} {} -- ping -c 3 {}", sel.id, a.name, b.mesh_ip);
+            }
+            println!("Logs: {}   Remove it all: berth lab down --id {}", dir.display(), sel.id);
+        }
+        LabCmd::Status { sel } => {
+            let l = Lab::load(&sel.dir())?;
+            println!("lab {} at {} (control plane {})", sel.id, sel.dir().display(), l.url());
+            print_nodes(&l.admin()?.list_nodes().await?);
+        }
+        LabCmd::Env { sel } => {
+            let t = Lab::load(&sel.dir())?.target();
+            println!("export BERTH_URL={} BERTH_ADMIN_TOKEN_FILE={} BERTH_CA_FILE={}", t.url, t.admin_token_file.display(), t.ca_file.display());
+        }
+        LabCmd::Exec { sel, node, cmd } => {
+            let l = Lab::load(&sel.dir())?;
+            let n = l.node(&node)?;
+            let status = std::process::Command::new("ip").args(["netns", "exec", &l.net.node_ns(n.index)]).args(&cmd).status()?;
+            return Ok(status.code().unwrap_or(1));
+        }
+        LabCmd::Down { sel, keep_logs } => {
+            lab::destroy_by_id(sel.id, &sel.dir(), keep_logs)?;
+            println!("lab {} removed", sel.id);
+        }
+    }
+    Ok(0)
+}

@@ -5,7 +5,7 @@ use crate::error::{ApiErr, ApiResult};
 use crate::state::AppState;
 use crate::store::{nodes::NodeRow, now};
 use axum::http::{HeaderMap, Method, Uri};
-use berth_protocol::signing::{self, HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
+use berth_protocol::signing::{self, SignedHeaders, HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use sha2::{Digest, Sha256};
 
 pub fn hash_admin_token(token: &str) -> String {
@@ -60,7 +60,8 @@ pub async fn require_node(
         .ok_or_else(|| ApiErr::unauthorized(format!("{HEADER_NODE}: unknown node {node_id:?} (removed?)")))?;
     let key = signing::parse_verifying_key("signing_key", &node.signing_key).map_err(ApiErr::internal)?;
     let now = now();
-    signing::verify(&key, method.as_str(), path_and_query(uri), body, ts, nonce, sig, now)
+    let signed = SignedHeaders { timestamp: ts.into(), nonce: nonce.into(), signature: sig.into() };
+    signing::verify(&key, method.as_str(), path_and_query(uri), body, &signed, now)
         .map_err(|e| ApiErr::unauthorized(e.to_string()))?;
     let ts: i64 = ts.parse().unwrap_or(now);
     let fresh = state
@@ -88,9 +89,11 @@ pub fn verify_self_signed(
         method.as_str(),
         path_and_query(uri),
         body,
-        header(headers, HEADER_TIMESTAMP)?,
-        header(headers, HEADER_NONCE)?,
-        header(headers, HEADER_SIGNATURE)?,
+        &SignedHeaders {
+            timestamp: header(headers, HEADER_TIMESTAMP)?.into(),
+            nonce: header(headers, HEADER_NONCE)?.into(),
+            signature: header(headers, HEADER_SIGNATURE)?.into(),
+        },
         now(),
     )
     .map_err(|e| ApiErr::unauthorized(e.to_string()))

@@ -64,11 +64,10 @@ pub fn verify(
     method: &str,
     path_and_query: &str,
     body: &[u8],
-    timestamp: &str,
-    nonce: &str,
-    signature: &str,
+    headers: &SignedHeaders,
     now: i64,
 ) -> Result<(), VerifyError> {
+    let SignedHeaders { timestamp, nonce, signature } = headers;
     let ts: i64 = timestamp
         .parse()
         .map_err(|_| VerifyError::Malformed(HEADER_TIMESTAMP))?;
@@ -117,7 +116,7 @@ mod tests {
     }
 
     fn check(h: &SignedHeaders, method: &str, path: &str, body: &[u8], now: i64) -> Result<(), VerifyError> {
-        verify(&key().verifying_key(), method, path, body, &h.timestamp, &h.nonce, &h.signature, now)
+        verify(&key().verifying_key(), method, path, body, h, now)
     }
 
     #[test]

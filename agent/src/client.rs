@@ -1,0 +1,165 @@
+//! The agent's HTTPS client to the control plane: pins the control plane's
+//! CA and signs every request with the node's Ed25519 key.
+
+use anyhow::{anyhow, bail, Context};
+use berth_protocol::signing::{self, HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
+use berth_protocol::token::{ca_hash, JoinToken};
+use berth_protocol::{ApiError, DesiredState, RegisterRequest, RegisterResponse, StatusReport};
+use ed25519_dalek::SigningKey;
+use reqwest::{Method, StatusCode};
+use std::path::Path;
+use std::time::Duration;
+
+pub struct Client {
+    http: reqwest::Client,
+    base: reqwest::Url,
+    key: SigningKey,
+    node_id: String,
+}
+
+/// Outcome of one long-poll.
+pub enum Poll {
+    Changed(Box<DesiredState>),
+    Unchanged,
+}
+
+/// An error the control plane answered with, kept apart from transport errors.
+#[derive(Debug, thiserror::Error)]
+#[error("control plane answered {status}: {message}")]
+pub struct Refused {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn http_client(ca_pem: &[u8]) -> anyhow::Result<reqwest::Client> {
+    let ca = reqwest::Certificate::from_pem(ca_pem).context("the pinned CA is not a PEM certificate")?;
+    Ok(reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .tls_built_in_root_certs(false)
+        .use_rustls_tls()
+        .connect_timeout(Duration::from_secs(5))
+        .build()?)
+}
+
+/// First contact: fetches the control plane's CA and accepts it only if its
+/// hash matches the one carried in the join token. Returns the CA (PEM).
+pub async fn fetch_pinned_ca(url: &str, token: &JoinToken) -> anyhow::Result<String> {
+    // Unverified on purpose: the CA is authenticated by the token's hash below.
+    let http = reqwest::Client::builder()
+        .use_rustls_tls()
+        .danger_accept_invalid_certs(true)
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(15))
+        .build()?;
+    let pem = http
+        .get(format!("{}/v1/ca.pem", url.trim_end_matches('/')))
+        .send()
+        .await
+        .with_context(|| format!("--url {url}: cannot reach the control plane"))?
+        .error_for_status()?
+        .text()
+        .await?;
+    let der = pem_first_cert(&pem).ok_or_else(|| anyhow!("the control plane sent no CA certificate"))?;
+    let got = ca_hash(&der);
+    if got != token.ca_hash {
+        bail!("--token: the control plane's CA (sha256 {got}) is not the one the token names ({}); wrong --url or a man in the middle", token.ca_hash);
+    }
+    Ok(pem)
+}
+
+fn pem_first_cert(pem: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let start = pem.find("-----BEGIN CERTIFICATE-----")? + "-----BEGIN CERTIFICATE-----".len();
+    let end = pem[start..].find("-----END CERTIFICATE-----")? + start;
+    let b64: String = pem[start..end].chars().filter(|c| !c.is_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD.decode(b64).ok()
+}
+
+async fn refused(resp: reqwest::Response) -> Refused {
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<ApiError>(&text).map(|e| e.error).unwrap_or(text);
+    Refused { status, message }
+}
+
+impl Client {
+    pub fn new(url: &str, ca_pem_path: &Path, key: SigningKey, node_id: String) -> anyhow::Result<Client> {
+        let pem = std::fs::read(ca_pem_path).with_context(|| format!("reading {}", ca_pem_path.display()))?;
+        Ok(Client {
+            http: http_client(&pem)?,
+            base: reqwest::Url::parse(url).with_context(|| format!("--url {url:?}"))?,
+            key,
+            node_id,
+        })
+    }
+
+    fn signed(&self, method: Method, path_and_query: &str, body: Vec<u8>) -> anyhow::Result<reqwest::RequestBuilder> {
+        let url = self.base.join(path_and_query)?;
+        let pq = match url.query() {
+            Some(q) => format!("{}?{}", url.path(), q),
+            None => url.path().to_string(),
+        };
+        let h = signing::sign(&self.key, method.as_str(), &pq, &body, now());
+        let mut req = self
+            .http
+            .request(method, url)
+            .header(HEADER_TIMESTAMP, h.timestamp)
+            .header(HEADER_NONCE, h.nonce)
+            .header(HEADER_SIGNATURE, h.signature);
+        if !self.node_id.is_empty() {
+            req = req.header(HEADER_NODE, &self.node_id);
+        }
+        if !body.is_empty() {
+            req = req.header("content-type", "application/json").body(body);
+        }
+        Ok(req)
+    }
+
+    /// Registers this node; the request is signed with the key it registers.
+    pub async fn register(&self, req: &RegisterRequest) -> anyhow::Result<RegisterResponse> {
+        let body = serde_json::to_vec(req)?;
+        let resp = self
+            .signed(Method::POST, "/v1/register", body)?
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .context("registering with the control plane")?;
+        if !resp.status().is_success() {
+            return Err(refused(resp).await.into());
+        }
+        Ok(resp.json().await?)
+    }
+
+    /// Long-polls for a desired state newer than `after`.
+    pub async fn poll_desired(&self, after: u64, wait_secs: u64) -> anyhow::Result<Poll> {
+        let resp = self
+            .signed(Method::GET, &format!("/v1/agent/desired?after={after}&wait={wait_secs}"), vec![])?
+            .timeout(Duration::from_secs(wait_secs + 15))
+            .send()
+            .await?;
+        match resp.status() {
+            StatusCode::NO_CONTENT => Ok(Poll::Unchanged),
+            s if s.is_success() => Ok(Poll::Changed(Box::new(resp.json().await?))),
+            _ => Err(refused(resp).await.into()),
+        }
+    }
+
+    pub async fn report(&self, report: &StatusReport) -> anyhow::Result<()> {
+        let resp = self
+            .signed(Method::POST, "/v1/agent/status", serde_json::to_vec(report)?)?
+            .timeout(Duration::from_secs(15))
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            return Err(refused(resp).await.into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,7 @@
+//! berth-agent: the per-node daemon, one module per concern.
+
+pub mod client;
+pub mod firewall;
+pub mod identity;
+pub mod mesh;
+pub mod reconcile;

@@ -1,0 +1,132 @@
+//! Applies a desired-state document to this node: the WireGuard mesh and
+//! the firewall. Idempotent: applying the same document twice changes
+//! nothing the second time.
+
+use crate::firewall::{self, FirewallConfig};
+use crate::mesh::{Mesh, MeshConfig};
+use anyhow::Context;
+use berth_protocol::{DesiredState, StatusReport};
+use std::path::{Path, PathBuf};
+
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub interface: String,
+    pub wireguard_go: PathBuf,
+    pub wg_private: String,
+}
+
+pub struct Reconciler {
+    settings: Settings,
+    mesh: Option<Mesh>,
+    /// The mesh config the interface was brought up with (address, port, pool).
+    mesh_shape: Option<String>,
+    firewall_rules: Option<String>,
+    pub applied_revision: u64,
+    pub last_error: Option<String>,
+}
+
+const CACHE: &str = "desired.json";
+
+/// Reads the cached desired state, if any. A corrupt cache is reported and
+/// ignored: the control plane will send a fresh one.
+pub fn load_cache(data_dir: &Path) -> Option<DesiredState> {
+    let p = data_dir.join(CACHE);
+    let bytes = std::fs::read(&p).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::warn!(path = %p.display(), error = %e, "ignoring corrupt desired-state cache");
+            None
+        }
+    }
+}
+
+pub fn save_cache(data_dir: &Path, d: &DesiredState) -> anyhow::Result<()> {
+    crate::identity::write_private(&data_dir.join(CACHE), &serde_json::to_vec(d)?)
+}
+
+impl Reconciler {
+    pub fn new(settings: Settings) -> Reconciler {
+        Reconciler { settings, mesh: None, mesh_shape: None, firewall_rules: None, applied_revision: 0, last_error: None }
+    }
+
+    pub async fn apply(&mut self, d: &DesiredState) -> anyhow::Result<()> {
+        let res = self.apply_inner(d).await;
+        match &res {
+            Ok(()) => {
+                self.applied_revision = d.revision;
+                self.last_error = None;
+            }
+            Err(e) => self.last_error = Some(format!("{e:#}")),
+        }
+        res
+    }
+
+    async fn apply_inner(&mut self, d: &DesiredState) -> anyhow::Result<()> {
+        let mesh_cidr: ipnet::Ipv4Net = d.node.mesh_cidr.parse().context("node.mesh_cidr")?;
+        let subnet_pool: ipnet::Ipv4Net = d.node.subnet_pool.parse().context("node.subnet_pool")?;
+        let subnet: ipnet::Ipv4Net = d.node.subnet.parse().context("node.subnet")?;
+        let address = ipnet::Ipv4Net::new(d.node.mesh_ip, mesh_cidr.prefix_len())?;
+        let shape = format!("{address} {subnet_pool} {}", d.node.wg_port);
+        if self.mesh.is_none() || self.mesh_shape.as_deref() != Some(shape.as_str()) {
+            let mesh = Mesh::ensure_up(MeshConfig {
+                interface: self.settings.interface.clone(),
+                listen_port: d.node.wg_port,
+                private_key: self.settings.wg_private.clone(),
+                address,
+                subnet_pool,
+                wireguard_go: self.settings.wireguard_go.clone(),
+            })
+            .await
+            .context("bringing up the WireGuard interface")?;
+            self.mesh = Some(mesh);
+            self.mesh_shape = Some(shape);
+        }
+        let fw = FirewallConfig {
+            interface: self.settings.interface.clone(),
+            listen_port: d.node.wg_port,
+            subnet,
+            mesh_cidr,
+        };
+        let rules = firewall::ruleset(&fw);
+        if self.firewall_rules.as_deref() != Some(rules.as_str()) {
+            firewall::apply(&fw).await.context("applying the nftables table")?;
+            self.firewall_rules = Some(rules);
+        }
+        if let Some(mesh) = &self.mesh {
+            let diff = mesh.apply(&d.peers).await.context("updating WireGuard peers")?;
+            if diff != Default::default() {
+                tracing::info!(revision = d.revision, add = diff.add.len(), update = diff.update.len(), remove = diff.remove.len(), "mesh peers changed");
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn report(&self) -> StatusReport {
+        let peers = match &self.mesh {
+            Some(m) => m.status().await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "reading WireGuard peer status failed");
+                vec![]
+            }),
+            None => vec![],
+        };
+        StatusReport {
+            applied_revision: self.applied_revision,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            peers,
+            error: self.last_error.clone(),
+            rss_bytes: rss_bytes(),
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.settings.data_dir
+    }
+}
+
+/// Resident set size of this process, from /proc/self/statm.
+pub fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
