@@ -1,1 +1,160 @@
-//! Shared helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: a lab that removes itself, pings, and
+//! WireGuard inspection inside lab nodes.
+
+use anyhow::{bail, Context};
+use berth_cli::lab::{self, Lab};
+use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A lab that is destroyed when dropped, even when the test panics.
+pub struct LabGuard(Option<Lab>);
+
+impl Deref for LabGuard {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        self.0.as_ref().expect("lab")
+    }
+}
+impl DerefMut for LabGuard {
+    fn deref_mut(&mut self) -> &mut Lab {
+        self.0.as_mut().expect("lab")
+    }
+}
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if let Some(l) = self.0.take() {
+            let keep = std::thread::panicking();
+            let dir = l.state.dir.clone();
+            if let Err(e) = l.destroy(keep) {
+                eprintln!("lab cleanup: {e:#}");
+            }
+            if keep {
+                eprintln!("lab logs kept in {}", dir.display());
+            }
+        }
+    }
+}
+
+pub fn bin_dir() -> PathBuf {
+    let d = lab::default_bin_dir();
+    assert!(
+        d.join("berth-agent").exists() && d.join("berth-control-plane").exists(),
+        "build the binaries first (cargo build --workspace); looked in {}",
+        d.display()
+    );
+    d
+}
+
+/// Builds lab `id` with `nodes` workers and waits until it has converged.
+pub async fn lab_up(id: u8, nodes: u16) -> LabGuard {
+    let dir = std::env::temp_dir().join(format!("berth-e2e-{id}"));
+    // A previous run that was killed may have left this lab behind.
+    let _ = lab::destroy_by_id(id, &dir, false);
+    let lab = Lab::create(id, &dir, &bin_dir()).await.expect("create lab");
+    let mut guard = LabGuard(Some(lab));
+    for _ in 0..nodes {
+        guard.add_node(false).await.expect("add node");
+    }
+    guard.wait_converged(Duration::from_secs(60)).await.expect("lab converges");
+    guard
+}
+
+/// Mesh IP of a lab node, as the control plane allocated it.
+pub async fn mesh_ip(lab: &Lab, name: &str) -> String {
+    let nodes = lab.admin().unwrap().list_nodes().await.unwrap();
+    nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}")).mesh_ip.to_string()
+}
+
+/// Pings `ip` from `from` until one reply arrives or `within` passes.
+pub fn ping_within(lab: &Lab, from: &str, ip: &str, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let out = lab.exec(from, &["ping", "-c", "1", "-W", "1", ip])?;
+        if out.status.success() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{from} cannot ping {ip}: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A ping running in the background (20 per second) from a lab node.
+pub struct ContinuousPing {
+    child: Option<Child>,
+    label: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PingResult {
+    pub sent: u32,
+    pub received: u32,
+}
+
+impl ContinuousPing {
+    pub fn start(lab: &Lab, from: &str, ip: &str) -> ContinuousPing {
+        let ns = lab.net.node_ns(lab.node(from).unwrap().index);
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, "ping", "-i", "0.05", "-W", "1", ip])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ping");
+        ContinuousPing { child: Some(child), label: format!("{from} -> {ip}") }
+    }
+
+    /// Stops the ping (SIGINT, so it prints its summary) and returns the counts.
+    pub fn finish(mut self) -> PingResult {
+        let child = self.child.take().unwrap();
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let out = child.wait_with_output().expect("ping output");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or_else(|| panic!("no ping summary for {}: {text}", self.label));
+        let nums: Vec<u32> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse().ok()).collect();
+        PingResult { sent: nums[0], received: nums[1] }
+    }
+}
+
+impl Drop for ContinuousPing {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Public keys of the WireGuard peers configured on a lab node, sorted
+/// (wireguard-go lists them in no fixed order).
+pub fn wg_peers(lab: &Lab, node: &str) -> anyhow::Result<Vec<String>> {
+    let idx = lab.node(node)?.index;
+    let out = lab.exec(node, &["wg", "show", &lab.interface(idx), "peers"])?;
+    if !out.status.success() {
+        bail!("wg show on {node}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut peers: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect();
+    peers.sort();
+    Ok(peers)
+}
+
+/// Public key of a lab node's WireGuard interface.
+pub fn wg_public_key(lab: &Lab, node: &str) -> anyhow::Result<String> {
+    let idx = lab.node(node)?.index;
+    let out = lab.exec(node, &["wg", "show", &lab.interface(idx), "public-key"])?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Pids of the wireguard-go processes in a lab node's namespace.
+pub fn wireguard_go_pids(lab: &Lab, node: &str) -> anyhow::Result<Vec<u32>> {
+    let ns = lab.net.node_ns(lab.node(node)?.index);
+    let out = Command::new("ip").args(["netns", "pids", &ns]).output().context("ip netns pids")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).map(|c| c.trim() == "wireguard-go").unwrap_or(false))
+        .collect())
+}
