@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what Berth's lab and tests need on Debian 12 (run as root).
+# Idempotent: packages already present are left alone.
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have wireguard-go || need+=(wireguard-go)
+have wg || need+=(wireguard-tools)
+have nft || need+=(nftables)
+have ip || need+=(iproute2)
+have ping || need+=(iputils-ping)
+have pg_ctlcluster || need+=(postgresql)
+have pkill || need+=(procps)
+have curl || need+=(curl)
+have cc || need+=(build-essential)
+
+if [ "${#need[@]}" -gt 0 ]; then
+    echo "installing: ${need[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+fi
+
+if ! have cargo; then
+    echo "cargo not found: install a Rust toolchain (https://rustup.rs) and run this again" >&2
+    exit 1
+fi

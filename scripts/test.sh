@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs every Berth test on a fresh Debian 12 machine (as root): installs the
+# packages, starts PostgreSQL, builds once, then runs checks, unit tests,
+# store/API tests (SQLite and PostgreSQL) and the lab end-to-end tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/test.sh needs root (network namespaces, WireGuard, nftables)" >&2
+    exit 1
+fi
+
+step() { printf '\n=== %s ===\n' "$*"; }
+
+step "dependencies"
+bash scripts/install-deps.sh
+
+step "PostgreSQL"
+BERTH_TEST_POSTGRES="$(bash scripts/test-postgres.sh | tail -n 1)"
+export BERTH_TEST_POSTGRES
+
+step "build"
+cargo build --workspace --all-targets --locked
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "unit tests"
+cargo test --workspace --lib --bins --locked
+
+step "store and API tests (SQLite and PostgreSQL)"
+cargo test -p berth-control-plane --tests --locked
+
+step "lab end-to-end tests"
+# Lab tests build namespaces and WireGuard meshes; two at a time fit 2 cores.
+cargo test -p berth-tests --locked -- --test-threads=2
