@@ -229,6 +229,7 @@ mod tests {
             )
         };
         let other_before = list("other");
+        let host_forward = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
 
         let c = cfg();
         let c2 = c.clone();
@@ -249,6 +250,11 @@ mod tests {
             None,
         );
         assert_eq!(forward.trim(), "1");
+        // Only the namespace's setting changed, not the host's.
+        assert_eq!(
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(),
+            host_forward
+        );
 
         // Idempotent.
         let c2 = c.clone();
