@@ -140,7 +140,11 @@ impl Client {
     /// Long-polls for a desired state newer than `after`.
     pub async fn poll_desired(&self, after: u64, wait_secs: u64) -> anyhow::Result<Poll> {
         let resp = self
-            .signed(Method::GET, &format!("/v1/agent/desired?after={after}&wait={wait_secs}"), vec![])?
+            .signed(
+                Method::GET,
+                &format!("/v1/agent/desired?after={after}&wait={wait_secs}"),
+                vec![],
+            )?
             .timeout(Duration::from_secs(wait_secs + 15))
             .send()
             .await?;

@@ -71,10 +71,7 @@ pub fn ruleset(cfg: &FirewallConfig) -> String {
 /// The `nft -f -` script replacing the table in one transaction: create it
 /// if missing (so the delete cannot fail), delete it, define it anew.
 fn replace_script(cfg: &FirewallConfig) -> String {
-    format!(
-        "table inet {TABLE} {{}}\ndelete table inet {TABLE}\n{}",
-        ruleset(cfg)
-    )
+    format!("table inet {TABLE} {{}}\ndelete table inet {TABLE}\n{}", ruleset(cfg))
 }
 
 /// Installs Berth's table, replacing the previous version atomically, and
@@ -98,11 +95,9 @@ pub async fn apply(cfg: &FirewallConfig) -> anyhow::Result<()> {
 
 /// Deletes Berth's table if it exists (and nothing else).
 pub async fn remove() -> anyhow::Result<()> {
-    nft_script(&format!(
-        "table inet {TABLE} {{}}\ndelete table inet {TABLE}\n"
-    ))
-    .await
-    .context("removing nftables table inet berth")
+    nft_script(&format!("table inet {TABLE} {{}}\ndelete table inet {TABLE}\n"))
+        .await
+        .context("removing nftables table inet berth")
 }
 
 /// Runs `nft -f -` with `script` on stdin: one atomic transaction.

@@ -90,7 +90,9 @@ pub fn registration_path(data_dir: &Path) -> PathBuf {
 pub fn load_registration(data_dir: &Path) -> anyhow::Result<Option<Registration>> {
     let p = registration_path(data_dir);
     match std::fs::read(&p) {
-        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("{} is corrupt", p.display()))?)),
+        Ok(b) => Ok(Some(
+            serde_json::from_slice(&b).with_context(|| format!("{} is corrupt", p.display()))?,
+        )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
     }

@@ -62,7 +62,11 @@ fn init_logging(format: Option<&str>) {
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let format = format.unwrap_or(if std::env::var_os("JOURNAL_STREAM").is_some() { "journald" } else { "text" });
+    let format = format.unwrap_or(if std::env::var_os("JOURNAL_STREAM").is_some() {
+        "journald"
+    } else {
+        "text"
+    });
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         "journald" => match tracing_journald::layer() {
@@ -87,7 +91,9 @@ async fn main() {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_lowercase()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_lowercase())
+        .unwrap_or_default()
 }
 
 /// The local address used to reach `url`'s host, with its prefix length.
@@ -95,11 +101,20 @@ async fn detect_private_addr(url: &str) -> Option<ipnet::Ipv4Net> {
     let u = reqwest::Url::parse(url).ok()?;
     let host = u.host_str()?.to_string();
     let port = u.port_or_known_default()?;
-    let target = tokio::net::lookup_host((host.as_str(), port)).await.ok()?.find(|a| a.is_ipv4())?;
+    let target = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .ok()?
+        .find(|a| a.is_ipv4())?;
     let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
     sock.connect(target).ok()?;
-    let IpAddr::V4(local) = sock.local_addr().ok()?.ip() else { return None };
-    let out = tokio::process::Command::new("ip").args(["-j", "-4", "addr", "show"]).output().await.ok()?;
+    let IpAddr::V4(local) = sock.local_addr().ok()?.ip() else {
+        return None;
+    };
+    let out = tokio::process::Command::new("ip")
+        .args(["-j", "-4", "addr", "show"])
+        .output()
+        .await
+        .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     for link in v.as_array()? {
         for a in link["addr_info"].as_array().into_iter().flatten() {
@@ -113,7 +128,9 @@ async fn detect_private_addr(url: &str) -> Option<ipnet::Ipv4Net> {
 }
 
 async fn register(args: &Args, id: &Identity) -> anyhow::Result<Registration> {
-    let Some(url) = &args.url else { bail!("--url: needed for the first run (this node is not registered yet)") };
+    let Some(url) = &args.url else {
+        bail!("--url: needed for the first run (this node is not registered yet)")
+    };
     let Some(token) = &args.token else {
         bail!("--token: this node is not registered yet; create a token with `berth token create` on the control plane")
     };
@@ -141,7 +158,12 @@ async fn register(args: &Args, id: &Identity) -> anyhow::Result<Registration> {
             proxy: args.proxy,
         })
         .await?;
-    let reg = Registration { node_id: resp.node_id, name: resp.name, url: url.clone(), proxy: args.proxy };
+    let reg = Registration {
+        node_id: resp.node_id,
+        name: resp.name,
+        url: url.clone(),
+        proxy: args.proxy,
+    };
     identity::save_registration(&args.data_dir, &reg)?;
     tracing::info!(node_id = %reg.node_id, mesh_ip = %resp.mesh_ip, subnet = %resp.subnet, "registered");
     Ok(reg)
@@ -180,8 +202,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         notify(sd_notify::NotifyState::Ready);
     }
 
-    let client = Arc::new(Client::new(&url, &args.data_dir.join("ca.pem"), id.signing_key.clone(), reg.node_id.clone())?);
-    tokio::spawn(heartbeat(client.clone(), rec.clone(), Duration::from_secs(args.heartbeat.max(1))));
+    let client = Arc::new(Client::new(
+        &url,
+        &args.data_dir.join("ca.pem"),
+        id.signing_key.clone(),
+        reg.node_id.clone(),
+    )?);
+    tokio::spawn(heartbeat(
+        client.clone(),
+        rec.clone(),
+        Duration::from_secs(args.heartbeat.max(1)),
+    ));
     sync_loop(client, rec).await
 }
 
@@ -217,8 +248,12 @@ async fn sync_loop(client: Arc<Client>, rec: Arc<Mutex<Reconciler>>) -> anyhow::
             Err(e) => {
                 let gone = e.downcast_ref::<Refused>().map(|r| r.status.as_u16());
                 match gone {
-                    Some(401) | Some(410) => tracing::error!(error = %format!("{e:#}"), "the control plane refuses this node; keeping the current state"),
-                    _ => tracing::warn!(error = %format!("{e:#}"), "cannot reach the control plane; keeping the current state"),
+                    Some(401) | Some(410) => {
+                        tracing::error!(error = %format!("{e:#}"), "the control plane refuses this node; keeping the current state")
+                    }
+                    _ => {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot reach the control plane; keeping the current state")
+                    }
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(if gone.is_some() { 60 } else { 5 }));

@@ -167,25 +167,18 @@ fn normalize_ips(ips: &[IpNet]) -> Vec<IpNet> {
 /// Unchanged peers appear nowhere. When a key is desired twice, the last one
 /// wins. Each list is sorted.
 pub fn diff_peers(current: &[CurrentPeer], desired: &[DesiredPeer]) -> PeerDiff {
-    let current: BTreeMap<&str, &CurrentPeer> = current
-        .iter()
-        .map(|peer| (peer.public_key.as_str(), peer))
-        .collect();
-    let desired: BTreeMap<&str, &DesiredPeer> = desired
-        .iter()
-        .map(|peer| (peer.public_key.as_str(), peer))
-        .collect();
+    let current: BTreeMap<&str, &CurrentPeer> = current.iter().map(|peer| (peer.public_key.as_str(), peer)).collect();
+    let desired: BTreeMap<&str, &DesiredPeer> = desired.iter().map(|peer| (peer.public_key.as_str(), peer)).collect();
 
     let mut diff = PeerDiff::default();
     for (key, want) in &desired {
         match current.get(key) {
             None => diff.add.push((*key).to_owned()),
             Some(have) => {
-                let ips_differ =
-                    normalize_ips(&want.allowed_ips) != normalize_ips(&have.allowed_ips);
+                let ips_differ = normalize_ips(&want.allowed_ips) != normalize_ips(&have.allowed_ips);
                 let endpoint_differs = want.endpoint.is_some() && want.endpoint != have.endpoint;
-                let keepalive_differs = want.persistent_keepalive.unwrap_or(0)
-                    != have.persistent_keepalive.unwrap_or(0);
+                let keepalive_differs =
+                    want.persistent_keepalive.unwrap_or(0) != have.persistent_keepalive.unwrap_or(0);
                 if ips_differ || endpoint_differs || keepalive_differs {
                     diff.update.push((*key).to_owned());
                 }
@@ -231,8 +224,7 @@ impl Mesh {
         if !valid_interface_name(&ifname) {
             bail!("invalid interface name {ifname:?}");
         }
-        let private_key =
-            Key::try_from(cfg.private_key.trim()).map_err(|_| anyhow!("invalid private key"))?;
+        let private_key = Key::try_from(cfg.private_key.trim()).map_err(|_| anyhow!("invalid private key"))?;
 
         let backend = Self::bring_up(&cfg).await?;
         let mesh = Mesh {
@@ -251,14 +243,7 @@ impl Mesh {
         let address = cfg.address.to_string();
         ip(&["addr", "replace", &address, "dev", &ifname]).await?;
         ip(&["link", "set", "dev", &ifname, "up"]).await?;
-        ip(&[
-            "route",
-            "replace",
-            &cfg.subnet_pool.trunc().to_string(),
-            "dev",
-            &ifname,
-        ])
-        .await?;
+        ip(&["route", "replace", &cfg.subnet_pool.trunc().to_string(), "dev", &ifname]).await?;
 
         tracing::info!(
             interface = %ifname,
@@ -316,10 +301,7 @@ impl Mesh {
             return Ok(Backend::Kernel);
         }
         // The module may not be loaded yet: creating a link autoloads it.
-        if ip(&["link", "add", "dev", ifname, "type", "wireguard"])
-            .await
-            .is_ok()
-        {
+        if ip(&["link", "add", "dev", ifname, "type", "wireguard"]).await.is_ok() {
             return Ok(Backend::Kernel);
         }
 
@@ -332,8 +314,7 @@ impl Mesh {
     /// wireguard-go would rebind its socket, so unchanged values are not sent.)
     async fn set_key_and_port(&self, private_key: &Key, cfg: &MeshConfig) -> anyhow::Result<()> {
         let host = self.read_host().await?;
-        let key_differs =
-            host.private_key.as_ref().map(Key::as_array) != Some(private_key.as_array());
+        let key_differs = host.private_key.as_ref().map(Key::as_array) != Some(private_key.as_array());
         let port_differs = cfg.listen_port != 0 && host.listen_port != cfg.listen_port;
         if !key_differs && !port_differs {
             return Ok(());
@@ -381,11 +362,9 @@ impl Mesh {
                     fwmark: None,
                 };
                 let name = self.interface.clone();
-                tokio::task::spawn_blocking(move || {
-                    WGApi::<Kernel>::new(name)?.configure_interface(&config)
-                })
-                .await?
-                .context("configuring kernel WireGuard interface")?;
+                tokio::task::spawn_blocking(move || WGApi::<Kernel>::new(name)?.configure_interface(&config))
+                    .await?
+                    .context("configuring kernel WireGuard interface")?;
             }
         }
         Ok(())
@@ -395,8 +374,7 @@ impl Mesh {
     /// from an earlier mesh address).
     async fn remove_other_addresses(&self, keep: Ipv4Net) -> anyhow::Result<()> {
         let out = ip(&["-j", "-4", "addr", "show", "dev", &self.interface]).await?;
-        let links: serde_json::Value =
-            serde_json::from_str(&out).context("parsing `ip -j addr show`")?;
+        let links: serde_json::Value = serde_json::from_str(&out).context("parsing `ip -j addr show`")?;
         let infos = links
             .as_array()
             .into_iter()
@@ -464,11 +442,7 @@ impl Mesh {
         let to_remove: Vec<Key> = diff
             .remove
             .iter()
-            .filter_map(|key| {
-                host.peers
-                    .keys()
-                    .find(|k| BASE64.encode(k.as_slice()) == *key)
-            })
+            .filter_map(|key| host.peers.keys().find(|k| BASE64.encode(k.as_slice()) == *key))
             .cloned()
             .collect();
         let to_configure: Vec<WgPeer> = diff
@@ -574,9 +548,7 @@ impl Mesh {
     async fn with_api<T, F>(&self, f: F) -> anyhow::Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&dyn WireguardInterfaceApi) -> Result<T, WireguardInterfaceError>
-            + Send
-            + 'static,
+        F: FnOnce(&dyn WireguardInterfaceApi) -> Result<T, WireguardInterfaceError> + Send + 'static,
     {
         let ifname = self.interface.clone();
         let backend = self.backend;
@@ -599,9 +571,7 @@ fn desired_wg_peer(peer: &berth_protocol::Peer) -> anyhow::Result<WgPeer> {
     let mut allowed_ips = vec![IpAddrMask::new(IpAddr::V4(peer.mesh_ip), 32)];
     let subnet = peer.subnet.trim();
     if !subnet.is_empty() {
-        let net: Ipv4Net = subnet
-            .parse()
-            .with_context(|| format!("invalid subnet {subnet:?}"))?;
+        let net: Ipv4Net = subnet.parse().with_context(|| format!("invalid subnet {subnet:?}"))?;
         let net = net.trunc();
         allowed_ips.push(IpAddrMask::new(IpAddr::V4(net.addr()), net.prefix_len()));
     }
@@ -620,13 +590,7 @@ fn current_peer(peer: &WgPeer) -> CurrentPeer {
     CurrentPeer {
         public_key: BASE64.encode(peer.public_key.as_slice()),
         endpoint: peer.endpoint,
-        allowed_ips: normalize_ips(
-            &peer
-                .allowed_ips
-                .iter()
-                .filter_map(to_ipnet)
-                .collect::<Vec<_>>(),
-        ),
+        allowed_ips: normalize_ips(&peer.allowed_ips.iter().filter_map(to_ipnet).collect::<Vec<_>>()),
         persistent_keepalive: peer.persistent_keepalive_interval.filter(|&k| k != 0),
     }
 }
@@ -674,8 +638,7 @@ async fn link_kind(ifname: &str) -> anyhow::Result<Option<String>> {
         }
         bail!("`ip link show dev {ifname}` failed: {}", stderr.trim());
     }
-    let links: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("parsing `ip -j link show`")?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing `ip -j link show`")?;
     let kind = links
         .get(0)
         .and_then(|link| link.get("linkinfo"))
@@ -761,10 +724,7 @@ async fn uapi_probe(ifname: &str) -> anyhow::Result<Probe> {
         match uapi_request(&name, "get=1\n\n") {
             Ok(response) => match uapi_errno(&response) {
                 Some(0) => Ok(Probe::Alive),
-                errno => Err(anyhow!(
-                    "UAPI get on {} answered errno {errno:?}",
-                    path.display()
-                )),
+                errno => Err(anyhow!("UAPI get on {} answered errno {errno:?}", path.display())),
             },
             Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => Ok(Probe::Stale),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Probe::Absent),
@@ -824,10 +784,7 @@ pub(crate) fn find_wireguard_go_pid(ifname: &str, binary: &Path) -> Option<u32> 
     entries.flatten().find_map(|entry| {
         let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
         let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-        let args: Vec<&[u8]> = cmdline
-            .split(|&b| b == 0)
-            .filter(|arg| !arg.is_empty())
-            .collect();
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).filter(|arg| !arg.is_empty()).collect();
         let first = Path::new(std::str::from_utf8(args.first()?).ok()?);
         let matches = args.len() >= 2
             && first.file_name()?.to_str()? == binary_name
@@ -924,8 +881,7 @@ pub(crate) mod test_lab {
             run_ok(
                 "ip",
                 &[
-                    "-n", ns_a, "link", "add", "veth0", "type", "veth", "peer", "name", "veth0",
-                    "netns", ns_b,
+                    "-n", ns_a, "link", "add", "veth0", "type", "veth", "peer", "name", "veth0", "netns", ns_b,
                 ],
                 None,
             );
@@ -973,22 +929,13 @@ pub(crate) mod test_lab {
         use std::io::Write;
         let mut child = Command::new(cmd)
             .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {cmd}: {e}"));
         if let Some(input) = stdin {
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(input.as_bytes())
-                .unwrap();
+            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
         }
         let out = child.wait_with_output().unwrap();
         assert!(
@@ -1061,45 +1008,17 @@ mod tests {
     #[test]
     fn diff_add_update_remove_unchanged() {
         let current = [
-            cur(
-                "same",
-                Some("198.18.0.1:51820"),
-                &["10.100.0.1/32", "10.200.1.0/24"],
-            ),
-            cur(
-                "moved",
-                Some("198.18.0.2:51820"),
-                &["10.100.0.2/32", "10.200.2.0/24"],
-            ),
-            cur(
-                "renet",
-                Some("198.18.0.3:51820"),
-                &["10.100.0.3/32", "10.200.3.0/24"],
-            ),
+            cur("same", Some("198.18.0.1:51820"), &["10.100.0.1/32", "10.200.1.0/24"]),
+            cur("moved", Some("198.18.0.2:51820"), &["10.100.0.2/32", "10.200.2.0/24"]),
+            cur("renet", Some("198.18.0.3:51820"), &["10.100.0.3/32", "10.200.3.0/24"]),
             cur("gone", Some("198.18.0.4:51820"), &["10.100.0.4/32"]),
         ];
         let desired = [
-            des(
-                "new",
-                Some("198.18.0.5:51820"),
-                &["10.100.0.5/32", "10.200.5.0/24"],
-            ),
+            des("new", Some("198.18.0.5:51820"), &["10.100.0.5/32", "10.200.5.0/24"]),
             // Same allowed IPs in another order: unchanged.
-            des(
-                "same",
-                Some("198.18.0.1:51820"),
-                &["10.200.1.0/24", "10.100.0.1/32"],
-            ),
-            des(
-                "moved",
-                Some("198.18.0.22:51820"),
-                &["10.100.0.2/32", "10.200.2.0/24"],
-            ),
-            des(
-                "renet",
-                Some("198.18.0.3:51820"),
-                &["10.100.0.3/32", "10.200.33.0/24"],
-            ),
+            des("same", Some("198.18.0.1:51820"), &["10.200.1.0/24", "10.100.0.1/32"]),
+            des("moved", Some("198.18.0.22:51820"), &["10.100.0.2/32", "10.200.2.0/24"]),
+            des("renet", Some("198.18.0.3:51820"), &["10.100.0.3/32", "10.200.33.0/24"]),
         ];
         assert_eq!(
             diff_peers(&current, &desired),
@@ -1122,11 +1041,7 @@ mod tests {
     #[test]
     fn diff_ignores_allowed_ip_order_duplicates_and_host_bits() {
         let current = [cur("a", None, &["10.200.1.0/24", "10.100.0.1/32"])];
-        let desired = [des(
-            "a",
-            None,
-            &["10.100.0.1/32", "10.200.1.9/24", "10.100.0.1/32"],
-        )];
+        let desired = [des("a", None, &["10.100.0.1/32", "10.200.1.9/24", "10.100.0.1/32"])];
         assert!(diff_peers(&current, &desired).is_empty());
     }
 
@@ -1148,10 +1063,7 @@ mod tests {
         let mut current = cur("a", None, &["10.100.0.1/32"]);
         current.persistent_keepalive = None;
         let desired = [des("a", None, &["10.100.0.1/32"])];
-        assert_eq!(
-            diff_peers(&[current.clone()], &desired).update,
-            vec!["a".to_owned()]
-        );
+        assert_eq!(diff_peers(&[current.clone()], &desired).update, vec!["a".to_owned()]);
         // 0 and None both mean "off".
         current.persistent_keepalive = Some(0);
         let mut off = des("a", None, &["10.100.0.1/32"]);
@@ -1161,11 +1073,7 @@ mod tests {
 
     #[test]
     fn diff_lists_are_sorted() {
-        let desired = [
-            des("c", None, &[]),
-            des("a", None, &[]),
-            des("b", None, &[]),
-        ];
+        let desired = [des("c", None, &[]), des("a", None, &[]), des("b", None, &[])];
         assert_eq!(diff_peers(&[], &desired).add, vec!["a", "b", "c"]);
     }
 
@@ -1214,14 +1122,8 @@ mod tests {
         let now = SystemTime::now();
         assert_eq!(handshake_age(None, now), None);
         assert_eq!(handshake_age(Some(SystemTime::UNIX_EPOCH), now), None);
-        assert_eq!(
-            handshake_age(Some(now - Duration::from_secs(7)), now),
-            Some(7)
-        );
-        assert_eq!(
-            handshake_age(Some(now + Duration::from_secs(7)), now),
-            Some(0)
-        );
+        assert_eq!(handshake_age(Some(now - Duration::from_secs(7)), now), Some(7));
+        assert_eq!(handshake_age(Some(now + Duration::from_secs(7)), now), Some(0));
     }
 
     #[test]
@@ -1269,11 +1171,7 @@ mod tests {
 
     /// Listen port and peers (by base64 key) from `wg show <if> dump`.
     fn wg_dump(ns: &str, ifname: &str) -> (u16, HashMap<String, DumpPeer>) {
-        let out = run_ok(
-            "ip",
-            &["netns", "exec", ns, "wg", "show", ifname, "dump"],
-            None,
-        );
+        let out = run_ok("ip", &["netns", "exec", ns, "wg", "show", ifname, "dump"], None);
         let mut lines = out.lines();
         let first: Vec<&str> = lines.next().unwrap().split('\t').collect();
         let port = first[2].parse().unwrap();
@@ -1298,9 +1196,7 @@ mod tests {
 
     fn ping(ns: &str, count: &str, target: &str) -> bool {
         StdCommand::new("ip")
-            .args([
-                "netns", "exec", ns, "ping", "-n", "-q", "-c", count, "-W", "1", target,
-            ])
+            .args(["netns", "exec", ns, "ping", "-n", "-q", "-c", count, "-W", "1", target])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -1326,11 +1222,7 @@ mod tests {
         let if_b = lab.ifname("b");
         // A container address behind B, inside B's subnet (no dummy module
         // here, so on loopback).
-        run_ok(
-            "ip",
-            &["-n", &ns_b, "addr", "add", "10.200.2.1/32", "dev", "lo"],
-            None,
-        );
+        run_ok("ip", &["-n", &ns_b, "addr", "add", "10.200.2.1/32", "dev", "lo"], None);
 
         let (key_a, key_b, key_c) = (Key::generate(), Key::generate(), Key::generate());
         let peer_a = protocol_peer(
@@ -1358,10 +1250,8 @@ mod tests {
 
         let cfg_a = mesh_cfg(&if_a, &key_a, "10.100.0.1/16", 51820);
         let cfg_b = mesh_cfg(&if_b, &key_b, "10.100.0.2/16", 51820);
-        let mesh_a =
-            Arc::new(in_netns(&ns_a, move || async move { Mesh::ensure_up(cfg_a).await }).unwrap());
-        let mesh_b =
-            Arc::new(in_netns(&ns_b, move || async move { Mesh::ensure_up(cfg_b).await }).unwrap());
+        let mesh_a = Arc::new(in_netns(&ns_a, move || async move { Mesh::ensure_up(cfg_a).await }).unwrap());
+        let mesh_b = Arc::new(in_netns(&ns_b, move || async move { Mesh::ensure_up(cfg_b).await }).unwrap());
         assert_eq!(mesh_a.backend(), Backend::Userspace);
         assert_eq!(mesh_a.public_key(), b64(&key_a.public_key()));
 
@@ -1441,9 +1331,7 @@ mod tests {
         let out = pinger.wait_with_output().unwrap();
         let summary = String::from_utf8_lossy(&out.stdout);
         assert!(
-            out.status.success()
-                && summary.contains("20 received")
-                && summary.contains(" 0% packet loss"),
+            out.status.success() && summary.contains("20 received") && summary.contains(" 0% packet loss"),
             "continuous ping lost packets: {summary}"
         );
 
@@ -1464,11 +1352,7 @@ mod tests {
                 ..PeerDiff::default()
             }
         );
-        let peers = run_ok(
-            "ip",
-            &["netns", "exec", &ns_a, "wg", "show", &if_a, "peers"],
-            None,
-        );
+        let peers = run_ok("ip", &["netns", "exec", &ns_a, "wg", "show", &if_a, "peers"], None);
         assert!(!peers.contains(&peer_c.wg_public_key), "{peers}");
         assert!(peers.contains(&peer_b.wg_public_key), "{peers}");
         // Nothing left to do.
@@ -1479,10 +1363,7 @@ mod tests {
         let status = in_netns(&ns_a, move || async move { mesh.status().await }).unwrap();
         assert_eq!(status.len(), 1);
         assert_eq!(status[0].wg_public_key, peer_b.wg_public_key);
-        assert!(
-            status[0].handshake_age_secs.is_some_and(|age| age < 60),
-            "{status:?}"
-        );
+        assert!(status[0].handshake_age_secs.is_some_and(|age| age < 60), "{status:?}");
         assert!(status[0].rx_bytes > 0 && status[0].tx_bytes > 0);
 
         // Tear down through the API.
@@ -1519,12 +1400,7 @@ mod tests {
         // The daemon is not in our process group and not our child: killing
         // the agent (or its group) leaves it running.
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .collect();
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
         let (ppid, pgrp): (u32, i32) = (fields[1].parse().unwrap(), fields[2].parse().unwrap());
         assert_ne!(pgrp, nix::unistd::getpgrp().as_raw());
         assert_ne!(ppid, std::process::id());
@@ -1532,13 +1408,7 @@ mod tests {
         let (x, y) = (Key::generate().public_key(), Key::generate().public_key());
         let peers = vec![
             protocol_peer("x", &x, [10, 100, 0, 8], "10.200.8.0/24", None),
-            protocol_peer(
-                "y",
-                &y,
-                [10, 100, 0, 9],
-                "10.200.9.0/24",
-                Some("198.18.200.9:51820"),
-            ),
+            protocol_peer("y", &y, [10, 100, 0, 9], "10.200.9.0/24", Some("198.18.200.9:51820")),
         ];
         let mesh = Arc::new(mesh);
         let m = Arc::clone(&mesh);
@@ -1569,27 +1439,15 @@ mod tests {
         let (port, dump) = wg_dump(&ns, &ifname);
         assert_eq!(port, 51822);
         assert_eq!(dump.len(), 2);
-        let iface = run_ok(
-            "ip",
-            &["netns", "exec", &ns, "wg", "show", &ifname, "public-key"],
-            None,
-        );
+        let iface = run_ok("ip", &["netns", "exec", &ns, "wg", "show", &ifname, "public-key"], None);
         assert_eq!(iface.trim(), b64(&key2.public_key()));
-        let addrs = run_ok(
-            "ip",
-            &["-n", &ns, "-4", "-o", "addr", "show", "dev", &ifname],
-            None,
-        );
+        let addrs = run_ok("ip", &["-n", &ns, "-4", "-o", "addr", "show", "dev", &ifname], None);
         assert!(addrs.contains("10.100.0.77/16"), "{addrs}");
         assert!(!addrs.contains("10.100.0.1/"), "{addrs}");
         let routes = run_ok("ip", &["-n", &ns, "route", "show", "dev", &ifname], None);
         assert!(routes.contains("10.200.0.0/15"), "{routes}");
         assert!(routes.contains("10.100.0.0/16"), "{routes}");
-        let link = run_ok(
-            "ip",
-            &["-n", &ns, "-o", "link", "show", "dev", &ifname],
-            None,
-        );
+        let link = run_ok("ip", &["-n", &ns, "-o", "link", "show", "dev", &ifname], None);
         assert!(link.contains(",UP") || link.contains("<UP"), "{link}");
 
         // Drop the handle: the daemon keeps running.

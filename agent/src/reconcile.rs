@@ -47,7 +47,14 @@ pub fn save_cache(data_dir: &Path, d: &DesiredState) -> anyhow::Result<()> {
 
 impl Reconciler {
     pub fn new(settings: Settings) -> Reconciler {
-        Reconciler { settings, mesh: None, mesh_shape: None, firewall_rules: None, applied_revision: 0, last_error: None }
+        Reconciler {
+            settings,
+            mesh: None,
+            mesh_shape: None,
+            firewall_rules: None,
+            applied_revision: 0,
+            last_error: None,
+        }
     }
 
     pub async fn apply(&mut self, d: &DesiredState) -> anyhow::Result<()> {
@@ -96,7 +103,13 @@ impl Reconciler {
         if let Some(mesh) = &self.mesh {
             let diff = mesh.apply(&d.peers).await.context("updating WireGuard peers")?;
             if diff != Default::default() {
-                tracing::info!(revision = d.revision, add = diff.add.len(), update = diff.update.len(), remove = diff.remove.len(), "mesh peers changed");
+                tracing::info!(
+                    revision = d.revision,
+                    add = diff.add.len(),
+                    update = diff.update.len(),
+                    remove = diff.remove.len(),
+                    "mesh peers changed"
+                );
             }
         }
         Ok(())

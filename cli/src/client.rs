@@ -35,15 +35,30 @@ impl AdminClient {
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .build()?;
-        Ok(AdminClient { http, base: t.url.trim_end_matches('/').to_string(), token: token.trim().to_string() })
+        Ok(AdminClient {
+            http,
+            base: t.url.trim_end_matches('/').to_string(),
+            token: token.trim().to_string(),
+        })
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<T> {
-        let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<T> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.with_context(|| format!("cannot reach the control plane at {}", self.base))?;
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the control plane at {}", self.base))?;
         let status = resp.status();
         let text = resp.text().await?;
         if !status.is_success() {
@@ -63,7 +78,9 @@ impl AdminClient {
     }
 
     pub async fn revoke_token(&self, id: &str) -> anyhow::Result<()> {
-        self.call::<serde_json::Value>(Method::DELETE, &format!("/v1/tokens/{id}"), None).await.map(|_| ())
+        self.call::<serde_json::Value>(Method::DELETE, &format!("/v1/tokens/{id}"), None)
+            .await
+            .map(|_| ())
     }
 
     pub async fn list_nodes(&self) -> anyhow::Result<Vec<NodeInfo>> {
@@ -89,7 +106,9 @@ fn read(path: &Path, flag: &str) -> anyhow::Result<String> {
 pub fn parse_duration(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 30m, 24h or 7d"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30m, 24h or 7d"))?;
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,

@@ -16,7 +16,12 @@ struct Cli {
     #[arg(long, global = true, env = "BERTH_URL", default_value = "https://127.0.0.1:7443")]
     url: String,
     /// File holding the admin token.
-    #[arg(long, global = true, env = "BERTH_ADMIN_TOKEN_FILE", default_value = "/var/lib/berth/admin.token")]
+    #[arg(
+        long,
+        global = true,
+        env = "BERTH_ADMIN_TOKEN_FILE",
+        default_value = "/var/lib/berth/admin.token"
+    )]
     admin_token_file: PathBuf,
     /// The control plane's CA certificate (PEM).
     #[arg(long, global = true, env = "BERTH_CA_FILE", default_value = "/var/lib/berth/ca.pem")]
@@ -144,7 +149,10 @@ async fn main() {
 }
 
 fn ago(t: Option<i64>) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     match t {
         Some(t) => format!("{}s ago", (now - t).max(0)),
         None => "never".into(),
@@ -152,12 +160,23 @@ fn ago(t: Option<i64>) -> String {
 }
 
 fn print_nodes(nodes: &[berth_protocol::NodeInfo]) {
-    println!("{:<16} {:<8} {:<13} {:<16} {:<8} {:<10} {:<9} PEERS (handshake age)", "NAME", "ROLE", "MESH IP", "SUBNET", "STATE", "LAST SEEN", "REVISION");
+    println!(
+        "{:<16} {:<8} {:<13} {:<16} {:<8} {:<10} {:<9} PEERS (handshake age)",
+        "NAME", "ROLE", "MESH IP", "SUBNET", "STATE", "LAST SEEN", "REVISION"
+    );
     for n in nodes {
         let peers: Vec<String> = n
             .peers
             .iter()
-            .map(|p| format!("{}:{}", p.name, p.handshake_age_secs.map(|s| format!("{s}s")).unwrap_or_else(|| "-".into())))
+            .map(|p| {
+                format!(
+                    "{}:{}",
+                    p.name,
+                    p.handshake_age_secs
+                        .map(|s| format!("{s}s"))
+                        .unwrap_or_else(|| "-".into())
+                )
+            })
             .collect();
         println!(
             "{:<16} {:<8} {:<13} {:<16} {:<8} {:<10} {:<9} {}",
@@ -177,7 +196,11 @@ fn print_nodes(nodes: &[berth_protocol::NodeInfo]) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {
-    let target = Target { url: cli.url.clone(), admin_token_file: cli.admin_token_file.clone(), ca_file: cli.ca_file.clone() };
+    let target = Target {
+        url: cli.url.clone(),
+        admin_token_file: cli.admin_token_file.clone(),
+        ca_file: cli.ca_file.clone(),
+    };
     match cli.command {
         Command::Token(t) => {
             let api = AdminClient::new(&target)?;
@@ -187,16 +210,34 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     if quiet {
                         println!("{}", t["token"].as_str().unwrap_or_default());
                     } else {
-                        println!("token {} ({}, expires in {})", t["id"].as_str().unwrap_or_default(), t["role"].as_str().unwrap_or_default(), humantime(ttl));
+                        println!(
+                            "token {} ({}, expires in {})",
+                            t["id"].as_str().unwrap_or_default(),
+                            t["role"].as_str().unwrap_or_default(),
+                            humantime(ttl)
+                        );
                         println!("{}", t["token"].as_str().unwrap_or_default());
-                        println!("\nOn the new server, run:\n  {}", t["agent_command"].as_str().unwrap_or_default());
+                        println!(
+                            "\nOn the new server, run:\n  {}",
+                            t["agent_command"].as_str().unwrap_or_default()
+                        );
                     }
                 }
                 TokenCmd::List => {
                     println!("{:<10} {:<7} {:<8} {:<12} USED BY", "ID", "ROLE", "STATE", "EXPIRES");
                     for t in api.list_tokens().await? {
-                        let left = t.expires_at - std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
-                        println!("{:<10} {:<7} {:<8} {:<12} {}", t.id, t.role.as_str(), t.state, if left > 0 { humantime(left as u64) } else { "-".into() }, t.used_by.unwrap_or_default());
+                        let left = t.expires_at
+                            - std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)?
+                                .as_secs() as i64;
+                        println!(
+                            "{:<10} {:<7} {:<8} {:<12} {}",
+                            t.id,
+                            t.role.as_str(),
+                            t.state,
+                            if left > 0 { humantime(left as u64) } else { "-".into() },
+                            t.used_by.unwrap_or_default()
+                        );
                     }
                 }
                 TokenCmd::Revoke { id } => {
@@ -238,7 +279,12 @@ fn humantime(secs: u64) -> String {
 
 async fn lab_cmd(cmd: LabCmd) -> anyhow::Result<i32> {
     match cmd {
-        LabCmd::Up { sel, nodes, proxies, bin_dir } => {
+        LabCmd::Up {
+            sel,
+            nodes,
+            proxies,
+            bin_dir,
+        } => {
             let dir = sel.dir();
             let bin_dir = bin_dir.unwrap_or_else(lab::default_bin_dir);
             eprintln!("lab {}: building the network and starting the control plane...", sel.id);
@@ -256,16 +302,31 @@ async fn lab_cmd(cmd: LabCmd) -> anyhow::Result<i32> {
                 let name = l.add_node(i >= nodes).await?;
                 eprintln!("lab {}: started node {name}", sel.id);
             }
-            eprintln!("lab {}: waiting for every node to register and apply the mesh...", sel.id);
+            eprintln!(
+                "lab {}: waiting for every node to register and apply the mesh...",
+                sel.id
+            );
             let list = l.wait_converged(Duration::from_secs(60)).await?;
             print_nodes(&list);
             let t = l.target();
             println!("\nThe lab is up. Point the CLI at it:");
-            println!("  export BERTH_URL={} BERTH_ADMIN_TOKEN_FILE={} BERTH_CA_FILE={}", t.url, t.admin_token_file.display(), t.ca_file.display());
+            println!(
+                "  export BERTH_URL={} BERTH_ADMIN_TOKEN_FILE={} BERTH_CA_FILE={}",
+                t.url,
+                t.admin_token_file.display(),
+                t.ca_file.display()
+            );
             if let (Some(a), Some(b)) = (list.first(), list.get(1)) {
-                println!("Ping across the mesh:\n  berth lab exec --id {} {} -- ping -c 3 {}", sel.id, a.name, b.mesh_ip);
+                println!(
+                    "Ping across the mesh:\n  berth lab exec --id {} {} -- ping -c 3 {}",
+                    sel.id, a.name, b.mesh_ip
+                );
             }
-            println!("Logs: {}   Remove it all: berth lab down --id {}", dir.display(), sel.id);
+            println!(
+                "Logs: {}   Remove it all: berth lab down --id {}",
+                dir.display(),
+                sel.id
+            );
         }
         LabCmd::Status { sel } => {
             let l = Lab::load(&sel.dir())?;
@@ -274,12 +335,20 @@ async fn lab_cmd(cmd: LabCmd) -> anyhow::Result<i32> {
         }
         LabCmd::Env { sel } => {
             let t = Lab::load(&sel.dir())?.target();
-            println!("export BERTH_URL={} BERTH_ADMIN_TOKEN_FILE={} BERTH_CA_FILE={}", t.url, t.admin_token_file.display(), t.ca_file.display());
+            println!(
+                "export BERTH_URL={} BERTH_ADMIN_TOKEN_FILE={} BERTH_CA_FILE={}",
+                t.url,
+                t.admin_token_file.display(),
+                t.ca_file.display()
+            );
         }
         LabCmd::Exec { sel, node, cmd } => {
             let l = Lab::load(&sel.dir())?;
             let n = l.node(&node)?;
-            let status = std::process::Command::new("ip").args(["netns", "exec", &l.net.node_ns(n.index)]).args(&cmd).status()?;
+            let status = std::process::Command::new("ip")
+                .args(["netns", "exec", &l.net.node_ns(n.index)])
+                .args(&cmd)
+                .status()?;
             return Ok(status.code().unwrap_or(1));
         }
         LabCmd::Down { sel, keep_logs } => {

@@ -23,7 +23,11 @@ pub fn capacity(mesh: Ipv4Net, subnets: Ipv4Net, prefix: u8) -> u64 {
         31 => 2,
         p => (1u64 << (32 - p)) - 2,
     };
-    let nets = if prefix < subnets.prefix_len() { 0 } else { 1u64 << (prefix - subnets.prefix_len()) };
+    let nets = if prefix < subnets.prefix_len() {
+        0
+    } else {
+        1u64 << (prefix - subnets.prefix_len())
+    };
     hosts.min(nets)
 }
 
@@ -65,6 +69,9 @@ mod tests {
     fn default_pools_hold_at_least_1000_nodes() {
         let cap = capacity("10.100.0.0/16".parse().unwrap(), "10.200.0.0/13".parse().unwrap(), 24);
         assert!(cap >= 1000, "{cap}");
-        assert_eq!(capacity("10.100.0.0/16".parse().unwrap(), "10.200.0.0/16".parse().unwrap(), 24), 256);
+        assert_eq!(
+            capacity("10.100.0.0/16".parse().unwrap(), "10.200.0.0/16".parse().unwrap(), 24),
+            256
+        );
     }
 }

@@ -54,7 +54,12 @@ pub fn router(state: SharedState) -> Router {
 }
 
 fn body(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
-    b.map_err(|e| ApiErr::new(e.status(), format!("body: {} (limit {} KiB)", e.body_text(), MAX_BODY / 1024)))
+    b.map_err(|e| {
+        ApiErr::new(
+            e.status(),
+            format!("body: {} (limit {} KiB)", e.body_text(), MAX_BODY / 1024),
+        )
+    })
 }
 
 async fn ca_pem(State(s): State<SharedState>) -> impl IntoResponse {
@@ -87,7 +92,9 @@ async fn register(
     let req: RegisterRequest = parse_json(&raw)?;
     let token = JoinToken::parse(&req.token).map_err(ApiErr::unauthorized)?;
     if token.ca_hash != s.ca_hash {
-        return Err(ApiErr::unauthorized("token: issued by a different control plane (CA hash differs)"));
+        return Err(ApiErr::unauthorized(
+            "token: issued by a different control plane (CA hash differs)",
+        ));
     }
     validate_register(&req)?;
     verify_self_signed(&req.signing_key, &method, &uri, &headers, &raw)?;
@@ -192,7 +199,10 @@ async fn create_token(
     let role = if req.proxy { Role::Proxy } else { Role::Worker };
     let t = s.store.create_token(role, req.ttl_secs as i64, &s.ca_hash).await?;
     let proxy = if req.proxy { " --proxy" } else { "" };
-    let command = format!("berth-agent --url {} --token {}{proxy} --data-dir /var/lib/berth", s.advertise_url, t.token);
+    let command = format!(
+        "berth-agent --url {} --token {}{proxy} --data-dir /var/lib/berth",
+        s.advertise_url, t.token
+    );
     let mut v = serde_json::to_value(&t).map_err(ApiErr::internal)?;
     v["agent_command"] = command.into();
     Ok(Json(v))
@@ -223,7 +233,10 @@ async fn revoke_token(
 async fn list_nodes(State(s): State<SharedState>, headers: HeaderMap) -> ApiResult<Json<Vec<NodeInfo>>> {
     require_admin(&s, &headers)?;
     let nodes = s.store.list_nodes().await?;
-    let names: HashMap<&str, &str> = nodes.iter().map(|n| (n.wg_public_key.as_str(), n.name.as_str())).collect();
+    let names: HashMap<&str, &str> = nodes
+        .iter()
+        .map(|n| (n.wg_public_key.as_str(), n.name.as_str()))
+        .collect();
     let now = now();
     let list = nodes
         .iter()

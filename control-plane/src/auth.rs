@@ -22,7 +22,10 @@ pub fn require_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     // Compare digests so the comparison time says nothing about the token.
     let a = hash_admin_token(given);
     let ok = a.len() == state.admin_token_hash.len()
-        && a.bytes().zip(state.admin_token_hash.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+        && a.bytes()
+            .zip(state.admin_token_hash.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0;
     if ok {
         Ok(())
     } else {
@@ -60,7 +63,11 @@ pub async fn require_node(
         .ok_or_else(|| ApiErr::unauthorized(format!("{HEADER_NODE}: unknown node {node_id:?} (removed?)")))?;
     let key = signing::parse_verifying_key("signing_key", &node.signing_key).map_err(ApiErr::internal)?;
     let now = now();
-    let signed = SignedHeaders { timestamp: ts.into(), nonce: nonce.into(), signature: sig.into() };
+    let signed = SignedHeaders {
+        timestamp: ts.into(),
+        nonce: nonce.into(),
+        signature: sig.into(),
+    };
     signing::verify(&key, method.as_str(), path_and_query(uri), body, &signed, now)
         .map_err(|e| ApiErr::unauthorized(e.to_string()))?;
     let ts: i64 = ts.parse().unwrap_or(now);

@@ -13,7 +13,10 @@ pub struct ApiErr {
 
 impl ApiErr {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiErr { status, message: message.into() }
+        ApiErr {
+            status,
+            message: message.into(),
+        }
     }
     pub fn bad_request(m: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, m)
@@ -29,7 +32,10 @@ impl ApiErr {
     }
     pub fn internal(e: impl std::fmt::Display) -> Self {
         tracing::error!(error = %e, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see the control plane's log")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error; see the control plane's log",
+        )
     }
 }
 
@@ -41,7 +47,10 @@ impl From<sqlx::Error> for ApiErr {
 
 impl IntoResponse for ApiErr {
     fn into_response(self) -> Response {
-        let body = ApiError { error: self.message, detail: None };
+        let body = ApiError {
+            error: self.message,
+            detail: None,
+        };
         (self.status, Json(body)).into_response()
     }
 }

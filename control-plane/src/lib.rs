@@ -41,7 +41,11 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("--data-dir {}", cfg.data_dir.display()))?;
     let cap = alloc::capacity(cfg.pools.mesh, cfg.pools.subnets, cfg.pools.subnet_prefix);
     if cap == 0 {
-        anyhow::bail!("--subnet-prefix: /{} does not fit in --subnet-pool {}", cfg.pools.subnet_prefix, cfg.pools.subnets);
+        anyhow::bail!(
+            "--subnet-prefix: /{} does not fit in --subnet-pool {}",
+            cfg.pools.subnet_prefix,
+            cfg.pools.subnets
+        );
     }
     let store = store::Store::connect(&cfg.database).await?;
     let tls = match &cfg.own_cert {
@@ -80,7 +84,13 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
     let task = tokio::spawn(server::serve_tls(listener, tls.server_config.clone(), app));
     tracing::info!(%addr, nodes_capacity = cap, ca_hash = %tls.ca_hash, "control plane listening");
     let _ = Arc::strong_count(&state);
-    Ok(Started { state, addr, admin_token_file, ca_file, task })
+    Ok(Started {
+        state,
+        addr,
+        admin_token_file,
+        ca_file,
+        task,
+    })
 }
 
 /// The admin bearer token: made on first start and written 0600 to
@@ -94,7 +104,9 @@ async fn admin_credential(store: &store::Store, file: &std::path::Path) -> anyho
         return Ok(hash);
     }
     let token = hex::encode(rand::random::<[u8; 32]>());
-    let stored = store.setting_insert_if_absent("admin_token_sha256", &auth::hash_admin_token(&token)).await?;
+    let stored = store
+        .setting_insert_if_absent("admin_token_sha256", &auth::hash_admin_token(&token))
+        .await?;
     if stored == auth::hash_admin_token(&token) {
         tls::write_private(file, format!("{token}\n").as_bytes())?;
         tracing::info!(path = %file.display(), "created the admin token");

@@ -83,9 +83,17 @@ async fn main() {
         database,
         listen: s.listen,
         sans: s.sans,
-        own_cert: s.tls_cert.map(|cert| OwnCert { cert, key: s.tls_key.unwrap_or_default(), ca: s.tls_ca }),
+        own_cert: s.tls_cert.map(|cert| OwnCert {
+            cert,
+            key: s.tls_key.unwrap_or_default(),
+            ca: s.tls_ca,
+        }),
         advertise_url: s.advertise_url,
-        pools: Pools { mesh: s.mesh_pool.trunc(), subnets: s.subnet_pool.trunc(), subnet_prefix: s.subnet_prefix },
+        pools: Pools {
+            mesh: s.mesh_pool.trunc(),
+            subnets: s.subnet_pool.trunc(),
+            subnet_prefix: s.subnet_prefix,
+        },
         offline_after_secs: s.offline_after,
     };
     let started = match start(cfg).await {

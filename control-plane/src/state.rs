@@ -46,7 +46,10 @@ impl AppState {
             advertise_url,
             offline_after_secs,
             revision: tx,
-            snapshot: Mutex::new(Arc::new(Snapshot { revision: -1, nodes: vec![] })),
+            snapshot: Mutex::new(Arc::new(Snapshot {
+                revision: -1,
+                nodes: vec![],
+            })),
         }))
     }
 
@@ -110,6 +113,7 @@ pub async fn follow_other_replicas(state: SharedState, url: String) {
         };
         if let Err(e) = listener.listen("berth_revision").await {
             tracing::warn!(error = %e, "LISTEN failed; retrying");
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
             continue;
         }
         loop {

@@ -29,7 +29,11 @@ fn ca_params() -> CertificateParams {
     dn.push(DnType::CommonName, "Berth control plane CA");
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     p
 }
 
@@ -55,7 +59,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn server_config(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -85,7 +92,10 @@ pub fn generated(data_dir: &Path, sans: &[String]) -> anyhow::Result<Tls> {
     // An issuer object with the CA's name and key; the signature it makes
     // verifies against the CA certificate on disk.
     let issuer = ca_params().self_signed(&ca_key)?;
-    let ca_der = pem_certs(ca_pem.as_bytes())?.into_iter().next().ok_or_else(|| anyhow!("ca.pem is empty"))?;
+    let ca_der = pem_certs(ca_pem.as_bytes())?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("ca.pem is empty"))?;
 
     let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
     if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
@@ -97,7 +107,9 @@ pub fn generated(data_dir: &Path, sans: &[String]) -> anyhow::Result<Tls> {
         }
     }
     let mut params = CertificateParams::new(names)?;
-    params.distinguished_name.push(DnType::CommonName, "Berth control plane");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Berth control plane");
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     let leaf_key = KeyPair::generate()?;
@@ -121,14 +133,23 @@ pub fn own(c: &OwnCert) -> anyhow::Result<Tls> {
         Some(p) => pem_certs(&std::fs::read(p).with_context(|| format!("--tls-ca {}", p.display()))?)?
             .pop()
             .ok_or_else(|| anyhow!("--tls-ca: no certificate in {}", p.display()))?,
-        None => chain.last().cloned().ok_or_else(|| anyhow!("--tls-cert: no certificate"))?,
+        None => chain
+            .last()
+            .cloned()
+            .ok_or_else(|| anyhow!("--tls-cert: no certificate"))?,
     };
     let ca_pem = pem_encode(&anchor);
-    Ok(Tls { server_config: server_config(chain, key)?, ca_hash: berth_protocol::token::ca_hash(&anchor), ca_pem })
+    Ok(Tls {
+        server_config: server_config(chain, key)?,
+        ca_hash: berth_protocol::token::ca_hash(&anchor),
+        ca_pem,
+    })
 }
 
 fn pem_certs(pem: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    rustls_pemfile::certs(&mut &*pem).collect::<Result<Vec<_>, _>>().context("parsing PEM certificates")
+    rustls_pemfile::certs(&mut &*pem)
+        .collect::<Result<Vec<_>, _>>()
+        .context("parsing PEM certificates")
 }
 
 fn pem_encode(der: &[u8]) -> String {

@@ -67,7 +67,11 @@ pub fn verify(
     headers: &SignedHeaders,
     now: i64,
 ) -> Result<(), VerifyError> {
-    let SignedHeaders { timestamp, nonce, signature } = headers;
+    let SignedHeaders {
+        timestamp,
+        nonce,
+        signature,
+    } = headers;
     let ts: i64 = timestamp
         .parse()
         .map_err(|_| VerifyError::Malformed(HEADER_TIMESTAMP))?;
@@ -128,22 +132,43 @@ mod tests {
     #[test]
     fn any_change_breaks_the_signature() {
         let h = sign(&key(), "POST", "/v1/x?a=1", b"{}", 1000);
-        assert_eq!(check(&h, "GET", "/v1/x?a=1", b"{}", 1000), Err(VerifyError::BadSignature));
-        assert_eq!(check(&h, "POST", "/v1/x?a=2", b"{}", 1000), Err(VerifyError::BadSignature));
-        assert_eq!(check(&h, "POST", "/v1/x?a=1", b"{ }", 1000), Err(VerifyError::BadSignature));
+        assert_eq!(
+            check(&h, "GET", "/v1/x?a=1", b"{}", 1000),
+            Err(VerifyError::BadSignature)
+        );
+        assert_eq!(
+            check(&h, "POST", "/v1/x?a=2", b"{}", 1000),
+            Err(VerifyError::BadSignature)
+        );
+        assert_eq!(
+            check(&h, "POST", "/v1/x?a=1", b"{ }", 1000),
+            Err(VerifyError::BadSignature)
+        );
         let mut other_nonce = h.clone();
         other_nonce.nonce = "00".repeat(16);
-        assert_eq!(check(&other_nonce, "POST", "/v1/x?a=1", b"{}", 1000), Err(VerifyError::BadSignature));
+        assert_eq!(
+            check(&other_nonce, "POST", "/v1/x?a=1", b"{}", 1000),
+            Err(VerifyError::BadSignature)
+        );
         let other_key = SigningKey::from_bytes(&[8u8; 32]);
         let h2 = sign(&other_key, "POST", "/v1/x?a=1", b"{}", 1000);
-        assert_eq!(check(&h2, "POST", "/v1/x?a=1", b"{}", 1000), Err(VerifyError::BadSignature));
+        assert_eq!(
+            check(&h2, "POST", "/v1/x?a=1", b"{}", 1000),
+            Err(VerifyError::BadSignature)
+        );
     }
 
     #[test]
     fn stale_timestamps_are_rejected() {
         let h = sign(&key(), "GET", "/v1/x", b"", 1000);
-        assert!(matches!(check(&h, "GET", "/v1/x", b"", 1000 + MAX_CLOCK_SKEW_SECS + 1), Err(VerifyError::Stale(_))));
-        assert!(matches!(check(&h, "GET", "/v1/x", b"", 1000 - MAX_CLOCK_SKEW_SECS - 1), Err(VerifyError::Stale(_))));
+        assert!(matches!(
+            check(&h, "GET", "/v1/x", b"", 1000 + MAX_CLOCK_SKEW_SECS + 1),
+            Err(VerifyError::Stale(_))
+        ));
+        assert!(matches!(
+            check(&h, "GET", "/v1/x", b"", 1000 - MAX_CLOCK_SKEW_SECS - 1),
+            Err(VerifyError::Stale(_))
+        ));
         assert_eq!(check(&h, "GET", "/v1/x", b"", 1000 + MAX_CLOCK_SKEW_SECS), Ok(()));
     }
 
@@ -151,8 +176,14 @@ mod tests {
     fn malformed_headers_name_the_header() {
         let mut h = sign(&key(), "GET", "/v1/x", b"", 1000);
         h.signature = "!!".into();
-        assert_eq!(check(&h, "GET", "/v1/x", b"", 1000), Err(VerifyError::Malformed(HEADER_SIGNATURE)));
+        assert_eq!(
+            check(&h, "GET", "/v1/x", b"", 1000),
+            Err(VerifyError::Malformed(HEADER_SIGNATURE))
+        );
         h.timestamp = "soon".into();
-        assert_eq!(check(&h, "GET", "/v1/x", b"", 1000), Err(VerifyError::Malformed(HEADER_TIMESTAMP)));
+        assert_eq!(
+            check(&h, "GET", "/v1/x", b"", 1000),
+            Err(VerifyError::Malformed(HEADER_TIMESTAMP))
+        );
     }
 }

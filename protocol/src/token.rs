@@ -40,11 +40,7 @@ impl JoinToken {
         if parts.len() != 4 || parts[0] != PREFIX {
             return Err("token: malformed (expected berth1.<id>.<secret>.<ca-hash>)".into());
         }
-        let alnum = |p: &str, n: usize| {
-            p.len() == n
-                && p.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        };
+        let alnum = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
         if !alnum(parts[1], 8) {
             return Err("token: malformed id".into());
         }

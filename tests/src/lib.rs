@@ -57,14 +57,22 @@ pub async fn lab_up(id: u8, nodes: u16) -> LabGuard {
     for _ in 0..nodes {
         guard.add_node(false).await.expect("add node");
     }
-    guard.wait_converged(Duration::from_secs(60)).await.expect("lab converges");
+    guard
+        .wait_converged(Duration::from_secs(60))
+        .await
+        .expect("lab converges");
     guard
 }
 
 /// Mesh IP of a lab node, as the control plane allocated it.
 pub async fn mesh_ip(lab: &Lab, name: &str) -> String {
     let nodes = lab.admin().unwrap().list_nodes().await.unwrap();
-    nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}")).mesh_ip.to_string()
+    nodes
+        .iter()
+        .find(|n| n.name == name)
+        .unwrap_or_else(|| panic!("no node {name}"))
+        .mesh_ip
+        .to_string()
 }
 
 /// Pings `ip` from `from` until one reply arrives or `within` passes.
@@ -103,7 +111,10 @@ impl ContinuousPing {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start ping");
-        ContinuousPing { child: Some(child), label: format!("{from} -> {ip}") }
+        ContinuousPing {
+            child: Some(child),
+            label: format!("{from} -> {ip}"),
+        }
     }
 
     /// Stops the ping (SIGINT, so it prints its summary) and returns the counts.
@@ -113,9 +124,18 @@ impl ContinuousPing {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
         let out = child.wait_with_output().expect("ping output");
         let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or_else(|| panic!("no ping summary for {}: {text}", self.label));
-        let nums: Vec<u32> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse().ok()).collect();
-        PingResult { sent: nums[0], received: nums[1] }
+        let line = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_else(|| panic!("no ping summary for {}: {text}", self.label));
+        let nums: Vec<u32> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        PingResult {
+            sent: nums[0],
+            received: nums[1],
+        }
     }
 }
 
@@ -136,7 +156,10 @@ pub fn wg_peers(lab: &Lab, node: &str) -> anyhow::Result<Vec<String>> {
     if !out.status.success() {
         bail!("wg show on {node}: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let mut peers: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect();
+    let mut peers: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect();
     peers.sort();
     Ok(peers)
 }
@@ -151,10 +174,17 @@ pub fn wg_public_key(lab: &Lab, node: &str) -> anyhow::Result<String> {
 /// Pids of the wireguard-go processes in a lab node's namespace.
 pub fn wireguard_go_pids(lab: &Lab, node: &str) -> anyhow::Result<Vec<u32>> {
     let ns = lab.net.node_ns(lab.node(node)?.index);
-    let out = Command::new("ip").args(["netns", "pids", &ns]).output().context("ip netns pids")?;
+    let out = Command::new("ip")
+        .args(["netns", "pids", &ns])
+        .output()
+        .context("ip netns pids")?;
     Ok(String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .filter_map(|p| p.parse::<u32>().ok())
-        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).map(|c| c.trim() == "wireguard-go").unwrap_or(false))
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .map(|c| c.trim() == "wireguard-go")
+                .unwrap_or(false)
+        })
         .collect())
 }

@@ -20,7 +20,11 @@ async fn assert_full_mesh(lab: &LabGuard) {
         // Every node has every other node as a WireGuard peer, and nothing else.
         let mut peers = wg_peers(lab, from).unwrap();
         peers.sort();
-        let mut want: Vec<String> = names.iter().filter(|n| *n != from).map(|n| wg_public_key(lab, n).unwrap()).collect();
+        let mut want: Vec<String> = names
+            .iter()
+            .filter(|n| *n != from)
+            .map(|n| wg_public_key(lab, n).unwrap())
+            .collect();
         want.sort();
         assert_eq!(peers, want, "peers of {from}");
     }
@@ -54,9 +58,20 @@ async fn full_mesh_grows_and_shrinks_without_disturbing_others() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_lossless(ping.finish(), "n1 -> n2 while n4 was removed");
     for n in ["n1", "n2", "n3"] {
-        assert!(!wg_peers(&lab, n).unwrap().contains(&n4_key), "{n} still has n4 as a peer");
+        assert!(
+            !wg_peers(&lab, n).unwrap().contains(&n4_key),
+            "{n} still has n4 as a peer"
+        );
     }
-    let names: Vec<String> = lab.admin().unwrap().list_nodes().await.unwrap().into_iter().map(|n| n.name).collect();
+    let names: Vec<String> = lab
+        .admin()
+        .unwrap()
+        .list_nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
     assert_eq!(names, ["n1", "n2", "n3"]);
     assert_full_mesh(&lab).await;
 }
@@ -101,7 +116,10 @@ async fn mesh_survives_a_control_plane_outage_and_resyncs() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     ping_within(&lab, "n1", &n2_ip, Duration::from_secs(5)).unwrap();
     let log = std::fs::read_to_string(lab.state.dir.join("n2.log")).unwrap();
-    assert!(log.contains("applied the cached desired state"), "n2 did not start from its cache:\n{log}");
+    assert!(
+        log.contains("applied the cached desired state"),
+        "n2 did not start from its cache:\n{log}"
+    );
 
     lab.start_cp().await.unwrap();
     lab.wait_converged(CONVERGE).await.unwrap();
@@ -120,7 +138,16 @@ async fn bad_tokens_are_refused_with_clear_errors() {
     let agent = bin_dir().join("berth-agent");
     let run_agent = |token: &str| {
         Command::new(&agent)
-            .args(["--url", &lab.url(), "--token", token, "--name", "intruder", "--interface", "blt204x"])
+            .args([
+                "--url",
+                &lab.url(),
+                "--token",
+                token,
+                "--name",
+                "intruder",
+                "--interface",
+                "blt204x",
+            ])
             .arg("--data-dir")
             .arg(dir.path())
             .args(["--log-format", "text"])
@@ -131,7 +158,10 @@ async fn bad_tokens_are_refused_with_clear_errors() {
     assert_eq!(used.len(), 1);
     let cases = [
         ("berth1.nope".to_string(), "token: malformed"),
-        (format!("berth1.aaaaaaaa.{}.{}", "b".repeat(32), "c".repeat(64)), "not the one the token names"),
+        (
+            format!("berth1.aaaaaaaa.{}.{}", "b".repeat(32), "c".repeat(64)),
+            "not the one the token names",
+        ),
     ];
     for (token, want) in cases {
         let out = run_agent(&token);
@@ -160,5 +190,8 @@ async fn bad_tokens_are_refused_with_clear_errors() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("id: no token \"nosuchid\"") && err.contains("404"), "{err}");
+    assert!(
+        err.contains("id: no token \"nosuchid\"") && err.contains("404"),
+        "{err}"
+    );
 }

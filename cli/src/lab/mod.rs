@@ -86,14 +86,20 @@ impl Lab {
         let state: LabState = serde_json::from_slice(
             &std::fs::read(&p).with_context(|| format!("no lab at {} (run `berth lab up` first)", dir.display()))?,
         )?;
-        Ok(Lab { net: LabNet { id: state.id }, state })
+        Ok(Lab {
+            net: LabNet { id: state.id },
+            state,
+        })
     }
 
     /// Builds the lab's network and starts its control plane (no nodes yet).
     pub async fn create(id: u8, dir: &Path, bin_dir: &Path) -> anyhow::Result<Lab> {
         for b in ["berth-agent", "berth-control-plane"] {
             if !bin_dir.join(b).exists() {
-                bail!("{b} not found in {} (build with `cargo build`, or pass --bin-dir)", bin_dir.display());
+                bail!(
+                    "{b} not found in {} (build with `cargo build`, or pass --bin-dir)",
+                    bin_dir.display()
+                );
             }
         }
         let net = LabNet { id };
@@ -107,7 +113,13 @@ impl Lab {
         net.create_base()?;
         let mut lab = Lab {
             net,
-            state: LabState { id, dir: dir.to_path_buf(), bin_dir: bin_dir.to_path_buf(), cp_pid: None, nodes: vec![] },
+            state: LabState {
+                id,
+                dir: dir.to_path_buf(),
+                bin_dir: bin_dir.to_path_buf(),
+                cp_pid: None,
+                nodes: vec![],
+            },
         };
         lab.save()?;
         lab.start_cp().await?;
@@ -142,10 +154,16 @@ impl Lab {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.state.dir.join("cp/admin.token").exists() || self.admin()?.revision().await.is_err() {
             if !process::is_alive(pid) {
-                bail!("the control plane exited; see {}", self.state.dir.join("cp.log").display());
+                bail!(
+                    "the control plane exited; see {}",
+                    self.state.dir.join("cp.log").display()
+                );
             }
             if Instant::now() > deadline {
-                bail!("the control plane did not answer within 20 s; see {}", self.state.dir.join("cp.log").display());
+                bail!(
+                    "the control plane did not answer within 20 s; see {}",
+                    self.state.dir.join("cp.log").display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -170,7 +188,11 @@ impl Lab {
 
     fn node_mut(&mut self, index: u16) -> anyhow::Result<&mut LabNode> {
         let id = self.state.id;
-        self.state.nodes.iter_mut().find(|n| n.index == index).with_context(|| format!("no node {index} in lab {id}"))
+        self.state
+            .nodes
+            .iter_mut()
+            .find(|n| n.index == index)
+            .with_context(|| format!("no node {index} in lab {id}"))
     }
 
     /// WireGuard interface name of node `index` (unique on the host).
@@ -185,7 +207,12 @@ impl Lab {
         let token = self.admin()?.create_token(proxy, 3600).await?;
         let token = token["token"].as_str().context("no token in the answer")?.to_string();
         self.net.add_node(index)?;
-        self.state.nodes.push(LabNode { index, name: name.clone(), proxy, agent_pid: None });
+        self.state.nodes.push(LabNode {
+            index,
+            name: name.clone(),
+            proxy,
+            agent_pid: None,
+        });
         self.save()?;
         self.start_agent(index, Some(&token))?;
         Ok(name)
@@ -262,7 +289,11 @@ impl Lab {
         let admin = self.admin()?;
         loop {
             let nodes = admin.list_nodes().await.unwrap_or_default();
-            let all_in = self.state.nodes.iter().all(|ln| nodes.iter().any(|n| n.name == ln.name));
+            let all_in = self
+                .state
+                .nodes
+                .iter()
+                .all(|ln| nodes.iter().any(|n| n.name == ln.name));
             let converged = nodes.iter().all(|n| n.online && n.applied_revision >= n.revision);
             if all_in && converged && !nodes.is_empty() {
                 return Ok(nodes);
@@ -270,9 +301,17 @@ impl Lab {
             if Instant::now() > deadline {
                 let detail: Vec<String> = nodes
                     .iter()
-                    .map(|n| format!("{} online={} applied={}/{} error={:?}", n.name, n.online, n.applied_revision, n.revision, n.error))
+                    .map(|n| {
+                        format!(
+                            "{} online={} applied={}/{} error={:?}",
+                            n.name, n.online, n.applied_revision, n.revision, n.error
+                        )
+                    })
                     .collect();
-                bail!("lab did not converge within {timeout:?}: {detail:?}; logs in {}", self.state.dir.display());
+                bail!(
+                    "lab did not converge within {timeout:?}: {detail:?}; logs in {}",
+                    self.state.dir.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -280,7 +319,13 @@ impl Lab {
 
     /// Stops every process and removes every namespace, link and file of the lab.
     pub fn destroy(self, keep_logs: bool) -> anyhow::Result<()> {
-        let pids: Vec<u32> = self.state.nodes.iter().filter_map(|n| n.agent_pid).chain(self.state.cp_pid).collect();
+        let pids: Vec<u32> = self
+            .state
+            .nodes
+            .iter()
+            .filter_map(|n| n.agent_pid)
+            .chain(self.state.cp_pid)
+            .collect();
         let first = process::stop_all(&pids, Duration::from_secs(3)).err();
         let net = self.net.destroy().err();
         if !keep_logs {

@@ -48,8 +48,8 @@ impl LabNet {
     /// If `i > 245` (the address would leave the /24); `add_node` only accepts
     /// `1..=MAX_NODES`.
     pub fn node_ip(&self, i: u16) -> Ipv4Addr {
-        let last = u8::try_from(10 + u32::from(i))
-            .unwrap_or_else(|_| panic!("node index {i} out of range (max {MAX_NODES})"));
+        let last =
+            u8::try_from(10 + u32::from(i)).unwrap_or_else(|_| panic!("node index {i} out of range (max {MAX_NODES})"));
         Ipv4Addr::new(198, 18, self.id, last)
     }
 
@@ -189,10 +189,7 @@ impl LabNet {
     pub fn remove_node(&self, i: u16) -> Result<()> {
         let ns = self.node_ns(i);
         if !netns_list()?.contains(&ns) {
-            bail!(
-                "node {i} of lab {} does not exist (no namespace {ns})",
-                self.id
-            );
+            bail!("node {i} of lab {} does not exist (no namespace {ns})", self.id);
         }
         let mut first = FirstError::default();
         first.note(kill_ns_processes(std::slice::from_ref(&ns)));
@@ -203,9 +200,7 @@ impl LabNet {
 
     /// True if node `i`'s namespace exists.
     pub fn node_exists(&self, i: u16) -> bool {
-        netns_list()
-            .map(|l| l.contains(&self.node_ns(i)))
-            .unwrap_or(false)
+        netns_list().map(|l| l.contains(&self.node_ns(i))).unwrap_or(false)
     }
 
     /// Indices of the nodes whose namespaces exist, ascending.
@@ -252,11 +247,7 @@ impl LabNet {
     /// link.
     pub fn exists(&self) -> bool {
         let prefix = self.ns_prefix();
-        netns_list()
-            .unwrap_or_default()
-            .iter()
-            .any(|n| n.starts_with(&prefix))
-            || link_exists(&self.host_link())
+        netns_list().unwrap_or_default().iter().any(|n| n.starts_with(&prefix)) || link_exists(&self.host_link())
     }
 }
 
@@ -380,11 +371,7 @@ fn kill_ns_processes(nss: &[String]) -> Result<()> {
         if pids.is_empty() {
             return first.into_result();
         }
-        let grace = if round == 0 {
-            STOP_GRACE
-        } else {
-            Duration::ZERO
-        };
+        let grace = if round == 0 { STOP_GRACE } else { Duration::ZERO };
         first.note(process::stop_all(&pids, grace));
     }
     first.note(Err(anyhow!(
@@ -436,18 +423,7 @@ mod tests {
     }
 
     fn ping(from_ns: &str, to: Ipv4Addr) -> Result<()> {
-        ip(&[
-            "netns",
-            "exec",
-            from_ns,
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "5",
-            &to.to_string(),
-        ])
-        .map(drop)
+        ip(&["netns", "exec", from_ns, "ping", "-c", "1", "-W", "5", &to.to_string()]).map(drop)
     }
 
     fn lab_namespaces(lab: &LabNet) -> Vec<String> {
@@ -494,34 +470,19 @@ mod tests {
         ping(&lab.node_ns(1), lab.host_ip()).unwrap();
         ping(&lab.node_ns(2), lab.node_ip(1)).unwrap();
 
-        let log = FileGuard(
-            std::env::temp_dir().join(format!("berth-lab-net-test-{}.log", std::process::id())),
-        );
+        let log = FileGuard(std::env::temp_dir().join(format!("berth-lab-net-test-{}.log", std::process::id())));
         let ns = lab.node_ns(1);
-        let pid = process::spawn_daemon(
-            Some(&ns),
-            Path::new("/bin/sleep"),
-            &["300".to_string()],
-            &[],
-            &log.0,
-        )
-        .unwrap();
+        let pid = process::spawn_daemon(Some(&ns), Path::new("/bin/sleep"), &["300".to_string()], &[], &log.0).unwrap();
         let _proc = ProcGuard(pid);
         assert!(process::is_alive(pid));
         assert_eq!(
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .unwrap()
-                .trim(),
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap().trim(),
             "sleep"
         );
         assert!(ns_pids(&ns).unwrap().contains(&pid), "sleep is in {ns}");
 
         lab.destroy().unwrap();
-        assert!(
-            lab_namespaces(&lab).is_empty(),
-            "{:?}",
-            lab_namespaces(&lab)
-        );
+        assert!(lab_namespaces(&lab).is_empty(), "{:?}", lab_namespaces(&lab));
         assert!(!link_exists(&lab.host_link()));
         assert!(!process::is_alive(pid), "sleep was killed");
         assert!(!lab.exists());
@@ -550,21 +511,10 @@ mod tests {
         // off on the host end.
         let routes = ip(&["-n", &lab.node_ns(1), "route", "show", "default"]).unwrap();
         assert!(routes.trim().is_empty(), "{routes}");
-        let fwd = ip(&[
-            "netns",
-            "exec",
-            &lab.node_ns(1),
-            "sysctl",
-            "-n",
-            "net.ipv4.ip_forward",
-        ])
-        .unwrap();
+        let fwd = ip(&["netns", "exec", &lab.node_ns(1), "sysctl", "-n", "net.ipv4.ip_forward"]).unwrap();
         assert_eq!(fwd.trim(), "1");
-        let host_fwd = std::fs::read_to_string(format!(
-            "/proc/sys/net/ipv4/conf/{}/forwarding",
-            lab.host_link()
-        ))
-        .unwrap();
+        let host_fwd =
+            std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{}/forwarding", lab.host_link())).unwrap();
         assert_eq!(host_fwd.trim(), "0");
         let addr = ip(&["-o", "-4", "addr", "show", "dev", &lab.host_link()]).unwrap();
         assert!(addr.contains("198.18.251.1/24"), "{addr}");
@@ -586,9 +536,7 @@ mod tests {
         .is_err());
 
         // Remove a node with a process in it, then re-add it.
-        let log = FileGuard(
-            std::env::temp_dir().join(format!("berth-lab-net-test2-{}.log", std::process::id())),
-        );
+        let log = FileGuard(std::env::temp_dir().join(format!("berth-lab-net-test2-{}.log", std::process::id())));
         let pid = process::spawn_daemon(
             Some(&lab.node_ns(1)),
             Path::new("sleep"),
@@ -615,9 +563,6 @@ mod tests {
 
         // add_node without a lab fails clearly.
         let err = lab.add_node(1).unwrap_err();
-        assert!(
-            format!("{err:#}").contains("no bridge namespace"),
-            "{err:#}"
-        );
+        assert!(format!("{err:#}").contains("no bridge namespace"), "{err:#}");
     }
 }

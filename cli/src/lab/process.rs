@@ -53,8 +53,7 @@ pub fn spawn_daemon(
         }
     }
     if let Some(dir) = log.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating log directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating log directory {}", dir.display()))?;
     }
     let out = OpenOptions::new()
         .create(true)
@@ -72,17 +71,13 @@ pub fn spawn_daemon(
     cmd.arg(program)
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::from(
-            File::open("/dev/null").context("opening /dev/null")?,
-        ))
+        .stdin(Stdio::from(File::open("/dev/null").context("opening /dev/null")?))
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err));
     let child = cmd.spawn().with_context(|| {
         format!(
             "spawning {}{} {}",
-            netns
-                .map(|ns| format!("(in netns {ns}) "))
-                .unwrap_or_default(),
+            netns.map(|ns| format!("(in netns {ns}) ")).unwrap_or_default(),
             program.display(),
             args.join(" ")
         )
@@ -206,10 +201,7 @@ pub fn kill9(pid: u32) -> Result<()> {
     if wait_gone(pid, KILL_WAIT) {
         Ok(())
     } else {
-        bail!(
-            "pid {pid} still exists {}s after SIGKILL",
-            KILL_WAIT.as_secs()
-        )
+        bail!("pid {pid} still exists {}s after SIGKILL", KILL_WAIT.as_secs())
     }
 }
 
@@ -253,8 +245,7 @@ mod tests {
     struct TempDir(PathBuf);
     impl TempDir {
         fn new(tag: &str) -> Self {
-            let p =
-                std::env::temp_dir().join(format!("berth-lab-proc-{tag}-{}", std::process::id()));
+            let p = std::env::temp_dir().join(format!("berth-lab-proc-{tag}-{}", std::process::id()));
             std::fs::create_dir_all(&p).unwrap();
             TempDir(p)
         }
@@ -276,14 +267,7 @@ mod tests {
     fn daemon_is_detached_logs_and_stops() {
         let dir = TempDir::new("detach");
         let log = dir.0.join("sub/sleep.log");
-        let pid = spawn_daemon(
-            None,
-            Path::new("/bin/sleep"),
-            &["300".to_string()],
-            &[],
-            &log,
-        )
-        .unwrap();
+        let pid = spawn_daemon(None, Path::new("/bin/sleep"), &["300".to_string()], &[], &log).unwrap();
         let _g = ProcGuard(pid);
         assert!(is_alive(pid));
         assert_eq!(comm(pid), "sleep", "returned pid is the program itself");
@@ -305,10 +289,7 @@ mod tests {
         let pid = spawn_daemon(
             None,
             Path::new("/bin/sh"),
-            &[
-                "-c".to_string(),
-                "echo out=$BERTH_TEST_VAR; echo err >&2".to_string(),
-            ],
+            &["-c".to_string(), "echo out=$BERTH_TEST_VAR; echo err >&2".to_string()],
             &[("BERTH_TEST_VAR".to_string(), "hello".to_string())],
             &log,
         )
@@ -359,13 +340,6 @@ mod tests {
         let dir = TempDir::new("bad");
         let log = dir.0.join("x.log");
         assert!(spawn_daemon(None, Path::new("/nonexistent/prog"), &[], &[], &log).is_err());
-        assert!(spawn_daemon(
-            Some("bl-no-such-ns"),
-            Path::new("/bin/true"),
-            &[],
-            &[],
-            &log
-        )
-        .is_err());
+        assert!(spawn_daemon(Some("bl-no-such-ns"), Path::new("/bin/true"), &[], &[], &log).is_err());
     }
 }

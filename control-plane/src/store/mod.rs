@@ -125,7 +125,10 @@ pub async fn bump_all(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> sqlx::Result
         .fetch_one(&mut **tx)
         .await?
         .get(0);
-    sqlx::query("UPDATE nodes SET revision = $1").bind(rev).execute(&mut **tx).await?;
+    sqlx::query("UPDATE nodes SET revision = $1")
+        .bind(rev)
+        .execute(&mut **tx)
+        .await?;
     Ok(rev)
 }
 

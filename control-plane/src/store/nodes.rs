@@ -133,7 +133,13 @@ impl Store {
     async fn try_register(&self, new: &NewNode, pools: Pools) -> Result<(NodeRow, i64), RegisterError> {
         let now = now();
         let mut tx = self.pool.begin().await?;
-        // Take the write lock first (SQLite) / lock the token row (Postgres).
+        // Take the write lock first (SQLite) / the revision counter's row lock
+        // (Postgres; bump_all takes it anyway). Without it concurrent
+        // registrations all pick the same lowest free address and only one
+        // per round commits, so a burst of joins ran out of retries.
+        sqlx::query("UPDATE revision_counter SET value = value WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
         let taken = sqlx::query(
             "UPDATE tokens SET used_at = $1, used_by = $2 \
              WHERE id = $3 AND secret_hash = $4 AND used_at IS NULL AND revoked_at IS NULL AND expires_at > $1",

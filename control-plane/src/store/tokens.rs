@@ -90,7 +90,12 @@ impl Store {
             .bind(now + ttl_secs)
             .execute(&self.pool)
             .await?;
-        Ok(CreatedToken { id: token.id.clone(), token: token.to_string(), role, expires_at: now + ttl_secs })
+        Ok(CreatedToken {
+            id: token.id.clone(),
+            token: token.to_string(),
+            role,
+            expires_at: now + ttl_secs,
+        })
     }
 
     pub async fn list_tokens(&self) -> sqlx::Result<Vec<TokenRow>> {

@@ -1,0 +1,436 @@
+//! The store, used directly: migrations, tokens, registration under
+//! concurrency, refusals that must change nothing, address pools, removal
+//! and nonces. Every test runs on SQLite and on PostgreSQL.
+
+#[macro_use]
+mod common;
+
+use berth_control_plane::store::nodes::{Pools, RegisterError};
+use berth_control_plane::store::tokens::TokenState;
+use berth_control_plane::store::Store;
+use berth_protocol::Role;
+use common::{default_pools, now, Agent, Db};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+const CA_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+on_both_stores!(
+    migrations_are_idempotent,
+    token_lifecycle,
+    concurrent_registrations_get_distinct_addresses,
+    burst_of_registrations,
+    one_token_one_node_under_concurrency,
+    refused_registrations_change_nothing,
+    exhausted_pools_refuse_and_change_nothing,
+    removing_a_node_moves_everyone_else,
+    nonces_detect_replays_and_expire,
+);
+
+/// What a refused registration must leave as it was.
+#[derive(Debug, PartialEq, Eq)]
+struct Counts {
+    revision: i64,
+    nodes: Vec<(String, String, String, i64)>,
+    tokens: Vec<(String, Option<i64>, Option<i64>)>,
+}
+
+async fn counts(store: &Store) -> Counts {
+    Counts {
+        revision: store.revision().await.unwrap(),
+        nodes: store
+            .list_nodes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| (n.name, n.mesh_ip.to_string(), n.subnet.to_string(), n.revision))
+            .collect(),
+        tokens: store
+            .list_tokens()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.id, t.used_at, t.revoked_at))
+            .collect(),
+    }
+}
+
+async fn token_state(store: &Store, id: &str) -> TokenState {
+    let t = store
+        .list_tokens()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.id == id)
+        .expect("token is listed");
+    t.state(now())
+}
+
+async fn migrations_are_idempotent(db: &Db) {
+    let store = db.store().await;
+    assert_eq!(store.revision().await.unwrap(), 0, "a new store starts at revision 0");
+    assert!(store.list_nodes().await.unwrap().is_empty());
+    store.setting_insert_if_absent("probe", "kept").await.unwrap();
+    drop(store);
+    // Reconnecting runs the migrations again: already applied, nothing changes.
+    let store = db.store().await;
+    let again = db.store().await;
+    assert_eq!(store.revision().await.unwrap(), 0);
+    assert_eq!(again.setting("probe").await.unwrap().as_deref(), Some("kept"));
+    assert_eq!(
+        store.setting_insert_if_absent("probe", "other").await.unwrap(),
+        "kept",
+        "insert-if-absent keeps the first value"
+    );
+}
+
+async fn token_lifecycle(db: &Db) {
+    let store = db.store().await;
+    let t = store.create_token(Role::Worker, 3600, CA_HASH).await.unwrap();
+    assert_eq!(t.role, Role::Worker);
+    assert!((t.expires_at - now() - 3600).abs() <= 2);
+    assert_eq!(token_state(&store, &t.id).await, TokenState::Valid);
+    let listed = store.list_tokens().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].info(now()).state, "valid");
+    assert_ne!(listed[0].secret_hash, "", "the secret's hash is stored");
+    assert!(
+        !t.token.contains(&listed[0].secret_hash),
+        "only the hash is stored, not the secret"
+    );
+
+    // Revoke: valid → revoked; a second revoke reports it already was.
+    assert_eq!(store.revoke_token(&t.id).await.unwrap(), Some(TokenState::Valid));
+    assert_eq!(token_state(&store, &t.id).await, TokenState::Revoked);
+    assert_eq!(store.revoke_token(&t.id).await.unwrap(), Some(TokenState::Revoked));
+    assert_eq!(store.revoke_token("nosuchid").await.unwrap(), None);
+    let err = store
+        .register_node(&Agent::new("a").new_node(&t.token), default_pools())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegisterError::TokenNotUsable("revoked")), "{err:?}");
+
+    // A used token cannot be revoked and stays used.
+    let used = store.create_token(Role::Worker, 3600, CA_HASH).await.unwrap();
+    store
+        .register_node(&Agent::new("b").new_node(&used.token), default_pools())
+        .await
+        .unwrap();
+    assert_eq!(token_state(&store, &used.id).await, TokenState::Used);
+    assert_eq!(store.revoke_token(&used.id).await.unwrap(), Some(TokenState::Used));
+    let row = store
+        .list_tokens()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.id == used.id)
+        .unwrap();
+    assert_eq!(row.state(now()), TokenState::Used);
+    assert_eq!(row.revoked_at, None, "a used token is not marked revoked");
+    assert_eq!(row.used_by.as_deref(), Some("b"));
+
+    // Expiry: past its lifetime a token reads expired and cannot be used.
+    let short = store.create_token(Role::Proxy, 60, CA_HASH).await.unwrap();
+    let row = store
+        .list_tokens()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.id == short.id)
+        .unwrap();
+    assert_eq!(row.state(now()), TokenState::Valid);
+    assert_eq!(row.state(now() + 61), TokenState::Expired);
+    sqlx::query("UPDATE tokens SET expires_at = $1 WHERE id = $2")
+        .bind(now() - 1)
+        .bind(&short.id)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(token_state(&store, &short.id).await, TokenState::Expired);
+    let mut node = Agent::new("c").new_node(&short.token);
+    node.proxy = true;
+    let before = counts(&store).await;
+    let err = store.register_node(&node, default_pools()).await.unwrap_err();
+    assert!(matches!(err, RegisterError::TokenNotUsable("expired")), "{err:?}");
+    assert_eq!(counts(&store).await, before);
+    // An expired token may still be revoked (cleanup), and then reads revoked.
+    assert_eq!(store.revoke_token(&short.id).await.unwrap(), Some(TokenState::Expired));
+    assert_eq!(token_state(&store, &short.id).await, TokenState::Revoked);
+
+    // A wrong secret for a known id is an unknown token, and uses nothing.
+    let t2 = store.create_token(Role::Worker, 3600, CA_HASH).await.unwrap();
+    let mut forged = Agent::new("d").new_node(&t2.token);
+    forged.token_secret_hash = "f".repeat(64);
+    let err = store.register_node(&forged, default_pools()).await.unwrap_err();
+    assert!(matches!(err, RegisterError::UnknownToken), "{err:?}");
+    assert_eq!(token_state(&store, &t2.id).await, TokenState::Valid);
+}
+
+async fn concurrent_registrations_get_distinct_addresses(db: &Db) {
+    register_concurrently(db, 40).await;
+}
+
+/// A burst of joins (a fleet booting at once). Before registrations were
+/// serialized on the revision counter, concurrent PostgreSQL transactions
+/// all picked the same lowest free address and some ran out of retries
+/// (a unique violation on `nodes.mesh_ip`) at this size.
+async fn burst_of_registrations(db: &Db) {
+    register_concurrently(db, 150).await;
+}
+
+/// `count` concurrent registrations, each with its own token and keys.
+async fn register_concurrently(db: &Db, count: usize) {
+    let store = db.store().await;
+    let mut tokens = vec![];
+    for _ in 0..count {
+        tokens.push(store.create_token(Role::Worker, 3600, CA_HASH).await.unwrap());
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let store = store.clone();
+        let new = Agent::new(&format!("node-{i}")).new_node(&t.token);
+        tasks.spawn(async move { store.register_node(&new, default_pools()).await });
+    }
+    let mut revs = HashSet::new();
+    let mut registered = vec![];
+    while let Some(res) = tasks.join_next().await {
+        let (node, rev) = res
+            .unwrap()
+            .unwrap_or_else(|e| panic!("a concurrent registration failed: {e:?}"));
+        assert!(revs.insert(rev), "two registrations got revision {rev}");
+        registered.push(node);
+    }
+    assert_eq!(registered.len(), count);
+    let final_rev = store.revision().await.unwrap();
+    assert_eq!(final_rev, count as i64, "each registration takes exactly one revision");
+    assert_eq!(revs, (1..=count as i64).collect::<HashSet<_>>());
+
+    let nodes = store.list_nodes().await.unwrap();
+    assert_eq!(nodes.len(), count);
+    let pools = default_pools();
+    let ips: HashSet<_> = nodes.iter().map(|n| n.mesh_ip).collect();
+    let subnets: HashSet<_> = nodes.iter().map(|n| n.subnet).collect();
+    assert_eq!(ips.len(), count, "mesh IPs are distinct");
+    assert_eq!(subnets.len(), count, "subnets are distinct");
+    for n in &nodes {
+        assert!(pools.mesh.contains(&n.mesh_ip), "{} outside the mesh pool", n.mesh_ip);
+        assert!(
+            pools.subnets.contains(&n.subnet) && n.subnet.prefix_len() == 24,
+            "{}",
+            n.subnet
+        );
+        assert_eq!(
+            n.revision, final_rev,
+            "{} was not stamped with the final revision",
+            n.name
+        );
+    }
+    // Lowest-first allocation with no gaps: exactly the lowest `count` addresses.
+    let want_ips: HashSet<_> = pools.mesh.hosts().take(count).collect();
+    assert_eq!(ips, want_ips);
+    let listed = store.list_tokens().await.unwrap();
+    assert_eq!(listed.len(), count);
+    assert!(listed.iter().all(|t| t.state(now()) == TokenState::Used));
+}
+
+async fn one_token_one_node_under_concurrency(db: &Db) {
+    let store = db.store().await;
+    for round in 0..5 {
+        let t = store.create_token(Role::Worker, 3600, CA_HASH).await.unwrap();
+        let a = Agent::new(&format!("a{round}")).new_node(&t.token);
+        let b = Agent::new(&format!("b{round}")).new_node(&t.token);
+        let pools = default_pools();
+        let (s1, s2) = (store.clone(), store.clone());
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let (b1, b2) = (barrier.clone(), barrier.clone());
+        let ta = tokio::spawn(async move {
+            b1.wait().await;
+            s1.register_node(&a, pools).await
+        });
+        let tb = tokio::spawn(async move {
+            b2.wait().await;
+            s2.register_node(&b, pools).await
+        });
+        let results = [ta.await.unwrap(), tb.await.unwrap()];
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(ok, 1, "exactly one registration may use a token: {results:?}");
+        let err = results.into_iter().find_map(|r| r.err()).unwrap();
+        assert!(matches!(err, RegisterError::TokenNotUsable("already used")), "{err:?}");
+    }
+    assert_eq!(store.list_nodes().await.unwrap().len(), 5);
+    assert_eq!(store.revision().await.unwrap(), 5);
+}
+
+async fn refused_registrations_change_nothing(db: &Db) {
+    let store = db.store().await;
+    let t1 = store.create_token(Role::Worker, 3600, CA_HASH).await.unwrap();
+    let first = Agent::new("first");
+    store
+        .register_node(&first.new_node(&t1.token), default_pools())
+        .await
+        .unwrap();
+
+    let t2 = store.create_token(Role::Worker, 3600, CA_HASH).await.unwrap();
+    let before = counts(&store).await;
+    assert_eq!(before.revision, 1);
+
+    // Same name, new keys.
+    let err = store
+        .register_node(&Agent::new("first").new_node(&t2.token), default_pools())
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, RegisterError::NameTaken(n) if n == "first"), "{err:?}");
+    assert!(err.to_string().starts_with("name: "), "{err}");
+    assert_eq!(counts(&store).await, before);
+    assert_eq!(token_state(&store, &t2.id).await, TokenState::Valid);
+
+    // Same WireGuard key under another name.
+    let mut dup_wg = Agent::new("second").new_node(&t2.token);
+    dup_wg.wg_public_key = first.wg_public.clone();
+    let err = store.register_node(&dup_wg, default_pools()).await.unwrap_err();
+    assert!(matches!(err, RegisterError::KeyTaken("wg_public_key")), "{err:?}");
+    assert!(err.to_string().starts_with("wg_public_key: "), "{err}");
+    assert_eq!(counts(&store).await, before);
+    assert_eq!(token_state(&store, &t2.id).await, TokenState::Valid);
+
+    // Same signing key under another name.
+    let mut dup_sign = Agent::new("second").new_node(&t2.token);
+    dup_sign.signing_key = first.signing_key_b64();
+    let err = store.register_node(&dup_sign, default_pools()).await.unwrap_err();
+    assert!(matches!(err, RegisterError::KeyTaken("signing_key")), "{err:?}");
+    assert_eq!(counts(&store).await, before);
+
+    // Proxy flag against a worker token.
+    let mut proxy = Agent::new("second").new_node(&t2.token);
+    proxy.proxy = true;
+    let err = store.register_node(&proxy, default_pools()).await.unwrap_err();
+    assert!(
+        matches!(err, RegisterError::RoleMismatch { token: "worker", .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().starts_with("proxy: "), "{err}");
+    assert_eq!(counts(&store).await, before);
+
+    // Unknown token id.
+    let mut unknown = Agent::new("second").new_node(&t2.token);
+    unknown.token_id = "zzzzzzzz".into();
+    let err = store.register_node(&unknown, default_pools()).await.unwrap_err();
+    assert!(matches!(err, RegisterError::UnknownToken), "{err:?}");
+    assert_eq!(counts(&store).await, before);
+
+    // After all that the token still works, exactly once.
+    let (node, rev) = store
+        .register_node(&Agent::new("second").new_node(&t2.token), default_pools())
+        .await
+        .unwrap();
+    assert_eq!(rev, 2);
+    assert_eq!(node.revision, 2);
+    assert_eq!(token_state(&store, &t2.id).await, TokenState::Used);
+}
+
+async fn exhausted_pools_refuse_and_change_nothing(db: &Db) {
+    let store = db.store().await;
+    // Two mesh addresses (a /30) and two /24 subnets (a /23).
+    let tight = Pools {
+        mesh: "10.9.0.0/30".parse().unwrap(),
+        subnets: "10.10.0.0/23".parse().unwrap(),
+        subnet_prefix: 24,
+    };
+    let mut got = vec![];
+    for name in ["one", "two"] {
+        let t = store.create_token(Role::Worker, 3600, CA_HASH).await.unwrap();
+        let (node, _) = store
+            .register_node(&Agent::new(name).new_node(&t.token), tight)
+            .await
+            .unwrap();
+        got.push((node.mesh_ip.to_string(), node.subnet.to_string()));
+    }
+    assert_eq!(
+        got,
+        [
+            ("10.9.0.1".to_string(), "10.10.0.0/24".to_string()),
+            ("10.9.0.2".to_string(), "10.10.1.0/24".to_string())
+        ]
+    );
+    let t = store.create_token(Role::Worker, 3600, CA_HASH).await.unwrap();
+    let before = counts(&store).await;
+    let err = store
+        .register_node(&Agent::new("three").new_node(&t.token), tight)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegisterError::PoolExhausted("mesh")), "{err:?}");
+    assert_eq!(counts(&store).await, before);
+    assert_eq!(token_state(&store, &t.id).await, TokenState::Valid);
+
+    // Room for mesh IPs but not for subnets.
+    let wide_mesh = Pools {
+        mesh: "10.9.0.0/24".parse().unwrap(),
+        ..tight
+    };
+    let err = store
+        .register_node(&Agent::new("three").new_node(&t.token), wide_mesh)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegisterError::PoolExhausted("subnet")), "{err:?}");
+    assert_eq!(counts(&store).await, before);
+    assert_eq!(token_state(&store, &t.id).await, TokenState::Valid);
+
+    // Freeing a node frees its addresses for the next one.
+    store.remove_node("one").await.unwrap().unwrap();
+    let (node, _) = store
+        .register_node(&Agent::new("three").new_node(&t.token), tight)
+        .await
+        .unwrap();
+    assert_eq!(node.mesh_ip.to_string(), "10.9.0.1");
+    assert_eq!(node.subnet.to_string(), "10.10.0.0/24");
+}
+
+async fn removing_a_node_moves_everyone_else(db: &Db) {
+    let store = db.store().await;
+    for name in ["a", "b", "c"] {
+        let t = store.create_token(Role::Worker, 3600, CA_HASH).await.unwrap();
+        store
+            .register_node(&Agent::new(name).new_node(&t.token), default_pools())
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.revision().await.unwrap(), 3);
+    let rev = store.remove_node("b").await.unwrap().expect("b existed");
+    assert_eq!(rev, 4);
+    assert_eq!(store.revision().await.unwrap(), 4);
+    let nodes = store.list_nodes().await.unwrap();
+    assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["a", "c"]);
+    assert!(nodes.iter().all(|n| n.revision == 4), "{nodes:?}");
+
+    let before = counts(&store).await;
+    assert_eq!(store.remove_node("b").await.unwrap(), None, "already gone");
+    assert_eq!(store.remove_node("nosuch").await.unwrap(), None);
+    assert_eq!(counts(&store).await, before, "removing nothing moves nothing");
+}
+
+async fn nonces_detect_replays_and_expire(db: &Db) {
+    let store = db.store().await;
+    let t = now();
+    assert!(store.record_nonce("n1", "aaaa", t + 300).await.unwrap());
+    assert!(
+        !store.record_nonce("n1", "aaaa", t + 300).await.unwrap(),
+        "a replayed nonce"
+    );
+    assert!(
+        store.record_nonce("n2", "aaaa", t + 300).await.unwrap(),
+        "nonces are per node"
+    );
+    assert!(store.record_nonce("n1", "old", t - 10).await.unwrap());
+
+    assert_eq!(store.prune_nonces(t).await.unwrap(), 1, "only the expired nonce goes");
+    assert!(
+        !store.record_nonce("n1", "aaaa", t + 300).await.unwrap(),
+        "unexpired nonces stay"
+    );
+    assert!(
+        store.record_nonce("n1", "old", t + 300).await.unwrap(),
+        "a pruned nonce is forgotten"
+    );
+    assert_eq!(store.prune_nonces(t + 1000).await.unwrap(), 3);
+    assert_eq!(store.prune_nonces(t + 1000).await.unwrap(), 0);
+}
