@@ -14,6 +14,8 @@ pub struct Identity {
     pub wg_private: String,
     /// WireGuard public key, base64.
     pub wg_public: String,
+    /// X25519 key the control plane seals this node's secrets to.
+    pub sealing: x25519_dalek::StaticSecret,
 }
 
 /// What registration told us; written once, read at every start.
@@ -71,11 +73,17 @@ impl Identity {
         let signing_key = SigningKey::from_bytes(&load_or_make(&data_dir.join("signing.key"))?);
         let wg = x25519_dalek::StaticSecret::from(load_or_make(&data_dir.join("wireguard.key"))?);
         let public = x25519_dalek::PublicKey::from(&wg);
+        let sealing = x25519_dalek::StaticSecret::from(load_or_make(&data_dir.join("sealing.key"))?);
         Ok(Identity {
             signing_key,
             wg_private: B64.encode(wg.to_bytes()),
             wg_public: B64.encode(public.as_bytes()),
+            sealing,
         })
+    }
+
+    pub fn sealing_public(&self) -> String {
+        B64.encode(x25519_dalek::PublicKey::from(&self.sealing).as_bytes())
     }
 
     pub fn signing_public(&self) -> String {
@@ -114,7 +122,7 @@ mod tests {
         let b = Identity::load_or_create(dir.path()).unwrap();
         assert_eq!(a.wg_public, b.wg_public);
         assert_eq!(a.signing_public(), b.signing_public());
-        for f in ["signing.key", "wireguard.key"] {
+        for f in ["signing.key", "wireguard.key", "sealing.key"] {
             let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "{f}");
         }

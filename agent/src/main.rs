@@ -156,6 +156,7 @@ async fn register(args: &Args, id: &Identity) -> anyhow::Result<Registration> {
             private_addr: private_addr.map(|a| a.to_string()),
             public_ip: args.public_ip,
             proxy: args.proxy,
+            sealing_key: Some(id.sealing_public()),
         })
         .await?;
     let reg = Registration {

@@ -129,6 +129,7 @@ impl Reconciler {
             peers,
             error: self.last_error.clone(),
             rss_bytes: rss_bytes(),
+            containers: vec![],
         }
     }
 

@@ -1,4 +1,5 @@
 use berth_cli::client::{parse_duration, AdminClient, Target};
+use berth_protocol::service::{parse_size, ServiceInfo, ServiceSpec, Volume};
 use berth_cli::lab::{self, Lab};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -38,6 +39,15 @@ enum Command {
     /// The nodes of the fleet.
     #[command(subcommand)]
     Nodes(NodesCmd),
+    /// Services: containers placed on the fleet, found by NAME.internal.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Deploy (create or update) the services described in a TOML file.
+    Apply {
+        /// A file with one service, or several under [[service]].
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
     /// A local cluster in network namespaces on this machine (needs root).
     #[command(subcommand)]
     Lab(LabCmd),
@@ -72,6 +82,71 @@ enum NodesCmd {
         json: bool,
     },
     /// Remove a node; every other node drops it from its peers.
+    Remove { name: String },
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+fn volume(s: &str) -> Result<Volume, String> {
+    s.split_once(':')
+        .map(|(name, path)| Volume { name: name.into(), path: path.into() })
+        .ok_or_else(|| format!("{s:?} is not NAME:/PATH"))
+}
+
+#[derive(Args)]
+struct DeployArgs {
+    /// Service name (a DNS label): reachable as NAME.internal.
+    name: String,
+    /// Image reference, e.g. localhost/demo/web:1.
+    #[arg(long)]
+    image: String,
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// Port the service listens on inside its containers.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(long = "env", value_parser = key_value)]
+    env: Vec<(String, String)>,
+    /// Secret KEY=VALUE (repeatable): stored encrypted, sealed to each node, never shown again.
+    #[arg(long = "secret", value_parser = key_value)]
+    secrets: Vec<(String, String)>,
+    /// Volume NAME:/path (repeatable); a service with a volume stays on its node.
+    #[arg(long = "volume", value_parser = volume)]
+    volumes: Vec<Volume>,
+    /// CPU limit in cores, e.g. 0.5.
+    #[arg(long)]
+    cpu: Option<f64>,
+    /// Memory limit, e.g. 256M or 1G.
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Health check: a shell command run in the container.
+    #[arg(long, conflicts_with = "health_http")]
+    health_cmd: Option<String>,
+    /// Health check: an HTTP path fetched on --port.
+    #[arg(long)]
+    health_http: Option<String>,
+    /// Command to run instead of the image's (shell form).
+    #[arg(long)]
+    command: Option<String>,
+    /// Pin replicas to this node (repeatable).
+    #[arg(long = "node")]
+    nodes: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Create or update a service.
+    Deploy(DeployArgs),
+    /// Every service and its replica count.
+    List,
+    /// A service's spec and each replica: node, IP, state, health, restarts, last error.
+    Show { name: String },
+    /// Change the number of replicas.
+    Scale { name: String, replicas: u32 },
+    /// Remove a service and all its containers.
     Remove { name: String },
 }
 
@@ -263,6 +338,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
             }
         }
+        Command::Service(s) => service_cmd(&AdminClient::new(&target)?, s).await?,
+        Command::Apply { file } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            for spec in parse_service_file(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))? {
+                let info = AdminClient::new(&target)?.deploy_service(&spec).await?;
+                println!("deployed {} ({} replicas)", info.spec.name, info.replicas.len());
+            }
+        }
         Command::Lab(l) => return lab_cmd(l).await,
     }
     Ok(0)
@@ -357,4 +440,107 @@ async fn lab_cmd(cmd: LabCmd) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// A service file: one service at the top level, or several as [[service]].
+fn parse_service_file(text: &str) -> Result<Vec<ServiceSpec>, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Many {
+        service: Vec<ServiceSpec>,
+    }
+    let specs = match toml::from_str::<Many>(text) {
+        Ok(m) => m.service,
+        Err(_) => vec![toml::from_str::<ServiceSpec>(text).map_err(|e| e.to_string())?],
+    };
+    for s in &specs {
+        s.validate()?;
+    }
+    Ok(specs)
+}
+
+fn print_service(info: &ServiceInfo) {
+    let s = &info.spec;
+    println!("service {}  image {}  replicas {}", s.name, s.image, s.replicas);
+    if let Some(p) = s.port {
+        println!("  port {p}   DNS {}.internal", s.name);
+    }
+    if !info.secret_names.is_empty() {
+        println!("  secrets: {} (values never shown)", info.secret_names.join(", "));
+    }
+    println!("  {:<14} {:<12} {:<14} {:<10} {:<8} {:<8} LAST ERROR", "REPLICA", "NODE", "IP", "STATE", "HEALTH", "RESTARTS");
+    for r in &info.replicas {
+        println!(
+            "  {:<14} {:<12} {:<14} {:<10} {:<8} {:<8} {}",
+            r.replica,
+            r.node,
+            r.ip,
+            r.state,
+            if r.healthy { "healthy" } else { "-" },
+            r.restarts,
+            r.error.clone().unwrap_or_default()
+        );
+    }
+}
+
+async fn service_cmd(api: &AdminClient, cmd: ServiceCmd) -> anyhow::Result<()> {
+    match cmd {
+        ServiceCmd::Deploy(a) => {
+            let spec = ServiceSpec {
+                name: a.name,
+                image: a.image,
+                replicas: a.replicas,
+                port: a.port,
+                env: a.env.into_iter().collect(),
+                secrets: a.secrets.into_iter().collect(),
+                volumes: a.volumes,
+                cpu: a.cpu,
+                memory: a.memory,
+                health_cmd: a.health_cmd,
+                health_http: a.health_http,
+                command: a.command,
+                nodes: a.nodes,
+            };
+            spec.validate().map_err(anyhow::Error::msg)?;
+            print_service(&api.deploy_service(&spec).await?);
+        }
+        ServiceCmd::List => {
+            println!("{:<20} {:<40} {:<9} PORT", "NAME", "IMAGE", "REPLICAS");
+            for s in api.list_services().await? {
+                let healthy = s.replicas.iter().filter(|r| r.healthy).count();
+                println!(
+                    "{:<20} {:<40} {:<9} {}",
+                    s.spec.name,
+                    s.spec.image,
+                    format!("{healthy}/{}", s.spec.replicas),
+                    s.spec.port.map(|p| p.to_string()).unwrap_or_default()
+                );
+            }
+        }
+        ServiceCmd::Show { name } => print_service(&api.show_service(&name).await?),
+        ServiceCmd::Scale { name, replicas } => print_service(&api.scale_service(&name, replicas).await?),
+        ServiceCmd::Remove { name } => {
+            api.remove_service(&name).await?;
+            println!("removed service {name}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_service_file;
+
+    #[test]
+    fn service_files() {
+        let one = parse_service_file("name = \"web\"\nimage = \"localhost/web:1\"\nreplicas = 2\nport = 8080\n[env]\nMODE = \"x\"\n").unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].replicas, 2);
+        assert_eq!(one[0].env["MODE"], "x");
+        let many = parse_service_file("[[service]]\nname = \"a\"\nimage = \"x\"\n[[service]]\nname = \"b\"\nimage = \"y\"\n").unwrap();
+        assert_eq!(many.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        let err = parse_service_file("name = \"Web\"\nimage = \"x\"\n").unwrap_err();
+        assert!(err.starts_with("name:"), "{err}");
+        assert!(parse_service_file("name = \"web\"\nimage = \"x\"\nreplica = 2\n").is_err());
+    }
 }

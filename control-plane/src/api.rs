@@ -7,6 +7,9 @@ use crate::error::{parse_json, ApiErr, ApiResult};
 use crate::state::SharedState;
 use crate::store::nodes::{NewNode, RegisterError};
 use crate::store::now;
+use crate::store::services::{DeployError, ServiceRow};
+use berth_protocol::service::{ReplicaInfo, ScaleRequest, ServiceInfo, ServiceSpec};
+use std::collections::BTreeMap;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -48,6 +51,9 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{name}", delete(remove_node))
         .route("/v1/revision", get(revision))
+        .route("/v1/services", post(deploy_service).get(list_services))
+        .route("/v1/services/{name}", get(show_service).delete(remove_service))
+        .route("/v1/services/{name}/scale", post(scale_service))
         .fallback(|| async { ApiErr::not_found("path: no such API endpoint") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -70,6 +76,9 @@ async fn ca_pem(State(s): State<SharedState>) -> impl IntoResponse {
 fn validate_register(req: &RegisterRequest) -> ApiResult<()> {
     validate_dns_label("name", &req.name).map_err(ApiErr::bad_request)?;
     validate_wg_key("wg_public_key", &req.wg_public_key).map_err(ApiErr::bad_request)?;
+    if let Some(k) = &req.sealing_key {
+        validate_wg_key("sealing_key", k).map_err(ApiErr::bad_request)?;
+    }
     if req.wg_port == 0 {
         return Err(ApiErr::bad_request("wg_port: must be 1-65535"));
     }
@@ -106,6 +115,7 @@ async fn register(
         signing_key: req.signing_key.clone(),
         wg_public_key: req.wg_public_key.clone(),
         wg_port: req.wg_port,
+        sealing_key: req.sealing_key.clone(),
         private_addr: req.private_addr.as_deref().and_then(|p| p.parse().ok()),
         public_ip: Some(req.public_ip.unwrap_or(match remote.ip() {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
@@ -156,7 +166,7 @@ async fn desired_state(
     let mut rx = s.subscribe();
     loop {
         let snap = s.snapshot().await?;
-        match desired::for_node(&snap, &node.id, s.pools.mesh, s.pools.subnets) {
+        match desired::for_node(&snap, &node.id, s.pools.mesh, s.pools.subnets, &s.secrets_key) {
             None => return Err(ApiErr::new(StatusCode::GONE, "node: removed from the fleet")),
             Some(d) if d.revision > after => return Ok(Json(d).into_response()),
             Some(_) => {}
@@ -180,6 +190,9 @@ async fn status(
     let node = require_node(&s, &method, &uri, &headers, &raw).await?;
     let report: StatusReport = parse_json(&raw)?;
     s.store.record_status(&node.id, &report).await?;
+    if let Some(rev) = s.store.record_containers(&node.id, &report.containers).await? {
+        s.revision_moved(rev).await;
+    }
     Ok(Json(serde_json::json!({ "revision": node.revision })))
 }
 
@@ -281,7 +294,7 @@ async fn remove_node(
     validate_dns_label("name", &name).map_err(ApiErr::bad_request)?;
     let rev = s
         .store
-        .remove_node(&name)
+        .remove_node(&name, s.offline_after_secs)
         .await?
         .ok_or_else(|| ApiErr::not_found(format!("name: no node named {name:?}")))?;
     tracing::info!(node = %name, revision = rev, "node removed");
@@ -292,4 +305,113 @@ async fn remove_node(
 async fn revision(State(s): State<SharedState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
     require_admin(&s, &headers)?;
     Ok(Json(serde_json::json!({ "revision": s.store.revision().await? })))
+}
+
+fn deploy_error(e: DeployError) -> ApiErr {
+    match e {
+        DeployError::Invalid(m) if m.starts_with("name: a service") => ApiErr::conflict(m),
+        DeployError::Invalid(m) => ApiErr::bad_request(m),
+        DeployError::NotFound(_) => ApiErr::not_found(e.to_string()),
+        DeployError::SubnetFull(_) => ApiErr::conflict(e.to_string()),
+        DeployError::Store(e) => ApiErr::internal(e),
+    }
+}
+
+async fn service_info(s: &SharedState, row: &ServiceRow) -> ApiResult<ServiceInfo> {
+    let nodes = s.store.list_nodes().await?;
+    let replicas = s.store.list_replicas().await?;
+    let secret_names = row
+        .secrets_sealed
+        .as_deref()
+        .and_then(|x| berth_protocol::seal::open(&s.secrets_key, x).ok())
+        .and_then(|b| serde_json::from_slice::<BTreeMap<String, String>>(&b).ok())
+        .map(|m| m.into_keys().collect())
+        .unwrap_or_default();
+    Ok(ServiceInfo {
+        spec: row.spec.clone(),
+        secret_names,
+        replicas: replicas
+            .iter()
+            .filter(|r| r.service == row.name)
+            .map(|r| ReplicaInfo {
+                replica: r.name(),
+                node: nodes.iter().find(|n| n.id == r.node_id).map(|n| n.name.clone()).unwrap_or_default(),
+                ip: r.ip,
+                state: r.state.clone().unwrap_or_else(|| "pending".into()),
+                healthy: r.healthy,
+                restarts: r.restarts,
+                error: r.last_error.clone(),
+            })
+            .collect(),
+    })
+}
+
+async fn deploy_service(
+    State(s): State<SharedState>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<ServiceInfo>> {
+    require_admin(&s, &headers)?;
+    let spec: ServiceSpec = parse_json(&body(raw)?)?;
+    spec.validate().map_err(ApiErr::bad_request)?;
+    let secrets = if spec.secrets.is_empty() {
+        None
+    } else {
+        let plain = serde_json::to_vec(&spec.secrets).map_err(ApiErr::internal)?;
+        let cp_public = x25519_dalek::PublicKey::from(&s.secrets_key);
+        Some(Some(berth_protocol::seal::seal(&cp_public, &plain)))
+    };
+    let rev = s.store.deploy_service(&spec, secrets, s.offline_after_secs, false).await.map_err(deploy_error)?;
+    tracing::info!(service = %spec.name, replicas = spec.replicas, revision = rev, "service deployed");
+    s.revision_moved(rev).await;
+    let row = s.store.get_service(&spec.name).await?.ok_or_else(|| ApiErr::internal("service vanished"))?;
+    Ok(Json(service_info(&s, &row).await?))
+}
+
+async fn list_services(State(s): State<SharedState>, headers: HeaderMap) -> ApiResult<Json<Vec<ServiceInfo>>> {
+    require_admin(&s, &headers)?;
+    let mut out = vec![];
+    for row in s.store.list_services().await? {
+        out.push(service_info(&s, &row).await?);
+    }
+    Ok(Json(out))
+}
+
+async fn show_service(
+    State(s): State<SharedState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Json<ServiceInfo>> {
+    require_admin(&s, &headers)?;
+    let row = s.store.get_service(&name).await?.ok_or_else(|| ApiErr::not_found(format!("name: no service named {name:?}")))?;
+    Ok(Json(service_info(&s, &row).await?))
+}
+
+async fn scale_service(
+    State(s): State<SharedState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<ServiceInfo>> {
+    require_admin(&s, &headers)?;
+    let req: ScaleRequest = parse_json(&body(raw)?)?;
+    let row = s.store.get_service(&name).await?.ok_or_else(|| ApiErr::not_found(format!("name: no service named {name:?}")))?;
+    let mut spec = row.spec.clone();
+    spec.replicas = req.replicas;
+    spec.validate().map_err(ApiErr::bad_request)?;
+    let rev = s.store.deploy_service(&spec, None, s.offline_after_secs, false).await.map_err(deploy_error)?;
+    s.revision_moved(rev).await;
+    let row = s.store.get_service(&name).await?.ok_or_else(|| ApiErr::internal("service vanished"))?;
+    Ok(Json(service_info(&s, &row).await?))
+}
+
+async fn remove_service(
+    State(s): State<SharedState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    require_admin(&s, &headers)?;
+    let rev = s.store.remove_service(&name).await?.ok_or_else(|| ApiErr::not_found(format!("name: no service named {name:?}")))?;
+    s.revision_moved(rev).await;
+    Ok(Json(serde_json::json!({ "removed": name, "revision": rev })))
 }

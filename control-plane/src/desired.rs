@@ -3,7 +3,10 @@
 //! revision, so a change fans out to all nodes with one store read.
 
 use crate::store::nodes::NodeRow;
-use berth_protocol::{DesiredState, NodeSelf, Peer};
+use crate::store::services::{ReplicaRow, ServiceRow};
+use berth_protocol::service::{ContainerDesired, DnsReplica};
+use berth_protocol::{DesiredState, DnsService, NodeSelf, Peer};
+use x25519_dalek::StaticSecret;
 use ipnet::Ipv4Net;
 use std::net::{IpAddr, SocketAddr};
 
@@ -12,6 +15,8 @@ use std::net::{IpAddr, SocketAddr};
 pub struct Snapshot {
     pub revision: i64,
     pub nodes: Vec<NodeRow>,
+    pub services: Vec<ServiceRow>,
+    pub replicas: Vec<ReplicaRow>,
 }
 
 /// Where `from` should send packets for `to`: `to`'s private address when
@@ -25,8 +30,69 @@ pub fn endpoint(from: &NodeRow, to: &NodeRow) -> Option<SocketAddr> {
     to.public_ip.map(|ip| SocketAddr::new(ip, to.wg_port))
 }
 
+/// Reseals a service's secrets (sealed to the control plane) to one node.
+fn reseal(cp_key: &StaticSecret, sealed: &str, node_key: Option<&str>) -> Option<String> {
+    let plain = berth_protocol::seal::open(cp_key, sealed).ok()?;
+    let node_key = berth_protocol::seal::parse_public("sealing_key", node_key?).ok()?;
+    Some(berth_protocol::seal::seal(&node_key, &plain))
+}
+
+/// DNS records: every service with its replicas, whatever node they are on.
+pub fn dns_records(snap: &Snapshot) -> Vec<DnsService> {
+    snap.services
+        .iter()
+        .map(|s| DnsService {
+            name: s.name.clone(),
+            replicas: snap
+                .replicas
+                .iter()
+                .filter(|r| r.service == s.name)
+                .map(|r| DnsReplica {
+                    replica: r.name(),
+                    node: snap.nodes.iter().find(|n| n.id == r.node_id).map(|n| n.name.clone()).unwrap_or_default(),
+                    ip: r.ip,
+                    healthy: r.healthy,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// The containers `node` runs: its replicas, secrets sealed to its key.
+pub fn containers(snap: &Snapshot, node: &NodeRow, cp_key: &StaticSecret) -> Vec<ContainerDesired> {
+    snap.replicas
+        .iter()
+        .filter(|r| r.node_id == node.id)
+        .filter_map(|r| {
+            let s = snap.services.iter().find(|s| s.name == r.service)?;
+            let spec = &s.spec;
+            Some(ContainerDesired {
+                replica: r.name(),
+                service: s.name.clone(),
+                image: spec.image.clone(),
+                ip: r.ip,
+                port: spec.port,
+                env: spec.env.clone(),
+                sealed_secrets: s.secrets_sealed.as_deref().and_then(|x| reseal(cp_key, x, node.sealing_key.as_deref())),
+                command: spec.command.clone(),
+                cpu: spec.cpu,
+                memory: spec.memory,
+                health_cmd: spec.health_cmd.clone(),
+                health_http: spec.health_http.clone(),
+                volumes: spec.volumes.clone(),
+            })
+        })
+        .collect()
+}
+
 /// The desired state of `node` in `snap`, or None if it is not in the snapshot.
-pub fn for_node(snap: &Snapshot, node_id: &str, mesh: Ipv4Net, subnet_pool: Ipv4Net) -> Option<DesiredState> {
+pub fn for_node(
+    snap: &Snapshot,
+    node_id: &str,
+    mesh: Ipv4Net,
+    subnet_pool: Ipv4Net,
+    cp_key: &StaticSecret,
+) -> Option<DesiredState> {
     let me = snap.nodes.iter().find(|n| n.id == node_id)?;
     let peers = snap
         .nodes
@@ -54,6 +120,8 @@ pub fn for_node(snap: &Snapshot, node_id: &str, mesh: Ipv4Net, subnet_pool: Ipv4
             wg_port: me.wg_port,
         },
         peers,
+        containers: containers(snap, me, cp_key),
+        dns: dns_records(snap),
     })
 }
 
@@ -80,6 +148,7 @@ mod tests {
             agent_version: None,
             status: None,
             last_error: None,
+            sealing_key: None,
         }
     }
 
@@ -104,15 +173,17 @@ mod tests {
                 node("b", Some("198.18.0.12/24"), None, "10.100.0.2", 9),
                 node("c", Some("198.18.0.13/24"), None, "10.100.0.3", 7),
             ],
+            ..Default::default()
         };
         let mesh = "10.100.0.0/16".parse().unwrap();
         let pool = "10.200.0.0/13".parse().unwrap();
-        let d = for_node(&snap, "c", mesh, pool).unwrap();
+        let key = StaticSecret::from([3u8; 32]);
+        let d = for_node(&snap, "c", mesh, pool, &key).unwrap();
         assert_eq!(d.revision, 7);
         assert_eq!(d.node.mesh_ip.to_string(), "10.100.0.3");
         let names: Vec<_> = d.peers.iter().map(|p| p.node_id.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
         assert_eq!(d.peers[0].endpoint, Some("198.18.0.11:51820".parse().unwrap()));
-        assert!(for_node(&snap, "zz", mesh, pool).is_none());
+        assert!(for_node(&snap, "zz", mesh, pool, &key).is_none());
     }
 }

@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod desired;
 pub mod error;
+pub mod placement;
 pub mod server;
 pub mod state;
 pub mod store;
@@ -58,6 +59,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
     }
     let admin_token_file = cfg.data_dir.join("admin.token");
     let admin_hash = admin_credential(&store, &admin_token_file).await?;
+    let secrets_key = secrets_key(&cfg.data_dir.join("secrets.key"))?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("--listen {}", cfg.listen))?;
@@ -72,6 +74,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
         tls.ca_hash.clone(),
         tls.ca_pem.clone(),
         admin_hash,
+        secrets_key,
         advertise_url,
         cfg.offline_after_secs,
     )
@@ -112,6 +115,24 @@ async fn admin_credential(store: &store::Store, file: &std::path::Path) -> anyho
         tracing::info!(path = %file.display(), "created the admin token");
     }
     Ok(stored)
+}
+
+/// The key service secrets are sealed to at rest: made on first start,
+/// kept 0600 in the data dir (replicas sharing PostgreSQL need the same file).
+fn secrets_key(path: &std::path::Path) -> anyhow::Result<x25519_dalek::StaticSecret> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    if let Ok(s) = std::fs::read_to_string(path) {
+        let bytes: [u8; 32] = b64
+            .decode(s.trim())
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .with_context(|| format!("{} is not 32 bytes of base64", path.display()))?;
+        return Ok(x25519_dalek::StaticSecret::from(bytes));
+    }
+    let bytes: [u8; 32] = rand::random();
+    tls::write_private(path, format!("{}\n", b64.encode(bytes)).as_bytes())?;
+    Ok(x25519_dalek::StaticSecret::from(bytes))
 }
 
 async fn prune_nonces(store: store::Store) {

@@ -15,6 +15,8 @@ pub struct AppState {
     pub ca_pem: String,
     /// SHA-256 (hex) of the admin bearer token.
     pub admin_token_hash: String,
+    /// The control plane's own X25519 key: secrets are stored sealed to it.
+    pub secrets_key: x25519_dalek::StaticSecret,
     /// URL agents are told to use, printed with new tokens.
     pub advertise_url: String,
     /// A node is online when its last heartbeat is newer than this many seconds.
@@ -32,6 +34,7 @@ impl AppState {
         ca_hash: String,
         ca_pem: String,
         admin_token_hash: String,
+        secrets_key: x25519_dalek::StaticSecret,
         advertise_url: String,
         offline_after_secs: i64,
     ) -> anyhow::Result<SharedState> {
@@ -43,13 +46,11 @@ impl AppState {
             ca_hash,
             ca_pem,
             admin_token_hash,
+            secrets_key,
             advertise_url,
             offline_after_secs,
             revision: tx,
-            snapshot: Mutex::new(Arc::new(Snapshot {
-                revision: -1,
-                nodes: vec![],
-            })),
+            snapshot: Mutex::new(Arc::new(Snapshot { revision: -1, ..Default::default() })),
         }))
     }
 
@@ -92,7 +93,9 @@ impl AppState {
         // Read the counter first: the node rows are then at least that new.
         let revision = self.store.revision().await?;
         let nodes = self.store.list_nodes().await?;
-        *cached = Arc::new(Snapshot { revision, nodes });
+        let services = self.store.list_services().await?;
+        let replicas = self.store.list_replicas().await?;
+        *cached = Arc::new(Snapshot { revision, nodes, services, replicas });
         Ok(cached.clone())
     }
 }

@@ -376,7 +376,7 @@ async fn exhausted_pools_refuse_and_change_nothing(db: &Db) {
     assert_eq!(token_state(&store, &t.id).await, TokenState::Valid);
 
     // Freeing a node frees its addresses for the next one.
-    store.remove_node("one").await.unwrap().unwrap();
+    store.remove_node("one", 30).await.unwrap().unwrap();
     let (node, _) = store
         .register_node(&Agent::new("three").new_node(&t.token), tight)
         .await
@@ -395,7 +395,7 @@ async fn removing_a_node_moves_everyone_else(db: &Db) {
             .unwrap();
     }
     assert_eq!(store.revision().await.unwrap(), 3);
-    let rev = store.remove_node("b").await.unwrap().expect("b existed");
+    let rev = store.remove_node("b", 30).await.unwrap().expect("b existed");
     assert_eq!(rev, 4);
     assert_eq!(store.revision().await.unwrap(), 4);
     let nodes = store.list_nodes().await.unwrap();
@@ -403,8 +403,8 @@ async fn removing_a_node_moves_everyone_else(db: &Db) {
     assert!(nodes.iter().all(|n| n.revision == 4), "{nodes:?}");
 
     let before = counts(&store).await;
-    assert_eq!(store.remove_node("b").await.unwrap(), None, "already gone");
-    assert_eq!(store.remove_node("nosuch").await.unwrap(), None);
+    assert_eq!(store.remove_node("b", 30).await.unwrap(), None, "already gone");
+    assert_eq!(store.remove_node("nosuch", 30).await.unwrap(), None);
     assert_eq!(counts(&store).await, before, "removing nothing moves nothing");
 }
 

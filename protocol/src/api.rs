@@ -59,6 +59,9 @@ pub struct RegisterRequest {
     /// Whether the agent was started with `--proxy`; must match the token.
     #[serde(default)]
     pub proxy: bool,
+    /// X25519 public key, base64: secrets for this node are sealed to it.
+    #[serde(default)]
+    pub sealing_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,11 +106,24 @@ pub struct NodeSelf {
 
 /// Everything a node should be running, at one revision. The agent caches it
 /// and brings the data plane up from the cache before talking to the control plane.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DesiredState {
     pub revision: u64,
     pub node: NodeSelf,
     pub peers: Vec<Peer>,
+    /// Containers this node runs.
+    #[serde(default)]
+    pub containers: Vec<crate::service::ContainerDesired>,
+    /// Every service's replicas, for the node's DNS server.
+    #[serde(default)]
+    pub dns: Vec<DnsService>,
+}
+
+/// A service name and its replicas, as DNS answers them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsService {
+    pub name: String,
+    pub replicas: Vec<crate::service::DnsReplica>,
 }
 
 /// Handshake state of one WireGuard peer, as the agent sees it.
@@ -134,6 +150,9 @@ pub struct StatusReport {
     /// Resident memory of the agent, bytes.
     #[serde(default)]
     pub rss_bytes: Option<u64>,
+    /// State of the containers this node runs.
+    #[serde(default)]
+    pub containers: Vec<crate::service::ContainerStatus>,
 }
 
 /// A node as listed by `berth nodes list`.

@@ -5,6 +5,8 @@
 
 pub mod api;
 pub mod names;
+pub mod seal;
+pub mod service;
 pub mod signing;
 pub mod token;
 

@@ -28,10 +28,11 @@ pub struct NodeRow {
     pub agent_version: Option<String>,
     pub status: Option<StatusReport>,
     pub last_error: Option<String>,
+    pub sealing_key: Option<String>,
 }
 
 const COLUMNS: &str = "id, name, role, signing_key, wg_public_key, wg_port, private_addr, public_ip, \
-     mesh_ip, subnet, revision, applied_revision, last_seen, agent_version, status_json, last_error";
+     mesh_ip, subnet, revision, applied_revision, last_seen, agent_version, status_json, last_error, sealing_key";
 
 impl NodeRow {
     fn from_row(r: &AnyRow) -> NodeRow {
@@ -53,6 +54,7 @@ impl NodeRow {
             agent_version: opt("agent_version"),
             status: opt("status_json").and_then(|s| serde_json::from_str(&s).ok()),
             last_error: opt("last_error"),
+            sealing_key: opt("sealing_key"),
         }
     }
 }
@@ -69,6 +71,7 @@ pub struct NewNode {
     pub wg_port: u16,
     pub private_addr: Option<Ipv4Net>,
     pub public_ip: Option<IpAddr>,
+    pub sealing_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -198,8 +201,8 @@ impl Store {
         let id = format!("n{}", hex::encode(rand::random::<[u8; 8]>()));
         sqlx::query(
             "INSERT INTO nodes (id, name, role, signing_key, wg_public_key, wg_port, private_addr, public_ip, \
-             mesh_ip, subnet, revision, applied_revision, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, 0, $11)",
+             mesh_ip, subnet, revision, applied_revision, created_at, sealing_key) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, 0, $11, $12)",
         )
         .bind(&id)
         .bind(&new.name)
@@ -212,6 +215,7 @@ impl Store {
         .bind(mesh_ip.to_string())
         .bind(subnet.to_string())
         .bind(now)
+        .bind(&new.sealing_key)
         .execute(&mut *tx)
         .await?;
         let rev = bump_all(&mut tx).await?;
@@ -222,7 +226,7 @@ impl Store {
 
     /// Removes a node; every other node's peer list changes. Returns the new
     /// revision, or None if there was no such node.
-    pub async fn remove_node(&self, name: &str) -> sqlx::Result<Option<i64>> {
+    pub async fn remove_node(&self, name: &str, offline_after: i64) -> sqlx::Result<Option<i64>> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -235,6 +239,13 @@ impl Store {
                     .rows_affected();
                 if gone == 0 {
                     return Ok(None);
+                }
+                // Its replicas move to other nodes.
+                sqlx::query("DELETE FROM replicas WHERE node_id NOT IN (SELECT id FROM nodes)").execute(&mut *tx).await?;
+                match super::services::replan_after_node_removal(&mut tx, offline_after).await {
+                    Ok(()) => {}
+                    Err(super::services::DeployError::Store(e)) => return Err(e),
+                    Err(e) => tracing::warn!(error = %e, "some replicas of the removed node could not be moved"),
                 }
                 let rev = bump_all(&mut tx).await?;
                 tx.commit().await?;

@@ -225,6 +225,7 @@ impl Agent {
             private_addr: Some("198.18.0.10/24".into()),
             public_ip: None,
             proxy: false,
+            sealing_key: None,
         }
     }
 
@@ -241,6 +242,7 @@ impl Agent {
             wg_port: 51820,
             private_addr: Some("198.18.0.10/24".parse().unwrap()),
             public_ip: Some("203.0.113.7".parse().unwrap()),
+            sealing_key: None,
         }
     }
 }

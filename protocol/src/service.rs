@@ -1,0 +1,284 @@
+//! Services: what a user deploys, and what a node is told to run.
+
+use crate::names::validate_dns_label;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+fn one() -> u32 {
+    1
+}
+
+/// A named volume, kept under the node's data dir and mounted at `path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub name: String,
+    pub path: String,
+}
+
+/// A service as the user describes it (`berth service deploy`, `berth apply -f`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub image: String,
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// The port the service listens on inside its containers.
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Write-only: stored encrypted, sent sealed to the nodes that run the
+    /// service, never returned by the API.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, String>,
+    #[serde(default)]
+    pub volumes: Vec<Volume>,
+    /// CPU limit in cores (e.g. 0.5).
+    #[serde(default)]
+    pub cpu: Option<f64>,
+    /// Memory limit in bytes.
+    #[serde(default)]
+    pub memory: Option<u64>,
+    /// Health check: a shell command run inside the container...
+    #[serde(default)]
+    pub health_cmd: Option<String>,
+    /// ...or an HTTP path fetched on `port`.
+    #[serde(default)]
+    pub health_http: Option<String>,
+    /// Command to run instead of the image's (shell form).
+    #[serde(default)]
+    pub command: Option<String>,
+    /// Pin the replicas to these nodes.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+}
+
+pub const MAX_REPLICAS: u32 = 100;
+
+fn valid_env_key(k: &str) -> bool {
+    let mut c = k.chars();
+    matches!(c.next(), Some(f) if f == '_' || f.is_ascii_alphabetic()) && c.all(|ch| ch == '_' || ch.is_ascii_alphanumeric())
+}
+
+/// Checks an image reference (`[registry/]repo[:tag][@digest]`), lowercase repository.
+pub fn validate_image(image: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("image: {image:?} {why}"));
+    if image.is_empty() || image.len() > 255 {
+        return bad("must be 1-255 characters");
+    }
+    if !image.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b)) {
+        return bad("has characters not allowed in an image reference");
+    }
+    let (repo, _digest) = image.split_once('@').unwrap_or((image, ""));
+    let name = match repo.rfind(':') {
+        Some(i) if !repo[i..].contains('/') => &repo[..i],
+        _ => repo,
+    };
+    let path = name.split_once('/').map(|(first, rest)| if first.contains('.') || first.contains(':') || first == "localhost" { rest } else { name }).unwrap_or(name);
+    if path.is_empty() || path.bytes().any(|b| b.is_ascii_uppercase()) || path.starts_with(['.', '-', '/']) || path.ends_with('/') {
+        return bad("is not a valid image reference (repository must be lowercase)");
+    }
+    Ok(())
+}
+
+impl ServiceSpec {
+    /// Validates every field; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_dns_label("name", &self.name)?;
+        validate_image(&self.image)?;
+        if self.replicas > MAX_REPLICAS {
+            return Err(format!("replicas: {} is more than {MAX_REPLICAS}", self.replicas));
+        }
+        if self.port == Some(0) {
+            return Err("port: must be 1-65535".into());
+        }
+        for k in self.env.keys().chain(self.secrets.keys()) {
+            if !valid_env_key(k) {
+                return Err(format!("env: {k:?} is not a valid variable name"));
+            }
+        }
+        if let Some(k) = self.env.keys().find(|k| self.secrets.contains_key(*k)) {
+            return Err(format!("secrets: {k:?} is also set in env"));
+        }
+        for v in &self.volumes {
+            validate_dns_label("volumes.name", &v.name)?;
+            if !v.path.starts_with('/') || v.path.contains("..") {
+                return Err(format!("volumes.path: {:?} must be an absolute path without '..'", v.path));
+            }
+        }
+        if let Some(c) = self.cpu {
+            if !(c > 0.0 && c <= 256.0) {
+                return Err(format!("cpu: {c} must be between 0 and 256 cores"));
+            }
+        }
+        if let Some(m) = self.memory {
+            if m < 4 * 1024 * 1024 {
+                return Err(format!("memory: {m} bytes is below the 4 MiB minimum"));
+            }
+        }
+        if self.health_cmd.is_some() && self.health_http.is_some() {
+            return Err("health_http: give either health_cmd or health_http, not both".into());
+        }
+        if let Some(p) = &self.health_http {
+            if !p.starts_with('/') {
+                return Err(format!("health_http: {p:?} must be a path starting with '/'"));
+            }
+            if self.port.is_none() {
+                return Err("health_http: needs port".into());
+            }
+        }
+        for n in &self.nodes {
+            validate_dns_label("nodes", n)?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses sizes like `256M`, `1G`, `512Mi`, `1048576`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let n: u64 = t[..split].parse().map_err(|_| format!("{s:?} is not a size like 256M or 1G"))?;
+    let mult: u64 = match t[split..].to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "ki" | "kib" => 1 << 10,
+        "m" | "mb" | "mi" | "mib" => 1 << 20,
+        "g" | "gb" | "gi" | "gib" => 1 << 30,
+        u => return Err(format!("{s:?}: unknown unit {u:?}")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// One container a node should run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContainerDesired {
+    /// Replica name, `<service>-<ordinal>`; also the container name.
+    pub replica: String,
+    pub service: String,
+    pub image: String,
+    pub ip: Ipv4Addr,
+    pub port: Option<u16>,
+    pub env: BTreeMap<String, String>,
+    /// The service's secrets as a JSON map, sealed to this node's key.
+    pub sealed_secrets: Option<String>,
+    pub command: Option<String>,
+    pub cpu: Option<f64>,
+    pub memory: Option<u64>,
+    pub health_cmd: Option<String>,
+    pub health_http: Option<String>,
+    pub volumes: Vec<Volume>,
+}
+
+/// A replica as DNS should know it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsReplica {
+    pub replica: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub healthy: bool,
+}
+
+/// What a node reports about one of its containers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerStatus {
+    pub replica: String,
+    pub container_id: Option<String>,
+    /// `running`, `starting`, `exited`, `missing`, ...
+    pub state: String,
+    pub healthy: bool,
+    pub restarts: u32,
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ServiceSpec {
+        serde_json::from_str(r#"{"name":"web","image":"localhost/berth-test/busybox:latest","port":8080}"#).unwrap()
+    }
+
+    #[test]
+    fn defaults_and_valid_spec() {
+        let s = spec();
+        assert_eq!(s.replicas, 1);
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: Vec<(Box<dyn Fn(&mut ServiceSpec)>, &str)> = vec![
+            (Box::new(|s| s.name = "Web".into()), "name:"),
+            (Box::new(|s| s.image = "Bad Image".into()), "image:"),
+            (Box::new(|s| s.image = "docker.io/Library/x".into()), "image:"),
+            (Box::new(|s| s.port = Some(0)), "port:"),
+            (Box::new(|s| s.replicas = 1000), "replicas:"),
+            (Box::new(|s| { s.env.insert("1X".into(), "v".into()); }), "env:"),
+            (Box::new(|s| { s.env.insert("K".into(), "v".into()); s.secrets.insert("K".into(), "v".into()); }), "secrets:"),
+            (Box::new(|s| s.volumes.push(Volume { name: "data".into(), path: "rel".into() })), "volumes.path:"),
+            (Box::new(|s| s.cpu = Some(0.0)), "cpu:"),
+            (Box::new(|s| s.memory = Some(10)), "memory:"),
+            (Box::new(|s| s.health_http = Some("healthz".into())), "health_http:"),
+            (Box::new(|s| s.nodes.push("N1".into())), "nodes:"),
+        ];
+        for (change, field) in cases {
+            let mut s = spec();
+            change(&mut s);
+            let err = s.validate().unwrap_err();
+            assert!(err.starts_with(field), "{err} should start with {field}");
+        }
+    }
+
+    #[test]
+    fn image_references() {
+        for ok in ["busybox", "localhost/a/b:1", "registry.example:5000/x/y@sha256:abc", "198.18.0.1:5000/demo:latest"] {
+            validate_image(ok).unwrap();
+        }
+        for bad in ["", "UPPER", "a b", "x/", "-x"] {
+            assert!(validate_image(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512Mi"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("M").is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = serde_json::from_str::<ServiceSpec>(r#"{"name":"a","image":"b","replica":2}"#).unwrap_err();
+        assert!(err.to_string().contains("replica"), "{err}");
+    }
+}
+
+/// A replica as `berth service show` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    pub replica: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub state: String,
+    pub healthy: bool,
+    pub restarts: u32,
+    pub error: Option<String>,
+}
+
+/// A service as the API returns it: never its secret values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub spec: ServiceSpec,
+    pub secret_names: Vec<String>,
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScaleRequest {
+    pub replicas: u32,
+}
