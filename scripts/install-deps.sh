@@ -13,6 +13,7 @@ have ping || need+=(iputils-ping)
 have pg_ctlcluster || need+=(postgresql)
 have pkill || need+=(procps)
 have curl || need+=(curl)
+have dig || need+=(bind9-dnsutils)
 have cc || need+=(build-essential)
 
 if [ "${#need[@]}" -gt 0 ]; then

@@ -1,6 +1,8 @@
 //! berth-agent: the per-node daemon, one module per concern.
 
 pub mod client;
+pub mod containers;
+pub mod dns;
 pub mod firewall;
 pub mod identity;
 pub mod mesh;

@@ -119,6 +119,40 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too long"))
 }
 
+impl AdminClient {
+    pub async fn deploy_service(
+        &self,
+        spec: &berth_protocol::service::ServiceSpec,
+    ) -> anyhow::Result<berth_protocol::service::ServiceInfo> {
+        self.call(Method::POST, "/v1/services", Some(serde_json::to_value(spec)?))
+            .await
+    }
+
+    pub async fn list_services(&self) -> anyhow::Result<Vec<berth_protocol::service::ServiceInfo>> {
+        self.call(Method::GET, "/v1/services", None).await
+    }
+
+    pub async fn show_service(&self, name: &str) -> anyhow::Result<berth_protocol::service::ServiceInfo> {
+        self.call(Method::GET, &format!("/v1/services/{name}"), None).await
+    }
+
+    pub async fn scale_service(
+        &self,
+        name: &str,
+        replicas: u32,
+    ) -> anyhow::Result<berth_protocol::service::ServiceInfo> {
+        let body = serde_json::json!({ "replicas": replicas });
+        self.call(Method::POST, &format!("/v1/services/{name}/scale"), Some(body))
+            .await
+    }
+
+    pub async fn remove_service(&self, name: &str) -> anyhow::Result<()> {
+        self.call::<serde_json::Value>(Method::DELETE, &format!("/v1/services/{name}"), None)
+            .await
+            .map(|_| ())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_duration;
@@ -130,28 +164,5 @@ mod tests {
         assert_eq!(parse_duration("15m"), Ok(900));
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("h").is_err());
-    }
-}
-
-impl AdminClient {
-    pub async fn deploy_service(&self, spec: &berth_protocol::service::ServiceSpec) -> anyhow::Result<berth_protocol::service::ServiceInfo> {
-        self.call(Method::POST, "/v1/services", Some(serde_json::to_value(spec)?)).await
-    }
-
-    pub async fn list_services(&self) -> anyhow::Result<Vec<berth_protocol::service::ServiceInfo>> {
-        self.call(Method::GET, "/v1/services", None).await
-    }
-
-    pub async fn show_service(&self, name: &str) -> anyhow::Result<berth_protocol::service::ServiceInfo> {
-        self.call(Method::GET, &format!("/v1/services/{name}"), None).await
-    }
-
-    pub async fn scale_service(&self, name: &str, replicas: u32) -> anyhow::Result<berth_protocol::service::ServiceInfo> {
-        let body = serde_json::json!({ "replicas": replicas });
-        self.call(Method::POST, &format!("/v1/services/{name}/scale"), Some(body)).await
-    }
-
-    pub async fn remove_service(&self, name: &str) -> anyhow::Result<()> {
-        self.call::<serde_json::Value>(Method::DELETE, &format!("/v1/services/{name}"), None).await.map(|_| ())
     }
 }

@@ -1,6 +1,6 @@
 use berth_cli::client::{parse_duration, AdminClient, Target};
-use berth_protocol::service::{parse_size, ServiceInfo, ServiceSpec, Volume};
 use berth_cli::lab::{self, Lab};
+use berth_protocol::service::{parse_size, ServiceInfo, ServiceSpec, Volume};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -86,12 +86,17 @@ enum NodesCmd {
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 fn volume(s: &str) -> Result<Volume, String> {
     s.split_once(':')
-        .map(|(name, path)| Volume { name: name.into(), path: path.into() })
+        .map(|(name, path)| Volume {
+            name: name.into(),
+            path: path.into(),
+        })
         .ok_or_else(|| format!("{s:?} is not NAME:/PATH"))
 }
 
@@ -139,7 +144,7 @@ struct DeployArgs {
 #[derive(Subcommand)]
 enum ServiceCmd {
     /// Create or update a service.
-    Deploy(DeployArgs),
+    Deploy(Box<DeployArgs>),
     /// Every service and its replica count.
     List,
     /// A service's spec and each replica: node, IP, state, health, restarts, last error.
@@ -468,7 +473,10 @@ fn print_service(info: &ServiceInfo) {
     if !info.secret_names.is_empty() {
         println!("  secrets: {} (values never shown)", info.secret_names.join(", "));
     }
-    println!("  {:<14} {:<12} {:<14} {:<10} {:<8} {:<8} LAST ERROR", "REPLICA", "NODE", "IP", "STATE", "HEALTH", "RESTARTS");
+    println!(
+        "  {:<14} {:<12} {:<14} {:<10} {:<8} {:<8} LAST ERROR",
+        "REPLICA", "NODE", "IP", "STATE", "HEALTH", "RESTARTS"
+    );
     for r in &info.replicas {
         println!(
             "  {:<14} {:<12} {:<14} {:<10} {:<8} {:<8} {}",
@@ -533,11 +541,16 @@ mod tests {
 
     #[test]
     fn service_files() {
-        let one = parse_service_file("name = \"web\"\nimage = \"localhost/web:1\"\nreplicas = 2\nport = 8080\n[env]\nMODE = \"x\"\n").unwrap();
+        let one = parse_service_file(
+            "name = \"web\"\nimage = \"localhost/web:1\"\nreplicas = 2\nport = 8080\n[env]\nMODE = \"x\"\n",
+        )
+        .unwrap();
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].replicas, 2);
         assert_eq!(one[0].env["MODE"], "x");
-        let many = parse_service_file("[[service]]\nname = \"a\"\nimage = \"x\"\n[[service]]\nname = \"b\"\nimage = \"y\"\n").unwrap();
+        let many =
+            parse_service_file("[[service]]\nname = \"a\"\nimage = \"x\"\n[[service]]\nname = \"b\"\nimage = \"y\"\n")
+                .unwrap();
         assert_eq!(many.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
         let err = parse_service_file("name = \"Web\"\nimage = \"x\"\n").unwrap_err();
         assert!(err.starts_with("name:"), "{err}");

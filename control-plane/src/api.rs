@@ -8,8 +8,6 @@ use crate::state::SharedState;
 use crate::store::nodes::{NewNode, RegisterError};
 use crate::store::now;
 use crate::store::services::{DeployError, ServiceRow};
-use berth_protocol::service::{ReplicaInfo, ScaleRequest, ServiceInfo, ServiceSpec};
-use std::collections::BTreeMap;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -18,18 +16,22 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use berth_protocol::names::validate_dns_label;
+use berth_protocol::service::{ReplicaInfo, ScaleRequest, ServiceInfo, ServiceSpec};
 use berth_protocol::signing::validate_wg_key;
 use berth_protocol::token::JoinToken;
 use berth_protocol::{
     CreateTokenRequest, NodeInfo, PeerStatusNamed, RegisterRequest, RegisterResponse, Role, StatusReport,
 };
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 /// Largest request body accepted anywhere.
 pub const MAX_BODY: usize = 64 * 1024;
+/// Largest status report.
+pub const MAX_STATUS_BODY: usize = 4 * 1024 * 1024;
 /// Longest a long-poll may wait.
 pub const MAX_WAIT_SECS: u64 = 60;
 pub const MIN_TOKEN_TTL: u64 = 60;
@@ -45,7 +47,11 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/ca.pem", get(ca_pem))
         .route("/v1/register", post(register))
         .route("/v1/agent/desired", get(desired_state))
-        .route("/v1/agent/status", post(status))
+        // A report lists every peer (~130 bytes each): room for thousands.
+        .route(
+            "/v1/agent/status",
+            post(status).layer(DefaultBodyLimit::max(MAX_STATUS_BODY)),
+        )
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{id}", delete(revoke_token))
         .route("/v1/nodes", get(list_nodes))
@@ -166,9 +172,11 @@ async fn desired_state(
     let mut rx = s.subscribe();
     loop {
         let snap = s.snapshot().await?;
-        match desired::for_node(&snap, &node.id, s.pools.mesh, s.pools.subnets, &s.secrets_key) {
+        match desired::encode_for_node(&snap, &node.id, s.pools.mesh, s.pools.subnets, &s.secrets_key) {
             None => return Err(ApiErr::new(StatusCode::GONE, "node: removed from the fleet")),
-            Some(d) if d.revision > after => return Ok(Json(d).into_response()),
+            Some((rev, json)) if rev > after => {
+                return Ok(([("content-type", "application/json")], json).into_response());
+            }
             Some(_) => {}
         }
         tokio::select! {
@@ -266,8 +274,9 @@ async fn list_nodes(State(s): State<SharedState>, headers: HeaderMap) -> ApiResu
             agent_version: n.agent_version.clone(),
             error: n.last_error.clone(),
             peers: n
-                .status
-                .as_ref()
+                .status_json
+                .as_deref()
+                .and_then(|j| serde_json::from_str::<StatusReport>(j).ok())
                 .map(|st| {
                     st.peers
                         .iter()
@@ -335,7 +344,11 @@ async fn service_info(s: &SharedState, row: &ServiceRow) -> ApiResult<ServiceInf
             .filter(|r| r.service == row.name)
             .map(|r| ReplicaInfo {
                 replica: r.name(),
-                node: nodes.iter().find(|n| n.id == r.node_id).map(|n| n.name.clone()).unwrap_or_default(),
+                node: nodes
+                    .iter()
+                    .find(|n| n.id == r.node_id)
+                    .map(|n| n.name.clone())
+                    .unwrap_or_default(),
                 ip: r.ip,
                 state: r.state.clone().unwrap_or_else(|| "pending".into()),
                 healthy: r.healthy,
@@ -361,10 +374,18 @@ async fn deploy_service(
         let cp_public = x25519_dalek::PublicKey::from(&s.secrets_key);
         Some(Some(berth_protocol::seal::seal(&cp_public, &plain)))
     };
-    let rev = s.store.deploy_service(&spec, secrets, s.offline_after_secs, false).await.map_err(deploy_error)?;
+    let rev = s
+        .store
+        .deploy_service(&spec, secrets, s.offline_after_secs, false)
+        .await
+        .map_err(deploy_error)?;
     tracing::info!(service = %spec.name, replicas = spec.replicas, revision = rev, "service deployed");
     s.revision_moved(rev).await;
-    let row = s.store.get_service(&spec.name).await?.ok_or_else(|| ApiErr::internal("service vanished"))?;
+    let row = s
+        .store
+        .get_service(&spec.name)
+        .await?
+        .ok_or_else(|| ApiErr::internal("service vanished"))?;
     Ok(Json(service_info(&s, &row).await?))
 }
 
@@ -383,7 +404,11 @@ async fn show_service(
     Path(name): Path<String>,
 ) -> ApiResult<Json<ServiceInfo>> {
     require_admin(&s, &headers)?;
-    let row = s.store.get_service(&name).await?.ok_or_else(|| ApiErr::not_found(format!("name: no service named {name:?}")))?;
+    let row = s
+        .store
+        .get_service(&name)
+        .await?
+        .ok_or_else(|| ApiErr::not_found(format!("name: no service named {name:?}")))?;
     Ok(Json(service_info(&s, &row).await?))
 }
 
@@ -395,13 +420,25 @@ async fn scale_service(
 ) -> ApiResult<Json<ServiceInfo>> {
     require_admin(&s, &headers)?;
     let req: ScaleRequest = parse_json(&body(raw)?)?;
-    let row = s.store.get_service(&name).await?.ok_or_else(|| ApiErr::not_found(format!("name: no service named {name:?}")))?;
+    let row = s
+        .store
+        .get_service(&name)
+        .await?
+        .ok_or_else(|| ApiErr::not_found(format!("name: no service named {name:?}")))?;
     let mut spec = row.spec.clone();
     spec.replicas = req.replicas;
     spec.validate().map_err(ApiErr::bad_request)?;
-    let rev = s.store.deploy_service(&spec, None, s.offline_after_secs, false).await.map_err(deploy_error)?;
+    let rev = s
+        .store
+        .deploy_service(&spec, None, s.offline_after_secs, false)
+        .await
+        .map_err(deploy_error)?;
     s.revision_moved(rev).await;
-    let row = s.store.get_service(&name).await?.ok_or_else(|| ApiErr::internal("service vanished"))?;
+    let row = s
+        .store
+        .get_service(&name)
+        .await?
+        .ok_or_else(|| ApiErr::internal("service vanished"))?;
     Ok(Json(service_info(&s, &row).await?))
 }
 
@@ -411,7 +448,11 @@ async fn remove_service(
     Path(name): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     require_admin(&s, &headers)?;
-    let rev = s.store.remove_service(&name).await?.ok_or_else(|| ApiErr::not_found(format!("name: no service named {name:?}")))?;
+    let rev = s
+        .store
+        .remove_service(&name)
+        .await?
+        .ok_or_else(|| ApiErr::not_found(format!("name: no service named {name:?}")))?;
     s.revision_moved(rev).await;
     Ok(Json(serde_json::json!({ "removed": name, "revision": rev })))
 }

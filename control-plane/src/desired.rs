@@ -6,9 +6,10 @@ use crate::store::nodes::NodeRow;
 use crate::store::services::{ReplicaRow, ServiceRow};
 use berth_protocol::service::{ContainerDesired, DnsReplica};
 use berth_protocol::{DesiredState, DnsService, NodeSelf, Peer};
-use x25519_dalek::StaticSecret;
 use ipnet::Ipv4Net;
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use x25519_dalek::StaticSecret;
 
 /// All nodes at one cluster revision.
 #[derive(Debug, Default)]
@@ -17,15 +18,62 @@ pub struct Snapshot {
     pub nodes: Vec<NodeRow>,
     pub services: Vec<ServiceRow>,
     pub replicas: Vec<ReplicaRow>,
+    /// Each node as a peer, JSON-encoded once per snapshot (see [`encode_for_node`]).
+    pub peer_json: HashMap<String, PeerJson>,
+}
+
+/// A node's peer entry, encoded with each endpoint another node may be given.
+#[derive(Debug, Default)]
+pub struct PeerJson {
+    /// Endpoint = its private address (for nodes on the same network).
+    pub private: Option<Vec<u8>>,
+    /// Endpoint = its public address, or none.
+    pub public: Vec<u8>,
+}
+
+fn peer(n: &NodeRow, endpoint: Option<SocketAddr>) -> Peer {
+    Peer {
+        node_id: n.id.clone(),
+        name: n.name.clone(),
+        wg_public_key: n.wg_public_key.clone(),
+        mesh_ip: n.mesh_ip,
+        subnet: n.subnet.to_string(),
+        endpoint,
+    }
+}
+
+fn same_network(a: &NodeRow, b: &NodeRow) -> bool {
+    matches!((a.private_addr, b.private_addr), (Some(x), Some(y)) if x.network() == y.network() && x.prefix_len() == y.prefix_len())
+}
+
+impl Snapshot {
+    pub fn new(revision: i64, nodes: Vec<NodeRow>, services: Vec<ServiceRow>, replicas: Vec<ReplicaRow>) -> Snapshot {
+        let peer_json = nodes
+            .iter()
+            .map(|n| {
+                let enc = |e| serde_json::to_vec(&peer(n, e)).unwrap_or_default();
+                let private = n
+                    .private_addr
+                    .map(|p| enc(Some(SocketAddr::new(IpAddr::V4(p.addr()), n.wg_port))));
+                let public = enc(n.public_ip.map(|ip| SocketAddr::new(ip, n.wg_port)));
+                (n.id.clone(), PeerJson { private, public })
+            })
+            .collect();
+        Snapshot {
+            revision,
+            nodes,
+            services,
+            replicas,
+            peer_json,
+        }
+    }
 }
 
 /// Where `from` should send packets for `to`: `to`'s private address when
 /// both sit on the same network, otherwise its public address.
 pub fn endpoint(from: &NodeRow, to: &NodeRow) -> Option<SocketAddr> {
-    if let (Some(a), Some(b)) = (from.private_addr, to.private_addr) {
-        if a.network() == b.network() && a.prefix_len() == b.prefix_len() {
-            return Some(SocketAddr::new(IpAddr::V4(b.addr()), to.wg_port));
-        }
+    if let (true, Some(b)) = (same_network(from, to), to.private_addr) {
+        return Some(SocketAddr::new(IpAddr::V4(b.addr()), to.wg_port));
     }
     to.public_ip.map(|ip| SocketAddr::new(ip, to.wg_port))
 }
@@ -49,7 +97,12 @@ pub fn dns_records(snap: &Snapshot) -> Vec<DnsService> {
                 .filter(|r| r.service == s.name)
                 .map(|r| DnsReplica {
                     replica: r.name(),
-                    node: snap.nodes.iter().find(|n| n.id == r.node_id).map(|n| n.name.clone()).unwrap_or_default(),
+                    node: snap
+                        .nodes
+                        .iter()
+                        .find(|n| n.id == r.node_id)
+                        .map(|n| n.name.clone())
+                        .unwrap_or_default(),
                     ip: r.ip,
                     healthy: r.healthy,
                 })
@@ -73,7 +126,10 @@ pub fn containers(snap: &Snapshot, node: &NodeRow, cp_key: &StaticSecret) -> Vec
                 ip: r.ip,
                 port: spec.port,
                 env: spec.env.clone(),
-                sealed_secrets: s.secrets_sealed.as_deref().and_then(|x| reseal(cp_key, x, node.sealing_key.as_deref())),
+                sealed_secrets: s
+                    .secrets_sealed
+                    .as_deref()
+                    .and_then(|x| reseal(cp_key, x, node.sealing_key.as_deref())),
                 command: spec.command.clone(),
                 cpu: spec.cpu,
                 memory: spec.memory,
@@ -93,20 +149,25 @@ pub fn for_node(
     subnet_pool: Ipv4Net,
     cp_key: &StaticSecret,
 ) -> Option<DesiredState> {
+    let mut d = without_peers(snap, node_id, mesh, subnet_pool, cp_key)?;
     let me = snap.nodes.iter().find(|n| n.id == node_id)?;
-    let peers = snap
+    d.peers = snap
         .nodes
         .iter()
         .filter(|n| n.id != me.id)
-        .map(|n| Peer {
-            node_id: n.id.clone(),
-            name: n.name.clone(),
-            wg_public_key: n.wg_public_key.clone(),
-            mesh_ip: n.mesh_ip,
-            subnet: n.subnet.to_string(),
-            endpoint: endpoint(me, n),
-        })
+        .map(|n| peer(n, endpoint(me, n)))
         .collect();
+    Some(d)
+}
+
+fn without_peers(
+    snap: &Snapshot,
+    node_id: &str,
+    mesh: Ipv4Net,
+    subnet_pool: Ipv4Net,
+    cp_key: &StaticSecret,
+) -> Option<DesiredState> {
+    let me = snap.nodes.iter().find(|n| n.id == node_id)?;
     Some(DesiredState {
         revision: me.revision as u64,
         node: NodeSelf {
@@ -119,10 +180,46 @@ pub fn for_node(
             subnet_pool: subnet_pool.to_string(),
             wg_port: me.wg_port,
         },
-        peers,
+        peers: vec![],
         containers: containers(snap, me, cp_key),
         dns: dns_records(snap),
     })
+}
+
+/// The same document as [`for_node`], as JSON, built from the snapshot's
+/// pre-encoded peers: a change that wakes N long-polls encodes each peer
+/// once instead of N times. Returns the revision and the bytes.
+pub fn encode_for_node(
+    snap: &Snapshot,
+    node_id: &str,
+    mesh: Ipv4Net,
+    subnet_pool: Ipv4Net,
+    cp_key: &StaticSecret,
+) -> Option<(u64, Vec<u8>)> {
+    let d = without_peers(snap, node_id, mesh, subnet_pool, cp_key)?;
+    let me = snap.nodes.iter().find(|n| n.id == node_id)?;
+    let head = serde_json::to_vec(&d).ok()?;
+    const EMPTY: &[u8] = b"\"peers\":[]";
+    // The first match is the top-level field: `node` holds no such key and
+    // quotes inside string values are escaped.
+    let at = head.windows(EMPTY.len()).position(|w| w == EMPTY)? + EMPTY.len() - 1;
+    let mut out = Vec::with_capacity(head.len() + snap.nodes.len() * 200);
+    out.extend_from_slice(&head[..at]);
+    let mut first = true;
+    for n in snap.nodes.iter().filter(|n| n.id != me.id) {
+        let pj = snap.peer_json.get(&n.id)?;
+        let json = match (&pj.private, same_network(me, n)) {
+            (Some(p), true) => p,
+            _ => &pj.public,
+        };
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        out.extend_from_slice(json);
+    }
+    out.extend_from_slice(&head[at..]);
+    Some((d.revision, out))
 }
 
 #[cfg(test)]
@@ -146,7 +243,7 @@ mod tests {
             applied_revision: 0,
             last_seen: None,
             agent_version: None,
-            status: None,
+            status_json: None,
             last_error: None,
             sealing_key: None,
         }
@@ -185,5 +282,29 @@ mod tests {
         assert_eq!(names, ["a", "b"]);
         assert_eq!(d.peers[0].endpoint, Some("198.18.0.11:51820".parse().unwrap()));
         assert!(for_node(&snap, "zz", mesh, pool, &key).is_none());
+    }
+
+    #[test]
+    fn encoded_document_equals_the_built_one() {
+        let nodes = vec![
+            node("a", Some("198.18.0.11/24"), Some("203.0.113.1"), "10.100.0.1", 9),
+            node("b", Some("198.18.0.12/24"), Some("203.0.113.2"), "10.100.0.2", 9),
+            node("c", Some("192.168.9.13/24"), Some("203.0.113.3"), "10.100.0.3", 9),
+            node("d", None, None, "10.100.0.4", 9),
+        ];
+        let snap = Snapshot::new(9, nodes, vec![], vec![]);
+        let key = StaticSecret::from([3u8; 32]);
+        let (mesh, pool) = ("10.100.0.0/16".parse().unwrap(), "10.200.0.0/13".parse().unwrap());
+        for id in ["a", "b", "c", "d"] {
+            let built = for_node(&snap, id, mesh, pool, &key).unwrap();
+            let (rev, bytes) = encode_for_node(&snap, id, mesh, pool, &key).unwrap();
+            let decoded: DesiredState = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(decoded, built, "node {id}");
+            assert_eq!(rev, 9);
+        }
+        let a = for_node(&snap, "a", mesh, pool, &key).unwrap();
+        assert_eq!(a.peers[0].endpoint, Some("198.18.0.12:51820".parse().unwrap()));
+        assert_eq!(a.peers[1].endpoint, Some("203.0.113.3:51820".parse().unwrap()));
+        assert_eq!(a.peers[2].endpoint, None);
     }
 }

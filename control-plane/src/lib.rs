@@ -70,13 +70,15 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
     });
     let state = state::AppState::new(
         store.clone(),
-        cfg.pools,
-        tls.ca_hash.clone(),
-        tls.ca_pem.clone(),
-        admin_hash,
-        secrets_key,
-        advertise_url,
-        cfg.offline_after_secs,
+        state::StateParts {
+            pools: cfg.pools,
+            ca_hash: tls.ca_hash.clone(),
+            ca_pem: tls.ca_pem.clone(),
+            admin_token_hash: admin_hash,
+            secrets_key,
+            advertise_url,
+            offline_after_secs: cfg.offline_after_secs,
+        },
     )
     .await?;
     if store.backend == store::Backend::Postgres {

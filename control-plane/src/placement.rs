@@ -65,7 +65,12 @@ pub fn place(
             .next()
             .filter(|id| is_eligible(id))
             .cloned()
-            .or_else(|| eligible.iter().min_by_key(|c| (c.load, c.name.clone())).map(|c| c.id.clone()))
+            .or_else(|| {
+                eligible
+                    .iter()
+                    .min_by_key(|c| (c.load, c.name.clone()))
+                    .map(|c| c.id.clone())
+            })
     };
     let mut per_node: BTreeMap<&str, usize> = BTreeMap::new();
     for id in out.values() {
@@ -79,9 +84,7 @@ pub fn place(
         let id = match &sticky {
             Some(id) => id.clone(),
             None => {
-                let mine = |c: &Candidate| {
-                    out.values().filter(|v| **v == c.id).count()
-                };
+                let mine = |c: &Candidate| out.values().filter(|v| **v == c.id).count();
                 eligible
                     .iter()
                     .min_by_key(|c| (mine(c), c.load + extra.get(&c.id).copied().unwrap_or(0), c.name.clone()))
@@ -115,7 +118,13 @@ mod tests {
     fn nodes() -> Vec<Candidate> {
         ["a", "b", "c"]
             .iter()
-            .map(|n| Candidate { id: format!("id-{n}"), name: n.to_string(), online: true, worker: true, load: 0 })
+            .map(|n| Candidate {
+                id: format!("id-{n}"),
+                name: n.to_string(),
+                online: true,
+                worker: true,
+                load: 0,
+            })
             .collect()
     }
 
@@ -139,7 +148,13 @@ mod tests {
         let mut ns = nodes();
         ns[0].load = 5;
         ns[1].online = false;
-        ns.push(Candidate { id: "id-p".into(), name: "p".into(), online: true, worker: false, load: 0 });
+        ns.push(Candidate {
+            id: "id-p".into(),
+            name: "p".into(),
+            online: true,
+            worker: false,
+            load: 0,
+        });
         let p = place(&spec(1), &BTreeMap::new(), &ns).unwrap();
         assert_eq!(p[&0], "id-c");
     }
@@ -172,7 +187,10 @@ mod tests {
         assert!(place(&s, &BTreeMap::new(), &nodes()).unwrap_err().starts_with("nodes:"));
 
         let mut v = spec(2);
-        v.volumes.push(Volume { name: "data".into(), path: "/data".into() });
+        v.volumes.push(Volume {
+            name: "data".into(),
+            path: "/data".into(),
+        });
         let existing: BTreeMap<u32, String> = [(0, "id-c".to_string())].into();
         let p = place(&v, &existing, &nodes()).unwrap();
         assert_eq!(count(&p, "id-c"), 2, "volume services stay on their node");
@@ -182,7 +200,9 @@ mod tests {
     fn no_node_fits() {
         let mut ns = nodes();
         ns.iter_mut().for_each(|n| n.online = false);
-        assert!(place(&spec(1), &BTreeMap::new(), &ns).unwrap_err().starts_with("replicas:"));
+        assert!(place(&spec(1), &BTreeMap::new(), &ns)
+            .unwrap_err()
+            .starts_with("replicas:"));
         assert!(place(&spec(0), &BTreeMap::new(), &ns).unwrap().is_empty());
     }
 

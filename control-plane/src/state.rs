@@ -27,17 +27,28 @@ pub struct AppState {
 
 pub type SharedState = Arc<AppState>;
 
+/// What the server state is made from, besides the store.
+pub struct StateParts {
+    pub pools: Pools,
+    pub ca_hash: String,
+    pub ca_pem: String,
+    pub admin_token_hash: String,
+    pub secrets_key: x25519_dalek::StaticSecret,
+    pub advertise_url: String,
+    pub offline_after_secs: i64,
+}
+
 impl AppState {
-    pub async fn new(
-        store: Store,
-        pools: Pools,
-        ca_hash: String,
-        ca_pem: String,
-        admin_token_hash: String,
-        secrets_key: x25519_dalek::StaticSecret,
-        advertise_url: String,
-        offline_after_secs: i64,
-    ) -> anyhow::Result<SharedState> {
+    pub async fn new(store: Store, parts: StateParts) -> anyhow::Result<SharedState> {
+        let StateParts {
+            pools,
+            ca_hash,
+            ca_pem,
+            admin_token_hash,
+            secrets_key,
+            advertise_url,
+            offline_after_secs,
+        } = parts;
         let rev = store.revision().await?;
         let (tx, _) = watch::channel(rev);
         Ok(Arc::new(AppState {
@@ -50,7 +61,10 @@ impl AppState {
             advertise_url,
             offline_after_secs,
             revision: tx,
-            snapshot: Mutex::new(Arc::new(Snapshot { revision: -1, ..Default::default() })),
+            snapshot: Mutex::new(Arc::new(Snapshot {
+                revision: -1,
+                ..Default::default()
+            })),
         }))
     }
 
@@ -95,7 +109,7 @@ impl AppState {
         let nodes = self.store.list_nodes().await?;
         let services = self.store.list_services().await?;
         let replicas = self.store.list_replicas().await?;
-        *cached = Arc::new(Snapshot { revision, nodes, services, replicas });
+        *cached = Arc::new(Snapshot::new(revision, nodes, services, replicas));
         Ok(cached.clone())
     }
 }

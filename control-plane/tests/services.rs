@@ -36,8 +36,18 @@ async fn node(cp: &Cp, name: &str) -> Node {
 }
 
 async fn report(cp: &Cp, n: &Node, containers: Vec<ContainerStatus>) {
-    let body = serde_json::to_vec(&StatusReport { containers, ..Default::default() }).unwrap();
-    let r = Reply::from(cp.signed(&n.agent, Method::POST, "/v1/agent/status", body).send().await.unwrap()).await;
+    let body = serde_json::to_vec(&StatusReport {
+        containers,
+        ..Default::default()
+    })
+    .unwrap();
+    let r = Reply::from(
+        cp.signed(&n.agent, Method::POST, "/v1/agent/status", body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 }
 
@@ -64,7 +74,11 @@ async fn deploy_scale_move_and_health(db: &Db) {
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    assert!(!r.body.contains("hunter2-secret"), "the API echoed a secret: {}", r.body);
+    assert!(
+        !r.body.contains("hunter2-secret"),
+        "the API echoed a secret: {}",
+        r.body
+    );
     let info: ServiceInfo = r.json();
     assert_eq!(info.secret_names, ["API_KEY"]);
     assert_eq!(info.replicas.len(), 2);
@@ -79,7 +93,11 @@ async fn deploy_scale_move_and_health(db: &Db) {
         let subnet: ipnet::Ipv4Net = d.node.subnet.parse().unwrap();
         for ctr in &d.containers {
             placed += 1;
-            assert!(subnet.contains(&ctr.ip) && ctr.ip != subnet.hosts().next().unwrap(), "{} in {subnet}", ctr.ip);
+            assert!(
+                subnet.contains(&ctr.ip) && ctr.ip != subnet.hosts().next().unwrap(),
+                "{} in {subnet}",
+                ctr.ip
+            );
             assert_eq!(ctr.env["MODE"], "demo");
             let sealed = ctr.sealed_secrets.as_deref().expect("secrets sent sealed");
             assert!(!sealed.contains("hunter2"));
@@ -90,7 +108,10 @@ async fn deploy_scale_move_and_health(db: &Db) {
             assert!(berth_protocol::seal::open(&other.seal, sealed).is_err());
         }
         assert_eq!(d.dns.len(), 1);
-        assert!(d.dns[0].replicas.iter().all(|r| !r.healthy), "nothing reported healthy yet");
+        assert!(
+            d.dns[0].replicas.iter().all(|r| !r.healthy),
+            "nothing reported healthy yet"
+        );
     }
     assert_eq!(placed, 2);
     let listed = Reply::from(cp.admin(Method::GET, "/v1/services").send().await.unwrap()).await;
@@ -114,13 +135,22 @@ async fn deploy_scale_move_and_health(db: &Db) {
             .collect();
         report(&cp, &a, st).await;
         let d2: DesiredState = cp.desired(&c.agent, rev, 5).await.json();
-        let healthy: Vec<_> = d2.dns[0].replicas.iter().filter(|r| r.healthy).map(|r| r.replica.clone()).collect();
+        let healthy: Vec<_> = d2.dns[0]
+            .replicas
+            .iter()
+            .filter(|r| r.healthy)
+            .map(|r| r.replica.clone())
+            .collect();
         assert_eq!(healthy, on_a);
     }
 
     // Scale to 3: one per node. Scale to 0: nothing anywhere, the name stays.
     let r = Reply::from(
-        cp.admin(Method::POST, "/v1/services/web/scale").json(&serde_json::json!({"replicas": 3})).send().await.unwrap(),
+        cp.admin(Method::POST, "/v1/services/web/scale")
+            .json(&serde_json::json!({"replicas": 3}))
+            .send()
+            .await
+            .unwrap(),
     )
     .await;
     let info: ServiceInfo = r.json();
@@ -133,13 +163,22 @@ async fn deploy_scale_move_and_health(db: &Db) {
     // Removing node c moves its replica to a or b.
     let r = Reply::from(cp.admin(Method::DELETE, "/v1/nodes/c").send().await.unwrap()).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    let info: ServiceInfo =
-        Reply::from(cp.admin(Method::GET, "/v1/services/web").send().await.unwrap()).await.json();
+    let info: ServiceInfo = Reply::from(cp.admin(Method::GET, "/v1/services/web").send().await.unwrap())
+        .await
+        .json();
     assert_eq!(info.replicas.len(), 3);
-    assert!(info.replicas.iter().all(|r| r.node == "a" || r.node == "b"), "{:?}", info.replicas);
+    assert!(
+        info.replicas.iter().all(|r| r.node == "a" || r.node == "b"),
+        "{:?}",
+        info.replicas
+    );
 
     let r = Reply::from(
-        cp.admin(Method::POST, "/v1/services/web/scale").json(&serde_json::json!({"replicas": 0})).send().await.unwrap(),
+        cp.admin(Method::POST, "/v1/services/web/scale")
+            .json(&serde_json::json!({"replicas": 0}))
+            .send()
+            .await
+            .unwrap(),
     )
     .await;
     assert!(r.json::<ServiceInfo>().replicas.is_empty());
@@ -160,13 +199,41 @@ async fn bad_services_change_nothing(db: &Db) {
     assert_eq!(deploy(&cp, ok).await.status, StatusCode::OK);
     let mut before = cp.revision().await;
     let cases = [
-        (serde_json::json!({"name": "Bad", "image": "x"}), StatusCode::BAD_REQUEST, "name:"),
-        (serde_json::json!({"name": "web", "image": "Not An Image"}), StatusCode::BAD_REQUEST, "image:"),
-        (serde_json::json!({"name": "web", "image": "x", "port": 70000}), StatusCode::BAD_REQUEST, "body:"),
-        (serde_json::json!({"name": "web", "image": "x", "port": 0}), StatusCode::BAD_REQUEST, "port:"),
-        (serde_json::json!({"name": "web", "image": "x", "nodes": ["nosuch"]}), StatusCode::BAD_REQUEST, "nodes:"),
-        (serde_json::json!({"name": "web", "image": "x", "replicas": 2, "nodes": []}), StatusCode::OK, ""),
-        (serde_json::json!({"name": "web", "image": "x", "colour": "red"}), StatusCode::BAD_REQUEST, "body:"),
+        (
+            serde_json::json!({"name": "Bad", "image": "x"}),
+            StatusCode::BAD_REQUEST,
+            "name:",
+        ),
+        (
+            serde_json::json!({"name": "web", "image": "Not An Image"}),
+            StatusCode::BAD_REQUEST,
+            "image:",
+        ),
+        (
+            serde_json::json!({"name": "web", "image": "x", "port": 70000}),
+            StatusCode::BAD_REQUEST,
+            "body:",
+        ),
+        (
+            serde_json::json!({"name": "web", "image": "x", "port": 0}),
+            StatusCode::BAD_REQUEST,
+            "port:",
+        ),
+        (
+            serde_json::json!({"name": "web", "image": "x", "nodes": ["nosuch"]}),
+            StatusCode::BAD_REQUEST,
+            "nodes:",
+        ),
+        (
+            serde_json::json!({"name": "web", "image": "x", "replicas": 2, "nodes": []}),
+            StatusCode::OK,
+            "",
+        ),
+        (
+            serde_json::json!({"name": "web", "image": "x", "colour": "red"}),
+            StatusCode::BAD_REQUEST,
+            "body:",
+        ),
     ];
     for (spec, status, prefix) in cases {
         let r = deploy(&cp, spec.clone()).await;

@@ -52,7 +52,9 @@ pub fn seal(recipient: &PublicKey, plaintext: &[u8]) -> String {
 
 /// Opens a sealed box with the recipient's private key.
 pub fn open(secret: &StaticSecret, sealed_b64: &str) -> Result<Vec<u8>, String> {
-    let raw = B64.decode(sealed_b64).map_err(|_| "sealed box: not base64".to_string())?;
+    let raw = B64
+        .decode(sealed_b64)
+        .map_err(|_| "sealed box: not base64".to_string())?;
     if raw.len() < 32 + 12 + 16 {
         return Err("sealed box: too short".into());
     }

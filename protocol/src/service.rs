@@ -59,7 +59,8 @@ pub const MAX_REPLICAS: u32 = 100;
 
 fn valid_env_key(k: &str) -> bool {
     let mut c = k.chars();
-    matches!(c.next(), Some(f) if f == '_' || f.is_ascii_alphabetic()) && c.all(|ch| ch == '_' || ch.is_ascii_alphanumeric())
+    matches!(c.next(), Some(f) if f == '_' || f.is_ascii_alphabetic())
+        && c.all(|ch| ch == '_' || ch.is_ascii_alphanumeric())
 }
 
 /// Checks an image reference (`[registry/]repo[:tag][@digest]`), lowercase repository.
@@ -68,7 +69,10 @@ pub fn validate_image(image: &str) -> Result<(), String> {
     if image.is_empty() || image.len() > 255 {
         return bad("must be 1-255 characters");
     }
-    if !image.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b)) {
+    if !image
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b))
+    {
         return bad("has characters not allowed in an image reference");
     }
     let (repo, _digest) = image.split_once('@').unwrap_or((image, ""));
@@ -76,8 +80,21 @@ pub fn validate_image(image: &str) -> Result<(), String> {
         Some(i) if !repo[i..].contains('/') => &repo[..i],
         _ => repo,
     };
-    let path = name.split_once('/').map(|(first, rest)| if first.contains('.') || first.contains(':') || first == "localhost" { rest } else { name }).unwrap_or(name);
-    if path.is_empty() || path.bytes().any(|b| b.is_ascii_uppercase()) || path.starts_with(['.', '-', '/']) || path.ends_with('/') {
+    let path = name
+        .split_once('/')
+        .map(|(first, rest)| {
+            if first.contains('.') || first.contains(':') || first == "localhost" {
+                rest
+            } else {
+                name
+            }
+        })
+        .unwrap_or(name);
+    if path.is_empty()
+        || path.bytes().any(|b| b.is_ascii_uppercase())
+        || path.starts_with(['.', '-', '/'])
+        || path.ends_with('/')
+    {
         return bad("is not a valid image reference (repository must be lowercase)");
     }
     Ok(())
@@ -105,7 +122,10 @@ impl ServiceSpec {
         for v in &self.volumes {
             validate_dns_label("volumes.name", &v.name)?;
             if !v.path.starts_with('/') || v.path.contains("..") {
-                return Err(format!("volumes.path: {:?} must be an absolute path without '..'", v.path));
+                return Err(format!(
+                    "volumes.path: {:?} must be an absolute path without '..'",
+                    v.path
+                ));
             }
         }
         if let Some(c) = self.cpu {
@@ -140,7 +160,9 @@ impl ServiceSpec {
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let n: u64 = t[..split].parse().map_err(|_| format!("{s:?} is not a size like 256M or 1G"))?;
+    let n: u64 = t[..split]
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 256M or 1G"))?;
     let mult: u64 = match t[split..].to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "ki" | "kib" => 1 << 10,
@@ -209,15 +231,35 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let cases: Vec<(Box<dyn Fn(&mut ServiceSpec)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut ServiceSpec)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|s| s.name = "Web".into()), "name:"),
             (Box::new(|s| s.image = "Bad Image".into()), "image:"),
             (Box::new(|s| s.image = "docker.io/Library/x".into()), "image:"),
             (Box::new(|s| s.port = Some(0)), "port:"),
             (Box::new(|s| s.replicas = 1000), "replicas:"),
-            (Box::new(|s| { s.env.insert("1X".into(), "v".into()); }), "env:"),
-            (Box::new(|s| { s.env.insert("K".into(), "v".into()); s.secrets.insert("K".into(), "v".into()); }), "secrets:"),
-            (Box::new(|s| s.volumes.push(Volume { name: "data".into(), path: "rel".into() })), "volumes.path:"),
+            (
+                Box::new(|s| {
+                    s.env.insert("1X".into(), "v".into());
+                }),
+                "env:",
+            ),
+            (
+                Box::new(|s| {
+                    s.env.insert("K".into(), "v".into());
+                    s.secrets.insert("K".into(), "v".into());
+                }),
+                "secrets:",
+            ),
+            (
+                Box::new(|s| {
+                    s.volumes.push(Volume {
+                        name: "data".into(),
+                        path: "rel".into(),
+                    })
+                }),
+                "volumes.path:",
+            ),
             (Box::new(|s| s.cpu = Some(0.0)), "cpu:"),
             (Box::new(|s| s.memory = Some(10)), "memory:"),
             (Box::new(|s| s.health_http = Some("healthz".into())), "health_http:"),
@@ -233,7 +275,12 @@ mod tests {
 
     #[test]
     fn image_references() {
-        for ok in ["busybox", "localhost/a/b:1", "registry.example:5000/x/y@sha256:abc", "198.18.0.1:5000/demo:latest"] {
+        for ok in [
+            "busybox",
+            "localhost/a/b:1",
+            "registry.example:5000/x/y@sha256:abc",
+            "198.18.0.1:5000/demo:latest",
+        ] {
             validate_image(ok).unwrap();
         }
         for bad in ["", "UPPER", "a b", "x/", "-x"] {

@@ -26,7 +26,9 @@ pub struct NodeRow {
     pub applied_revision: i64,
     pub last_seen: Option<i64>,
     pub agent_version: Option<String>,
-    pub status: Option<StatusReport>,
+    /// The last status report, raw: parsed only where it is shown, since
+    /// every signed request and every snapshot reads node rows.
+    pub status_json: Option<String>,
     pub last_error: Option<String>,
     pub sealing_key: Option<String>,
 }
@@ -52,7 +54,7 @@ impl NodeRow {
             applied_revision: r.get("applied_revision"),
             last_seen: r.get("last_seen"),
             agent_version: opt("agent_version"),
-            status: opt("status_json").and_then(|s| serde_json::from_str(&s).ok()),
+            status_json: opt("status_json"),
             last_error: opt("last_error"),
             sealing_key: opt("sealing_key"),
         }
@@ -241,7 +243,9 @@ impl Store {
                     return Ok(None);
                 }
                 // Its replicas move to other nodes.
-                sqlx::query("DELETE FROM replicas WHERE node_id NOT IN (SELECT id FROM nodes)").execute(&mut *tx).await?;
+                sqlx::query("DELETE FROM replicas WHERE node_id NOT IN (SELECT id FROM nodes)")
+                    .execute(&mut *tx)
+                    .await?;
                 match super::services::replan_after_node_removal(&mut tx, offline_after).await {
                     Ok(()) => {}
                     Err(super::services::DeployError::Store(e)) => return Err(e),

@@ -82,7 +82,11 @@ fn service_from_row(r: &AnyRow) -> ServiceRow {
         command: None,
         nodes: vec![],
     });
-    ServiceRow { name: r.get("name"), spec, secrets_sealed: r.get("secrets_sealed") }
+    ServiceRow {
+        name: r.get("name"),
+        spec,
+        secrets_sealed: r.get("secrets_sealed"),
+    }
 }
 
 impl Store {
@@ -94,9 +98,11 @@ impl Store {
     }
 
     pub async fn list_replicas(&self) -> sqlx::Result<Vec<ReplicaRow>> {
-        let rows = sqlx::query(&format!("SELECT {REPLICA_COLUMNS} FROM replicas ORDER BY service, ordinal"))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {REPLICA_COLUMNS} FROM replicas ORDER BY service, ordinal"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.iter().map(ReplicaRow::from_row).collect())
     }
 
@@ -131,7 +137,9 @@ impl Store {
         let now = now();
         let mut tx = self.pool.begin().await?;
         // Serialise writers (see register_node).
-        sqlx::query("UPDATE revision_counter SET value = value WHERE id = 1").execute(&mut *tx).await?;
+        sqlx::query("UPDATE revision_counter SET value = value WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
         let mut stored = spec.clone();
         stored.secrets.clear();
         let json = serde_json::to_string(&stored).map_err(|e| DeployError::Invalid(e.to_string()))?;
@@ -141,7 +149,10 @@ impl Store {
             .await?;
         match exists {
             Some(_) if create_only => {
-                return Err(DeployError::Invalid(format!("name: a service named {:?} already exists", spec.name)))
+                return Err(DeployError::Invalid(format!(
+                    "name: a service named {:?} already exists",
+                    spec.name
+                )))
             }
             Some(row) => {
                 let sealed: Option<String> = match secrets {
@@ -185,11 +196,18 @@ impl Store {
     /// Removes a service and its replicas; None if there was no such service.
     pub async fn remove_service(&self, name: &str) -> sqlx::Result<Option<i64>> {
         let mut tx = self.pool.begin().await?;
-        let gone = sqlx::query("DELETE FROM services WHERE name = $1").bind(name).execute(&mut *tx).await?.rows_affected();
+        let gone = sqlx::query("DELETE FROM services WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         if gone == 0 {
             return Ok(None);
         }
-        sqlx::query("DELETE FROM replicas WHERE service = $1").bind(name).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM replicas WHERE service = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
         let rev = bump_all(&mut tx).await?;
         tx.commit().await?;
         Ok(Some(rev))
@@ -206,7 +224,9 @@ impl Store {
         let mine: Vec<ReplicaRow> = rows.iter().map(ReplicaRow::from_row).collect();
         let mut health_changed = false;
         for r in &mine {
-            let Some(st) = report.iter().find(|s| s.replica == r.name()) else { continue };
+            let Some(st) = report.iter().find(|s| s.replica == r.name()) else {
+                continue;
+            };
             if st.healthy != r.healthy {
                 health_changed = true;
             }
@@ -233,7 +253,11 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        let rev = if health_changed { Some(bump_all(&mut tx).await?) } else { None };
+        let rev = if health_changed {
+            Some(bump_all(&mut tx).await?)
+        } else {
+            None
+        };
         tx.commit().await?;
         Ok(rev)
     }
@@ -243,10 +267,19 @@ impl Store {
 /// drops what is gone, adds what is missing with a fresh IP on its node.
 /// With `strict` false (node removal), a service that no longer fits
 /// keeps whatever replicas still have a node instead of failing.
-pub async fn replan(tx: &mut Transaction<'_, Any>, spec: &ServiceSpec, offline_after: i64, strict: bool) -> Result<(), DeployError> {
+pub async fn replan(
+    tx: &mut Transaction<'_, Any>,
+    spec: &ServiceSpec,
+    offline_after: i64,
+    strict: bool,
+) -> Result<(), DeployError> {
     let now = now();
-    let nodes = sqlx::query("SELECT id, name, role, last_seen, subnet FROM nodes").fetch_all(&mut **tx).await?;
-    let all = sqlx::query(&format!("SELECT {REPLICA_COLUMNS} FROM replicas")).fetch_all(&mut **tx).await?;
+    let nodes = sqlx::query("SELECT id, name, role, last_seen, subnet FROM nodes")
+        .fetch_all(&mut **tx)
+        .await?;
+    let all = sqlx::query(&format!("SELECT {REPLICA_COLUMNS} FROM replicas"))
+        .fetch_all(&mut **tx)
+        .await?;
     let all: Vec<ReplicaRow> = all.iter().map(ReplicaRow::from_row).collect();
     let mut load: HashMap<String, usize> = HashMap::new();
     for r in all.iter().filter(|r| r.service != spec.name) {
@@ -257,22 +290,34 @@ pub async fn replan(tx: &mut Transaction<'_, Any>, spec: &ServiceSpec, offline_a
         .iter()
         .map(|n| {
             let id: String = n.get("id");
-            subnets.insert(id.clone(), (n.get("name"), n.get::<String, _>("subnet").parse().unwrap_or_default()));
+            subnets.insert(
+                id.clone(),
+                (n.get("name"), n.get::<String, _>("subnet").parse().unwrap_or_default()),
+            );
             Candidate {
                 name: n.get("name"),
-                online: n.get::<Option<i64>, _>("last_seen").is_some_and(|t| now - t <= offline_after),
+                online: n
+                    .get::<Option<i64>, _>("last_seen")
+                    .is_some_and(|t| now - t <= offline_after),
                 worker: n.get::<String, _>("role") == "worker",
                 load: load.get(&id).copied().unwrap_or(0),
                 id,
             }
         })
         .collect();
-    let existing: BTreeMap<u32, String> =
-        all.iter().filter(|r| r.service == spec.name).map(|r| (r.ordinal, r.node_id.clone())).collect();
+    let existing: BTreeMap<u32, String> = all
+        .iter()
+        .filter(|r| r.service == spec.name)
+        .map(|r| (r.ordinal, r.node_id.clone()))
+        .collect();
     let plan = match placement::place(spec, &existing, &candidates) {
         Ok(p) => p,
         Err(e) if strict => return Err(DeployError::Invalid(e)),
-        Err(_) => existing.iter().filter(|(_, id)| subnets.contains_key(*id)).map(|(o, id)| (*o, id.clone())).collect(),
+        Err(_) => existing
+            .iter()
+            .filter(|(_, id)| subnets.contains_key(*id))
+            .map(|(o, id)| (*o, id.clone()))
+            .collect(),
     };
     for (ordinal, node) in &existing {
         if plan.get(ordinal) != Some(node) {
@@ -308,7 +353,9 @@ pub async fn replan(tx: &mut Transaction<'_, Any>, spec: &ServiceSpec, offline_a
 
 /// After a node is removed: moves the replicas it held to other nodes.
 pub async fn replan_after_node_removal(tx: &mut Transaction<'_, Any>, offline_after: i64) -> Result<(), DeployError> {
-    let rows = sqlx::query("SELECT name, spec_json, secrets_sealed FROM services").fetch_all(&mut **tx).await?;
+    let rows = sqlx::query("SELECT name, spec_json, secrets_sealed FROM services")
+        .fetch_all(&mut **tx)
+        .await?;
     for s in rows.iter().map(service_from_row) {
         replan(tx, &s.spec, offline_after, false).await?;
     }

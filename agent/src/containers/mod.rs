@@ -1,0 +1,3 @@
+//! Containers: what the node runs through Podman.
+
+pub mod diff;

@@ -1,0 +1,609 @@
+//! bench-cp-scale: one control plane, N simulated agents.
+//!
+//! Starts `berth-control-plane serve` (SQLite in a temporary directory, on
+//! 127.0.0.1), creates N join tokens through the admin API, registers N
+//! simulated agents (fresh Ed25519 signing keys, random WireGuard public keys)
+//! with the agent's own signed HTTPS client, then runs one long-poll loop per
+//! simulated agent (one tokio task each, all in this process), the way
+//! `berth-agent` does: poll with `after=<last revision>`, and after each new
+//! revision post a status report and poll again; plus a heartbeat report
+//! every `--heartbeat` seconds.
+//!
+//! Fan-out time of one change: t0 = just before the admin `DELETE
+//! /v1/nodes/<name>` is sent; t1 = the moment the last of the remaining
+//! simulated agents has received (and parsed) a desired state carrying the
+//! revision that DELETE returned. Repeated `--changes` times.
+//!
+//! The simulated agents run on the same CPUs as the control plane, so every
+//! figure includes the bench's own TLS and JSON work.
+
+use anyhow::{bail, Context};
+use base64::{engine::general_purpose::STANDARD as B64, Engine};
+use berth_agent::client::{Client, Poll, Refused};
+use berth_bench::{
+    init_tls, loadavg, machine_ticks, mib, ms, print_summary, raise_nofile, sample, sample_pid, ticks_secs,
+    until_interrupted, ProcSample, ProcessGuard,
+};
+use berth_cli::client::{AdminClient, Target};
+use berth_protocol::{PeerStatus, RegisterRequest, StatusReport};
+use clap::Parser;
+use ed25519_dalek::SigningKey;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+
+#[derive(Parser, Clone)]
+#[command(
+    name = "bench-cp-scale",
+    about = "Control plane with N simulated agents: registration, long-poll fan-out, CPU, memory"
+)]
+struct Args {
+    /// Simulated agents.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Concurrent registrations (and token creations).
+    #[arg(long, default_value_t = 50)]
+    concurrency: usize,
+    /// Changes (node removals) whose fan-out is measured.
+    #[arg(long, default_value_t = 5)]
+    changes: usize,
+    /// Long-poll wait the simulated agents ask for, seconds (berth-agent: 25).
+    #[arg(long, default_value_t = 25)]
+    wait: u64,
+    /// Heartbeat report interval of each simulated agent, seconds; 0 = none
+    /// (berth-agent default: 10).
+    #[arg(long, default_value_t = 10)]
+    heartbeat: u64,
+    /// Status reports carry one entry per peer, like berth-agent's
+    /// (`peers`: key, handshake age, byte counters). `false` sends none.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    report_peers: bool,
+    /// Pause between measured changes, seconds (lets re-polls and reports settle).
+    #[arg(long, default_value_t = 3)]
+    settle: u64,
+    /// Give up waiting for one fan-out after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Keep the control plane's temporary directory (store, log) afterwards.
+    #[arg(long)]
+    keep_dir: bool,
+}
+
+/// What the simulated agents share with the coordinator.
+struct Shared {
+    /// Highest revision each agent has received.
+    received: Vec<AtomicU64>,
+    /// Agents the bench removed (their 410 is expected; they stop).
+    removed: Vec<AtomicBool>,
+    /// Last peer list per agent (for status reports), when --report-peers.
+    peers: Vec<Mutex<Arc<Vec<PeerStatus>>>>,
+    poll_errors: AtomicU64,
+    report_errors: AtomicU64,
+    report_413: AtomicU64,
+    reports_ok: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    events: mpsc::UnboundedSender<(usize, u64, Instant)>,
+}
+
+impl Shared {
+    fn note_error(&self, e: &anyhow::Error) {
+        *self.last_error.lock().unwrap() = Some(format!("{e:#}"));
+    }
+}
+
+struct Sim {
+    name: String,
+    client: Arc<Client>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn cpu_line(label: &str, before: ProcSample, after: ProcSample, wall: Duration) -> String {
+    let secs = ticks_secs(after.cpu_ticks.saturating_sub(before.cpu_ticks));
+    format!(
+        "{label} CPU {secs:.2} s over {:.2} s wall = {:.0} % of one core",
+        wall.as_secs_f64(),
+        100.0 * secs / wall.as_secs_f64().max(1e-9)
+    )
+}
+
+async fn start_cp(dir: &Path, port: u16) -> anyhow::Result<(ProcessGuard, String, AdminClient, PathBuf)> {
+    let bin = berth_cli::lab::default_bin_dir().join("berth-control-plane");
+    if !bin.exists() {
+        bail!(
+            "{} not found: build with `cargo build --release --workspace`",
+            bin.display()
+        );
+    }
+    let cp_dir = dir.join("cp");
+    let args: Vec<String> = [
+        "serve",
+        "--data-dir",
+        &cp_dir.display().to_string(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--san",
+        "127.0.0.1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let log = dir.join("cp.log");
+    let pid = berth_cli::lab::process::spawn_daemon(None, &bin, &args, &[("BERTH_LOG".into(), "warn".into())], &log)?;
+    let guard = ProcessGuard {
+        pid,
+        name: "berth-control-plane",
+    };
+    let url = format!("https://127.0.0.1:{port}");
+    let target = Target {
+        url: url.clone(),
+        admin_token_file: cp_dir.join("admin.token"),
+        ca_file: cp_dir.join("ca.pem"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if target.admin_token_file.exists() {
+            if let Ok(a) = AdminClient::new(&target) {
+                if a.revision().await.is_ok() {
+                    return Ok((guard, url, a, target.ca_file));
+                }
+            }
+        }
+        if !berth_cli::lab::process::is_alive(pid) {
+            bail!("the control plane exited; see {}", log.display());
+        }
+        if Instant::now() > deadline {
+            bail!("the control plane did not answer within 20 s; see {}", log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The long-poll loop of one simulated agent.
+async fn poll_loop(idx: usize, client: Arc<Client>, shared: Arc<Shared>, wait: u64, report_peers: bool) {
+    let mut after = 0u64;
+    loop {
+        match client.poll_desired(after, wait).await {
+            Ok(Poll::Unchanged) => {}
+            Ok(Poll::Changed(d)) => {
+                let at = Instant::now();
+                after = d.revision;
+                shared.received[idx].store(d.revision, Ordering::SeqCst);
+                let _ = shared.events.send((idx, d.revision, at));
+                let peers: Vec<PeerStatus> = if report_peers {
+                    d.peers
+                        .iter()
+                        .map(|p| PeerStatus {
+                            wg_public_key: p.wg_public_key.clone(),
+                            handshake_age_secs: Some(rand::random::<u64>() % 120),
+                            rx_bytes: rand::random::<u32>() as u64,
+                            tx_bytes: rand::random::<u32>() as u64,
+                        })
+                        .collect()
+                } else {
+                    vec![]
+                };
+                drop(d);
+                let peers = Arc::new(peers);
+                *shared.peers[idx].lock().unwrap() = peers.clone();
+                send_report(idx, &client, &shared, after, &peers).await;
+            }
+            Err(e) => {
+                if shared.removed[idx].load(Ordering::SeqCst) {
+                    return; // removed by the bench: 410/401 is the expected answer
+                }
+                shared.poll_errors.fetch_add(1, Ordering::Relaxed);
+                shared.note_error(&e);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+async fn send_report(idx: usize, client: &Client, shared: &Shared, applied: u64, peers: &[PeerStatus]) {
+    // `..Default::default()`: fields the protocol adds later take their defaults.
+    #[allow(clippy::needless_update)]
+    let report = StatusReport {
+        applied_revision: applied,
+        agent_version: "bench-sim".into(),
+        peers: peers.to_vec(),
+        error: None,
+        rss_bytes: Some(20 << 20),
+        ..Default::default()
+    };
+    match client.report(&report).await {
+        Ok(()) => {
+            shared.reports_ok.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(_) if shared.removed[idx].load(Ordering::SeqCst) => {} // expected: removed by the bench
+        Err(e) => {
+            shared.report_errors.fetch_add(1, Ordering::Relaxed);
+            if e.downcast_ref::<Refused>().is_some_and(|r| r.status.as_u16() == 413) {
+                shared.report_413.fetch_add(1, Ordering::Relaxed);
+            }
+            shared.note_error(&e);
+        }
+    }
+}
+
+/// Heartbeat of one simulated agent: a status report every `every`, with a
+/// random phase so the fleet's heartbeats are spread out.
+async fn heartbeat_loop(idx: usize, client: Arc<Client>, shared: Arc<Shared>, every: Duration) {
+    let phase = Duration::from_millis(rand::random::<u64>() % every.as_millis().max(1) as u64);
+    tokio::time::sleep(phase).await;
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        if shared.removed[idx].load(Ordering::SeqCst) {
+            return;
+        }
+        let peers = shared.peers[idx].lock().unwrap().clone();
+        let applied = shared.received[idx].load(Ordering::SeqCst);
+        send_report(idx, &client, &shared, applied, &peers).await;
+    }
+}
+
+/// Waits until every agent not removed has received `rev`; returns the
+/// receive instants (one per agent), or the number still missing on timeout.
+async fn wait_all(
+    events: &mut mpsc::UnboundedReceiver<(usize, u64, Instant)>,
+    shared: &Shared,
+    rev: u64,
+    timeout: Duration,
+) -> Result<Vec<Instant>, usize> {
+    let n = shared.received.len();
+    let active = |i: usize| !shared.removed[i].load(Ordering::SeqCst);
+    let mut got: Vec<Option<Instant>> = vec![None; n];
+    let want = (0..n).filter(|&i| active(i)).count();
+    let mut have = 0;
+    let deadline = tokio::time::Instant::now() + timeout;
+    while have < want {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some((i, r, at))) => {
+                if r >= rev && active(i) && got[i].is_none() {
+                    got[i] = Some(at);
+                    have += 1;
+                }
+            }
+            Ok(None) => return Err(want - have),
+            Err(_) => return Err(want - have),
+        }
+    }
+    Ok(got.into_iter().flatten().collect())
+}
+
+fn proc_line(label: &str, s: ProcSample) -> String {
+    format!(
+        "{label}: VmRSS {:.1} MB, VmHWM {:.1} MB, CPU {:.2} s",
+        mib(s.rss_kib),
+        mib(s.hwm_kib),
+        ticks_secs(s.cpu_ticks)
+    )
+}
+
+async fn run(
+    args: &Args,
+    dir: &Path,
+    cp_slot: &mut Option<ProcessGuard>,
+    sims_slot: &mut JoinSet<()>,
+) -> anyhow::Result<()> {
+    let n = args.agents;
+    if n < args.changes + 1 {
+        bail!("--agents must be larger than --changes");
+    }
+    let port = free_port()?;
+    let (cp, url, admin, ca_file) = start_cp(dir, port).await?;
+    let cp_pid = cp.pid;
+    *cp_slot = Some(cp);
+    let cp_start = sample_pid(cp_pid)?;
+    println!(
+        "control plane pid {cp_pid} on {url}, store and log in {}",
+        dir.display()
+    );
+    println!("load average before: {}", loadavg());
+    println!("{}", proc_line("control plane at start", cp_start));
+
+    // ---- tokens ----
+    let sem = Arc::new(Semaphore::new(args.concurrency));
+    let t = Instant::now();
+    let mut set = JoinSet::new();
+    for _ in 0..n {
+        let (admin, sem) = (admin.clone(), sem.clone());
+        set.spawn(async move {
+            let _p = sem.acquire_owned().await;
+            let v = admin.create_token(false, 3600).await?;
+            v["token"]
+                .as_str()
+                .map(str::to_string)
+                .context("no token in the answer")
+        });
+    }
+    let mut tokens = Vec::with_capacity(n);
+    while let Some(r) = set.join_next().await {
+        tokens.push(r??);
+    }
+    let dt = t.elapsed();
+    println!(
+        "created {n} tokens in {:.2} s ({:.0}/s, concurrency {})",
+        dt.as_secs_f64(),
+        n as f64 / dt.as_secs_f64(),
+        args.concurrency
+    );
+
+    // ---- registrations ----
+    let t = Instant::now();
+    let mut set = JoinSet::new();
+    for (i, token) in tokens.into_iter().enumerate() {
+        let (sem, url, ca_file) = (sem.clone(), url.clone(), ca_file.clone());
+        set.spawn(async move {
+            let key = SigningKey::generate(&mut rand::rngs::OsRng);
+            let name = format!("sim{i:05}");
+            // Built from JSON so fields the protocol adds later (all
+            // optional) take their defaults instead of breaking the bench.
+            let req: RegisterRequest = serde_json::from_value(serde_json::json!({
+                "token": token,
+                "name": name,
+                "signing_key": B64.encode(key.verifying_key().as_bytes()),
+                "wg_public_key": B64.encode(rand::random::<[u8; 32]>()),
+                "sealing_key": B64.encode(rand::random::<[u8; 32]>()),
+                "wg_port": 51820,
+                "private_addr": format!("10.{}.{}.{}/8", (i >> 16) & 255, (i >> 8) & 255, i & 255),
+                "proxy": false,
+            }))?;
+            let _p = sem.acquire_owned().await;
+            let started = Instant::now();
+            let reg = Client::new(&url, &ca_file, key.clone(), String::new())?
+                .register(&req)
+                .await;
+            let latency = started.elapsed();
+            let resp = reg.with_context(|| format!("registering {name}"))?;
+            let client = Arc::new(Client::new(&url, &ca_file, key, resp.node_id)?);
+            anyhow::Ok((i, Sim { name, client }, latency))
+        });
+    }
+    let mut sims: Vec<Option<Sim>> = (0..n).map(|_| None).collect();
+    let mut latencies = Vec::with_capacity(n);
+    let mut reg_errors = 0;
+    let mut first_err = None;
+    while let Some(r) = set.join_next().await {
+        match r? {
+            Ok((i, sim, lat)) => {
+                sims[i] = Some(sim);
+                latencies.push(lat);
+            }
+            Err(e) => {
+                reg_errors += 1;
+                first_err.get_or_insert(format!("{e:#}"));
+            }
+        }
+    }
+    let dt = t.elapsed();
+    println!(
+        "registered {} agents in {:.2} s = {:.0} registrations/s (concurrency {}), {} failed",
+        latencies.len(),
+        dt.as_secs_f64(),
+        latencies.len() as f64 / dt.as_secs_f64(),
+        args.concurrency,
+        reg_errors
+    );
+    print_summary("registration latency", &latencies);
+    if let Some(e) = first_err {
+        bail!("{reg_errors} registration(s) failed; first: {e}");
+    }
+    let sims: Vec<Sim> = sims
+        .into_iter()
+        .map(|s| s.expect("every registration succeeded"))
+        .collect();
+    println!("{}", proc_line("control plane after registration", sample_pid(cp_pid)?));
+
+    // ---- long-poll loops ----
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        received: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        removed: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        peers: (0..n).map(|_| Mutex::new(Arc::new(vec![]))).collect(),
+        poll_errors: AtomicU64::new(0),
+        report_errors: AtomicU64::new(0),
+        report_413: AtomicU64::new(0),
+        reports_ok: AtomicU64::new(0),
+        last_error: Mutex::new(None),
+        events: tx,
+    });
+    let rev = admin.revision().await?;
+    let (cp0, me0) = (sample_pid(cp_pid)?, sample("self")?);
+    let t = Instant::now();
+    for (i, s) in sims.iter().enumerate() {
+        sims_slot.spawn(poll_loop(
+            i,
+            s.client.clone(),
+            shared.clone(),
+            args.wait,
+            args.report_peers,
+        ));
+        if args.heartbeat > 0 {
+            sims_slot.spawn(heartbeat_loop(
+                i,
+                s.client.clone(),
+                shared.clone(),
+                Duration::from_secs(args.heartbeat),
+            ));
+        }
+    }
+    match wait_all(&mut events, &shared, rev, Duration::from_secs(args.timeout)).await {
+        Ok(_) => {
+            let wall = t.elapsed();
+            println!(
+                "initial sync: all {n} agents received revision {rev} (each a full desired state with {} peers) {:.2} s after their loops started",
+                n - 1,
+                wall.as_secs_f64()
+            );
+            println!("  {}", cpu_line("control plane", cp0, sample_pid(cp_pid)?, wall));
+            println!("  {}", cpu_line("bench (simulated agents)", me0, sample("self")?, wall));
+        }
+        Err(missing) => bail!(
+            "initial sync: {missing} agents did not receive revision {rev} within {} s",
+            args.timeout
+        ),
+    }
+    tokio::time::sleep(Duration::from_secs(args.settle)).await;
+    println!("{}", proc_line("control plane after initial sync", sample_pid(cp_pid)?));
+
+    // ---- measured changes ----
+    println!();
+    println!(
+        "fan-out of {} changes (each: DELETE one node; every remaining agent must receive the new revision):",
+        args.changes
+    );
+    let mut fanouts = Vec::new();
+    let mut medians = Vec::new();
+    let mut cp_fanout_cpu = 0.0;
+    for c in 1..=args.changes {
+        let victim = n - c; // the last active one
+        shared.removed[victim].store(true, Ordering::SeqCst);
+        let remaining = n - c;
+        let (cp_b, me_b, mach_b) = (sample_pid(cp_pid)?, sample("self")?, machine_ticks());
+        let t0 = Instant::now();
+        let rev = admin.remove_node(&sims[victim].name).await?;
+        let api = t0.elapsed();
+        match wait_all(&mut events, &shared, rev, Duration::from_secs(args.timeout)).await {
+            Ok(mut times) => {
+                let (cp_a, me_a, mach_a) = (sample_pid(cp_pid)?, sample("self")?, machine_ticks());
+                times.sort();
+                let last = *times.last().expect("at least one agent") - t0;
+                let first = times[0] - t0;
+                let median = times[times.len() / 2] - t0;
+                let wall = t0.elapsed();
+                let cp_cpu = ticks_secs(cp_a.cpu_ticks - cp_b.cpu_ticks);
+                cp_fanout_cpu += cp_cpu;
+                println!(
+                    "  change {c}: rev {rev}, {remaining} agents: DELETE answered {} ms; first {} ms, median {} ms, LAST {} ms\n    \
+                     during it: control plane CPU {cp_cpu:.2} s, bench CPU {:.2} s, whole machine busy {:.2} of {:.2} CPU-s \
+                     (wall {:.2} s); control plane VmRSS {:.1} MB after",
+                    ms(api),
+                    ms(first),
+                    ms(median),
+                    ms(last),
+                    ticks_secs(me_a.cpu_ticks - me_b.cpu_ticks),
+                    ticks_secs(mach_a.0 - mach_b.0),
+                    ticks_secs(mach_a.1 - mach_b.1),
+                    wall.as_secs_f64(),
+                    mib(cp_a.rss_kib),
+                );
+                fanouts.push(last);
+                medians.push(median);
+            }
+            Err(missing) => {
+                println!(
+                    "  change {c}: rev {rev}: TIMEOUT: {missing} of {remaining} agents did not receive it within {} s",
+                    args.timeout
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(args.settle)).await;
+    }
+
+    // ---- summary ----
+    let end = sample_pid(cp_pid)?;
+    println!();
+    println!("== bench-cp-scale: {n} simulated agents ==");
+    println!(
+        "machine: {} CPUs, shared by the control plane AND this bench (which runs all {n} simulated agents' TLS and JSON work)",
+        std::thread::available_parallelism().map(|x| x.get()).unwrap_or(1)
+    );
+    println!(
+        "load average now: {} (other work on the machine skews every figure)",
+        loadavg()
+    );
+    println!(
+        "simulated agents: long-poll wait {} s, heartbeat {}, status reports {} peer entries",
+        args.wait,
+        if args.heartbeat > 0 {
+            format!("every {} s", args.heartbeat)
+        } else {
+            "off".into()
+        },
+        if args.report_peers { "with" } else { "without" }
+    );
+    print_summary("fan-out, last agent", &fanouts);
+    print_summary("fan-out, median agent", &medians);
+    if let Some(max) = fanouts.iter().max() {
+        let verdict = if *max < Duration::from_secs(2) { "met" } else { "MISSED" };
+        println!("  target fan-out < 2 s: {verdict} (max {} ms)", ms(*max));
+    }
+    println!(
+        "  control plane CPU during the {} fan-outs: {cp_fanout_cpu:.2} s",
+        fanouts.len()
+    );
+    println!(
+        "  {} (since start: {:.2} s CPU)",
+        proc_line("control plane at end", end),
+        ticks_secs(end.cpu_ticks - cp_start.cpu_ticks)
+    );
+    let verdict = if end.hwm_kib < 500 * 1024 { "met" } else { "MISSED" };
+    println!("  target memory < 500 MB: {verdict} (VmHWM {:.1} MB)", mib(end.hwm_kib));
+    let me = sample("self")?;
+    println!("  {}", proc_line("bench process", me));
+    println!(
+        "  errors: {} long-poll, {} status report ({} of them HTTP 413); {} reports accepted",
+        shared.poll_errors.load(Ordering::Relaxed),
+        shared.report_errors.load(Ordering::Relaxed),
+        shared.report_413.load(Ordering::Relaxed),
+        shared.reports_ok.load(Ordering::Relaxed)
+    );
+    if let Some(e) = shared.last_error.lock().unwrap().clone() {
+        println!("  last error: {e}");
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    init_tls();
+    let args = Args::parse();
+    let nofile = raise_nofile(65536);
+    if (nofile as usize) < 2 * args.agents + 256 {
+        eprintln!(
+            "warning: open-file limit is {nofile}; {} simulated agents need about {} (run under `ulimit -n 65536`)",
+            args.agents,
+            3 * args.agents
+        );
+    }
+    let tmp = match tempfile::Builder::new().prefix("berth-bench-cp-").tempdir() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("bench-cp-scale: creating a temporary directory: {e}");
+            std::process::exit(1);
+        }
+    };
+    let mut cp: Option<ProcessGuard> = None;
+    let mut sims = JoinSet::new();
+    let r = until_interrupted(run(&args, tmp.path(), &mut cp, &mut sims)).await;
+    // Stop the simulated agents first, then the control plane, then the files.
+    sims.abort_all();
+    while sims.join_next().await.is_some() {}
+    if let Err(e) = &r {
+        eprintln!("bench-cp-scale: {e:#}");
+        if let Ok(log) = std::fs::read_to_string(tmp.path().join("cp.log")) {
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            eprintln!("control plane log (last lines):");
+            for l in tail.iter().rev() {
+                eprintln!("  {l}");
+            }
+        }
+    }
+    drop(cp);
+    if args.keep_dir {
+        eprintln!("kept {}", tmp.keep().display());
+    } else {
+        drop(tmp);
+    }
+    if r.is_err() {
+        std::process::exit(1);
+    }
+}
