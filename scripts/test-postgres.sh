@@ -30,7 +30,7 @@ fi
 # The first cluster listed (Debian makes `<version> main` on install).
 read -r VERSION CLUSTER PORT STATUS _ < <(pg_lsclusters --no-header | head -n 1) || true
 if [ -z "${VERSION:-}" ]; then
-    VERSION="$(ls /usr/lib/postgresql | sort -V | tail -n 1)"
+    VERSION="$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -V | tail -n 1)"
     log "no cluster yet; creating $VERSION main"
     pg_createcluster "$VERSION" main >&2
     read -r VERSION CLUSTER PORT STATUS _ < <(pg_lsclusters --no-header | head -n 1)

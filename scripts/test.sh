@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every Berth test on a fresh Debian 12 machine (as root): installs the
-# packages, starts PostgreSQL, builds once, then runs checks, unit tests,
-# store/API tests (SQLite and PostgreSQL) and the lab end-to-end tests.
+# packages (and Podman), starts PostgreSQL, builds once, then runs checks,
+# unit tests, store/API tests (SQLite and PostgreSQL), the agent's Podman,
+# DNS, mesh and firewall tests, and the lab end-to-end tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,7 @@ step() { printf '\n=== %s ===\n' "$*"; }
 
 step "dependencies"
 bash scripts/install-deps.sh
+bash scripts/podman-setup.sh
 
 step "PostgreSQL"
 BERTH_TEST_POSTGRES="$(bash scripts/test-postgres.sh | tail -n 1)"
@@ -31,6 +33,9 @@ cargo test --workspace --lib --bins --locked
 
 step "store and API tests (SQLite and PostgreSQL)"
 cargo test -p berth-control-plane --tests --locked
+
+step "agent tests on real Podman, DNS, wireguard-go and nftables"
+cargo test -p berth-agent --test dns --test podman --locked
 
 step "lab end-to-end tests"
 # Lab tests build namespaces and WireGuard meshes; two at a time fit 2 cores.

@@ -6,4 +6,5 @@ pub mod dns;
 pub mod firewall;
 pub mod identity;
 pub mod mesh;
+pub mod podman;
 pub mod reconcile;

@@ -230,7 +230,9 @@ async fn sync_loop(client: Arc<Client>, rec: Arc<Mutex<Reconciler>>) -> anyhow::
                 }
                 let res = rec.lock().await.apply(&d).await;
                 notify(sd_notify::NotifyState::Ready);
-                let report = rec.lock().await.report().await;
+                let mut report = rec.lock().await.report().await;
+                // Only the revision matters here; peer handshakes ride on heartbeats.
+                report.peers.clear();
                 if let Err(e) = client.report(&report).await {
                     tracing::debug!(error = %format!("{e:#}"), "status report failed");
                 }
@@ -270,10 +272,18 @@ async fn heartbeat(client: Arc<Client>, rec: Arc<Mutex<Reconciler>>, every: Dura
         None => every,
     };
     let mut tick = tokio::time::interval(every);
+    // The peer list grows with the fleet: send it every PEERS_EVERY-th
+    // heartbeat, not every time (nor with apply reports).
+    const PEERS_EVERY: u64 = 6;
+    let mut n: u64 = 0;
     loop {
         tick.tick().await;
         notify(sd_notify::NotifyState::Watchdog);
-        let report = rec.lock().await.report().await;
+        let mut report = rec.lock().await.report().await;
+        if !n.is_multiple_of(PEERS_EVERY) {
+            report.peers.clear();
+        }
+        n += 1;
         if let Err(e) = client.report(&report).await {
             tracing::debug!(error = %format!("{e:#}"), "heartbeat failed");
         }

@@ -254,6 +254,7 @@ async fn revoke_token(
 async fn list_nodes(State(s): State<SharedState>, headers: HeaderMap) -> ApiResult<Json<Vec<NodeInfo>>> {
     require_admin(&s, &headers)?;
     let nodes = s.store.list_nodes().await?;
+    let statuses = s.store.node_statuses().await?;
     let names: HashMap<&str, &str> = nodes
         .iter()
         .map(|n| (n.wg_public_key.as_str(), n.name.as_str()))
@@ -273,10 +274,8 @@ async fn list_nodes(State(s): State<SharedState>, headers: HeaderMap) -> ApiResu
             applied_revision: n.applied_revision as u64,
             agent_version: n.agent_version.clone(),
             error: n.last_error.clone(),
-            peers: n
-                .status_json
-                .as_deref()
-                .and_then(|j| serde_json::from_str::<StatusReport>(j).ok())
+            peers: statuses
+                .get(&n.id)
                 .map(|st| {
                     st.peers
                         .iter()

@@ -243,7 +243,6 @@ mod tests {
             applied_revision: 0,
             last_seen: None,
             agent_version: None,
-            status_json: None,
             last_error: None,
             sealing_key: None,
         }

@@ -191,8 +191,9 @@ async fn poll_loop(idx: usize, client: Arc<Client>, shared: Arc<Shared>, wait: u
                 };
                 drop(d);
                 let peers = Arc::new(peers);
-                *shared.peers[idx].lock().unwrap() = peers.clone();
-                send_report(idx, &client, &shared, after, &peers).await;
+                *shared.peers[idx].lock().unwrap() = peers;
+                // Like berth-agent: the apply report carries no peer list.
+                send_report(idx, &client, &shared, after, &[]).await;
             }
             Err(e) => {
                 if shared.removed[idx].load(Ordering::SeqCst) {
@@ -232,18 +233,26 @@ async fn send_report(idx: usize, client: &Client, shared: &Shared, applied: u64,
     }
 }
 
-/// Heartbeat of one simulated agent: a status report every `every`, with a
+/// Heartbeat of one simulated agent: a status report every `every` (with the
+/// peer list every 6th time, as berth-agent does), with a
 /// random phase so the fleet's heartbeats are spread out.
 async fn heartbeat_loop(idx: usize, client: Arc<Client>, shared: Arc<Shared>, every: Duration) {
     let phase = Duration::from_millis(rand::random::<u64>() % every.as_millis().max(1) as u64);
     tokio::time::sleep(phase).await;
     let mut tick = tokio::time::interval(every);
+    // Like berth-agent: the peer list rides on every 6th heartbeat only.
+    let mut n: u64 = 0;
     loop {
         tick.tick().await;
         if shared.removed[idx].load(Ordering::SeqCst) {
             return;
         }
-        let peers = shared.peers[idx].lock().unwrap().clone();
+        let peers = if n.is_multiple_of(6) {
+            shared.peers[idx].lock().unwrap().clone()
+        } else {
+            Default::default()
+        };
+        n += 1;
         let applied = shared.received[idx].load(Ordering::SeqCst);
         send_report(idx, &client, &shared, applied, &peers).await;
     }

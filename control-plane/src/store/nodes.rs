@@ -26,15 +26,14 @@ pub struct NodeRow {
     pub applied_revision: i64,
     pub last_seen: Option<i64>,
     pub agent_version: Option<String>,
-    /// The last status report, raw: parsed only where it is shown, since
-    /// every signed request and every snapshot reads node rows.
-    pub status_json: Option<String>,
     pub last_error: Option<String>,
     pub sealing_key: Option<String>,
 }
 
 const COLUMNS: &str = "id, name, role, signing_key, wg_public_key, wg_port, private_addr, public_ip, \
-     mesh_ip, subnet, revision, applied_revision, last_seen, agent_version, status_json, last_error, sealing_key";
+     mesh_ip, subnet, revision, applied_revision, last_seen, agent_version, last_error, sealing_key";
+// status_json is left out on purpose: it holds a peer list as long as the
+// fleet, and node rows are read on every signed request and every snapshot.
 
 impl NodeRow {
     fn from_row(r: &AnyRow) -> NodeRow {
@@ -54,7 +53,6 @@ impl NodeRow {
             applied_revision: r.get("applied_revision"),
             last_seen: r.get("last_seen"),
             agent_version: opt("agent_version"),
-            status_json: opt("status_json"),
             last_error: opt("last_error"),
             sealing_key: opt("sealing_key"),
         }
@@ -265,11 +263,29 @@ impl Store {
         }
     }
 
+    /// The last peer report of every node (node id → report), for `nodes list`.
+    pub async fn node_statuses(&self) -> sqlx::Result<std::collections::HashMap<String, StatusReport>> {
+        let rows = sqlx::query("SELECT id, status_json FROM nodes WHERE status_json IS NOT NULL")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    r.get::<String, _>(0),
+                    serde_json::from_str(&r.get::<String, _>(1)).ok()?,
+                ))
+            })
+            .collect())
+    }
+
+    /// Records a heartbeat. A report without peers (most heartbeats: the
+    /// peer list is O(fleet) and sent less often) keeps the stored one.
     pub async fn record_status(&self, node_id: &str, report: &StatusReport) -> sqlx::Result<()> {
-        let json = serde_json::to_string(report).unwrap_or_default();
+        let json = (!report.peers.is_empty()).then(|| serde_json::to_string(report).unwrap_or_default());
         sqlx::query(
-            "UPDATE nodes SET last_seen = $1, applied_revision = $2, agent_version = $3, status_json = $4, last_error = $5 \
-             WHERE id = $6",
+            "UPDATE nodes SET last_seen = $1, applied_revision = $2, agent_version = $3, \
+             status_json = COALESCE($4, status_json), last_error = $5 WHERE id = $6",
         )
         .bind(now())
         .bind(report.applied_revision as i64)
