@@ -27,45 +27,10 @@ pub struct Registration {
     pub proxy: bool,
 }
 
-/// Writes `data` to `path` atomically with mode 0600.
-pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
-}
-
-fn read_key(path: &Path) -> anyhow::Result<Option<[u8; 32]>> {
-    match std::fs::read_to_string(path) {
-        Ok(s) => {
-            let bytes: [u8; 32] = B64
-                .decode(s.trim())
-                .ok()
-                .and_then(|v| v.try_into().ok())
-                .with_context(|| format!("{} is not 32 bytes of base64", path.display()))?;
-            Ok(Some(bytes))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
+pub use berth_protocol::keyfile::write_private;
 
 fn load_or_make(path: &Path) -> anyhow::Result<[u8; 32]> {
-    if let Some(k) = read_key(path)? {
-        return Ok(k);
-    }
-    let k: [u8; 32] = rand::random();
-    write_private(path, format!("{}\n", B64.encode(k)).as_bytes())?;
-    Ok(k)
+    Ok(berth_protocol::keyfile::load_or_create_key(path)?)
 }
 
 impl Identity {
@@ -107,7 +72,10 @@ pub fn load_registration(data_dir: &Path) -> anyhow::Result<Option<Registration>
 }
 
 pub fn save_registration(data_dir: &Path, r: &Registration) -> anyhow::Result<()> {
-    write_private(&registration_path(data_dir), &serde_json::to_vec_pretty(r)?)
+    Ok(write_private(
+        &registration_path(data_dir),
+        &serde_json::to_vec_pretty(r)?,
+    )?)
 }
 
 #[cfg(test)]

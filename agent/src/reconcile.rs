@@ -42,7 +42,10 @@ pub fn load_cache(data_dir: &Path) -> Option<DesiredState> {
 }
 
 pub fn save_cache(data_dir: &Path, d: &DesiredState) -> anyhow::Result<()> {
-    crate::identity::write_private(&data_dir.join(CACHE), &serde_json::to_vec(d)?)
+    Ok(crate::identity::write_private(
+        &data_dir.join(CACHE),
+        &serde_json::to_vec(d)?,
+    )?)
 }
 
 impl Reconciler {

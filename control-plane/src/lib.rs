@@ -122,19 +122,9 @@ async fn admin_credential(store: &store::Store, file: &std::path::Path) -> anyho
 /// The key service secrets are sealed to at rest: made on first start,
 /// kept 0600 in the data dir (replicas sharing PostgreSQL need the same file).
 fn secrets_key(path: &std::path::Path) -> anyhow::Result<x25519_dalek::StaticSecret> {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    if let Ok(s) = std::fs::read_to_string(path) {
-        let bytes: [u8; 32] = b64
-            .decode(s.trim())
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .with_context(|| format!("{} is not 32 bytes of base64", path.display()))?;
-        return Ok(x25519_dalek::StaticSecret::from(bytes));
-    }
-    let bytes: [u8; 32] = rand::random();
-    tls::write_private(path, format!("{}\n", b64.encode(bytes)).as_bytes())?;
-    Ok(x25519_dalek::StaticSecret::from(bytes))
+    Ok(x25519_dalek::StaticSecret::from(
+        berth_protocol::keyfile::load_or_create_key(path)?,
+    ))
 }
 
 async fn prune_nonces(store: store::Store) {

@@ -4,6 +4,7 @@
 //! is defined here, so both ends agree on it by construction.
 
 pub mod api;
+pub mod keyfile;
 pub mod names;
 pub mod seal;
 pub mod service;
