@@ -272,15 +272,22 @@ async fn heartbeat(client: Arc<Client>, rec: Arc<Mutex<Reconciler>>, every: Dura
         None => every,
     };
     let mut tick = tokio::time::interval(every);
-    // The peer list grows with the fleet: send it every PEERS_EVERY-th
-    // heartbeat, not every time (nor with apply reports).
+    // The peer list grows with the fleet: send it when the set of peers
+    // changed and every PEERS_EVERY-th heartbeat, not every time (nor with
+    // apply reports).
     const PEERS_EVERY: u64 = 6;
     let mut n: u64 = 0;
+    let mut last_sent: Vec<String> = vec![];
     loop {
         tick.tick().await;
         notify(sd_notify::NotifyState::Watchdog);
         let mut report = rec.lock().await.report().await;
-        if !n.is_multiple_of(PEERS_EVERY) {
+        // Sorted: wireguard-go lists peers in no fixed order.
+        let mut keys: Vec<String> = report.peers.iter().map(|p| p.wg_public_key.clone()).collect();
+        keys.sort();
+        if keys != last_sent || n.is_multiple_of(PEERS_EVERY) {
+            last_sent = keys;
+        } else {
             report.peers.clear();
         }
         n += 1;
