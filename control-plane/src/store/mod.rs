@@ -137,6 +137,39 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 
+/// An error that may wrap a store error (so [`retry`] can tell whether the
+/// transaction lost a race and is worth running again).
+pub trait StoreFailure {
+    fn store_error(&self) -> Option<&sqlx::Error>;
+}
+
+impl StoreFailure for sqlx::Error {
+    fn store_error(&self) -> Option<&sqlx::Error> {
+        Some(self)
+    }
+}
+
+/// Runs a whole transaction again while it fails because a concurrent writer
+/// won ([`is_retryable`]): up to 20 attempts, with a growing, jittered pause.
+pub async fn retry<T, E, F, Fut>(mut transaction: F) -> Result<T, E>
+where
+    E: StoreFailure,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut attempt: u64 = 0;
+    loop {
+        attempt += 1;
+        match transaction().await {
+            Err(e) if attempt < 20 && e.store_error().is_some_and(is_retryable) => {
+                let jitter = rand::random::<u64>() % (5 * attempt);
+                tokio::time::sleep(std::time::Duration::from_millis(2 + jitter)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Errors worth retrying a whole transaction for: a concurrent writer won
 /// (SQLite busy / Postgres serialization) or picked the same address.
 pub fn is_retryable(e: &sqlx::Error) -> bool {

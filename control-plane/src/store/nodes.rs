@@ -1,7 +1,7 @@
 //! Nodes: registration (token use + address allocation in one transaction),
 //! heartbeats, listing and removal.
 
-use super::{bump_all, is_retryable, now, Store};
+use super::{bump_all, now, retry, Store, StoreFailure};
 use crate::alloc;
 use berth_protocol::{Role, StatusReport};
 use ipnet::Ipv4Net;
@@ -100,6 +100,15 @@ pub enum RegisterError {
     Store(#[from] sqlx::Error),
 }
 
+impl StoreFailure for RegisterError {
+    fn store_error(&self) -> Option<&sqlx::Error> {
+        match self {
+            RegisterError::Store(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 impl Store {
     pub async fn list_nodes(&self) -> sqlx::Result<Vec<NodeRow>> {
         let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM nodes ORDER BY name"))
@@ -120,17 +129,7 @@ impl Store {
     /// one transaction; retried when a concurrent registration won a race.
     /// Returns the new node and the revision it was registered at.
     pub async fn register_node(&self, new: &NewNode, pools: Pools) -> Result<(NodeRow, i64), RegisterError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.try_register(new, pools).await {
-                Err(RegisterError::Store(e)) if attempt < 20 && is_retryable(&e) => {
-                    let jitter = rand::random::<u64>() % (5 * attempt);
-                    tokio::time::sleep(std::time::Duration::from_millis(2 + jitter)).await;
-                }
-                other => return other,
-            }
-        }
+        retry(|| self.try_register(new, pools)).await
     }
 
     async fn try_register(&self, new: &NewNode, pools: Pools) -> Result<(NodeRow, i64), RegisterError> {
@@ -227,40 +226,30 @@ impl Store {
     /// Removes a node; every other node's peer list changes. Returns the new
     /// revision, or None if there was no such node.
     pub async fn remove_node(&self, name: &str, offline_after: i64) -> sqlx::Result<Option<i64>> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let res: sqlx::Result<Option<i64>> = async {
-                let mut tx = self.pool.begin().await?;
-                let gone = sqlx::query("DELETE FROM nodes WHERE name = $1")
-                    .bind(name)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                if gone == 0 {
-                    return Ok(None);
-                }
-                // Its replicas move to other nodes.
-                sqlx::query("DELETE FROM replicas WHERE node_id NOT IN (SELECT id FROM nodes)")
-                    .execute(&mut *tx)
-                    .await?;
-                match super::services::replan_after_node_removal(&mut tx, offline_after).await {
-                    Ok(()) => {}
-                    Err(super::services::DeployError::Store(e)) => return Err(e),
-                    Err(e) => tracing::warn!(error = %e, "some replicas of the removed node could not be moved"),
-                }
-                let rev = bump_all(&mut tx).await?;
-                tx.commit().await?;
-                Ok(Some(rev))
+        retry(|| async {
+            let mut tx = self.pool.begin().await?;
+            let gone = sqlx::query("DELETE FROM nodes WHERE name = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if gone == 0 {
+                return Ok(None);
             }
-            .await;
-            match res {
-                Err(e) if attempt < 20 && is_retryable(&e) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(5 * attempt)).await
-                }
-                other => return other,
+            // Its replicas move to other nodes.
+            sqlx::query("DELETE FROM replicas WHERE node_id NOT IN (SELECT id FROM nodes)")
+                .execute(&mut *tx)
+                .await?;
+            match super::services::replan_after_node_removal(&mut tx, offline_after).await {
+                Ok(()) => {}
+                Err(super::services::DeployError::Store(e)) => return Err(e),
+                Err(e) => tracing::warn!(error = %e, "some replicas of the removed node could not be moved"),
             }
-        }
+            let rev = bump_all(&mut tx).await?;
+            tx.commit().await?;
+            Ok(Some(rev))
+        })
+        .await
     }
 
     /// The last peer report of every node (node id → report), for `nodes list`.

@@ -1,6 +1,6 @@
 //! Services and replicas: deploy, scale, remove, and the health reported by nodes.
 
-use super::{bump_all, is_retryable, now, Store};
+use super::{bump_all, now, retry, Store, StoreFailure};
 use crate::placement::{self, Candidate};
 use berth_protocol::service::{ContainerStatus, ServiceSpec};
 use ipnet::Ipv4Net;
@@ -66,6 +66,15 @@ pub enum DeployError {
     Store(#[from] sqlx::Error),
 }
 
+impl StoreFailure for DeployError {
+    fn store_error(&self) -> Option<&sqlx::Error> {
+        match self {
+            DeployError::Store(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 fn service_from_row(r: &AnyRow) -> ServiceRow {
     let spec: ServiceSpec = serde_json::from_str(&r.get::<String, _>("spec_json")).unwrap_or_else(|_| ServiceSpec {
         name: r.get("name"),
@@ -115,16 +124,7 @@ impl Store {
         offline_after: i64,
         create_only: bool,
     ) -> Result<i64, DeployError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.try_deploy(spec, secrets.clone(), offline_after, create_only).await {
-                Err(DeployError::Store(e)) if attempt < 20 && is_retryable(&e) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(5 * attempt)).await
-                }
-                other => return other,
-            }
-        }
+        retry(|| self.try_deploy(spec, secrets.clone(), offline_after, create_only)).await
     }
 
     async fn try_deploy(
