@@ -8,3 +8,4 @@ pub mod identity;
 pub mod mesh;
 pub mod podman;
 pub mod reconcile;
+pub mod records;

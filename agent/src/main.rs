@@ -1,5 +1,6 @@
 use anyhow::{bail, Context};
 use berth_agent::client::{fetch_pinned_ca, Client, Poll, Refused};
+use berth_agent::containers::RuntimeConfig;
 use berth_agent::identity::{self, Identity, Registration};
 use berth_agent::reconcile::{self, Reconciler, Settings};
 use berth_protocol::token::JoinToken;
@@ -12,8 +13,8 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 /// berth-agent: the per-node daemon. Registers with the control plane once
-/// (with --token), then keeps this node's WireGuard mesh and firewall in the
-/// state the control plane asks for. It starts from its cached state, so the
+/// (with --token), then keeps this node's WireGuard mesh, firewall, containers
+/// (on Podman) and cluster DNS in the state the control plane asks for. It starts from its cached state, so the
 /// data plane comes up even while the control plane is unreachable.
 #[derive(Parser)]
 #[command(name = "berth-agent", version)]
@@ -53,6 +54,24 @@ struct Args {
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 10)]
     heartbeat: u64,
+    /// Podman's API socket (`systemctl enable --now podman.socket`).
+    #[arg(long, default_value = "/run/podman/podman.sock")]
+    podman_socket: PathBuf,
+    /// Name of the Podman bridge network for this node's containers.
+    #[arg(long, default_value = "berth")]
+    podman_network: String,
+    /// Linux bridge of that network (at most 15 characters).
+    #[arg(long, default_value = "berth-br0")]
+    bridge: String,
+    /// The cluster DNS zone served on the container gateway.
+    #[arg(long, default_value = "internal")]
+    dns_zone: String,
+    /// Port of the DNS server on the container gateway.
+    #[arg(long, default_value_t = 53)]
+    dns_port: u16,
+    /// Where the upstream resolvers (for names outside the zone) are read from.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
     /// Log format: text, json, or journald (default: journald under systemd, else text).
     #[arg(long, value_parser = ["text", "json", "journald"])]
     log_format: Option<String>,
@@ -192,6 +211,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         interface: args.interface.clone(),
         wireguard_go: args.wireguard_go.clone(),
         wg_private: id.wg_private.clone(),
+        sealing: id.sealing.clone(),
+        runtime: RuntimeConfig {
+            socket: args.podman_socket.clone(),
+            network: args.podman_network.clone(),
+            bridge: args.bridge.clone(),
+            zone: args.dns_zone.clone(),
+            volumes_dir: args.data_dir.join("volumes"),
+        },
+        resolv_conf: args.resolv_conf.clone(),
+        dns_port: args.dns_port,
     })));
 
     // Data plane first, from the cache: the control plane may be down.
@@ -209,11 +238,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         id.signing_key.clone(),
         reg.node_id.clone(),
     )?);
+    let report_now = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(heartbeat(
         client.clone(),
         rec.clone(),
         Duration::from_secs(args.heartbeat.max(1)),
+        report_now.clone(),
     ));
+    tokio::spawn(container_ticks(rec.clone(), report_now));
     sync_loop(client, rec).await
 }
 
@@ -265,7 +297,25 @@ async fn sync_loop(client: Arc<Client>, rec: Arc<Mutex<Reconciler>>) -> anyhow::
     }
 }
 
-async fn heartbeat(client: Arc<Client>, rec: Arc<Mutex<Reconciler>>, every: Duration) {
+/// Every second: repair containers and run due health checks; a change is
+/// reported at once (it moves DNS on every node).
+async fn container_ticks(rec: Arc<Mutex<Reconciler>>, report_now: Arc<tokio::sync::Notify>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if rec.lock().await.tick().await {
+            report_now.notify_one();
+        }
+    }
+}
+
+async fn heartbeat(
+    client: Arc<Client>,
+    rec: Arc<Mutex<Reconciler>>,
+    every: Duration,
+    report_now: Arc<tokio::sync::Notify>,
+) {
     let watchdog = std::env::var("WATCHDOG_USEC").ok().and_then(|v| v.parse::<u64>().ok());
     let every = match watchdog {
         Some(us) => every.min(Duration::from_micros(us / 2)),
@@ -279,9 +329,19 @@ async fn heartbeat(client: Arc<Client>, rec: Arc<Mutex<Reconciler>>, every: Dura
     let mut n: u64 = 0;
     let mut last_sent: Vec<String> = vec![];
     loop {
-        tick.tick().await;
+        let urgent = tokio::select! {
+            _ = tick.tick() => false,
+            _ = report_now.notified() => true,
+        };
         notify(sd_notify::NotifyState::Watchdog);
         let mut report = rec.lock().await.report().await;
+        if urgent {
+            report.peers.clear();
+            if let Err(e) = client.report(&report).await {
+                tracing::debug!(error = %format!("{e:#}"), "status report failed");
+            }
+            continue;
+        }
         // Sorted: wireguard-go lists peers in no fixed order.
         let mut keys: Vec<String> = report.peers.iter().map(|p| p.wg_public_key.clone()).collect();
         keys.sort();

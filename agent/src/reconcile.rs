@@ -1,11 +1,15 @@
-//! Applies a desired-state document to this node: the WireGuard mesh and
-//! the firewall. Idempotent: applying the same document twice changes
-//! nothing the second time.
+//! Applies a desired-state document to this node: the WireGuard mesh, the
+//! firewall, the containers and the DNS records. Idempotent: applying the
+//! same document twice changes nothing the second time.
 
+use crate::containers::{Runtime, RuntimeConfig};
+use crate::dns::{self, DnsConfig, DnsServer};
 use crate::firewall::{self, FirewallConfig};
 use crate::mesh::{Mesh, MeshConfig};
+use crate::records;
 use anyhow::Context;
 use berth_protocol::{DesiredState, StatusReport};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 pub struct Settings {
@@ -13,6 +17,12 @@ pub struct Settings {
     pub interface: String,
     pub wireguard_go: PathBuf,
     pub wg_private: String,
+    pub sealing: x25519_dalek::StaticSecret,
+    pub runtime: RuntimeConfig,
+    /// Where the upstream resolvers for names outside the zone are read from.
+    pub resolv_conf: PathBuf,
+    /// DNS port on the container gateway (53; tests may pick another).
+    pub dns_port: u16,
 }
 
 pub struct Reconciler {
@@ -21,8 +31,12 @@ pub struct Reconciler {
     /// The mesh config the interface was brought up with (address, port, pool).
     mesh_shape: Option<String>,
     firewall_rules: Option<String>,
+    runtime: Runtime,
+    dns: Option<(SocketAddr, DnsServer)>,
+    desired: Option<DesiredState>,
     pub applied_revision: u64,
     pub last_error: Option<String>,
+    containers_error: Option<String>,
 }
 
 const CACHE: &str = "desired.json";
@@ -51,12 +65,16 @@ pub fn save_cache(data_dir: &Path, d: &DesiredState) -> anyhow::Result<()> {
 impl Reconciler {
     pub fn new(settings: Settings) -> Reconciler {
         Reconciler {
+            runtime: Runtime::new(settings.runtime.clone(), settings.sealing.clone()),
             settings,
             mesh: None,
             mesh_shape: None,
             firewall_rules: None,
+            dns: None,
+            desired: None,
             applied_revision: 0,
             last_error: None,
+            containers_error: None,
         }
     }
 
@@ -115,7 +133,68 @@ impl Reconciler {
                 );
             }
         }
+        self.ensure_dns(subnet).await?;
+        // A container that cannot run is that replica's error (reported per
+        // replica and retried every tick), not a failure of the whole document.
+        self.containers_error = match self.runtime.apply(subnet, &d.containers).await {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::warn!(revision = d.revision, error = %format!("{e:#}"), "containers not all running");
+                Some(format!("containers: {e:#}"))
+            }
+        };
+        self.desired = Some(d.clone());
+        self.refresh_dns();
         Ok(())
+    }
+
+    /// Starts the DNS server on the container gateway (IP_FREEBIND: the bridge
+    /// may not exist yet), or moves it when the subnet changed.
+    async fn ensure_dns(&mut self, subnet: ipnet::Ipv4Net) -> anyhow::Result<()> {
+        let gateway = subnet.hosts().next().context("node.subnet has no gateway address")?;
+        let listen = SocketAddr::new(IpAddr::V4(gateway), self.settings.dns_port);
+        if matches!(&self.dns, Some((at, _)) if *at == listen) {
+            return Ok(());
+        }
+        if let Some((_, old)) = self.dns.take() {
+            old.shutdown().await;
+        }
+        let upstreams = dns::upstreams_from_resolv_conf(&self.settings.resolv_conf, &[IpAddr::V4(gateway)])
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %format!("{e:#}"), "no upstream resolvers: names outside the zone will be refused");
+                vec![]
+            });
+        let server = DnsServer::start(
+            DnsConfig {
+                listen: vec![listen],
+                zone: self.settings.runtime.zone.clone(),
+                upstreams,
+            },
+            Default::default(),
+        )
+        .await
+        .with_context(|| format!("starting the DNS server on {listen}"))?;
+        self.dns = Some((listen, server));
+        Ok(())
+    }
+
+    fn refresh_dns(&self) {
+        if let (Some((_, server)), Some(d)) = (&self.dns, &self.desired) {
+            server.set_records(records::build(d, &self.runtime.local_health()));
+        }
+    }
+
+    /// Repairs containers and runs due health checks; returns whether a
+    /// replica changed (the caller then reports at once).
+    pub async fn tick(&mut self) -> bool {
+        let changed = self.runtime.tick().await;
+        if changed {
+            self.refresh_dns();
+            if self.runtime.statuses().iter().all(|s| s.error.is_none()) {
+                self.containers_error = None;
+            }
+        }
+        changed
     }
 
     pub async fn report(&self) -> StatusReport {
@@ -130,9 +209,9 @@ impl Reconciler {
             applied_revision: self.applied_revision,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             peers,
-            error: self.last_error.clone(),
+            error: self.last_error.clone().or_else(|| self.containers_error.clone()),
             rss_bytes: rss_bytes(),
-            containers: vec![],
+            containers: self.runtime.statuses(),
         }
     }
 

@@ -126,6 +126,8 @@ pub struct ContainerSummary {
     pub labels: BTreeMap<String, String>,
     pub networks: Vec<String>,
     pub exit_code: i64,
+    /// Restarts made by the restart policy.
+    pub restarts: u32,
 }
 
 /// A container's attachment to one network.
@@ -220,6 +222,7 @@ pub(crate) fn summary(v: &Value) -> ContainerSummary {
             .map(|a| a.iter().map(s).collect())
             .unwrap_or_default(),
         exit_code: v["ExitCode"].as_i64().unwrap_or(0),
+        restarts: v["Restarts"].as_u64().unwrap_or(0).try_into().unwrap_or(u32::MAX),
     }
 }
 
