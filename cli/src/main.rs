@@ -169,6 +169,100 @@ impl LabSel {
     fn dir(&self) -> PathBuf {
         self.dir.clone().unwrap_or_else(|| lab::default_dir(self.id))
     }
+
+    /// The options that select this lab again, for printed command lines.
+    fn args(&self) -> String {
+        match &self.dir {
+            Some(d) => format!("--id {} --dir {}", self.id, d.display()),
+            None => format!("--id {}", self.id),
+        }
+    }
+}
+
+/// How long `lab up` waits for the demo service to be running and healthy.
+const DEMO_WAIT: Duration = Duration::from_secs(30);
+
+/// Deploys the `demo` service (the test image's web server on port 8080) on a
+/// fresh lab with `workers` worker nodes and waits for its replicas. Problems
+/// are warnings: the lab stays up either way.
+async fn lab_demo(l: &Lab, sel: &LabSel, workers: u16) {
+    let spec = ServiceSpec {
+        name: "demo".into(),
+        image: lab::podman::TEST_IMAGE.into(),
+        replicas: u32::from(workers.min(2)),
+        port: Some(8080),
+        env: Default::default(),
+        secrets: Default::default(),
+        volumes: vec![],
+        cpu: None,
+        memory: None,
+        health_cmd: None,
+        health_http: Some("/".into()),
+        command: None,
+        nodes: vec![],
+    };
+    let logs = format!("{}/n*.log", sel.dir().display());
+    let admin = match l.admin() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("warning: demo not deployed: {e:#}");
+            return;
+        }
+    };
+    eprintln!(
+        "lab {}: deploying the demo service ({} replicas of {})...",
+        sel.id, spec.replicas, spec.image
+    );
+    if let Err(e) = admin.deploy_service(&spec).await {
+        eprintln!("warning: deploying the demo service failed: {e:#}");
+        return;
+    }
+    let want = spec.replicas as usize;
+    let deadline = std::time::Instant::now() + DEMO_WAIT;
+    let mut last = String::new();
+    let mut ready = false;
+    while std::time::Instant::now() < deadline {
+        let progress = match admin.show_service("demo").await {
+            Ok(info) => {
+                let running = info.replicas.iter().filter(|r| r.state == "running").count();
+                let healthy = info
+                    .replicas
+                    .iter()
+                    .filter(|r| r.state == "running" && r.healthy)
+                    .count();
+                ready = info.replicas.len() == want && healthy == want;
+                let errors: Vec<String> = info
+                    .replicas
+                    .iter()
+                    .filter_map(|r| r.error.as_ref().map(|e| format!("{}: {e}", r.replica)))
+                    .collect();
+                format!(
+                    "demo: {running}/{want} running, {healthy}/{want} healthy{}",
+                    if errors.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", errors.join("; "))
+                    }
+                )
+            }
+            Err(e) => format!("demo: {e:#}"),
+        };
+        if progress != last {
+            eprintln!("lab {}: {progress}", sel.id);
+            last = progress;
+        }
+        if ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    if !ready {
+        eprintln!(
+            "warning: the demo service is not running and healthy after {} s; the lab stays up. \
+             Look at `berth service show demo` (after the exports below) and the node logs {logs}",
+            DEMO_WAIT.as_secs()
+        );
+    }
 }
 
 #[derive(Subcommand)]
@@ -186,6 +280,9 @@ enum LabCmd {
         /// Where berth-agent and berth-control-plane are. Default: beside this binary.
         #[arg(long)]
         bin_dir: Option<PathBuf>,
+        /// Do not deploy the `demo` service (2 replicas of the test image's web server).
+        #[arg(long)]
+        no_demo: bool,
     },
     /// Show the lab's nodes as the control plane sees them.
     Status {
@@ -205,7 +302,16 @@ enum LabCmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
-    /// Stop every lab process and remove every namespace, link and file it made.
+    /// Run a command in a throwaway container of the test image on a node's
+    /// Podman network: berth lab run n1 -- wget -qO- http://demo.internal:8080/
+    Run {
+        #[command(flatten)]
+        sel: LabSel,
+        node: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Stop every lab process and remove every namespace, link, container, mount and file it made.
     Down {
         #[command(flatten)]
         sel: LabSel,
@@ -372,6 +478,7 @@ async fn lab_cmd(cmd: LabCmd) -> anyhow::Result<i32> {
             nodes,
             proxies,
             bin_dir,
+            no_demo,
         } => {
             let dir = sel.dir();
             let bin_dir = bin_dir.unwrap_or_else(lab::default_bin_dir);
@@ -386,15 +493,31 @@ async fn lab_cmd(cmd: LabCmd) -> anyhow::Result<i32> {
                     return Err(e);
                 }
             };
+            // On failure the lab stays as it is, for its logs.
+            let left = |e: anyhow::Error| {
+                e.context(format!(
+                    "lab {} is left as it is (logs in {}); remove it with `berth lab down {}`",
+                    sel.id,
+                    dir.display(),
+                    sel.args()
+                ))
+            };
             for i in 0..nodes + proxies {
-                let name = l.add_node(i >= nodes).await?;
-                eprintln!("lab {}: started node {name}", sel.id);
+                let name = l.add_node(i >= nodes).await.map_err(left)?;
+                eprintln!("lab {}: started node {name} (agent and Podman)", sel.id);
             }
             eprintln!(
                 "lab {}: waiting for every node to register and apply the mesh...",
                 sel.id
             );
-            let list = l.wait_converged(Duration::from_secs(60)).await?;
+            let list = l.wait_converged(Duration::from_secs(60)).await.map_err(left)?;
+            let list = if no_demo {
+                list
+            } else {
+                lab_demo(&l, &sel, nodes).await;
+                // Fresh revisions and last-seen times after the deploy.
+                l.admin()?.list_nodes().await.unwrap_or(list)
+            };
             print_nodes(&list);
             let t = l.target();
             println!("\nThe lab is up. Point the CLI at it:");
@@ -406,15 +529,29 @@ async fn lab_cmd(cmd: LabCmd) -> anyhow::Result<i32> {
             );
             if let (Some(a), Some(b)) = (list.first(), list.get(1)) {
                 println!(
-                    "Ping across the mesh:\n  berth lab exec --id {} {} -- ping -c 3 {}",
-                    sel.id, a.name, b.mesh_ip
+                    "Ping across the mesh:\n  berth lab exec {} {} -- ping -c 3 {}",
+                    sel.args(),
+                    a.name,
+                    b.mesh_ip
                 );
             }
-            println!(
-                "Logs: {}   Remove it all: berth lab down --id {}",
-                dir.display(),
-                sel.id
-            );
+            let workers: Vec<&str> = l
+                .state
+                .nodes
+                .iter()
+                .filter(|n| !n.proxy)
+                .map(|n| n.name.as_str())
+                .collect();
+            if let (false, Some(first), Some(last)) = (no_demo, workers.first(), workers.last()) {
+                println!("Reach the demo service by name from a container on any node:");
+                println!(
+                    "  berth lab run {} {last} -- wget -qO- http://demo.internal:8080/",
+                    sel.args()
+                );
+                println!("  berth lab run {} {first} -- nslookup demo.internal", sel.args());
+                println!("  berth service show demo");
+            }
+            println!("Logs: {}   Remove it all: berth lab down {}", dir.display(), sel.args());
         }
         LabCmd::Status { sel } => {
             let l = Lab::load(&sel.dir())?;
@@ -437,6 +574,15 @@ async fn lab_cmd(cmd: LabCmd) -> anyhow::Result<i32> {
                 .args(["netns", "exec", &l.net.node_ns(n.index)])
                 .args(&cmd)
                 .status()?;
+            return Ok(status.code().unwrap_or(1));
+        }
+        LabCmd::Run { sel, node, cmd } => {
+            let l = Lab::load(&sel.dir())?;
+            let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+            let status = l
+                .container_command(&node, &cmd)?
+                .status()
+                .map_err(|e| anyhow::anyhow!("running podman on {node}: {e}"))?;
             return Ok(status.code().unwrap_or(1));
         }
         LabCmd::Down { sel, keep_logs } => {

@@ -56,6 +56,8 @@ pub struct Runtime {
     cfg: RuntimeConfig,
     podman: Podman,
     sealing: StaticSecret,
+    /// This node's container subnet, from the last apply.
+    subnet: Option<Ipv4Net>,
     /// The subnet the Podman network was last checked for.
     network_for: Option<Ipv4Net>,
     net: Option<NodeNet>,
@@ -72,6 +74,7 @@ impl Runtime {
             podman: Podman::new(&cfg.socket),
             cfg,
             sealing,
+            subnet: None,
             network_for: None,
             net: None,
             desired: vec![],
@@ -83,6 +86,7 @@ impl Runtime {
 
     /// Makes Podman run exactly `desired` on this node's `subnet`.
     pub async fn apply(&mut self, subnet: Ipv4Net, desired: &[ContainerDesired]) -> anyhow::Result<()> {
+        self.subnet = Some(subnet);
         self.desired = desired.to_vec();
         self.replicas
             .retain(|name, _| desired.iter().any(|c| &c.replica == name));
@@ -135,9 +139,17 @@ impl Runtime {
     /// Repairs what drifted and runs due health checks. Returns whether any
     /// replica's state or health changed (time to report and update DNS).
     pub async fn tick(&mut self) -> bool {
-        let Some(subnet) = self.network_for else {
+        let Some(subnet) = self.subnet else {
             return false;
         };
+        if self.network_for.is_none() {
+            // Podman was not reachable yet: try again.
+            let before = self.statuses();
+            if let Err(e) = self.sync(subnet).await {
+                tracing::debug!(error = %format!("{e:#}"), "containers not ready");
+            }
+            return before != self.statuses();
+        }
         if self.desired.is_empty() {
             return false;
         }
@@ -246,12 +258,13 @@ impl Runtime {
             }
         };
         self.podman_error_logged = false;
-        if self.desired.is_empty() && list.is_empty() {
-            return Ok(());
-        }
+        // Made even with nothing to run: operators (and `berth lab run`) may
+        // attach their own containers to it.
         self.ensure_network(subnet).await?;
         let net = self.net.clone().context("network not ready")?;
 
+        // Replicas that cannot run as wanted, with why.
+        let mut failed = vec![];
         // Wanted replica → (spec hash, spec). A replica whose secrets cannot
         // be opened keeps whatever container it has.
         let mut specs = BTreeMap::new();
@@ -269,6 +282,7 @@ impl Runtime {
                     if let Some(s) = existing {
                         hashes.insert(c.replica.clone(), s.labels.get(LABEL_SPEC).cloned().unwrap_or_default());
                     }
+                    failed.push(format!("{}: {e}", c.replica));
                     if let Some(r) = self.replicas.get_mut(&c.replica) {
                         r.error = Some(e);
                     }
@@ -311,8 +325,13 @@ impl Runtime {
                         r.agent_starts += 1;
                     }
                     tracing::info!(%replica, "starting a stopped container");
+                    let ip = self.desired.iter().find(|c| c.replica == replica).map(|c| c.ip);
+                    let bridge = self.cfg.bridge.clone();
                     tasks.spawn(async move {
                         let res = podman.start(&id).await.map(|()| Some(id)).map_err(|e| e.to_string());
+                        if let (Ok(_), Some(ip)) = (&res, ip) {
+                            forget_neighbour(&bridge, ip).await;
+                        }
                         (replica, res)
                     });
                 }
@@ -336,6 +355,7 @@ impl Runtime {
                             tracing::warn!(path = %v.host_path.display(), error = %e, "creating a volume directory");
                         }
                     }
+                    let bridge = self.cfg.bridge.clone();
                     tasks.spawn(async move {
                         let res = async {
                             if let Some(id) = old {
@@ -343,6 +363,9 @@ impl Runtime {
                             }
                             let id = podman.create(&spec).await?;
                             podman.start(&id).await?;
+                            if let Some(ip) = spec.static_ip {
+                                forget_neighbour(&bridge, ip).await;
+                            }
                             Ok::<_, crate::podman::Error>(Some(id))
                         }
                         .await
@@ -352,7 +375,6 @@ impl Runtime {
                 }
             }
         }
-        let mut failed = vec![];
         while let Some(joined) = tasks.join_next().await {
             let Ok((replica, res)) = joined else { continue };
             let Some(r) = self.replicas.get_mut(&replica) else {
@@ -462,6 +484,25 @@ impl Runtime {
                 }
             }
         }
+    }
+}
+
+/// Drops the host's ARP entry for a replica's IP on the bridge. A container
+/// created or started anew has a new MAC address (Podman picks one each time
+/// it sets up the container's network), while the host may still hold the
+/// old one as "reachable" for up to ~45 s and send the replica's traffic
+/// (health checks, traffic routed in from the mesh) to it, into the void.
+/// No entry to drop is the usual case, not an error.
+async fn forget_neighbour(bridge: &str, ip: std::net::Ipv4Addr) {
+    let res = tokio::process::Command::new("ip")
+        .args(["neigh", "del", &ip.to_string(), "dev", bridge])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await;
+    if let Err(e) = res {
+        tracing::debug!(%ip, %bridge, error = %e, "running `ip neigh del`");
     }
 }
 

@@ -1,18 +1,22 @@
 //! `berth lab`: a whole Berth cluster on one machine. The control plane runs
 //! in the root namespace on the lab's host link; every node is its own
 //! network namespace on a lab bridge, running a real `berth-agent` with a
-//! real WireGuard (wireguard-go here). Used by the README and the e2e tests.
+//! real WireGuard (wireguard-go here) and its own Podman service (see
+//! [`podman`]). Used by the README and the e2e tests.
 
 pub mod net;
+pub mod podman;
 pub mod process;
 
 use crate::client::{AdminClient, Target};
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use berth_protocol::NodeInfo;
 use net::LabNet;
+use podman::{FirstError, NodePodman};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 /// Port the lab's control plane listens on (on the host link).
@@ -35,6 +39,9 @@ pub struct LabNode {
     pub name: String,
     pub proxy: bool,
     pub agent_pid: Option<u32>,
+    /// The node's `podman system service` (absent in labs made before it).
+    #[serde(default)]
+    pub podman_pid: Option<u32>,
 }
 
 pub struct Lab {
@@ -200,7 +207,81 @@ impl Lab {
         format!("bl{}w{index}", self.state.id)
     }
 
-    /// Adds a namespace for a new node and starts its agent with a fresh token.
+    /// The Podman of node `index`: storage, socket, network, log.
+    pub fn node_podman(&self, index: u16) -> NodePodman {
+        NodePodman::new(&self.state.dir, self.state.id, index)
+    }
+
+    /// Name of node `index`'s Podman network, `bl<k>n<i>`: unique on the host,
+    /// since rootful Podman shares one IPAM database across storage roots.
+    pub fn podman_network(&self, index: u16) -> String {
+        podman::network_name(self.state.id, index)
+    }
+
+    /// Node `index`'s Podman API socket.
+    pub fn podman_socket(&self, index: u16) -> PathBuf {
+        self.node_podman(index).socket()
+    }
+
+    /// The podman CLI's global flags for node `index`'s storage.
+    pub fn podman_flags(&self, index: u16) -> Vec<String> {
+        self.node_podman(index).flags()
+    }
+
+    /// Runs `podman <node flags> args...` inside the node's namespace and waits for it.
+    pub fn podman(&self, name: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let node = self.node(name)?;
+        self.node_podman(node.index).output(args)
+    }
+
+    /// The command for a throwaway container of the test image on node
+    /// `name`, on the node's Podman network (at its last address, with the
+    /// node's DNS and the cluster search domain), running `cmd`. Waits up to
+    /// 10 s for the network, which the agent creates.
+    pub fn container_command(&self, name: &str, cmd: &[&str]) -> anyhow::Result<Command> {
+        if cmd.is_empty() {
+            bail!("no command to run in the container");
+        }
+        let node = self.node(name)?;
+        let p = self.node_podman(node.index);
+        p.wait_network(Duration::from_secs(10), &self.agent_log(&node.name))?;
+        // The network's own subnet (the agent made it from the one the
+        // control plane gave the node): right even while the control plane
+        // is down.
+        let addrs = p.network_addrs()?;
+        let ip = podman::run_ip(&addrs)?.to_string();
+        let dns = addrs.gateway.to_string();
+        let mut args = vec![
+            "run",
+            "--rm",
+            "--network",
+            &p.network,
+            "--ip",
+            &ip,
+            "--dns",
+            &dns,
+            "--dns-search",
+            podman::ZONE,
+            podman::TEST_IMAGE,
+        ];
+        args.extend_from_slice(cmd);
+        Ok(p.command(&args))
+    }
+
+    /// Runs `cmd` in a throwaway container on node `name` (see
+    /// [`container_command`](Self::container_command)) and waits for it.
+    pub fn run_container(&self, name: &str, cmd: &[&str]) -> anyhow::Result<Output> {
+        self.container_command(name, cmd)?
+            .output()
+            .with_context(|| format!("running {cmd:?} in a container on {name}"))
+    }
+
+    fn agent_log(&self, name: &str) -> PathBuf {
+        self.state.dir.join(format!("{name}.log"))
+    }
+
+    /// Adds a namespace for a new node, starts its Podman service (with the
+    /// test image in its storage) and its agent with a fresh token.
     pub async fn add_node(&mut self, proxy: bool) -> anyhow::Result<String> {
         let index = self.state.nodes.iter().map(|n| n.index).max().unwrap_or(0) + 1;
         let name = format!("n{index}");
@@ -212,10 +293,29 @@ impl Lab {
             name: name.clone(),
             proxy,
             agent_pid: None,
+            podman_pid: None,
         });
         self.save()?;
+        self.start_podman(index).await?;
         self.start_agent(index, Some(&token))?;
         Ok(name)
+    }
+
+    /// Starts node `index`'s Podman service on fresh storage, imports the test
+    /// image and waits until the service answers.
+    async fn start_podman(&mut self, index: u16) -> anyhow::Result<()> {
+        let p = self.node_podman(index);
+        // Storage of an earlier node with this index (removed, then re-added).
+        if p.dir.exists() {
+            podman::unmount_under(&p.dir)?;
+            std::fs::remove_dir_all(&p.dir).with_context(|| format!("clearing {}", p.dir.display()))?;
+        }
+        let pid = p.start()?;
+        self.node_mut(index)?.podman_pid = Some(pid);
+        self.save()?;
+        // The import only needs the storage: it runs while the service starts.
+        p.import_test_image()?;
+        p.wait_ready(pid).await
     }
 
     /// Starts (or restarts) the agent of node `index`.
@@ -234,6 +334,12 @@ impl Lab {
             "text".into(),
             "--heartbeat".into(),
             "5".into(),
+            "--podman-socket".into(),
+            self.podman_socket(index).display().to_string(),
+            "--podman-network".into(),
+            self.podman_network(index),
+            "--bridge".into(),
+            podman::BRIDGE.into(),
         ];
         if let Some(t) = token {
             args.extend(["--token".into(), t.into()]);
@@ -246,7 +352,7 @@ impl Lab {
             &self.state.bin_dir.join("berth-agent"),
             &args,
             &[("BERTH_LOG".into(), "info,berth_agent=debug".into())],
-            &self.state.dir.join(format!("{}.log", node.name)),
+            &self.agent_log(&node.name),
         )?;
         self.node_mut(index)?.agent_pid = Some(pid);
         self.save()
@@ -260,16 +366,26 @@ impl Lab {
         self.save()
     }
 
-    /// Removes a node from the fleet (API) and deletes its namespace.
+    /// Removes a node from the fleet (API), stops its agent, removes its
+    /// containers, Podman network, Podman service and storage, and deletes
+    /// its namespace. Its logs stay until the lab goes.
     pub async fn remove_node(&mut self, name: &str) -> anyhow::Result<()> {
         let node = self.node(name)?.clone();
         self.admin()?.remove_node(&node.name).await?;
+        // The agent first: it would recreate the containers removed below.
         if let Some(pid) = node.agent_pid {
             process::stop(pid, Duration::from_secs(5))?;
         }
-        self.net.remove_node(node.index)?;
+        let p = self.node_podman(node.index);
+        let mut first = FirstError::default();
+        first.note(p.teardown(node.podman_pid));
+        first.note(self.net.remove_node(node.index));
+        if p.dir.exists() {
+            first.note(std::fs::remove_dir_all(&p.dir).with_context(|| format!("removing {}", p.dir.display())));
+        }
         self.state.nodes.retain(|n| n.index != node.index);
-        self.save()
+        first.note(self.save());
+        first.into_result()
     }
 
     /// Runs a command inside a node's namespace and waits for it.
@@ -317,7 +433,9 @@ impl Lab {
         }
     }
 
-    /// Stops every process and removes every namespace, link and file of the lab.
+    /// Stops every process and removes every namespace, link, container,
+    /// Podman network, mount and file of the lab (with `keep_logs`, the logs
+    /// and the agents' data stay in the lab directory).
     pub fn destroy(self, keep_logs: bool) -> anyhow::Result<()> {
         let pids: Vec<u32> = self
             .state
@@ -326,16 +444,93 @@ impl Lab {
             .filter_map(|n| n.agent_pid)
             .chain(self.state.cp_pid)
             .collect();
-        let first = process::stop_all(&pids, Duration::from_secs(3)).err();
-        let net = self.net.destroy().err();
-        if !keep_logs {
-            let _ = std::fs::remove_dir_all(&self.state.dir);
-        }
-        match first.or(net) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        let mut first = FirstError::default();
+        // Agents before containers: an agent would recreate what is removed.
+        first.note(process::stop_all(&pids, Duration::from_secs(3)));
+        let known: Vec<(u16, Option<u32>)> = self.state.nodes.iter().map(|n| (n.index, n.podman_pid)).collect();
+        first.note(teardown_podmans(self.state.id, &self.state.dir, &known));
+        first.note(self.net.destroy());
+        remove_files(&self.state.dir, keep_logs, &mut first);
+        first.into_result()
     }
+}
+
+/// Tears down the Podman of every node in `known` and of every `n<i>-podman`
+/// directory in `dir`, in parallel. Needs the node namespaces: call before
+/// deleting them.
+fn teardown_podmans(id: u8, dir: &Path, known: &[(u16, Option<u32>)]) -> anyhow::Result<()> {
+    let mut nodes: BTreeMap<u16, Option<u32>> = known.iter().copied().collect();
+    for i in podman::node_dirs(dir) {
+        nodes.entry(i).or_insert(None);
+    }
+    let results: Vec<anyhow::Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = nodes
+            .iter()
+            .map(|(&i, &pid)| s.spawn(move || NodePodman::new(dir, id, i).teardown(pid)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("Podman teardown thread panicked")))
+            })
+            .collect()
+    });
+    let mut first = FirstError::default();
+    results.into_iter().for_each(|r| first.note(r));
+    first.into_result()
+}
+
+/// Unmounts what is left under the lab dir, then removes the dir (or, with
+/// `keep_logs`, only the nodes' Podman storage).
+fn remove_files(dir: &Path, keep_logs: bool, first: &mut FirstError) {
+    first.note(podman::unmount_under(dir));
+    if keep_logs {
+        for i in podman::node_dirs(dir) {
+            // The lab id does not matter for the directory.
+            let d = NodePodman::new(dir, 0, i).dir;
+            first.note(std::fs::remove_dir_all(&d).with_context(|| format!("removing {}", d.display())));
+        }
+    } else if dir.exists() {
+        first.note(std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display())));
+    }
+}
+
+/// Pids of the control plane and agents started for the lab in `dir` (their
+/// `--data-dir` is in it), found without the state file.
+fn lab_daemons(dir: &Path) -> Vec<u32> {
+    let mut roots = vec![dir.display().to_string()];
+    if let Ok(c) = std::fs::canonicalize(dir) {
+        roots.push(c.display().to_string());
+    }
+    let in_lab = |data_dir: &str| {
+        roots.iter().any(|r| {
+            data_dir
+                .strip_prefix(r.trim_end_matches('/'))
+                .is_some_and(|rest| rest.starts_with('/'))
+        })
+    };
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|&p| p != me)
+                .filter(|&p| {
+                    let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+                    // comm is cut to 15 bytes: berth-control-plane reads berth-control-p.
+                    if !matches!(comm.trim_end(), "berth-agent" | "berth-control-p") {
+                        return false;
+                    }
+                    let raw = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                    let args: Vec<String> = raw
+                        .split(|&c| c == 0)
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect();
+                    args.windows(2).any(|w| w[0] == "--data-dir" && in_lab(&w[1]))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Removes lab `id` even when its state file is gone or corrupt.
@@ -343,11 +538,16 @@ pub fn destroy_by_id(id: u8, dir: &Path, keep_logs: bool) -> anyhow::Result<()> 
     match Lab::load(dir) {
         Ok(lab) => lab.destroy(keep_logs),
         Err(_) => {
-            let r = LabNet { id }.destroy();
-            if !keep_logs {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-            r
+            let mut first = FirstError::default();
+            // Without pids: the daemons are found by their data dirs, the
+            // Podman services by their sockets.
+            first.note(process::stop_all(&lab_daemons(dir), Duration::from_secs(3)));
+            let net = LabNet { id };
+            let known: Vec<(u16, Option<u32>)> = net.nodes().into_iter().map(|i| (i, None)).collect();
+            first.note(teardown_podmans(id, dir, &known));
+            first.note(net.destroy());
+            remove_files(dir, keep_logs, &mut first);
+            first.into_result()
         }
     }
 }
