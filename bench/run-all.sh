@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Builds Berth in release mode and runs the three benchmarks in order:
-# bench-convergence, bench-cp-scale, bench-agent-idle. They print figures;
+# bench-convergence, bench-cp-scale, bench-agent-idle, bench-services. They print figures;
 # none of them asserts on timing. Each cleans up what it made (labs 90/91,
 # the control plane it started, temporary directories), also on Ctrl-C.
+# bench-services needs Podman (scripts/podman-setup.sh).
 #
 # Needs root (the labs build network namespaces) and wireguard-go.
-# Extra flags per benchmark: CONVERGENCE_ARGS, CP_SCALE_ARGS, AGENT_IDLE_ARGS,
+# Extra flags per benchmark: CONVERGENCE_ARGS, CP_SCALE_ARGS, AGENT_IDLE_ARGS, SERVICES_ARGS,
 # e.g.  CP_SCALE_ARGS="--agents 500" bench/run-all.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -41,10 +42,12 @@ run bench-convergence ${CONVERGENCE_ARGS:-}
 run bench-cp-scale ${CP_SCALE_ARGS:-}
 # shellcheck disable=SC2086
 run bench-agent-idle ${AGENT_IDLE_ARGS:-}
+# shellcheck disable=SC2086
+run bench-services ${SERVICES_ARGS:-}
 
 echo
 if [ ${#failed[@]} -gt 0 ]; then
     echo "run-all.sh: failed: ${failed[*]}" >&2
     exit 1
 fi
-echo "run-all.sh: all three benchmarks ran"
+echo "run-all.sh: all four benchmarks ran"

@@ -35,7 +35,7 @@ step "store and API tests (SQLite and PostgreSQL)"
 cargo test -p berth-control-plane --tests --locked
 
 step "agent tests on real Podman, DNS, wireguard-go and nftables"
-cargo test -p berth-agent --test dns --test podman --locked
+cargo test -p berth-agent --test dns --test podman --test containers --locked -- --test-threads=2
 
 step "lab end-to-end tests"
 # Lab tests build namespaces and WireGuard meshes; two at a time fit 2 cores.
