@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds Berth in release mode and runs the three benchmarks in order:
+# Builds Berth in release mode and runs the four benchmarks in order:
 # bench-convergence, bench-cp-scale, bench-agent-idle, bench-services. They print figures;
 # none of them asserts on timing. Each cleans up what it made (labs 90/91,
 # the control plane it started, temporary directories), also on Ctrl-C.
