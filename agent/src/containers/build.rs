@@ -40,6 +40,14 @@ pub fn container_name(replica: &str) -> String {
     format!("berth-{replica}")
 }
 
+/// The MAC of the container at `ip`: locally administered, derived from the
+/// IP, so a replaced or restarted replica keeps it and no neighbour (the host,
+/// other containers) sends its traffic to a stale ARP entry.
+pub fn mac_for(ip: Ipv4Addr) -> String {
+    let [a, b, c, d] = ip.octets();
+    format!("02:42:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+}
+
 /// Host directory of a service's volume.
 pub fn volume_dir(volumes_dir: &Path, service: &str, volume: &str) -> PathBuf {
     volumes_dir.join(service).join(volume)
@@ -68,6 +76,7 @@ pub fn container_spec(c: &ContainerDesired, secrets: &BTreeMap<String, String>, 
         hostname: Some(c.replica.clone()),
         network: net.network.clone(),
         static_ip: Some(c.ip),
+        static_mac: Some(mac_for(c.ip)),
         dns_servers: vec![IpAddr::V4(net.gateway)],
         dns_search: vec![net.zone.clone()],
         cpu_limit: c.cpu,
@@ -133,6 +142,7 @@ mod tests {
         assert_eq!(s.env.get("TOKEN").map(String::as_str), Some("s3cret"));
         assert_eq!(s.static_ip, Some(Ipv4Addr::new(10, 200, 3, 7)));
         assert_eq!(s.network, "berth");
+        assert_eq!(s.static_mac.as_deref(), Some("02:42:0a:c8:03:07"));
         assert_eq!(s.dns_servers, vec![IpAddr::V4(Ipv4Addr::new(10, 200, 3, 1))]);
         assert_eq!(s.dns_search, vec!["internal".to_string()]);
         assert_eq!(s.cpu_limit, Some(0.5));

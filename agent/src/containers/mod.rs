@@ -46,9 +46,10 @@ struct Replica {
     running: bool,
     check: Option<Check>,
     health: Tracker,
-    /// Starts made by the agent (the restart policy's are counted by Podman).
-    agent_starts: u32,
-    podman_restarts: u32,
+    /// Restarts seen: a new start of the same container (restart policy or
+    /// the agent), or a vanished container made anew.
+    restarts: u32,
+    started_at: i64,
     error: Option<String>,
 }
 
@@ -122,7 +123,7 @@ impl Runtime {
                     r.state.clone()
                 },
                 healthy: r.health.healthy && r.running,
-                restarts: r.agent_starts.saturating_add(r.podman_restarts),
+                restarts: r.restarts,
                 error: r.error.clone(),
             })
             .collect()
@@ -156,13 +157,16 @@ impl Runtime {
         let before = self.statuses();
         match self.list_owned().await {
             Ok(list) => {
-                let drifted = self.desired.iter().any(|c| {
-                    let want = self.replicas.get(&c.replica).and_then(|r| r.container_id.as_deref());
-                    match list.iter().find(|s| s.labels.get(LABEL_REPLICA) == Some(&c.replica)) {
-                        Some(s) => !s.state.is_running() || want != Some(s.id.as_str()),
-                        None => true,
-                    }
-                });
+                // Back after Podman was unreachable: a full pass, which also
+                // clears the replicas' "unreachable" errors.
+                let drifted = self.podman_error_logged
+                    || self.desired.iter().any(|c| {
+                        let want = self.replicas.get(&c.replica).and_then(|r| r.container_id.as_deref());
+                        match list.iter().find(|s| s.labels.get(LABEL_REPLICA) == Some(&c.replica)) {
+                            Some(s) => !s.state.is_running() || want != Some(s.id.as_str()),
+                            None => true,
+                        }
+                    });
                 if drifted {
                     if let Err(e) = self.sync(subnet).await {
                         tracing::warn!(error = %format!("{e:#}"), "repairing containers failed");
@@ -199,10 +203,14 @@ impl Runtime {
         for (name, r) in self.replicas.iter_mut() {
             match list.iter().find(|s| s.labels.get(LABEL_REPLICA) == Some(name)) {
                 Some(s) => {
+                    let same = r.container_id.as_deref() == Some(s.id.as_str());
+                    if same && r.started_at != 0 && s.started_at != r.started_at {
+                        r.restarts += 1;
+                    }
+                    r.started_at = s.started_at;
                     r.container_id = Some(s.id.clone());
                     r.state = s.state.to_string();
                     r.running = s.state.is_running();
-                    r.podman_restarts = s.restarts;
                 }
                 None => {
                     r.container_id = None;
@@ -258,6 +266,10 @@ impl Runtime {
             }
         };
         self.podman_error_logged = false;
+        // Errors are this pass's: set again below for what still fails.
+        for r in self.replicas.values_mut() {
+            r.error = None;
+        }
         // Made even with nothing to run: operators (and `berth lab run`) may
         // attach their own containers to it.
         self.ensure_network(subnet).await?;
@@ -321,17 +333,14 @@ impl Runtime {
             match action {
                 Action::Remove { id } => self.remove_in_background(id),
                 Action::Start { id, replica } => {
-                    if let Some(r) = self.replicas.get_mut(&replica) {
-                        r.agent_starts += 1;
-                    }
                     tracing::info!(%replica, "starting a stopped container");
-                    let ip = self.desired.iter().find(|c| c.replica == replica).map(|c| c.ip);
-                    let bridge = self.cfg.bridge.clone();
+                    if let Some(r) = self.replicas.get_mut(&replica) {
+                        // Counted here; started_at 0 keeps observe from counting it again.
+                        r.restarts += 1;
+                        r.started_at = 0;
+                    }
                     tasks.spawn(async move {
                         let res = podman.start(&id).await.map(|()| Some(id)).map_err(|e| e.to_string());
-                        if let (Ok(_), Some(ip)) = (&res, ip) {
-                            forget_neighbour(&bridge, ip).await;
-                        }
                         (replica, res)
                     });
                 }
@@ -347,6 +356,10 @@ impl Runtime {
                     let old = actual.iter().find(|a| a.replica == replica).map(|a| a.id.clone());
                     if old.is_some() {
                         tracing::info!(%replica, "replacing a container whose spec changed");
+                    } else if let Some(r) = self.replicas.get_mut(&replica).filter(|r| r.container_id.is_some()) {
+                        tracing::info!(%replica, "recreating a container that vanished");
+                        r.restarts += 1;
+                        r.started_at = 0;
                     } else {
                         tracing::info!(%replica, image = %spec.image, ip = ?spec.static_ip, "creating a container");
                     }
@@ -355,7 +368,6 @@ impl Runtime {
                             tracing::warn!(path = %v.host_path.display(), error = %e, "creating a volume directory");
                         }
                     }
-                    let bridge = self.cfg.bridge.clone();
                     tasks.spawn(async move {
                         let res = async {
                             if let Some(id) = old {
@@ -363,9 +375,6 @@ impl Runtime {
                             }
                             let id = podman.create(&spec).await?;
                             podman.start(&id).await?;
-                            if let Some(ip) = spec.static_ip {
-                                forget_neighbour(&bridge, ip).await;
-                            }
                             Ok::<_, crate::podman::Error>(Some(id))
                         }
                         .await
@@ -484,25 +493,6 @@ impl Runtime {
                 }
             }
         }
-    }
-}
-
-/// Drops the host's ARP entry for a replica's IP on the bridge. A container
-/// created or started anew has a new MAC address (Podman picks one each time
-/// it sets up the container's network), while the host may still hold the
-/// old one as "reachable" for up to ~45 s and send the replica's traffic
-/// (health checks, traffic routed in from the mesh) to it, into the void.
-/// No entry to drop is the usual case, not an error.
-async fn forget_neighbour(bridge: &str, ip: std::net::Ipv4Addr) {
-    let res = tokio::process::Command::new("ip")
-        .args(["neigh", "del", &ip.to_string(), "dev", bridge])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .await;
-    if let Err(e) = res {
-        tracing::debug!(%ip, %bridge, error = %e, "running `ip neigh del`");
     }
 }
 

@@ -126,8 +126,10 @@ pub struct ContainerSummary {
     pub labels: BTreeMap<String, String>,
     pub networks: Vec<String>,
     pub exit_code: i64,
-    /// Restarts made by the restart policy.
-    pub restarts: u32,
+    /// When the container last started (Unix seconds; 0 if never). Podman
+    /// 4.3's list has no restart count: a change of this for the same
+    /// container is how a restart shows.
+    pub started_at: i64,
 }
 
 /// A container's attachment to one network.
@@ -222,7 +224,7 @@ pub(crate) fn summary(v: &Value) -> ContainerSummary {
             .map(|a| a.iter().map(s).collect())
             .unwrap_or_default(),
         exit_code: v["ExitCode"].as_i64().unwrap_or(0),
-        restarts: v["Restarts"].as_u64().unwrap_or(0).try_into().unwrap_or(u32::MAX),
+        started_at: v["StartedAt"].as_i64().unwrap_or(0),
     }
 }
 

@@ -168,6 +168,9 @@ pub struct ContainerSpec {
     /// The bridge network to join (see [`NetworkSpec`]).
     pub network: String,
     pub static_ip: Option<Ipv4Addr>,
+    /// A fixed MAC on that network (`aa:bb:..`). Without one every start gets
+    /// a random MAC, and neighbours keep the old one cached for a while.
+    pub static_mac: Option<String>,
     /// The container's resolvers; empty means the host's (Podman's default).
     pub dns_servers: Vec<IpAddr>,
     pub dns_search: Vec<String>,
@@ -197,6 +200,7 @@ impl fmt::Debug for ContainerSpec {
             .field("hostname", &self.hostname)
             .field("network", &self.network)
             .field("static_ip", &self.static_ip)
+            .field("static_mac", &self.static_mac)
             .field("dns_servers", &self.dns_servers)
             .field("dns_search", &self.dns_search)
             .field("cpu_limit", &self.cpu_limit)
@@ -232,6 +236,9 @@ impl ContainerSpec {
         let mut per_net = Map::new();
         if let Some(ip) = self.static_ip {
             per_net.insert("static_ips".into(), json!([ip.to_string()]));
+        }
+        if let Some(mac) = &self.static_mac {
+            per_net.insert("static_mac".into(), json!(mac));
         }
         s.insert("Networks".into(), json!({ self.network.clone(): per_net }));
         if !self.dns_servers.is_empty() {
