@@ -36,6 +36,8 @@ pub struct FirewallConfig {
     pub subnet: Ipv4Net,
     /// The pool of node mesh IPs (e.g. `10.100.0.0/16`).
     pub mesh_cidr: Ipv4Net,
+    /// The pool every node's container subnet comes from.
+    pub subnet_pool: Ipv4Net,
 }
 
 /// Name of Berth's table (family `inet`).
@@ -47,6 +49,7 @@ pub fn ruleset(cfg: &FirewallConfig) -> String {
     let port = cfg.listen_port;
     let subnet = cfg.subnet.trunc();
     let mesh = cfg.mesh_cidr.trunc();
+    let pool = cfg.subnet_pool.trunc();
     format!(
         r#"table inet {TABLE} {{
 	# Accepting here does not override a drop in another table: see the
@@ -62,6 +65,15 @@ pub fn ruleset(cfg: &FirewallConfig) -> String {
 		ct state established,related accept
 		iifname "{ifname}" ip daddr {subnet} accept comment "berth: mesh to local containers"
 		oifname "{ifname}" ip saddr {subnet} accept comment "berth: local containers to mesh"
+	}}
+
+	# Podman's bridge masquerades everything that leaves the subnet. Container
+	# to container across the mesh keeps its source address: an identity SNAT
+	# here, before Podman's rules (srcnat), binds the connection's NAT first,
+	# and the kernel then skips the later masquerade.
+	chain postrouting {{
+		type nat hook postrouting priority srcnat - 5; policy accept;
+		oifname "{ifname}" ip saddr {subnet} ip daddr {pool} snat ip to ip saddr comment "berth: container source kept across the mesh"
 	}}
 }}
 "#
@@ -145,6 +157,7 @@ mod tests {
             listen_port: 51820,
             subnet: "10.200.3.0/24".parse().unwrap(),
             mesh_cidr: "10.100.0.0/16".parse().unwrap(),
+            subnet_pool: "10.200.0.0/13".parse().unwrap(),
         }
     }
 
@@ -162,6 +175,8 @@ mod tests {
             "ct state established,related accept",
             "iifname \"berth0\" ip daddr 10.200.3.0/24 accept",
             "oifname \"berth0\" ip saddr 10.200.3.0/24 accept",
+            "type nat hook postrouting priority srcnat - 5; policy accept;",
+            "oifname \"berth0\" ip saddr 10.200.3.0/24 ip daddr 10.200.0.0/13 snat ip to ip saddr",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }

@@ -115,6 +115,7 @@ impl Reconciler {
             listen_port: d.node.wg_port,
             subnet,
             mesh_cidr,
+            subnet_pool,
         };
         let rules = firewall::ruleset(&fw);
         if self.firewall_rules.as_deref() != Some(rules.as_str()) {

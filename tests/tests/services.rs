@@ -160,8 +160,31 @@ async fn service_lifecycle_dns_health_and_secrets() {
     // From a container on n3: the name gives both replicas, and each answers
     // over the mesh; the env and the secret are in the container's environment.
     resolve_until(&lab, "n3", "web.internal", Ok(ips(&info))).await;
+    // `berth lab run` containers take the subnet's .254; the replicas see that
+    // address as the client: no NAT on the way across the mesh.
+    let n3 = admin
+        .list_nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|n| n.name == "n3")
+        .unwrap();
+    let [a, b, c, _] = n3
+        .subnet
+        .split('/')
+        .next()
+        .unwrap()
+        .parse::<Ipv4Addr>()
+        .unwrap()
+        .octets();
+    let client = Ipv4Addr::new(a, b, c, 254);
     for r in &info.replicas {
         let env = http_get(&lab, "n3", &format!("http://{}:8080/cgi-bin/env", r.ip));
+        // (busybox httpd prints it IPv4-mapped.)
+        assert!(
+            env.contains(&format!("REMOTE_ADDR=[::ffff:{client}]")),
+            "source address rewritten: {env}"
+        );
         assert!(env.contains("GREETING=hello-from-berth"), "{env}");
         assert!(
             env.contains(&format!("API_KEY={secret}")),
@@ -228,9 +251,17 @@ async fn service_lifecycle_dns_health_and_secrets() {
         assert!(Instant::now() < deadline, "{cname} did not come back: {now:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let info = wait_running(&lab, "web", 2).await;
-    let back = info.replicas.iter().find(|r| r.replica == on_n1.replica).unwrap();
-    assert!(back.restarts >= 1, "restart not counted: {back:?}");
+    // The restart reaches `berth service show` with n1's next report.
+    let deadline = Instant::now() + SETTLE;
+    let info = loop {
+        let info = wait_running(&lab, "web", 2).await;
+        let back = info.replicas.iter().find(|r| r.replica == on_n1.replica).unwrap();
+        if back.restarts >= 1 {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "restart not counted: {back:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(containers(&lab, "n1")[&cname].0, id_before, "restarted, not recreated");
 
     // Break its health check: it leaves DNS everywhere; fix it: it returns.
