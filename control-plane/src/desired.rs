@@ -183,6 +183,7 @@ fn without_peers(
         peers: vec![],
         containers: containers(snap, me, cp_key),
         dns: dns_records(snap),
+        proxy: None,
     })
 }
 

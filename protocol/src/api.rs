@@ -117,6 +117,9 @@ pub struct DesiredState {
     /// Every service's replicas, for the node's DNS server.
     #[serde(default)]
     pub dns: Vec<DnsService>,
+    /// Routes, certificates and ACME challenges; proxy nodes only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<crate::proxy::ProxyDesired>,
 }
 
 /// A service name and its replicas, as DNS answers them.

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod keyfile;
 pub mod names;
+pub mod proxy;
 pub mod seal;
 pub mod service;
 pub mod signing;
