@@ -7,5 +7,6 @@ pub mod firewall;
 pub mod identity;
 pub mod mesh;
 pub mod podman;
+pub mod proxy;
 pub mod reconcile;
 pub mod records;

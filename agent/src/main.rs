@@ -2,6 +2,7 @@ use anyhow::{bail, Context};
 use berth_agent::client::{fetch_pinned_ca, Client, Poll, Refused};
 use berth_agent::containers::RuntimeConfig;
 use berth_agent::identity::{self, Identity, Registration};
+use berth_agent::proxy::ProxySettings;
 use berth_agent::reconcile::{self, Reconciler, Settings};
 use berth_protocol::token::JoinToken;
 use berth_protocol::RegisterRequest;
@@ -72,6 +73,21 @@ struct Args {
     /// Where the upstream resolvers (for names outside the zone) are read from.
     #[arg(long, default_value = "/etc/resolv.conf")]
     resolv_conf: PathBuf,
+    /// berth-proxy binary, run on proxy nodes. Default: next to this binary, else from PATH.
+    #[arg(long)]
+    proxy_binary: Option<PathBuf>,
+    /// Proxy nodes: public HTTP address (ACME HTTP-01 and the redirect to HTTPS).
+    #[arg(long, default_value = "0.0.0.0:80")]
+    proxy_http: String,
+    /// Proxy nodes: public HTTPS address.
+    #[arg(long, default_value = "0.0.0.0:443")]
+    proxy_https: String,
+    /// Proxy nodes: Prometheus metrics address (keep it local).
+    #[arg(long, default_value = "127.0.0.1:9180")]
+    proxy_metrics: String,
+    /// Proxy nodes: run berth-proxy as this user, with only CAP_NET_BIND_SERVICE.
+    #[arg(long)]
+    proxy_user: Option<String>,
     /// Log format: text, json, or journald (default: journald under systemd, else text).
     #[arg(long, value_parser = ["text", "json", "journald"])]
     log_format: Option<String>,
@@ -189,6 +205,15 @@ async fn register(args: &Args, id: &Identity) -> anyhow::Result<Registration> {
     Ok(reg)
 }
 
+/// `berth-proxy` next to this binary (how releases and the lab ship it), else from PATH.
+fn default_proxy_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("berth-proxy")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("berth-proxy"))
+}
+
 fn notify(state: sd_notify::NotifyState) {
     let _ = sd_notify::notify(false, &[state]);
 }
@@ -221,6 +246,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         resolv_conf: args.resolv_conf.clone(),
         dns_port: args.dns_port,
+        proxy: reg.proxy.then(|| ProxySettings {
+            binary: args.proxy_binary.clone().unwrap_or_else(default_proxy_binary),
+            dir: args.data_dir.join("proxy"),
+            http: args.proxy_http.clone(),
+            https: args.proxy_https.clone(),
+            metrics: args.proxy_metrics.clone(),
+            user: args.proxy_user.clone(),
+        }),
     })));
 
     // Data plane first, from the cache: the control plane may be down.

@@ -6,6 +6,7 @@ use crate::containers::{Runtime, RuntimeConfig};
 use crate::dns::{self, DnsConfig, DnsServer};
 use crate::firewall::{self, FirewallConfig};
 use crate::mesh::{Mesh, MeshConfig};
+use crate::proxy::{ProxySettings, ProxySupervisor};
 use crate::records;
 use anyhow::Context;
 use berth_protocol::{DesiredState, StatusReport};
@@ -23,6 +24,8 @@ pub struct Settings {
     pub resolv_conf: PathBuf,
     /// DNS port on the container gateway (53; tests may pick another).
     pub dns_port: u16,
+    /// Set on proxy nodes: run berth-proxy.
+    pub proxy: Option<ProxySettings>,
 }
 
 pub struct Reconciler {
@@ -34,6 +37,8 @@ pub struct Reconciler {
     runtime: Runtime,
     dns: Option<(SocketAddr, DnsServer)>,
     desired: Option<DesiredState>,
+    proxy: Option<ProxySupervisor>,
+    proxy_error: Option<String>,
     pub applied_revision: u64,
     pub last_error: Option<String>,
     containers_error: Option<String>,
@@ -66,6 +71,8 @@ impl Reconciler {
     pub fn new(settings: Settings) -> Reconciler {
         Reconciler {
             runtime: Runtime::new(settings.runtime.clone(), settings.sealing.clone()),
+            proxy: settings.proxy.clone().map(ProxySupervisor::new),
+            proxy_error: None,
             settings,
             mesh: None,
             mesh_shape: None,
@@ -146,7 +153,31 @@ impl Reconciler {
         };
         self.desired = Some(d.clone());
         self.refresh_dns();
+        self.refresh_proxy().await;
         Ok(())
+    }
+
+    /// Rewrites berth-proxy's config (when it changed) and keeps it running.
+    /// A failure is reported, never fatal: the proxy keeps its last config.
+    async fn refresh_proxy(&mut self) {
+        let (Some(sup), Some(d)) = (&mut self.proxy, &self.desired) else {
+            return;
+        };
+        let res = crate::proxy::config_from(d, &self.settings.sealing, &self.runtime.local_health())
+            .and_then(|cfg| sup.write(&cfg));
+        self.proxy_error = match res {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "proxy config not updated");
+                Some(format!("proxy: {e:#}"))
+            }
+        };
+        sup.ensure_running().await;
+    }
+
+    /// The supervised berth-proxy's pid, on proxy nodes.
+    pub fn proxy_pid(&self) -> Option<u32> {
+        self.proxy.as_ref().and_then(|p| p.pid())
     }
 
     /// Starts the DNS server on the container gateway (IP_FREEBIND: the bridge
@@ -189,6 +220,9 @@ impl Reconciler {
     /// replica changed (the caller then reports at once).
     pub async fn tick(&mut self) -> bool {
         let changed = self.runtime.tick().await;
+        if changed || self.proxy.is_some() {
+            self.refresh_proxy().await;
+        }
         if changed {
             self.refresh_dns();
             if self.runtime.statuses().iter().all(|s| s.error.is_none()) {
@@ -210,7 +244,11 @@ impl Reconciler {
             applied_revision: self.applied_revision,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             peers,
-            error: self.last_error.clone().or_else(|| self.containers_error.clone()),
+            error: self
+                .last_error
+                .clone()
+                .or_else(|| self.containers_error.clone())
+                .or_else(|| self.proxy_error.clone()),
             rss_bytes: rss_bytes(),
             containers: self.runtime.statuses(),
         }
