@@ -279,7 +279,7 @@ fn is_proxy(pid: u32, config: &Path) -> bool {
         .is_some_and(|rest| rest.trim_start().starts_with('Z'));
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let config = config.display().to_string();
-    !zombie && args.iter().any(|a| a.ends_with(b"berth-proxy")) && args.iter().any(|a| *a == config.as_bytes())
+    !zombie && args.iter().any(|a| a.ends_with(b"berth-proxy")) && args.contains(&config.as_bytes())
 }
 
 fn chown(path: &Path, user: &str) -> anyhow::Result<()> {
