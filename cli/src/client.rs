@@ -153,6 +153,44 @@ impl AdminClient {
     }
 }
 
+impl AdminClient {
+    pub async fn add_domain(
+        &self,
+        spec: &berth_protocol::proxy::DomainSpec,
+    ) -> anyhow::Result<berth_protocol::proxy::DomainInfo> {
+        self.call(Method::POST, "/v1/domains", Some(serde_json::to_value(spec)?))
+            .await
+    }
+
+    pub async fn list_domains(&self) -> anyhow::Result<Vec<berth_protocol::proxy::DomainInfo>> {
+        self.call(Method::GET, "/v1/domains", None).await
+    }
+
+    pub async fn remove_domain(&self, domain: &str) -> anyhow::Result<()> {
+        self.call::<serde_json::Value>(Method::DELETE, &format!("/v1/domains/{domain}"), None)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn add_tcp_route(
+        &self,
+        spec: &berth_protocol::proxy::TcpRouteSpec,
+    ) -> anyhow::Result<berth_protocol::proxy::TcpRouteSpec> {
+        self.call(Method::POST, "/v1/routes/tcp", Some(serde_json::to_value(spec)?))
+            .await
+    }
+
+    pub async fn list_tcp_routes(&self) -> anyhow::Result<Vec<berth_protocol::proxy::TcpRouteSpec>> {
+        self.call(Method::GET, "/v1/routes/tcp", None).await
+    }
+
+    pub async fn remove_tcp_route(&self, listen: u16) -> anyhow::Result<()> {
+        self.call::<serde_json::Value>(Method::DELETE, &format!("/v1/routes/tcp/{listen}"), None)
+            .await
+            .map(|_| ())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_duration;

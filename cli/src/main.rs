@@ -42,6 +42,12 @@ enum Command {
     /// Services: containers placed on the fleet, found by NAME.internal.
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Public domains served by the proxy nodes (HTTPS with automatic certificates).
+    #[command(subcommand)]
+    Domain(DomainCmd),
+    /// Other routes through the proxy nodes.
+    #[command(subcommand)]
+    Route(RouteCmd),
     /// Deploy (create or update) the services described in a TOML file.
     Apply {
         /// A file with one service, or several under [[service]].
@@ -83,6 +89,60 @@ enum NodesCmd {
     },
     /// Remove a node; every other node drops it from its peers.
     Remove { name: String },
+}
+
+#[derive(Subcommand)]
+enum DomainCmd {
+    /// Route DOMAIN to a service's port on every proxy node. Point the
+    /// domain's DNS (A/AAAA records) at the proxies' public addresses; a
+    /// certificate is then ordered with ACME unless --passthrough.
+    Add {
+        /// Fully qualified host name, e.g. app.example.com.
+        domain: String,
+        /// The service that answers.
+        #[arg(long)]
+        service: String,
+        /// The service's port inside its containers.
+        #[arg(long)]
+        port: u16,
+        /// Pass TLS through by SNI: the service terminates TLS itself, no certificate is ordered.
+        #[arg(long)]
+        passthrough: bool,
+    },
+    /// Every domain: service, port, certificate state and expiry, last error.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop routing a domain; its certificate is forgotten.
+    Remove { domain: String },
+}
+
+#[derive(Subcommand)]
+enum RouteCmd {
+    /// TCP ports on every proxy node forwarded to a service.
+    #[command(subcommand)]
+    Tcp(TcpCmd),
+}
+
+#[derive(Subcommand)]
+enum TcpCmd {
+    /// Forward TCP port --listen on every proxy to a service's port.
+    Add {
+        /// Port the proxies listen on (not 80 or 443).
+        #[arg(long)]
+        listen: u16,
+        #[arg(long)]
+        service: String,
+        /// The service's port inside its containers.
+        #[arg(long)]
+        port: u16,
+    },
+    /// Every TCP route.
+    List,
+    /// Remove the TCP route on port LISTEN.
+    Remove { listen: u16 },
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
@@ -450,6 +510,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         }
         Command::Service(s) => service_cmd(&AdminClient::new(&target)?, s).await?,
+        Command::Domain(d) => domain_cmd(&AdminClient::new(&target)?, d).await?,
+        Command::Route(RouteCmd::Tcp(t)) => tcp_cmd(&AdminClient::new(&target)?, t).await?,
         Command::Apply { file } => {
             let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             for spec in parse_service_file(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))? {
@@ -681,9 +743,134 @@ async fn service_cmd(api: &AdminClient, cmd: ServiceCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn print_domains(list: &[berth_protocol::proxy::DomainInfo]) {
+    println!(
+        "{:<32} {:<16} {:<6} {:<12} {:<21} LAST ERROR",
+        "DOMAIN", "SERVICE", "PORT", "CERT", "EXPIRES"
+    );
+    for d in list {
+        println!(
+            "{:<32} {:<16} {:<6} {:<12} {:<21} {}",
+            d.spec.domain,
+            d.spec.service,
+            d.spec.port,
+            d.cert_state,
+            d.cert_not_after.as_deref().unwrap_or("-"),
+            d.last_error.as_deref().unwrap_or("")
+        );
+    }
+}
+
+async fn domain_cmd(api: &AdminClient, cmd: DomainCmd) -> anyhow::Result<()> {
+    match cmd {
+        DomainCmd::Add {
+            domain,
+            service,
+            port,
+            passthrough,
+        } => {
+            let spec = berth_protocol::proxy::DomainSpec {
+                // Host names are case-insensitive; the API takes them lowercase.
+                domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+                service,
+                port,
+                passthrough,
+            };
+            spec.validate().map_err(anyhow::Error::msg)?;
+            let info = api.add_domain(&spec).await?;
+            print_domains(std::slice::from_ref(&info));
+            if !passthrough {
+                println!(
+                    "\nPoint {} (A/AAAA records) at the proxy nodes; a certificate is ordered automatically.",
+                    info.spec.domain
+                );
+            }
+        }
+        DomainCmd::List { json } => {
+            let list = api.list_domains().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_domains(&list);
+            }
+        }
+        DomainCmd::Remove { domain } => {
+            api.remove_domain(&domain).await?;
+            println!("removed domain {domain}");
+        }
+    }
+    Ok(())
+}
+
+async fn tcp_cmd(api: &AdminClient, cmd: TcpCmd) -> anyhow::Result<()> {
+    match cmd {
+        TcpCmd::Add { listen, service, port } => {
+            let spec = berth_protocol::proxy::TcpRouteSpec { listen, service, port };
+            spec.validate().map_err(anyhow::Error::msg)?;
+            let r = api.add_tcp_route(&spec).await?;
+            println!("proxies forward TCP port {} to {}:{}", r.listen, r.service, r.port);
+        }
+        TcpCmd::List => {
+            println!("{:<7} {:<20} PORT", "LISTEN", "SERVICE");
+            for r in api.list_tcp_routes().await? {
+                println!("{:<7} {:<20} {}", r.listen, r.service, r.port);
+            }
+        }
+        TcpCmd::Remove { listen } => {
+            api.remove_tcp_route(listen).await?;
+            println!("removed the TCP route on port {listen}");
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_service_file;
+
+    #[test]
+    fn route_commands_parse() {
+        use super::{Cli, Command, DomainCmd, RouteCmd, TcpCmd};
+        use clap::Parser;
+        let c = Cli::try_parse_from([
+            "berth",
+            "domain",
+            "add",
+            "app.example.com",
+            "--service",
+            "web",
+            "--port",
+            "8080",
+        ])
+        .unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Domain(DomainCmd::Add {
+                port: 8080,
+                passthrough: false,
+                ..
+            })
+        ));
+        let c = Cli::try_parse_from([
+            "berth",
+            "route",
+            "tcp",
+            "add",
+            "--listen",
+            "5432",
+            "--service",
+            "db",
+            "--port",
+            "5432",
+        ])
+        .unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Route(RouteCmd::Tcp(TcpCmd::Add { listen: 5432, .. }))
+        ));
+        assert!(Cli::try_parse_from(["berth", "route", "tcp", "remove", "70000"]).is_err());
+        assert!(Cli::try_parse_from(["berth", "domain", "add", "a.b", "--service", "web"]).is_err());
+    }
 
     #[test]
     fn service_files() {

@@ -60,6 +60,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/services", post(deploy_service).get(list_services))
         .route("/v1/services/{name}", get(show_service).delete(remove_service))
         .route("/v1/services/{name}/scale", post(scale_service))
+        .merge(crate::proxy_api::routes())
         .fallback(|| async { ApiErr::not_found("path: no such API endpoint") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)

@@ -3,9 +3,14 @@
 //! revision, so a change fans out to all nodes with one store read.
 
 use crate::store::nodes::NodeRow;
+use crate::store::proxy::{ChallengeRow, DomainRow, TcpRouteRow, ALPN01, HTTP01};
 use crate::store::services::{ReplicaRow, ServiceRow};
+use berth_protocol::proxy::{
+    AlpnChallenge, CertDesired, Http01Challenge, HttpRouteDesired, PassthroughDesired, ProxyDesired, TcpRouteDesired,
+    UpstreamDesired,
+};
 use berth_protocol::service::{ContainerDesired, DnsReplica};
-use berth_protocol::{DesiredState, DnsService, NodeSelf, Peer};
+use berth_protocol::{DesiredState, DnsService, NodeSelf, Peer, Role};
 use ipnet::Ipv4Net;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -20,6 +25,21 @@ pub struct Snapshot {
     pub replicas: Vec<ReplicaRow>,
     /// Each node as a peer, JSON-encoded once per snapshot (see [`encode_for_node`]).
     pub peer_json: HashMap<String, PeerJson>,
+    /// Domains, TCP routes and pending challenges: what proxy nodes serve.
+    pub routes: Routes,
+    /// Certificate keys resealed to each proxy, (node id, domain) → sealed
+    /// PEM: sealing is randomised, so every document built from this
+    /// snapshot must reuse one result (and a wake-up of N long-polls then
+    /// seals once per proxy, not once per poll).
+    pub sealed_keys: std::sync::Mutex<HashMap<(String, String), String>>,
+}
+
+/// The proxy part of the store at one revision.
+#[derive(Debug, Default, Clone)]
+pub struct Routes {
+    pub domains: Vec<DomainRow>,
+    pub tcp: Vec<TcpRouteRow>,
+    pub challenges: Vec<ChallengeRow>,
 }
 
 /// A node's peer entry, encoded with each endpoint another node may be given.
@@ -65,7 +85,14 @@ impl Snapshot {
             services,
             replicas,
             peer_json,
+            routes: Routes::default(),
+            sealed_keys: Default::default(),
         }
+    }
+
+    pub fn with_routes(mut self, routes: Routes) -> Snapshot {
+        self.routes = routes;
+        self
     }
 }
 
@@ -183,8 +210,97 @@ fn without_peers(
         peers: vec![],
         containers: containers(snap, me, cp_key),
         dns: dns_records(snap),
-        proxy: None,
+        proxy: proxy(snap, me, cp_key),
     })
+}
+
+/// The replicas of `service`, each as an upstream on `port`.
+fn upstreams(snap: &Snapshot, service: &str, port: u16) -> Vec<UpstreamDesired> {
+    snap.replicas
+        .iter()
+        .filter(|r| r.service == service)
+        .map(|r| UpstreamDesired {
+            replica: r.name(),
+            node: snap
+                .nodes
+                .iter()
+                .find(|n| n.id == r.node_id)
+                .map(|n| n.name.clone())
+                .unwrap_or_default(),
+            ip: r.ip,
+            port,
+            healthy: r.healthy,
+        })
+        .collect()
+}
+
+/// A certificate key (sealed to the control plane) resealed to `node`,
+/// once per snapshot.
+fn sealed_key(snap: &Snapshot, node: &NodeRow, d: &DomainRow, cp_key: &StaticSecret) -> Option<String> {
+    let key = (node.id.clone(), d.spec.domain.clone());
+    let mut cache = snap.sealed_keys.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = cache.get(&key) {
+        return Some(s.clone());
+    }
+    let sealed = reseal(cp_key, d.key_sealed.as_deref()?, node.sealing_key.as_deref())?;
+    cache.insert(key, sealed.clone());
+    Some(sealed)
+}
+
+/// What a proxy node serves; None for workers.
+pub fn proxy(snap: &Snapshot, me: &NodeRow, cp_key: &StaticSecret) -> Option<ProxyDesired> {
+    if me.role != Role::Proxy {
+        return None;
+    }
+    let routes = &snap.routes;
+    let mut p = ProxyDesired::default();
+    for d in &routes.domains {
+        let ups = upstreams(snap, &d.spec.service, d.spec.port);
+        if d.spec.passthrough {
+            p.passthrough.push(PassthroughDesired {
+                domain: d.spec.domain.clone(),
+                service: d.spec.service.clone(),
+                upstreams: ups,
+            });
+            continue;
+        }
+        p.http_routes.push(HttpRouteDesired {
+            domain: d.spec.domain.clone(),
+            service: d.spec.service.clone(),
+            upstreams: ups,
+        });
+        // A proxy without a sealing key cannot be sent keys: no certificate.
+        if let (Some(chain), Some(key)) = (&d.chain_pem, sealed_key(snap, me, d, cp_key)) {
+            p.certs.push(CertDesired {
+                domain: d.spec.domain.clone(),
+                chain_pem: chain.clone(),
+                sealed_key_pem: key,
+            });
+        }
+    }
+    p.tcp_routes = routes
+        .tcp
+        .iter()
+        .map(|t| TcpRouteDesired {
+            listen: t.spec.listen,
+            service: t.spec.service.clone(),
+            upstreams: upstreams(snap, &t.spec.service, t.spec.port),
+        })
+        .collect();
+    for c in &routes.challenges {
+        match c.kind.as_str() {
+            HTTP01 => p.http01.push(Http01Challenge {
+                token: c.token.clone(),
+                key_authorization: c.key_authorization.clone(),
+            }),
+            ALPN01 => p.alpn01.push(AlpnChallenge {
+                domain: c.domain.clone(),
+                key_authorization: c.key_authorization.clone(),
+            }),
+            _ => {}
+        }
+    }
+    Some(p)
 }
 
 /// The same document as [`for_node`], as JSON, built from the snapshot's
@@ -226,7 +342,8 @@ pub fn encode_for_node(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_protocol::Role;
+    use base64::{engine::general_purpose::STANDARD as B64, Engine};
+    use berth_protocol::proxy::DomainSpec;
 
     fn node(id: &str, private: Option<&str>, public: Option<&str>, mesh: &str, rev: i64) -> NodeRow {
         NodeRow {
@@ -292,10 +409,67 @@ mod tests {
             node("c", Some("192.168.9.13/24"), Some("203.0.113.3"), "10.100.0.3", 9),
             node("d", None, None, "10.100.0.4", 9),
         ];
-        let snap = Snapshot::new(9, nodes, vec![], vec![]);
         let key = StaticSecret::from([3u8; 32]);
+        let mut nodes = nodes;
+        let mut p = node("p", Some("198.18.0.14/24"), None, "10.100.0.5", 9);
+        p.role = Role::Proxy;
+        let p_seal = StaticSecret::from([4u8; 32]);
+        p.sealing_key = Some(B64.encode(x25519_dalek::PublicKey::from(&p_seal).as_bytes()));
+        nodes.push(p);
+        let spec: berth_protocol::service::ServiceSpec =
+            serde_json::from_value(serde_json::json!({"name": "web", "image": "x", "port": 8080})).unwrap();
+        let services = vec![ServiceRow {
+            name: "web".into(),
+            spec,
+            secrets_sealed: None,
+        }];
+        let replicas = vec![ReplicaRow {
+            service: "web".into(),
+            ordinal: 0,
+            node_id: "a".into(),
+            ip: "10.200.0.2".parse().unwrap(),
+            state: None,
+            healthy: true,
+            restarts: 0,
+            container_id: None,
+            last_error: None,
+        }];
+        let domain = DomainRow {
+            spec: DomainSpec {
+                domain: "app.example.com".into(),
+                service: "web".into(),
+                port: 8080,
+                passthrough: false,
+            },
+            chain_pem: Some("CHAIN".into()),
+            key_sealed: Some(berth_protocol::seal::seal(&x25519_dalek::PublicKey::from(&key), b"KEY")),
+            not_before: Some(0),
+            not_after: Some(i64::MAX),
+            last_error: None,
+            next_attempt_at: 0,
+            failures: 0,
+        };
+        let challenge = ChallengeRow {
+            domain: "app.example.com".into(),
+            kind: HTTP01.into(),
+            token: "tok".into(),
+            key_authorization: "tok.thumb".into(),
+        };
+        let snap = Snapshot::new(9, nodes, services, replicas).with_routes(Routes {
+            domains: vec![domain],
+            tcp: vec![],
+            challenges: vec![challenge],
+        });
         let (mesh, pool) = ("10.100.0.0/16".parse().unwrap(), "10.200.0.0/13".parse().unwrap());
-        for id in ["a", "b", "c", "d"] {
+        let px = for_node(&snap, "p", mesh, pool, &key).unwrap().proxy.unwrap();
+        assert_eq!(px.http_routes[0].upstreams[0].ip.to_string(), "10.200.0.2");
+        assert_eq!(px.http01[0].token, "tok");
+        assert_eq!(
+            berth_protocol::seal::open(&p_seal, &px.certs[0].sealed_key_pem).unwrap(),
+            b"KEY"
+        );
+        assert!(for_node(&snap, "a", mesh, pool, &key).unwrap().proxy.is_none());
+        for id in ["a", "b", "c", "d", "p"] {
             let built = for_node(&snap, id, mesh, pool, &key).unwrap();
             let (rev, bytes) = encode_for_node(&snap, id, mesh, pool, &key).unwrap();
             let decoded: DesiredState = serde_json::from_slice(&bytes).unwrap();

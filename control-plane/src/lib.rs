@@ -1,12 +1,14 @@
 //! Berth control plane: the API server, its store and the desired-state
 //! computation. `berth-control-plane serve` is the binary around [`serve`].
 
+pub mod acme;
 pub mod alloc;
 pub mod api;
 pub mod auth;
 pub mod desired;
 pub mod error;
 pub mod placement;
+pub mod proxy_api;
 pub mod server;
 pub mod state;
 pub mod store;
@@ -26,6 +28,8 @@ pub struct ServeConfig {
     pub advertise_url: Option<String>,
     pub pools: store::nodes::Pools,
     pub offline_after_secs: i64,
+    /// Order certificates for domains with ACME; None: never order.
+    pub acme: Option<acme::AcmeConfig>,
 }
 
 /// A started control plane: its state and the address it listens on.
@@ -47,6 +51,9 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
             cfg.pools.subnet_prefix,
             cfg.pools.subnets
         );
+    }
+    if let Some(a) = &cfg.acme {
+        a.validate()?;
     }
     let store = store::Store::connect(&cfg.database).await?;
     let tls = match &cfg.own_cert {
@@ -85,6 +92,10 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
         tokio::spawn(state::follow_other_replicas(state.clone(), cfg.database.clone()));
     }
     tokio::spawn(prune_nonces(store.clone()));
+    if let Some(a) = cfg.acme.clone() {
+        tracing::info!(directory = %a.directory, challenge = a.challenge.as_str(), "ACME enabled");
+        acme::spawn(state.clone(), a);
+    }
     let app = api::router(state.clone());
     let task = tokio::spawn(server::serve_tls(listener, tls.server_config.clone(), app));
     tracing::info!(%addr, nodes_capacity = cap, ca_hash = %tls.ca_hash, "control plane listening");

@@ -1,3 +1,4 @@
+use berth_control_plane::acme::AcmeConfig;
 use berth_control_plane::{start, store::nodes::Pools, tls::OwnCert, ServeConfig};
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -57,6 +58,18 @@ struct Serve {
     /// A node without a heartbeat for this many seconds is shown offline.
     #[arg(long, default_value_t = 30)]
     offline_after: i64,
+    /// ACME directory certificates for domains are ordered from.
+    #[arg(long, default_value = berth_control_plane::acme::LETS_ENCRYPT)]
+    acme_directory: String,
+    /// ACME account contact, e.g. mailto:ops@example.com.
+    #[arg(long)]
+    acme_contact: Option<String>,
+    /// Extra root certificate (PEM) to trust for the ACME server, e.g. Pebble's CA.
+    #[arg(long)]
+    acme_ca_file: Option<PathBuf>,
+    /// Challenge type the proxies answer: http-01 (port 80) or tls-alpn-01 (port 443).
+    #[arg(long, default_value = "http-01")]
+    acme_challenge: berth_control_plane::acme::ChallengeKind,
     /// Log format: text or json.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -95,6 +108,12 @@ async fn main() {
             subnet_prefix: s.subnet_prefix,
         },
         offline_after_secs: s.offline_after,
+        acme: Some(AcmeConfig {
+            contact: s.acme_contact,
+            ca_file: s.acme_ca_file,
+            challenge: s.acme_challenge,
+            ..AcmeConfig::new(s.acme_directory)
+        }),
     };
     let started = match start(cfg).await {
         Ok(s) => s,

@@ -21,6 +21,10 @@ pub struct AppState {
     pub advertise_url: String,
     /// A node is online when its last heartbeat is newer than this many seconds.
     pub offline_after_secs: i64,
+    /// Wakes the ACME task (a domain was added); unused without ACME.
+    pub acme_wake: tokio::sync::Notify,
+    /// ACME orders this process created (for tests and logs).
+    pub acme_orders: std::sync::atomic::AtomicU64,
     revision: watch::Sender<i64>,
     snapshot: Mutex<Arc<Snapshot>>,
 }
@@ -60,6 +64,8 @@ impl AppState {
             secrets_key,
             advertise_url,
             offline_after_secs,
+            acme_wake: tokio::sync::Notify::new(),
+            acme_orders: Default::default(),
             revision: tx,
             snapshot: Mutex::new(Arc::new(Snapshot {
                 revision: -1,
@@ -109,7 +115,12 @@ impl AppState {
         let nodes = self.store.list_nodes().await?;
         let services = self.store.list_services().await?;
         let replicas = self.store.list_replicas().await?;
-        *cached = Arc::new(Snapshot::new(revision, nodes, services, replicas));
+        let routes = crate::desired::Routes {
+            domains: self.store.list_domains().await?,
+            tcp: self.store.list_tcp_routes().await?,
+            challenges: self.store.list_challenges().await?,
+        };
+        *cached = Arc::new(Snapshot::new(revision, nodes, services, replicas).with_routes(routes));
         Ok(cached.clone())
     }
 }

@@ -5,6 +5,7 @@
 //! [`podman`]). Used by the README and the e2e tests.
 
 pub mod net;
+pub mod pebble;
 pub mod podman;
 pub mod process;
 
@@ -31,6 +32,9 @@ pub struct LabState {
     pub bin_dir: PathBuf,
     pub cp_pid: Option<u32>,
     pub nodes: Vec<LabNode>,
+    /// The ACME server, in labs with proxy nodes.
+    #[serde(default)]
+    pub pebble: Option<pebble::PebbleState>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -126,6 +130,7 @@ impl Lab {
                 bin_dir: bin_dir.to_path_buf(),
                 cp_pid: None,
                 nodes: vec![],
+                pebble: None,
             },
         };
         lab.save()?;
@@ -149,6 +154,15 @@ impl Lab {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let mut args = args;
+        if let Some(p) = &self.state.pebble {
+            args.extend([
+                "--acme-directory".to_string(),
+                p.directory_url(),
+                "--acme-ca-file".to_string(),
+                p.https_ca().display().to_string(),
+            ]);
+        }
         let pid = process::spawn_daemon(
             None,
             &self.state.bin_dir.join("berth-control-plane"),
@@ -436,6 +450,20 @@ impl Lab {
     /// Stops every process and removes every namespace, link, container,
     /// Podman network, mount and file of the lab (with `keep_logs`, the logs
     /// and the agents' data stay in the lab directory).
+    /// Starts Pebble (ACME) answering names with `proxy`'s underlay address,
+    /// and restarts the control plane with it as its ACME directory.
+    pub async fn start_pebble(&mut self, proxy: &str) -> anyhow::Result<()> {
+        if self.state.pebble.is_some() {
+            return Ok(());
+        }
+        let index = self.node(proxy)?.index;
+        let p = pebble::start(&self.state.dir, self.net.host_ip(), self.net.node_ip(index)).await?;
+        self.state.pebble = Some(p);
+        self.save()?;
+        self.stop_cp()?;
+        self.start_cp().await
+    }
+
     pub fn destroy(self, keep_logs: bool) -> anyhow::Result<()> {
         let pids: Vec<u32> = self
             .state
@@ -443,6 +471,12 @@ impl Lab {
             .iter()
             .filter_map(|n| n.agent_pid)
             .chain(self.state.cp_pid)
+            .chain(
+                self.state
+                    .pebble
+                    .iter()
+                    .flat_map(|p| [p.pebble_pid, p.challtestsrv_pid]),
+            )
             .collect();
         let mut first = FirstError::default();
         // Agents before containers: an agent would recreate what is removed.

@@ -328,6 +328,16 @@ impl Cp {
     /// Starts on `data_dir`; `admin_token` for a replica whose data dir has
     /// no admin.token of its own.
     pub async fn start_in(data_dir: &Path, database: &str, admin_token: Option<&str>) -> Cp {
+        Cp::start_with(data_dir, database, admin_token, None).await
+    }
+
+    /// Starts on `data_dir` with ACME configured (or not).
+    pub async fn start_with(
+        data_dir: &Path,
+        database: &str,
+        admin_token: Option<&str>,
+        acme: Option<berth_control_plane::acme::AcmeConfig>,
+    ) -> Cp {
         init();
         let started = start(ServeConfig {
             data_dir: data_dir.to_path_buf(),
@@ -338,6 +348,7 @@ impl Cp {
             advertise_url: None,
             pools: default_pools(),
             offline_after_secs: 30,
+            acme,
         })
         .await
         .unwrap();

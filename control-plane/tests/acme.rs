@@ -1,0 +1,449 @@
+//! Certificates through ACME against a real Pebble (Debian package
+//! `pebble`), which is started per test on loopback ports with
+//! `PEBBLE_VA_ALWAYS_VALID=1`: this tests the order flow (account, order,
+//! challenge published to the proxies, finalize, storage, distribution);
+//! real challenge validation is covered end to end in `tests/`.
+//! On SQLite and PostgreSQL.
+
+#[macro_use]
+mod common;
+
+use base64::{engine::general_purpose::STANDARD as B64, Engine};
+use berth_control_plane::acme::AcmeConfig;
+use berth_protocol::proxy::{AlpnChallenge, DomainInfo, Http01Challenge};
+use berth_protocol::{DesiredState, StatusReport};
+use common::{Agent, Cp, Db, Reply};
+use reqwest::{Method, StatusCode};
+use sqlx::Row;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use x25519_dalek::StaticSecret;
+
+on_both_stores!(
+    pebble_issues_one_certificate_for_every_proxy,
+    pebble_tls_alpn_01,
+    acme_failures_are_recorded
+);
+
+/// A Pebble process with its own CA-signed HTTPS certificate; killed on drop.
+struct Pebble {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+    mgmt_port: u16,
+    ca_file: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Pebble {
+    fn start() -> Pebble {
+        let found = Command::new("pebble")
+            .arg("-h")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        assert!(
+            found,
+            "pebble is not installed: run `apt-get install -y pebble` (Debian) to run the ACME tests"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        // Pebble's HTTPS certificate must be a leaf signed by a CA.
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "berth test pebble CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), leaf.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem()).unwrap();
+        let (port, mgmt_port) = (free_port(), free_port());
+        let config = serde_json::json!({"pebble": {
+            "listenAddress": format!("127.0.0.1:{port}"),
+            "managementListenAddress": format!("127.0.0.1:{mgmt_port}"),
+            "certificate": dir.path().join("cert.pem"),
+            "privateKey": dir.path().join("key.pem"),
+            "httpPort": free_port(),
+            "tlsPort": free_port(),
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false
+        }});
+        let config_file = dir.path().join("pebble.json");
+        std::fs::write(&config_file, config.to_string()).unwrap();
+        let log = std::fs::File::create(dir.path().join("pebble.log")).unwrap();
+        let child = Command::new("pebble")
+            .arg("-config")
+            .arg(&config_file)
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_VA_ALWAYS_VALID", "1")
+            // Pebble rejects 5% of good nonces by default; keep runs deterministic.
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut p = Pebble {
+            child,
+            dir,
+            port,
+            mgmt_port,
+            ca_file,
+        };
+        p.wait_listening();
+        p
+    }
+
+    fn wait_listening(&mut self) {
+        for _ in 0..200 {
+            let up = |port| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+            if up(self.port) && up(self.mgmt_port) {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("pebble exited ({st}):\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("pebble did not listen within 10 s:\n{}", self.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
+    }
+
+    fn directory(&self) -> String {
+        format!("https://localhost:{}/dir", self.port)
+    }
+
+    /// Pebble's root CA (it issues from a fresh one at every start).
+    async fn root(&self) -> String {
+        let http = common::client(&std::fs::read(&self.ca_file).unwrap());
+        let r = http
+            .get(format!("https://localhost:{}/roots/0", self.mgmt_port))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        r.text().await.unwrap()
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Node {
+    agent: Agent,
+    seal: StaticSecret,
+}
+
+async fn proxy_node(cp: &Cp, name: &str) -> Node {
+    let mut agent = Agent::new(name);
+    let seal = StaticSecret::random_from_rng(rand::rngs::OsRng);
+    let token = cp.create_token(true).await;
+    let mut req = agent.register_request(&token.token);
+    req.proxy = true;
+    req.sealing_key = Some(B64.encode(x25519_dalek::PublicKey::from(&seal).as_bytes()));
+    let resp: berth_protocol::RegisterResponse = cp.register_req(&agent, &req).await.json();
+    agent.node_id = resp.node_id;
+    Node { agent, seal }
+}
+
+async fn report_applied(cp: &Cp, n: &Node, applied: u64) {
+    let body = serde_json::to_vec(&StatusReport {
+        applied_revision: applied,
+        ..Default::default()
+    })
+    .unwrap();
+    let r = Reply::from(
+        cp.signed(&n.agent, Method::POST, "/v1/agent/status", body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
+
+/// Challenges a proxy was given.
+#[derive(Default)]
+struct Seen {
+    http01: Vec<Http01Challenge>,
+    alpn01: Vec<AlpnChallenge>,
+}
+
+/// Plays an online proxy agent: applies every desired state it is given
+/// (reports its revision) and remembers the challenges it saw.
+async fn fake_proxy(cp: &Cp, n: &Node, seen: &Mutex<Seen>) {
+    let mut applied = 0;
+    loop {
+        let r = cp.desired(&n.agent, applied, 2).await;
+        if r.status == StatusCode::OK {
+            let d: DesiredState = r.json();
+            if let Some(p) = d.proxy {
+                let mut seen = seen.lock().unwrap();
+                seen.http01.extend(p.http01);
+                seen.alpn01.extend(p.alpn01);
+            }
+            applied = d.revision;
+        }
+        report_applied(cp, n, applied).await;
+    }
+}
+
+async fn domains(cp: &Cp) -> Vec<DomainInfo> {
+    Reply::from(cp.admin(Method::GET, "/v1/domains").send().await.unwrap())
+        .await
+        .json()
+}
+
+/// Waits until `domain` reaches `state` (panics on another final state).
+async fn wait_state(cp: &Cp, domain: &str, state: &str, within: Duration) -> DomainInfo {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let d = domains(cp).await.into_iter().find(|d| d.spec.domain == domain).unwrap();
+        if d.cert_state == state {
+            return d;
+        }
+        if d.cert_state == "failed" || tokio::time::Instant::now() > deadline {
+            panic!("{domain}: wanted {state}, got {d:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn add_domain(cp: &Cp, domain: &str) {
+    let r = Reply::from(
+        cp.admin(Method::POST, "/v1/domains")
+            .json(&serde_json::json!({"domain": domain, "service": "web", "port": 8080}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+}
+
+async fn deploy_web(cp: &Cp) {
+    let r = Reply::from(
+        cp.admin(Method::POST, "/v1/services")
+            .json(&serde_json::json!({"name": "web", "image": "localhost/x:1", "replicas": 0, "port": 8080}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
+
+fn verify_chain(chain_pem: &str, root_pem: &str, domain: &str) {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut root_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let certs: Vec<CertificateDer> = rustls_pemfile::certs(&mut chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(certs.len() >= 2, "leaf and intermediate expected");
+    let verifier = rustls::client::WebPkiServerVerifier::builder(Arc::new(roots))
+        .build()
+        .unwrap();
+    verifier
+        .verify_server_cert(
+            &certs[0],
+            &certs[1..],
+            &ServerName::try_from(domain.to_string()).unwrap(),
+            &[],
+            UnixTime::now(),
+        )
+        .expect("the chain verifies up to Pebble's root");
+}
+
+/// Every file of a SQLite store (main file and WAL).
+fn sqlite_files(data_dir: &Path, url: &str) -> Vec<PathBuf> {
+    let db = PathBuf::from(url.trim_start_matches("sqlite://"));
+    let mut files = vec![db.clone(), db.with_extension("db-wal")];
+    files.push(data_dir.join("cp.db"));
+    files.into_iter().filter(|f| f.exists()).collect()
+}
+
+async fn pebble_issues_one_certificate_for_every_proxy(db: &Db) {
+    let pebble = Pebble::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut acme = AcmeConfig::new(pebble.directory());
+    acme.ca_file = Some(pebble.ca_file.clone());
+    acme.contact = Some("mailto:ops@example.com".into());
+    let cp = Cp::start_with(dir.path(), &db.url, None, Some(acme)).await;
+    let p1 = proxy_node(&cp, "p1").await;
+    report_applied(&cp, &p1, 0).await;
+    deploy_web(&cp).await;
+    add_domain(&cp, "app.example.com").await;
+
+    // p1 is online: the task waits for it to apply the challenge.
+    let seen = Mutex::new(Seen::default());
+    let info = tokio::select! {
+        _ = fake_proxy(&cp, &p1, &seen) => unreachable!(),
+        d = wait_state(&cp, "app.example.com", "valid", Duration::from_secs(90)) => d,
+    };
+    assert!(info.last_error.is_none(), "{info:?}");
+    assert!(info.cert_not_after.is_some());
+    let seen = seen.into_inner().unwrap().http01;
+    assert!(!seen.is_empty(), "the proxy was never given the HTTP-01 challenge");
+    assert!(
+        seen.iter()
+            .all(|c| c.key_authorization.starts_with(&format!("{}.", c.token))),
+        "{seen:?}"
+    );
+
+    // The certificate chains to Pebble's root; the key is stored sealed.
+    let root = pebble.root().await;
+    let row = sqlx::query("SELECT cert_chain, cert_key_sealed FROM domains WHERE domain = $1")
+        .bind("app.example.com")
+        .fetch_one(&cp.store().pool)
+        .await
+        .unwrap();
+    let chain: String = row.get(0);
+    let sealed: String = row.get(1);
+    verify_chain(&chain, &root, "app.example.com");
+    assert!(!sealed.contains("PRIVATE KEY"));
+    let key_pem =
+        String::from_utf8(berth_protocol::seal::open(&cp.started.state.secrets_key, &sealed).unwrap()).unwrap();
+    let key = rcgen::KeyPair::from_pem(&key_pem).unwrap();
+    assert_eq!(key.algorithm(), &rcgen::PKCS_ECDSA_P256_SHA256);
+    let (_, leaf) = x509_parser::pem::parse_x509_pem(chain.as_bytes()).unwrap();
+    let leaf = leaf.parse_x509().unwrap();
+    assert_eq!(
+        leaf.public_key().raw,
+        key.public_key_der().as_slice(),
+        "the key matches the leaf"
+    );
+    // Nothing secret in clear anywhere in the store: not the certificate
+    // key, not the ACME account key.
+    let settings = sqlx::query("SELECT key, value FROM settings")
+        .fetch_all(&cp.store().pool)
+        .await
+        .unwrap();
+    let account: Vec<String> = settings
+        .iter()
+        .filter(|r| r.get::<String, _>(0).starts_with("acme_account"))
+        .map(|r| r.get(1))
+        .collect();
+    assert_eq!(account.len(), 1, "one ACME account stored");
+    assert!(!account[0].contains("key_pkcs8"), "account credentials stored in clear");
+    for f in sqlite_files(dir.path(), &db.url) {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !bytes.windows(11).any(|w| w == b"PRIVATE KEY"),
+            "a private key in clear in {}",
+            f.display()
+        );
+    }
+
+    // The challenge was withdrawn after issuance.
+    let d: DesiredState = cp.desired(&p1.agent, 0, 1).await.json();
+    let px = d.proxy.unwrap();
+    assert!(px.http01.is_empty() && px.alpn01.is_empty());
+    assert_eq!(px.certs.len(), 1);
+
+    // A proxy that joins later gets the same certificate from the store,
+    // its key sealed to that proxy, and no new order is made.
+    let p2 = proxy_node(&cp, "p2").await;
+    let d: DesiredState = cp.desired(&p2.agent, 0, 1).await.json();
+    let certs = d.proxy.unwrap().certs;
+    assert_eq!(certs.len(), 1);
+    assert_eq!(certs[0].chain_pem, chain);
+    assert_eq!(px.certs[0].chain_pem, chain);
+    let opened = berth_protocol::seal::open(&p2.seal, &certs[0].sealed_key_pem).unwrap();
+    assert_eq!(String::from_utf8(opened).unwrap(), key_pem);
+    assert!(berth_protocol::seal::open(&p1.seal, &certs[0].sealed_key_pem).is_err());
+    cp.started.state.acme_wake.notify_one();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        cp.started.state.acme_orders.load(Ordering::Relaxed),
+        1,
+        "one order for the domain, whatever the number of proxies"
+    );
+    assert_eq!(domains(&cp).await[0].cert_state, "valid");
+    let log = pebble.log();
+    assert_eq!(
+        log.matches("POST /order-plz").count(),
+        1,
+        "Pebble saw one order:\n{log}"
+    );
+    assert_eq!(log.matches("Issued certificate").count(), 1, "{log}");
+}
+
+async fn pebble_tls_alpn_01(db: &Db) {
+    let pebble = Pebble::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut acme = AcmeConfig::new(pebble.directory());
+    acme.ca_file = Some(pebble.ca_file.clone());
+    acme.challenge = berth_control_plane::acme::ChallengeKind::TlsAlpn01;
+    let cp = Cp::start_with(dir.path(), &db.url, None, Some(acme)).await;
+    let p1 = proxy_node(&cp, "p1").await;
+    report_applied(&cp, &p1, 0).await;
+    deploy_web(&cp).await;
+    add_domain(&cp, "alpn.example.com").await;
+    let seen = Mutex::new(Seen::default());
+    tokio::select! {
+        _ = fake_proxy(&cp, &p1, &seen) => unreachable!(),
+        _ = wait_state(&cp, "alpn.example.com", "valid", Duration::from_secs(90)) => {}
+    };
+    let seen = seen.into_inner().unwrap();
+    assert!(seen.http01.is_empty());
+    assert!(
+        !seen.alpn01.is_empty(),
+        "the proxy was never given the TLS-ALPN-01 challenge"
+    );
+    assert!(seen.alpn01.iter().all(|c| c.domain == "alpn.example.com"));
+}
+
+async fn acme_failures_are_recorded(db: &Db) {
+    // Nothing listens on port 1: every attempt fails at the directory.
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Cp::start_with(
+        dir.path(),
+        &db.url,
+        None,
+        Some(AcmeConfig::new("https://127.0.0.1:1/dir")),
+    )
+    .await;
+    deploy_web(&cp).await;
+    add_domain(&cp, "app.example.com").await;
+    // The error is recorded, the API keeps answering, the next attempt waits.
+    let info = wait_state(&cp, "app.example.com", "failed", Duration::from_secs(20)).await;
+    assert!(
+        info.last_error.as_deref().is_some_and(|e| e.contains("ACME account")),
+        "{info:?}"
+    );
+    let next: i64 = sqlx::query("SELECT next_attempt_at FROM domains")
+        .fetch_one(&cp.store().pool)
+        .await
+        .unwrap()
+        .get(0);
+    assert!(next >= common::now() + 20, "backs off ({next})");
+    assert_eq!(cp.started.state.acme_orders.load(Ordering::Relaxed), 0);
+}
