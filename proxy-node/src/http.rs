@@ -1,0 +1,668 @@
+//! HTTP request handling: routing by Host, the reverse proxy (forwarding
+//! headers, retries, upgrades, streaming bodies), ACME HTTP-01 answers and
+//! the HTTP→HTTPS redirect.
+
+use crate::access_log::{rfc3339, Entry};
+use crate::config::{Route, Shared};
+use crate::metrics::HostStats;
+use crate::upstream::{mark, ReqBody, Tried};
+use bytes::Bytes;
+use http_body_util::{Either, Empty};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::{PathAndQuery, Scheme};
+use hyper::upgrade::OnUpgrade;
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// What is logged when the response body is done.
+struct Pending {
+    shared: Arc<Shared>,
+    start: Instant,
+    time: SystemTime,
+    client: IpAddr,
+    host: String,
+    method: Method,
+    path: String,
+    status: u16,
+    upstream: Option<SocketAddr>,
+    bytes: u64,
+}
+
+enum Inner {
+    Full(Option<Bytes>),
+    Stream(Incoming),
+}
+
+/// Response body: a local answer or the upstream's body, streamed; logs
+/// the request when dropped (finished or aborted).
+pub struct ProxyBody {
+    inner: Inner,
+    pending: Option<Box<Pending>>,
+}
+
+impl ProxyBody {
+    fn full(b: impl Into<Bytes>) -> Self {
+        ProxyBody {
+            inner: Inner::Full(Some(b.into())),
+            pending: None,
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let r = match &mut this.inner {
+            Inner::Full(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
+            Inner::Stream(s) => Pin::new(s).poll_frame(cx),
+        };
+        if let (Poll::Ready(Some(Ok(f))), Some(p)) = (&r, this.pending.as_mut()) {
+            if let Some(d) = f.data_ref() {
+                p.bytes += d.len() as u64;
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
+            Inner::Stream(s) => s.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Stream(s) => s.size_hint(),
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            p.shared.access_log.log(&Entry {
+                time: rfc3339(p.time),
+                client: p.client,
+                host: &p.host,
+                method: p.method.as_str(),
+                path: &p.path,
+                status: p.status,
+                bytes: p.bytes,
+                duration_ms: (p.start.elapsed().as_micros() as f64) / 1000.0,
+                upstream: p.upstream,
+            });
+        }
+    }
+}
+
+/// Per-request context.
+struct Ctx {
+    shared: Arc<Shared>,
+    start: Instant,
+    time: SystemTime,
+    client: SocketAddr,
+}
+
+impl Ctx {
+    fn new(shared: Arc<Shared>, client: SocketAddr) -> Self {
+        Ctx {
+            shared,
+            start: Instant::now(),
+            time: SystemTime::now(),
+            client,
+        }
+    }
+
+    /// Wraps a response so that it is counted and logged.
+    fn finish(
+        &self,
+        resp: Response<ProxyBody>,
+        stats: &HostStats,
+        host: &str,
+        method: &Method,
+        path: &str,
+        upstream: Option<SocketAddr>,
+    ) -> Response<ProxyBody> {
+        stats.count(resp.status().as_u16());
+        if !self.shared.access_log.enabled() {
+            return resp;
+        }
+        let status = resp.status().as_u16();
+        let (parts, mut body) = resp.into_parts();
+        body.pending = Some(Box::new(Pending {
+            shared: self.shared.clone(),
+            start: self.start,
+            time: self.time,
+            client: self.client.ip(),
+            host: host.to_string(),
+            method: method.clone(),
+            path: path.to_string(),
+            status,
+            upstream,
+            bytes: 0,
+        }));
+        Response::from_parts(parts, body)
+    }
+}
+
+fn local(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::full(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// The host a request is for: the URI's authority (HTTP/2, absolute-form)
+/// or else the Host header; port stripped, lowercased. None if absent/invalid.
+pub fn request_host<B>(req: &Request<B>) -> Option<Cow<'_, str>> {
+    let raw = match req.uri().authority() {
+        Some(a) => a.as_str(),
+        None => req.headers().get(header::HOST)?.to_str().ok()?,
+    };
+    let raw = raw.rsplit_once('@').map_or(raw, |(_, h)| h);
+    let host = if raw.starts_with('[') {
+        &raw[..raw.find(']')? + 1]
+    } else {
+        raw.split_once(':').map_or(raw, |(h, _)| h)
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty() {
+        return None;
+    }
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Some(Cow::Owned(host.to_ascii_lowercase()))
+    } else {
+        Some(Cow::Borrowed(host))
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// An HTTP/1.1 `Upgrade` request (WebSocket and others).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && has_token(req.headers(), header::CONNECTION, "upgrade")
+}
+
+/// Removes hop-by-hop headers, including those named by `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        headers.remove(n);
+    }
+}
+
+/// Rewrites the client's request headers for the upstream.
+pub fn forward_headers(
+    headers: &mut HeaderMap,
+    uri: &Uri,
+    version: Version,
+    client: IpAddr,
+    proto: &'static str,
+    upgrade: bool,
+) {
+    let upgrade_value = if upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    strip_hop_by_hop(headers);
+    headers.remove(header::EXPECT);
+    if let Some(u) = upgrade_value {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, u);
+    }
+    // HTTP/2 carries the host in :authority; an absolute-form URI overrides Host.
+    if let Some(a) = uri.authority() {
+        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+            headers.insert(header::HOST, v);
+        }
+    }
+    // HTTP/2 may split cookies; HTTP/1.1 wants one header.
+    if version == Version::HTTP_2 && headers.get_all(header::COOKIE).iter().nth(1).is_some() {
+        let joined = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join("; ");
+        if let Ok(v) = HeaderValue::from_str(&joined) {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+    let ip = client.to_string();
+    let mut xff = String::new();
+    for v in headers.get_all(&X_FORWARDED_FOR).iter() {
+        if let Ok(s) = v.to_str() {
+            xff.push_str(s);
+            xff.push_str(", ");
+        }
+    }
+    xff.push_str(&ip);
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    if let Some(h) = headers.get(header::HOST).cloned() {
+        headers.insert(X_FORWARDED_HOST.clone(), h);
+    }
+}
+
+/// Serves a request that arrived over TLS: route by host and proxy.
+pub async fn handle_https(
+    shared: Arc<Shared>,
+    client: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let ctx = Ctx::new(shared, client);
+    let snap = ctx.shared.snapshot();
+    let route = request_host(&req).and_then(|h| snap.http_routes.get(h.as_ref()).cloned());
+    let Some(route) = route else {
+        let host = request_host(&req).map(|h| h.into_owned()).unwrap_or_default();
+        let r = local(StatusCode::NOT_FOUND, "unknown host\n");
+        let stats = ctx.shared.metrics.unknown_host.clone();
+        return Ok(ctx.finish(r, &stats, &host, req.method(), req.uri().path(), None));
+    };
+    drop(snap);
+    Ok(proxy(&ctx, &route, req, "https").await)
+}
+
+/// Serves a request on the plain-HTTP port: ACME HTTP-01, else redirect.
+pub async fn handle_http(
+    shared: Arc<Shared>,
+    client: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let ctx = Ctx::new(shared, client);
+    let snap = ctx.shared.snapshot();
+    let host = request_host(&req).map(|h| h.into_owned()).unwrap_or_default();
+    let path = req.uri().path();
+    if let Some(token) = path.strip_prefix(ACME_PREFIX) {
+        if matches!(*req.method(), Method::GET | Method::HEAD) {
+            // Never a metrics series per arbitrary Host: challenges are answered for any.
+            let stats = match snap.http_routes.get(host.as_str()) {
+                Some(r) => r.stats.clone(),
+                None => ctx.shared.metrics.unknown_host.clone(),
+            };
+            let r = match snap.http01.get(token) {
+                Some(ka) => {
+                    let mut r = Response::new(ProxyBody::full(ka.clone()));
+                    r.headers_mut()
+                        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                    r
+                }
+                None => local(StatusCode::NOT_FOUND, "unknown challenge token\n"),
+            };
+            return Ok(ctx.finish(r, &stats, &host, req.method(), path, None));
+        }
+    }
+    let route = snap.http_routes.get(host.as_str());
+    if route.is_none() && !snap.passthrough.contains_key(host.as_str()) {
+        let r = local(StatusCode::NOT_FOUND, "unknown host\n");
+        let stats = ctx.shared.metrics.unknown_host.clone();
+        return Ok(ctx.finish(r, &stats, &host, req.method(), path, None));
+    }
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{host}{pq}");
+    let mut r = local(StatusCode::PERMANENT_REDIRECT, "redirecting to https\n");
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        Err(_) => r = local(StatusCode::BAD_REQUEST, "bad request target\n"),
+    }
+    let stats = match route {
+        Some(rt) => rt.stats.clone(),
+        None => ctx.shared.metrics.host(&host),
+    };
+    Ok(ctx.finish(r, &stats, &host, req.method(), path, None))
+}
+
+/// Forwards `req` to an upstream of `route`.
+async fn proxy(ctx: &Ctx, route: &Route, req: Request<Incoming>, proto: &'static str) -> Response<ProxyBody> {
+    let shared = &ctx.shared;
+    let upgrade = is_upgrade(&req);
+    let (mut parts, body) = req.into_parts();
+    let client_upgrade = if upgrade {
+        parts.extensions.remove::<OnUpgrade>()
+    } else {
+        None
+    };
+    forward_headers(
+        &mut parts.headers,
+        &parts.uri,
+        parts.version,
+        ctx.client.ip(),
+        proto,
+        upgrade,
+    );
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let path = pq.path();
+    // A request without a body that failed to connect can go to another upstream.
+    let retryable = is_idempotent(&parts.method) && body.is_end_stream();
+    let attempts = if retryable { 1 + shared.retries as usize } else { 1 };
+    let attempts = attempts.min(route.pool.len());
+    let mut body = if retryable { None } else { Some(body) };
+    let mut tried: Tried = 0;
+    let mut failure = (StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n", None);
+    for attempt in 0..attempts {
+        let Some(i) = route.pool.pick(tried) else { break };
+        mark(&mut tried, i);
+        let target = &route.pool.targets[i];
+        let last = attempt + 1 == attempts;
+        let mut uri = hyper::http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(target.authority.clone());
+        uri.path_and_query = Some(pq.clone());
+        let b: ReqBody = match body.take() {
+            Some(b) => Either::Left(b),
+            None => Either::Right(Empty::new()),
+        };
+        let mut out = Request::new(b);
+        *out.method_mut() = parts.method.clone();
+        *out.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
+        *out.headers_mut() = if last {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
+        let res = tokio::time::timeout(shared.timeouts.upstream_response, shared.client.request(out)).await;
+        let err = match res {
+            Ok(Ok(resp)) => {
+                let resp = upstream_response(resp, client_upgrade, target.addr);
+                return ctx.finish(
+                    resp,
+                    &route.stats,
+                    &route.domain,
+                    &parts.method,
+                    path,
+                    Some(target.addr),
+                );
+            }
+            Ok(Err(e)) => e,
+            Err(_) => {
+                route.stats.upstream_errors.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    "{}: upstream {} sent no response headers within {:?}",
+                    route.domain,
+                    target.addr,
+                    shared.timeouts.upstream_response
+                );
+                let r = local(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n");
+                return ctx.finish(r, &route.stats, &route.domain, &parts.method, path, Some(target.addr));
+            }
+        };
+        route.stats.upstream_errors.fetch_add(1, Relaxed);
+        let client_fault = client_side_error(&err);
+        if !client_fault && target.health.eject(shared.ejection) {
+            shared.metrics.ejections.fetch_add(1, Relaxed);
+            tracing::warn!(
+                "upstream {} ejected for {:?}: {}",
+                target.addr,
+                shared.ejection,
+                error_chain(&err)
+            );
+        }
+        if err.is_connect() {
+            shared.metrics.upstream_connect_errors.fetch_add(1, Relaxed);
+            failure = (StatusCode::BAD_GATEWAY, "upstream unreachable\n", Some(target.addr));
+            continue;
+        }
+        tracing::debug!("{}: upstream {}: {}", route.domain, target.addr, error_chain(&err));
+        failure = (StatusCode::BAD_GATEWAY, "upstream failed\n", Some(target.addr));
+        break;
+    }
+    let (status, msg, addr) = failure;
+    ctx.finish(
+        local(status, msg),
+        &route.stats,
+        &route.domain,
+        &parts.method,
+        path,
+        addr,
+    )
+}
+
+/// The error came from reading the client's request body, not from the upstream.
+fn client_side_error(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_user() || h.is_body_write_aborted() {
+                return true;
+            }
+        }
+        src = s.source();
+    }
+    false
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}
+
+/// Prepares the upstream's response for the client; for `101 Switching
+/// Protocols` it splices both upgraded connections.
+fn upstream_response(
+    mut resp: Response<Incoming>,
+    client_upgrade: Option<OnUpgrade>,
+    upstream: SocketAddr,
+) -> Response<ProxyBody> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        match client_upgrade {
+            Some(client) => {
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    match tokio::join!(client, up) {
+                        (Ok(c), Ok(u)) => {
+                            let mut c = hyper_util::rt::TokioIo::new(c);
+                            let mut u = hyper_util::rt::TokioIo::new(u);
+                            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                                tracing::debug!("upgraded connection to {upstream}: {e}");
+                            }
+                        }
+                        (c, u) => tracing::debug!(
+                            "upgrade to {upstream} not completed: client {:?}, upstream {:?}",
+                            c.err(),
+                            u.err()
+                        ),
+                    }
+                });
+            }
+            None => {
+                // The client did not ask for an upgrade: never let one through.
+                return local(StatusCode::BAD_GATEWAY, "unexpected upgrade from upstream\n");
+            }
+        }
+        let (parts, body) = resp.into_parts();
+        return Response::from_parts(
+            parts,
+            ProxyBody {
+                inner: Inner::Stream(body),
+                pending: None,
+            },
+        );
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.extensions = Default::default();
+    Response::from_parts(
+        parts,
+        ProxyBody {
+            inner: Inner::Stream(body),
+            pending: None,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, host: Option<&str>) -> Request<()> {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn host_is_normalised() {
+        assert_eq!(
+            request_host(&req("/", Some("App.Example.COM:8443"))).unwrap(),
+            "app.example.com"
+        );
+        assert_eq!(
+            request_host(&req("/", Some("a.example.com."))).unwrap(),
+            "a.example.com"
+        );
+        assert_eq!(request_host(&req("/", Some("[::1]:80"))).unwrap(), "[::1]");
+        assert_eq!(
+            request_host(&req("http://other.example.net/x", Some("a.example.com"))).unwrap(),
+            "other.example.net",
+            "absolute-form wins over Host"
+        );
+        assert!(request_host(&req("/", None)).is_none());
+        assert!(request_host(&req("/", Some(""))).is_none());
+    }
+
+    #[test]
+    fn forwarding_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("a.example.com"));
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("198.51.100.1"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("spoofed"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        let uri: Uri = "/p?q=1".parse().unwrap();
+        forward_headers(
+            &mut h,
+            &uri,
+            Version::HTTP_11,
+            "203.0.113.9".parse().unwrap(),
+            "https",
+            false,
+        );
+        for gone in ["connection", "x-secret", "keep-alive", "transfer-encoding", "te"] {
+            assert!(!h.contains_key(gone), "{gone} removed");
+        }
+        assert_eq!(h["host"], "a.example.com");
+        assert_eq!(h["x-forwarded-for"], "198.51.100.1, 203.0.113.9");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "a.example.com");
+        assert_eq!(h["x-app"], "kept");
+    }
+
+    #[test]
+    fn upgrade_headers_survive_and_h2_gets_host() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        let uri: Uri = "/ws".parse().unwrap();
+        forward_headers(&mut h, &uri, Version::HTTP_11, "::1".parse().unwrap(), "http", true);
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["x-forwarded-for"], "::1");
+
+        let mut h = HeaderMap::new();
+        h.append("cookie", HeaderValue::from_static("a=1"));
+        h.append("cookie", HeaderValue::from_static("b=2"));
+        let uri: Uri = "https://a.example.com/x".parse().unwrap();
+        forward_headers(
+            &mut h,
+            &uri,
+            Version::HTTP_2,
+            "10.1.1.1".parse().unwrap(),
+            "https",
+            false,
+        );
+        assert_eq!(h["host"], "a.example.com");
+        assert_eq!(h["cookie"], "a=1; b=2");
+    }
+
+    #[test]
+    fn upgrade_detection() {
+        let r = Request::builder()
+            .header("connection", "keep-alive, Upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        assert!(is_upgrade(&r));
+        let r = Request::builder().header("upgrade", "websocket").body(()).unwrap();
+        assert!(!is_upgrade(&r));
+    }
+}

@@ -1,0 +1,151 @@
+//! Client-side stream wrapper: replays bytes read ahead (the ClientHello
+//! peeked for SNI) and records the time of the last byte moved, for the idle
+//! timeout.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+fn epoch() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+/// Milliseconds since the process's first call; monotonic.
+pub fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+/// Time of the last byte moved on a connection.
+#[derive(Debug)]
+pub struct Activity(AtomicU64);
+
+impl Activity {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Activity(AtomicU64::new(now_ms())))
+    }
+    pub fn touch(&self) {
+        self.0.store(now_ms(), Ordering::Relaxed);
+    }
+    pub fn idle_for(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.0.load(Ordering::Relaxed)))
+    }
+}
+
+/// Runs `conn` until it finishes or the connection saw no bytes for `idle`.
+pub async fn with_idle_timeout<F: std::future::Future>(conn: F, activity: &Activity, idle: Duration) {
+    tokio::pin!(conn);
+    let sleep = tokio::time::sleep(idle);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            _ = &mut conn => return,
+            _ = &mut sleep => {
+                let quiet = activity.idle_for();
+                if quiet >= idle {
+                    tracing::debug!("closing connection idle for {quiet:?}");
+                    return;
+                }
+                sleep.as_mut().reset(tokio::time::Instant::now() + (idle - quiet));
+            }
+        }
+    }
+}
+
+/// A stream that first yields `prefix`, then reads from `inner`.
+pub struct ConnIo<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> ConnIo<S> {
+    pub fn new(inner: S, prefix: Vec<u8>, activity: Arc<Activity>) -> Self {
+        ConnIo {
+            prefix,
+            pos: 0,
+            inner,
+            activity,
+        }
+    }
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.pos < this.prefix.len() {
+            let n = (this.prefix.len() - this.pos).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                // Free the read-ahead buffer: idle connections stay small.
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn prefix_is_replayed_before_the_stream() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let act = Activity::new();
+        let mut io = ConnIo::new(a, b"hello ".to_vec(), act.clone());
+        b.write_all(b"world").await.unwrap();
+        drop(b);
+        let mut s = String::new();
+        io.read_to_string(&mut s).await.unwrap();
+        assert_eq!(s, "hello world");
+        assert!(io.prefix.capacity() == 0, "read-ahead buffer freed");
+    }
+}
