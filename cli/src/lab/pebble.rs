@@ -103,8 +103,6 @@ pub async fn start(lab_dir: &Path, host_ip: Ipv4Addr, proxy_ip: Ipv4Addr) -> any
             s(""),
             s("-tlsalpn01"),
             s(""),
-            s("-doh"),
-            s(""),
         ],
         &[],
         &lab_dir.join("pebble-challtestsrv.log"),
@@ -144,7 +142,7 @@ pub async fn start(lab_dir: &Path, host_ip: Ipv4Addr, proxy_ip: Ipv4Addr) -> any
         if state.issuing_root().await.is_ok() {
             return Ok(state);
         }
-        if !process::is_alive(pebble) || Instant::now() > deadline {
+        if !process::is_alive(pebble) || !process::is_alive(chall) || Instant::now() > deadline {
             let _ = state.stop();
             bail!("Pebble did not come up; see {}", lab_dir.join("pebble.log").display());
         }
