@@ -134,12 +134,12 @@ impl ProxySupervisor {
         self.settings.dir.join("berth-proxy.pid")
     }
 
-    /// Replaces the config file atomically when it changed.
-    pub fn write(&mut self, cfg: &ProxyConfig) -> anyhow::Result<()> {
+    /// Replaces the config file atomically when it changed; returns whether it did.
+    pub fn write(&mut self, cfg: &ProxyConfig) -> anyhow::Result<bool> {
         let mut cmp = cfg.clone();
         cmp.revision = 0;
         if self.written.as_ref() == Some(&cmp) && self.config_path().exists() {
-            return Ok(());
+            return Ok(false);
         }
         std::fs::create_dir_all(&self.settings.dir)
             .with_context(|| format!("creating {}", self.settings.dir.display()))?;
@@ -157,7 +157,32 @@ impl ProxySupervisor {
             "proxy config written"
         );
         self.written = Some(cmp);
-        Ok(())
+        Ok(true)
+    }
+
+    /// Waits, at most [`LOAD_WAIT`], until the proxy's metrics show
+    /// `revision` (it polls its config file every 500 ms): the agent reports a
+    /// revision applied only once berth-proxy serves it, which ACME challenges
+    /// rely on. No SIGHUP: a proxy started a moment ago may not handle it yet,
+    /// and SIGHUP's default action would end it. Returns whether it got there.
+    pub async fn wait_loaded(&self, revision: u64) -> bool {
+        if self.pid().is_none() {
+            return false;
+        }
+        let deadline = Instant::now() + LOAD_WAIT;
+        loop {
+            if loaded_revision(&self.settings.metrics)
+                .await
+                .is_some_and(|r| r >= revision)
+            {
+                return true;
+            }
+            if Instant::now() > deadline {
+                tracing::warn!(revision, "berth-proxy has not loaded the new config yet");
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Starts berth-proxy unless it runs (ours, or adopted from a previous
@@ -263,6 +288,31 @@ impl ProxySupervisor {
     }
 }
 
+/// How long the agent waits for berth-proxy to load a new config.
+pub const LOAD_WAIT: Duration = Duration::from_secs(3);
+
+/// `berth_proxy_config_revision` from the proxy's metrics endpoint.
+async fn loaded_revision(metrics: &str) -> Option<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(metrics).await.ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        parse_revision(&body)
+    };
+    tokio::time::timeout(Duration::from_secs(1), fetch).await.ok().flatten()
+}
+
+fn parse_revision(metrics: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("berth_proxy_config_revision "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 fn backoff(failures: u32) -> Duration {
     Duration::from_millis(500u64 << failures.min(6)).min(Duration::from_secs(30))
 }
@@ -355,6 +405,13 @@ mod tests {
     }
 
     #[test]
+    fn revision_from_metrics() {
+        let text = "# TYPE berth_proxy_config_revision gauge\nberth_proxy_config_revision 42\nberth_proxy_x 1\n";
+        assert_eq!(parse_revision(text), Some(42));
+        assert_eq!(parse_revision("nothing"), None);
+    }
+
+    #[test]
     fn worker_gets_an_empty_config() {
         let mut d = desired(String::new());
         d.proxy = None;
@@ -377,13 +434,13 @@ mod tests {
             revision: 1,
             ..Default::default()
         };
-        sup.write(&cfg).unwrap();
+        assert!(sup.write(&cfg).unwrap());
         let path = sup.config_path();
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         let ino = std::fs::metadata(&path).unwrap().ino();
         cfg.revision = 2;
-        sup.write(&cfg).unwrap();
+        assert!(!sup.write(&cfg).unwrap());
         assert_eq!(
             std::fs::metadata(&path).unwrap().ino(),
             ino,

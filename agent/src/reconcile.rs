@@ -164,15 +164,22 @@ impl Reconciler {
             return;
         };
         let res = crate::proxy::config_from(d, &self.settings.sealing, &self.runtime.local_health())
-            .and_then(|cfg| sup.write(&cfg));
-        self.proxy_error = match res {
-            Ok(()) => None,
+            .and_then(|cfg| Ok((sup.write(&cfg)?, cfg.revision)));
+        let written = match res {
+            Ok((written, revision)) => {
+                self.proxy_error = None;
+                written.then_some(revision)
+            }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "proxy config not updated");
-                Some(format!("proxy: {e:#}"))
+                self.proxy_error = Some(format!("proxy: {e:#}"));
+                None
             }
         };
         sup.ensure_running().await;
+        if let Some(revision) = written {
+            sup.wait_loaded(revision).await;
+        }
     }
 
     /// The supervised berth-proxy's pid, on proxy nodes.

@@ -30,13 +30,52 @@ fn web() -> ServiceSpec {
     }
 }
 
+async fn wait_cert(lab: &LabGuard, domain: &str) {
+    let admin = lab.admin().unwrap();
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let d = admin.list_domains().await.unwrap();
+        if d.iter().any(|d| d.spec.domain == domain && d.cert_state == "valid") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no certificate for {domain}: {d:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn domain(name: &str) -> DomainSpec {
+    DomainSpec {
+        domain: name.into(),
+        service: "web".into(),
+        port: 8080,
+        passthrough: false,
+    }
+}
+
+/// SHA-256 of the leaf certificate a server at `ip:443` presents for `host`.
+fn served_cert(ip: &str, host: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect {ip}:443 -servername {host} </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256"
+        ))
+        .output()
+        .expect("openssl");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// curl from the host to the proxy at `ip`, the domain resolved to it.
 fn curl(ip: &str, root: &std::path::Path, url: &str, extra: &[&str]) -> (String, String) {
     let host = url.split("://").nth(1).unwrap().split('/').next().unwrap();
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "10", "--cacert"])
         .arg(root)
-        .args(["--resolve", &format!("{host}:443:{ip}"), "--resolve", &format!("{host}:80:{ip}")])
+        .args([
+            "--resolve",
+            &format!("{host}:443:{ip}"),
+            "--resolve",
+            &format!("{host}:80:{ip}"),
+        ])
         .args(["-w", "\n%{http_code} %{http_version}"])
         .args(extra)
         .arg(url)
@@ -44,7 +83,10 @@ fn curl(ip: &str, root: &std::path::Path, url: &str, extra: &[&str]) -> (String,
         .expect("run curl");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (body.to_string(), format!("{status} {}", String::from_utf8_lossy(&out.stderr).trim()))
+    (
+        body.to_string(),
+        format!("{status} {}", String::from_utf8_lossy(&out.stderr).trim()),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,24 +100,9 @@ async fn https_through_the_proxy_with_an_acme_certificate() {
     admin.deploy_service(&web()).await.unwrap();
     let proxy_ip = lab.net.node_ip(lab.node(&proxy).unwrap().index).to_string();
 
-    admin
-        .add_domain(&DomainSpec {
-            domain: "app.example.com".into(),
-            service: "web".into(),
-            port: 8080,
-            passthrough: false,
-        })
-        .await
-        .unwrap();
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let d = admin.list_domains().await.unwrap();
-        if d.iter().any(|d| d.spec.domain == "app.example.com" && d.cert_state == "valid") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no certificate: {d:?}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    // HTTP-01, answered by berth-proxy on port 80.
+    admin.add_domain(&domain("app.example.com")).await.unwrap();
+    wait_cert(&lab, "app.example.com").await;
     let root = lab.state.dir.join("pebble-root.pem");
     let pebble = lab.state.pebble.clone().unwrap();
     std::fs::write(&root, pebble.issuing_root().await.unwrap()).unwrap();
@@ -101,6 +128,78 @@ async fn https_through_the_proxy_with_an_acme_certificate() {
     assert!(status.starts_with("308"), "{status}");
     let (_, status) = curl(&proxy_ip, &root, "http://nobody.example.com/", &[]);
     assert!(status.starts_with("404"), "{status}");
+
+    // A replica's container removed under load: its requests are retried on
+    // the other replica until the agent has recreated it; none fails.
+    let out = lab.podman("n1", &["rm", "-f", "-t", "0", "berth-web-1"]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for _ in 0..30 {
+        let (_, status) = curl(&proxy_ip, &root, "https://app.example.com/index.html", &[]);
+        assert!(status.starts_with("200"), "{status}");
+    }
+
+    // A TCP route carries traffic.
+    admin
+        .add_tcp_route(&berth_protocol::proxy::TcpRouteSpec {
+            listen: 9000,
+            service: "web".into(),
+            port: 8080,
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", &format!("http://{proxy_ip}:9000/index.html")])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains("berth test") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "TCP route: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // TLS-ALPN-01 for a second domain, answered by berth-proxy on port 443.
+    lab.set_acme_challenge("tls-alpn-01").await.unwrap();
+    lab.wait_converged(SETTLE).await.unwrap();
+    let admin = lab.admin().unwrap();
+    admin.add_domain(&domain("alpn.example.com")).await.unwrap();
+    wait_cert(&lab, "alpn.example.com").await;
+    // The certificate reaches the proxy with its next revision.
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let (body, status) = curl(&proxy_ip, &root, "https://alpn.example.com/index.html", &[]);
+        if status.starts_with("200") && body.contains("berth test") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "alpn.example.com: {status}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // A second proxy serves the same certificates; Pebble saw one order per domain.
+    let proxy2 = lab.add_node(true).await.unwrap();
+    lab.wait_converged(SETTLE).await.unwrap();
+    let proxy2_ip = lab.net.node_ip(lab.node(&proxy2).unwrap().index).to_string();
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let (_, status) = curl(&proxy2_ip, &root, "https://app.example.com/index.html", &[]);
+        if status.starts_with("200") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "second proxy: {status}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for host in ["app.example.com", "alpn.example.com"] {
+        let one = served_cert(&proxy_ip, host);
+        assert!(one.contains("Fingerprint"), "{one}");
+        assert_eq!(served_cert(&proxy2_ip, host), one, "{host}");
+    }
+    assert_eq!(pebble.orders(), 2, "one order per domain");
 
     // SIGKILL the proxy node's agent: berth-proxy keeps serving.
     let pidx = lab.node(&proxy).unwrap().index;

@@ -161,6 +161,8 @@ impl Lab {
                 p.directory_url(),
                 "--acme-ca-file".to_string(),
                 p.https_ca().display().to_string(),
+                "--acme-challenge".to_string(),
+                p.challenge.clone(),
             ]);
         }
         let pid = process::spawn_daemon(
@@ -450,6 +452,16 @@ impl Lab {
     /// Stops every process and removes every namespace, link, container,
     /// Podman network, mount and file of the lab (with `keep_logs`, the logs
     /// and the agents' data stay in the lab directory).
+    /// Restarts the control plane asking proxies for `challenge`
+    /// (`http-01` or `tls-alpn-01`) from now on.
+    pub async fn set_acme_challenge(&mut self, challenge: &str) -> anyhow::Result<()> {
+        let p = self.state.pebble.as_mut().context("no Pebble in this lab")?;
+        p.challenge = challenge.to_string();
+        self.save()?;
+        self.stop_cp()?;
+        self.start_cp().await
+    }
+
     /// Starts Pebble (ACME) answering names with `proxy`'s underlay address,
     /// and restarts the control plane with it as its ACME directory.
     pub async fn start_pebble(&mut self, proxy: &str) -> anyhow::Result<()> {

@@ -24,6 +24,13 @@ pub struct PebbleState {
     pub host_ip: Ipv4Addr,
     pub pebble_pid: u32,
     pub challtestsrv_pid: u32,
+    /// `http-01` or `tls-alpn-01`: what the control plane asks proxies to answer.
+    #[serde(default = "http01")]
+    pub challenge: String,
+}
+
+fn http01() -> String {
+    "http-01".into()
 }
 
 impl PebbleState {
@@ -52,6 +59,16 @@ impl PebbleState {
             bail!("GET {url}: HTTP {}", resp.status());
         }
         Ok(resp.text().await?)
+    }
+
+    /// How many orders Pebble has received (from its log).
+    pub fn orders(&self) -> usize {
+        let log = self.dir.parent().map(|d| d.join("pebble.log")).unwrap_or_default();
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("POST /order-plz"))
+            .count()
     }
 
     pub fn stop(&self) -> anyhow::Result<()> {
@@ -136,6 +153,7 @@ pub async fn start(lab_dir: &Path, host_ip: Ipv4Addr, proxy_ip: Ipv4Addr) -> any
         host_ip,
         pebble_pid: pebble,
         challtestsrv_pid: chall,
+        challenge: http01(),
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
