@@ -245,6 +245,64 @@ const DEMO_WAIT: Duration = Duration::from_secs(30);
 /// Deploys the `demo` service (the test image's web server on port 8080) on a
 /// fresh lab with `workers` worker nodes and waits for its replicas. Problems
 /// are warnings: the lab stays up either way.
+/// Puts the demo behind `demo.example.com` on the lab's proxy nodes, with a
+/// certificate from a Pebble ACME server the lab starts, and prints the curl
+/// command that reaches it. A failure is a warning: the lab stays up.
+async fn lab_public_demo(l: &mut Lab, proxy: &str) {
+    const DOMAIN: &str = "demo.example.com";
+    eprintln!(
+        "lab {}: starting Pebble (ACME) and ordering a certificate for {DOMAIN}...",
+        l.state.id
+    );
+    let res = async {
+        l.start_pebble(proxy).await?;
+        l.wait_converged(Duration::from_secs(60)).await?;
+        let admin = l.admin()?;
+        admin
+            .add_domain(&berth_protocol::proxy::DomainSpec {
+                domain: DOMAIN.into(),
+                service: "demo".into(),
+                port: 8080,
+                passthrough: false,
+            })
+            .await?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let d = admin.list_domains().await?;
+            let state = d.iter().find(|d| d.spec.domain == DOMAIN);
+            if state.is_some_and(|d| d.cert_state == "valid") {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "no certificate after 90 s: {:?}",
+                    state.and_then(|d| d.last_error.clone())
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let pebble = l.state.pebble.clone().ok_or_else(|| anyhow::anyhow!("no Pebble"))?;
+        let root = l.state.dir.join("pebble-root.pem");
+        std::fs::write(&root, pebble.issuing_root().await?)?;
+        let index = l.node(proxy)?.index;
+        Ok::<_, anyhow::Error>((root, l.net.node_ip(index)))
+    }
+    .await;
+    match res {
+        Ok((root, ip)) => {
+            println!("HTTPS through the proxy node {proxy}, certificate from the lab's Pebble:");
+            println!(
+                "  curl --cacert {} --resolve {DOMAIN}:443:{ip} https://{DOMAIN}/",
+                root.display()
+            );
+        }
+        Err(e) => eprintln!(
+            "warning: the public demo is not ready: {e:#}\n  see `berth domain list` and {}",
+            l.state.dir.display()
+        ),
+    }
+}
+
 async fn lab_demo(l: &Lab, sel: &LabSel, workers: u16) {
     let spec = ServiceSpec {
         name: "demo".into(),
@@ -577,6 +635,9 @@ async fn lab_cmd(cmd: LabCmd) -> anyhow::Result<i32> {
                 list
             } else {
                 lab_demo(&l, &sel, nodes).await;
+                if let Some(proxy) = l.state.nodes.iter().find(|n| n.proxy).map(|n| n.name.clone()) {
+                    lab_public_demo(&mut l, &proxy).await;
+                }
                 // Fresh revisions and last-seen times after the deploy.
                 l.admin()?.list_nodes().await.unwrap_or(list)
             };
