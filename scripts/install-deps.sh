@@ -16,7 +16,8 @@ have curl || need+=(curl)
 have dig || need+=(bind9-dnsutils)
 have cc || need+=(build-essential)
 have pebble || need+=(pebble)        # ACME test server (proxy tests, lab --proxies)
-have setpriv || need+=(util-linux)  # berth-proxy as an unprivileged user
+have setpriv || need+=(util-linux)
+have openssl || need+=(openssl)  # berth-proxy as an unprivileged user
 
 if [ "${#need[@]}" -gt 0 ]; then
     echo "installing: ${need[*]}" >&2

@@ -37,6 +37,9 @@ cargo test -p berth-control-plane --tests --locked
 step "agent tests on real Podman, DNS, wireguard-go and nftables"
 cargo test -p berth-agent --test dns --test podman --test containers --locked -- --test-threads=2
 
+step "berth-proxy tests (real TLS, HTTP/1.1 and HTTP/2, WebSocket, SSE, reloads)"
+cargo test -p berth-proxy --tests --locked
+
 step "lab end-to-end tests"
 # Lab tests build namespaces and WireGuard meshes; two at a time fit 2 cores.
 cargo test -p berth-tests --locked -- --test-threads=2

@@ -261,10 +261,15 @@ impl ProxySupervisor {
         ];
         let mut cmd = match &s.user {
             Some(user) => {
+                // Numeric ids: the user's primary group is often not named
+                // like the user (nobody:nogroup on Debian).
+                let u = nix::unistd::User::from_name(user)
+                    .with_context(|| format!("--proxy-user {user}"))?
+                    .with_context(|| format!("--proxy-user: no user {user:?}"))?;
                 let mut c = tokio::process::Command::new("setpriv");
                 c.args([
-                    &format!("--reuid={user}"),
-                    &format!("--regid={user}"),
+                    &format!("--reuid={}", u.uid),
+                    &format!("--regid={}", u.gid),
                     "--init-groups",
                     "--inh-caps=-all,+net_bind_service",
                     "--ambient-caps=-all,+net_bind_service",

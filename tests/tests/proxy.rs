@@ -64,6 +64,19 @@ fn served_cert(ip: &str, host: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The pid of the berth-proxy running in a node's namespace.
+fn lab_proxy_pid(lab: &LabGuard, node: &str) -> u32 {
+    let ns = lab.net.node_ns(lab.node(node).unwrap().index);
+    let out = Command::new("ip").args(["netns", "pids", &ns]).output().unwrap();
+    let pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "berth-proxy"))
+        .collect();
+    assert_eq!(pids.len(), 1, "berth-proxy processes in {node}: {pids:?}");
+    pids[0]
+}
+
 /// curl from the host to the proxy at `ip`, the domain resolved to it.
 fn curl(ip: &str, root: &std::path::Path, url: &str, extra: &[&str]) -> (String, String) {
     let host = url.split("://").nth(1).unwrap().split('/').next().unwrap();
@@ -201,6 +214,20 @@ async fn https_through_the_proxy_with_an_acme_certificate() {
     }
     assert_eq!(pebble.orders(), 2, "one order per domain");
 
+    // berth-proxy runs as nobody with CAP_NET_BIND_SERVICE only.
+    let pid = lab_proxy_pid(&lab, &proxy);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(field("Uid:").split_whitespace().next(), Some("65534"), "{status}");
+    assert_eq!(field("CapEff:"), "0000000000000400", "only CAP_NET_BIND_SERVICE");
+
     // SIGKILL the proxy node's agent: berth-proxy keeps serving.
     let pidx = lab.node(&proxy).unwrap().index;
     lab.kill_agent(pidx).unwrap();
@@ -210,6 +237,12 @@ async fn https_through_the_proxy_with_an_acme_certificate() {
     }
     lab.start_agent(pidx, None).unwrap();
     lab.wait_converged(SETTLE).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        lab_proxy_pid(&lab, &proxy),
+        pid,
+        "the new agent adopted the running proxy"
+    );
     let (_, status) = curl(&proxy_ip, &root, "https://app.example.com/index.html", &[]);
     assert!(status.starts_with("200"), "{status}");
 }

@@ -361,7 +361,8 @@ impl Lab {
             args.extend(["--token".into(), t.into()]);
         }
         if node.proxy {
-            args.push("--proxy".into());
+            // berth-proxy runs unprivileged, as it would on a real server.
+            args.extend(["--proxy".into(), "--proxy-user".into(), "nobody".into()]);
         }
         let pid = process::spawn_daemon(
             Some(&self.net.node_ns(index)),
