@@ -7,7 +7,7 @@ use crate::error::{parse_json, ApiErr, ApiResult};
 use crate::state::SharedState;
 use crate::store::nodes::{NewNode, RegisterError};
 use crate::store::now;
-use crate::store::services::{DeployError, ServiceRow};
+use crate::store::services::{DeployError, RemoveService, ServiceRow};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -448,11 +448,16 @@ async fn remove_service(
     Path(name): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     require_admin(&s, &headers)?;
-    let rev = s
-        .store
-        .remove_service(&name)
-        .await?
-        .ok_or_else(|| ApiErr::not_found(format!("name: no service named {name:?}")))?;
+    let rev = match s.store.remove_service(&name).await? {
+        RemoveService::Removed(rev) => rev,
+        RemoveService::NotFound => return Err(ApiErr::not_found(format!("name: no service named {name:?}"))),
+        RemoveService::Routed(routes) => {
+            return Err(ApiErr::conflict(format!(
+                "name: {name:?} still receives traffic from {}; remove those first",
+                routes.join(", ")
+            )))
+        }
+    };
     s.revision_moved(rev).await;
     Ok(Json(serde_json::json!({ "removed": name, "revision": rev })))
 }

@@ -401,4 +401,18 @@ async fn bad_routes_change_nothing(db: &Db) {
     .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_eq!(routes_state(&cp).await, before);
+
+    // A service that still receives traffic is not removed.
+    let r = del(&cp, "/v1/services/web").await;
+    r.error(StatusCode::CONFLICT, "name:");
+    assert!(
+        r.body.contains("domain app.example.com") && r.body.contains("TCP route 2222"),
+        "{}",
+        r.body
+    );
+    assert_eq!(get(&cp, "/v1/services/web").await.status, StatusCode::OK);
+    assert_eq!(routes_state(&cp).await, before);
+    assert_eq!(del(&cp, "/v1/domains/app.example.com").await.status, StatusCode::OK);
+    assert_eq!(del(&cp, "/v1/routes/tcp/2222").await.status, StatusCode::OK);
+    assert_eq!(del(&cp, "/v1/services/web").await.status, StatusCode::OK);
 }

@@ -31,6 +31,16 @@ pub struct ReplicaRow {
     pub last_error: Option<String>,
 }
 
+/// The outcome of [`Store::remove_service`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum RemoveService {
+    /// Removed; the new revision.
+    Removed(i64),
+    NotFound,
+    /// Domains and TCP routes that still point at it.
+    Routed(Vec<String>),
+}
+
 impl ReplicaRow {
     pub fn name(&self) -> String {
         format!("{}-{}", self.service, self.ordinal + 1)
@@ -194,15 +204,36 @@ impl Store {
     }
 
     /// Removes a service and its replicas; None if there was no such service.
-    pub async fn remove_service(&self, name: &str) -> sqlx::Result<Option<i64>> {
+    /// Removes a service and its replicas. Refused (nothing changed) while a
+    /// domain or TCP route still sends traffic to it: removing those first
+    /// is an explicit choice, not a side effect.
+    pub async fn remove_service(&self, name: &str) -> sqlx::Result<RemoveService> {
         let mut tx = self.pool.begin().await?;
+        let mut routes: Vec<String> = sqlx::query("SELECT domain FROM domains WHERE service = $1 ORDER BY domain")
+            .bind(name)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| format!("domain {}", r.get::<String, _>("domain")))
+            .collect();
+        routes.extend(
+            sqlx::query("SELECT listen FROM tcp_routes WHERE service = $1 ORDER BY listen")
+                .bind(name)
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| format!("TCP route {}", r.get::<i64, _>("listen"))),
+        );
+        if !routes.is_empty() {
+            return Ok(RemoveService::Routed(routes));
+        }
         let gone = sqlx::query("DELETE FROM services WHERE name = $1")
             .bind(name)
             .execute(&mut *tx)
             .await?
             .rows_affected();
         if gone == 0 {
-            return Ok(None);
+            return Ok(RemoveService::NotFound);
         }
         sqlx::query("DELETE FROM replicas WHERE service = $1")
             .bind(name)
@@ -210,7 +241,7 @@ impl Store {
             .await?;
         let rev = bump_all(&mut tx).await?;
         tx.commit().await?;
-        Ok(Some(rev))
+        Ok(RemoveService::Removed(rev))
     }
 
     /// Records what a node reports about its containers. Returns the new
