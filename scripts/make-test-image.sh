@@ -12,7 +12,8 @@
 #   busybox httpd -f -p 8080 -h /www
 # /www/index.html is a static page, /www/cgi-bin/env prints the environment
 # (so tests can see the container's env and $HOSTNAME) and
-# /www/cgi-bin/hostname prints the hostname.
+# /www/cgi-bin/hostname prints the hostname, /www/cgi-bin/sse streams two
+# server-sent events (the second once /tmp/sse-go exists).
 set -euo pipefail
 
 image=localhost/berth-test/busybox:latest
@@ -87,7 +88,21 @@ cat >"$root/www/cgi-bin/hostname" <<'CGI'
 printf 'Content-Type: text/plain\r\n\r\n'
 hostname
 CGI
-chmod 0755 "$root/www/cgi-bin/env" "$root/www/cgi-bin/hostname"
+# Server-sent events: one event, then (once /tmp/sse-go exists in the
+# container) a second; tests see whether the first arrives while the script
+# still waits, i.e. unbuffered.
+cat >"$root/www/cgi-bin/sse" <<'CGI'
+#!/bin/sh
+printf 'Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n\r\n'
+printf 'data: first\n\n'
+n=0
+while [ ! -f /tmp/sse-go ] && [ "$n" -lt 300 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+printf 'data: second\n\n'
+CGI
+chmod 0755 "$root/www/cgi-bin/env" "$root/www/cgi-bin/hostname" "$root/www/cgi-bin/sse"
 
 tar --numeric-owner --owner=0 --group=0 -C "$root" -cf "$work/rootfs.tar" .
 pm import \

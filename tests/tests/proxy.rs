@@ -142,6 +142,38 @@ async fn https_through_the_proxy_with_an_acme_certificate() {
     let (_, status) = curl(&proxy_ip, &root, "http://nobody.example.com/", &[]);
     assert!(status.starts_with("404"), "{status}");
 
+    // Server-sent events stream through unbuffered: the first event arrives
+    // while the replica's script still waits to send the second.
+    let mut sse = Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "40", "--cacert"])
+        .arg(&root)
+        .args(["--resolve", &format!("app.example.com:443:{proxy_ip}")])
+        .arg("https://app.example.com/cgi-bin/sse")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = sse.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("data:") && tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx.recv_timeout(Duration::from_secs(20));
+    assert_eq!(first.as_deref(), Ok("data: first"), "first event not streamed");
+    assert!(rx.try_recv().is_err(), "the second event came before it was released");
+    // Release it in every replica (whichever one serves this stream).
+    for node in ["n1", "n2"] {
+        for name in ["berth-web-1", "berth-web-2"] {
+            let _ = lab.podman(node, &["exec", name, "touch", "/tmp/sse-go"]);
+        }
+    }
+    assert_eq!(rx.recv_timeout(Duration::from_secs(20)).as_deref(), Ok("data: second"));
+    let _ = sse.wait();
+
     // A replica's container removed under load: its requests are retried on
     // the other replica until the agent has recreated it; none fails.
     let out = lab.podman("n1", &["rm", "-f", "-t", "0", "berth-web-1"]).unwrap();
