@@ -117,16 +117,22 @@ impl Store {
     }
 }
 
-/// Takes the next cluster revision inside `tx` and stamps it on every node.
-/// Mesh changes affect every node's peer list, so every node moves.
-pub async fn bump_all(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> sqlx::Result<i64> {
+/// Takes the next cluster revision inside `tx` (callers stamp it on the
+/// nodes it concerns).
+pub async fn next_revision(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> sqlx::Result<i64> {
     sqlx::query("UPDATE revision_counter SET value = value + 1 WHERE id = 1")
         .execute(&mut **tx)
         .await?;
-    let rev: i64 = sqlx::query("SELECT value FROM revision_counter WHERE id = 1")
+    Ok(sqlx::query("SELECT value FROM revision_counter WHERE id = 1")
         .fetch_one(&mut **tx)
         .await?
-        .get(0);
+        .get(0))
+}
+
+/// Takes the next cluster revision inside `tx` and stamps it on every node.
+/// Mesh changes affect every node's peer list, so every node moves.
+pub async fn bump_all(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> sqlx::Result<i64> {
+    let rev = next_revision(tx).await?;
     sqlx::query("UPDATE nodes SET revision = $1")
         .bind(rev)
         .execute(&mut **tx)

@@ -142,13 +142,7 @@ impl StoreFailure for RouteError {
 /// Takes the next cluster revision inside `tx` and stamps it on proxy nodes
 /// only: routes, certificates and challenges are theirs alone.
 pub async fn bump_proxies(tx: &mut Transaction<'_, Any>) -> sqlx::Result<i64> {
-    sqlx::query("UPDATE revision_counter SET value = value + 1 WHERE id = 1")
-        .execute(&mut **tx)
-        .await?;
-    let rev: i64 = sqlx::query("SELECT value FROM revision_counter WHERE id = 1")
-        .fetch_one(&mut **tx)
-        .await?
-        .get(0);
+    let rev = super::next_revision(tx).await?;
     sqlx::query("UPDATE nodes SET revision = $1 WHERE role = 'proxy'")
         .bind(rev)
         .execute(&mut **tx)
