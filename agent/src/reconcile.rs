@@ -227,8 +227,13 @@ impl Reconciler {
     /// replica changed (the caller then reports at once).
     pub async fn tick(&mut self) -> bool {
         let changed = self.runtime.tick().await;
-        if changed || self.proxy.is_some() {
+        if changed || self.proxy_error.is_some() {
+            // Local health moved (the proxy's upstreams follow), or the last
+            // config write failed: build and write it again.
             self.refresh_proxy().await;
+        } else if let Some(sup) = &mut self.proxy {
+            // Only keep it running; the config is unchanged.
+            sup.ensure_running().await;
         }
         if changed {
             self.refresh_dns();
