@@ -8,11 +8,10 @@
 #[macro_use]
 mod common;
 
-use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use berth_control_plane::acme::AcmeConfig;
 use berth_protocol::proxy::{AlpnChallenge, DomainInfo, Http01Challenge};
 use berth_protocol::{DesiredState, StatusReport};
-use common::{Agent, Cp, Db, Reply};
+use common::{Cp, Db, Reply, SealedNode};
 use reqwest::{Method, StatusCode};
 use sqlx::Row;
 use std::path::{Path, PathBuf};
@@ -20,7 +19,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use x25519_dalek::StaticSecret;
 
 on_both_stores!(
     pebble_issues_one_certificate_for_every_proxy,
@@ -153,37 +151,16 @@ impl Drop for Pebble {
     }
 }
 
-struct Node {
-    agent: Agent,
-    seal: StaticSecret,
+async fn proxy_node(cp: &Cp, name: &str) -> SealedNode {
+    cp.join_sealed(name, true).await
 }
 
-async fn proxy_node(cp: &Cp, name: &str) -> Node {
-    let mut agent = Agent::new(name);
-    let seal = StaticSecret::random_from_rng(rand::rngs::OsRng);
-    let token = cp.create_token(true).await;
-    let mut req = agent.register_request(&token.token);
-    req.proxy = true;
-    req.sealing_key = Some(B64.encode(x25519_dalek::PublicKey::from(&seal).as_bytes()));
-    let resp: berth_protocol::RegisterResponse = cp.register_req(&agent, &req).await.json();
-    agent.node_id = resp.node_id;
-    Node { agent, seal }
-}
-
-async fn report_applied(cp: &Cp, n: &Node, applied: u64) {
-    let body = serde_json::to_vec(&StatusReport {
+async fn report_applied(cp: &Cp, n: &SealedNode, applied: u64) {
+    let r = StatusReport {
         applied_revision: applied,
         ..Default::default()
-    })
-    .unwrap();
-    let r = Reply::from(
-        cp.signed(&n.agent, Method::POST, "/v1/agent/status", body)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    };
+    cp.report(&n.agent, &r).await;
 }
 
 /// Challenges a proxy was given.
@@ -195,7 +172,7 @@ struct Seen {
 
 /// Plays an online proxy agent: applies every desired state it is given
 /// (reports its revision) and remembers the challenges it saw.
-async fn fake_proxy(cp: &Cp, n: &Node, seen: &Mutex<Seen>) {
+async fn fake_proxy(cp: &Cp, n: &SealedNode, seen: &Mutex<Seen>) {
     let mut applied = 0;
     loop {
         let r = cp.desired(&n.agent, applied, 2).await;

@@ -6,41 +6,19 @@
 #[macro_use]
 mod common;
 
-use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use berth_protocol::proxy::{DomainInfo, TcpRouteSpec};
 use berth_protocol::service::ServiceInfo;
 use berth_protocol::{DesiredState, StatusReport};
-use common::{Agent, Cp, Db, Reply};
+use common::{Cp, Db, Reply, SealedNode};
 use reqwest::{Method, StatusCode};
-use x25519_dalek::StaticSecret;
 
 on_both_stores!(routes_reach_proxies_only, bad_routes_change_nothing);
 
-struct Node {
-    agent: Agent,
-    seal: StaticSecret,
-}
-
 /// Registers `name` (a proxy when `proxy`) with a sealing key, online.
-async fn node(cp: &Cp, name: &str, proxy: bool) -> Node {
-    let mut agent = Agent::new(name);
-    let seal = StaticSecret::random_from_rng(rand::rngs::OsRng);
-    let token = cp.create_token(proxy).await;
-    let mut req = agent.register_request(&token.token);
-    req.proxy = proxy;
-    req.sealing_key = Some(B64.encode(x25519_dalek::PublicKey::from(&seal).as_bytes()));
-    let resp: berth_protocol::RegisterResponse = cp.register_req(&agent, &req).await.json();
-    agent.node_id = resp.node_id;
-    let body = serde_json::to_vec(&StatusReport::default()).unwrap();
-    let r = Reply::from(
-        cp.signed(&agent, Method::POST, "/v1/agent/status", body)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    Node { agent, seal }
+async fn node(cp: &Cp, name: &str, proxy: bool) -> SealedNode {
+    let n = cp.join_sealed(name, proxy).await;
+    cp.report(&n.agent, &StatusReport::default()).await;
+    n
 }
 
 async fn post(cp: &Cp, path: &str, body: serde_json::Value) -> Reply {
@@ -55,7 +33,7 @@ async fn del(cp: &Cp, path: &str) -> Reply {
     Reply::from(cp.admin(Method::DELETE, path).send().await.unwrap()).await
 }
 
-async fn desired(cp: &Cp, n: &Node) -> DesiredState {
+async fn desired(cp: &Cp, n: &SealedNode) -> DesiredState {
     cp.desired(&n.agent, 0, 1).await.json()
 }
 

@@ -5,57 +5,34 @@
 #[macro_use]
 mod common;
 
-use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use berth_protocol::service::{ContainerStatus, ServiceInfo};
 use berth_protocol::{DesiredState, StatusReport};
-use common::{Agent, Cp, Db, Reply};
+use common::{Cp, Db, Reply, SealedNode};
 use reqwest::{Method, StatusCode};
 use std::collections::BTreeMap;
-use x25519_dalek::StaticSecret;
 
 on_both_stores!(deploy_scale_move_and_health, bad_services_change_nothing);
 
-struct Node {
-    agent: Agent,
-    seal: StaticSecret,
-}
-
 /// Registers `name` with a sealing key and makes it online with a heartbeat.
-async fn node(cp: &Cp, name: &str) -> Node {
-    let mut agent = Agent::new(name);
-    let seal = StaticSecret::random_from_rng(rand::rngs::OsRng);
-    let token = cp.create_token(false).await;
-    let mut req = agent.register_request(&token.token);
-    req.sealing_key = Some(B64.encode(x25519_dalek::PublicKey::from(&seal).as_bytes()));
-    let r = cp.register_req(&agent, &req).await;
-    let resp: berth_protocol::RegisterResponse = r.json();
-    agent.node_id = resp.node_id;
-    let n = Node { agent, seal };
+async fn node(cp: &Cp, name: &str) -> SealedNode {
+    let n = cp.join_sealed(name, false).await;
     report(cp, &n, vec![]).await;
     n
 }
 
-async fn report(cp: &Cp, n: &Node, containers: Vec<ContainerStatus>) {
-    let body = serde_json::to_vec(&StatusReport {
+async fn report(cp: &Cp, n: &SealedNode, containers: Vec<ContainerStatus>) {
+    let r = StatusReport {
         containers,
         ..Default::default()
-    })
-    .unwrap();
-    let r = Reply::from(
-        cp.signed(&n.agent, Method::POST, "/v1/agent/status", body)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    };
+    cp.report(&n.agent, &r).await;
 }
 
 async fn deploy(cp: &Cp, spec: serde_json::Value) -> Reply {
     Reply::from(cp.admin(Method::POST, "/v1/services").json(&spec).send().await.unwrap()).await
 }
 
-async fn desired(cp: &Cp, n: &Node) -> DesiredState {
+async fn desired(cp: &Cp, n: &SealedNode) -> DesiredState {
     cp.desired(&n.agent, 0, 1).await.json()
 }
 

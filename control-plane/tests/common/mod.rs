@@ -465,6 +465,33 @@ impl Cp {
         self.register_raw(&agent.key, serde_json::to_vec(req).unwrap()).await
     }
 
+    /// Registers a node (a proxy when `proxy`) that also has a sealing key,
+    /// as services and certificates need.
+    pub async fn join_sealed(&self, name: &str, proxy: bool) -> SealedNode {
+        let mut agent = Agent::new(name);
+        let seal = x25519_dalek::StaticSecret::random_from_rng(rand::rngs::OsRng);
+        let token = self.create_token(proxy).await;
+        let mut req = agent.register_request(&token.token);
+        req.proxy = proxy;
+        req.sealing_key = Some(B64.encode(x25519_dalek::PublicKey::from(&seal).as_bytes()));
+        let resp: berth_protocol::RegisterResponse = self.register_req(&agent, &req).await.json();
+        agent.node_id = resp.node_id;
+        SealedNode { agent, seal }
+    }
+
+    /// Posts a status report as `agent`; it must be accepted.
+    pub async fn report(&self, agent: &Agent, report: &berth_protocol::StatusReport) {
+        let body = serde_json::to_vec(report).unwrap();
+        let r = Reply::from(
+            self.signed(agent, Method::POST, "/v1/agent/status", body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+
     /// Registers `agent` with a fresh worker token; sets its node id.
     pub async fn join(&self, agent: &mut Agent) -> berth_protocol::RegisterResponse {
         let token = self.create_token(false).await;
@@ -508,4 +535,10 @@ impl Cp {
         let pq = format!("/v1/agent/desired?after={after}&wait={wait}");
         Reply::from(self.signed(agent, Method::GET, &pq, vec![]).send().await.unwrap()).await
     }
+}
+
+/// A registered node and the private half of its sealing key.
+pub struct SealedNode {
+    pub agent: Agent,
+    pub seal: x25519_dalek::StaticSecret,
 }
