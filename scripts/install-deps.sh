@@ -18,6 +18,10 @@ have cc || need+=(build-essential)
 have pebble || need+=(pebble)        # ACME test server (proxy tests, lab --proxies)
 have setpriv || need+=(util-linux)
 have openssl || need+=(openssl)  # berth-proxy as an unprivileged user
+have debootstrap || need+=(debootstrap)  # the fresh-server installer test
+have shellcheck || need+=(shellcheck)
+have strip || need+=(binutils)
+have systemd-analyze || need+=(systemd)
 
 if [ "${#need[@]}" -gt 0 ]; then
     echo "installing: ${need[*]}" >&2

@@ -2,7 +2,8 @@
 # Runs every Berth test on a fresh Debian 12 machine (as root): installs the
 # packages (and Podman), starts PostgreSQL, builds once, then runs checks,
 # unit tests, store/API tests (SQLite and PostgreSQL), the agent's Podman,
-# DNS, mesh and firewall tests, and the lab end-to-end tests.
+# DNS, mesh and firewall tests, the lab end-to-end tests, and the
+# fresh-server test of the installer scripts (Debian 12 under systemd in Podman).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,7 @@ cargo build --workspace --all-targets --locked
 step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+shellcheck installer/*.sh scripts/*.sh tests/install/*.sh bench/*.sh bench/*/*.sh
 
 step "unit tests"
 cargo test --workspace --lib --bins --locked
@@ -43,3 +45,6 @@ cargo test -p berth-proxy --tests --locked
 step "lab end-to-end tests"
 # Lab tests build namespaces and WireGuard meshes; two at a time fit 2 cores.
 cargo test -p berth-tests --locked -- --test-threads=2
+
+step "fresh-server test: setup.sh, update.sh and uninstall.sh on Debian 12 with systemd"
+bash tests/install/fresh-server.sh

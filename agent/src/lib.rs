@@ -10,3 +10,10 @@ pub mod podman;
 pub mod proxy;
 pub mod reconcile;
 pub mod records;
+pub mod upgrade;
+
+/// This build's version: `BERTH_VERSION` at build time (release builds), else the crate version.
+pub const VERSION: &str = match option_env!("BERTH_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};

@@ -4,8 +4,9 @@ use berth_agent::containers::RuntimeConfig;
 use berth_agent::identity::{self, Identity, Registration};
 use berth_agent::proxy::ProxySettings;
 use berth_agent::reconcile::{self, Reconciler, Settings};
+use berth_agent::upgrade::{self, Upgrader};
 use berth_protocol::token::JoinToken;
-use berth_protocol::RegisterRequest;
+use berth_protocol::{RegisterRequest, StatusReport};
 use clap::Parser;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ use tokio::sync::Mutex;
 /// (on Podman) and cluster DNS in the state the control plane asks for. It starts from its cached state, so the
 /// data plane comes up even while the control plane is unreachable.
 #[derive(Parser)]
-#[command(name = "berth-agent", version)]
+#[command(name = "berth-agent", version = berth_agent::VERSION)]
 struct Args {
     /// Control plane URL, e.g. https://cp.example.com:7443.
     #[arg(long, env = "BERTH_URL")]
@@ -88,6 +89,17 @@ struct Args {
     /// Proxy nodes: run berth-proxy as this user, with only CAP_NET_BIND_SERVICE.
     #[arg(long)]
     proxy_user: Option<String>,
+    /// Proxy nodes: berth-proxy is run by systemd (berth-proxy.service), not
+    /// by the agent; the agent only writes its config and waits for the reload.
+    #[arg(long)]
+    proxy_external: bool,
+    /// Register with the control plane (--url, --token) and exit; setup.sh uses
+    /// it so a bad token fails the install before any service starts.
+    #[arg(long)]
+    register_only: bool,
+    /// Script `berth nodes upgrade` runs (through systemd-run) to upgrade this node.
+    #[arg(long, default_value = "/usr/local/lib/berth/update.sh")]
+    update_script: PathBuf,
     /// Log format: text, json, or journald (default: journald under systemd, else text).
     #[arg(long, value_parser = ["text", "json", "journald"])]
     log_format: Option<String>,
@@ -230,6 +242,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => register(&args, &id).await?,
     };
+    if args.register_only {
+        println!("registered as {} ({})", reg.name, reg.node_id);
+        return Ok(());
+    }
     let url = args.url.clone().unwrap_or_else(|| reg.url.clone());
     let rec = Arc::new(Mutex::new(Reconciler::new(Settings {
         data_dir: args.data_dir.clone(),
@@ -253,6 +269,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             https: args.proxy_https.clone(),
             metrics: args.proxy_metrics.clone(),
             user: args.proxy_user.clone(),
+            external: args.proxy_external,
         }),
     })));
 
@@ -272,18 +289,45 @@ async fn run(args: Args) -> anyhow::Result<()> {
         reg.node_id.clone(),
     )?);
     let report_now = Arc::new(tokio::sync::Notify::new());
+    let reporter = Arc::new(Reporter {
+        client: client.clone(),
+        data_dir: args.data_dir.clone(),
+        upgrader: std::sync::Mutex::new(Upgrader::new(args.data_dir.clone(), args.update_script.clone())),
+    });
     tokio::spawn(heartbeat(
-        client.clone(),
+        reporter.clone(),
         rec.clone(),
         Duration::from_secs(args.heartbeat.max(1)),
         report_now.clone(),
     ));
     tokio::spawn(container_ticks(rec.clone(), report_now));
-    sync_loop(client, rec).await
+    sync_loop(client, reporter, rec).await
+}
+
+/// Sends status reports; after each accepted one, writes the status file
+/// update.sh waits for.
+struct Reporter {
+    client: Arc<Client>,
+    data_dir: PathBuf,
+    upgrader: std::sync::Mutex<Upgrader>,
+}
+
+impl Reporter {
+    async fn send(&self, mut report: StatusReport) {
+        report.upgrade_error = self.upgrader.lock().map(|u| u.error()).unwrap_or_default();
+        match self.client.report(&report).await {
+            Ok(()) => {
+                if let Err(e) = upgrade::write_status(&self.data_dir) {
+                    tracing::warn!(error = %e, "writing the status file failed");
+                }
+            }
+            Err(e) => tracing::debug!(error = %format!("{e:#}"), "status report failed"),
+        }
+    }
 }
 
 /// Long-polls the control plane and applies every new revision.
-async fn sync_loop(client: Arc<Client>, rec: Arc<Mutex<Reconciler>>) -> anyhow::Result<()> {
+async fn sync_loop(client: Arc<Client>, reporter: Arc<Reporter>, rec: Arc<Mutex<Reconciler>>) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(250);
     loop {
         let after = rec.lock().await.applied_revision;
@@ -295,12 +339,13 @@ async fn sync_loop(client: Arc<Client>, rec: Arc<Mutex<Reconciler>>) -> anyhow::
                 }
                 let res = rec.lock().await.apply(&d).await;
                 notify(sd_notify::NotifyState::Ready);
+                if let Ok(mut u) = reporter.upgrader.lock() {
+                    u.want(d.upgrade_to.as_deref());
+                }
                 let mut report = rec.lock().await.report().await;
                 // Only the revision matters here; peer handshakes ride on heartbeats.
                 report.peers.clear();
-                if let Err(e) = client.report(&report).await {
-                    tracing::debug!(error = %format!("{e:#}"), "status report failed");
-                }
+                reporter.send(report).await;
                 match res {
                     Ok(()) => {
                         tracing::debug!(revision = d.revision, "applied");
@@ -344,7 +389,7 @@ async fn container_ticks(rec: Arc<Mutex<Reconciler>>, report_now: Arc<tokio::syn
 }
 
 async fn heartbeat(
-    client: Arc<Client>,
+    reporter: Arc<Reporter>,
     rec: Arc<Mutex<Reconciler>>,
     every: Duration,
     report_now: Arc<tokio::sync::Notify>,
@@ -370,9 +415,7 @@ async fn heartbeat(
         let mut report = rec.lock().await.report().await;
         if urgent {
             report.peers.clear();
-            if let Err(e) = client.report(&report).await {
-                tracing::debug!(error = %format!("{e:#}"), "status report failed");
-            }
+            reporter.send(report).await;
             continue;
         }
         // Sorted: wireguard-go lists peers in no fixed order.
@@ -384,8 +427,6 @@ async fn heartbeat(
             report.peers.clear();
         }
         n += 1;
-        if let Err(e) = client.report(&report).await {
-            tracing::debug!(error = %format!("{e:#}"), "heartbeat failed");
-        }
+        reporter.send(report).await;
     }
 }

@@ -25,6 +25,9 @@ pub struct ProxySettings {
     pub https: String,
     pub metrics: String,
     pub user: Option<String>,
+    /// berth-proxy is run by systemd (berth-proxy.service): write its config,
+    /// never start or adopt it.
+    pub external: bool,
 }
 
 /// The config for berth-proxy. Keys are opened with this node's sealing key;
@@ -52,6 +55,7 @@ pub fn config_from(
                     } else {
                         u.healthy
                     },
+                    weight: u.weight,
                 }
             })
             .collect()
@@ -188,6 +192,9 @@ impl ProxySupervisor {
     /// Starts berth-proxy unless it runs (ours, or adopted from a previous
     /// agent); restarts it with backoff when it died.
     pub async fn ensure_running(&mut self) {
+        if self.settings.external {
+            return;
+        }
         if let Some(child) = &mut self.child {
             match child.try_wait() {
                 Ok(None) => return,
@@ -370,6 +377,7 @@ mod tests {
                         ip: "10.200.9.2".parse().unwrap(),
                         port: 8080,
                         healthy: false,
+                        weight: 1,
                     },
                     UpstreamDesired {
                         replica: "web-2".into(),
@@ -377,6 +385,7 @@ mod tests {
                         ip: "10.200.1.2".parse().unwrap(),
                         port: 8080,
                         healthy: true,
+                        weight: 1,
                     },
                 ],
             }],
@@ -434,6 +443,7 @@ mod tests {
             https: "127.0.0.1:0".into(),
             metrics: "127.0.0.1:0".into(),
             user: None,
+            external: false,
         });
         let mut cfg = ProxyConfig {
             revision: 1,

@@ -254,7 +254,7 @@ impl Reconciler {
         };
         StatusReport {
             applied_revision: self.applied_revision,
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            agent_version: crate::VERSION.to_string(),
             peers,
             error: self
                 .last_error
@@ -263,6 +263,7 @@ impl Reconciler {
                 .or_else(|| self.proxy_error.clone()),
             rss_bytes: rss_bytes(),
             containers: self.runtime.statuses(),
+            upgrade_error: None,
         }
     }
 

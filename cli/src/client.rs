@@ -92,6 +92,12 @@ impl AdminClient {
         Ok(v["revision"].as_u64().unwrap_or(0))
     }
 
+    /// Starts a rollout of `version`: `canary` (default: the first node by name) first.
+    pub async fn upgrade_nodes(&self, version: &str, canary: Option<&str>) -> anyhow::Result<serde_json::Value> {
+        let body = serde_json::json!({ "version": version, "canary": canary });
+        self.call(Method::POST, "/v1/nodes/upgrade", Some(body)).await
+    }
+
     pub async fn revision(&self) -> anyhow::Result<u64> {
         let v: serde_json::Value = self.call(Method::GET, "/v1/revision", None).await?;
         Ok(v["revision"].as_u64().unwrap_or(0))

@@ -57,6 +57,40 @@ enum Command {
     /// A local cluster in network namespaces on this machine (needs root).
     #[command(subcommand)]
     Lab(LabCmd),
+    /// Signed agent builds that nodes install and upgrade to (offline; no control plane needed).
+    #[command(subcommand)]
+    Release(ReleaseCmd),
+}
+
+#[derive(Subcommand)]
+enum ReleaseCmd {
+    /// Make a release key: OUT (private, keep it off the control plane) and OUT.pub.
+    Keygen {
+        #[arg(long, default_value = "release.key")]
+        out: PathBuf,
+    },
+    /// Sign builds into a releases directory the control plane serves
+    /// (its --releases-dir, default /var/lib/berth/releases).
+    Sign {
+        /// The release key from `berth release keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        /// The releases directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Version name of this build; must be what `berth-agent --version` prints.
+        #[arg(long)]
+        version: String,
+        /// Architecture of the binaries.
+        #[arg(long, default_value = "amd64", value_parser = ["amd64", "arm64"])]
+        arch: String,
+        /// Do not make this the version setup.sh and update.sh install by default.
+        #[arg(long)]
+        no_latest: bool,
+        /// Files to sign: berth-agent and berth-proxy.
+        #[arg(required = true)]
+        binaries: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -89,6 +123,17 @@ enum NodesCmd {
     },
     /// Remove a node; every other node drops it from its peers.
     Remove { name: String },
+    /// Upgrade the agents to a signed release: the canary first, every other
+    /// node once the canary reports the new version. A node whose upgrade
+    /// fails puts its previous binary back and reports why.
+    Upgrade {
+        /// Version to run (published with `berth release sign`).
+        #[arg(long)]
+        version: String,
+        /// Node upgraded first (default: the first node by name).
+        #[arg(long)]
+        canary: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -465,8 +510,8 @@ fn ago(t: Option<i64>) -> String {
 
 fn print_nodes(nodes: &[berth_protocol::NodeInfo]) {
     println!(
-        "{:<16} {:<8} {:<13} {:<16} {:<8} {:<10} {:<9} PEERS (handshake age)",
-        "NAME", "ROLE", "MESH IP", "SUBNET", "STATE", "LAST SEEN", "REVISION"
+        "{:<16} {:<8} {:<13} {:<16} {:<8} {:<10} {:<9} {:<12} PEERS (handshake age)",
+        "NAME", "ROLE", "MESH IP", "SUBNET", "STATE", "LAST SEEN", "REVISION", "VERSION"
     );
     for n in nodes {
         let peers: Vec<String> = n
@@ -483,7 +528,7 @@ fn print_nodes(nodes: &[berth_protocol::NodeInfo]) {
             })
             .collect();
         println!(
-            "{:<16} {:<8} {:<13} {:<16} {:<8} {:<10} {:<9} {}",
+            "{:<16} {:<8} {:<13} {:<16} {:<8} {:<10} {:<9} {:<12} {}",
             n.name,
             n.role.as_str(),
             n.mesh_ip,
@@ -491,6 +536,7 @@ fn print_nodes(nodes: &[berth_protocol::NodeInfo]) {
             if n.online { "online" } else { "offline" },
             ago(n.last_seen),
             format!("{}/{}", n.applied_revision, n.revision),
+            n.agent_version.as_deref().unwrap_or("-"),
             peers.join(" ")
         );
         if let Some(e) = &n.error {
@@ -565,6 +611,18 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     let rev = api.remove_node(&name).await?;
                     println!("removed node {name} (revision {rev})");
                 }
+                NodesCmd::Upgrade { version, canary } => {
+                    let r = api.upgrade_nodes(&version, canary.as_deref()).await?;
+                    let waiting: Vec<&str> = r["waiting"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+                        .unwrap_or_default();
+                    println!("upgrading {} to {version} first", r["canary"].as_str().unwrap_or("?"));
+                    if !waiting.is_empty() {
+                        println!("then, once it reports {version}: {}", waiting.join(", "));
+                    }
+                    println!("follow with `berth nodes list` (VERSION and ERROR columns)");
+                }
             }
         }
         Command::Service(s) => service_cmd(&AdminClient::new(&target)?, s).await?,
@@ -578,8 +636,40 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         }
         Command::Lab(l) => return lab_cmd(l).await,
+        Command::Release(r) => release_cmd(r)?,
     }
     Ok(0)
+}
+
+fn release_cmd(cmd: ReleaseCmd) -> anyhow::Result<()> {
+    match cmd {
+        ReleaseCmd::Keygen { out } => {
+            let public = berth_cli::release::keygen(&out)?;
+            println!(
+                "release key: {} (keep it secret and off the control plane)",
+                out.display()
+            );
+            println!("public key:  {}", public.display());
+        }
+        ReleaseCmd::Sign {
+            key,
+            dir,
+            version,
+            arch,
+            no_latest,
+            binaries,
+        } => {
+            let key = berth_cli::release::load_key(&key)?;
+            let signed = berth_cli::release::sign(&key, &dir, &version, &arch, &binaries, !no_latest)?;
+            for f in &signed.files {
+                println!("signed {}", signed.dir.join(f).display());
+            }
+            if !no_latest {
+                println!("{version} is now the latest release");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn humantime(secs: u64) -> String {

@@ -10,6 +10,10 @@
 //! Every proxy then gets the stored certificate: one order per domain, not
 //! per proxy. Failures are recorded on the domain and retried with backoff;
 //! the API never waits for any of this.
+//!
+//! With DNS-01 no proxy is involved: an operator-supplied hook program
+//! publishes the TXT record (`HOOK present FQDN VALUE`) and removes it
+//! afterwards (`HOOK cleanup FQDN VALUE`), like lego's `exec` provider.
 
 use crate::state::SharedState;
 use crate::store::now;
@@ -20,7 +24,8 @@ use instant_acme::{
     Account, AccountBuilder, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder,
     Order, OrderStatus, RetryPolicy,
 };
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -37,11 +42,19 @@ const LEASE_SECS: i64 = 600;
 const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
 /// Longest pause between passes (new domains also wake the task at once).
 const MAX_IDLE: Duration = Duration::from_secs(3600);
+/// Longest `--acme-dns-propagation-secs`; the order's timeout and lease grow by it.
+pub const MAX_DNS_PROPAGATION: Duration = Duration::from_secs(3600);
+/// How much of a failing hook's output is kept in the domain's error.
+const HOOK_OUTPUT_MAX: usize = 1000;
+
+pub const DNS01: &str = "dns-01";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChallengeKind {
     Http01,
     TlsAlpn01,
+    /// A TXT record published by `--acme-dns-hook`; proxies play no part.
+    Dns01,
 }
 
 impl ChallengeKind {
@@ -49,6 +62,7 @@ impl ChallengeKind {
         match self {
             ChallengeKind::Http01 => HTTP01,
             ChallengeKind::TlsAlpn01 => ALPN01,
+            ChallengeKind::Dns01 => DNS01,
         }
     }
 
@@ -56,6 +70,7 @@ impl ChallengeKind {
         match self {
             ChallengeKind::Http01 => ChallengeType::Http01,
             ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,
+            ChallengeKind::Dns01 => ChallengeType::Dns01,
         }
     }
 }
@@ -66,7 +81,8 @@ impl std::str::FromStr for ChallengeKind {
         match s {
             HTTP01 => Ok(ChallengeKind::Http01),
             ALPN01 => Ok(ChallengeKind::TlsAlpn01),
-            _ => Err(format!("{s:?}: expected http-01 or tls-alpn-01")),
+            DNS01 => Ok(ChallengeKind::Dns01),
+            _ => Err(format!("{s:?}: expected http-01, tls-alpn-01 or dns-01")),
         }
     }
 }
@@ -82,6 +98,13 @@ pub struct AcmeConfig {
     pub challenge: ChallengeKind,
     /// How long to wait for online proxies to apply a published challenge.
     pub apply_timeout: Duration,
+    /// DNS-01: the program run as `HOOK present|cleanup FQDN VALUE`.
+    pub dns_hook: Option<PathBuf>,
+    /// DNS-01: wait this long after `present` before asking the CA (for
+    /// DNS providers whose changes take time to reach their servers).
+    pub dns_propagation: Duration,
+    /// DNS-01: a hook run taking longer is killed and counts as failed.
+    pub dns_hook_timeout: Duration,
 }
 
 impl AcmeConfig {
@@ -92,12 +115,38 @@ impl AcmeConfig {
             ca_file: None,
             challenge: ChallengeKind::Http01,
             apply_timeout: Duration::from_secs(30),
+            dns_hook: None,
+            dns_propagation: Duration::ZERO,
+            dns_hook_timeout: Duration::from_secs(120),
         }
     }
 
-    /// Checks what can be checked before serving: the contact's form and
-    /// the CA file.
+    /// Checks what can be checked before serving: the contact's form, the
+    /// CA file and the DNS-01 flags.
     pub fn validate(&self) -> anyhow::Result<()> {
+        let dns = self.challenge == ChallengeKind::Dns01;
+        match &self.dns_hook {
+            None if dns => bail!(
+                "--acme-dns-hook: required with --acme-challenge dns-01 (the program that publishes the TXT record)"
+            ),
+            Some(h) if !dns => bail!(
+                "--acme-dns-hook {}: only used with --acme-challenge dns-01 (the challenge is {})",
+                h.display(),
+                self.challenge.as_str()
+            ),
+            Some(h) => check_hook(h)?,
+            None => {}
+        }
+        if !self.dns_propagation.is_zero() && !dns {
+            bail!("--acme-dns-propagation-secs: only used with --acme-challenge dns-01");
+        }
+        if self.dns_propagation > MAX_DNS_PROPAGATION {
+            bail!(
+                "--acme-dns-propagation-secs: {} is more than {}",
+                self.dns_propagation.as_secs(),
+                MAX_DNS_PROPAGATION.as_secs()
+            );
+        }
         if let Some(c) = &self.contact {
             if !c.starts_with("mailto:") || c.len() < 10 || !c.contains('@') {
                 bail!("--acme-contact: {c:?} is not a mailto: URL like mailto:ops@example.com");
@@ -152,6 +201,7 @@ pub fn spawn(state: SharedState, cfg: AcmeConfig) -> tokio::task::JoinHandle<()>
             state,
             cfg,
             account: None,
+            dns_records: vec![],
         };
         loop {
             let idle = acme.pass().await;
@@ -167,6 +217,9 @@ struct Acme {
     state: SharedState,
     cfg: AcmeConfig,
     account: Option<Account>,
+    /// DNS-01 records (FQDN, value) `present` was run for in the current
+    /// order; kept here so they are cleaned up even when the order times out.
+    dns_records: Vec<(String, String)>,
 }
 
 /// Seconds to wait after the `failures`-th failure in a row.
@@ -193,10 +246,11 @@ impl Acme {
                 idle = idle.min(Duration::from_secs((due - now) as u64));
                 continue;
             }
+            let propagation = self.cfg.dns_propagation;
             match self
                 .state
                 .store
-                .claim_domain(&d.spec.domain, now, now + LEASE_SECS)
+                .claim_domain(&d.spec.domain, now, now + LEASE_SECS + propagation.as_secs() as i64)
                 .await
             {
                 Ok(true) => {}
@@ -209,10 +263,12 @@ impl Acme {
             }
             let domain = d.spec.domain.as_str();
             tracing::info!(%domain, challenge = self.cfg.challenge.as_str(), "ACME: ordering a certificate");
-            let res = match tokio::time::timeout(ORDER_TIMEOUT, self.issue(domain)).await {
+            let limit = ORDER_TIMEOUT + propagation;
+            let res = match tokio::time::timeout(limit, self.issue(domain)).await {
                 Ok(r) => r,
-                Err(_) => Err(anyhow!("the order took longer than {} s", ORDER_TIMEOUT.as_secs())),
+                Err(_) => Err(anyhow!("the order took longer than {} s", limit.as_secs())),
             };
+            self.dns_cleanup(domain).await;
             // Withdraw the challenge whatever happened.
             match self.state.store.clear_challenges(domain).await {
                 Ok(Some(rev)) => self.state.revision_moved(rev).await,
@@ -335,9 +391,10 @@ impl Acme {
             .await?)
     }
 
-    /// Publishes each pending authorization's challenge to the proxies,
-    /// waits for them to serve it, then asks the CA to validate.
-    async fn authorize(&self, order: &mut Order, domain: &str) -> anyhow::Result<()> {
+    /// Publishes each pending authorization's challenge to the proxies (or
+    /// through the DNS hook), waits for it to be served, then asks the CA to
+    /// validate.
+    async fn authorize(&mut self, order: &mut Order, domain: &str) -> anyhow::Result<()> {
         let kind = self.cfg.challenge;
         let mut authzs = order.authorizations();
         while let Some(a) = authzs.next().await {
@@ -350,6 +407,20 @@ impl Acme {
             let mut ch = a
                 .challenge(kind.acme_type())
                 .ok_or_else(|| anyhow!("the CA offers no {} challenge for {domain}", kind.as_str()))?;
+            if kind == ChallengeKind::Dns01 {
+                let hook = self.cfg.dns_hook.clone().context("--acme-dns-hook is not set")?;
+                let fqdn = format!("_acme-challenge.{domain}.");
+                let value = ch.key_authorization().dns_value();
+                // Recorded first: a `present` that failed half-way may have
+                // left something behind for `cleanup` to remove.
+                self.dns_records.push((fqdn.clone(), value.clone()));
+                run_dns_hook(&hook, "present", &fqdn, &value, self.cfg.dns_hook_timeout).await?;
+                if !self.cfg.dns_propagation.is_zero() {
+                    tokio::time::sleep(self.cfg.dns_propagation).await;
+                }
+                ch.set_ready().await.context("setting the challenge ready")?;
+                continue;
+            }
             let row = ChallengeRow {
                 domain: domain.to_string(),
                 kind: kind.as_str().to_string(),
@@ -362,6 +433,18 @@ impl Acme {
             ch.set_ready().await.context("setting the challenge ready")?;
         }
         Ok(())
+    }
+
+    /// Runs the DNS hook's `cleanup` for every record of the last order,
+    /// whatever its outcome. A failure only leaves a stale TXT record
+    /// behind, so it is logged, not recorded on the domain.
+    async fn dns_cleanup(&mut self, domain: &str) {
+        let Some(hook) = self.cfg.dns_hook.clone() else { return };
+        for (fqdn, value) in std::mem::take(&mut self.dns_records) {
+            if let Err(e) = run_dns_hook(&hook, "cleanup", &fqdn, &value, self.cfg.dns_hook_timeout).await {
+                tracing::warn!(%domain, error = %format!("{e:#}"), "ACME: the DNS hook could not remove the TXT record");
+            }
+        }
     }
 
     /// Waits until every online proxy has applied revision `rev` (so any of
@@ -395,6 +478,54 @@ impl Acme {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
+}
+
+/// `--acme-dns-hook` must name an executable file by an absolute path (a
+/// bare name would be looked up in `$PATH`, which differs under systemd).
+fn check_hook(hook: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if !hook.is_absolute() {
+        bail!("--acme-dns-hook {}: must be an absolute path", hook.display());
+    }
+    let meta = std::fs::metadata(hook).with_context(|| format!("--acme-dns-hook {}", hook.display()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        bail!("--acme-dns-hook {}: not an executable file", hook.display());
+    }
+    Ok(())
+}
+
+/// Runs `hook action fqdn value` directly (no shell, so nothing in the
+/// arguments is interpreted), killed after `timeout`. A non-zero exit is an
+/// error carrying the end of the hook's stderr (stdout if stderr is empty).
+pub async fn run_dns_hook(hook: &Path, action: &str, fqdn: &str, value: &str, timeout: Duration) -> anyhow::Result<()> {
+    let what = format!("DNS hook {} {action} {fqdn}", hook.display());
+    let child = tokio::process::Command::new(hook)
+        .args([action, fqdn, value])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("{what}: cannot run it"))?;
+    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(r) => r.with_context(|| format!("{what}: waiting for it"))?,
+        // Dropping the child kills it (kill_on_drop).
+        Err(_) => bail!("{what}: killed after {} s without finishing", timeout.as_secs()),
+    };
+    if out.status.success() {
+        return Ok(());
+    }
+    let output = if out.stderr.iter().all(u8::is_ascii_whitespace) {
+        out.stdout
+    } else {
+        out.stderr
+    };
+    let text = String::from_utf8_lossy(&output);
+    let text = text.trim();
+    // Keep the end: that is where a script's error usually is.
+    let start = text.len().saturating_sub(HOOK_OUTPUT_MAX);
+    let start = (start..=text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+    bail!("{what} failed ({}): {}", out.status, &text[start..])
 }
 
 fn poll_policy() -> RetryPolicy {
@@ -465,7 +596,8 @@ mod tests {
     fn challenge_kinds_parse() {
         assert_eq!("http-01".parse::<ChallengeKind>(), Ok(ChallengeKind::Http01));
         assert_eq!("tls-alpn-01".parse::<ChallengeKind>(), Ok(ChallengeKind::TlsAlpn01));
-        assert!("dns-01".parse::<ChallengeKind>().is_err());
+        assert_eq!("dns-01".parse::<ChallengeKind>(), Ok(ChallengeKind::Dns01));
+        assert!("dns-02".parse::<ChallengeKind>().is_err());
     }
 
     #[test]
@@ -487,5 +619,94 @@ mod tests {
         c.contact = None;
         c.ca_file = Some("/nonexistent/ca.pem".into());
         assert!(c.validate().unwrap_err().to_string().starts_with("--acme-ca-file"));
+    }
+
+    fn script(dir: &Path, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join("hook.sh");
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    #[test]
+    fn dns_01_needs_an_executable_hook() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = AcmeConfig::new("https://acme.example/dir");
+        c.challenge = ChallengeKind::Dns01;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("--acme-dns-hook: required with --acme-challenge dns-01"),
+            "{e}"
+        );
+        c.dns_hook = Some("hook.sh".into());
+        assert!(c.validate().unwrap_err().to_string().contains("absolute path"));
+        c.dns_hook = Some(dir.path().join("missing"));
+        assert!(c.validate().unwrap_err().to_string().starts_with("--acme-dns-hook"));
+        let hook = script(dir.path(), "exit 0");
+        std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        c.dns_hook = Some(hook.clone());
+        assert!(c.validate().unwrap_err().to_string().contains("not an executable file"));
+        let hook = script(dir.path(), "exit 0");
+        c.dns_hook = Some(hook.clone());
+        c.validate().unwrap();
+        c.dns_propagation = MAX_DNS_PROPAGATION + Duration::from_secs(1);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("--acme-dns-propagation-secs"));
+        // DNS-01 flags with another challenge would be ignored: refused.
+        let mut c = AcmeConfig::new("https://acme.example/dir");
+        c.dns_hook = Some(hook);
+        assert!(c.validate().unwrap_err().to_string().contains("only used with"));
+    }
+
+    #[tokio::test]
+    async fn dns_hook_gets_its_arguments_verbatim_and_its_errors_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let hook = script(
+            dir.path(),
+            &format!(
+                "printf '%s|' \"$@\" >> {}\n[ \"$1\" = present ] || {{ echo \"no zone for $2\" >&2; exit 3; }}",
+                log.display()
+            ),
+        );
+        let t = Duration::from_secs(10);
+        // No shell: `$(...)` and spaces reach the hook as they are.
+        run_dns_hook(&hook, "present", "_acme-challenge.a.example.", "v $(x) y", t)
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "present|_acme-challenge.a.example.|v $(x) y|"
+        );
+        let e = run_dns_hook(&hook, "cleanup", "_acme-challenge.a.example.", "v", t)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cleanup _acme-challenge.a.example. failed"), "{e}");
+        assert!(e.ends_with("no zone for _acme-challenge.a.example."), "{e}");
+        assert!(e.contains("exit status: 3"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_hung_dns_hook_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let hook = script(dir.path(), "exec sleep 30");
+        let started = std::time::Instant::now();
+        let e = run_dns_hook(
+            &hook,
+            "present",
+            "_acme-challenge.a.example.",
+            "v",
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("killed after 1 s"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 }

@@ -8,6 +8,7 @@ use crate::state::SharedState;
 use crate::store::nodes::{NewNode, RegisterError};
 use crate::store::now;
 use crate::store::services::{DeployError, RemoveService, ServiceRow};
+use crate::store::upgrades::UpgradeError;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -55,12 +56,14 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{id}", delete(revoke_token))
         .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/upgrade", post(upgrade_nodes))
         .route("/v1/nodes/{name}", delete(remove_node))
         .route("/v1/revision", get(revision))
         .route("/v1/services", post(deploy_service).get(list_services))
         .route("/v1/services/{name}", get(show_service).delete(remove_service))
         .route("/v1/services/{name}/scale", post(scale_service))
         .merge(crate::proxy_api::routes())
+        .merge(crate::releases::routes())
         .fallback(|| async { ApiErr::not_found("path: no such API endpoint") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
@@ -199,6 +202,9 @@ async fn status(
     let node = require_node(&s, &method, &uri, &headers, &raw).await?;
     let report: StatusReport = parse_json(&raw)?;
     s.store.record_status(&node.id, &report).await?;
+    if let Some(rev) = s.store.advance_rollout(&node.id, &report.agent_version).await? {
+        s.revision_moved(rev).await;
+    }
     if let Some(rev) = s.store.record_containers(&node.id, &report.containers).await? {
         s.revision_moved(rev).await;
     }
@@ -309,6 +315,60 @@ async fn remove_node(
     tracing::info!(node = %name, revision = rev, "node removed");
     s.revision_moved(rev).await;
     Ok(Json(serde_json::json!({ "removed": name, "revision": rev })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpgradeRequest {
+    version: String,
+    #[serde(default)]
+    canary: Option<String>,
+}
+
+/// Starts a rollout: the canary first, every other node once the canary
+/// reports the version.
+async fn upgrade_nodes(
+    State(s): State<SharedState>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    require_admin(&s, &headers)?;
+    let req: UpgradeRequest = parse_json(&body(raw)?)?;
+    if !berth_protocol::names::valid_version(&req.version) {
+        return Err(ApiErr::bad_request(format!(
+            "version: {:?} is not a version name (letters, digits, . + - _)",
+            req.version
+        )));
+    }
+    if !s.releases.exists(&req.version) {
+        return Err(ApiErr::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "version: no signed release {} on this control plane (berth release sign)",
+                req.version
+            ),
+        ));
+    }
+    if let Some(c) = &req.canary {
+        validate_dns_label("canary", c).map_err(ApiErr::bad_request)?;
+    }
+    let (rollout, rev) = s
+        .store
+        .start_rollout(&req.version, req.canary.as_deref())
+        .await
+        .map_err(|e| match e {
+            UpgradeError::UnknownCanary(_) => ApiErr::not_found(e.to_string()),
+            UpgradeError::NoNodes => ApiErr::conflict(e.to_string()),
+            UpgradeError::Store(e) => ApiErr::internal(e),
+        })?;
+    tracing::info!(version = %rollout.version, canary = %rollout.canary, "upgrade started");
+    s.revision_moved(rev).await;
+    Ok(Json(serde_json::json!({
+        "version": rollout.version,
+        "canary": rollout.canary,
+        "waiting": rollout.waiting,
+        "revision": rev,
+    })))
 }
 
 async fn revision(State(s): State<SharedState>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {

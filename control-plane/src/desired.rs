@@ -211,6 +211,7 @@ fn without_peers(
         containers: containers(snap, me, cp_key),
         dns: dns_records(snap),
         proxy: proxy(snap, me, cp_key),
+        upgrade_to: me.target_version.clone(),
     })
 }
 
@@ -230,6 +231,8 @@ fn upstreams(snap: &Snapshot, service: &str, port: u16) -> Vec<UpstreamDesired> 
             ip: r.ip,
             port,
             healthy: r.healthy,
+            // No source of unequal weights yet: every replica counts the same.
+            weight: 1,
         })
         .collect()
 }
@@ -363,6 +366,7 @@ mod tests {
             agent_version: None,
             last_error: None,
             sealing_key: None,
+            target_version: None,
         }
     }
 

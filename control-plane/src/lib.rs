@@ -9,6 +9,7 @@ pub mod desired;
 pub mod error;
 pub mod placement;
 pub mod proxy_api;
+pub mod releases;
 pub mod server;
 pub mod state;
 pub mod store;
@@ -30,6 +31,8 @@ pub struct ServeConfig {
     pub offline_after_secs: i64,
     /// Order certificates for domains with ACME; None: never order.
     pub acme: Option<acme::AcmeConfig>,
+    /// Signed agent builds served to nodes (default: DATA_DIR/releases).
+    pub releases_dir: Option<PathBuf>,
 }
 
 /// A started control plane: its state and the address it listens on.
@@ -85,6 +88,10 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
             secrets_key,
             advertise_url,
             offline_after_secs: cfg.offline_after_secs,
+            releases_dir: cfg
+                .releases_dir
+                .clone()
+                .unwrap_or_else(|| cfg.data_dir.join("releases")),
         },
     )
     .await?;

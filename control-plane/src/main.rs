@@ -67,9 +67,21 @@ struct Serve {
     /// Extra root certificate (PEM) to trust for the ACME server, e.g. Pebble's CA.
     #[arg(long)]
     acme_ca_file: Option<PathBuf>,
-    /// Challenge type the proxies answer: http-01 (port 80) or tls-alpn-01 (port 443).
+    /// Challenge type: http-01 (proxies answer on port 80), tls-alpn-01 (proxies, port 443)
+    /// or dns-01 (a TXT record published by --acme-dns-hook; no proxy needed).
     #[arg(long, default_value = "http-01")]
     acme_challenge: berth_control_plane::acme::ChallengeKind,
+    /// dns-01: executable run as `HOOK present|cleanup _acme-challenge.DOMAIN. VALUE`
+    /// (no shell, 120 s limit); a non-zero exit fails the order with its stderr.
+    #[arg(long)]
+    acme_dns_hook: Option<PathBuf>,
+    /// dns-01: seconds to wait after the hook's `present` before asking the CA to validate.
+    #[arg(long, default_value_t = 0)]
+    acme_dns_propagation_secs: u64,
+    /// Signed agent builds served to nodes, made with `berth release sign`
+    /// (default: DATA_DIR/releases).
+    #[arg(long)]
+    releases_dir: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -112,8 +124,11 @@ async fn main() {
             contact: s.acme_contact,
             ca_file: s.acme_ca_file,
             challenge: s.acme_challenge,
+            dns_hook: s.acme_dns_hook,
+            dns_propagation: std::time::Duration::from_secs(s.acme_dns_propagation_secs),
             ..AcmeConfig::new(s.acme_directory)
         }),
+        releases_dir: s.releases_dir,
     };
     let started = match start(cfg).await {
         Ok(s) => s,

@@ -21,6 +21,8 @@ pub struct AppState {
     pub advertise_url: String,
     /// A node is online when its last heartbeat is newer than this many seconds.
     pub offline_after_secs: i64,
+    /// Signed agent builds and the installer scripts' release key.
+    pub releases: crate::releases::Releases,
     /// Wakes the ACME task (a domain was added); unused without ACME.
     pub acme_wake: tokio::sync::Notify,
     /// ACME orders this process created (for tests and logs).
@@ -40,6 +42,7 @@ pub struct StateParts {
     pub secrets_key: x25519_dalek::StaticSecret,
     pub advertise_url: String,
     pub offline_after_secs: i64,
+    pub releases_dir: std::path::PathBuf,
 }
 
 impl AppState {
@@ -52,6 +55,7 @@ impl AppState {
             secrets_key,
             advertise_url,
             offline_after_secs,
+            releases_dir,
         } = parts;
         let rev = store.revision().await?;
         let (tx, _) = watch::channel(rev);
@@ -64,6 +68,7 @@ impl AppState {
             secrets_key,
             advertise_url,
             offline_after_secs,
+            releases: crate::releases::Releases { dir: releases_dir },
             acme_wake: tokio::sync::Notify::new(),
             acme_orders: Default::default(),
             revision: tx,

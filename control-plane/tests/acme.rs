@@ -2,7 +2,9 @@
 //! `pebble`), which is started per test on loopback ports with
 //! `PEBBLE_VA_ALWAYS_VALID=1`: this tests the order flow (account, order,
 //! challenge published to the proxies, finalize, storage, distribution);
-//! real challenge validation is covered end to end in `tests/`.
+//! real HTTP-01/TLS-ALPN-01 validation is covered end to end in `tests/`.
+//! DNS-01 is validated for real here: Pebble resolves through
+//! `pebble-challtestsrv`, whose TXT records the test's DNS hook sets.
 //! On SQLite and PostgreSQL.
 
 #[macro_use]
@@ -14,6 +16,7 @@ use berth_protocol::{DesiredState, StatusReport};
 use common::{Cp, Db, Reply, SealedNode};
 use reqwest::{Method, StatusCode};
 use sqlx::Row;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -23,7 +26,10 @@ use std::time::Duration;
 on_both_stores!(
     pebble_issues_one_certificate_for_every_proxy,
     pebble_tls_alpn_01,
-    acme_failures_are_recorded
+    acme_failures_are_recorded,
+    dns_01_through_the_hook_without_any_proxy,
+    dns_01_wrong_txt_record_is_refused_by_the_ca,
+    a_failing_dns_hook_fails_the_order
 );
 
 /// A Pebble process with its own CA-signed HTTPS certificate; killed on drop.
@@ -45,6 +51,12 @@ fn free_port() -> u16 {
 
 impl Pebble {
     fn start() -> Pebble {
+        Pebble::start_with(None)
+    }
+
+    /// With `dns`: Pebble resolves through that DNS server and really
+    /// validates challenges; without: every challenge is taken as valid.
+    fn start_with(dns: Option<SocketAddr>) -> Pebble {
         let found = Command::new("pebble")
             .arg("-h")
             .stdout(Stdio::null())
@@ -87,11 +99,14 @@ impl Pebble {
         let config_file = dir.path().join("pebble.json");
         std::fs::write(&config_file, config.to_string()).unwrap();
         let log = std::fs::File::create(dir.path().join("pebble.log")).unwrap();
-        let child = Command::new("pebble")
-            .arg("-config")
-            .arg(&config_file)
+        let mut cmd = Command::new("pebble");
+        cmd.arg("-config").arg(&config_file);
+        match dns {
+            Some(dns) => cmd.arg("-dnsserver").arg(dns.to_string()),
+            None => cmd.env("PEBBLE_VA_ALWAYS_VALID", "1"),
+        };
+        let child = cmd
             .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_VA_ALWAYS_VALID", "1")
             // Pebble rejects 5% of good nonces by default; keep runs deterministic.
             .env("PEBBLE_WFE_NONCEREJECT", "0")
             .stdout(log.try_clone().unwrap())
@@ -149,6 +164,88 @@ impl Drop for Pebble {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `pebble-challtestsrv` serving DNS only (Pebble's resolver in the DNS-01
+/// tests), TXT records set through its management API; killed on drop.
+struct ChallTestSrv {
+    child: Child,
+    dns: SocketAddr,
+    mgmt_port: u16,
+    log: PathBuf,
+}
+
+impl ChallTestSrv {
+    fn start(dir: &Path) -> ChallTestSrv {
+        let dns: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mgmt_port = free_port();
+        let log = dir.join("challtestsrv.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new("pebble-challtestsrv")
+            .args(["-dns01", &dns.to_string()])
+            .args(["-management", &format!("127.0.0.1:{mgmt_port}")])
+            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("pebble-challtestsrv is not installed (Debian package pebble)");
+        let mut s = ChallTestSrv {
+            child,
+            dns,
+            mgmt_port,
+            log,
+        };
+        for _ in 0..200 {
+            let up = |port| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+            if up(s.dns.port()) && up(s.mgmt_port) {
+                return s;
+            }
+            if let Ok(Some(st)) = s.child.try_wait() {
+                panic!("pebble-challtestsrv exited ({st}):\n{}", s.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("pebble-challtestsrv did not listen within 10 s:\n{}", s.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl ChallTestSrv {
+    /// A DNS hook's body that sets (present) or clears (cleanup) the TXT
+    /// record through the management API, as a real hook would through a
+    /// DNS provider's API; `value` is what it publishes (`$3`: the right one).
+    fn hook_body(&self, value: &str) -> String {
+        format!(
+            r#"case "$1" in
+  present) path=set-txt; body="{{\"host\":\"$2\",\"value\":\"{value}\"}}" ;;
+  cleanup) path=clear-txt; body="{{\"host\":\"$2\"}}" ;;
+  *) echo "unknown action $1" >&2; exit 2 ;;
+esac
+curl -sS --fail -X POST -d "$body" "http://127.0.0.1:{}/$path""#,
+            self.mgmt_port
+        )
+    }
+}
+
+impl Drop for ChallTestSrv {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes an executable DNS hook: it logs every call to `calls` (one line,
+/// "ACTION FQDN VALUE"), then runs `body`.
+fn dns_hook(dir: &Path, calls: &Path, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let hook = dir.join("dns-hook.sh");
+    let script = format!("#!/bin/sh\necho \"$1 $2 $3\" >> '{}'\n{body}\n", calls.display());
+    std::fs::write(&hook, script).unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    hook
 }
 
 async fn proxy_node(cp: &Cp, name: &str) -> SealedNode {
@@ -423,4 +520,159 @@ async fn acme_failures_are_recorded(db: &Db) {
         .get(0);
     assert!(next >= common::now() + 20, "backs off ({next})");
     assert_eq!(cp.started.state.acme_orders.load(Ordering::Relaxed), 0);
+}
+
+async fn dns_01_through_the_hook_without_any_proxy(db: &Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let dns = ChallTestSrv::start(dir.path());
+    let pebble = Pebble::start_with(Some(dns.dns));
+    let calls = dir.path().join("calls.log");
+    // The hook publishes and removes the TXT record through challtestsrv's
+    // management API, as a real hook would through a DNS provider's API.
+    let hook = dns_hook(dir.path(), &calls, &dns.hook_body("$3"));
+    let mut acme = AcmeConfig::new(pebble.directory());
+    acme.ca_file = Some(pebble.ca_file.clone());
+    acme.challenge = berth_control_plane::acme::ChallengeKind::Dns01;
+    acme.dns_hook = Some(hook);
+    let cp = Cp::start_with(&dir.path().join("cp"), &db.url, None, Some(acme)).await;
+    // No proxy node at all: DNS-01 does not need one.
+    deploy_web(&cp).await;
+    add_domain(&cp, "dns.example.com").await;
+    let info = wait_state(&cp, "dns.example.com", "valid", Duration::from_secs(90)).await;
+    assert!(info.last_error.is_none(), "{info:?}");
+
+    // Pebble looked the TXT record up for real and issued a certificate
+    // for the domain that chains to its root.
+    let root = pebble.root().await;
+    let chain: String = sqlx::query("SELECT cert_chain FROM domains WHERE domain = $1")
+        .bind("dns.example.com")
+        .fetch_one(&cp.store().pool)
+        .await
+        .unwrap()
+        .get(0);
+    verify_chain(&chain, &root, "dns.example.com");
+    let (_, leaf) = x509_parser::pem::parse_x509_pem(chain.as_bytes()).unwrap();
+    let leaf = leaf.parse_x509().unwrap();
+    let sans: Vec<String> = leaf
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => d.to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(sans, ["dns.example.com"]);
+    let log = pebble.log();
+    assert!(
+        log.contains(&format!("Using custom DNS resolver for ACME challenges: {}", dns.dns)),
+        "{log}"
+    );
+
+    // present, then cleanup with the same record; the record is gone.
+    let calls = std::fs::read_to_string(&calls).unwrap();
+    let lines: Vec<&str> = calls.lines().collect();
+    assert_eq!(lines.len(), 2, "{calls}");
+    let present: Vec<&str> = lines[0].split(' ').collect();
+    assert_eq!(present[..2], ["present", "_acme-challenge.dns.example.com."], "{calls}");
+    // base64url of a SHA-256 digest, no padding.
+    assert_eq!(present[2].len(), 43, "{calls}");
+    assert_eq!(lines[1], lines[0].replacen("present", "cleanup", 1), "{calls}");
+    let srv = dns.log();
+    assert!(
+        srv.contains("Added DNS-01 TXT challenge for Host \"_acme-challenge.dns.example.com.\""),
+        "{srv}"
+    );
+    assert!(
+        srv.contains("Removed DNS-01 TXT challenge for Host \"_acme-challenge.dns.example.com.\""),
+        "{srv}"
+    );
+
+    // Nothing was published to proxies.
+    let n: i64 = sqlx::query("SELECT COUNT(*) FROM acme_challenges")
+        .fetch_one(&cp.store().pool)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
+
+async fn a_failing_dns_hook_fails_the_order(db: &Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let dns = ChallTestSrv::start(dir.path());
+    let pebble = Pebble::start_with(Some(dns.dns));
+    let calls = dir.path().join("calls.log");
+    let hook = dns_hook(
+        dir.path(),
+        &calls,
+        r#"[ "$1" = cleanup ] && exit 0
+echo "zone example.com is not managed by this account" >&2
+exit 3"#,
+    );
+    let mut acme = AcmeConfig::new(pebble.directory());
+    acme.ca_file = Some(pebble.ca_file.clone());
+    acme.challenge = berth_control_plane::acme::ChallengeKind::Dns01;
+    acme.dns_hook = Some(hook.clone());
+    let cp = Cp::start_with(&dir.path().join("cp"), &db.url, None, Some(acme)).await;
+    deploy_web(&cp).await;
+    add_domain(&cp, "dns.example.com").await;
+
+    // The hook's message is the domain's error; no certificate; backoff.
+    let info = wait_state(&cp, "dns.example.com", "failed", Duration::from_secs(60)).await;
+    let err = info.last_error.clone().unwrap_or_default();
+    assert!(
+        err.contains("zone example.com is not managed by this account"),
+        "{info:?}"
+    );
+    assert!(
+        err.contains(&format!(
+            "DNS hook {} present _acme-challenge.dns.example.com.",
+            hook.display()
+        )),
+        "{info:?}"
+    );
+    assert!(info.cert_not_after.is_none());
+    let row = sqlx::query("SELECT cert_chain, next_attempt_at FROM domains WHERE domain = $1")
+        .bind("dns.example.com")
+        .fetch_one(&cp.store().pool)
+        .await
+        .unwrap();
+    assert!(row.get::<Option<String>, _>(0).is_none());
+    assert!(row.get::<i64, _>(1) >= common::now() + 20, "backs off");
+    // The CA was never told the challenge was ready, so nothing was issued;
+    // cleanup still ran.
+    let log = pebble.log();
+    assert_eq!(log.matches("Issued certificate").count(), 0, "{log}");
+    let calls = std::fs::read_to_string(&calls).unwrap();
+    let actions: Vec<&str> = calls.lines().map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(actions, ["present", "cleanup"], "{calls}");
+}
+
+async fn dns_01_wrong_txt_record_is_refused_by_the_ca(db: &Db) {
+    // The hook publishes a wrong value: Pebble really looks the record up,
+    // so the order fails with the CA's reason, and the record is removed.
+    let dir = tempfile::tempdir().unwrap();
+    let dns = ChallTestSrv::start(dir.path());
+    let pebble = Pebble::start_with(Some(dns.dns));
+    let calls = dir.path().join("calls.log");
+    let hook = dns_hook(dir.path(), &calls, &dns.hook_body("not-the-digest"));
+    let mut acme = AcmeConfig::new(pebble.directory());
+    acme.ca_file = Some(pebble.ca_file.clone());
+    acme.challenge = berth_control_plane::acme::ChallengeKind::Dns01;
+    acme.dns_hook = Some(hook);
+    let cp = Cp::start_with(&dir.path().join("cp"), &db.url, None, Some(acme)).await;
+    deploy_web(&cp).await;
+    add_domain(&cp, "dns.example.com").await;
+    let info = wait_state(&cp, "dns.example.com", "failed", Duration::from_secs(90)).await;
+    let err = info.last_error.clone().unwrap_or_default();
+    assert!(err.contains("Correct value not found for DNS challenge"), "{info:?}");
+    let log = pebble.log();
+    assert_eq!(log.matches("Issued certificate").count(), 0, "{log}");
+    let calls = std::fs::read_to_string(&calls).unwrap();
+    let actions: Vec<&str> = calls.lines().map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(actions, ["present", "cleanup"], "{calls}");
+    assert!(dns.log().contains("Removed DNS-01 TXT challenge"), "{}", dns.log());
 }

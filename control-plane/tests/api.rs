@@ -168,6 +168,7 @@ async fn register_long_poll_and_report(db: &Db) {
         error: None,
         rss_bytes: Some(1 << 20),
         containers: vec![],
+        upgrade_error: None,
     };
     let r = Reply::from(
         cp.signed(

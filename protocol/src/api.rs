@@ -120,6 +120,10 @@ pub struct DesiredState {
     /// Routes, certificates and ACME challenges; proxy nodes only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<crate::proxy::ProxyDesired>,
+    /// Agent version this node should run (`berth nodes upgrade`); the agent
+    /// starts `update.sh` when it runs another one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade_to: Option<String>,
 }
 
 /// A service name and its replicas, as DNS answers them.
@@ -156,6 +160,9 @@ pub struct StatusReport {
     /// State of the containers this node runs.
     #[serde(default)]
     pub containers: Vec<crate::service::ContainerStatus>,
+    /// Why the last upgrade the control plane asked for did not happen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade_error: Option<String>,
 }
 
 /// A node as listed by `berth nodes list`.

@@ -23,9 +23,29 @@ pub fn validate_dns_label(field: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A release version (`1.4.0`, `2026.11.23+b5`): letters, digits and
+/// `. + - _`, starting with a letter or digit, at most 64 characters; safe
+/// in a path, a URL and a systemd unit name.
+pub fn valid_version(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 64
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b".+-_".contains(&b))
+        && v.as_bytes()[0].is_ascii_alphanumeric()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn version_names() {
+        for ok in ["0.1.0", "1.2.3-rc.1", "2026.11.23+build5"] {
+            assert!(valid_version(ok), "{ok}");
+        }
+        for bad in ["", "-1", "../x", "1 2", "a/b", "v;rm", ".."] {
+            assert!(!valid_version(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn accepts_labels() {

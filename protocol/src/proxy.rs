@@ -97,6 +97,9 @@ pub struct UpstreamDesired {
     pub ip: Ipv4Addr,
     pub port: u16,
     pub healthy: bool,
+    /// Balancing weight, passed through to [`Upstream::weight`].
+    #[serde(default = "default_weight")]
+    pub weight: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,6 +175,20 @@ pub struct Upstream {
     /// Healthy as far as the control plane knows; the proxy also ejects
     /// upstreams it fails to reach.
     pub healthy: bool,
+    /// Share of new requests among the upstreams of its tier (smooth
+    /// weighted round-robin), 0..=[`MAX_WEIGHT`]. 0 drains it: it gets new
+    /// requests only when no upstream with a weight can be used. Absent: 1.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+/// Largest upstream weight; keeps the balancer's arithmetic small and a typo
+/// (an extra zero or three) visible.
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// The weight of an upstream whose config does not say.
+pub fn default_weight() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -263,6 +280,17 @@ mod tests {
         assert!(t.validate().unwrap_err().starts_with("listen:"));
         let t = TcpRouteSpec { listen: 5432, ..t };
         t.validate().unwrap();
+    }
+
+    #[test]
+    fn weight_defaults_to_one() {
+        let u: Upstream = serde_json::from_str(r#"{"addr": "10.0.0.1:80", "local": false, "healthy": true}"#).unwrap();
+        assert_eq!(u.weight, 1);
+        let u: UpstreamDesired = serde_json::from_str(
+            r#"{"replica": "web-1", "node": "n1", "ip": "10.0.0.1", "port": 80, "healthy": true}"#,
+        )
+        .unwrap();
+        assert_eq!(u.weight, 1);
     }
 
     #[test]

@@ -318,6 +318,7 @@ mod tests {
             addr: a.parse().unwrap(),
             local: false,
             healthy: true,
+            weight: 1,
         }
     }
 

@@ -1,9 +1,9 @@
-//! Upstream pools: round-robin balancing that prefers local healthy
+//! Upstream pools: smooth weighted round-robin that prefers local healthy
 //! upstreams, passive ejection after failures, and the HTTP/1.1 client with
 //! its connection pool.
 
 use crate::io::now_ms;
-use berth_protocol::proxy::Upstream;
+use berth_protocol::proxy::{Upstream, MAX_WEIGHT};
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
@@ -13,8 +13,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
 
@@ -64,6 +64,8 @@ pub struct Target {
     pub addr: SocketAddr,
     pub local: bool,
     pub healthy: bool,
+    /// 0: drained (see [`Pool::pick`]).
+    pub weight: u32,
     pub health: Arc<Health>,
     /// `ip:port`, ready for a request URI.
     pub authority: Authority,
@@ -73,7 +75,9 @@ pub struct Target {
 #[derive(Debug)]
 pub struct Pool {
     pub targets: Box<[Target]>,
-    next: AtomicUsize,
+    /// Smooth weighted round-robin: each target's current weight. One short
+    /// lock per pick; the rotation restarts when a config is loaded.
+    current: Mutex<Box<[i64]>>,
 }
 
 /// Bit set of target indexes already tried by one request.
@@ -99,17 +103,24 @@ impl Pool {
             if u.addr.port() == 0 {
                 return Err(format!("upstream {}: port 0", u.addr));
             }
+            if u.weight > MAX_WEIGHT {
+                return Err(format!(
+                    "upstream {}: weight: {} is not 0-{MAX_WEIGHT}",
+                    u.addr, u.weight
+                ));
+            }
             targets.push(Target {
                 addr: u.addr,
                 local: u.local,
                 healthy: u.healthy,
+                weight: u.weight,
                 health,
                 authority,
             });
         }
         Ok(Pool {
+            current: Mutex::new(vec![0; targets.len()].into_boxed_slice()),
             targets: targets.into_boxed_slice(),
-            next: AtomicUsize::new(0),
         })
     }
 
@@ -121,39 +132,53 @@ impl Pool {
         self.targets.is_empty()
     }
 
-    /// Picks the next upstream, round-robin, from the first non-empty tier:
-    /// local healthy, remote healthy, then (everything is ejected) any
-    /// healthy one. Upstreams the config marks unhealthy are never picked;
+    /// Picks the next upstream by smooth weighted round-robin within the
+    /// first tier that has one: local weighted, remote weighted, drained
+    /// (weight 0), then (everything is ejected) any of them. Ejected
+    /// upstreams are left out of the first three tiers. Drained ones come
+    /// before ejected ones because they still answer; an ejected one has
+    /// just failed. Upstreams the config marks unhealthy are never picked;
     /// indexes in `tried` are skipped.
     pub fn pick(&self, tried: Tried) -> Option<usize> {
         let now = now_ms();
-        let tiers: [&dyn Fn(&Target) -> bool; 3] = [
-            &|t| t.local && !t.health.is_ejected(now),
-            &|t| !t.local && !t.health.is_ejected(now),
+        let tiers: [&dyn Fn(&Target) -> bool; 4] = [
+            &|t| t.weight > 0 && t.local && !t.health.is_ejected(now),
+            &|t| t.weight > 0 && !t.local && !t.health.is_ejected(now),
+            &|t| t.weight == 0 && !t.health.is_ejected(now),
             &|_| true,
         ];
         let usable = |i: usize, t: &Target| t.healthy && (i >= 128 || tried & (1 << i) == 0);
-        for tier in tiers {
-            let count = self
-                .targets
-                .iter()
-                .enumerate()
-                .filter(|(i, t)| usable(*i, t) && tier(t))
-                .count();
-            if count == 0 {
-                continue;
-            }
-            let n = self.next.fetch_add(1, Relaxed) % count;
-            return self
-                .targets
-                .iter()
-                .enumerate()
-                .filter(|(i, t)| usable(*i, t) && tier(t))
-                .nth(n)
-                .map(|(i, _)| i);
-        }
-        None
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        tiers
+            .iter()
+            .find_map(|tier| smooth_wrr(&self.targets, &mut current, |i, t| usable(i, t) && tier(t)))
     }
+}
+
+/// One step of nginx's smooth weighted round-robin over the targets `member`
+/// accepts: each member's current weight grows by its weight, the largest
+/// wins and gives back the members' total. Over a full cycle each member is
+/// picked in proportion to its weight, spread out (5,1,1 gives a a b a c a a).
+/// A set of only drained members is taken as equal weights.
+fn smooth_wrr(targets: &[Target], current: &mut [i64], member: impl Fn(usize, &Target) -> bool) -> Option<usize> {
+    let members = || targets.iter().enumerate().filter(|(i, t)| member(*i, t));
+    let floor = if members().all(|(_, t)| t.weight == 0) { 1 } else { 0 };
+    let mut total = 0i64;
+    let mut best: Option<usize> = None;
+    for (i, t) in members() {
+        let w = i64::from(t.weight.max(floor));
+        if w == 0 {
+            continue;
+        }
+        current[i] += w;
+        total += w;
+        if best.is_none_or(|b| current[i] > current[b]) {
+            best = Some(i);
+        }
+    }
+    let b = best?;
+    current[b] -= total;
+    Some(b)
 }
 
 /// Marks index `i` as tried.
@@ -205,7 +230,20 @@ mod tests {
             addr: addr.parse().unwrap(),
             local,
             healthy,
+            weight: 1,
         }
+    }
+
+    fn weighted(addr: &str, local: bool, weight: u32) -> Upstream {
+        Upstream {
+            weight,
+            ..up(addr, local, true)
+        }
+    }
+
+    /// Picks as letters: target 0 is 'a', 1 is 'b', ...
+    fn letters(p: &Pool, n: usize) -> String {
+        (0..n).map(|_| (b'a' + p.pick(0).unwrap() as u8) as char).collect()
     }
 
     fn pool(ups: &[Upstream]) -> Pool {
@@ -284,5 +322,105 @@ mod tests {
         let mut reg2 = HashMap::new();
         let p2 = Pool::new(&ups, &reg, &mut reg2).unwrap();
         assert!(p2.targets[0].health.is_ejected(now_ms()));
+    }
+
+    #[test]
+    fn weights_are_exact_and_interleaved() {
+        let p = pool(&[
+            weighted("10.0.0.1:80", false, 5),
+            weighted("10.0.0.2:80", false, 1),
+            weighted("10.0.0.3:80", false, 1),
+        ]);
+        // nginx's sequence: never more than two a's in a row, not aaaaabc.
+        assert_eq!(letters(&p, 7), "aabacaa");
+        assert_eq!(letters(&p, 7), "aabacaa", "every cycle of 7 is the same");
+        let p = pool(&[weighted("10.0.0.1:80", false, 3), weighted("10.0.0.2:80", false, 2)]);
+        assert_eq!(letters(&p, 10), "ababaababa");
+        let p = pool(&[weighted("10.0.0.1:80", false, 1000), weighted("10.0.0.2:80", false, 1)]);
+        let got = letters(&p, 1001);
+        assert_eq!(got.matches('b').count(), 1);
+    }
+
+    #[test]
+    fn equal_weights_are_plain_round_robin() {
+        let p = pool(&[
+            up("10.0.0.1:80", false, true),
+            up("10.0.0.2:80", false, true),
+            up("10.0.0.3:80", false, true),
+        ]);
+        assert_eq!(letters(&p, 6), "abcabc");
+    }
+
+    #[test]
+    fn weights_apply_within_the_local_tier_only() {
+        // The remote upstream's big weight does not pull traffic off the
+        // local ones; the local ones share by their own weights.
+        let p = pool(&[
+            weighted("10.0.0.1:80", false, 100),
+            weighted("10.0.0.2:80", true, 2),
+            weighted("10.0.0.3:80", true, 1),
+        ]);
+        assert_eq!(letters(&p, 6), "bcbbcb");
+        p.targets[1].health.eject(Duration::from_secs(10));
+        p.targets[2].health.eject(Duration::from_secs(10));
+        assert_eq!(letters(&p, 3), "aaa");
+    }
+
+    #[test]
+    fn ejected_upstream_leaves_the_rotation_and_the_rest_keep_their_ratio() {
+        let p = pool(&[
+            weighted("10.0.0.1:80", false, 3),
+            weighted("10.0.0.2:80", false, 1),
+            weighted("10.0.0.3:80", false, 2),
+        ]);
+        p.targets[0].health.eject(Duration::from_secs(10));
+        let got = letters(&p, 6);
+        assert_eq!((got.matches('b').count(), got.matches('c').count()), (2, 4), "{got}");
+        assert!(!got.contains('a'));
+        // Everything ejected: tried anyway, still by weight.
+        p.targets[1].health.eject(Duration::from_secs(10));
+        p.targets[2].health.eject(Duration::from_secs(10));
+        let got = letters(&p, 12);
+        let n = |c| got.matches(c).count();
+        assert_eq!((n('a'), n('b'), n('c')), (6, 2, 4), "{got}");
+    }
+
+    #[test]
+    fn drained_upstream_is_the_last_resort_before_ejected_ones() {
+        let p = pool(&[
+            weighted("10.0.0.1:80", true, 0),
+            weighted("10.0.0.2:80", false, 1),
+            weighted("10.0.0.3:80", false, 0),
+        ]);
+        // A drained local upstream gets nothing while a remote one can serve.
+        assert_eq!(letters(&p, 4), "bbbb");
+        // The weighted one fails: the drained ones share the traffic.
+        p.targets[1].health.eject(Duration::from_secs(10));
+        assert_eq!(letters(&p, 4), "acac");
+        // A retry skips what was tried, drained or not.
+        let mut tried = 0;
+        mark(&mut tried, 0);
+        mark(&mut tried, 2);
+        assert_eq!(p.pick(tried), Some(1), "the ejected one, as a last resort");
+        // Everything ejected: the weighted one first.
+        p.targets[0].health.eject(Duration::from_secs(10));
+        p.targets[2].health.eject(Duration::from_secs(10));
+        assert_eq!(letters(&p, 3), "bbb");
+        // Only drained upstreams configured: they still serve.
+        let p = pool(&[weighted("10.0.0.1:80", false, 0), weighted("10.0.0.2:80", false, 0)]);
+        assert_eq!(letters(&p, 4), "abab");
+    }
+
+    #[test]
+    fn weight_over_the_maximum_is_refused() {
+        let bad = [weighted("10.0.0.1:80", false, MAX_WEIGHT + 1)];
+        let e = Pool::new(&bad, &HashMap::new(), &mut HashMap::new()).unwrap_err();
+        assert!(e.contains("weight: 1001"), "{e}");
+        Pool::new(
+            &[weighted("10.0.0.1:80", false, MAX_WEIGHT)],
+            &HashMap::new(),
+            &mut HashMap::new(),
+        )
+        .unwrap();
     }
 }

@@ -340,6 +340,69 @@ async fn dead_upstream_is_ejected_and_requests_still_succeed() {
 }
 
 #[tokio::test]
+async fn weighted_upstreams_share_traffic_by_weight_and_drained_ones_get_none() {
+    let heavy = echo_backend("heavy").await;
+    let light = echo_backend("light").await;
+    let drained = echo_backend("drained").await;
+    let pki = Pki::new();
+    let weighted = |weights: [u32; 3]| {
+        let mut r = route(A, &[heavy, light, drained]);
+        for (u, w) in r.upstreams.iter_mut().zip(weights) {
+            u.weight = w;
+        }
+        r
+    };
+    let c = cfg(1, &pki, vec![weighted([3, 1, 0])]);
+    let h = Harness::start(pki, &c).await;
+    let mut s = h.h1(A).await;
+    let mut names = vec![];
+    for _ in 0..8 {
+        let (status, body) = send(&mut s, A, "GET", "/", full("")).await;
+        assert_eq!(status, 200, "{body}");
+        names.push(body.lines().next().unwrap().to_string());
+    }
+    // 3:1, spread out; the drained upstream gets nothing.
+    let expect = ["heavy", "heavy", "light", "heavy"].repeat(2);
+    assert_eq!(names, expect);
+
+    // A weight over the maximum rejects the file, naming the field; the
+    // previous config keeps serving.
+    let mut bad = cfg(2, &h.pki, vec![weighted([3, 1, 0])]);
+    bad.http_routes[0].upstreams[1].weight = 5000;
+    write_config(&h.path, &bad);
+    let e = h.proxy.reload().await.unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("http_routes {A}: upstream {light}: weight: 5000")),
+        "{e}"
+    );
+    assert_eq!(h.proxy.revision(), 1);
+
+    // Only the drained upstream left able to answer: it takes the traffic.
+    let c = ProxyConfig {
+        http_routes: vec![ProxyRoute {
+            domain: A.into(),
+            upstreams: vec![
+                berth_protocol::proxy::Upstream {
+                    addr: dead_addr().await,
+                    ..up(heavy)
+                },
+                berth_protocol::proxy::Upstream {
+                    weight: 0,
+                    ..up(drained)
+                },
+            ],
+        }],
+        ..cfg(3, &h.pki, vec![route(A, &[])])
+    };
+    h.replace_config(&c).await;
+    for _ in 0..3 {
+        let (status, body) = send(&mut s, A, "GET", "/", full("")).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.starts_with("drained\n"), "{body}");
+    }
+}
+
+#[tokio::test]
 async fn unknown_host_is_404_and_never_an_open_proxy() {
     let be = echo_backend("one").await;
     let pki = Pki::new();

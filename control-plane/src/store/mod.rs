@@ -4,6 +4,7 @@ pub mod nodes;
 pub mod proxy;
 pub mod services;
 pub mod tokens;
+pub mod upgrades;
 
 use anyhow::Context;
 use sqlx::any::AnyPoolOptions;

@@ -28,10 +28,12 @@ pub struct NodeRow {
     pub agent_version: Option<String>,
     pub last_error: Option<String>,
     pub sealing_key: Option<String>,
+    /// Version `berth nodes upgrade` asked this node to run.
+    pub target_version: Option<String>,
 }
 
 const COLUMNS: &str = "id, name, role, signing_key, wg_public_key, wg_port, private_addr, public_ip, \
-     mesh_ip, subnet, revision, applied_revision, last_seen, agent_version, last_error, sealing_key";
+     mesh_ip, subnet, revision, applied_revision, last_seen, agent_version, last_error, sealing_key, target_version";
 // status_json is left out on purpose: it holds a peer list as long as the
 // fleet, and node rows are read on every signed request and every snapshot.
 
@@ -55,6 +57,7 @@ impl NodeRow {
             agent_version: opt("agent_version"),
             last_error: opt("last_error"),
             sealing_key: opt("sealing_key"),
+            target_version: opt("target_version"),
         }
     }
 }
@@ -280,7 +283,7 @@ impl Store {
         .bind(report.applied_revision as i64)
         .bind(&report.agent_version)
         .bind(json)
-        .bind(&report.error)
+        .bind(report.error.as_ref().or(report.upgrade_error.as_ref()))
         .bind(node_id)
         .execute(&self.pool)
         .await?;

@@ -349,6 +349,7 @@ impl Cp {
             pools: default_pools(),
             offline_after_secs: 30,
             acme,
+            releases_dir: None,
         })
         .await
         .unwrap();

@@ -110,6 +110,7 @@ pub fn up(addr: SocketAddr) -> Upstream {
         addr,
         local: false,
         healthy: true,
+        weight: 1,
     }
 }
 
