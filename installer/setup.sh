@@ -42,7 +42,8 @@ Joins this server to the Berth fleet at $BERTH_URL.
   --proxy         this is a proxy node: public HTTPS on ports 80 and 443 (env IS_PROXY=true)
   --worker        this is a worker node (env IS_PROXY=false; the default)
   --name NAME     node name, a DNS label (env BERTH_NODE_NAME; default: the host name)
-  --version V     agent version to install (default: the latest, $BERTH_LATEST)
+  --version V     agent version to install (default: the one installed, else the
+                  latest, $BERTH_LATEST; upgrade a running node with update.sh)
   -h, --help      this text
 
 With a terminal and no token, it asks for the token and the node's role.
@@ -52,7 +53,7 @@ EOF
 TOKEN="${REGISTRATION_TOKEN:-}"
 PROXY="${IS_PROXY:-}"
 NAME="${BERTH_NODE_NAME:-}"
-VERSION="${BERTH_VERSION:-$BERTH_LATEST}"
+VERSION="${BERTH_VERSION:-}"
 while [ $# -gt 0 ]; do
     case "$1" in
     --token) TOKEN="${2:?--token needs a value}"; shift 2 ;;
@@ -85,7 +86,7 @@ trap 'on_error $LINENO' ERR
 
 [ "$(id -u)" -eq 0 ] || die "must run as root: curl -sSL $BERTH_URL/setup.sh | sudo bash"
 [ -n "$BERTH_RELEASE_KEY" ] || die "the control plane at $BERTH_URL has no release key: publish a build with \`berth release sign\` first"
-[ -n "$VERSION" ] || die "the control plane at $BERTH_URL has no release yet: publish one with \`berth release sign\`"
+[ -n "$VERSION$BERTH_LATEST" ] || die "the control plane at $BERTH_URL has no release yet: publish one with \`berth release sign\`"
 case "$PROXY" in
 "" | true | false) ;;
 *) die "IS_PROXY must be true or false, not '$PROXY'" ;;
@@ -225,6 +226,12 @@ fi
 printf '%s\n' "$BERTH_RELEASE_KEY" | put "$ETC_DIR/release.pub" 0644
 
 # --- binaries ----------------------------------------------------------------
+# An installed agent is kept at its version: upgrades go through update.sh,
+# which reverts a bad build. --version picks another one explicitly.
+if [ -z "$VERSION" ] && [ -x "$BIN_DIR/berth-agent" ]; then
+    VERSION=$("$BIN_DIR/berth-agent" --version 2>/dev/null | awk '{ print $2 }' || true)
+fi
+VERSION=${VERSION:-$BERTH_LATEST}
 fetch() {
     curl -fsS --retry 3 --cacert "$ETC_DIR/ca.pem" -o "$2" "$BERTH_URL$1" ||
         die "downloading $BERTH_URL$1 failed (is the control plane reachable from here?)"

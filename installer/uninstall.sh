@@ -56,7 +56,9 @@ rm -f /etc/systemd/system/berth-agent.service /etc/systemd/system/berth-proxy.se
 systemctl daemon-reload
 rm -f /usr/local/bin/berth-agent /usr/local/bin/berth-agent.prev \
     /usr/local/bin/berth-proxy /usr/local/bin/berth-proxy.prev
-rm -rf /etc/berth /usr/local/lib/berth
+rm -f /etc/berth/ca.pem /etc/berth/release.pub /etc/berth/agent.env
+rmdir /etc/berth 2>/dev/null || true # control-plane.env of a control plane on this host stays
+rm -rf /usr/local/lib/berth
 rm -f /etc/sysctl.d/90-berth.conf /etc/containers/containers.conf.d/90-berth.conf
 if id berth-proxy >/dev/null 2>&1; then
     userdel berth-proxy 2>/dev/null || true

@@ -274,8 +274,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     })));
 
     // Data plane first, from the cache: the control plane may be down.
-    if let Some(cached) = reconcile::load_cache(&args.data_dir) {
-        match rec.lock().await.apply(&cached).await {
+    let cached = reconcile::load_cache(&args.data_dir);
+    if let Some(cached) = &cached {
+        match rec.lock().await.apply(cached).await {
             Ok(()) => tracing::info!(revision = cached.revision, "applied the cached desired state"),
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "applying the cached desired state failed"),
         }
@@ -294,6 +295,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         upgrader: std::sync::Mutex::new(Upgrader::new(args.data_dir.clone(), args.update_script.clone())),
     });
+    // A reverted upgrade is reported from the first heartbeat on, not only
+    // once the desired state next changes.
+    if let (Some(d), Ok(mut u)) = (&cached, reporter.upgrader.lock()) {
+        u.want(d.upgrade_to.as_deref());
+    }
     tokio::spawn(heartbeat(
         reporter.clone(),
         rec.clone(),

@@ -70,7 +70,7 @@ enum ReleaseCmd {
         out: PathBuf,
     },
     /// Sign builds into a releases directory the control plane serves
-    /// (its --releases-dir, default /var/lib/berth/releases).
+    /// (its --releases-dir, default DATA_DIR/releases).
     Sign {
         /// The release key from `berth release keygen`.
         #[arg(long)]

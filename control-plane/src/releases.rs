@@ -112,11 +112,26 @@ pub fn routes() -> Router<SharedState> {
         .route("/releases/{version}/{file}", get(release_file))
 }
 
-async fn script(State(s): State<SharedState>, _headers: HeaderMap, body: &'static str) -> Response {
+async fn script(State(s): State<SharedState>, headers: HeaderMap, body: &'static str) -> Response {
     let key = s.releases.public_key_pem().unwrap_or_default();
     let latest = s.releases.latest().unwrap_or_default();
-    let text = render(body, &s.advertise_url, &s.ca_pem, &key, &latest);
+    let text = render(body, &script_url(&s.advertise_url, &headers), &s.ca_pem, &key, &latest);
     ([(header::CONTENT_TYPE, "text/x-shellscript; charset=utf-8")], text).into_response()
+}
+
+/// The URL nodes are told to use: the advertised one, unless that is a
+/// wildcard listen address (no --advertise-url or --san), then the host the
+/// script was fetched from, which evidently reaches this control plane.
+fn script_url(advertised: &str, headers: &HeaderMap) -> String {
+    let wildcard = advertised.starts_with("https://0.0.0.0:") || advertised.starts_with("https://[::]:");
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b)));
+    match host {
+        Some(h) if wildcard => format!("https://{h}"),
+        _ => advertised.to_string(),
+    }
 }
 
 async fn latest(State(s): State<SharedState>) -> ApiResult<String> {
@@ -157,6 +172,20 @@ mod tests {
         assert!(out.contains("Type=notify"), "the agent unit is inlined: {out}");
         assert!(out.ends_with("V=1.2.3\n"), "{out}");
         assert!(!out.contains("@@"), "{out}");
+    }
+
+    #[test]
+    fn wildcard_advertise_url_falls_back_to_the_host_asked() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "cp.example.com:7443".parse().unwrap());
+        assert_eq!(script_url("https://0.0.0.0:7443", &h), "https://cp.example.com:7443");
+        assert_eq!(script_url("https://cp.internal:7443", &h), "https://cp.internal:7443");
+        h.insert(header::HOST, "evil\"$(x)".parse().unwrap());
+        assert_eq!(
+            script_url("https://0.0.0.0:7443", &h),
+            "https://0.0.0.0:7443",
+            "nothing unsafe in a script"
+        );
     }
 
     #[test]

@@ -6,7 +6,14 @@
 # `curl https://CP/setup.sh | bash` runs against a control plane on this
 # host; then update.sh to a newer signed build, to a build that fails to start
 # (reverted by itself), to tampered builds (refused), setup.sh again (nothing
-# changes), a control-plane driven upgrade, and uninstall.sh.
+# changes), a control-plane driven upgrade, and uninstall.sh. A second
+# server joins as a proxy node (berth-proxy.service, sandboxed) and the two
+# form a WireGuard mesh.
+#
+# Not covered here: containers inside the test servers. Podman nested in a
+# Podman container cannot start containers on this cgroups-v1 host (runc
+# fails to mount the cgroup tree), so that containers survive an agent
+# restart is tested by the agent's own tests (agent/tests/containers.rs).
 #
 # Needs root, Podman (scripts/podman-setup.sh), debootstrap, and a debug
 # build of the workspace (`cargo build --workspace`). Leaves nothing behind
@@ -17,12 +24,14 @@ WORK=$ROOT/target/fresh-server
 BIN=$ROOT/target/debug
 IMAGE=localhost/berth-test-fresh-debian12
 CTR=berth-fresh-test
+PROXY_CTR=berth-fresh-test-proxy
 NET=berth-fresh-test
 SUBNET=10.89.240.0/24
 GW=10.89.240.1
 PORT=17443
 CP_URL=https://$GW:$PORT
 NODE=fresh1
+PROXY_NODE=fresh2
 
 pass() { printf '  ok: %s\n' "$*"; }
 fail() {
@@ -38,7 +47,7 @@ cleanup() {
         echo "KEEP=1: leaving container $CTR and the control plane (pid $CP_PID) running"
         return
     fi
-    podman rm -f -t 0 "$CTR" >/dev/null 2>&1
+    podman rm -f -t 0 "$CTR" "$PROXY_CTR" >/dev/null 2>&1
     podman network rm -f "$NET" >/dev/null 2>&1
     podman rmi -f "$IMAGE" >/dev/null 2>&1
     [ -n "$CP_PID" ] && kill "$CP_PID" 2>/dev/null && wait "$CP_PID" 2>/dev/null
@@ -46,11 +55,12 @@ cleanup() {
 trap cleanup EXIT
 
 in_node() { podman exec "$CTR" bash -c "$1"; }
+in_proxy() { podman exec "$PROXY_CTR" bash -c "$1"; }
 berth() { "$BIN/berth" --url "$CP_URL" --ca-file "$WORK/cp/ca.pem" --admin-token-file "$WORK/cp/admin.token" "$@"; }
-node_field() { # FIELD -> value of the test node in `berth nodes list --json`
+node_field() { # FIELD [NODE] -> value of the node in `berth nodes list --json`
     berth nodes list --json | python3 -c "
 import json, sys
-n = [n for n in json.load(sys.stdin) if n['name'] == '$NODE']
+n = [n for n in json.load(sys.stdin) if n['name'] == '${2:-$NODE}']
 print(n[0].get('$1') if n else 'absent')"
 }
 wait_for() { # SECONDS DESCRIPTION COMMAND
@@ -116,14 +126,16 @@ if [ ! -s "$WORK/rootfs.tar" ]; then
     mv "$WORK/rootfs.tar.tmp" "$WORK/rootfs.tar"
     rm -rf "$WORK/rootfs"
 fi
-podman rm -f -t 0 "$CTR" >/dev/null 2>&1 || true
+podman rm -f -t 0 "$CTR" "$PROXY_CTR" >/dev/null 2>&1 || true
 podman network rm -f "$NET" >/dev/null 2>&1 || true
 podman import -q "$WORK/rootfs.tar" "$IMAGE" >/dev/null
 podman network create --subnet "$SUBNET" --gateway "$GW" "$NET" >/dev/null
 # Podman inside: its overlay storage cannot sit on the container's own overlay.
-podman run -d --name "$CTR" --hostname "$NODE" --network "$NET" --systemd=always --privileged \
-    --tmpfs /var/lib/containers:rw,size=4g "$IMAGE" /sbin/init >/dev/null
-wait_for 30 "systemd is up in the container" "in_node 'systemctl is-system-running | grep -Eq \"running|degraded\"'"
+for c in "$CTR:$NODE" "$PROXY_CTR:$PROXY_NODE"; do
+    podman run -d --name "${c%%:*}" --hostname "${c#*:}" --network "$NET" --systemd=always --privileged \
+        --tmpfs /var/lib/containers:rw,size=4g "$IMAGE" /sbin/init >/dev/null
+done
+wait_for 30 "systemd is up in both servers" "in_node 'systemctl is-system-running | grep -Eq \"running|degraded\"' && in_proxy 'systemctl is-system-running | grep -Eq \"running|degraded\"'"
 
 step "control plane on $CP_URL"
 "$WORK/bin/cp" serve --data-dir "$WORK/cp" --listen "$GW:$PORT" --san "$GW" --advertise-url "$CP_URL" \
@@ -136,6 +148,7 @@ grep -q "@@" "$WORK/setup.sh" "$WORK/update.sh" && fail "served scripts still ha
 shellcheck "$WORK/setup.sh" "$WORK/update.sh" || fail "shellcheck of the served scripts"
 pass "served setup.sh and update.sh are filled in and pass shellcheck"
 podman cp "$WORK/cp/ca.pem" "$CTR:/root/berth-ca.pem"
+podman cp "$WORK/cp/ca.pem" "$PROXY_CTR:/root/berth-ca.pem"
 
 step "setup.sh: a bad token stops with a clear message and starts nothing"
 set +e
@@ -161,6 +174,33 @@ pass "berth-agent, berth-wireguard and podman.socket are active"
 in_node "ip link show berth0 >/dev/null" || fail "no berth0 interface"
 in_node "grep -qx 1 /proc/sys/net/ipv4/ip_forward" || fail "IP forwarding is off"
 pass "mesh interface berth0 is up, IP forwarding on"
+
+step "setup.sh --proxy on a second server: berth-proxy as its own sandboxed service"
+PTOKEN=$(berth token create --proxy --quiet)
+in_proxy "curl -sSL --cacert /root/berth-ca.pem $CP_URL/setup.sh | bash -s -- --token $PTOKEN --proxy" |
+    tee "$WORK/setup-proxy.log"
+wait_for 30 "$PROXY_NODE is online" "[ \"\$(node_field online $PROXY_NODE)\" = True ]"
+for unit in berth-agent berth-proxy berth-wireguard; do
+    in_proxy "systemctl is-active -q $unit" || fail "$unit is not active on $PROXY_NODE"
+done
+ppid=$(in_proxy "systemctl show -p MainPID --value berth-proxy")
+[ "$(in_proxy "stat -c %U /proc/$ppid")" = berth-proxy ] || fail "berth-proxy does not run as the berth-proxy user"
+in_proxy "grep -E '^Cap(Eff|Bnd):' /proc/$ppid/status" >"$WORK/proxy-caps"
+if ! grep -q "CapEff:.*0000000000000400" "$WORK/proxy-caps" || ! grep -q "CapBnd:.*0000000000000400" "$WORK/proxy-caps"; then
+    cat "$WORK/proxy-caps"
+    fail "berth-proxy has capabilities beyond CAP_NET_BIND_SERVICE"
+fi
+# The agent wrote the config and berth-proxy (not the agent) loaded it.
+rev=$(node_field applied_revision $PROXY_NODE)
+wait_for 20 "berth-proxy loaded the agent's config" \
+    "in_proxy 'curl -fsS http://127.0.0.1:9180/metrics' | grep -q '^berth_proxy_config_revision [1-9]'"
+in_proxy "curl -sS -o /dev/null -w '%{http_code}' -H 'Host: nosuch.example' http://127.0.0.1/" | grep -qx 404 ||
+    fail "berth-proxy does not answer on port 80"
+pass "berth-proxy runs as berth-proxy with only CAP_NET_BIND_SERVICE, serves port 80, loaded revision ${rev}"
+
+step "the two servers form a mesh"
+wait_for 30 "WireGuard handshakes between $NODE and $PROXY_NODE" \
+    "in_node 'wg show berth0 latest-handshakes' | awk '\$2 > 0' | grep -q . && in_proxy 'wg show berth0 latest-handshakes' | awk '\$2 > 0' | grep -q ."
 
 step "systemd-analyze verify on every unit"
 podman cp "$WORK/bin/cp" "$CTR:/usr/local/bin/berth-control-plane"
@@ -230,7 +270,7 @@ pass "unknown version refused: $out"
 
 step "uninstall.sh --purge removes what setup.sh added"
 in_node "/usr/local/lib/berth/uninstall.sh --purge"
-for path in /usr/local/bin/berth-agent /etc/berth /usr/local/lib/berth /var/lib/berth \
+for path in /usr/local/bin/berth-agent /etc/berth/agent.env /etc/berth/release.pub /usr/local/lib/berth /var/lib/berth \
     /etc/systemd/system/berth-agent.service /etc/systemd/system/berth-wireguard.service /etc/sysctl.d/90-berth.conf; do
     in_node "! test -e $path" || fail "$path is still there"
 done

@@ -105,7 +105,7 @@ impl Lab {
 
     /// Builds the lab's network and starts its control plane (no nodes yet).
     pub async fn create(id: u8, dir: &Path, bin_dir: &Path) -> anyhow::Result<Lab> {
-        for b in ["berth-agent", "berth-control-plane"] {
+        for b in ["berth-agent", "berth-control-plane", podman::WS_ECHO_BIN] {
             if !bin_dir.join(b).exists() {
                 bail!(
                     "{b} not found in {} (build with `cargo build`, or pass --bin-dir)",
@@ -330,7 +330,7 @@ impl Lab {
         self.node_mut(index)?.podman_pid = Some(pid);
         self.save()?;
         // The import only needs the storage: it runs while the service starts.
-        p.import_test_image()?;
+        p.import_test_image(&self.state.bin_dir.join(podman::WS_ECHO_BIN))?;
         p.wait_ready(pid).await
     }
 

@@ -34,6 +34,9 @@ pub const TEST_IMAGE: &str = "localhost/berth-test/busybox:latest";
 pub const BRIDGE: &str = "berth-br0";
 /// The cluster DNS zone, the search domain of `lab run` containers.
 pub const ZONE: &str = "internal";
+/// The WebSocket echo server the test image runs on port 8081 (crate
+/// ws-echo/), taken from the lab's binary directory.
+pub const WS_ECHO_BIN: &str = "berth-ws-echo";
 /// Builds the test image from busybox-static; embedded so that `berth` works
 /// outside the source tree.
 const MAKE_TEST_IMAGE: &str = include_str!("../../../scripts/make-test-image.sh");
@@ -230,11 +233,13 @@ impl NodePodman {
     }
 
     /// Imports the test image into this node's storage with the embedded
-    /// scripts/make-test-image.sh (nothing is done if it is already there).
+    /// scripts/make-test-image.sh (nothing is done if it is already there),
+    /// with `ws_echo` (a berth-ws-echo binary) in it.
     /// Storage only: runs in the host's namespaces.
-    pub fn import_test_image(&self) -> Result<()> {
+    pub fn import_test_image(&self, ws_echo: &Path) -> Result<()> {
         let mut child = Command::new("bash")
-            .args(["-s", "--"])
+            .args(["-s", "--", "--ws-echo"])
+            .arg(ws_echo)
             .args(self.flags())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -807,5 +812,9 @@ mod tests {
     fn the_embedded_script_is_the_image_builder() {
         assert!(MAKE_TEST_IMAGE.starts_with("#!/usr/bin/env bash"));
         assert!(MAKE_TEST_IMAGE.contains(TEST_IMAGE));
+        assert!(
+            MAKE_TEST_IMAGE.contains("--ws-echo)"),
+            "the option import_test_image passes"
+        );
     }
 }
