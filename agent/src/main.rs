@@ -307,6 +307,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         report_now.clone(),
     ));
     tokio::spawn(container_ticks(rec.clone(), report_now));
+    tokio::spawn(watchdog());
     sync_loop(client, reporter, rec).await
 }
 
@@ -381,6 +382,20 @@ async fn sync_loop(client: Arc<Client>, reporter: Arc<Reporter>, rec: Arc<Mutex<
     }
 }
 
+/// Pings systemd's watchdog (WatchdogSec= in the unit) at half its period
+/// from a task of its own: an image pull may hold the reconciler for minutes
+/// and must not get the agent killed; a wedged runtime stops the pings.
+async fn watchdog() {
+    let Some(us) = std::env::var("WATCHDOG_USEC").ok().and_then(|v| v.parse::<u64>().ok()) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(Duration::from_micros(us / 2).max(Duration::from_millis(100)));
+    loop {
+        tick.tick().await;
+        notify(sd_notify::NotifyState::Watchdog);
+    }
+}
+
 /// Every second: repair containers and run due health checks; a change is
 /// reported at once (it moves DNS on every node).
 async fn container_ticks(rec: Arc<Mutex<Reconciler>>, report_now: Arc<tokio::sync::Notify>) {
@@ -400,11 +415,6 @@ async fn heartbeat(
     every: Duration,
     report_now: Arc<tokio::sync::Notify>,
 ) {
-    let watchdog = std::env::var("WATCHDOG_USEC").ok().and_then(|v| v.parse::<u64>().ok());
-    let every = match watchdog {
-        Some(us) => every.min(Duration::from_micros(us / 2)),
-        None => every,
-    };
     let mut tick = tokio::time::interval(every);
     // The peer list grows with the fleet: send it when the set of peers
     // changed and every PEERS_EVERY-th heartbeat, not every time (nor with
@@ -417,7 +427,6 @@ async fn heartbeat(
             _ = tick.tick() => false,
             _ = report_now.notified() => true,
         };
-        notify(sd_notify::NotifyState::Watchdog);
         let mut report = rec.lock().await.report().await;
         if urgent {
             report.peers.clear();
