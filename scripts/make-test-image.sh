@@ -3,31 +3,47 @@
 # statically linked busybox (package busybox-static), imported with
 # `podman import` as localhost/berth-test/busybox:latest.
 #
-# Usage: make-test-image.sh [--force] [PODMAN FLAGS...]
+# Usage: make-test-image.sh [--force] [--ws-echo PATH] [PODMAN FLAGS...]
 #   PODMAN FLAGS are passed to every podman call (e.g. --root DIR --runroot DIR
 #   --storage-driver vfs); PODMAN_OPTS (split on spaces) is prepended to them.
 #   Without --force nothing is done when the image already exists.
+#   --ws-echo PATH (or BERTH_WS_ECHO=PATH) puts that berth-ws-echo binary
+#   (crate ws-echo/, built with the workspace) into the image, with the shared
+#   libraries `ldd` lists for it.
 #
-# The image serves HTTP with its default command,
+# The image's default command, /bin/serve, starts `berth-ws-echo 8081` (a
+# WebSocket echo server) when the image has it and then runs
 #   busybox httpd -f -p 8080 -h /www
-# /www/index.html is a static page, /www/cgi-bin/env prints the environment
-# (so tests can see the container's env and $HOSTNAME) and
+# as PID 1 (exec). /www/index.html is a static page, /www/cgi-bin/env prints
+# the environment (so tests can see the container's env and $HOSTNAME) and
 # /www/cgi-bin/hostname prints the hostname, /www/cgi-bin/sse streams two
 # server-sent events (the second once /tmp/sse-go exists).
 set -euo pipefail
 
 image=localhost/berth-test/busybox:latest
 force=0
+ws_echo=${BERTH_WS_ECHO:-}
 podman_flags=()
 if [ -n "${PODMAN_OPTS:-}" ]; then
     read -r -a podman_flags <<<"$PODMAN_OPTS"
 fi
-for arg in "$@"; do
-    case "$arg" in
+while [ "$#" -gt 0 ]; do
+    case "$1" in
     --force) force=1 ;;
-    *) podman_flags+=("$arg") ;;
+    --ws-echo)
+        [ "$#" -ge 2 ] || { echo "make-test-image.sh: --ws-echo needs a path" >&2; exit 2; }
+        ws_echo=$2
+        shift
+        ;;
+    --ws-echo=*) ws_echo=${1#--ws-echo=} ;;
+    *) podman_flags+=("$1") ;;
     esac
+    shift
 done
+if [ -n "$ws_echo" ] && [ ! -x "$ws_echo" ]; then
+    echo "make-test-image.sh: $ws_echo is not an executable (build it: cargo build -p berth-ws-echo)" >&2
+    exit 1
+fi
 
 pm() { podman "${podman_flags[@]}" "$@"; }
 
@@ -104,12 +120,38 @@ printf 'data: second\n\n'
 CGI
 chmod 0755 "$root/www/cgi-bin/env" "$root/www/cgi-bin/hostname" "$root/www/cgi-bin/sse"
 
+# The WebSocket echo server: the binary (without its debug info) and the
+# shared libraries it loads, at the paths the binary names (the interpreter
+# /lib64/ld-linux-x86-64.so.2, libc, libgcc_s).
+if [ -n "$ws_echo" ]; then
+    if ! strip --strip-debug -o "$root/bin/berth-ws-echo" "$ws_echo" 2>/dev/null; then
+        cp "$ws_echo" "$root/bin/berth-ws-echo"
+    fi
+    chmod 0755 "$root/bin/berth-ws-echo"
+    # `ldd` fails for a static binary: then there is nothing to copy.
+    libs=$(ldd "$ws_echo" 2>/dev/null | grep -o '/[^ ]*' || true)
+    for lib in $libs; do
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+fi
+cat >"$root/bin/serve" <<'SERVE'
+#!/bin/sh
+# The image's default command: the WebSocket echo on 8081 (if the image has
+# it) in the background, busybox httpd on 8080 as PID 1.
+if [ -x /bin/berth-ws-echo ]; then
+    /bin/berth-ws-echo 8081 &
+fi
+exec /bin/busybox httpd -f -p 8080 -h /www
+SERVE
+chmod 0755 "$root/bin/serve"
+
 tar --numeric-owner --owner=0 --group=0 -C "$root" -cf "$work/rootfs.tar" .
 pm import \
     --change 'ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'WORKDIR /' \
-    --change 'CMD ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]' \
+    --change 'CMD ["/bin/serve"]' \
     --quiet \
     --message 'berth test image (busybox-static)' \
     "$work/rootfs.tar" "$image" >/dev/null
-echo "built $image" >&2
+echo "built $image${ws_echo:+ (with berth-ws-echo)}" >&2

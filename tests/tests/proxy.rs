@@ -1,13 +1,20 @@
 //! End-to-end: a proxy node with berth-proxy, a certificate from Pebble
-//! (ACME) through the control plane, HTTPS routed across the mesh to
-//! replicas on two workers.
+//! (ACME) through the control plane, HTTPS and WebSockets routed across the
+//! mesh to replicas on two workers.
 
 use berth_protocol::proxy::DomainSpec;
 use berth_protocol::service::ServiceSpec;
 use berth_tests::*;
+use futures_util::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
 
 const IMAGE: &str = "localhost/berth-test/busybox:latest";
 const SETTLE: Duration = Duration::from_secs(60);
@@ -50,6 +57,110 @@ fn domain(name: &str) -> DomainSpec {
         port: 8080,
         passthrough: false,
     }
+}
+
+/// The test image's WebSocket echo server (berth-ws-echo) listens on 8081.
+const WS_PORT: u16 = 8081;
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// A TLS client that trusts only the certificates in the PEM file `root`
+/// (Pebble's issuing root) and offers HTTP/1.1, where WebSocket upgrades live.
+fn tls_client(root: &Path) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(root).expect("read the root") {
+        roots.add(cert.expect("parse the root")).expect("add the root");
+    }
+    let mut cc = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cc.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(cc))
+}
+
+/// Opens `wss://host/echo` through the proxy at `ip:443` (certificate
+/// verified for `host`); returns the socket and the replica that answered
+/// (the echo server's `X-Echo-Hostname`).
+async fn ws_connect(tls: &tokio_rustls::TlsConnector, ip: &str, host: &str) -> anyhow::Result<(Ws, String)> {
+    let t = Duration::from_secs(10);
+    let tcp = tokio::time::timeout(t, TcpStream::connect((ip, 443))).await??;
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())?;
+    let stream = tokio::time::timeout(t, tls.connect(name, tcp)).await??;
+    let (ws, resp) =
+        tokio::time::timeout(t, tokio_tungstenite::client_async(format!("wss://{host}/echo"), stream)).await??;
+    anyhow::ensure!(resp.status() == 101, "status {}", resp.status());
+    let replica = resp
+        .headers()
+        .get("x-echo-hostname")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    Ok((ws, replica))
+}
+
+/// The next message on `ws` (10 s at most); panics on anything else.
+async fn ws_next(ws: &mut Ws) -> Message {
+    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+        Ok(Some(Ok(m))) => m,
+        other => panic!("no message from the echo server: {other:?}"),
+    }
+}
+
+/// Text and binary messages of every length encoding (7-bit, 16-bit and
+/// 64-bit) and a ping come back unchanged, one by one and pipelined; then the
+/// close handshake completes with the status code we sent.
+async fn ws_echo_session(ws: &mut Ws) {
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let messages = [
+        Message::text("hello through berth-proxy"),
+        Message::binary(vec![0u8, 1, 2, 0x7f, 0x80, 0xfe, 0xff]),
+        Message::text("grüße, 世界 ⚓"),
+        Message::text("x".repeat(300)),
+        Message::binary(big),
+        Message::text(""),
+        Message::binary(Vec::new()),
+    ];
+    for m in &messages {
+        ws.send(m.clone()).await.unwrap();
+        assert_eq!(&ws_next(ws).await, m);
+    }
+    ws.send(Message::Ping(b"are you there"[..].into())).await.unwrap();
+    assert_eq!(ws_next(ws).await, Message::Pong(b"are you there"[..].into()));
+    // Pipelined: 20 messages out before any comes back, echoed in order.
+    let burst: Vec<Message> = (0..20)
+        .map(|i| {
+            if i % 2 == 0 {
+                Message::text(format!("burst {i}"))
+            } else {
+                Message::binary(vec![i as u8; i * 10])
+            }
+        })
+        .collect();
+    for m in &burst {
+        ws.feed(m.clone()).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    for m in &burst {
+        assert_eq!(&ws_next(ws).await, m);
+    }
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .await
+    .unwrap();
+    match ws_next(ws).await {
+        Message::Close(Some(f)) => assert_eq!(f.code, CloseCode::Normal),
+        other => panic!("expected the close handshake, got {other:?}"),
+    }
+    let end = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap();
+    assert!(
+        end.is_none() || end.is_some_and(|r| r.is_err()),
+        "the stream ends after close"
+    );
 }
 
 /// SHA-256 of the leaf certificate a server at `ip:443` presents for `host`.
@@ -113,8 +224,16 @@ async fn https_through_the_proxy_with_an_acme_certificate() {
     admin.deploy_service(&web()).await.unwrap();
     let proxy_ip = lab.net.node_ip(lab.node(&proxy).unwrap().index).to_string();
 
-    // HTTP-01, answered by berth-proxy on port 80.
+    // HTTP-01, answered by berth-proxy on port 80. ws.example.com goes to
+    // the same service's WebSocket echo server (port 8081).
     admin.add_domain(&domain("app.example.com")).await.unwrap();
+    admin
+        .add_domain(&DomainSpec {
+            port: WS_PORT,
+            ..domain("ws.example.com")
+        })
+        .await
+        .unwrap();
     wait_cert(&lab, "app.example.com").await;
     let root = lab.state.dir.join("pebble-root.pem");
     let pebble = lab.state.pebble.clone().unwrap();
@@ -173,6 +292,39 @@ async fn https_through_the_proxy_with_an_acme_certificate() {
     }
     assert_eq!(rx.recv_timeout(Duration::from_secs(20)).as_deref(), Ok("data: second"));
     let _ = sse.wait();
+
+    // A WebSocket echo through the proxy: TLS with ws.example.com's Pebble
+    // certificate, the upgrade forwarded across the mesh to the echo server
+    // of a replica on a worker. New sockets go round the replicas: both are
+    // reached, each on a worker, never on the proxy node.
+    wait_cert(&lab, "ws.example.com").await;
+    let tls = tls_client(&root);
+    let deadline = Instant::now() + SETTLE;
+    let mut replicas = BTreeSet::new();
+    while replicas.len() < 2 {
+        // Until the proxy has the certificate and the route, connecting may
+        // fail; once a socket is open, everything on it must work.
+        let (mut ws, replica) = match ws_connect(&tls, &proxy_ip, "ws.example.com").await {
+            Ok(c) => c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "WebSocket through the proxy: {e:#}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
+            }
+        };
+        ws_echo_session(&mut ws).await;
+        let on: Vec<&str> = ["n1", "n2", proxy.as_str()]
+            .into_iter()
+            .filter(|n| {
+                lab.podman(n, &["container", "exists", &format!("berth-{replica}")])
+                    .is_ok_and(|o| o.status.success())
+            })
+            .collect();
+        assert!(on == ["n1"] || on == ["n2"], "replica {replica:?} runs on {on:?}");
+        replicas.insert(replica);
+        assert!(Instant::now() < deadline, "replicas reached: {replicas:?}");
+    }
+    assert_eq!(replicas, BTreeSet::from(["web-1".to_string(), "web-2".to_string()]));
 
     // A replica's container removed under load: its requests are retried on
     // the other replica until the agent has recreated it; none fails.
@@ -239,12 +391,12 @@ async fn https_through_the_proxy_with_an_acme_certificate() {
         assert!(Instant::now() < deadline, "second proxy: {status}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    for host in ["app.example.com", "alpn.example.com"] {
+    for host in ["app.example.com", "ws.example.com", "alpn.example.com"] {
         let one = served_cert(&proxy_ip, host);
         assert!(one.contains("Fingerprint"), "{one}");
         assert_eq!(served_cert(&proxy2_ip, host), one, "{host}");
     }
-    assert_eq!(pebble.orders(), 2, "one order per domain");
+    assert_eq!(pebble.orders(), 3, "one order per domain");
 
     // berth-proxy runs as nobody with CAP_NET_BIND_SERVICE only.
     let pid = lab_proxy_pid(&lab, &proxy);
