@@ -152,7 +152,8 @@ podman cp "$WORK/cp/ca.pem" "$PROXY_CTR:/root/berth-ca.pem"
 
 step "setup.sh: a bad token stops with a clear message and starts nothing"
 set +e
-out=$(in_node "curl -sSL --cacert /root/berth-ca.pem $CP_URL/setup.sh | REGISTRATION_TOKEN=berth1.aaaaaaaa.bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb.$(printf '0%.0s' $(seq 64)) bash" 2>&1)
+BAD_TOKEN=berth1.aaaaaaaa.bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb.$(printf '0%.0s' $(seq 64))
+out=$(in_node "curl -sSL --cacert /root/berth-ca.pem $CP_URL/setup.sh | bash -s -- --token $BAD_TOKEN --worker" 2>&1)
 rc=$?
 set -e
 [ $rc -ne 0 ] || fail "setup.sh with a bad token succeeded"
@@ -175,10 +176,33 @@ in_node "ip link show berth0 >/dev/null" || fail "no berth0 interface"
 in_node "grep -qx 1 /proc/sys/net/ipv4/ip_forward" || fail "IP forwarding is off"
 pass "mesh interface berth0 is up, IP forwarding on"
 
-step "setup.sh --proxy on a second server: berth-proxy as its own sandboxed service"
+step "setup.sh on a terminal, answering its questions: a proxy server"
 PTOKEN=$(berth token create --proxy --quiet)
-in_proxy "curl -sSL --cacert /root/berth-ca.pem $CP_URL/setup.sh | bash -s -- --token $PTOKEN --proxy" |
-    tee "$WORK/setup-proxy.log"
+# A real terminal (a pty) for `podman exec -t`; setup.sh asks on /dev/tty.
+python3 - "$PROXY_CTR" "$CP_URL" "$PTOKEN" "$WORK/setup-proxy.log" <<'PY' || fail "interactive setup.sh"
+import os, pty, sys, time
+ctr, url, token, log = sys.argv[1:]
+cmd = ["podman", "exec", "-it", ctr, "bash", "-c", f"curl -sSL --cacert /root/berth-ca.pem {url}/setup.sh | bash"]
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp(cmd[0], cmd)
+out, answers = b"", [(b"Join token", token), (b"proxy node", "y")]
+deadline = time.time() + 300
+while time.time() < deadline:
+    try:
+        chunk = os.read(fd, 4096)
+    except OSError:
+        break
+    if not chunk:
+        break
+    out += chunk
+    if answers and answers[0][0] in out:
+        os.write(fd, (answers.pop(0)[1] + "\r").encode())
+_, status = os.waitpid(pid, 0)
+open(log, "wb").write(out)
+sys.stdout.write(out.decode(errors="replace"))
+sys.exit(0 if status == 0 and not answers else 1)
+PY
 wait_for 30 "$PROXY_NODE is online" "[ \"\$(node_field online $PROXY_NODE)\" = True ]"
 for unit in berth-agent berth-proxy berth-wireguard; do
     in_proxy "systemctl is-active -q $unit" || fail "$unit is not active on $PROXY_NODE"
