@@ -57,6 +57,10 @@ struct Args {
     /// Largest request head (HTTP/1.1 buffer, HTTP/2 header list); larger gets 431. At least 8192.
     #[arg(long, value_name = "BYTES", default_value_t = 65536)]
     max_header_bytes: usize,
+    /// Worker threads; 0: one per CPU this process may run on. With one,
+    /// a single-threaded runtime is used (no cross-thread wake-ups).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    threads: usize,
 }
 
 /// `500ms`, `3s`, `2m`, or plain seconds.
@@ -81,8 +85,25 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v * mul))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let threads = match args.threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    };
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+    .context("starting the runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -91,7 +112,6 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let args = Args::parse();
     let access_log: Option<Box<dyn std::io::Write + Send>> = match args.access_log.as_str() {
         "off" => None,
         "stdout" | "-" => Some(Box::new(std::io::stdout())),
