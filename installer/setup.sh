@@ -161,6 +161,8 @@ else
     die "unsupported distribution $OS_NAME: need apt (Debian, Ubuntu) or dnf (Fedora, RHEL family)"
 fi
 { command -v systemctl >/dev/null && [ -d /run/systemd/system ]; } || die "systemd is not running: Berth runs as systemd services"
+CGROUP_V1=false
+[ "$(stat -fc %T /sys/fs/cgroup 2>/dev/null)" = cgroup2fs ] || CGROUP_V1=true
 KERNEL_WG=false
 if ip link add berth-wgprobe type wireguard 2>/dev/null; then
     ip link del berth-wgprobe
@@ -189,6 +191,7 @@ if [ $PKG = apt ]; then
 else
     want=(ca-certificates curl openssl iproute nftables wireguard-tools podman crun)
     $KERNEL_WG || want+=(wireguard-go)
+    $CGROUP_V1 && want+=(runc)
     missing=()
     for p in "${want[@]}"; do
         rpm -q "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -207,7 +210,7 @@ step "configuring IP forwarding and Podman"
 printf 'net.ipv4.ip_forward = 1\n' | put /etc/sysctl.d/90-berth.conf 0644
 # Written to /proc directly: minimal images have no sysctl(8).
 [ "$(cat /proc/sys/net/ipv4/ip_forward)" = 1 ] || echo 1 >/proc/sys/net/ipv4/ip_forward
-if [ "$(stat -fc %T /sys/fs/cgroup 2>/dev/null)" != cgroup2fs ]; then
+if $CGROUP_V1; then
     # cgroups v1: crun and the systemd cgroup manager fail here.
     printf '# Written by Berth setup.sh: this host has cgroups v1.\n[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n' |
         put /etc/containers/containers.conf.d/90-berth.conf 0644
