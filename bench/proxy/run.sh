@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # HTTPS reverse proxying: berth-proxy against nginx (1 worker) and Caddy, same upstream,
-# same certificate, same load, one run.
+# same certificate, same load, in $ROUNDS interleaved rounds.
 #
 # Everything runs inside a private network namespace made by this script ($NS), on its
 # loopback only; /etc/netns/$NS/hosts maps bench.example.com to 127.0.0.1 there, so the
@@ -13,23 +13,35 @@
 #              CA made here, pinned to CPU 0; access logs off for all three
 #   load       wrk -t1 -c$CONNS pinned to CPU 1
 #
-# Per proxy:
-#   1. keep-alive: wrk -t1 -c$CONNS -d${DURATION}s --latency  (after a ${WARMUP}s warm-up)
+# Rounds: on a shared machine the throughput of one run moves by ±30 % with what else the
+# host is doing, so one run per proxy, one after the other, is not a fair comparison.
+# Phases 1 and 2 below run $ROUNDS times; each round runs every proxy once, in an order
+# rotated by one per round (round 1: nginx caddy berth-proxy, round 2: caddy berth-proxy
+# nginx, round 3: berth-proxy nginx caddy, …), so each proxy takes each position in turn.
+# In each round and for each proxy:
+#   1. keep-alive: wrk -t1 -c$CONNS -d${DURATION}s --latency  (the proxy freshly started,
+#      after a ${WARMUP}s warm-up)
 #   2. new connections: the same with -H 'Connection: close' for ${NEWCONN_DURATION}s, so
 #      every request is a fresh TCP connection + full TLS 1.3 handshake (wrk does not resume
 #      sessions) → handshakes/s
+# Once per proxy, after the rounds (memory does not depend on the other load):
 #   3. memory: the proxy restarted, then idle_conns.py opens $IDLE_CONNS TLS connections
 #      (one GET each, certificate verified) and holds them idle; VmRSS of the proxy (nginx:
 #      master + worker) before and with them open.
-# Prints a table with the ratios and the targets (berth-proxy ≥ 1.0× nginx req/s, ≥ 2×
-# Caddy req/s, p99 ≤ nginx's): met/MISSED, never a failure exit.
+# Prints every run, then per proxy the median req/s, p50 and p99 over the rounds (with an
+# even number of rounds, the mean of the middle two) and the min–max of req/s, the ratios
+# of the medians, the berth-proxy ratios of each round (paired: the proxies of one round run
+# within ~90 s of each other, under similar host load), and the targets (berth-proxy ≥ 1.0× nginx req/s,
+# ≥ 2× Caddy req/s, p99 ≤ nginx's), judged on the medians, with how many rounds met each:
+# met/MISSED, never a failure exit.
 #
 # Usage: bench/proxy/run.sh          (as root: installs packages, makes a network namespace)
-# Env:   DURATION=15 NEWCONN_DURATION=10 WARMUP=3 CONNS=64 IDLE_CONNS=10000
+# Env:   ROUNDS=3 DURATION=15 NEWCONN_DURATION=10 WARMUP=3 CONNS=64 IDLE_CONNS=10000
 #        PROXIES="nginx caddy berth-proxy" UPSTREAM_CPUS=1 NS=berth-bench-proxy
 #        SHOW_CONFIGS=1 prints the generated configs.
 set -euo pipefail
 
+ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-15}
 NEWCONN_DURATION=${NEWCONN_DURATION:-10}
 WARMUP=${WARMUP:-3}
@@ -46,6 +58,10 @@ UPSTREAM=127.0.0.1:8080
 root=$(cd "$(dirname "$0")/../.." && pwd)
 here="$root/bench/proxy"
 
+if ! [[ $ROUNDS =~ ^[1-9][0-9]*$ ]]; then
+    echo "ROUNDS must be a positive integer (got '$ROUNDS')" >&2
+    exit 1
+fi
 if [ "$(id -u)" != 0 ]; then
     echo "run as root (network namespace, packages)" >&2
     exit 1
@@ -406,6 +422,7 @@ echo "berth-proxy: $("$berth_bin" --version), commit $(git -C "$root" rev-parse 
 echo "namespace $NS (loopback only), $DOMAIN → 127.0.0.1 via /etc/netns/$NS/hosts; certificate: P-256 leaf + own CA (\$TMP = $tmp)"
 echo "pinning: proxy on CPU 0; wrk / idle client on CPU 1; upstream nginx (2 workers) on CPU $UPSTREAM_CPUS"
 echo "open files limit: $nofile (ulimit -n, inherited by every process)"
+echo "rounds: $ROUNDS (warm-up + keep-alive + new-conn for each proxy in each round, freshly started; proxy order rotated by one each round); memory once per proxy"
 s0=$(awk '/^cpu / {print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat)
 sleep 2
 s1=$(awk '/^cpu / {print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat)
@@ -438,23 +455,40 @@ for _ in $(seq 50); do
 done
 nsx curl -sf -o /dev/null "http://$UPSTREAM/"
 
-declare -A KA_RPS KA_P50 KA_P99 KA_CPU KA_US NC_RPS NC_P50 NC_P99 NC_CPU NC_US RSS0 RSS1 HELD
+read -r -a plist <<<"$PROXIES"
+nprox=${#plist[@]}
+# Results of every run, keyed "proxy:round"; the medians etc. keyed by proxy.
+declare -A KA_RPS KA_P50 KA_P99 KA_CPU KA_US NC_RPS NC_P50 NC_P99 NC_CPU NC_US RSS0 RSS1 HELD TLS_INFO ORDER
+row() { printf '%-12s %-10s %10.0f %9s %9s %7s %9s %9s %11s\n' "$@"; }
 printf '%-12s %-10s %10s %9s %9s %7s %9s %9s %11s\n' proxy phase req/s p50_ms p99_ms errors "proxy CPU" upstream "cpu0 cpu1"
-for p in $PROXIES; do
-    start_proxy "$p"
-    tls=$(nsx openssl s_client -connect 127.0.0.1:443 -servername "$DOMAIN" -CAfile "$tmp/ca.pem" -brief </dev/null 2>&1 |
-        awk -F': ' '/Protocol version/ {v = $2} /Ciphersuite/ {c = $2} /Verification:/ {ok = $2} /Server Temp Key/ {k = $2}
-            END {printf "%s %s, %s, verify %s", v, c, k, ok}')
-    echo "# $p: $tls"
-    nsx "${wrk_warm[@]}" >/dev/null 2>&1
-    run_wrk "$p" keepalive "${wrk_ka[@]}"
-    KA_RPS[$p]=$rps KA_P50[$p]=$p50 KA_P99[$p]=$p99 KA_CPU[$p]=$proxy_cpu KA_US[$p]=$cpu_us
-    printf '%-12s %-10s %10.0f %9s %9s %7s %9s %9s %11s\n' "$p" keep-alive "$rps" "$p50" "$p99" "$errs" "$proxy_cpu%" "$upstream_cpu" "$cores"
-    run_wrk "$p" newconn "${wrk_nc[@]}"
-    NC_RPS[$p]=$rps NC_P50[$p]=$p50 NC_P99[$p]=$p99 NC_CPU[$p]=$proxy_cpu NC_US[$p]=$cpu_us
-    printf '%-12s %-10s %10.0f %9s %9s %7s %9s %9s %11s\n' "$p" new-conn "$rps" "$p50" "$p99" "$errs" "$proxy_cpu%" "$upstream_cpu" "$cores"
-    stop_proxy
+bench_t0=$SECONDS
+# shellcheck disable=SC2034 # the per-round arrays are read through the nameref in per_round
+for ((r = 1; r <= ROUNDS; r++)); do
+    order=()
+    for ((i = 0; i < nprox; i++)); do order+=("${plist[(i + r - 1) % nprox]}"); done
+    ORDER[$r]="${order[*]}"
+    echo "# round $r of $ROUNDS: ${order[*]}"
+    for p in "${order[@]}"; do
+        start_proxy "$p"
+        if [ -z "${TLS_INFO[$p]:-}" ]; then
+            TLS_INFO[$p]=$(nsx openssl s_client -connect 127.0.0.1:443 -servername "$DOMAIN" -CAfile "$tmp/ca.pem" -brief </dev/null 2>&1 |
+                awk -F': ' '/Protocol version/ {v = $2} /Ciphersuite/ {c = $2} /Verification:/ {ok = $2} /Server Temp Key/ {k = $2}
+                    END {printf "%s %s, %s, verify %s", v, c, k, ok}')
+            echo "# $p: ${TLS_INFO[$p]}"
+        fi
+        nsx "${wrk_warm[@]}" >/dev/null 2>&1
+        run_wrk "$p" "keepalive-$r" "${wrk_ka[@]}"
+        KA_RPS[$p:$r]=$rps KA_P50[$p:$r]=$p50 KA_P99[$p:$r]=$p99 KA_CPU[$p:$r]=$proxy_cpu KA_US[$p:$r]=$cpu_us
+        row "$p" keep-alive "$rps" "$p50" "$p99" "$errs" "$proxy_cpu%" "$upstream_cpu" "$cores"
+        run_wrk "$p" "newconn-$r" "${wrk_nc[@]}"
+        NC_RPS[$p:$r]=$rps NC_P50[$p:$r]=$p50 NC_P99[$p:$r]=$p99 NC_CPU[$p:$r]=$proxy_cpu NC_US[$p:$r]=$cpu_us
+        row "$p" new-conn "$rps" "$p50" "$p99" "$errs" "$proxy_cpu%" "$upstream_cpu" "$cores"
+        stop_proxy
+    done
+done
 
+echo "# memory: once per proxy"
+for p in "${plist[@]}"; do
     # Memory: a fresh process, then $IDLE_CONNS idle keep-alive TLS connections.
     start_proxy "$p"
     sleep 1
@@ -484,28 +518,56 @@ for p in $PROXIES; do
     wait "$idle_pid" 2>/dev/null || true
     stop_proxy
 done
+bench_secs=$((SECONDS - bench_t0))
 
 # --- summary ----------------------------------------------------------------------------
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2fx", a / b; else printf "-"}'; }
-echo
 k() { awk -v k="$1" 'BEGIN {printf "%.1f", k / 1024}'; }
+per_round() { # array proxy → its values, one per round
+    local -n arr=$1
+    local i
+    for ((i = 1; i <= ROUNDS; i++)); do echo "${arr[$2:$i]}"; done
+}
+median() { # array proxy [printf format] → the median over the rounds (even count: mean of the middle two)
+    per_round "$1" "$2" | sort -g | awk -v f="${3:-%.3f}" '{v[NR] = $1}
+        END {printf f, (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'
+}
+range() { # array proxy → "min-max" of req/s
+    per_round "$1" "$2" | sort -g | awk '{v[NR] = $1} END {printf "%.0f-%.0f", v[1], v[NR]}'
+}
+declare -A M_KA_RPS M_KA_P50 M_KA_P99 M_KA_CPU M_KA_US M_NC_RPS M_NC_P50 M_NC_P99 M_NC_CPU M_NC_US
+for p in "${plist[@]}"; do
+    M_KA_RPS[$p]=$(median KA_RPS "$p" %.2f) M_KA_P50[$p]=$(median KA_P50 "$p") M_KA_P99[$p]=$(median KA_P99 "$p")
+    M_KA_CPU[$p]=$(median KA_CPU "$p" %.0f) M_KA_US[$p]=$(median KA_US "$p" %.0f)
+    M_NC_RPS[$p]=$(median NC_RPS "$p" %.2f) M_NC_P50[$p]=$(median NC_P50 "$p") M_NC_P99[$p]=$(median NC_P99 "$p")
+    M_NC_CPU[$p]=$(median NC_CPU "$p" %.0f) M_NC_US[$p]=$(median NC_US "$p" %.0f)
+done
+
+echo
+if ((ROUNDS > 1)); then
+    echo "medians of $ROUNDS rounds (req/s min-max = the lowest and highest round); ratios are of the medians"
+fi
 echo "keep-alive: wrk -t1 -c$CONNS -d${DURATION}s --latency (HTTP/1.1 over TLS 1.3, connections reused)"
-printf '%-12s %10s %8s %8s %9s %9s %10s %12s\n' proxy req/s p50_ms p99_ms "vs nginx" "vs Caddy" "proxy CPU" "CPU us/req"
-for p in $PROXIES; do
-    printf '%-12s %10.0f %8s %8s %9s %9s %9s%% %12s\n' "$p" "${KA_RPS[$p]}" "${KA_P50[$p]}" "${KA_P99[$p]}" \
-        "$(ratio "${KA_RPS[$p]}" "${KA_RPS[nginx]:-0}")" "$(ratio "${KA_RPS[$p]}" "${KA_RPS[caddy]:-0}")" "${KA_CPU[$p]}" "${KA_US[$p]}"
+printf '%-12s %10s %13s %8s %8s %9s %9s %10s %12s\n' proxy req/s "min-max" p50_ms p99_ms "vs nginx" "vs Caddy" "proxy CPU" "CPU us/req"
+for p in "${plist[@]}"; do
+    printf '%-12s %10.0f %13s %8s %8s %9s %9s %9s%% %12s\n' "$p" "${M_KA_RPS[$p]}" "$(range KA_RPS "$p")" \
+        "${M_KA_P50[$p]}" "${M_KA_P99[$p]}" \
+        "$(ratio "${M_KA_RPS[$p]}" "${M_KA_RPS[nginx]:-0}")" "$(ratio "${M_KA_RPS[$p]}" "${M_KA_RPS[caddy]:-0}")" \
+        "${M_KA_CPU[$p]}" "${M_KA_US[$p]}"
 done
 echo
 echo "new connections: the same with -H 'Connection: close' for ${NEWCONN_DURATION}s: one TCP connection + full TLS 1.3 handshake per request"
-printf '%-12s %11s %8s %8s %9s %9s %10s %12s\n' proxy handshake/s p50_ms p99_ms "vs nginx" "vs Caddy" "proxy CPU" "CPU us/conn"
-for p in $PROXIES; do
-    printf '%-12s %11.0f %8s %8s %9s %9s %9s%% %12s\n' "$p" "${NC_RPS[$p]}" "${NC_P50[$p]}" "${NC_P99[$p]}" \
-        "$(ratio "${NC_RPS[$p]}" "${NC_RPS[nginx]:-0}")" "$(ratio "${NC_RPS[$p]}" "${NC_RPS[caddy]:-0}")" "${NC_CPU[$p]}" "${NC_US[$p]}"
+printf '%-12s %11s %13s %8s %8s %9s %9s %10s %12s\n' proxy handshake/s "min-max" p50_ms p99_ms "vs nginx" "vs Caddy" "proxy CPU" "CPU us/conn"
+for p in "${plist[@]}"; do
+    printf '%-12s %11.0f %13s %8s %8s %9s %9s %9s%% %12s\n' "$p" "${M_NC_RPS[$p]}" "$(range NC_RPS "$p")" \
+        "${M_NC_P50[$p]}" "${M_NC_P99[$p]}" \
+        "$(ratio "${M_NC_RPS[$p]}" "${M_NC_RPS[nginx]:-0}")" "$(ratio "${M_NC_RPS[$p]}" "${M_NC_RPS[caddy]:-0}")" \
+        "${M_NC_CPU[$p]}" "${M_NC_US[$p]}"
 done
 echo
-echo "memory: VmRSS of a freshly started proxy (nginx: master + worker), idle and with $IDLE_CONNS idle keep-alive TLS connections"
+echo "memory: VmRSS of a freshly started proxy (nginx: master + worker), idle and with $IDLE_CONNS idle keep-alive TLS connections (once per proxy)"
 printf '%-12s %12s %16s %10s %8s\n' proxy "RSS idle MB" "RSS ${IDLE_CONNS}c MB" "KiB/conn" held
-for p in $PROXIES; do
+for p in "${plist[@]}"; do
     printf '%-12s %12s %16s %10s %8s\n' "$p" "$(k "${RSS0[$p]}")" "$(k "${RSS1[$p]}")" \
         "$(awk -v a="${RSS0[$p]}" -v b="${RSS1[$p]}" -v n="$IDLE_CONNS" 'BEGIN {printf "%.1f", (b - a) / n}')" "${HELD[$p]}"
 done
@@ -514,16 +576,33 @@ echo " cpu0/cpu1 above = how busy each core was in total: cpu1 near 100% means t
 echo " limit; cpu0 near 100% with the proxy well below means other processes on the host took part of the proxy's core.)"
 
 b=berth-proxy
-if [ -n "${KA_RPS[$b]:-}" ] && [ -n "${KA_RPS[nginx]:-}" ] && [ -n "${KA_RPS[caddy]:-}" ]; then
-    verdict() { if awk -v a="$1" -v b="$2" "BEGIN {exit !(a $3 b)}"; then echo met; else echo MISSED; fi; }
+if [ -n "${M_KA_RPS[$b]:-}" ] && [ -n "${M_KA_RPS[nginx]:-}" ] && [ -n "${M_KA_RPS[caddy]:-}" ]; then
+    holds() { awk -v a="$1" -v b="$2" "BEGIN {exit !(a $3 b)}"; }
+    verdict() { if holds "$@"; then echo met; else echo MISSED; fi; }
+    declare -A MET=()
     echo
-    echo "targets:"
-    printf '  berth-proxy req/s >= 1.0x nginx: %-6s (%s)\n' "$(verdict "${KA_RPS[$b]}" "${KA_RPS[nginx]}" ">=")" \
-        "$(ratio "${KA_RPS[$b]}" "${KA_RPS[nginx]}")"
-    printf '  berth-proxy req/s >= 2.0x Caddy: %-6s (%s)\n' \
-        "$(verdict "${KA_RPS[$b]}" "$(awk -v c="${KA_RPS[caddy]}" 'BEGIN {print 2 * c}')" ">=")" \
-        "$(ratio "${KA_RPS[$b]}" "${KA_RPS[caddy]}")"
-    printf '  berth-proxy p99 <= nginx p99:    %-6s (%s ms vs %s ms)\n' "$(verdict "${KA_P99[$b]}" "${KA_P99[nginx]}" "<=")" \
-        "${KA_P99[$b]}" "${KA_P99[nginx]}"
+    echo "paired, per round: berth-proxy against nginx and Caddy of the same round"
+    printf '%-5s %-28s %12s %9s %19s %12s %9s\n' round order "ka vs nginx" "vs Caddy" "p99 ms berth/nginx" "hs vs nginx" "vs Caddy"
+    for ((r = 1; r <= ROUNDS; r++)); do
+        printf '%-5s %-28s %12s %9s %19s %12s %9s\n' "$r" "${ORDER[$r]}" \
+            "$(ratio "${KA_RPS[$b:$r]}" "${KA_RPS[nginx:$r]}")" "$(ratio "${KA_RPS[$b:$r]}" "${KA_RPS[caddy:$r]}")" \
+            "${KA_P99[$b:$r]} / ${KA_P99[nginx:$r]}" \
+            "$(ratio "${NC_RPS[$b:$r]}" "${NC_RPS[nginx:$r]}")" "$(ratio "${NC_RPS[$b:$r]}" "${NC_RPS[caddy:$r]}")"
+        if holds "${KA_RPS[$b:$r]}" "${KA_RPS[nginx:$r]}" ">="; then MET[nginx]=$((${MET[nginx]:-0} + 1)); fi
+        if holds "${KA_RPS[$b:$r]}" "$(awk -v c="${KA_RPS[caddy:$r]}" 'BEGIN {print 2 * c}')" ">="; then
+            MET[caddy]=$((${MET[caddy]:-0} + 1))
+        fi
+        if holds "${KA_P99[$b:$r]}" "${KA_P99[nginx:$r]}" "<="; then MET[p99]=$((${MET[p99]:-0} + 1)); fi
+    done
+    of() { printf '%d of %d round%s' "${MET[$1]:-0}" "$ROUNDS" "$( ((ROUNDS == 1)) || echo s)"; }
+    echo
+    echo "targets (judged on the medians):"
+    printf '  berth-proxy req/s >= 1.0x nginx: %-6s (median %s; %s)\n' \
+        "$(verdict "${M_KA_RPS[$b]}" "${M_KA_RPS[nginx]}" ">=")" "$(ratio "${M_KA_RPS[$b]}" "${M_KA_RPS[nginx]}")" "$(of nginx)"
+    printf '  berth-proxy req/s >= 2.0x Caddy: %-6s (median %s; %s)\n' \
+        "$(verdict "${M_KA_RPS[$b]}" "$(awk -v c="${M_KA_RPS[caddy]}" 'BEGIN {print 2 * c}')" ">=")" \
+        "$(ratio "${M_KA_RPS[$b]}" "${M_KA_RPS[caddy]}")" "$(of caddy)"
+    printf '  berth-proxy p99 <= nginx p99:    %-6s (median %s ms vs %s ms; %s)\n' \
+        "$(verdict "${M_KA_P99[$b]}" "${M_KA_P99[nginx]}" "<=")" "${M_KA_P99[$b]}" "${M_KA_P99[nginx]}" "$(of p99)"
 fi
-echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg); $ROUNDS round(s) + memory took $((bench_secs / 60))m$((bench_secs % 60))s"
