@@ -404,11 +404,7 @@ async fn service_info(s: &SharedState, row: &ServiceRow) -> ApiResult<ServiceInf
             .filter(|r| r.service == row.name)
             .map(|r| ReplicaInfo {
                 replica: r.name(),
-                node: nodes
-                    .iter()
-                    .find(|n| n.id == r.node_id)
-                    .map(|n| n.name.clone())
-                    .unwrap_or_default(),
+                node: crate::store::nodes::name_of(&nodes, &r.node_id),
                 ip: r.ip,
                 state: r.state.clone().unwrap_or_else(|| "pending".into()),
                 healthy: r.healthy,

@@ -2,7 +2,7 @@
 //! the store. One snapshot serves every long-poll that wakes for the same
 //! revision, so a change fans out to all nodes with one store read.
 
-use crate::store::nodes::NodeRow;
+use crate::store::nodes::{name_of, NodeRow};
 use crate::store::proxy::{ChallengeRow, DomainRow, TcpRouteRow, ALPN01, HTTP01};
 use crate::store::services::{ReplicaRow, ServiceRow};
 use berth_protocol::proxy::{
@@ -124,12 +124,7 @@ pub fn dns_records(snap: &Snapshot) -> Vec<DnsService> {
                 .filter(|r| r.service == s.name)
                 .map(|r| DnsReplica {
                     replica: r.name(),
-                    node: snap
-                        .nodes
-                        .iter()
-                        .find(|n| n.id == r.node_id)
-                        .map(|n| n.name.clone())
-                        .unwrap_or_default(),
+                    node: name_of(&snap.nodes, &r.node_id),
                     ip: r.ip,
                     healthy: r.healthy,
                 })
@@ -222,12 +217,7 @@ fn upstreams(snap: &Snapshot, service: &str, port: u16) -> Vec<UpstreamDesired> 
         .filter(|r| r.service == service)
         .map(|r| UpstreamDesired {
             replica: r.name(),
-            node: snap
-                .nodes
-                .iter()
-                .find(|n| n.id == r.node_id)
-                .map(|n| n.name.clone())
-                .unwrap_or_default(),
+            node: name_of(&snap.nodes, &r.node_id),
             ip: r.ip,
             port,
             healthy: r.healthy,

@@ -62,6 +62,15 @@ impl NodeRow {
     }
 }
 
+/// The name of node `id` in `nodes` (empty if it is gone).
+pub fn name_of(nodes: &[NodeRow], id: &str) -> String {
+    nodes
+        .iter()
+        .find(|n| n.id == id)
+        .map(|n| n.name.clone())
+        .unwrap_or_default()
+}
+
 /// Everything registration needs, already validated by the API layer.
 #[derive(Debug, Clone)]
 pub struct NewNode {
