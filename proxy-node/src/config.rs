@@ -5,13 +5,13 @@
 use crate::access_log::AccessLog;
 use crate::metrics::{HostStats, Metrics};
 use crate::tls;
-use crate::upstream::{http_client, HealthRegistry, HttpClient, Pool};
+use crate::upstream::{PeerRegistry, Pool};
 use crate::{Options, Timeouts};
 use anyhow::Context;
 use berth_protocol::proxy::ProxyConfig;
 use bytes::Bytes;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use rustls::sign::CertifiedKey;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -65,12 +65,12 @@ fn domain_key(field: &str, d: &str) -> Result<Box<str>, String> {
 }
 
 impl Snapshot {
-    /// Validates `cfg` and builds a snapshot. Upstream health state is taken
+    /// Validates `cfg` and builds a snapshot. Upstream state (ejection, idle connections) is taken
     /// from `old` and recorded in `new`. Any error rejects the whole file.
     pub fn build(
         cfg: &ProxyConfig,
-        old: &HealthRegistry,
-        new: &mut HealthRegistry,
+        old: &PeerRegistry,
+        new: &mut PeerRegistry,
         metrics: &Metrics,
     ) -> Result<Snapshot, String> {
         let mut s = Snapshot {
@@ -145,16 +145,14 @@ pub struct Shared {
     pub retries: u32,
     pub poll_interval: Duration,
     snap: watch::Sender<Arc<Snapshot>>,
-    health: Mutex<HealthRegistry>,
+    peers: Mutex<PeerRegistry>,
     reload_lock: tokio::sync::Mutex<()>,
     pub metrics: Metrics,
     pub access_log: AccessLog,
-    pub client: HttpClient,
     pub tls: TlsAcceptor,
-    /// Connection builders: HTTP/1.1 only, HTTP/2 only, and auto-detect.
-    pub h1: auto::Builder<TokioExecutor>,
-    pub h2: auto::Builder<TokioExecutor>,
-    pub auto: auto::Builder<TokioExecutor>,
+    /// Connection builders. Without ALPN h2 a connection is HTTP/1.1 (RFC 9113 §3.2).
+    pub h1: http1::Builder,
+    pub h2: http2::Builder<TokioExecutor>,
 }
 
 impl Shared {
@@ -162,36 +160,40 @@ impl Shared {
         let (snap, rx) = watch::channel(Arc::new(Snapshot::default()));
         let resolver = Arc::new(tls::Resolver::new(rx));
         let tls = TlsAcceptor::from(tls::server_config(resolver).map_err(anyhow::Error::msg)?);
-        let mut b = auto::Builder::new(TokioExecutor::new());
-        b.http1()
-            .timer(TokioTimer::new())
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
             .header_read_timeout(opts.timeouts.header_read)
             .max_buf_size(opts.max_header_bytes)
+            .max_header_size(opts.max_header_bytes)
             .keep_alive(true)
             .half_close(false);
-        b.http2()
-            .timer(TokioTimer::new())
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
             .max_header_list_size(opts.max_header_bytes as u32)
             .max_concurrent_streams(256);
         let access_log = AccessLog::new(opts.access_log).context("starting the access-log writer")?;
         Ok(Arc::new(Shared {
             config_path: opts.config_path,
             tcp_bind: opts.tcp_bind,
-            client: http_client(opts.timeouts.upstream_connect),
             timeouts: opts.timeouts,
             ejection: opts.ejection,
             retries: opts.retries,
             poll_interval: opts.poll_interval,
             snap,
-            health: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
             metrics: Metrics::default(),
             access_log,
             tls,
-            h1: b.clone().http1_only(),
-            h2: b.clone().http2_only(),
-            auto: b,
+            h1,
+            h2,
         }))
+    }
+
+    /// Closes upstream connections that sat idle too long.
+    pub fn prune_idle_upstreams(&self) {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        crate::client::prune_all(peers.values().map(|p| &*p.idle));
     }
 
     /// The configuration being served.
@@ -227,11 +229,11 @@ impl Shared {
 
     fn load(&self) -> anyhow::Result<u64> {
         let cfg = read_file(&self.config_path)?;
-        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let mut new = HashMap::new();
-        let snap = Snapshot::build(&cfg, &health, &mut new, &self.metrics)
+        let snap = Snapshot::build(&cfg, &peers, &mut new, &self.metrics)
             .map_err(|e| anyhow::anyhow!("config file {}: {e}", self.config_path.display()))?;
-        *health = new;
+        *peers = new;
         tracing::info!(
             "config revision {} loaded: {} http routes, {} passthrough, {} tcp routes, {} certificates, {} challenges",
             snap.revision,

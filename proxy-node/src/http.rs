@@ -3,14 +3,13 @@
 //! the HTTP→HTTPS redirect.
 
 use crate::access_log::{rfc3339, Entry};
+use crate::client::{self, Answer, ResponseBody};
 use crate::config::{Route, Shared};
 use crate::metrics::HostStats;
-use crate::upstream::{mark, ReqBody, Tried};
+use crate::upstream::{mark, Tried};
 use bytes::Bytes;
-use http_body_util::{Either, Empty};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::http::uri::{PathAndQuery, Scheme};
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use std::borrow::Cow;
@@ -21,6 +20,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
+use tokio::io::AsyncWriteExt;
 
 const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -28,16 +28,16 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// What is logged when the response body is done.
@@ -56,7 +56,7 @@ struct Pending {
 
 enum Inner {
     Full(Option<Bytes>),
-    Stream(Incoming),
+    Upstream(ResponseBody),
 }
 
 /// Response body: a local answer or the upstream's body, streamed; logs
@@ -77,13 +77,13 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         let r = match &mut this.inner {
             Inner::Full(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
-            Inner::Stream(s) => Pin::new(s).poll_frame(cx),
+            Inner::Upstream(s) => Pin::new(s).poll_frame(cx),
         };
         if let (Poll::Ready(Some(Ok(f))), Some(p)) = (&r, this.pending.as_mut()) {
             if let Some(d) = f.data_ref() {
@@ -96,14 +96,14 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
-            Inner::Stream(s) => s.is_end_stream(),
+            Inner::Upstream(s) => s.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Inner::Stream(s) => s.size_hint(),
+            Inner::Upstream(s) => s.size_hint(),
         }
     }
 }
@@ -129,19 +129,15 @@ impl Drop for ProxyBody {
 /// Per-request context.
 struct Ctx {
     shared: Arc<Shared>,
-    start: Instant,
-    time: SystemTime,
+    /// When the request came, for the access log (no clock read without one).
+    start: Option<(Instant, SystemTime)>,
     client: SocketAddr,
 }
 
 impl Ctx {
     fn new(shared: Arc<Shared>, client: SocketAddr) -> Self {
-        Ctx {
-            shared,
-            start: Instant::now(),
-            time: SystemTime::now(),
-            client,
-        }
+        let start = shared.access_log.enabled().then(|| (Instant::now(), SystemTime::now()));
+        Ctx { shared, start, client }
     }
 
     /// Wraps a response so that it is counted and logged.
@@ -155,15 +151,15 @@ impl Ctx {
         upstream: Option<SocketAddr>,
     ) -> Response<ProxyBody> {
         stats.count(resp.status().as_u16());
-        if !self.shared.access_log.enabled() {
+        let Some((start, time)) = self.start else {
             return resp;
-        }
+        };
         let status = resp.status().as_u16();
         let (parts, mut body) = resp.into_parts();
         body.pending = Some(Box::new(Pending {
             shared: self.shared.clone(),
-            start: self.start,
-            time: self.time,
+            start,
+            time,
             client: self.client.ip(),
             host: host.to_string(),
             method: method.clone(),
@@ -217,7 +213,7 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()
@@ -245,7 +241,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for n in HOP_BY_HOP {
+    for n in &HOP_BY_HOP {
         headers.remove(n);
     }
 }
@@ -394,12 +390,8 @@ async fn proxy(ctx: &Ctx, route: &Route, req: Request<Incoming>, proto: &'static
         proto,
         upgrade,
     );
-    let pq = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let path = pq.path();
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = parts.uri.path();
     // A request without a body that failed to connect can go to another upstream.
     let retryable = is_idempotent(&parts.method) && body.is_end_stream();
     let attempts = if retryable { 1 + shared.retries as usize } else { 1 };
@@ -407,39 +399,21 @@ async fn proxy(ctx: &Ctx, route: &Route, req: Request<Incoming>, proto: &'static
     let mut body = if retryable { None } else { Some(body) };
     let mut tried: Tried = 0;
     let mut failure = (StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n", None);
-    for attempt in 0..attempts {
+    for _ in 0..attempts {
         let Some(i) = route.pool.pick(tried) else { break };
         mark(&mut tried, i);
-        let target = &route.pool.targets[i];
-        let last = attempt + 1 == attempts;
-        let mut uri = hyper::http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(target.authority.clone());
-        uri.path_and_query = Some(pq.clone());
-        let b: ReqBody = match body.take() {
-            Some(b) => Either::Left(b),
-            None => Either::Right(Empty::new()),
+        let t = &route.pool.targets[i];
+        let out = client::Request {
+            method: &parts.method,
+            target,
+            headers: &parts.headers,
+            body: body.take(),
         };
-        let mut out = Request::new(b);
-        *out.method_mut() = parts.method.clone();
-        *out.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
-        *out.headers_mut() = if last {
-            std::mem::take(&mut parts.headers)
-        } else {
-            parts.headers.clone()
-        };
-        let res = tokio::time::timeout(shared.timeouts.upstream_response, shared.client.request(out)).await;
-        let err = match res {
-            Ok(Ok(resp)) => {
-                let resp = upstream_response(resp, client_upgrade, target.addr);
-                return ctx.finish(
-                    resp,
-                    &route.stats,
-                    &route.domain,
-                    &parts.method,
-                    path,
-                    Some(target.addr),
-                );
+        let sent = client::send(&t.peer.idle, t.addr, shared.timeouts.upstream_connect, out);
+        let err = match tokio::time::timeout(shared.timeouts.upstream_response, sent).await {
+            Ok(Ok(answer)) => {
+                let resp = upstream_response(answer, client_upgrade, t.addr);
+                return ctx.finish(resp, &route.stats, &route.domain, &parts.method, path, Some(t.addr));
             }
             Ok(Err(e)) => e,
             Err(_) => {
@@ -447,31 +421,26 @@ async fn proxy(ctx: &Ctx, route: &Route, req: Request<Incoming>, proto: &'static
                 tracing::warn!(
                     "{}: upstream {} sent no response headers within {:?}",
                     route.domain,
-                    target.addr,
+                    t.addr,
                     shared.timeouts.upstream_response
                 );
                 let r = local(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n");
-                return ctx.finish(r, &route.stats, &route.domain, &parts.method, path, Some(target.addr));
+                return ctx.finish(r, &route.stats, &route.domain, &parts.method, path, Some(t.addr));
             }
         };
         route.stats.upstream_errors.fetch_add(1, Relaxed);
-        let client_fault = client_side_error(&err);
-        if !client_fault && target.health.eject(shared.ejection) {
+        let client_fault = matches!(err, client::Error::Client(_));
+        if !client_fault && t.peer.eject(shared.ejection) {
             shared.metrics.ejections.fetch_add(1, Relaxed);
-            tracing::warn!(
-                "upstream {} ejected for {:?}: {}",
-                target.addr,
-                shared.ejection,
-                error_chain(&err)
-            );
+            tracing::warn!("upstream {} ejected for {:?}: {err}", t.addr, shared.ejection);
         }
-        if err.is_connect() {
+        if let client::Error::Connect(_) = err {
             shared.metrics.upstream_connect_errors.fetch_add(1, Relaxed);
-            failure = (StatusCode::BAD_GATEWAY, "upstream unreachable\n", Some(target.addr));
+            failure = (StatusCode::BAD_GATEWAY, "upstream unreachable\n", Some(t.addr));
             continue;
         }
-        tracing::debug!("{}: upstream {}: {}", route.domain, target.addr, error_chain(&err));
-        failure = (StatusCode::BAD_GATEWAY, "upstream failed\n", Some(target.addr));
+        tracing::debug!("{}: upstream {}: {err}", route.domain, t.addr);
+        failure = (StatusCode::BAD_GATEWAY, "upstream failed\n", Some(t.addr));
         break;
     }
     let (status, msg, addr) = failure;
@@ -485,83 +454,46 @@ async fn proxy(ctx: &Ctx, route: &Route, req: Request<Incoming>, proto: &'static
     )
 }
 
-/// The error came from reading the client's request body, not from the upstream.
-fn client_side_error(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            if h.is_user() || h.is_body_write_aborted() {
-                return true;
-            }
+/// Prepares the upstream's answer for the client; for `101 Switching
+/// Protocols` it splices the client's upgraded connection with the upstream's.
+fn upstream_response(answer: Answer, client_upgrade: Option<OnUpgrade>, upstream: SocketAddr) -> Response<ProxyBody> {
+    match answer {
+        Answer::Response(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(
+                parts,
+                ProxyBody {
+                    inner: Inner::Upstream(body),
+                    pending: None,
+                },
+            )
         }
-        src = s.source();
-    }
-    false
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
-}
-
-/// Prepares the upstream's response for the client; for `101 Switching
-/// Protocols` it splices both upgraded connections.
-fn upstream_response(
-    mut resp: Response<Incoming>,
-    client_upgrade: Option<OnUpgrade>,
-    upstream: SocketAddr,
-) -> Response<ProxyBody> {
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        match client_upgrade {
-            Some(client) => {
-                let up = hyper::upgrade::on(&mut resp);
-                tokio::spawn(async move {
-                    match tokio::join!(client, up) {
-                        (Ok(c), Ok(u)) => {
-                            let mut c = hyper_util::rt::TokioIo::new(c);
-                            let mut u = hyper_util::rt::TokioIo::new(u);
-                            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                                tracing::debug!("upgraded connection to {upstream}: {e}");
-                            }
-                        }
-                        (c, u) => tracing::debug!(
-                            "upgrade to {upstream} not completed: client {:?}, upstream {:?}",
-                            c.err(),
-                            u.err()
-                        ),
-                    }
-                });
-            }
-            None => {
+        Answer::Switching(resp, conn) => {
+            let Some(client) = client_upgrade else {
                 // The client did not ask for an upgrade: never let one through.
                 return local(StatusCode::BAD_GATEWAY, "unexpected upgrade from upstream\n");
-            }
+            };
+            tokio::spawn(async move {
+                let (mut up, early) = conn.into_parts();
+                let c = match client.await {
+                    Ok(c) => c,
+                    Err(e) => return tracing::debug!("upgrade to {upstream} not completed by the client: {e}"),
+                };
+                let mut c = hyper_util::rt::TokioIo::new(c);
+                // Bytes the upstream sent right after its 101 go first.
+                let r = async {
+                    c.write_all(&early).await?;
+                    tokio::io::copy_bidirectional(&mut c, &mut up).await
+                };
+                if let Err(e) = r.await {
+                    tracing::debug!("upgraded connection to {upstream}: {e}");
+                }
+            });
+            let (parts, ()) = resp.into_parts();
+            Response::from_parts(parts, ProxyBody::full(Bytes::new()))
         }
-        let (parts, body) = resp.into_parts();
-        return Response::from_parts(
-            parts,
-            ProxyBody {
-                inner: Inner::Stream(body),
-                pending: None,
-            },
-        );
     }
-    let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    parts.extensions = Default::default();
-    Response::from_parts(
-        parts,
-        ProxyBody {
-            inner: Inner::Stream(body),
-            pending: None,
-        },
-    )
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 //! ```
 
 pub mod access_log;
+pub mod client;
 pub mod config;
 pub mod http;
 pub mod io;
@@ -172,6 +173,14 @@ pub async fn start(opts: Options, listeners: Listeners) -> anyhow::Result<Proxy>
     }
     tasks.spawn(config::watch(shared.clone()));
     tasks.spawn(tcp::manage(shared.clone()));
+    let s = shared.clone();
+    tasks.spawn(async move {
+        let mut every = tokio::time::interval(client::PRUNE_INTERVAL);
+        loop {
+            every.tick().await;
+            s.prune_idle_upstreams();
+        }
+    });
     Ok(Proxy {
         shared,
         tasks,

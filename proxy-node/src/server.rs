@@ -42,7 +42,7 @@ pub async fn serve_http(shared: Arc<Shared>, listener: TcpListener) {
             let io = ConnIo::new(stream, Vec::new(), activity.clone());
             let s = shared.clone();
             let svc = service_fn(move |req| http::handle_http(s.clone(), peer, req));
-            let conn = shared.auto.serve_connection(TokioIo::new(io), svc);
+            let conn = shared.h1.serve_connection(TokioIo::new(io), svc);
             with_idle_timeout(conn, &activity, shared.timeouts.idle).await;
         });
     }
@@ -80,25 +80,28 @@ async fn tls_connection(shared: &Arc<Shared>, mut stream: TcpStream, peer: Socke
     let _g = shared.metrics.connection(ConnKind::Https);
     let activity = Activity::new();
     let io = ConnIo::new(stream, hello_bytes, activity.clone());
-    let mut tls_stream = tokio::time::timeout(hs_timeout, shared.tls.accept(io))
+    let tls_stream = tokio::time::timeout(hs_timeout, shared.tls.accept(io))
         .await
         .map_err(|_| format!("TLS handshake not done within {hs_timeout:?}"))?
         .map_err(|e| format!("TLS handshake (SNI {:?}): {e}", hello.sni))?;
     let alpn = tls_stream.get_ref().1.alpn_protocol().map(|p| p.to_vec());
-    let builder = match alpn.as_deref() {
+    let s = shared.clone();
+    let svc = service_fn(move |req| http::handle_https(s.clone(), peer, req));
+    let io = TokioIo::new(tls_stream);
+    match alpn.as_deref() {
         Some(tls::ALPN_ACME) => {
             // TLS-ALPN-01: the handshake was the answer.
             tracing::info!("answered TLS-ALPN-01 challenge for {:?} from {peer}", hello.sni);
-            let _ = tls_stream.shutdown().await;
-            return Ok(());
+            let _ = io.into_inner().shutdown().await;
         }
-        Some(tls::ALPN_H2) => &shared.h2,
-        Some(tls::ALPN_HTTP11) => &shared.h1,
-        _ => &shared.auto,
-    };
-    let s = shared.clone();
-    let svc = service_fn(move |req| http::handle_https(s.clone(), peer, req));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), svc);
-    with_idle_timeout(conn, &activity, shared.timeouts.idle).await;
+        Some(tls::ALPN_H2) => {
+            let conn = shared.h2.serve_connection(io, svc);
+            with_idle_timeout(conn, &activity, shared.timeouts.idle).await;
+        }
+        _ => {
+            let conn = shared.h1.serve_connection(io, svc).with_upgrades();
+            with_idle_timeout(conn, &activity, shared.timeouts.idle).await;
+        }
+    }
     Ok(())
 }

@@ -1,16 +1,10 @@
 //! Upstream pools: smooth weighted round-robin that prefers local healthy
-//! upstreams, passive ejection after failures, and the HTTP/1.1 client with
-//! its connection pool.
+//! upstreams, and passive ejection after failures. Each upstream address
+//! has a [`Peer`] that outlives config reloads.
 
+use crate::client::IdleConns;
 use crate::io::now_ms;
 use berth_protocol::proxy::{Upstream, MAX_WEIGHT};
-use bytes::Bytes;
-use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
-use hyper::http::uri::Authority;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -18,35 +12,28 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
 
-/// Body sent upstream: the client's, or nothing (for requests that may be retried).
-pub type ReqBody = Either<Incoming, Empty<Bytes>>;
-pub type HttpClient = Client<HttpConnector, ReqBody>;
-
-/// Builds the shared upstream client (HTTP/1.1, keep-alive pool).
-pub fn http_client(connect_timeout: Duration) -> HttpClient {
-    let mut c = HttpConnector::new();
-    c.set_connect_timeout(Some(connect_timeout));
-    c.set_nodelay(true);
-    c.set_keepalive(Some(Duration::from_secs(60)));
-    c.enforce_http(true);
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(1024)
-        .build(c)
-}
-
-/// Passive-health state of one upstream address, kept across reloads.
+/// What is known of one upstream address, kept across reloads: its
+/// passive-health state and its idle keep-alive connections.
 #[derive(Debug, Default)]
-pub struct Health {
+pub struct Peer {
     /// `now_ms()` until which the upstream is out of rotation (0: never ejected).
     ejected_until: AtomicU64,
+    pub idle: Arc<IdleConns>,
 }
 
-impl Health {
-    pub fn is_ejected(&self, now: u64) -> bool {
-        self.ejected_until.load(Relaxed) > now
+impl Peer {
+    /// `now` is read only for an upstream ejected at some point.
+    pub fn is_ejected(&self, now: impl Fn() -> u64) -> bool {
+        let until = self.ejected_until.load(Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if until > now() {
+            return true;
+        }
+        // Expired: back to the state that needs no clock.
+        let _ = self.ejected_until.compare_exchange(until, 0, Relaxed, Relaxed);
+        false
     }
     /// Takes the upstream out of rotation for `window`; true when it was in rotation.
     pub fn eject(&self, window: Duration) -> bool {
@@ -56,8 +43,8 @@ impl Health {
     }
 }
 
-/// Ejection state by address, carried from one config to the next.
-pub type HealthRegistry = HashMap<SocketAddr, Arc<Health>>;
+/// Peers by address, carried from one config to the next.
+pub type PeerRegistry = HashMap<SocketAddr, Arc<Peer>>;
 
 #[derive(Debug)]
 pub struct Target {
@@ -66,9 +53,7 @@ pub struct Target {
     pub healthy: bool,
     /// 0: drained (see [`Pool::pick`]).
     pub weight: u32,
-    pub health: Arc<Health>,
-    /// `ip:port`, ready for a request URI.
-    pub authority: Authority,
+    pub peer: Arc<Peer>,
 }
 
 /// The upstreams of one route.
@@ -86,20 +71,15 @@ pub type Tried = u128;
 impl Pool {
     /// Builds a pool, reusing the health state of known addresses from `old`
     /// and recording every address in `new`.
-    pub fn new(ups: &[Upstream], old: &HealthRegistry, new: &mut HealthRegistry) -> Result<Pool, String> {
+    pub fn new(ups: &[Upstream], old: &PeerRegistry, new: &mut PeerRegistry) -> Result<Pool, String> {
         let mut targets = Vec::with_capacity(ups.len());
         for u in ups {
-            let health = new
+            let peer = new
                 .get(&u.addr)
                 .or_else(|| old.get(&u.addr))
                 .cloned()
                 .unwrap_or_default();
-            new.insert(u.addr, health.clone());
-            let authority: Authority = u
-                .addr
-                .to_string()
-                .parse()
-                .map_err(|e| format!("upstream {}: {e}", u.addr))?;
+            new.insert(u.addr, peer.clone());
             if u.addr.port() == 0 {
                 return Err(format!("upstream {}: port 0", u.addr));
             }
@@ -114,8 +94,7 @@ impl Pool {
                 local: u.local,
                 healthy: u.healthy,
                 weight: u.weight,
-                health,
-                authority,
+                peer,
             });
         }
         Ok(Pool {
@@ -140,11 +119,11 @@ impl Pool {
     /// just failed. Upstreams the config marks unhealthy are never picked;
     /// indexes in `tried` are skipped.
     pub fn pick(&self, tried: Tried) -> Option<usize> {
-        let now = now_ms();
+        let now = now_ms;
         let tiers: [&dyn Fn(&Target) -> bool; 4] = [
-            &|t| t.weight > 0 && t.local && !t.health.is_ejected(now),
-            &|t| t.weight > 0 && !t.local && !t.health.is_ejected(now),
-            &|t| t.weight == 0 && !t.health.is_ejected(now),
+            &|t| t.weight > 0 && t.local && !t.peer.is_ejected(now),
+            &|t| t.weight > 0 && !t.local && !t.peer.is_ejected(now),
+            &|t| t.weight == 0 && !t.peer.is_ejected(now),
             &|_| true,
         ];
         let usable = |i: usize, t: &Target| t.healthy && (i >= 128 || tried & (1 << i) == 0);
@@ -213,7 +192,7 @@ pub async fn connect_tcp(
             Err(_) => last_err = format!("connecting to {}: timed out after {connect_timeout:?}", t.addr),
         }
         metrics.upstream_connect_errors.fetch_add(1, Relaxed);
-        if t.health.eject(ejection) {
+        if t.peer.eject(ejection) {
             metrics.ejections.fetch_add(1, Relaxed);
             tracing::warn!("upstream {} ejected for {ejection:?}: {last_err}", t.addr);
         }
@@ -276,7 +255,7 @@ mod tests {
             up("10.0.0.3:80", true, false),
         ]);
         assert!(picks(&p, 5).iter().all(|a| *a == "10.0.0.2:80".parse().unwrap()));
-        p.targets[1].health.eject(Duration::from_secs(10));
+        p.targets[1].peer.eject(Duration::from_secs(10));
         assert!(picks(&p, 5).iter().all(|a| *a == "10.0.0.1:80".parse().unwrap()));
     }
 
@@ -284,8 +263,8 @@ mod tests {
     fn all_ejected_still_tried_none_configured_none() {
         let p = pool(&[up("10.0.0.1:80", false, true), up("10.0.0.2:80", true, true)]);
         for t in p.targets.iter() {
-            assert!(t.health.eject(Duration::from_secs(10)));
-            assert!(!t.health.eject(Duration::from_secs(10)), "already ejected");
+            assert!(t.peer.eject(Duration::from_secs(10)));
+            assert!(!t.peer.eject(Duration::from_secs(10)), "already ejected");
         }
         assert!(p.pick(0).is_some());
         assert_eq!(pool(&[]).pick(0), None);
@@ -295,7 +274,7 @@ mod tests {
     #[test]
     fn ejection_expires() {
         let p = pool(&[up("10.0.0.1:80", false, true), up("10.0.0.2:80", false, true)]);
-        p.targets[0].health.eject(Duration::from_millis(30));
+        p.targets[0].peer.eject(Duration::from_millis(30));
         assert!(picks(&p, 4).iter().all(|a| *a == "10.0.0.2:80".parse().unwrap()));
         std::thread::sleep(Duration::from_millis(50));
         assert!(picks(&p, 4).contains(&"10.0.0.1:80".parse().unwrap()));
@@ -318,10 +297,10 @@ mod tests {
         let ups = [up("10.0.0.1:80", false, true)];
         let mut reg = HashMap::new();
         let p = Pool::new(&ups, &HashMap::new(), &mut reg).unwrap();
-        p.targets[0].health.eject(Duration::from_secs(10));
+        p.targets[0].peer.eject(Duration::from_secs(10));
         let mut reg2 = HashMap::new();
         let p2 = Pool::new(&ups, &reg, &mut reg2).unwrap();
-        assert!(p2.targets[0].health.is_ejected(now_ms()));
+        assert!(p2.targets[0].peer.is_ejected(now_ms));
     }
 
     #[test]
@@ -361,8 +340,8 @@ mod tests {
             weighted("10.0.0.3:80", true, 1),
         ]);
         assert_eq!(letters(&p, 6), "bcbbcb");
-        p.targets[1].health.eject(Duration::from_secs(10));
-        p.targets[2].health.eject(Duration::from_secs(10));
+        p.targets[1].peer.eject(Duration::from_secs(10));
+        p.targets[2].peer.eject(Duration::from_secs(10));
         assert_eq!(letters(&p, 3), "aaa");
     }
 
@@ -373,13 +352,13 @@ mod tests {
             weighted("10.0.0.2:80", false, 1),
             weighted("10.0.0.3:80", false, 2),
         ]);
-        p.targets[0].health.eject(Duration::from_secs(10));
+        p.targets[0].peer.eject(Duration::from_secs(10));
         let got = letters(&p, 6);
         assert_eq!((got.matches('b').count(), got.matches('c').count()), (2, 4), "{got}");
         assert!(!got.contains('a'));
         // Everything ejected: tried anyway, still by weight.
-        p.targets[1].health.eject(Duration::from_secs(10));
-        p.targets[2].health.eject(Duration::from_secs(10));
+        p.targets[1].peer.eject(Duration::from_secs(10));
+        p.targets[2].peer.eject(Duration::from_secs(10));
         let got = letters(&p, 12);
         let n = |c| got.matches(c).count();
         assert_eq!((n('a'), n('b'), n('c')), (6, 2, 4), "{got}");
@@ -395,7 +374,7 @@ mod tests {
         // A drained local upstream gets nothing while a remote one can serve.
         assert_eq!(letters(&p, 4), "bbbb");
         // The weighted one fails: the drained ones share the traffic.
-        p.targets[1].health.eject(Duration::from_secs(10));
+        p.targets[1].peer.eject(Duration::from_secs(10));
         assert_eq!(letters(&p, 4), "acac");
         // A retry skips what was tried, drained or not.
         let mut tried = 0;
@@ -403,8 +382,8 @@ mod tests {
         mark(&mut tried, 2);
         assert_eq!(p.pick(tried), Some(1), "the ejected one, as a last resort");
         // Everything ejected: the weighted one first.
-        p.targets[0].health.eject(Duration::from_secs(10));
-        p.targets[2].health.eject(Duration::from_secs(10));
+        p.targets[0].peer.eject(Duration::from_secs(10));
+        p.targets[2].peer.eject(Duration::from_secs(10));
         assert_eq!(letters(&p, 3), "bbb");
         // Only drained upstreams configured: they still serve.
         let p = pool(&[weighted("10.0.0.1:80", false, 0), weighted("10.0.0.2:80", false, 0)]);

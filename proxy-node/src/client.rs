@@ -1,0 +1,866 @@
+//! The upstream HTTP/1.1 client. It runs inside the task that serves the
+//! client's request: no connection task and no channel between the two, so
+//! a proxied request costs one task's polls. The request head (and body) is
+//! written, the response head read, and the response body is then read from
+//! the upstream socket as the client side pulls it. A connection whose
+//! exchange ended cleanly waits in its upstream's [`IdleConns`] for reuse.
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Response, StatusCode, Version};
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Largest response head accepted from an upstream.
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size or trailer line accepted.
+const MAX_LINE: usize = 4096;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 16 * 1024;
+/// Idle connections kept per upstream address.
+const MAX_IDLE: usize = 1024;
+/// How often [`IdleConns::prune`] should run; a connection idle for
+/// [`IDLE_PRUNES`] of its runs is closed.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(15);
+const IDLE_PRUNES: u64 = 4;
+/// Counts [`prune_all`] runs: idle connections are stamped with it instead of
+/// reading the clock for every request.
+static PRUNE_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// Starts a new prune epoch; then call [`IdleConns::prune`] on every list.
+pub fn prune_all<'a>(lists: impl Iterator<Item = &'a IdleConns>) {
+    PRUNE_EPOCH.fetch_add(1, Relaxed);
+    for l in lists {
+        l.prune();
+    }
+}
+
+/// Why a request to an upstream failed.
+#[derive(Debug)]
+pub enum Error {
+    /// No connection could be made: nothing was sent, another upstream may be tried.
+    Connect(String),
+    /// Reading the client's request body failed; the upstream is not at fault.
+    Client(hyper::Error),
+    /// The upstream failed, closed early, or answered something that is not HTTP/1.1.
+    Upstream(String),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Connect(e) => write!(f, "connecting: {e}"),
+            Error::Client(e) => write!(f, "reading the client's request body: {e}"),
+            Error::Upstream(e) => f.write_str(e),
+        }
+    }
+}
+
+fn upstream(what: &str, e: io::Error) -> Error {
+    Error::Upstream(format!("{what}: {e}"))
+}
+
+/// One keep-alive connection to an upstream.
+pub struct Conn {
+    stream: TcpStream,
+    /// Bytes read from the upstream and not used yet.
+    buf: BytesMut,
+    /// The request head being written; kept to reuse its allocation.
+    wbuf: Vec<u8>,
+    /// Came from the idle list (the upstream may have closed it meanwhile).
+    reused: bool,
+}
+
+impl Conn {
+    async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Error> {
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(Error::Connect(e.to_string())),
+            Err(_) => return Err(Error::Connect(format!("timed out after {timeout:?}"))),
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(Conn {
+            stream,
+            buf: BytesMut::new(),
+            wbuf: Vec::with_capacity(512),
+            reused: false,
+        })
+    }
+
+    /// An idle connection is usable while the upstream has neither closed it
+    /// nor sent anything. Costs a syscall only when the socket was readable.
+    fn still_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Reads what the upstream has sent into `buf`; `Ok(0)` is end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < 2048 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            match self.stream.try_read_buf(&mut self.buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        poll_fn(|cx| self.poll_fill(cx)).await
+    }
+
+    /// The stream and the bytes already read from it, for an upgraded connection.
+    pub fn into_parts(self) -> (TcpStream, Bytes) {
+        (self.stream, self.buf.freeze())
+    }
+}
+
+/// Idle keep-alive connections to one upstream address, newest last.
+#[derive(Default)]
+pub struct IdleConns(Mutex<Vec<(Conn, u64)>>);
+
+impl std::fmt::Debug for IdleConns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IdleConns({})", self.len())
+    }
+}
+
+impl IdleConns {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<(Conn, u64)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The newest idle connection that is still open.
+    fn checkout(&self) -> Option<Conn> {
+        loop {
+            let (mut c, _) = self.list().pop()?;
+            if c.still_open() {
+                c.reused = true;
+                return Some(c);
+            }
+        }
+    }
+
+    fn checkin(&self, c: Conn) {
+        let mut list = self.list();
+        if list.len() < MAX_IDLE {
+            list.push((c, PRUNE_EPOCH.load(Relaxed)));
+        }
+    }
+
+    /// Closes connections idle for [`IDLE_PRUNES`] prune epochs (45-60 s),
+    /// and those the upstream closed meanwhile.
+    fn prune(&self) {
+        let oldest = PRUNE_EPOCH.load(Relaxed).saturating_sub(IDLE_PRUNES - 1);
+        self.list().retain_mut(|(c, epoch)| *epoch >= oldest && c.still_open());
+    }
+
+    pub fn len(&self) -> usize {
+        self.list().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What is sent upstream. `headers` are sent as they are, except
+/// Content-Length and Transfer-Encoding, which follow from `body`.
+pub struct Request<'a> {
+    pub method: &'a Method,
+    /// Path and query.
+    pub target: &'a str,
+    pub headers: &'a HeaderMap,
+    /// None: no body (such a request may be sent twice, see [`send`]).
+    pub body: Option<Incoming>,
+}
+
+/// The upstream's answer.
+pub enum Answer {
+    Response(Response<ResponseBody>),
+    /// `101 Switching Protocols`: the connection now belongs to the upgrade.
+    Switching(Response<()>, Conn),
+}
+
+/// Sends `req` to `addr` on an idle connection from `idle` or a new one.
+/// A bodyless request whose reused connection turns out closed before any
+/// response byte (the upstream's keep-alive timeout raced us) is sent again
+/// on a new connection.
+pub async fn send(
+    idle: &Arc<IdleConns>,
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    mut req: Request<'_>,
+) -> Result<Answer, Error> {
+    if req.body.as_ref().is_some_and(|b| b.is_end_stream()) {
+        req.body = None;
+    }
+    let conn = match idle.checkout() {
+        Some(c) => c,
+        None => Conn::connect(addr, connect_timeout).await?,
+    };
+    let reused = conn.reused;
+    let bodyless = req.body.is_none();
+    match exchange(conn, &mut req, idle).await {
+        Err(Failed { error, stale: true }) if reused && bodyless => {
+            tracing::debug!("upstream {addr}: reused connection was closed ({error}); sending again");
+            let conn = Conn::connect(addr, connect_timeout).await?;
+            exchange(conn, &mut req, idle).await.map_err(|f| f.error)
+        }
+        r => r.map_err(|f| f.error),
+    }
+}
+
+struct Failed {
+    error: Error,
+    /// Nothing came back: the connection was closed before the request.
+    stale: bool,
+}
+
+impl From<Error> for Failed {
+    fn from(error: Error) -> Self {
+        Failed { error, stale: false }
+    }
+}
+
+/// How the request body is framed.
+enum ReqFraming {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+async fn exchange(mut conn: Conn, req: &mut Request<'_>, idle: &Arc<IdleConns>) -> Result<Answer, Failed> {
+    let framing = match &req.body {
+        None if matches!(*req.method, Method::POST | Method::PUT | Method::PATCH) => ReqFraming::Length(0),
+        None => ReqFraming::None,
+        Some(b) => match b.size_hint().exact() {
+            Some(n) => ReqFraming::Length(n),
+            None => ReqFraming::Chunked,
+        },
+    };
+    encode_head(&mut conn.wbuf, req, &framing);
+    let sent_all = match req.body.take() {
+        None => {
+            if let Err(e) = conn.stream.write_all(&conn.wbuf).await {
+                return Err(Failed {
+                    error: upstream("sending the request", e),
+                    stale: true,
+                });
+            }
+            true
+        }
+        Some(body) => send_body(&mut conn, body, matches!(framing, ReqFraming::Chunked)).await?,
+    };
+    let head = read_head(&mut conn).await?;
+    if head.status == StatusCode::SWITCHING_PROTOCOLS {
+        let mut resp = Response::new(());
+        *resp.status_mut() = head.status;
+        *resp.headers_mut() = head.headers;
+        return Ok(Answer::Switching(resp, conn));
+    }
+    let framing = response_framing(req.method, &head).map_err(Error::Upstream)?;
+    let keep_alive = sent_all
+        && head.version == Version::HTTP_11
+        && !matches!(framing, Framing::Eof)
+        && !crate::http::has_token(&head.headers, header::CONNECTION, "close");
+    let mut headers = head.headers;
+    if !matches!(framing, Framing::Length(_)) {
+        // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3).
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    let mut body = ResponseBody {
+        conn: Some(conn),
+        framing,
+        keep_alive,
+        idle: idle.clone(),
+    };
+    body.finish_if_done();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = head.status;
+    *resp.headers_mut() = headers;
+    Ok(Answer::Response(resp))
+}
+
+fn encode_head(w: &mut Vec<u8>, req: &Request<'_>, framing: &ReqFraming) {
+    w.clear();
+    w.extend_from_slice(req.method.as_str().as_bytes());
+    w.push(b' ');
+    w.extend_from_slice(req.target.as_bytes());
+    w.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        w.extend_from_slice(name.as_str().as_bytes());
+        w.extend_from_slice(b": ");
+        w.extend_from_slice(value.as_bytes());
+        w.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        ReqFraming::None => {}
+        ReqFraming::Length(n) => {
+            w.extend_from_slice(b"content-length: ");
+            w.extend_from_slice(n.to_string().as_bytes());
+            w.extend_from_slice(b"\r\n");
+        }
+        ReqFraming::Chunked => w.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    w.extend_from_slice(b"\r\n");
+}
+
+/// Streams the request body upstream while watching for an early answer
+/// (say, 413 to a large upload): then the rest of the body is not sent.
+/// Returns whether the whole request was sent.
+async fn send_body(conn: &mut Conn, mut body: Incoming, chunked: bool) -> Result<bool, Failed> {
+    let Conn { stream, buf, wbuf, .. } = conn;
+    if !write_watching(stream, buf, wbuf).await? {
+        return Ok(false);
+    }
+    loop {
+        let frame = tokio::select! {
+            biased;
+            answered = answer_arrived(stream, buf) => {
+                if answered? {
+                    return Ok(false);
+                }
+                continue;
+            }
+            f = body.frame() => f,
+        };
+        let data = match frame {
+            None => break,
+            Some(Err(e)) => return Err(Error::Client(e).into()),
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) if !d.is_empty() => d,
+                _ => continue, // trailers are not forwarded
+            },
+        };
+        let sent = if chunked {
+            wbuf.clear();
+            wbuf.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            wbuf.extend_from_slice(&data);
+            wbuf.extend_from_slice(b"\r\n");
+            write_watching(stream, buf, wbuf).await?
+        } else {
+            write_watching(stream, buf, &data).await?
+        };
+        if !sent {
+            return Ok(false);
+        }
+    }
+    if chunked && !write_watching(stream, buf, b"0\r\n\r\n").await? {
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Waits until the upstream sends something: true once bytes arrived (read
+/// into `buf`), false on a spurious wake-up; an error if it closed.
+async fn answer_arrived(stream: &TcpStream, buf: &mut BytesMut) -> Result<bool, Failed> {
+    stream
+        .readable()
+        .await
+        .map_err(|e| upstream("waiting for the response", e))?;
+    buf.reserve(READ_CHUNK);
+    match stream.try_read_buf(buf) {
+        Ok(0) => Err(Error::Upstream("the upstream closed the connection while the request was sent".into()).into()),
+        Ok(_) => {
+            // A 100 Continue is no answer: the body goes on.
+            if buf.starts_with(b"HTTP/1.1 100 ") && matches!(take_head(buf), Ok(Some(_))) {
+                return Ok(!buf.is_empty());
+            }
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(upstream("sending the request", e).into()),
+    }
+}
+
+/// Writes `data` unless the upstream answers first: false then.
+async fn write_watching(stream: &TcpStream, buf: &mut BytesMut, mut data: &[u8]) -> Result<bool, Failed> {
+    while !data.is_empty() {
+        tokio::select! {
+            biased;
+            answered = answer_arrived(stream, buf) => {
+                if answered? {
+                    return Ok(false);
+                }
+            }
+            w = stream.writable() => {
+                w.map_err(|e| upstream("sending the request", e))?;
+                match stream.try_write(data) {
+                    Ok(n) => data = &data[n..],
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(upstream("sending the request", e).into()),
+                }
+            }
+        }
+    }
+    Ok(true)
+}
+
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+}
+
+/// Reads the final response head (interim 1xx responses other than 101 are skipped).
+async fn read_head(conn: &mut Conn) -> Result<Head, Failed> {
+    let mut got_any = !conn.buf.is_empty();
+    loop {
+        if !conn.buf.is_empty() {
+            if let Some(head) = take_head(&mut conn.buf).map_err(Error::Upstream)? {
+                if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+                    continue;
+                }
+                return Ok(head);
+            }
+            if conn.buf.len() > MAX_HEAD {
+                return Err(Error::Upstream(format!("response head larger than {MAX_HEAD} bytes")).into());
+            }
+        }
+        match conn.fill().await {
+            Ok(0) => {
+                return Err(Failed {
+                    error: Error::Upstream("the upstream closed the connection before answering".into()),
+                    stale: !got_any,
+                })
+            }
+            Ok(_) => got_any = true,
+            Err(e) => {
+                return Err(Failed {
+                    error: upstream("reading the response", e),
+                    stale: !got_any,
+                })
+            }
+        }
+    }
+}
+
+/// Takes a complete response head off the front of `buf`: None (and `buf`
+/// untouched) while it is incomplete. Header values share the head's bytes.
+fn take_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut slots);
+    let len = match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("malformed response head: {e}")),
+    };
+    let status = r
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or("malformed response head: bad status code")?;
+    let version = if r.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // Where each name and value lies in `buf`, to slice them off the frozen head.
+    let base = buf.as_ptr() as usize;
+    let offset = |b: &[u8]| b.as_ptr() as usize - base;
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let n = r.headers.len();
+    for (span, h) in spans.iter_mut().zip(r.headers.iter()) {
+        *span = (offset(h.name.as_bytes()), h.name.len(), offset(h.value), h.value.len());
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(n);
+    for &(ns, nl, vs, vl) in &spans[..n] {
+        let name = HeaderName::from_bytes(&head[ns..ns + nl]).map_err(|_| {
+            format!(
+                "malformed response header name {:?}",
+                String::from_utf8_lossy(&head[ns..ns + nl])
+            )
+        })?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
+            .map_err(|_| format!("malformed value of response header {name}"))?;
+        headers.append(name, value);
+    }
+    Ok(Some(Head {
+        status,
+        version,
+        headers,
+    }))
+}
+
+/// How the response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, PartialEq)]
+enum Framing {
+    /// This many bytes are left.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the upstream closes the connection.
+    Eof,
+    Done,
+}
+
+fn response_framing(method: &Method, head: &Head) -> Result<Framing, String> {
+    let s = head.status;
+    if *method == Method::HEAD || s.is_informational() || s == StatusCode::NO_CONTENT || s == StatusCode::NOT_MODIFIED {
+        return Ok(Framing::Length(0));
+    }
+    if head.headers.contains_key(header::TRANSFER_ENCODING) {
+        let last = head
+            .headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|t| !t.is_empty());
+        return Ok(match last {
+            Some(t) if t.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
+            _ => Framing::Eof,
+        });
+    }
+    let mut length = None;
+    for v in head.headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().unwrap_or("x").split(',') {
+            let n: u64 = part
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad Content-Length {v:?} from the upstream"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err("conflicting Content-Length headers from the upstream".into());
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length.map_or(Framing::Eof, Framing::Length))
+}
+
+/// Where a chunked body's decoder is.
+#[derive(Debug, PartialEq)]
+enum Chunk {
+    Size,
+    /// This many bytes of chunk data are left.
+    Data(u64),
+    /// The CRLF after chunk data.
+    DataEnd,
+    Trailers,
+}
+
+/// One step of the chunked decoder over `buf`.
+#[derive(Debug, PartialEq)]
+enum Decoded {
+    Data(Bytes),
+    End,
+    NeedMore,
+}
+
+fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, String> {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(i) => {
+            let mut line = buf.split_to(i + 1);
+            line.truncate(i);
+            if line.last() == Some(&b'\r') {
+                line.truncate(i - 1);
+            }
+            Ok(Some(line))
+        }
+        None if buf.len() > MAX_LINE => Err(format!("chunked body: line longer than {MAX_LINE} bytes")),
+        None => Ok(None),
+    }
+}
+
+fn decode_chunked(buf: &mut BytesMut, st: &mut Chunk) -> Result<Decoded, String> {
+    loop {
+        match st {
+            Chunk::Size => {
+                let Some(line) = take_line(buf)? else {
+                    return Ok(Decoded::NeedMore);
+                };
+                let end = line.iter().position(|&b| b == b';' || b == b' ' || b == b'\t');
+                let digits = &line[..end.unwrap_or(line.len())];
+                if digits.is_empty() || digits.len() > 16 {
+                    return Err("chunked body: bad chunk size".into());
+                }
+                let mut n: u64 = 0;
+                for &d in digits {
+                    let v = (d as char).to_digit(16).ok_or("chunked body: bad chunk size")?;
+                    n = (n << 4) | u64::from(v);
+                }
+                *st = if n == 0 { Chunk::Trailers } else { Chunk::Data(n) };
+            }
+            Chunk::Data(left) => {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let n = (*left).min(buf.len() as u64);
+                *left -= n;
+                let data = buf.split_to(n as usize).freeze();
+                if *left == 0 {
+                    *st = Chunk::DataEnd;
+                }
+                return Ok(Decoded::Data(data));
+            }
+            Chunk::DataEnd => {
+                let Some(line) = take_line(buf)? else {
+                    return Ok(Decoded::NeedMore);
+                };
+                if !line.is_empty() {
+                    return Err("chunked body: no CRLF after chunk data".into());
+                }
+                *st = Chunk::Size;
+            }
+            Chunk::Trailers => {
+                let Some(line) = take_line(buf)? else {
+                    return Ok(Decoded::NeedMore);
+                };
+                if line.is_empty() {
+                    return Ok(Decoded::End);
+                }
+            }
+        }
+    }
+}
+
+/// The upstream's response body, read from its connection as it is polled.
+/// Once it is complete, the connection goes back to the idle list when it
+/// may be reused.
+pub struct ResponseBody {
+    conn: Option<Conn>,
+    framing: Framing,
+    keep_alive: bool,
+    idle: Arc<IdleConns>,
+}
+
+impl ResponseBody {
+    fn finish_if_done(&mut self) {
+        if self.framing == Framing::Length(0) {
+            self.framing = Framing::Done;
+        }
+        if self.framing != Framing::Done {
+            return;
+        }
+        if let Some(c) = self.conn.take() {
+            // Bytes after the end of the response: the upstream is confused.
+            if self.keep_alive && c.buf.is_empty() {
+                self.idle.checkin(c);
+            }
+        }
+    }
+
+    fn fail(&mut self, e: String) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.conn = None;
+        self.framing = Framing::Done;
+        Poll::Ready(Some(Err(io::Error::other(e))))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if !conn.buf.is_empty() {
+                let data = match &mut this.framing {
+                    Framing::Length(left) => {
+                        let n = (*left).min(conn.buf.len() as u64);
+                        *left -= n;
+                        Some(conn.buf.split_to(n as usize).freeze())
+                    }
+                    Framing::Eof => Some(conn.buf.split().freeze()),
+                    Framing::Chunked(st) => match decode_chunked(&mut conn.buf, st) {
+                        Ok(Decoded::Data(d)) => Some(d),
+                        Ok(Decoded::End) => {
+                            this.framing = Framing::Done;
+                            None
+                        }
+                        Ok(Decoded::NeedMore) => None,
+                        Err(e) => return this.fail(format!("upstream response body: {e}")),
+                    },
+                    Framing::Done => None,
+                };
+                if let Some(d) = data {
+                    this.finish_if_done();
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                if this.framing == Framing::Done {
+                    this.finish_if_done();
+                    return Poll::Ready(None);
+                }
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) if this.framing == Framing::Eof => {
+                    this.framing = Framing::Done;
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail("the upstream closed the connection before the end of the body".into()),
+                Ok(_) => {}
+                Err(e) => return this.fail(format!("reading the upstream response body: {e}")),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(input: &[u8], step: usize) -> Result<Vec<u8>, String> {
+        let mut buf = BytesMut::new();
+        let mut st = Chunk::Size;
+        let mut out = Vec::new();
+        for piece in input.chunks(step) {
+            buf.extend_from_slice(piece);
+            loop {
+                match decode_chunked(&mut buf, &mut st)? {
+                    Decoded::Data(d) => out.extend_from_slice(&d),
+                    Decoded::End => return Ok(out),
+                    Decoded::NeedMore => break,
+                }
+            }
+        }
+        Err("incomplete".into())
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_read_sizes() {
+        let wire = b"5\r\nhello\r\n1;ext=1\r\n \r\nA\r\n0123456789\r\n0\r\nx-trailer: 1\r\n\r\n";
+        for step in [1, 2, 3, 7, wire.len()] {
+            assert_eq!(decode_all(wire, step).unwrap(), b"hello 0123456789", "step {step}");
+        }
+        assert_eq!(decode_all(b"0\r\n\r\n", 1).unwrap(), b"");
+        assert_eq!(decode_all(b"3\nabc\n0\n\n", 1).unwrap(), b"abc", "bare LF accepted");
+    }
+
+    #[test]
+    fn bad_chunked_bodies_are_errors() {
+        assert!(decode_all(b"zz\r\n", 4).unwrap_err().contains("chunk size"));
+        assert!(decode_all(b"\r\n", 4).unwrap_err().contains("chunk size"));
+        assert!(decode_all(b"11111111111111111\r\n", 64)
+            .unwrap_err()
+            .contains("chunk size"));
+        assert!(decode_all(b"3\r\nabcX\r\n", 64).unwrap_err().contains("CRLF"));
+        let long = vec![b'1'; MAX_LINE + 1];
+        assert!(decode_all(&long, 8192).unwrap_err().contains("longer"));
+    }
+
+    fn head(raw: &str) -> Head {
+        take_head(&mut BytesMut::from(raw)).unwrap().unwrap()
+    }
+
+    #[test]
+    fn heads_parse_and_partial_heads_wait() {
+        let raw = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: 1\r\nX-A: 2\r\n\r\nabc";
+        let mut buf = BytesMut::from(raw);
+        let h = take_head(&mut buf).unwrap().unwrap();
+        assert_eq!(&buf[..], b"abc", "the body stays");
+        assert_eq!(h.status, 200);
+        assert_eq!(h.version, Version::HTTP_11);
+        assert_eq!(h.headers["content-length"], "3");
+        let xa: Vec<_> = h.headers.get_all("x-a").iter().collect();
+        assert_eq!(xa, ["1", "2"]);
+        let mut partial = BytesMut::from(&raw[..20]);
+        assert!(take_head(&mut partial).unwrap().is_none());
+        assert_eq!(partial.len(), 20, "nothing consumed");
+        assert!(take_head(&mut BytesMut::from("HTTP/1.1 2000 OK\r\n\r\n")).is_err());
+        assert!(take_head(&mut BytesMut::from("garbage\r\n\r\n")).is_err());
+        assert_eq!(head("HTTP/1.0 200 OK\r\n\r\n").version, Version::HTTP_10);
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let get = &Method::GET;
+        let f = |m: &Method, raw: &str| response_framing(m, &head(raw));
+        assert_eq!(
+            f(get, "HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n"),
+            Ok(Framing::Length(12))
+        );
+        assert_eq!(
+            f(get, "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n"),
+            Ok(Framing::Length(5))
+        );
+        assert!(f(get, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n").is_err());
+        assert!(f(get, "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n").is_err());
+        assert_eq!(
+            f(
+                get,
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, Chunked\r\nContent-Length: 5\r\n\r\n"
+            ),
+            Ok(Framing::Chunked(Chunk::Size)),
+            "chunked wins over Content-Length"
+        );
+        assert_eq!(
+            f(get, "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            Ok(Framing::Eof)
+        );
+        assert_eq!(f(get, "HTTP/1.1 200 OK\r\n\r\n"), Ok(Framing::Eof));
+        assert_eq!(
+            f(&Method::HEAD, "HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"),
+            Ok(Framing::Length(0))
+        );
+        assert_eq!(f(get, "HTTP/1.1 204 No Content\r\n\r\n"), Ok(Framing::Length(0)));
+        assert_eq!(
+            f(get, "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n"),
+            Ok(Framing::Length(0))
+        );
+    }
+
+    #[test]
+    fn request_heads_carry_their_own_framing() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("a.example.com"));
+        h.insert("content-length", HeaderValue::from_static("999"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        let req = Request {
+            method: &Method::POST,
+            target: "/p?q=1",
+            headers: &h,
+            body: None,
+        };
+        let mut w = Vec::new();
+        encode_head(&mut w, &req, &ReqFraming::Length(0));
+        assert_eq!(
+            String::from_utf8(w.clone()).unwrap(),
+            "POST /p?q=1 HTTP/1.1\r\nhost: a.example.com\r\ncontent-length: 0\r\n\r\n"
+        );
+        encode_head(&mut w, &req, &ReqFraming::Chunked);
+        assert!(String::from_utf8(w.clone())
+            .unwrap()
+            .ends_with("host: a.example.com\r\ntransfer-encoding: chunked\r\n\r\n"));
+    }
+}
