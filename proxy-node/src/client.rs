@@ -12,6 +12,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Response, StatusCode, Version};
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -23,7 +24,7 @@ use tokio::net::TcpStream;
 
 /// Largest response head accepted from an upstream.
 const MAX_HEAD: usize = 64 * 1024;
-const MAX_HEADERS: usize = 128;
+const MAX_HEADERS: usize = 100;
 /// Longest chunk-size or trailer line accepted.
 const MAX_LINE: usize = 4096;
 /// Read buffer growth step.
@@ -463,9 +464,9 @@ async fn read_head(conn: &mut Conn) -> Result<Head, Failed> {
 /// Takes a complete response head off the front of `buf`: None (and `buf`
 /// untouched) while it is incomplete. Header values share the head's bytes.
 fn take_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut r = httparse::Response::new(&mut slots);
-    let len = match r.parse(buf) {
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut r, buf, &mut slots) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(format!("malformed response head: {e}")),
@@ -481,15 +482,21 @@ fn take_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
     };
     // Where each name and value lies in `buf`, to slice them off the frozen head.
     let base = buf.as_ptr() as usize;
-    let offset = |b: &[u8]| b.as_ptr() as usize - base;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let offset = |b: &[u8]| (b.as_ptr() as usize - base) as u32;
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let n = r.headers.len();
     for (span, h) in spans.iter_mut().zip(r.headers.iter()) {
-        *span = (offset(h.name.as_bytes()), h.name.len(), offset(h.value), h.value.len());
+        *span = (
+            offset(h.name.as_bytes()),
+            h.name.len() as u32,
+            offset(h.value),
+            h.value.len() as u32,
+        );
     }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(n);
     for &(ns, nl, vs, vl) in &spans[..n] {
+        let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
         let name = HeaderName::from_bytes(&head[ns..ns + nl]).map_err(|_| {
             format!(
                 "malformed response header name {:?}",
