@@ -205,9 +205,9 @@ pub enum Answer {
 }
 
 /// Sends `req` to `addr` on an idle connection from `idle` or a new one.
-/// A bodyless request whose reused connection turns out closed before any
-/// response byte (the upstream's keep-alive timeout raced us) is sent again
-/// on a new connection.
+/// An idempotent bodyless request whose reused connection turns out closed
+/// before any response byte (the upstream's keep-alive timeout raced us) is
+/// sent again on a new connection; others would risk running twice.
 pub async fn send(
     idle: &Arc<IdleConns>,
     addr: SocketAddr,
@@ -222,9 +222,9 @@ pub async fn send(
         None => Conn::connect(addr, connect_timeout).await?,
     };
     let reused = conn.reused;
-    let bodyless = req.body.is_none();
+    let may_resend = req.body.is_none() && crate::http::is_idempotent(req.method);
     match exchange(conn, &mut req, idle).await {
-        Err(Failed { error, stale: true }) if reused && bodyless => {
+        Err(Failed { error, stale: true }) if reused && may_resend => {
             tracing::debug!("upstream {addr}: reused connection was closed ({error}); sending again");
             let conn = Conn::connect(addr, connect_timeout).await?;
             exchange(conn, &mut req, idle).await.map_err(|f| f.error)

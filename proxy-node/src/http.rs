@@ -206,7 +206,7 @@ pub fn request_host<B>(req: &Request<B>) -> Option<Cow<'_, str>> {
     }
 }
 
-fn is_idempotent(m: &Method) -> bool {
+pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
