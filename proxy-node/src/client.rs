@@ -219,14 +219,14 @@ pub async fn send(
     }
     let conn = match idle.checkout() {
         Some(c) => c,
-        None => Conn::connect(addr, connect_timeout).await?,
+        None => Box::pin(Conn::connect(addr, connect_timeout)).await?,
     };
     let reused = conn.reused;
     let may_resend = req.body.is_none() && crate::http::is_idempotent(req.method);
     match exchange(conn, &mut req, idle).await {
         Err(Failed { error, stale: true }) if reused && may_resend => {
             tracing::debug!("upstream {addr}: reused connection was closed ({error}); sending again");
-            let conn = Conn::connect(addr, connect_timeout).await?;
+            let conn = Box::pin(Conn::connect(addr, connect_timeout)).await?;
             exchange(conn, &mut req, idle).await.map_err(|f| f.error)
         }
         r => r.map_err(|f| f.error),
@@ -272,7 +272,9 @@ async fn exchange(mut conn: Conn, req: &mut Request<'_>, idle: &Arc<IdleConns>) 
             }
             true
         }
-        Some(body) => send_body(&mut conn, body, matches!(framing, ReqFraming::Chunked)).await?,
+        // Boxed, like connecting above: the rarer paths do not size the
+        // future every request (and every idle client connection) carries.
+        Some(body) => Box::pin(send_body(&mut conn, body, matches!(framing, ReqFraming::Chunked))).await?,
     };
     let head = read_head(&mut conn).await?;
     if head.status == StatusCode::SWITCHING_PROTOCOLS {
