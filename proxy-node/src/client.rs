@@ -56,6 +56,10 @@ pub enum Error {
     Client(hyper::Error),
     /// The upstream failed, closed early, or answered something that is not HTTP/1.1.
     Upstream(String),
+    /// A reused connection was closed by the upstream before it answered (its
+    /// keep-alive timeout raced the request), and the request could not be
+    /// sent again. Not the upstream's failure.
+    Closed(String),
 }
 
 impl std::fmt::Display for Error {
@@ -64,6 +68,7 @@ impl std::fmt::Display for Error {
             Error::Connect(e) => write!(f, "connecting: {e}"),
             Error::Client(e) => write!(f, "reading the client's request body: {e}"),
             Error::Upstream(e) => f.write_str(e),
+            Error::Closed(e) => write!(f, "{e} (a reused connection; not sent again)"),
         }
     }
 }
@@ -229,6 +234,7 @@ pub async fn send(
             let conn = Box::pin(Conn::connect(addr, connect_timeout)).await?;
             exchange(conn, &mut req, idle).await.map_err(|f| f.error)
         }
+        Err(Failed { error, stale: true }) if reused => Err(Error::Closed(error.to_string())),
         r => r.map_err(|f| f.error),
     }
 }

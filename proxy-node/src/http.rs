@@ -430,8 +430,9 @@ async fn proxy(ctx: &Ctx, route: &Route, req: Request<Incoming>, proto: &'static
             }
         };
         route.stats.upstream_errors.fetch_add(1, Relaxed);
-        let client_fault = matches!(err, client::Error::Client(_));
-        if !client_fault && t.peer.eject(shared.ejection) {
+        // Neither the client's failure nor a keep-alive race says the upstream is unwell.
+        let upstream_fault = !matches!(err, client::Error::Client(_) | client::Error::Closed(_));
+        if upstream_fault && t.peer.eject(shared.ejection) {
             shared.metrics.ejections.fetch_add(1, Relaxed);
             tracing::warn!("upstream {} ejected for {:?}: {err}", t.addr, shared.ejection);
         }

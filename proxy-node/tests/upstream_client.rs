@@ -219,6 +219,17 @@ async fn a_request_the_upstream_read_and_dropped_is_sent_again_only_when_idempot
     let (st, _, _) = fetch(&mut c, "POST", "/").await;
     assert_eq!(st, 502, "a POST the upstream may have seen is not sent twice");
     assert_eq!(accepted.load(SeqCst), 2);
+    let m = h.proxy.shared().metrics.render();
+    assert!(
+        m.contains("berth_proxy_ejections_total 0\n"),
+        "a keep-alive race is no failure: {m}"
+    );
+    let (st, _, body) = fetch(&mut c, "GET", "/").await;
+    assert_eq!(
+        (st, body.unwrap()),
+        (200, Bytes::from("conn 2")),
+        "the upstream stays in rotation"
+    );
 }
 
 #[tokio::test]
