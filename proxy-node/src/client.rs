@@ -17,9 +17,8 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll, Waker};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Largest response head accepted from an upstream.
@@ -79,7 +78,9 @@ fn upstream(what: &str, e: io::Error) -> Error {
 
 /// One keep-alive connection to an upstream.
 pub struct Conn {
-    stream: TcpStream,
+    /// Shared only while a request body is still being sent after the
+    /// upstream has started its response (see [`send_body`]).
+    stream: Arc<TcpStream>,
     /// Bytes read from the upstream and not used yet.
     buf: BytesMut,
     /// The request head being written; kept to reuse its allocation.
@@ -97,7 +98,7 @@ impl Conn {
         };
         let _ = stream.set_nodelay(true);
         Ok(Conn {
-            stream,
+            stream: Arc::new(stream),
             buf: BytesMut::new(),
             wbuf: Vec::with_capacity(512),
             reused: false,
@@ -105,17 +106,11 @@ impl Conn {
     }
 
     /// An idle connection is usable while the upstream has neither closed it
-    /// nor sent anything. Costs a syscall only when the socket was readable.
-    fn still_open(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-        }
+    /// nor sent anything. `try_read` makes no syscall unless the runtime has
+    /// seen the socket become readable.
+    fn still_open(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Reads what the upstream has sent into `buf`; `Ok(0)` is end of stream.
@@ -136,9 +131,11 @@ impl Conn {
         poll_fn(|cx| self.poll_fill(cx)).await
     }
 
-    /// The stream and the bytes already read from it, for an upgraded connection.
-    pub fn into_parts(self) -> (TcpStream, Bytes) {
-        (self.stream, self.buf.freeze())
+    /// The stream and the bytes already read from it, for an upgraded
+    /// connection. None while a request body is still being sent on it.
+    pub fn into_parts(self) -> Option<(TcpStream, Bytes)> {
+        let stream = Arc::try_unwrap(self.stream).ok()?;
+        Some((stream, self.buf.freeze()))
     }
 }
 
@@ -270,7 +267,7 @@ async fn exchange(mut conn: Conn, req: &mut Request<'_>, idle: &Arc<IdleConns>) 
     encode_head(&mut conn.wbuf, req, &framing);
     let sent_all = match req.body.take() {
         None => {
-            if let Err(e) = conn.stream.write_all(&conn.wbuf).await {
+            if let Err(e) = write_all(&conn.stream, &conn.wbuf).await {
                 return Err(Failed {
                     error: upstream("sending the request", e),
                     stale: true,
@@ -280,7 +277,15 @@ async fn exchange(mut conn: Conn, req: &mut Request<'_>, idle: &Arc<IdleConns>) 
         }
         // Boxed, like connecting above: the rarer paths do not size the
         // future every request (and every idle client connection) carries.
-        Some(body) => Box::pin(send_body(&mut conn, body, matches!(framing, ReqFraming::Chunked))).await?,
+        Some(body) => match Box::pin(send_body(&mut conn, body, matches!(framing, ReqFraming::Chunked))).await? {
+            BodySent::All => true,
+            BodySent::Refused => false,
+            BodySent::Answered(rest) => {
+                // Full duplex: the rest goes out while the response comes back.
+                tokio::spawn(rest.finish(conn.stream.clone()));
+                false
+            }
+        },
     };
     let head = read_head(&mut conn).await?;
     if head.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -290,14 +295,20 @@ async fn exchange(mut conn: Conn, req: &mut Request<'_>, idle: &Arc<IdleConns>) 
         return Ok(Answer::Switching(resp, conn));
     }
     let framing = response_framing(req.method, &head).map_err(Error::Upstream)?;
+    let mut headers = head.headers;
+    let both = headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH);
     let keep_alive = sent_all
         && head.version == Version::HTTP_11
         && !matches!(framing, Framing::Eof)
-        && !crate::http::has_token(&head.headers, header::CONNECTION, "close");
-    let mut headers = head.headers;
-    if !matches!(framing, Framing::Length(_)) {
-        // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3).
+        // Both framings at once may be a response-splitting attempt (RFC 9112 §6.3): never reused.
+        && !both
+        && !crate::http::has_token(&headers, header::CONNECTION, "close");
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // Transfer-Encoding wins over Content-Length.
         headers.remove(header::CONTENT_LENGTH);
+    } else if let Some(n) = content_length(&headers).map_err(Error::Upstream)? {
+        // One plain number for the client, whatever list or zeros the upstream wrote.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     let mut body = ResponseBody {
         conn: Some(conn),
@@ -339,95 +350,230 @@ fn encode_head(w: &mut Vec<u8>, req: &Request<'_>, framing: &ReqFraming) {
     w.extend_from_slice(b"\r\n");
 }
 
-/// Streams the request body upstream while watching for an early answer
-/// (say, 413 to a large upload): then the rest of the body is not sent.
-/// Returns whether the whole request was sent.
-async fn send_body(conn: &mut Conn, mut body: Incoming, chunked: bool) -> Result<bool, Failed> {
-    let Conn { stream, buf, wbuf, .. } = conn;
-    if !write_watching(stream, buf, wbuf).await? {
-        return Ok(false);
-    }
-    loop {
-        let frame = tokio::select! {
-            biased;
-            answered = answer_arrived(stream, buf) => {
-                if answered? {
-                    return Ok(false);
+/// How sending a request body ended.
+enum BodySent {
+    All,
+    /// The upstream answered with an error or `Connection: close` before the
+    /// body was sent (a 413 to a large upload, say): the rest is not sent
+    /// (RFC 9112 §9.3) and the connection is not reused.
+    Refused,
+    /// The upstream answered with a success before the body was sent: the
+    /// rest still goes out, next to the response (full duplex).
+    Answered(RestOfBody),
+}
+
+/// A request body still to be sent after the upstream answered. `chunked`:
+/// the last chunk is still to be written.
+struct RestOfBody {
+    pending: Bytes,
+    body: Incoming,
+    chunked: bool,
+}
+
+impl RestOfBody {
+    async fn finish(mut self, stream: Arc<TcpStream>) {
+        let r = async {
+            loop {
+                write_all(&stream, &self.pending).await?;
+                match next_piece(&mut self.body, self.chunked).await {
+                    Some(next) => self.pending = next?,
+                    None => break,
                 }
-                continue;
             }
+            if self.chunked {
+                write_all(&stream, LAST_CHUNK).await?;
+            }
+            Ok::<(), io::Error>(())
+        };
+        if let Err(e) = r.await {
+            tracing::debug!("rest of a request body after the upstream answered: {e}");
+        }
+    }
+}
+
+/// The next piece of the request body as it goes on the wire (chunk framing
+/// included); None after the last one.
+async fn next_piece(body: &mut Incoming, chunked: bool) -> Option<io::Result<Bytes>> {
+    loop {
+        match body.frame().await {
+            None => return None,
+            Some(Err(e)) => return Some(Err(io::Error::other(e))),
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) if d.is_empty() => {}
+                Ok(d) if chunked => return Some(Ok(chunk(&d))),
+                Ok(d) => return Some(Ok(d)),
+                Err(_) => {} // trailers are not forwarded
+            },
+        }
+    }
+}
+
+fn chunk(data: &[u8]) -> Bytes {
+    let mut c = Vec::with_capacity(data.len() + 20);
+    c.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    c.extend_from_slice(data);
+    c.extend_from_slice(b"\r\n");
+    c.into()
+}
+
+const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// Writes all of `data` (no watching: the response is being read elsewhere).
+async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match stream.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Streams the request body upstream while watching for an early answer.
+async fn send_body(conn: &mut Conn, mut body: Incoming, chunked: bool) -> Result<BodySent, Failed> {
+    let Conn { stream, buf, wbuf, .. } = conn;
+    let mut pending = Bytes::copy_from_slice(wbuf);
+    let mut ended = false;
+    loop {
+        if let Some(answer) = write_watching(stream, buf, &mut pending).await? {
+            return Ok(early(answer, pending, body, chunked && !ended));
+        }
+        if ended {
+            return Ok(BodySent::All);
+        }
+        let next = tokio::select! {
+            biased;
+            answer = answer_arrived(stream, buf) => match answer? {
+                Some(answer) => return Ok(early(answer, Bytes::new(), body, chunked)),
+                None => continue,
+            },
             f = body.frame() => f,
         };
-        let data = match frame {
-            None => break,
+        match next {
+            None => {
+                ended = true;
+                if chunked {
+                    pending = Bytes::from_static(LAST_CHUNK);
+                }
+            }
             Some(Err(e)) => return Err(Error::Client(e).into()),
             Some(Ok(f)) => match f.into_data() {
-                Ok(d) if !d.is_empty() => d,
-                _ => continue, // trailers are not forwarded
+                Ok(d) if d.is_empty() => {}
+                Ok(d) if chunked => pending = chunk(&d),
+                Ok(d) => pending = d,
+                Err(_) => {} // trailers are not forwarded
             },
-        };
-        let sent = if chunked {
-            wbuf.clear();
-            wbuf.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-            wbuf.extend_from_slice(&data);
-            wbuf.extend_from_slice(b"\r\n");
-            write_watching(stream, buf, wbuf).await?
-        } else {
-            write_watching(stream, buf, &data).await?
-        };
-        if !sent {
-            return Ok(false);
         }
     }
-    if chunked && !write_watching(stream, buf, b"0\r\n\r\n").await? {
-        return Ok(false);
-    }
-    Ok(true)
 }
 
-/// Waits until the upstream sends something: true once bytes arrived (read
-/// into `buf`), false on a spurious wake-up; an error if it closed.
-async fn answer_arrived(stream: &TcpStream, buf: &mut BytesMut) -> Result<bool, Failed> {
-    stream
-        .readable()
-        .await
-        .map_err(|e| upstream("waiting for the response", e))?;
+/// What to do with the rest of the body once a final answer arrived.
+fn early(answer: Early, pending: Bytes, body: Incoming, chunked: bool) -> BodySent {
+    match answer {
+        Early::Refusal => BodySent::Refused,
+        Early::Success => BodySent::Answered(RestOfBody { pending, body, chunked }),
+    }
+}
+
+/// A final response head that arrived while the request body was sent.
+enum Early {
+    /// 2xx/3xx without `Connection: close`.
+    Success,
+    /// Anything else, including a head that does not parse.
+    Refusal,
+}
+
+/// Waits until the upstream sends something and reads it into `buf`. Interim
+/// 1xx heads (not 101) are dropped; Some once a final head is complete;
+/// None for a spurious wake-up or a partial head; an error if it closed.
+async fn answer_arrived(stream: &TcpStream, buf: &mut BytesMut) -> Result<Option<Early>, Failed> {
+    let closed = |e: Error, buf: &BytesMut| Failed {
+        error: e,
+        stale: buf.is_empty(),
+    };
+    if let Err(e) = stream.readable().await {
+        return Err(closed(upstream("waiting for the response", e), buf));
+    }
     buf.reserve(READ_CHUNK);
     match stream.try_read_buf(buf) {
-        Ok(0) => Err(Error::Upstream("the upstream closed the connection while the request was sent".into()).into()),
-        Ok(_) => {
-            // A 100 Continue is no answer: the body goes on.
-            if buf.starts_with(b"HTTP/1.1 100 ") && matches!(take_head(buf), Ok(Some(_))) {
-                return Ok(!buf.is_empty());
-            }
-            Ok(true)
+        Ok(0) => {
+            let e = Error::Upstream("the upstream closed the connection while the request was sent".into());
+            Err(closed(e, buf))
         }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
-        Err(e) => Err(upstream("sending the request", e).into()),
+        Ok(_) => Ok(final_head(buf)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(closed(upstream("sending the request", e), buf)),
     }
 }
 
-/// Writes `data` unless the upstream answers first: false then.
-async fn write_watching(stream: &TcpStream, buf: &mut BytesMut, mut data: &[u8]) -> Result<bool, Failed> {
+/// Drops complete interim heads from the front of `buf` and says what the
+/// final head there means for the request body; None while it is incomplete.
+fn final_head(buf: &mut BytesMut) -> Option<Early> {
+    loop {
+        let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut r = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut r, buf, &mut slots);
+        let len = match parsed {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return None,
+            _ => return Some(Early::Refusal),
+        };
+        let code = r.code.unwrap_or(0);
+        if (100..200).contains(&code) && code != 101 {
+            let _ = buf.split_to(len);
+            continue;
+        }
+        let close = r.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("connection")
+                && h.value
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+        });
+        return Some(if (200..400).contains(&code) && !close {
+            Early::Success
+        } else {
+            Early::Refusal
+        });
+    }
+}
+
+/// Writes `data` unless a final answer arrives first: then what it means,
+/// with `data` left holding what was not written.
+async fn write_watching(stream: &TcpStream, buf: &mut BytesMut, data: &mut Bytes) -> Result<Option<Early>, Failed> {
     while !data.is_empty() {
         tokio::select! {
             biased;
-            answered = answer_arrived(stream, buf) => {
-                if answered? {
-                    return Ok(false);
+            answer = answer_arrived(stream, buf) => {
+                if let Some(answer) = answer? {
+                    return Ok(Some(answer));
                 }
             }
             w = stream.writable() => {
-                w.map_err(|e| upstream("sending the request", e))?;
-                match stream.try_write(data) {
-                    Ok(n) => data = &data[n..],
+                let r = w.and_then(|()| stream.try_write(data));
+                match r {
+                    Ok(n) => {
+                        let _ = data.split_to(n);
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(upstream("sending the request", e).into()),
+                    Err(e) => {
+                        // A reset may have come with an answer: read it before giving up.
+                        buf.reserve(READ_CHUNK);
+                        if matches!(stream.try_read_buf(buf), Ok(n) if n > 0) {
+                            if let Some(answer) = final_head(buf) {
+                                return Ok(Some(answer));
+                            }
+                        }
+                        return Err(Failed {
+                            stale: buf.is_empty(),
+                            error: upstream("sending the request", e),
+                        });
+                    }
                 }
             }
         }
     }
-    Ok(true)
+    Ok(None)
 }
 
 struct Head {
@@ -539,33 +685,42 @@ fn response_framing(method: &Method, head: &Head) -> Result<Framing, String> {
         return Ok(Framing::Length(0));
     }
     if head.headers.contains_key(header::TRANSFER_ENCODING) {
-        let last = head
+        // Any other coding would reach the client undecoded and unlabelled
+        // (Transfer-Encoding is hop-by-hop): refused, as nginx does.
+        let mut codings = head
             .headers
             .get_all(header::TRANSFER_ENCODING)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|t| !t.is_empty());
-        return Ok(match last {
-            Some(t) if t.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
-            _ => Framing::Eof,
-        });
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.is_empty());
+        return match (codings.next(), codings.next()) {
+            (Some(c), None) if c.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked(Chunk::Size)),
+            _ => Err("upstream Transfer-Encoding other than chunked".into()),
+        };
     }
+    Ok(content_length(&head.headers)?.map_or(Framing::Eof, Framing::Length))
+}
+
+/// The Content-Length of a message: digits only; a list or repeated headers
+/// must all agree (RFC 9110 §8.6).
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, String> {
     let mut length = None;
-    for v in head.headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.to_str().unwrap_or("x").split(',') {
-            let n: u64 = part
-                .trim()
-                .parse()
-                .map_err(|_| format!("bad Content-Length {v:?} from the upstream"))?;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let digits = part.trim_ascii();
+            let n = std::str::from_utf8(digits)
+                .ok()
+                .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|d| d.parse::<u64>().ok())
+                .ok_or_else(|| format!("bad Content-Length {v:?} from the upstream"))?;
             if length.is_some_and(|l| l != n) {
                 return Err("conflicting Content-Length headers from the upstream".into());
             }
             length = Some(n);
         }
     }
-    Ok(length.map_or(Framing::Eof, Framing::Length))
+    Ok(length)
 }
 
 /// Where a chunked body's decoder is.
@@ -829,20 +984,27 @@ mod tests {
             f(get, "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n"),
             Ok(Framing::Length(5))
         );
+        assert_eq!(
+            f(get, "HTTP/1.1 200 OK\r\nContent-Length: 005\r\n\r\n"),
+            Ok(Framing::Length(5))
+        );
         assert!(f(get, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n").is_err());
-        assert!(f(get, "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n").is_err());
+        for bad in ["-1", "+5", "5 5", "", "0x10", "99999999999999999999"] {
+            let raw = format!("HTTP/1.1 200 OK\r\nContent-Length: {bad}\r\n\r\n");
+            assert!(f(get, &raw).is_err(), "Content-Length {bad:?}");
+        }
         assert_eq!(
             f(
                 get,
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, Chunked\r\nContent-Length: 5\r\n\r\n"
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\nContent-Length: 5\r\n\r\n"
             ),
             Ok(Framing::Chunked(Chunk::Size)),
             "chunked wins over Content-Length"
         );
-        assert_eq!(
-            f(get, "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"),
-            Ok(Framing::Eof)
-        );
+        for coding in ["gzip", "gzip, chunked", "chunked, chunked"] {
+            let raw = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\n\r\n");
+            assert!(f(get, &raw).is_err(), "Transfer-Encoding {coding:?}");
+        }
         assert_eq!(f(get, "HTTP/1.1 200 OK\r\n\r\n"), Ok(Framing::Eof));
         assert_eq!(
             f(&Method::HEAD, "HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"),
@@ -853,6 +1015,31 @@ mod tests {
             f(get, "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n"),
             Ok(Framing::Length(0))
         );
+    }
+
+    #[test]
+    fn answers_during_an_upload_are_told_apart() {
+        let early = |raw: &str| {
+            let mut buf = BytesMut::from(raw);
+            let r = final_head(&mut buf);
+            (r, buf.len())
+        };
+        let interim = "HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n";
+        assert!(
+            matches!(early(interim), (None, 0)),
+            "interim heads dropped, the body goes on"
+        );
+        assert!(matches!(early("HTTP/1.1 100 Cont"), (None, 17)), "a partial head waits");
+        let refusal = "HTTP/1.1 413 Payload Too Large\r\n\r\n";
+        let r = early(&format!("{interim}{refusal}"));
+        assert!(
+            matches!(r, (Some(Early::Refusal), n) if n == refusal.len()),
+            "the final head stays for read_head"
+        );
+        assert!(matches!(early("HTTP/1.1 200 OK\r\n\r\n"), (Some(Early::Success), _)));
+        let close = "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n";
+        assert!(matches!(early(close), (Some(Early::Refusal), _)));
+        assert!(matches!(early("garbage\r\n\r\n"), (Some(Early::Refusal), _)));
     }
 
     #[test]

@@ -476,8 +476,13 @@ fn upstream_response(answer: Answer, client_upgrade: Option<OnUpgrade>, upstream
                 // The client did not ask for an upgrade: never let one through.
                 return local(StatusCode::BAD_GATEWAY, "unexpected upgrade from upstream\n");
             };
+            let Some((mut up, early)) = conn.into_parts() else {
+                return local(
+                    StatusCode::BAD_GATEWAY,
+                    "upgrade while the request body was still being sent\n",
+                );
+            };
             tokio::spawn(async move {
-                let (mut up, early) = conn.into_parts();
                 let c = match client.await {
                     Ok(c) => c,
                     Err(e) => return tracing::debug!("upgrade to {upstream} not completed by the client: {e}"),
