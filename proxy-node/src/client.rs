@@ -85,23 +85,15 @@ pub struct Conn {
     buf: BytesMut,
     /// The request head being written; kept to reuse its allocation.
     wbuf: Vec<u8>,
-    /// Came from the idle list (the upstream may have closed it meanwhile).
-    reused: bool,
 }
 
 impl Conn {
     async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Error> {
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(Error::Connect(e.to_string())),
-            Err(_) => return Err(Error::Connect(format!("timed out after {timeout:?}"))),
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = crate::upstream::connect(addr, timeout).await.map_err(Error::Connect)?;
         Ok(Conn {
             stream: Arc::new(stream),
             buf: BytesMut::new(),
             wbuf: Vec::with_capacity(512),
-            reused: false,
         })
     }
 
@@ -145,7 +137,7 @@ pub struct IdleConns(Mutex<Vec<(Conn, u64)>>);
 
 impl std::fmt::Debug for IdleConns {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "IdleConns({})", self.len())
+        write!(f, "IdleConns({})", self.list().len())
     }
 }
 
@@ -157,9 +149,8 @@ impl IdleConns {
     /// The newest idle connection that is still open.
     fn checkout(&self) -> Option<Conn> {
         loop {
-            let (mut c, _) = self.list().pop()?;
+            let (c, _) = self.list().pop()?;
             if c.still_open() {
-                c.reused = true;
                 return Some(c);
             }
         }
@@ -177,14 +168,6 @@ impl IdleConns {
     fn prune(&self) {
         let oldest = PRUNE_EPOCH.load(Relaxed).saturating_sub(IDLE_PRUNES - 1);
         self.list().retain_mut(|(c, epoch)| *epoch >= oldest && c.still_open());
-    }
-
-    pub fn len(&self) -> usize {
-        self.list().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -219,11 +202,11 @@ pub async fn send(
     if req.body.as_ref().is_some_and(|b| b.is_end_stream()) {
         req.body = None;
     }
-    let conn = match idle.checkout() {
-        Some(c) => c,
-        None => Box::pin(Conn::connect(addr, connect_timeout)).await?,
+    // Reused: came from the idle list, so the upstream may have closed it meanwhile.
+    let (conn, reused) = match idle.checkout() {
+        Some(c) => (c, true),
+        None => (Box::pin(Conn::connect(addr, connect_timeout)).await?, false),
     };
-    let reused = conn.reused;
     let may_resend = req.body.is_none() && crate::http::is_idempotent(req.method);
     match exchange(conn, &mut req, idle).await {
         Err(Failed { error, stale: true }) if reused && may_resend => {
@@ -294,19 +277,20 @@ async fn exchange(mut conn: Conn, req: &mut Request<'_>, idle: &Arc<IdleConns>) 
         *resp.headers_mut() = head.headers;
         return Ok(Answer::Switching(resp, conn));
     }
-    let framing = response_framing(req.method, &head).map_err(Error::Upstream)?;
+    let (framing, length) = response_framing(req.method, &head).map_err(Error::Upstream)?;
     let mut headers = head.headers;
-    let both = headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH);
+    let te = headers.contains_key(header::TRANSFER_ENCODING);
+    let both = te && headers.contains_key(header::CONTENT_LENGTH);
     let keep_alive = sent_all
         && head.version == Version::HTTP_11
         && !matches!(framing, Framing::Eof)
         // Both framings at once may be a response-splitting attempt (RFC 9112 §6.3): never reused.
         && !both
         && !crate::http::has_token(&headers, header::CONNECTION, "close");
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if te {
         // Transfer-Encoding wins over Content-Length.
         headers.remove(header::CONTENT_LENGTH);
-    } else if let Some(n) = content_length(&headers).map_err(Error::Upstream)? {
+    } else if let Some(n) = length {
         // One plain number for the client, whatever list or zeros the upstream wrote.
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
@@ -679,7 +663,17 @@ enum Framing {
     Done,
 }
 
-fn response_framing(method: &Method, head: &Head) -> Result<Framing, String> {
+/// The response body's framing, and the response's Content-Length when it
+/// has no Transfer-Encoding (which wins: the length is then not read).
+fn response_framing(method: &Method, head: &Head) -> Result<(Framing, Option<u64>), String> {
+    if head.headers.contains_key(header::TRANSFER_ENCODING) {
+        return Ok((body_framing(method, head, None)?, None));
+    }
+    let length = content_length(&head.headers)?;
+    Ok((body_framing(method, head, length)?, length))
+}
+
+fn body_framing(method: &Method, head: &Head, length: Option<u64>) -> Result<Framing, String> {
     let s = head.status;
     if *method == Method::HEAD || s.is_informational() || s == StatusCode::NO_CONTENT || s == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Length(0));
@@ -699,7 +693,7 @@ fn response_framing(method: &Method, head: &Head) -> Result<Framing, String> {
             _ => Err("upstream Transfer-Encoding other than chunked".into()),
         };
     }
-    Ok(content_length(&head.headers)?.map_or(Framing::Eof, Framing::Length))
+    Ok(length.map_or(Framing::Eof, Framing::Length))
 }
 
 /// The Content-Length of a message: digits only; a list or repeated headers
@@ -975,7 +969,7 @@ mod tests {
     #[test]
     fn response_framing_follows_rfc_9112() {
         let get = &Method::GET;
-        let f = |m: &Method, raw: &str| response_framing(m, &head(raw));
+        let f = |m: &Method, raw: &str| response_framing(m, &head(raw)).map(|(f, _)| f);
         assert_eq!(
             f(get, "HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n"),
             Ok(Framing::Length(12))

@@ -22,13 +22,13 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// `now` is read only for an upstream ejected at some point.
-    pub fn is_ejected(&self, now: impl Fn() -> u64) -> bool {
+    /// Reads the clock only for an upstream ejected at some point.
+    pub fn is_ejected(&self) -> bool {
         let until = self.ejected_until.load(Relaxed);
         if until == 0 {
             return false;
         }
-        if until > now() {
+        if until > now_ms() {
             return true;
         }
         // Expired: back to the state that needs no clock.
@@ -119,11 +119,10 @@ impl Pool {
     /// just failed. Upstreams the config marks unhealthy are never picked;
     /// indexes in `tried` are skipped.
     pub fn pick(&self, tried: Tried) -> Option<usize> {
-        let now = now_ms;
         let tiers: [&dyn Fn(&Target) -> bool; 4] = [
-            &|t| t.weight > 0 && t.local && !t.peer.is_ejected(now),
-            &|t| t.weight > 0 && !t.local && !t.peer.is_ejected(now),
-            &|t| t.weight == 0 && !t.peer.is_ejected(now),
+            &|t| t.weight > 0 && t.local && !t.peer.is_ejected(),
+            &|t| t.weight > 0 && !t.local && !t.peer.is_ejected(),
+            &|t| t.weight == 0 && !t.peer.is_ejected(),
             &|_| true,
         ];
         let usable = |i: usize, t: &Target| t.healthy && (i >= 128 || tried & (1 << i) == 0);
@@ -167,6 +166,18 @@ pub fn mark(tried: &mut Tried, i: usize) {
     }
 }
 
+/// Connects to `addr` within `timeout`, with Nagle off; the error says why.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("timed out after {timeout:?}")),
+    }
+}
+
 /// Connects to an upstream of `pool` for a TCP splice, trying up to
 /// `1 + retries` upstreams; failures eject.
 pub async fn connect_tcp(
@@ -182,14 +193,9 @@ pub async fn connect_tcp(
         let Some(i) = pool.pick(tried) else { break };
         mark(&mut tried, i);
         let t = &pool.targets[i];
-        let r = tokio::time::timeout(connect_timeout, TcpStream::connect(t.addr)).await;
-        match r {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                return Ok((s, t.addr));
-            }
-            Ok(Err(e)) => last_err = format!("connecting to {}: {e}", t.addr),
-            Err(_) => last_err = format!("connecting to {}: timed out after {connect_timeout:?}", t.addr),
+        match connect(t.addr, connect_timeout).await {
+            Ok(s) => return Ok((s, t.addr)),
+            Err(e) => last_err = format!("connecting to {}: {e}", t.addr),
         }
         metrics.upstream_connect_errors.fetch_add(1, Relaxed);
         if t.peer.eject(ejection) {
@@ -300,7 +306,7 @@ mod tests {
         p.targets[0].peer.eject(Duration::from_secs(10));
         let mut reg2 = HashMap::new();
         let p2 = Pool::new(&ups, &reg, &mut reg2).unwrap();
-        assert!(p2.targets[0].peer.is_ejected(now_ms));
+        assert!(p2.targets[0].peer.is_ejected());
     }
 
     #[test]
