@@ -536,6 +536,7 @@ range() { # array proxy → "min-max" of req/s
     per_round "$1" "$2" | sort -g | awk '{v[NR] = $1} END {printf "%.0f-%.0f", v[1], v[NR]}'
 }
 declare -A M_KA_RPS M_KA_P50 M_KA_P99 M_KA_CPU M_KA_US M_NC_RPS M_NC_P50 M_NC_P99 M_NC_CPU M_NC_US
+# shellcheck disable=SC2034 # most are read through the namerefs in summary
 for p in "${plist[@]}"; do
     M_KA_RPS[$p]=$(median KA_RPS "$p" %.2f) M_KA_P50[$p]=$(median KA_P50 "$p") M_KA_P99[$p]=$(median KA_P99 "$p")
     M_KA_CPU[$p]=$(median KA_CPU "$p" %.0f) M_KA_US[$p]=$(median KA_US "$p" %.0f)
@@ -547,23 +548,23 @@ echo
 if ((ROUNDS > 1)); then
     echo "medians of $ROUNDS rounds (req/s min-max = the lowest and highest round); ratios are of the medians"
 fi
+summary() { # KA|NC rate-title per → the table of that phase's medians
+    local ph=$1 title=$2 w=$((${#2} > 10 ? ${#2} : 10)) p
+    local -n rps=M_${ph}_RPS p50=M_${ph}_P50 p99=M_${ph}_P99 cpu=M_${ph}_CPU us=M_${ph}_US
+    printf '%-12s %*s %13s %8s %8s %9s %9s %10s %12s\n' proxy "$w" "$title" "min-max" p50_ms p99_ms "vs nginx" "vs Caddy" \
+        "proxy CPU" "CPU us/$3"
+    for p in "${plist[@]}"; do
+        # shellcheck disable=SC2183 # %*.0f takes the width as an argument too
+        printf '%-12s %*.0f %13s %8s %8s %9s %9s %9s%% %12s\n' "$p" "$w" "${rps[$p]}" "$(range "${ph}_RPS" "$p")" \
+            "${p50[$p]}" "${p99[$p]}" "$(ratio "${rps[$p]}" "${rps[nginx]:-0}")" "$(ratio "${rps[$p]}" "${rps[caddy]:-0}")" \
+            "${cpu[$p]}" "${us[$p]}"
+    done
+}
 echo "keep-alive: wrk -t1 -c$CONNS -d${DURATION}s --latency (HTTP/1.1 over TLS 1.3, connections reused)"
-printf '%-12s %10s %13s %8s %8s %9s %9s %10s %12s\n' proxy req/s "min-max" p50_ms p99_ms "vs nginx" "vs Caddy" "proxy CPU" "CPU us/req"
-for p in "${plist[@]}"; do
-    printf '%-12s %10.0f %13s %8s %8s %9s %9s %9s%% %12s\n' "$p" "${M_KA_RPS[$p]}" "$(range KA_RPS "$p")" \
-        "${M_KA_P50[$p]}" "${M_KA_P99[$p]}" \
-        "$(ratio "${M_KA_RPS[$p]}" "${M_KA_RPS[nginx]:-0}")" "$(ratio "${M_KA_RPS[$p]}" "${M_KA_RPS[caddy]:-0}")" \
-        "${M_KA_CPU[$p]}" "${M_KA_US[$p]}"
-done
+summary KA req/s req
 echo
 echo "new connections: the same with -H 'Connection: close' for ${NEWCONN_DURATION}s: one TCP connection + full TLS 1.3 handshake per request"
-printf '%-12s %11s %13s %8s %8s %9s %9s %10s %12s\n' proxy handshake/s "min-max" p50_ms p99_ms "vs nginx" "vs Caddy" "proxy CPU" "CPU us/conn"
-for p in "${plist[@]}"; do
-    printf '%-12s %11.0f %13s %8s %8s %9s %9s %9s%% %12s\n' "$p" "${M_NC_RPS[$p]}" "$(range NC_RPS "$p")" \
-        "${M_NC_P50[$p]}" "${M_NC_P99[$p]}" \
-        "$(ratio "${M_NC_RPS[$p]}" "${M_NC_RPS[nginx]:-0}")" "$(ratio "${M_NC_RPS[$p]}" "${M_NC_RPS[caddy]:-0}")" \
-        "${M_NC_CPU[$p]}" "${M_NC_US[$p]}"
-done
+summary NC handshake/s conn
 echo
 echo "memory: VmRSS of a freshly started proxy (nginx: master + worker), idle and with $IDLE_CONNS idle keep-alive TLS connections (once per proxy)"
 printf '%-12s %12s %16s %10s %8s\n' proxy "RSS idle MB" "RSS ${IDLE_CONNS}c MB" "KiB/conn" held
