@@ -96,11 +96,19 @@ pub struct ContinuousPing {
     label: String,
 }
 
-#[derive(Debug, Clone, Copy)]
+/// Pings of a [`ContinuousPing`] that had settled when it was stopped: the
+/// last second's worth is left out, since their replies may still have been
+/// on the way when ping was interrupted (it does not wait for them).
+#[derive(Debug, Clone)]
 pub struct PingResult {
     pub sent: u32,
     pub received: u32,
+    /// Sequence numbers of settled pings that got no reply.
+    pub missing: Vec<u32>,
 }
+
+/// Pings sent in the last second before the stop (`-i 0.05`, `-W 1`).
+const PINGS_IN_FLIGHT: u32 = 20;
 
 impl ContinuousPing {
     pub fn start(lab: &Lab, from: &str, ip: &str) -> ContinuousPing {
@@ -124,19 +132,28 @@ impl ContinuousPing {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
         let out = child.wait_with_output().expect("ping output");
         let text = String::from_utf8_lossy(&out.stdout);
-        let line = text
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .unwrap_or_else(|| panic!("no ping summary for {}: {text}", self.label));
-        let nums: Vec<u32> = line
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|s| s.parse().ok())
-            .collect();
-        PingResult {
-            sent: nums[0],
-            received: nums[1],
-        }
+        parse_ping_output(&text).unwrap_or_else(|| panic!("no ping summary for {}: {text}", self.label))
     }
+}
+
+/// Reads iputils ping's output: the replies by sequence number and the
+/// summary's count of packets transmitted.
+fn parse_ping_output(text: &str) -> Option<PingResult> {
+    let summary = text.lines().find(|l| l.contains("packets transmitted"))?;
+    let transmitted: u32 = summary.split_whitespace().next()?.parse().ok()?;
+    let replied: std::collections::BTreeSet<u32> = text
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.split("icmp_seq=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect();
+    let settled = transmitted.saturating_sub(PINGS_IN_FLIGHT);
+    let missing: Vec<u32> = (1..=settled).filter(|seq| !replied.contains(seq)).collect();
+    Some(PingResult {
+        sent: settled,
+        received: settled - missing.len() as u32,
+        missing,
+    })
 }
 
 impl Drop for ContinuousPing {
@@ -187,4 +204,51 @@ pub fn wireguard_go_pids(lab: &Lab, node: &str) -> anyhow::Result<Vec<u32>> {
                 .unwrap_or(false)
         })
         .collect())
+}
+
+#[cfg(test)]
+mod ping_tests {
+    use super::parse_ping_output;
+
+    fn output(transmitted: u32, replies: &[u32]) -> String {
+        let mut s = String::from("PING 10.100.0.3 (10.100.0.3) 56(84) bytes of data.\n");
+        for seq in replies {
+            s += &format!("64 bytes from 10.100.0.3: icmp_seq={seq} ttl=64 time=0.4 ms\n");
+        }
+        s += &format!(
+            "\n--- 10.100.0.3 ping statistics ---\n{transmitted} packets transmitted, {} received, 0% packet loss, time 3000ms\n",
+            replies.len()
+        );
+        s
+    }
+
+    #[test]
+    fn replies_still_in_flight_at_the_stop_are_not_losses() {
+        let replies: Vec<u32> = (1..=74).collect();
+        let r = parse_ping_output(&output(75, &replies)).unwrap();
+        assert_eq!((r.sent, r.received), (55, 55));
+        assert!(r.missing.is_empty());
+    }
+
+    #[test]
+    fn a_settled_ping_without_reply_is_lost() {
+        let replies: Vec<u32> = (1..=75).filter(|s| *s != 30 && *s != 31).collect();
+        let r = parse_ping_output(&output(75, &replies)).unwrap();
+        assert_eq!((r.sent, r.received), (55, 53));
+        assert_eq!(r.missing, [30, 31]);
+    }
+
+    #[test]
+    fn unreachable_lines_and_duplicates_are_not_replies() {
+        let mut text = output(40, &[1, 2, 2, 3]);
+        text += "From 10.100.0.1 icmp_seq=4 Destination Host Unreachable\n";
+        let r = parse_ping_output(&text).unwrap();
+        assert_eq!((r.sent, r.received), (20, 3));
+        assert_eq!(r.missing.first(), Some(&4));
+    }
+
+    #[test]
+    fn no_summary_is_none() {
+        assert!(parse_ping_output("ping: connect: Network is unreachable\n").is_none());
+    }
 }
