@@ -183,6 +183,19 @@ fn local(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     r
 }
 
+/// Requests answered before routing: several Host headers (RFC 9112 §3.2:
+/// the upstream might pick another one than the route) and CONNECT (a
+/// reverse proxy is no tunnel).
+fn refusal<B>(req: &Request<B>) -> Option<Response<ProxyBody>> {
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        return Some(local(StatusCode::BAD_REQUEST, "more than one Host header\n"));
+    }
+    if req.method() == Method::CONNECT {
+        return Some(local(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"));
+    }
+    None
+}
+
 /// The host a request is for: the URI's authority (HTTP/2, absolute-form)
 /// or else the Host header; port stripped, lowercased. None if absent/invalid.
 pub fn request_host<B>(req: &Request<B>) -> Option<Cow<'_, str>> {
@@ -215,12 +228,17 @@ pub(crate) fn is_idempotent(m: &Method) -> bool {
 }
 
 pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    list_tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// The comma-separated tokens of every `name` header, trimmed. Split on
+/// bytes, so a value with a non-ASCII byte does not hide the tokens beside it.
+fn list_tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
 }
 
 /// An HTTP/1.1 `Upgrade` request (WebSocket and others).
@@ -232,12 +250,11 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 
 /// Removes hop-by-hop headers, including those named by `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+    // Host is never hop-by-hop: a client naming it must not strip it from
+    // what the upstream sees (it was routed on it).
+    let named: Vec<HeaderName> = list_tokens(headers, header::CONNECTION)
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
+        .filter(|n| *n != header::HOST)
         .collect();
     for n in named {
         headers.remove(n);
@@ -298,6 +315,8 @@ pub fn forward_headers(
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    // The client's own X-Forwarded-Host never reaches the upstream.
+    headers.remove(&X_FORWARDED_HOST);
     if let Some(h) = headers.get(header::HOST).cloned() {
         headers.insert(X_FORWARDED_HOST.clone(), h);
     }
@@ -310,6 +329,10 @@ pub async fn handle_https(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let ctx = Ctx::new(shared, client);
+    if let Some(r) = refusal(&req) {
+        let stats = ctx.shared.metrics.unknown_host.clone();
+        return Ok(ctx.finish(r, &stats, "", req.method(), req.uri().path(), None));
+    }
     let snap = ctx.shared.snapshot();
     let route = request_host(&req).and_then(|h| snap.http_routes.get(h.as_ref()).cloned());
     let Some(route) = route else {
@@ -329,6 +352,10 @@ pub async fn handle_http(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let ctx = Ctx::new(shared, client);
+    if let Some(r) = refusal(&req) {
+        let stats = ctx.shared.metrics.unknown_host.clone();
+        return Ok(ctx.finish(r, &stats, "", req.method(), req.uri().path(), None));
+    }
     let snap = ctx.shared.snapshot();
     let host = request_host(&req).map(|h| h.into_owned()).unwrap_or_default();
     let path = req.uri().path();
@@ -591,6 +618,58 @@ mod tests {
         );
         assert_eq!(h["host"], "a.example.com");
         assert_eq!(h["cookie"], "a=1; b=2");
+    }
+
+    #[test]
+    fn a_client_cannot_strip_host_or_choose_x_forwarded_host() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("app.example.com"));
+        h.insert("connection", HeaderValue::from_static("host"));
+        h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+        let uri: Uri = "/reset".parse().unwrap();
+        forward_headers(&mut h, &uri, Version::HTTP_11, "::1".parse().unwrap(), "https", false);
+        assert_eq!(h["host"], "app.example.com");
+        assert_eq!(
+            h.get_all("x-forwarded-host").iter().collect::<Vec<_>>(),
+            ["app.example.com"]
+        );
+
+        // Without any Host left to copy, the client's value is still dropped.
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+        forward_headers(&mut h, &uri, Version::HTTP_11, "::1".parse().unwrap(), "https", false);
+        assert!(!h.contains_key("x-forwarded-host"));
+    }
+
+    #[test]
+    fn connection_tokens_beside_non_ascii_bytes_count() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_bytes(b"x-secret, \xff").unwrap());
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key("x-secret"));
+
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_bytes(b"close, \xff").unwrap());
+        assert!(has_token(&h, header::CONNECTION, "close"));
+        assert!(!has_token(&h, header::CONNECTION, "upgrade"));
+    }
+
+    #[test]
+    fn several_hosts_and_connect_are_refused() {
+        let two = Request::builder()
+            .header("host", "a.example.com")
+            .header("host", "admin.internal")
+            .body(())
+            .unwrap();
+        assert_eq!(refusal(&two).unwrap().status(), StatusCode::BAD_REQUEST);
+        let connect = Request::builder()
+            .method(Method::CONNECT)
+            .uri("a.example.com:443")
+            .body(())
+            .unwrap();
+        assert_eq!(refusal(&connect).unwrap().status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert!(refusal(&req("/", Some("a.example.com"))).is_none());
     }
 
     #[test]
