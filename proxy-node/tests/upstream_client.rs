@@ -200,6 +200,34 @@ async fn a_pooled_connection_the_upstream_closed_is_replaced_without_an_error() 
 }
 
 #[tokio::test]
+async fn an_upstream_that_closes_right_after_answering_is_never_reused_even_for_a_post() {
+    // The answer and the close leave together: the proxy reads the answer
+    // (a short read, after which it forgets the socket's readiness) and
+    // must still see the close before it would send a POST there, which it
+    // cannot send again.
+    let (up, accepted) = raw_backend(|mut s, i| async move {
+        read_head(&mut s).await.unwrap();
+        let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nconn {i}");
+        s.write_all(resp.as_bytes()).await.unwrap();
+        drop(s);
+    })
+    .await;
+    let h = start(up).await;
+    let mut c = h.h1(A).await;
+    for i in 0..4 {
+        let method = if i % 2 == 0 { "GET" } else { "POST" };
+        let (st, _, body) = fetch(&mut c, method, "/").await;
+        assert_eq!(
+            (st, body.unwrap()),
+            (200, Bytes::from(format!("conn {i}"))),
+            "{method} {i}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(accepted.load(SeqCst), 4);
+}
+
+#[tokio::test]
 async fn a_request_the_upstream_read_and_dropped_is_sent_again_only_when_idempotent() {
     // Every connection answers its first request, then reads the second and
     // closes without answering: the race with a keep-alive timeout that
