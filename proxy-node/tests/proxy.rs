@@ -456,6 +456,48 @@ async fn forwarding_headers_reach_the_backend() {
 }
 
 #[tokio::test]
+async fn a_client_cannot_strip_host_spoof_x_forwarded_host_or_send_two_hosts() {
+    let be = echo_backend("one").await;
+    let pki = Pki::new();
+    let c = cfg(1, &pki, vec![route(A, &[be])]);
+    let h = Harness::start(pki, &c).await;
+    let mut s = h.h1(A).await;
+    let req = Request::builder()
+        .uri("/x")
+        .header("host", A)
+        .header("connection", "host")
+        .header("x-forwarded-host", "evil.example")
+        .body(full(""))
+        .unwrap();
+    let resp = s.send_request(req).await.unwrap();
+    let body = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert_eq!(header(&body, "host"), Some(A), "{body}");
+    assert_eq!(header(&body, "x-forwarded-host"), Some(A), "{body}");
+
+    // Two Host headers and CONNECT, written by hand (clients refuse to).
+    for (raw, want) in [
+        (
+            format!("GET / HTTP/1.1\r\nhost: {A}\r\nhost: admin.internal\r\n\r\n"),
+            "HTTP/1.1 400",
+        ),
+        (
+            format!("CONNECT {A}:443 HTTP/1.1\r\nhost: {A}:443\r\n\r\n"),
+            "HTTP/1.1 405",
+        ),
+    ] {
+        let mut tls = h.tls(A, &[b"http/1.1"]).await;
+        tls.write_all(raw.as_bytes()).await.unwrap();
+        let mut resp = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut resp))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let resp = String::from_utf8_lossy(&resp[..n]);
+        assert!(resp.starts_with(want), "{raw:?}: {resp}");
+    }
+}
+
+#[tokio::test]
 async fn too_large_headers_get_431() {
     let be = echo_backend("one").await;
     let pki = Pki::new();
