@@ -96,9 +96,9 @@ pub struct ContinuousPing {
     label: String,
 }
 
-/// Pings of a [`ContinuousPing`] that had settled when it was stopped: the
-/// last second's worth is left out, since their replies may still have been
-/// on the way when ping was interrupted (it does not wait for them).
+/// Pings of a [`ContinuousPing`] sent before `finish` was called. The ones
+/// sent during its last second are left out: their replies may still have
+/// been on the way when ping was interrupted (it does not wait for them).
 #[derive(Debug, Clone)]
 pub struct PingResult {
     pub sent: u32,
@@ -125,8 +125,11 @@ impl ContinuousPing {
         }
     }
 
-    /// Stops the ping (SIGINT, so it prints its summary) and returns the counts.
+    /// Stops the ping (SIGINT, so it prints its summary) and returns the
+    /// counts. Ping goes on for the in-flight second first, so every ping
+    /// sent before this call is counted.
     pub fn finish(mut self) -> PingResult {
+        std::thread::sleep(Duration::from_millis(50) * PINGS_IN_FLIGHT);
         let child = self.child.take().unwrap();
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
