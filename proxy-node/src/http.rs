@@ -196,6 +196,13 @@ fn refusal<B>(req: &Request<B>) -> Option<Response<ProxyBody>> {
     None
 }
 
+/// [`refusal`], counted and logged as for an unknown host.
+fn refuse<B>(ctx: &Ctx, req: &Request<B>) -> Option<Response<ProxyBody>> {
+    let r = refusal(req)?;
+    let stats = &ctx.shared.metrics.unknown_host;
+    Some(ctx.finish(r, stats, "", req.method(), req.uri().path(), None))
+}
+
 /// The host a request is for: the URI's authority (HTTP/2, absolute-form)
 /// or else the Host header; port stripped, lowercased. None if absent/invalid.
 pub fn request_host<B>(req: &Request<B>) -> Option<Cow<'_, str>> {
@@ -329,9 +336,8 @@ pub async fn handle_https(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let ctx = Ctx::new(shared, client);
-    if let Some(r) = refusal(&req) {
-        let stats = ctx.shared.metrics.unknown_host.clone();
-        return Ok(ctx.finish(r, &stats, "", req.method(), req.uri().path(), None));
+    if let Some(r) = refuse(&ctx, &req) {
+        return Ok(r);
     }
     let snap = ctx.shared.snapshot();
     let route = request_host(&req).and_then(|h| snap.http_routes.get(h.as_ref()).cloned());
@@ -352,9 +358,8 @@ pub async fn handle_http(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let ctx = Ctx::new(shared, client);
-    if let Some(r) = refusal(&req) {
-        let stats = ctx.shared.metrics.unknown_host.clone();
-        return Ok(ctx.finish(r, &stats, "", req.method(), req.uri().path(), None));
+    if let Some(r) = refuse(&ctx, &req) {
+        return Ok(r);
     }
     let snap = ctx.shared.snapshot();
     let host = request_host(&req).map(|h| h.into_owned()).unwrap_or_default();
