@@ -1,12 +1,11 @@
 //! Shared pieces of the Berth benchmarks (`src/bin/bench-*.rs`): percentile
-//! summaries, /proc sampling, cleanup guards and signal handling.
+//! summaries, /proc sampling, a process guard and signal handling. The labs
+//! they run on come from the `berth-lab` crate.
 //!
 //! The benchmarks print figures; they never assert on timing.
 
 use anyhow::{bail, Context};
-use berth_cli::lab::{self, Lab};
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Installs the rustls crypto provider (once, before any TLS).
@@ -159,23 +158,14 @@ pub fn mib(kib: u64) -> f64 {
 
 /// Pids of processes whose command line contains every one of `needles`.
 pub fn find_pids(needles: &[&str]) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if needles.iter().all(|n| cmd.contains(n)) {
-            out.push(pid);
-        }
-    }
-    out
+    use berth_lab::process::{all_pids, cmdline};
+    all_pids()
+        .into_iter()
+        .filter(|&p| {
+            let cmd = cmdline(p).join(" ");
+            needles.iter().all(|n| cmd.contains(n))
+        })
+        .collect()
 }
 
 /// Busy and total CPU time of the whole machine (all CPUs), clock ticks,
@@ -239,73 +229,6 @@ pub async fn until_interrupted<T>(fut: impl Future<Output = anyhow::Result<T>>) 
     }
 }
 
-/// Owns a lab for the duration of a benchmark and destroys it on drop
-/// (error, panic or interruption included). Created before the lab itself,
-/// so a lab that failed half-way through `Lab::create` is removed too.
-pub struct LabGuard {
-    pub id: u8,
-    pub dir: PathBuf,
-    pub keep_logs: bool,
-    pub lab: Option<Lab>,
-}
-
-impl LabGuard {
-    /// Removes a leftover lab with the same id (from an earlier, killed run)
-    /// and returns an empty guard.
-    pub fn new(id: u8, dir: &Path, keep_logs: bool) -> LabGuard {
-        if (lab::net::LabNet { id }).exists() || dir.join("lab.json").exists() {
-            eprintln!("removing a leftover lab {id} at {}", dir.display());
-            if let Err(e) = lab::destroy_by_id(id, dir, false) {
-                eprintln!("  warning: {e:#}");
-            }
-        }
-        LabGuard {
-            id,
-            dir: dir.to_path_buf(),
-            keep_logs,
-            lab: None,
-        }
-    }
-
-    /// Builds the lab (control plane, no nodes) from the binaries next to this one.
-    pub async fn create(&mut self) -> anyhow::Result<&mut Lab> {
-        let bin_dir = lab::default_bin_dir();
-        self.lab = Some(Lab::create(self.id, &self.dir, &bin_dir).await?);
-        Ok(self.lab.as_mut().expect("just set"))
-    }
-
-    pub fn lab(&mut self) -> &mut Lab {
-        self.lab.as_mut().expect("lab created")
-    }
-
-    /// Writes the lab's state file, so `berth lab down` sees the same nodes.
-    pub fn save_state(&self) {
-        if let Some(l) = &self.lab {
-            if let Ok(json) = serde_json::to_vec_pretty(&l.state) {
-                let _ = std::fs::write(l.state.dir.join("lab.json"), json);
-            }
-        }
-    }
-}
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        eprintln!("destroying lab {} ({})", self.id, self.dir.display());
-        let res = match self.lab.take() {
-            Some(l) => l.destroy(self.keep_logs),
-            None => lab::destroy_by_id(self.id, &self.dir, self.keep_logs),
-        };
-        if let Err(e) = res {
-            eprintln!(
-                "warning: cleaning up lab {}: {e:#}\n  finish with: berth lab down --id {} --dir {}",
-                self.id,
-                self.id,
-                self.dir.display()
-            );
-        }
-    }
-}
-
 /// Stops a process we started (SIGTERM, then SIGKILL) on drop.
 pub struct ProcessGuard {
     pub pid: u32,
@@ -314,7 +237,7 @@ pub struct ProcessGuard {
 
 impl Drop for ProcessGuard {
     fn drop(&mut self) {
-        if let Err(e) = lab::process::stop(self.pid, Duration::from_secs(5)) {
+        if let Err(e) = berth_lab::process::stop(self.pid, Duration::from_secs(5)) {
             eprintln!("warning: stopping {} (pid {}): {e:#}", self.name, self.pid);
         }
     }

@@ -1,67 +1,17 @@
-//! Helpers for the end-to-end tests: a lab that removes itself, pings, and
-//! WireGuard inspection inside lab nodes.
+//! Helpers for the end-to-end tests: bringing a lab up, pings, and
+//! WireGuard inspection inside lab nodes. The lab itself is the `berth-lab`
+//! crate; tests get its items from here too.
 
-use anyhow::{bail, Context};
-use berth_cli::lab::{self, Lab};
-use std::ops::{Deref, DerefMut};
-use std::path::PathBuf;
+use anyhow::bail;
+pub use berth_lab::{default_bin_dir, demo, Lab, LabGuard, LabSpec, TEST_IMAGE};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A lab that is destroyed when dropped, even when the test panics.
-pub struct LabGuard(Option<Lab>);
-
-impl Deref for LabGuard {
-    type Target = Lab;
-    fn deref(&self) -> &Lab {
-        self.0.as_ref().expect("lab")
-    }
-}
-impl DerefMut for LabGuard {
-    fn deref_mut(&mut self) -> &mut Lab {
-        self.0.as_mut().expect("lab")
-    }
-}
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        if let Some(l) = self.0.take() {
-            let keep = std::thread::panicking();
-            let dir = l.state.dir.clone();
-            if let Err(e) = l.destroy(keep) {
-                eprintln!("lab cleanup: {e:#}");
-            }
-            if keep {
-                eprintln!("lab logs kept in {}", dir.display());
-            }
-        }
-    }
-}
-
-pub fn bin_dir() -> PathBuf {
-    let d = lab::default_bin_dir();
-    assert!(
-        d.join("berth-agent").exists() && d.join("berth-control-plane").exists(),
-        "build the binaries first (cargo build --workspace); looked in {}",
-        d.display()
-    );
-    d
-}
-
-/// Builds lab `id` with `nodes` workers and waits until it has converged.
+/// Builds lab `id` with `nodes` workers (in the temp dir) and waits until it
+/// has converged; removed when the guard drops.
 pub async fn lab_up(id: u8, nodes: u16) -> LabGuard {
     let dir = std::env::temp_dir().join(format!("berth-e2e-{id}"));
-    // A previous run that was killed may have left this lab behind.
-    let _ = lab::destroy_by_id(id, &dir, false);
-    let lab = Lab::create(id, &dir, &bin_dir()).await.expect("create lab");
-    let mut guard = LabGuard(Some(lab));
-    for _ in 0..nodes {
-        guard.add_node(false).await.expect("add node");
-    }
-    guard
-        .wait_converged(Duration::from_secs(60))
-        .await
-        .expect("lab converges");
-    guard
+    LabGuard::up(&LabSpec::new(id, dir, nodes)).await.expect("lab up")
 }
 
 /// Mesh IP of a lab node, as the control plane allocated it.
@@ -193,20 +143,7 @@ pub fn wg_public_key(lab: &Lab, node: &str) -> anyhow::Result<String> {
 
 /// Pids of the wireguard-go processes in a lab node's namespace.
 pub fn wireguard_go_pids(lab: &Lab, node: &str) -> anyhow::Result<Vec<u32>> {
-    let ns = lab.net.node_ns(lab.node(node)?.index);
-    let out = Command::new("ip")
-        .args(["netns", "pids", &ns])
-        .output()
-        .context("ip netns pids")?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse::<u32>().ok())
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm"))
-                .map(|c| c.trim() == "wireguard-go")
-                .unwrap_or(false)
-        })
-        .collect())
+    berth_lab::process::pids_in_netns(&lab.net.node_ns(lab.node(node)?.index), "wireguard-go")
 }
 
 #[cfg(test)]

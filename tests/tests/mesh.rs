@@ -135,7 +135,7 @@ async fn mesh_survives_a_control_plane_outage_and_resyncs() {
 async fn bad_tokens_are_refused_with_clear_errors() {
     let lab = lab_up(204, 1).await;
     let dir = tempfile::tempdir().unwrap();
-    let agent = bin_dir().join("berth-agent");
+    let agent = default_bin_dir().join("berth-agent");
     let run_agent = |token: &str| {
         Command::new(&agent)
             .args([
@@ -180,8 +180,8 @@ async fn bad_tokens_are_refused_with_clear_errors() {
     assert_eq!(admin.list_nodes().await.unwrap().len(), 1, "nothing registered");
 
     // The CLI prints API errors readably and exits non-zero.
-    let target = lab.target();
-    let out = Command::new(bin_dir().join("berth"))
+    let target = lab.client_config();
+    let out = Command::new(default_bin_dir().join("berth"))
         .args(["token", "revoke", "nosuchid"])
         .env("BERTH_URL", &target.url)
         .env("BERTH_ADMIN_TOKEN_FILE", &target.admin_token_file)

@@ -6,7 +6,7 @@ use berth_protocol::proxy::DomainSpec;
 use berth_protocol::service::ServiceSpec;
 use berth_tests::*;
 use futures_util::{SinkExt, StreamExt};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -16,38 +16,19 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-const IMAGE: &str = "localhost/berth-test/busybox:latest";
 const SETTLE: Duration = Duration::from_secs(60);
 
 fn web() -> ServiceSpec {
     ServiceSpec {
-        name: "web".into(),
-        image: IMAGE.into(),
-        replicas: 2,
-        port: Some(8080),
-        env: BTreeMap::new(),
-        secrets: BTreeMap::new(),
-        volumes: vec![],
-        cpu: None,
-        memory: None,
-        health_cmd: None,
         health_http: Some("/index.html".into()),
-        command: None,
         nodes: vec!["n1".into(), "n2".into()],
+        ..demo::web_service("web", 2)
     }
 }
 
 async fn wait_cert(lab: &LabGuard, domain: &str) {
     let admin = lab.admin().unwrap();
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let d = admin.list_domains().await.unwrap();
-        if d.iter().any(|d| d.spec.domain == domain && d.cert_state == "valid") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no certificate for {domain}: {d:?}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    demo::wait_cert(&admin, domain, SETTLE).await.unwrap();
 }
 
 fn domain(name: &str) -> DomainSpec {
@@ -178,12 +159,7 @@ fn served_cert(ip: &str, host: &str) -> String {
 /// The pid of the berth-proxy running in a node's namespace.
 fn lab_proxy_pid(lab: &LabGuard, node: &str) -> u32 {
     let ns = lab.net.node_ns(lab.node(node).unwrap().index);
-    let out = Command::new("ip").args(["netns", "pids", &ns]).output().unwrap();
-    let pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "berth-proxy"))
-        .collect();
+    let pids = berth_lab::process::pids_in_netns(&ns, "berth-proxy").unwrap();
     assert_eq!(pids.len(), 1, "berth-proxy processes in {node}: {pids:?}");
     pids[0]
 }

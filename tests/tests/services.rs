@@ -8,43 +8,24 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-const IMAGE: &str = "localhost/berth-test/busybox:latest";
 const SETTLE: Duration = Duration::from_secs(40);
 
 fn web(replicas: u32, nodes: &[&str], secret: &str) -> ServiceSpec {
     ServiceSpec {
-        name: "web".into(),
-        image: IMAGE.into(),
-        replicas,
-        port: Some(8080),
         env: BTreeMap::from([("GREETING".to_string(), "hello-from-berth".to_string())]),
         secrets: BTreeMap::from([("API_KEY".to_string(), secret.to_string())]),
-        volumes: vec![],
         cpu: Some(0.5),
         memory: Some(64 << 20),
-        health_cmd: None,
         health_http: Some("/index.html".into()),
-        command: None,
         nodes: nodes.iter().map(|s| s.to_string()).collect(),
+        ..demo::web_service("web", replicas)
     }
 }
 
 /// Waits until `name` has exactly `n` replicas, all running and healthy.
 async fn wait_running(lab: &LabGuard, name: &str, n: usize) -> ServiceInfo {
     let admin = lab.admin().unwrap();
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let info = admin.show_service(name).await.unwrap();
-        if info.replicas.len() == n && info.replicas.iter().all(|r| r.state == "running" && r.healthy) {
-            return info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} did not get {n} healthy replicas: {:?}",
-            info.replicas
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    demo::wait_healthy(&admin, name, n, SETTLE, |_| {}).await.unwrap()
 }
 
 /// `name`'s A records as a container on node `from` resolves them (busybox

@@ -14,7 +14,8 @@
 //! The userspace `wireguard-go` each lab node runs (no kernel WireGuard on
 //! this machine) is a separate process and is shown separately.
 
-use berth_bench::{init_tls, mib, sample_pid, ticks_secs, until_interrupted, LabGuard, ProcSample};
+use berth_bench::{init_tls, mib, sample_pid, ticks_secs, until_interrupted, ProcSample};
+use berth_lab::{LabGuard, LabSpec};
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -76,7 +77,7 @@ struct Row {
     child_pct: f64,
 }
 
-async fn run(guard: &mut LabGuard, args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<f64> {
+async fn run(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<f64> {
     println!(
         "building lab {} in {} with {} nodes ... (load average {})",
         args.id,
@@ -84,19 +85,18 @@ async fn run(guard: &mut LabGuard, args: &Args, rows: &mut Vec<Row>) -> anyhow::
         args.nodes,
         berth_bench::loadavg()
     );
-    guard.create().await?;
-    for _ in 0..args.nodes {
-        guard.lab().add_node(false).await?;
-    }
-    guard.save_state();
-    guard.lab().wait_converged(Duration::from_secs(120)).await?;
+    let lab = LabGuard::up(&LabSpec {
+        converge_within: Duration::from_secs(120),
+        keep_logs: args.keep_logs,
+        ..LabSpec::new(args.id, &args.dir, args.nodes)
+    })
+    .await?;
     println!(
         "converged; idling {} s before sampling for {} s",
         args.warmup, args.seconds
     );
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
 
-    let lab = guard.lab();
     let mut targets = Vec::new();
     for n in &lab.state.nodes {
         let pid = n.agent_pid.ok_or_else(|| anyhow::anyhow!("{}: no agent pid", n.name))?;
@@ -149,10 +149,7 @@ async fn main() {
     init_tls();
     let args = Args::parse();
     let mut rows = Vec::new();
-    let outcome = {
-        let mut guard = LabGuard::new(args.id, &args.dir, args.keep_logs);
-        until_interrupted(run(&mut guard, &args, &mut rows)).await
-    };
+    let outcome = until_interrupted(run(&args, &mut rows)).await;
     if let Ok(wall) = &outcome {
         println!();
         println!(

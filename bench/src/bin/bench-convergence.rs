@@ -22,8 +22,9 @@
 //! in `list_nodes` moves as soon as a node has applied.
 
 use anyhow::Context;
-use berth_bench::{init_tls, ms, print_summary, until_interrupted, LabGuard};
-use berth_cli::client::AdminClient;
+use berth_bench::{init_tls, ms, print_summary, until_interrupted};
+use berth_client::AdminClient;
+use berth_lab::{LabGuard, LabSpec};
 use berth_protocol::NodeInfo;
 use clap::Parser;
 use std::path::PathBuf;
@@ -97,7 +98,7 @@ struct Results {
     timeouts: u32,
 }
 
-async fn run(guard: &mut LabGuard, args: &Args, res: &mut Results) -> anyhow::Result<()> {
+async fn run(args: &Args, res: &mut Results) -> anyhow::Result<()> {
     let poll = Duration::from_millis(args.poll_ms);
     let timeout = Duration::from_secs(args.timeout);
     println!(
@@ -108,23 +109,22 @@ async fn run(guard: &mut LabGuard, args: &Args, res: &mut Results) -> anyhow::Re
         berth_bench::loadavg()
     );
     let t = Instant::now();
-    guard.create().await?;
-    for _ in 0..args.nodes {
-        guard.lab().add_node(false).await?;
-    }
-    guard.save_state();
-    guard.lab().wait_converged(Duration::from_secs(120)).await?;
+    let mut lab = LabGuard::up(&LabSpec {
+        converge_within: Duration::from_secs(120),
+        keep_logs: args.keep_logs,
+        ..LabSpec::new(args.id, &args.dir, args.nodes)
+    })
+    .await?;
     println!(
         "lab converged in {:.1} s (from an empty lab, informative)",
         t.elapsed().as_secs_f64()
     );
-    let admin = guard.lab().admin()?;
+    let admin = lab.admin()?;
 
     for round in 1..=args.rounds {
         // ---- JOIN ----
         let spawn = Instant::now();
-        let name = guard.lab().add_node(false).await?;
-        guard.save_state();
+        let name = lab.add_node(false).await?;
         let (t0, rev) = loop {
             let o = observe(&admin, &mut res.list_rtt).await?;
             if let Some(n) = o.nodes.iter().find(|n| n.name == name) {
@@ -176,13 +176,7 @@ async fn run(guard: &mut LabGuard, args: &Args, res: &mut Results) -> anyhow::Re
         }
 
         // ---- REMOVE (the oldest node) ----
-        let victim = guard
-            .lab()
-            .state
-            .nodes
-            .first()
-            .cloned()
-            .context("no node left to remove")?;
+        let victim = lab.state.nodes.first().cloned().context("no node left to remove")?;
         let t0 = Instant::now();
         let rev = admin.remove_node(&victim.name).await?;
         res.remove_api.push(t0.elapsed());
@@ -215,14 +209,12 @@ async fn run(guard: &mut LabGuard, args: &Args, res: &mut Results) -> anyhow::Re
         // Clean the removed node up (outside the measured window): its agent,
         // its wireguard-go and its namespace.
         {
-            let lab = guard.lab();
             if let Some(pid) = victim.agent_pid {
-                berth_cli::lab::process::stop(pid, Duration::from_secs(5))?;
+                berth_lab::process::stop(pid, Duration::from_secs(5))?;
             }
             lab.net.remove_node(victim.index)?;
             lab.state.nodes.retain(|n| n.index != victim.index);
         }
-        guard.save_state();
     }
     Ok(())
 }
@@ -270,15 +262,8 @@ async fn main() {
     init_tls();
     let args = Args::parse();
     let mut res = Results::default();
-    let outcome = {
-        let mut guard = LabGuard::new(args.id, &args.dir, args.keep_logs);
-        let r = until_interrupted(run(&mut guard, &args, &mut res)).await;
-        if r.is_err() && args.keep_logs {
-            eprintln!("logs kept in {}", args.dir.display());
-        }
-        r
-        // guard dropped here: the lab is destroyed
-    };
+    // The lab is destroyed when run() ends or is dropped (interrupted).
+    let outcome = until_interrupted(run(&args, &mut res)).await;
     report(&args, &res);
     if let Err(e) = outcome {
         eprintln!("bench-convergence: {e:#}");

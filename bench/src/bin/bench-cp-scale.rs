@@ -24,10 +24,12 @@ use berth_bench::{
     init_tls, loadavg, machine_ticks, mib, ms, print_summary, raise_nofile, sample, sample_pid, ticks_secs,
     until_interrupted, ProcSample, ProcessGuard,
 };
-use berth_cli::client::{AdminClient, Target};
+use berth_client::AdminClient;
+use berth_lab::control_plane::ControlPlane;
 use berth_protocol::{PeerStatus, RegisterRequest, StatusReport};
 use clap::Parser;
 use ed25519_dalek::SigningKey;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -114,55 +116,21 @@ fn cpu_line(label: &str, before: ProcSample, after: ProcSample, wall: Duration) 
 }
 
 async fn start_cp(dir: &Path, port: u16) -> anyhow::Result<(ProcessGuard, String, AdminClient, PathBuf)> {
-    let bin = berth_cli::lab::default_bin_dir().join("berth-control-plane");
-    if !bin.exists() {
-        bail!(
-            "{} not found: build with `cargo build --release --workspace`",
-            bin.display()
-        );
-    }
-    let cp_dir = dir.join("cp");
-    let args: Vec<String> = [
-        "serve",
-        "--data-dir",
-        &cp_dir.display().to_string(),
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--san",
-        "127.0.0.1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let log = dir.join("cp.log");
-    let pid = berth_cli::lab::process::spawn_daemon(None, &bin, &args, &[("BERTH_LOG".into(), "warn".into())], &log)?;
+    let cp = ControlPlane {
+        bin_dir: &berth_lab::default_bin_dir(),
+        data_dir: &dir.join("cp"),
+        listen: (Ipv4Addr::LOCALHOST, port).into(),
+        extra_args: &[],
+        log_level: "warn",
+        log: &dir.join("cp.log"),
+    };
     let guard = ProcessGuard {
-        pid,
+        pid: cp.spawn()?,
         name: "berth-control-plane",
     };
-    let url = format!("https://127.0.0.1:{port}");
-    let target = Target {
-        url: url.clone(),
-        admin_token_file: cp_dir.join("admin.token"),
-        ca_file: cp_dir.join("ca.pem"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if target.admin_token_file.exists() {
-            if let Ok(a) = AdminClient::new(&target) {
-                if a.revision().await.is_ok() {
-                    return Ok((guard, url, a, target.ca_file));
-                }
-            }
-        }
-        if !berth_cli::lab::process::is_alive(pid) {
-            bail!("the control plane exited; see {}", log.display());
-        }
-        if Instant::now() > deadline {
-            bail!("the control plane did not answer within 20 s; see {}", log.display());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let admin = cp.wait_ready(guard.pid).await?;
+    let cfg = cp.client_config();
+    Ok((guard, cfg.url, admin, cfg.ca_file))
 }
 
 /// The long-poll loop of one simulated agent.

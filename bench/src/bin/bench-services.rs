@@ -12,16 +12,14 @@
 //!   then n1's agent is sampled for `--seconds` (RSS, CPU), as bench-agent-idle does.
 
 use anyhow::{bail, Context};
-use berth_bench::{init_tls, mib, print_summary, sample_pid, ticks_secs, until_interrupted, LabGuard};
-use berth_cli::lab::Lab;
+use berth_bench::{init_tls, mib, print_summary, sample_pid, ticks_secs, until_interrupted};
+use berth_lab::{Lab, LabGuard, LabSpec};
 use berth_protocol::service::ServiceSpec;
 use clap::Parser;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-const IMAGE: &str = "localhost/berth-test/busybox:latest";
 
 #[derive(Parser)]
 #[command(
@@ -51,19 +49,9 @@ struct Args {
 
 fn spec(name: &str, replicas: u32, nodes: &[&str]) -> ServiceSpec {
     ServiceSpec {
-        name: name.into(),
-        image: IMAGE.into(),
-        replicas,
-        port: Some(8080),
-        env: BTreeMap::new(),
-        secrets: BTreeMap::new(),
-        volumes: vec![],
-        cpu: None,
-        memory: None,
-        health_cmd: None,
         health_http: Some("/index.html".into()),
-        command: None,
         nodes: nodes.iter().map(|s| s.to_string()).collect(),
+        ..berth_lab::demo::web_service(name, replicas)
     }
 }
 
@@ -119,17 +107,16 @@ struct Idle {
     wall: f64,
 }
 
-async fn run(guard: &mut LabGuard, args: &Args) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Idle)> {
+async fn run(args: &Args) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Idle)> {
     println!("building lab {} with 3 nodes (Podman per node) ...", args.id);
-    guard.create().await?;
-    for _ in 0..3 {
-        guard.lab().add_node(false).await?;
-    }
-    guard.save_state();
-    let lab = guard.lab();
-    lab.wait_converged(Duration::from_secs(120)).await?;
+    let lab = LabGuard::up(&LabSpec {
+        converge_within: Duration::from_secs(120),
+        keep_logs: args.keep_logs,
+        ..LabSpec::new(args.id, &args.dir, 3)
+    })
+    .await?;
     let admin = lab.admin()?;
-    let gw = gateways(lab).await?;
+    let gw = gateways(&lab).await?;
 
     let (mut healthy_at, mut dns_at) = (vec![], vec![]);
     for round in 1..=args.rounds {
@@ -150,7 +137,7 @@ async fn run(guard: &mut LabGuard, args: &Args) -> anyhow::Result<(Vec<Duration>
                 let in_dns = info
                     .replicas
                     .iter()
-                    .all(|r| dig(lab, &r.node, gw[&r.node], &format!("{name}.internal")) == want);
+                    .all(|r| dig(&lab, &r.node, gw[&r.node], &format!("{name}.internal")) == want);
                 if in_dns {
                     break t0.elapsed();
                 }
@@ -169,7 +156,7 @@ async fn run(guard: &mut LabGuard, args: &Args) -> anyhow::Result<(Vec<Duration>
         healthy_at.push(th);
         dns_at.push(done);
         admin.remove_service(name).await?;
-        wait_gone(lab, name).await?;
+        wait_gone(&lab, name).await?;
     }
 
     println!("deploying {} replicas on n1 ...", args.containers);
@@ -219,10 +206,7 @@ async fn run(guard: &mut LabGuard, args: &Args) -> anyhow::Result<(Vec<Duration>
 async fn main() {
     init_tls();
     let args = Args::parse();
-    let outcome = {
-        let mut guard = LabGuard::new(args.id, &args.dir, args.keep_logs);
-        until_interrupted(run(&mut guard, &args)).await
-    };
+    let outcome = until_interrupted(run(&args)).await;
     match outcome {
         Ok((healthy, dns, idle)) => {
             println!();

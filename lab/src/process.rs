@@ -228,6 +228,52 @@ pub fn stop_all(pids: &[u32], grace: Duration) -> Result<()> {
     first.map_or(Ok(()), Err)
 }
 
+// --- /proc scanners ---
+
+/// The program name of `pid` (cut to 15 bytes by the kernel).
+pub fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|c| c.trim_end().to_string())
+}
+
+/// The arguments `pid` was started with.
+pub fn cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every process but this one.
+pub fn all_pids() -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .filter(|&p| p != me)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Processes that run `program` (by comm) in network namespace `ns`.
+pub fn pids_in_netns(ns: &str, program: &str) -> Result<Vec<u32>> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .context("ip netns pids")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .filter(|&p| comm(p).as_deref() == Some(program))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,10 +303,7 @@ mod tests {
     }
 
     fn comm(pid: u32) -> String {
-        std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .unwrap_or_default()
-            .trim()
-            .to_string()
+        super::comm(pid).unwrap_or_default()
     }
 
     #[test]

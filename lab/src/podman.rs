@@ -39,7 +39,7 @@ pub const ZONE: &str = "internal";
 pub const WS_ECHO_BIN: &str = "berth-ws-echo";
 /// Builds the test image from busybox-static; embedded so that `berth` works
 /// outside the source tree.
-const MAKE_TEST_IMAGE: &str = include_str!("../../../scripts/make-test-image.sh");
+const MAKE_TEST_IMAGE: &str = include_str!("../../scripts/make-test-image.sh");
 /// How long a fresh Podman service may take to answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Upper bound for each Podman call made during cleanup (a wedged Podman must
@@ -198,7 +198,7 @@ impl NodePodman {
         // Wait until the pid is podman itself, so that callers never signal
         // setsid or nsenter.
         let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline && process::is_alive(pid) && comm(pid).as_deref() != Some("podman") {
+        while Instant::now() < deadline && process::is_alive(pid) && process::comm(pid).as_deref() != Some("podman") {
             std::thread::sleep(Duration::from_millis(2));
         }
         Ok(pid)
@@ -511,34 +511,6 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn comm(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|c| c.trim_end().to_string())
-}
-
-fn cmdline(pid: u32) -> Vec<String> {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| {
-            b.split(|&c| c == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn all_pids() -> Vec<u32> {
-    let me = std::process::id();
-    std::fs::read_dir("/proc")
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .filter(|&p| p != me)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// True if `args` is a `podman ... system service ... unix://<socket>`.
 fn is_service_cmdline(args: &[String], socket: &Path) -> bool {
     let url = format!("unix://{}", socket.display());
@@ -548,12 +520,15 @@ fn is_service_cmdline(args: &[String], socket: &Path) -> bool {
 }
 
 fn is_service_of(pid: u32, socket: &Path) -> bool {
-    process::is_alive(pid) && is_service_cmdline(&cmdline(pid), socket)
+    process::is_alive(pid) && is_service_cmdline(&process::cmdline(pid), socket)
 }
 
 /// Pids of the Podman services listening on `socket`.
 fn service_pids(socket: &Path) -> Vec<u32> {
-    all_pids().into_iter().filter(|&p| is_service_of(p, socket)).collect()
+    process::all_pids()
+        .into_iter()
+        .filter(|&p| is_service_of(p, socket))
+        .collect()
 }
 
 /// Processes left from containers of the storage in `dir`: conmon (its
@@ -572,10 +547,10 @@ fn leftover_pids(dir: &Path) -> Vec<u32> {
         return vec![];
     };
     let prefix = format!("{}/", dir.display());
-    all_pids()
+    process::all_pids()
         .into_iter()
         .filter(|&p| {
-            let args = cmdline(p);
+            let args = process::cmdline(p);
             let conmon =
                 args.first().is_some_and(|a| a.ends_with("conmon")) && args.iter().any(|a| a.starts_with(&prefix));
             conmon || {

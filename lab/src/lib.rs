@@ -1,16 +1,25 @@
-//! `berth lab`: a whole Berth cluster on one machine. The control plane runs
-//! in the root namespace on the lab's host link; every node is its own
-//! network namespace on a lab bridge, running a real `berth-agent` with a
-//! real WireGuard (wireguard-go here) and its own Podman service (see
-//! [`podman`]). Used by the README and the e2e tests.
+//! The lab: a whole Berth cluster on one machine, for `berth lab`, the
+//! end-to-end tests and the benchmarks. Start at [`LabGuard::up`], which
+//! builds one; [`Lab`] is a running lab (its nodes, agents and Podmans).
+//!
+//! The control plane runs in the root namespace on the lab's host link; every
+//! node is its own network namespace on a lab bridge, running a real
+//! `berth-agent` with a real WireGuard (wireguard-go here) and its own Podman
+//! service (see [`podman`]). Nothing of this ships in the `berth` CLI.
 
+pub mod control_plane;
+pub mod demo;
 pub mod net;
 pub mod pebble;
 pub mod podman;
 pub mod process;
+mod up;
 
-use crate::client::{AdminClient, Target};
+pub use podman::TEST_IMAGE;
+pub use up::{LabExists, LabGuard, LabSpec};
+
 use anyhow::{anyhow, bail, Context};
+use berth_client::{AdminClient, ClientConfig};
 use berth_protocol::NodeInfo;
 use net::LabNet;
 use podman::{FirstError, NodePodman};
@@ -74,8 +83,8 @@ impl Lab {
         format!("https://{}:{CP_PORT}", self.net.host_ip())
     }
 
-    pub fn target(&self) -> Target {
-        Target {
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig {
             url: self.url(),
             admin_token_file: self.state.dir.join("cp/admin.token"),
             ca_file: self.state.dir.join("cp/ca.pem"),
@@ -83,7 +92,7 @@ impl Lab {
     }
 
     pub fn admin(&self) -> anyhow::Result<AdminClient> {
-        AdminClient::new(&self.target())
+        Ok(AdminClient::new(&self.client_config())?)
     }
 
     fn save(&self) -> anyhow::Result<()> {
@@ -115,7 +124,7 @@ impl Lab {
         }
         let net = LabNet { id };
         if net.exists() {
-            bail!("lab {id} already exists; remove it with `berth lab down --id {id}`");
+            return Err(LabExists { id }.into());
         }
         if dir.exists() {
             std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
@@ -139,24 +148,9 @@ impl Lab {
     }
 
     pub async fn start_cp(&mut self) -> anyhow::Result<()> {
-        let host = self.net.host_ip().to_string();
-        let args: Vec<String> = [
-            "serve",
-            "--data-dir",
-            &self.state.dir.join("cp").display().to_string(),
-            "--listen",
-            &format!("{host}:{CP_PORT}"),
-            "--san",
-            &host,
-            "--offline-after",
-            "15",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut args = args;
+        let mut extra = vec!["--offline-after".to_string(), "15".to_string()];
         if let Some(p) = &self.state.pebble {
-            args.extend([
+            extra.extend([
                 "--acme-directory".to_string(),
                 p.directory_url(),
                 "--acme-ca-file".to_string(),
@@ -165,31 +159,18 @@ impl Lab {
                 p.challenge.clone(),
             ]);
         }
-        let pid = process::spawn_daemon(
-            None,
-            &self.state.bin_dir.join("berth-control-plane"),
-            &args,
-            &[("BERTH_LOG".into(), "info".into())],
-            &self.state.dir.join("cp.log"),
-        )?;
+        let cp = control_plane::ControlPlane {
+            bin_dir: &self.state.bin_dir,
+            data_dir: &self.state.dir.join("cp"),
+            listen: (self.net.host_ip(), CP_PORT).into(),
+            extra_args: &extra,
+            log_level: "info",
+            log: &self.state.dir.join("cp.log"),
+        };
+        let pid = cp.spawn()?;
         self.state.cp_pid = Some(pid);
         self.save()?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.state.dir.join("cp/admin.token").exists() || self.admin()?.revision().await.is_err() {
-            if !process::is_alive(pid) {
-                bail!(
-                    "the control plane exited; see {}",
-                    self.state.dir.join("cp.log").display()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the control plane did not answer within 20 s; see {}",
-                    self.state.dir.join("cp.log").display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        cp.wait_ready(pid).await?;
         Ok(())
     }
 
@@ -237,11 +218,6 @@ impl Lab {
     /// Node `index`'s Podman API socket.
     pub fn podman_socket(&self, index: u16) -> PathBuf {
         self.node_podman(index).socket()
-    }
-
-    /// The podman CLI's global flags for node `index`'s storage.
-    pub fn podman_flags(&self, index: u16) -> Vec<String> {
-        self.node_podman(index).flags()
     }
 
     /// Runs `podman <node flags> args...` inside the node's namespace and waits for it.
@@ -557,27 +533,16 @@ fn lab_daemons(dir: &Path) -> Vec<u32> {
                 .is_some_and(|rest| rest.starts_with('/'))
         })
     };
-    let me = std::process::id();
-    std::fs::read_dir("/proc")
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-                .filter(|&p| p != me)
-                .filter(|&p| {
-                    let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
-                    // comm is cut to 15 bytes: berth-control-plane reads berth-control-p.
-                    if !matches!(comm.trim_end(), "berth-agent" | "berth-control-p") {
-                        return false;
-                    }
-                    let raw = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-                    let args: Vec<String> = raw
-                        .split(|&c| c == 0)
-                        .map(|a| String::from_utf8_lossy(a).into_owned())
-                        .collect();
-                    args.windows(2).any(|w| w[0] == "--data-dir" && in_lab(&w[1]))
-                })
-                .collect()
+    process::all_pids()
+        .into_iter()
+        .filter(|&p| {
+            // comm is cut to 15 bytes: berth-control-plane reads berth-control-p.
+            matches!(process::comm(p).as_deref(), Some("berth-agent" | "berth-control-p"))
+                && process::cmdline(p)
+                    .windows(2)
+                    .any(|w| w[0] == "--data-dir" && in_lab(&w[1]))
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 /// Removes lab `id` even when its state file is gone or corrupt.

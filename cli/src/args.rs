@@ -1,0 +1,341 @@
+//! The command line: every subcommand and flag of `berth`, with the value
+//! parsers they need. The handlers are in [`crate::commands`].
+
+use berth_protocol::service::{parse_size, Volume};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "berth", version)]
+pub struct Cli {
+    /// Control plane URL.
+    #[arg(long, global = true, env = "BERTH_URL", default_value = "https://127.0.0.1:7443")]
+    pub url: String,
+    /// File holding the admin token.
+    #[arg(
+        long,
+        global = true,
+        env = "BERTH_ADMIN_TOKEN_FILE",
+        default_value = "/var/lib/berth/admin.token"
+    )]
+    pub admin_token_file: PathBuf,
+    /// The control plane's CA certificate (PEM).
+    #[arg(long, global = true, env = "BERTH_CA_FILE", default_value = "/var/lib/berth/ca.pem")]
+    pub ca_file: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Join tokens for new nodes.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// The nodes of the fleet.
+    #[command(subcommand)]
+    Nodes(NodesCmd),
+    /// Services: containers placed on the fleet, found by NAME.internal.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Public domains served by the proxy nodes (HTTPS with automatic certificates).
+    #[command(subcommand)]
+    Domain(DomainCmd),
+    /// Other routes through the proxy nodes.
+    #[command(subcommand)]
+    Route(RouteCmd),
+    /// Deploy (create or update) the services described in a TOML file.
+    Apply {
+        /// A file with one service, or several under [[service]].
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// A local cluster in network namespaces on this machine (needs root):
+    /// runs `berth-lab` (from the berth-lab crate, beside this binary or on
+    /// PATH) with the same arguments; `berth lab --help` lists them.
+    #[command(disable_help_flag = true)]
+    Lab {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Signed agent builds that nodes install and upgrade to (offline; no control plane needed).
+    #[command(subcommand)]
+    Release(ReleaseCmd),
+}
+
+#[derive(Subcommand)]
+pub enum ReleaseCmd {
+    /// Make a release key: OUT (private, keep it off the control plane) and OUT.pub.
+    Keygen {
+        #[arg(long, default_value = "release.key")]
+        out: PathBuf,
+    },
+    /// Sign builds into a releases directory the control plane serves
+    /// (its --releases-dir, default DATA_DIR/releases).
+    Sign {
+        /// The release key from `berth release keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        /// The releases directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Version name of this build; must be what `berth-agent --version` prints.
+        #[arg(long)]
+        version: String,
+        /// Architecture of the binaries.
+        #[arg(long, default_value = "amd64", value_parser = ["amd64", "arm64"])]
+        arch: String,
+        /// Do not make this the version setup.sh and update.sh install by default.
+        #[arg(long)]
+        no_latest: bool,
+        /// Files to sign: berth-agent and berth-proxy.
+        #[arg(required = true)]
+        binaries: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Create a single-use join token and print the agent command that uses it.
+    Create {
+        /// The token registers a proxy node.
+        #[arg(long)]
+        proxy: bool,
+        /// How long the token stays valid: 30m, 24h, 7d (1 minute to 30 days).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: u64,
+        /// Print only the token.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// List tokens and their state (valid, used, expired, revoked).
+    List,
+    /// Revoke an unused token by its id.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum NodesCmd {
+    /// Every node: mesh IP, subnet, role, state, last seen, revisions, peer handshakes.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a node; every other node drops it from its peers.
+    Remove { name: String },
+    /// Upgrade the agents to a signed release: the canary first, every other
+    /// node once the canary reports the new version. A node whose upgrade
+    /// fails puts its previous binary back and reports why.
+    Upgrade {
+        /// Version to run (published with `berth release sign`).
+        #[arg(long)]
+        version: String,
+        /// Node upgraded first (default: the first node by name).
+        #[arg(long)]
+        canary: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DomainCmd {
+    /// Route DOMAIN to a service's port on every proxy node. Point the
+    /// domain's DNS (A/AAAA records) at the proxies' public addresses; a
+    /// certificate is then ordered with ACME unless --passthrough.
+    Add {
+        /// Fully qualified host name, e.g. app.example.com.
+        domain: String,
+        /// The service that answers.
+        #[arg(long)]
+        service: String,
+        /// The service's port inside its containers.
+        #[arg(long)]
+        port: u16,
+        /// Pass TLS through by SNI: the service terminates TLS itself, no certificate is ordered.
+        #[arg(long)]
+        passthrough: bool,
+    },
+    /// Every domain: service, port, certificate state and expiry, last error.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop routing a domain; its certificate is forgotten.
+    Remove { domain: String },
+}
+
+#[derive(Subcommand)]
+pub enum RouteCmd {
+    /// TCP ports on every proxy node forwarded to a service.
+    #[command(subcommand)]
+    Tcp(TcpCmd),
+}
+
+#[derive(Subcommand)]
+pub enum TcpCmd {
+    /// Forward TCP port --listen on every proxy to a service's port.
+    Add {
+        /// Port the proxies listen on (not 80 or 443).
+        #[arg(long)]
+        listen: u16,
+        #[arg(long)]
+        service: String,
+        /// The service's port inside its containers.
+        #[arg(long)]
+        port: u16,
+    },
+    /// Every TCP route.
+    List,
+    /// Remove the TCP route on port LISTEN.
+    Remove { listen: u16 },
+}
+
+/// Parses durations like `90s`, `15m`, `24h`, `7d` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30m, 24h or 7d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too long"))
+}
+
+pub fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+pub fn volume(s: &str) -> Result<Volume, String> {
+    s.split_once(':')
+        .map(|(name, path)| Volume {
+            name: name.into(),
+            path: path.into(),
+        })
+        .ok_or_else(|| format!("{s:?} is not NAME:/PATH"))
+}
+
+#[derive(Args)]
+pub struct DeployArgs {
+    /// Service name (a DNS label): reachable as NAME.internal.
+    pub name: String,
+    /// Image reference, e.g. localhost/demo/web:1.
+    #[arg(long)]
+    pub image: String,
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u32,
+    /// Port the service listens on inside its containers.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(long = "env", value_parser = key_value)]
+    pub env: Vec<(String, String)>,
+    /// Secret KEY=VALUE (repeatable): stored encrypted, sealed to each node, never shown again.
+    #[arg(long = "secret", value_parser = key_value)]
+    pub secrets: Vec<(String, String)>,
+    /// Volume NAME:/path (repeatable); a service with a volume stays on its node.
+    #[arg(long = "volume", value_parser = volume)]
+    pub volumes: Vec<Volume>,
+    /// CPU limit in cores, e.g. 0.5.
+    #[arg(long)]
+    pub cpu: Option<f64>,
+    /// Memory limit, e.g. 256M or 1G.
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// Health check: a shell command run in the container.
+    #[arg(long, conflicts_with = "health_http")]
+    pub health_cmd: Option<String>,
+    /// Health check: an HTTP path fetched on --port.
+    #[arg(long)]
+    pub health_http: Option<String>,
+    /// Command to run instead of the image's (shell form).
+    #[arg(long)]
+    pub command: Option<String>,
+    /// Pin replicas to this node (repeatable).
+    #[arg(long = "node")]
+    pub nodes: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ServiceCmd {
+    /// Create or update a service.
+    Deploy(Box<DeployArgs>),
+    /// Every service and its replica count.
+    List,
+    /// A service's spec and each replica: node, IP, state, health, restarts, last error.
+    Show { name: String },
+    /// Change the number of replicas.
+    Scale { name: String, replicas: u32 },
+    /// Remove a service and all its containers.
+    Remove { name: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn route_commands_parse() {
+        let c = Cli::try_parse_from([
+            "berth",
+            "domain",
+            "add",
+            "app.example.com",
+            "--service",
+            "web",
+            "--port",
+            "8080",
+        ])
+        .unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Domain(DomainCmd::Add {
+                port: 8080,
+                passthrough: false,
+                ..
+            })
+        ));
+        let c = Cli::try_parse_from([
+            "berth",
+            "route",
+            "tcp",
+            "add",
+            "--listen",
+            "5432",
+            "--service",
+            "db",
+            "--port",
+            "5432",
+        ])
+        .unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Route(RouteCmd::Tcp(TcpCmd::Add { listen: 5432, .. }))
+        ));
+        assert!(Cli::try_parse_from(["berth", "route", "tcp", "remove", "70000"]).is_err());
+        assert!(Cli::try_parse_from(["berth", "domain", "add", "a.b", "--service", "web"]).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("24h"), Ok(86400));
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert_eq!(parse_duration("15m"), Ok(900));
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+
+    #[test]
+    fn lab_arguments_pass_through() {
+        let c = Cli::try_parse_from(["berth", "lab", "up", "--nodes", "2", "--help"]).unwrap();
+        assert!(matches!(c.command, Command::Lab { ref args } if args == &["up", "--nodes", "2", "--help"]));
+    }
+}

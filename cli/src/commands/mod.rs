@@ -1,0 +1,34 @@
+//! One module per command group; [`run`] dispatches a parsed command line.
+
+mod domain;
+mod lab;
+mod nodes;
+mod release;
+mod service;
+mod token;
+
+pub use service::parse_service_file;
+
+use crate::args::{Cli, Command, RouteCmd};
+use berth_client::{AdminClient, ClientConfig};
+
+/// Runs a command; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let cfg = ClientConfig {
+        url: cli.url,
+        admin_token_file: cli.admin_token_file,
+        ca_file: cli.ca_file,
+    };
+    let api = || AdminClient::new(&cfg);
+    match cli.command {
+        Command::Token(t) => token::run(&api()?, t).await?,
+        Command::Nodes(n) => nodes::run(&api()?, n).await?,
+        Command::Service(s) => service::run(&api()?, s).await?,
+        Command::Apply { file } => service::apply(&api()?, &file).await?,
+        Command::Domain(d) => domain::run(&api()?, d).await?,
+        Command::Route(RouteCmd::Tcp(t)) => domain::run_tcp(&api()?, t).await?,
+        Command::Release(r) => release::run(r)?,
+        Command::Lab { args } => return lab::run(&args),
+    }
+    Ok(0)
+}

@@ -1,0 +1,137 @@
+//! What the CLI prints: the tables of nodes, services and domains, and
+//! human durations. Shared with `berth-lab`, which prints the same tables.
+
+use berth_protocol::proxy::DomainInfo;
+use berth_protocol::service::ServiceInfo;
+use berth_protocol::NodeInfo;
+
+/// Seconds since the Unix epoch.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `90` -> `1m`, `5400` -> `1h30m`, `86400` -> `1d`.
+pub fn humantime(secs: u64) -> String {
+    match secs {
+        s if s >= 86400 && s % 86400 == 0 => format!("{}d", s / 86400),
+        s if s >= 3600 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn ago(t: Option<i64>) -> String {
+    match t {
+        Some(t) => format!("{}s ago", (now() - t).max(0)),
+        None => "never".into(),
+    }
+}
+
+pub fn print_nodes(nodes: &[NodeInfo]) {
+    println!(
+        "{:<16} {:<8} {:<13} {:<16} {:<8} {:<10} {:<9} {:<12} PEERS (handshake age)",
+        "NAME", "ROLE", "MESH IP", "SUBNET", "STATE", "LAST SEEN", "REVISION", "VERSION"
+    );
+    for n in nodes {
+        let peers: Vec<String> = n
+            .peers
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}:{}",
+                    p.name,
+                    p.handshake_age_secs
+                        .map(|s| format!("{s}s"))
+                        .unwrap_or_else(|| "-".into())
+                )
+            })
+            .collect();
+        println!(
+            "{:<16} {:<8} {:<13} {:<16} {:<8} {:<10} {:<9} {:<12} {}",
+            n.name,
+            n.role.as_str(),
+            n.mesh_ip,
+            n.subnet,
+            if n.online { "online" } else { "offline" },
+            ago(n.last_seen),
+            format!("{}/{}", n.applied_revision, n.revision),
+            n.agent_version.as_deref().unwrap_or("-"),
+            peers.join(" ")
+        );
+        if let Some(e) = &n.error {
+            println!("  last error: {e}");
+        }
+    }
+}
+
+pub fn print_service(info: &ServiceInfo) {
+    let s = &info.spec;
+    println!("service {}  image {}  replicas {}", s.name, s.image, s.replicas);
+    if let Some(p) = s.port {
+        println!("  port {p}   DNS {}.internal", s.name);
+    }
+    if !info.secret_names.is_empty() {
+        println!("  secrets: {} (values never shown)", info.secret_names.join(", "));
+    }
+    println!(
+        "  {:<14} {:<12} {:<14} {:<10} {:<8} {:<8} LAST ERROR",
+        "REPLICA", "NODE", "IP", "STATE", "HEALTH", "RESTARTS"
+    );
+    for r in &info.replicas {
+        println!(
+            "  {:<14} {:<12} {:<14} {:<10} {:<8} {:<8} {}",
+            r.replica,
+            r.node,
+            r.ip,
+            r.state,
+            if r.healthy { "healthy" } else { "-" },
+            r.restarts,
+            r.error.clone().unwrap_or_default()
+        );
+    }
+}
+
+pub fn print_services(list: &[ServiceInfo]) {
+    println!("{:<20} {:<40} {:<9} PORT", "NAME", "IMAGE", "REPLICAS");
+    for s in list {
+        let healthy = s.replicas.iter().filter(|r| r.healthy).count();
+        println!(
+            "{:<20} {:<40} {:<9} {}",
+            s.spec.name,
+            s.spec.image,
+            format!("{healthy}/{}", s.spec.replicas),
+            s.spec.port.map(|p| p.to_string()).unwrap_or_default()
+        );
+    }
+}
+
+pub fn print_domains(list: &[DomainInfo]) {
+    println!(
+        "{:<32} {:<16} {:<6} {:<12} {:<21} LAST ERROR",
+        "DOMAIN", "SERVICE", "PORT", "CERT", "EXPIRES"
+    );
+    for d in list {
+        println!(
+            "{:<32} {:<16} {:<6} {:<12} {:<21} {}",
+            d.spec.domain,
+            d.spec.service,
+            d.spec.port,
+            d.cert_state,
+            d.cert_not_after.as_deref().unwrap_or("-"),
+            d.last_error.as_deref().unwrap_or("")
+        );
+    }
+}
+
+/// `json` as pretty JSON, or the table `table` prints.
+pub fn json_or<T: serde::Serialize + ?Sized>(json: bool, value: &T, table: impl FnOnce(&T)) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        table(value);
+    }
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! A typed client of the control plane's admin API, used by the `berth` CLI,
+//! the lab, the end-to-end tests and the benchmarks. Start at [`AdminClient`]:
+//! one method per endpoint, request and response types from `berth_protocol`,
+//! and errors as [`Error`], whose API variant carries the stable error code.
+
+use berth_protocol::proxy::{DomainInfo, DomainSpec, TcpRouteSpec};
+use berth_protocol::service::{ScaleRequest, ServiceInfo, ServiceSpec};
+use berth_protocol::{ApiError, CreateTokenRequest, NodeInfo, TokenInfo};
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the control plane is and the admin's credentials for it.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub url: String,
+    pub admin_token_file: PathBuf,
+    pub ca_file: PathBuf,
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A local file (token, CA) could not be used; names the flag.
+    #[error("{0}")]
+    Config(String),
+    /// The control plane could not be reached or the connection broke.
+    #[error("cannot reach the control plane at {url}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The control plane refused the call: its error body, with the status.
+    #[error("{} (HTTP {status})", body.error)]
+    Api { status: u16, body: ApiError },
+    /// A success answer that is not what the endpoint promises.
+    #[error("unexpected answer from {path}: {reason}")]
+    Decode { path: String, reason: String },
+}
+
+impl Error {
+    /// The API's error body, for callers that act on its code or field.
+    pub fn api(&self) -> Option<&ApiError> {
+        match self {
+            Error::Api { body, .. } => Some(body),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Clone)]
+pub struct AdminClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl AdminClient {
+    pub fn new(cfg: &ClientConfig) -> Result<AdminClient> {
+        let token = read(&cfg.admin_token_file, "--admin-token-file")?;
+        let ca = std::fs::read(&cfg.ca_file).map_err(|e| {
+            Error::Config(format!(
+                "--ca-file {}: cannot read the control plane's CA: {e}",
+                cfg.ca_file.display()
+            ))
+        })?;
+        let ca = reqwest::Certificate::from_pem(&ca)
+            .map_err(|e| Error::Config(format!("--ca-file: not a PEM certificate: {e}")))?;
+        let http = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .tls_built_in_root_certs(false)
+            .use_rustls_tls()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| Error::Config(format!("building the HTTPS client: {e}")))?;
+        Ok(AdminClient {
+            http,
+            base: cfg.url.trim_end_matches('/').to_string(),
+            token: token.trim().to_string(),
+        })
+    }
+
+    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> Result<T> {
+        let unreachable = |source| Error::Unreachable {
+            url: self.base.clone(),
+            source,
+        };
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(unreachable)?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(unreachable)?;
+        if !status.is_success() {
+            let body = serde_json::from_str::<ApiError>(&text).unwrap_or_else(|_| unparsed(text));
+            return Err(Error::Api {
+                status: status.as_u16(),
+                body,
+            });
+        }
+        serde_json::from_str(&text).map_err(|e| Error::Decode {
+            path: path.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call(Method::GET, path, None::<&()>).await
+    }
+
+    async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call(Method::DELETE, path, None::<&()>).await
+    }
+
+    pub async fn revision(&self) -> Result<u64> {
+        let r: serde_json::Value = self.get("/v1/revision").await?;
+        Ok(r["revision"].as_u64().unwrap_or(0))
+    }
+
+    // --- tokens ---
+
+    pub async fn create_token(&self, proxy: bool, ttl_secs: u64) -> Result<serde_json::Value> {
+        self.post("/v1/tokens", &CreateTokenRequest { proxy, ttl_secs }).await
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
+        self.get("/v1/tokens").await
+    }
+
+    pub async fn revoke_token(&self, id: &str) -> Result<()> {
+        self.delete::<serde_json::Value>(&format!("/v1/tokens/{id}"))
+            .await
+            .map(drop)
+    }
+
+    // --- nodes ---
+
+    pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>> {
+        self.get("/v1/nodes").await
+    }
+
+    /// Removes a node; returns the revision that drops it from every peer list.
+    pub async fn remove_node(&self, name: &str) -> Result<u64> {
+        let v: serde_json::Value = self.delete(&format!("/v1/nodes/{name}")).await?;
+        Ok(v["revision"].as_u64().unwrap_or(0))
+    }
+
+    /// Starts an upgrade to `version`: `canary` (default: the first node by name) first.
+    pub async fn upgrade_nodes(&self, version: &str, canary: Option<&str>) -> Result<serde_json::Value> {
+        let body = serde_json::json!({ "version": version, "canary": canary });
+        self.post("/v1/nodes/upgrade", &body).await
+    }
+
+    // --- services ---
+
+    pub async fn deploy_service(&self, spec: &ServiceSpec) -> Result<ServiceInfo> {
+        self.post("/v1/services", spec).await
+    }
+
+    pub async fn list_services(&self) -> Result<Vec<ServiceInfo>> {
+        self.get("/v1/services").await
+    }
+
+    pub async fn show_service(&self, name: &str) -> Result<ServiceInfo> {
+        self.get(&format!("/v1/services/{name}")).await
+    }
+
+    pub async fn scale_service(&self, name: &str, replicas: u32) -> Result<ServiceInfo> {
+        self.post(&format!("/v1/services/{name}/scale"), &ScaleRequest { replicas })
+            .await
+    }
+
+    pub async fn remove_service(&self, name: &str) -> Result<()> {
+        self.delete::<serde_json::Value>(&format!("/v1/services/{name}"))
+            .await
+            .map(drop)
+    }
+
+    // --- public domains and TCP routes (proxy nodes) ---
+
+    pub async fn add_domain(&self, spec: &DomainSpec) -> Result<DomainInfo> {
+        self.post("/v1/domains", spec).await
+    }
+
+    pub async fn list_domains(&self) -> Result<Vec<DomainInfo>> {
+        self.get("/v1/domains").await
+    }
+
+    pub async fn remove_domain(&self, domain: &str) -> Result<()> {
+        self.delete::<serde_json::Value>(&format!("/v1/domains/{domain}"))
+            .await
+            .map(drop)
+    }
+
+    pub async fn add_tcp_route(&self, spec: &TcpRouteSpec) -> Result<TcpRouteSpec> {
+        self.post("/v1/routes/tcp", spec).await
+    }
+
+    pub async fn list_tcp_routes(&self) -> Result<Vec<TcpRouteSpec>> {
+        self.get("/v1/routes/tcp").await
+    }
+
+    pub async fn remove_tcp_route(&self, listen: u16) -> Result<()> {
+        self.delete::<serde_json::Value>(&format!("/v1/routes/tcp/{listen}"))
+            .await
+            .map(drop)
+    }
+}
+
+fn read(path: &Path, flag: &str) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{flag} {}: cannot read: {e}", path.display())))
+}
+
+/// An error answer without Berth's JSON body (e.g. from a proxy in between).
+fn unparsed(text: String) -> ApiError {
+    ApiError {
+        error: text,
+        detail: None,
+    }
+}
