@@ -1,4 +1,7 @@
-//! berth-agent: the per-node daemon, one module per concern.
+//! berth-agent: the per-node daemon, one module per concern. Start reading at
+//! `main.rs` (flags, startup from the cached state, the long-poll loop), then
+//! [`reconcile`], which applies a desired state through each reconciler in turn:
+//! [`mesh`], [`firewall`], [`dns`], [`containers`] (on [`podman`]) and [`proxy`].
 
 pub mod client;
 pub mod containers;
@@ -9,7 +12,6 @@ pub mod mesh;
 pub mod podman;
 pub mod proxy;
 pub mod reconcile;
-pub mod records;
 pub mod upgrade;
 
 /// This build's version: `BERTH_VERSION` at build time (release builds), else the crate version.

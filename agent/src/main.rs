@@ -1,8 +1,13 @@
+//! `berth-agent`, the per-node daemon: flags, logging, registration, then the
+//! data plane from the cached desired state and the long-poll loop
+//! (`sync_loop`). Each desired state goes to `berth_agent::reconcile`, which
+//! runs the reconcilers (mesh, firewall, DNS, containers, berth-proxy).
+
 use anyhow::{bail, Context};
 use berth_agent::client::{fetch_pinned_ca, Client, Poll, Refused};
 use berth_agent::containers::RuntimeConfig;
 use berth_agent::identity::{self, Identity, Registration};
-use berth_agent::proxy::ProxySettings;
+use berth_agent::proxy::BerthProxySettings;
 use berth_agent::reconcile::{self, Reconciler, Settings};
 use berth_agent::upgrade::{self, Upgrader};
 use berth_protocol::token::JoinToken;
@@ -262,7 +267,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         resolv_conf: args.resolv_conf.clone(),
         dns_port: args.dns_port,
-        proxy: reg.proxy.then(|| ProxySettings {
+        berth_proxy: reg.proxy.then(|| BerthProxySettings {
             binary: args.proxy_binary.clone().unwrap_or_else(default_proxy_binary),
             dir: args.data_dir.join("proxy"),
             http: args.proxy_http.clone(),

@@ -1,5 +1,7 @@
-//! On a `--proxy` node: turns the proxy part of the desired state into the
-//! `berth-proxy` config file, and keeps the `berth-proxy` process running.
+//! berth-proxy, the agent's side of it: on a `--proxy` node, turns the proxy
+//! part of the desired state into the config file of the `berth-proxy`
+//! process ([`config_from`]) and keeps that process running
+//! ([`BerthProxySupervisor`]). The proxy itself is the `proxy-node` crate.
 //!
 //! berth-proxy is its own process, in its own process group, so an agent
 //! restart, upgrade or crash never drops a connection: a new agent adopts the
@@ -16,8 +18,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use x25519_dalek::StaticSecret;
 
+/// How the agent runs berth-proxy on this node.
 #[derive(Debug, Clone)]
-pub struct ProxySettings {
+pub struct BerthProxySettings {
     pub binary: PathBuf,
     /// Holds config.json, berth-proxy.pid and berth-proxy.log.
     pub dir: PathBuf,
@@ -106,9 +109,9 @@ pub fn config_from(
     })
 }
 
-/// Writes the config and keeps the process up.
-pub struct ProxySupervisor {
-    settings: ProxySettings,
+/// Writes berth-proxy's config and keeps the berth-proxy process up.
+pub struct BerthProxySupervisor {
+    settings: BerthProxySettings,
     /// The config as last written, without the revision (a new revision that
     /// changes nothing for the proxy is not rewritten).
     written: Option<ProxyConfig>,
@@ -118,9 +121,9 @@ pub struct ProxySupervisor {
     failures: u32,
 }
 
-impl ProxySupervisor {
-    pub fn new(settings: ProxySettings) -> ProxySupervisor {
-        ProxySupervisor {
+impl BerthProxySupervisor {
+    pub fn new(settings: BerthProxySettings) -> BerthProxySupervisor {
+        BerthProxySupervisor {
             settings,
             written: None,
             child: None,
@@ -238,8 +241,8 @@ impl ProxySupervisor {
         }
     }
 
-    /// The pid of the running proxy (for tests and status).
-    pub fn pid(&self) -> Option<u32> {
+    /// The pid of the running berth-proxy (ours or adopted).
+    fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(|c| c.id()).or(self.adopted)
     }
 
@@ -436,7 +439,7 @@ mod tests {
     #[test]
     fn write_is_atomic_private_and_skips_unchanged() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sup = ProxySupervisor::new(ProxySettings {
+        let mut sup = BerthProxySupervisor::new(BerthProxySettings {
             binary: "berth-proxy".into(),
             dir: dir.path().join("proxy"),
             http: "127.0.0.1:0".into(),

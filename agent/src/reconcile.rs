@@ -1,13 +1,13 @@
 //! Applies a desired-state document to this node: the WireGuard mesh, the
-//! firewall, the containers and the DNS records. Idempotent: applying the
-//! same document twice changes nothing the second time.
+//! firewall, the containers, the DNS records and, on proxy nodes,
+//! berth-proxy's config. Idempotent: applying the same document twice
+//! changes nothing the second time.
 
 use crate::containers::{Runtime, RuntimeConfig};
-use crate::dns::{self, DnsConfig, DnsServer};
+use crate::dns::{self, records, DnsConfig, DnsServer};
 use crate::firewall::{self, FirewallConfig};
 use crate::mesh::{Mesh, MeshConfig};
-use crate::proxy::{ProxySettings, ProxySupervisor};
-use crate::records;
+use crate::proxy::{BerthProxySettings, BerthProxySupervisor};
 use anyhow::Context;
 use berth_protocol::{DesiredState, StatusReport};
 use std::net::{IpAddr, SocketAddr};
@@ -25,7 +25,7 @@ pub struct Settings {
     /// DNS port on the container gateway (53; tests may pick another).
     pub dns_port: u16,
     /// Set on proxy nodes: run berth-proxy.
-    pub proxy: Option<ProxySettings>,
+    pub berth_proxy: Option<BerthProxySettings>,
 }
 
 pub struct Reconciler {
@@ -37,8 +37,8 @@ pub struct Reconciler {
     runtime: Runtime,
     dns: Option<(SocketAddr, DnsServer)>,
     desired: Option<DesiredState>,
-    proxy: Option<ProxySupervisor>,
-    proxy_error: Option<String>,
+    berth_proxy: Option<BerthProxySupervisor>,
+    berth_proxy_error: Option<String>,
     pub applied_revision: u64,
     pub last_error: Option<String>,
     containers_error: Option<String>,
@@ -71,8 +71,8 @@ impl Reconciler {
     pub fn new(settings: Settings) -> Reconciler {
         Reconciler {
             runtime: Runtime::new(settings.runtime.clone(), settings.sealing.clone()),
-            proxy: settings.proxy.clone().map(ProxySupervisor::new),
-            proxy_error: None,
+            berth_proxy: settings.berth_proxy.clone().map(BerthProxySupervisor::new),
+            berth_proxy_error: None,
             settings,
             mesh: None,
             mesh_shape: None,
@@ -153,26 +153,26 @@ impl Reconciler {
         };
         self.desired = Some(d.clone());
         self.refresh_dns();
-        self.refresh_proxy().await;
+        self.refresh_berth_proxy().await;
         Ok(())
     }
 
     /// Rewrites berth-proxy's config (when it changed) and keeps it running.
-    /// A failure is reported, never fatal: the proxy keeps its last config.
-    async fn refresh_proxy(&mut self) {
-        let (Some(sup), Some(d)) = (&mut self.proxy, &self.desired) else {
+    /// A failure is reported, never fatal: berth-proxy keeps its last config.
+    async fn refresh_berth_proxy(&mut self) {
+        let (Some(sup), Some(d)) = (&mut self.berth_proxy, &self.desired) else {
             return;
         };
         let res = crate::proxy::config_from(d, &self.settings.sealing, &self.runtime.local_health())
             .and_then(|cfg| Ok((sup.write(&cfg)?, cfg.revision)));
         let written = match res {
             Ok((written, revision)) => {
-                self.proxy_error = None;
+                self.berth_proxy_error = None;
                 written.then_some(revision)
             }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "proxy config not updated");
-                self.proxy_error = Some(format!("proxy: {e:#}"));
+                self.berth_proxy_error = Some(format!("proxy: {e:#}"));
                 None
             }
         };
@@ -180,11 +180,6 @@ impl Reconciler {
         if let Some(revision) = written {
             sup.wait_loaded(revision).await;
         }
-    }
-
-    /// The supervised berth-proxy's pid, on proxy nodes.
-    pub fn proxy_pid(&self) -> Option<u32> {
-        self.proxy.as_ref().and_then(|p| p.pid())
     }
 
     /// Starts the DNS server on the container gateway (IP_FREEBIND: the bridge
@@ -227,11 +222,11 @@ impl Reconciler {
     /// replica changed (the caller then reports at once).
     pub async fn tick(&mut self) -> bool {
         let changed = self.runtime.tick().await;
-        if changed || self.proxy_error.is_some() {
+        if changed || self.berth_proxy_error.is_some() {
             // Local health moved (the proxy's upstreams follow), or the last
             // config write failed: build and write it again.
-            self.refresh_proxy().await;
-        } else if let Some(sup) = &mut self.proxy {
+            self.refresh_berth_proxy().await;
+        } else if let Some(sup) = &mut self.berth_proxy {
             // Only keep it running; the config is unchanged.
             sup.ensure_running().await;
         }
@@ -260,7 +255,7 @@ impl Reconciler {
                 .last_error
                 .clone()
                 .or_else(|| self.containers_error.clone())
-                .or_else(|| self.proxy_error.clone()),
+                .or_else(|| self.berth_proxy_error.clone()),
             rss_bytes: rss_bytes(),
             containers: self.runtime.statuses(),
             upgrade_error: None,

@@ -11,7 +11,7 @@ mod common;
 use berth_agent::containers::{Runtime, RuntimeConfig};
 use berth_agent::podman::{ContainerDetails, ContainerSummary, HealthStatus, RestartPolicy};
 use berth_protocol::service::{ContainerDesired, ContainerStatus};
-use common::{http_get, http_get_eventually, Env, IMAGE};
+use common::podman::{http_get, http_get_eventually, Env, IMAGE};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -354,7 +354,7 @@ async fn a_spec_change_replaces_only_that_replica() {
     let old_mac = container_of(&env, "web-2").await.networks[&env.tag].mac.clone();
     assert_eq!(
         old_mac.to_ascii_lowercase(),
-        berth_agent::containers::build::mac_for(wanted[1].ip)
+        berth_agent::containers::create_spec::mac_for(wanted[1].ip)
     );
     assert_eq!(host_neighbours(&env, wanted[1].ip), vec![old_mac.clone()]);
 

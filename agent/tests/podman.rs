@@ -10,7 +10,7 @@
 mod common;
 
 use berth_agent::podman::{ContainerState, Error, HealthCheck, HealthStatus, Podman, RestartPolicy, Volume};
-use common::{http_get, http_get_eventually, Env, IMAGE};
+use common::podman::{http_get, http_get_eventually, Env, IMAGE};
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 use std::time::{Duration, Instant};

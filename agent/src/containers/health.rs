@@ -4,7 +4,7 @@
 //! streak), an HTTP check itself, from the node to the replica's IP (no tool
 //! needed in the image, and it proves the replica is reachable).
 
-use super::build::{HEALTH_INTERVAL, HEALTH_RETRIES, HEALTH_TIMEOUT};
+use super::create_spec::{HEALTH_INTERVAL, HEALTH_RETRIES, HEALTH_TIMEOUT};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

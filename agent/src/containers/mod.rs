@@ -7,14 +7,14 @@
 //! they change nothing. Containers are adopted by label after an agent
 //! restart, so a restart never recreates or restarts a healthy replica.
 
-pub mod build;
+pub mod create_spec;
 pub mod diff;
 pub mod health;
 
 use crate::podman::{ContainerSummary, HealthStatus, NetworkSpec, Podman};
 use anyhow::Context;
 use berth_protocol::service::{ContainerDesired, ContainerStatus};
-use build::{container_spec, NodeNet, OWNER, STOP_TIMEOUT};
+use create_spec::{container_spec, NodeNet, OWNER, STOP_TIMEOUT};
 use diff::{Action, Actual, LABEL_OWNER, LABEL_REPLICA, LABEL_SPEC};
 use health::{Check, Outcome, Tracker};
 use ipnet::Ipv4Net;

@@ -1,5 +1,6 @@
-//! From a replica the control plane wants to the container Podman creates
-//! (pure, so every field is unit-tested).
+//! The create spec of a replica's container: from a replica the control
+//! plane wants to the [`ContainerSpec`] Podman is asked to create (pure, so
+//! every field is unit-tested). Podman's own types are in `crate::podman::spec`.
 
 use super::diff::{spec_hash, LABEL_OWNER, LABEL_REPLICA, LABEL_SERVICE, LABEL_SPEC};
 use crate::podman::{ContainerSpec, HealthCheck, RestartPolicy, Volume};

@@ -3,10 +3,32 @@
 //! the moment a check fails); remote health is what the control plane
 //! learned from the other nodes' reports.
 
-use crate::dns::{Records, ServiceAddr};
 use berth_protocol::DesiredState;
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 
+/// The record set of the zone, as computed by the agent from desired state (pure data).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Records {
+    /// service name → its replicas' addresses (unhealthy ones are kept here and left out of answers).
+    pub services: BTreeMap<String, Vec<ServiceAddr>>,
+    /// (replica name, service name) → the replica's address.
+    pub replicas: BTreeMap<(String, String), Ipv4Addr>,
+    /// node name → mesh address.
+    pub nodes: BTreeMap<String, Ipv4Addr>,
+}
+
+/// One replica address of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceAddr {
+    pub ip: Ipv4Addr,
+    /// Runs on this node (answered before the remote ones).
+    pub local: bool,
+    pub healthy: bool,
+}
+
+/// The record set for desired state `d`, with this node's own replicas
+/// healthy as `local_health` says (unknown: unhealthy).
 pub fn build(d: &DesiredState, local_health: &BTreeMap<String, bool>) -> Records {
     let mut r = Records::default();
     r.nodes.insert(d.node.name.clone(), d.node.mesh_ip);
@@ -41,7 +63,6 @@ pub fn build(d: &DesiredState, local_health: &BTreeMap<String, bool>) -> Records
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
 
     fn desired() -> DesiredState {
         serde_json::from_value(serde_json::json!({
