@@ -30,17 +30,41 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 shellcheck installer/*.sh scripts/*.sh tests/install/*.sh bench/*.sh bench/*/*.sh
 
-step "unit tests"
-cargo test --workspace --lib --bins --locked
+step "unit tests (as nobody: unit tests need no root)"
+# Build the library test binaries as root, then run each as an unprivileged
+# user from its package directory, as `cargo test --lib` would. Each binary
+# is copied where nobody can read it, wherever this clone is.
+unit_dir=$(mktemp -d /tmp/berth-unit.XXXXXX)
+chmod 1777 "$unit_dir"   # nobody writes its temp files here
+cargo test --workspace --lib --locked --no-run --message-format=json \
+    | python3 -c '
+import json, os, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"] \
+            and m["target"]["kind"] == ["lib"]:
+        print(os.path.dirname(m["manifest_path"]), m["executable"])
+' | while read -r dir exe; do
+    name=$(basename "$exe")
+    echo "--- $name (as nobody)"
+    install -m 0755 "$exe" "$unit_dir/$name"
+    (cd "$dir" && setpriv --reuid=65534 --regid=65534 --clear-groups \
+        env HOME="$unit_dir" TMPDIR="$unit_dir" "$unit_dir/$name") || exit 1
+done
+rm -rf "$unit_dir"
+cargo test --workspace --bins --locked
 
 step "store and API tests (SQLite and PostgreSQL)"
 cargo test -p berth-control-plane --tests --locked
 
 step "agent tests on real Podman, DNS, wireguard-go and nftables"
-cargo test -p berth-agent --test dns --test podman --test containers --locked -- --test-threads=2
+cargo test -p berth-agent --test dns --test podman --test containers --test mesh --test firewall --locked -- --test-threads=2
 
 step "berth-proxy tests (real TLS, HTTP/1.1 and HTTP/2, WebSocket, SSE, reloads)"
 cargo test -p berth-proxy --tests --locked
+
+step "lab network tests (namespaces, links, bridge)"
+cargo test -p berth-lab --test net --locked
 
 step "lab end-to-end tests"
 # Lab tests build namespaces and WireGuard meshes; two at a time fit 2 cores.

@@ -5,7 +5,9 @@
 //! The benchmarks print figures; they never assert on timing.
 
 use anyhow::{bail, Context};
+use berth_lab::{LabGuard, LabSpec};
 use std::future::Future;
+use std::path::Path;
 use std::time::Duration;
 
 /// Installs the rustls crypto provider (once, before any TLS).
@@ -227,6 +229,23 @@ pub async fn until_interrupted<T>(fut: impl Future<Output = anyhow::Result<T>>) 
         _ = int.recv() => bail!("interrupted (SIGINT); cleaning up"),
         _ = term.recv() => bail!("terminated (SIGTERM); cleaning up"),
     }
+}
+
+/// The benchmarks' lab: `nodes` workers (each with its Podman) in `dir`,
+/// 120 s to converge, a leftover lab `id` removed first. Removed when the
+/// guard drops, which also happens when the benchmark is interrupted.
+pub async fn lab_up(id: u8, dir: &Path, nodes: u16, keep_logs: bool) -> anyhow::Result<LabGuard> {
+    println!(
+        "building lab {id} in {} with {nodes} nodes ... (load average {})",
+        dir.display(),
+        loadavg()
+    );
+    LabGuard::up(&LabSpec {
+        converge_within: Duration::from_secs(120),
+        keep_logs,
+        ..LabSpec::new(id, dir, nodes)
+    })
+    .await
 }
 
 /// Stops a process we started (SIGTERM, then SIGKILL) on drop.

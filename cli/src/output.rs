@@ -1,7 +1,7 @@
 //! What the CLI prints: the tables of nodes, services and domains, and
 //! human durations. Shared with `berth-lab`, which prints the same tables.
 
-use berth_protocol::proxy::DomainInfo;
+use berth_protocol::routes::DomainInfo;
 use berth_protocol::service::ServiceInfo;
 use berth_protocol::NodeInfo;
 

@@ -3,9 +3,12 @@
 //! one method per endpoint, request and response types from `berth_protocol`,
 //! and errors as [`Error`], whose API variant carries the stable error code.
 
-use berth_protocol::proxy::{DomainInfo, DomainSpec, TcpRouteSpec};
+use berth_protocol::routes::{DomainInfo, DomainSpec, TcpRouteSpec};
 use berth_protocol::service::{ScaleRequest, ServiceInfo, ServiceSpec};
-use berth_protocol::{ApiError, CreateTokenRequest, NodeInfo, TokenInfo};
+use berth_protocol::{
+    ApiError, CreateTokenRequest, CreatedToken, ErrorCode, NodeInfo, Removed, Revision, TokenInfo, TokenRevoked,
+    UpgradeRequest, UpgradeStarted,
+};
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -48,6 +51,11 @@ impl Error {
             Error::Api { body, .. } => Some(body),
             _ => None,
         }
+    }
+
+    /// The API's stable error code, if the control plane refused the call.
+    pub fn code(&self) -> Option<ErrorCode> {
+        self.api().map(|b| b.code)
     }
 }
 
@@ -126,14 +134,14 @@ impl AdminClient {
         self.call(Method::DELETE, path, None::<&()>).await
     }
 
+    /// The cluster's revision.
     pub async fn revision(&self) -> Result<u64> {
-        let r: serde_json::Value = self.get("/v1/revision").await?;
-        Ok(r["revision"].as_u64().unwrap_or(0))
+        Ok(self.get::<Revision>("/v1/revision").await?.revision)
     }
 
     // --- tokens ---
 
-    pub async fn create_token(&self, proxy: bool, ttl_secs: u64) -> Result<serde_json::Value> {
+    pub async fn create_token(&self, proxy: bool, ttl_secs: u64) -> Result<CreatedToken> {
         self.post("/v1/tokens", &CreateTokenRequest { proxy, ttl_secs }).await
     }
 
@@ -142,9 +150,7 @@ impl AdminClient {
     }
 
     pub async fn revoke_token(&self, id: &str) -> Result<()> {
-        self.delete::<serde_json::Value>(&format!("/v1/tokens/{id}"))
-            .await
-            .map(drop)
+        self.delete::<TokenRevoked>(&format!("/v1/tokens/{id}")).await.map(drop)
     }
 
     // --- nodes ---
@@ -155,13 +161,15 @@ impl AdminClient {
 
     /// Removes a node; returns the revision that drops it from every peer list.
     pub async fn remove_node(&self, name: &str) -> Result<u64> {
-        let v: serde_json::Value = self.delete(&format!("/v1/nodes/{name}")).await?;
-        Ok(v["revision"].as_u64().unwrap_or(0))
+        Ok(self.delete::<Removed>(&format!("/v1/nodes/{name}")).await?.revision)
     }
 
     /// Starts an upgrade to `version`: `canary` (default: the first node by name) first.
-    pub async fn upgrade_nodes(&self, version: &str, canary: Option<&str>) -> Result<serde_json::Value> {
-        let body = serde_json::json!({ "version": version, "canary": canary });
+    pub async fn upgrade_nodes(&self, version: &str, canary: Option<&str>) -> Result<UpgradeStarted> {
+        let body = UpgradeRequest {
+            version: version.to_string(),
+            canary: canary.map(str::to_string),
+        };
         self.post("/v1/nodes/upgrade", &body).await
     }
 
@@ -185,9 +193,7 @@ impl AdminClient {
     }
 
     pub async fn remove_service(&self, name: &str) -> Result<()> {
-        self.delete::<serde_json::Value>(&format!("/v1/services/{name}"))
-            .await
-            .map(drop)
+        self.delete::<Removed>(&format!("/v1/services/{name}")).await.map(drop)
     }
 
     // --- public domains and TCP routes (proxy nodes) ---
@@ -201,9 +207,7 @@ impl AdminClient {
     }
 
     pub async fn remove_domain(&self, domain: &str) -> Result<()> {
-        self.delete::<serde_json::Value>(&format!("/v1/domains/{domain}"))
-            .await
-            .map(drop)
+        self.delete::<Removed>(&format!("/v1/domains/{domain}")).await.map(drop)
     }
 
     pub async fn add_tcp_route(&self, spec: &TcpRouteSpec) -> Result<TcpRouteSpec> {
@@ -215,7 +219,7 @@ impl AdminClient {
     }
 
     pub async fn remove_tcp_route(&self, listen: u16) -> Result<()> {
-        self.delete::<serde_json::Value>(&format!("/v1/routes/tcp/{listen}"))
+        self.delete::<Removed<u16>>(&format!("/v1/routes/tcp/{listen}"))
             .await
             .map(drop)
     }
@@ -229,6 +233,8 @@ fn read(path: &Path, flag: &str) -> Result<String> {
 fn unparsed(text: String) -> ApiError {
     ApiError {
         error: text,
+        code: ErrorCode::Unknown,
+        field: None,
         detail: None,
     }
 }

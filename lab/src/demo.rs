@@ -5,7 +5,7 @@
 use crate::{Lab, TEST_IMAGE};
 use anyhow::{bail, Context};
 use berth_client::AdminClient;
-use berth_protocol::proxy::DomainSpec;
+use berth_protocol::routes::{CertState, DomainSpec};
 use berth_protocol::service::{ServiceInfo, ServiceSpec};
 use std::time::{Duration, Instant};
 
@@ -171,7 +171,7 @@ pub async fn wait_cert(admin: &AdminClient, domain: &str, within: Duration) -> a
     loop {
         let list = admin.list_domains().await?;
         let d = list.iter().find(|d| d.spec.domain == domain);
-        if d.is_some_and(|d| d.cert_state == "valid") {
+        if d.is_some_and(|d| d.cert_state == CertState::Valid) {
             return Ok(());
         }
         if Instant::now() > deadline {

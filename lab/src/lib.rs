@@ -277,8 +277,7 @@ impl Lab {
     pub async fn add_node(&mut self, proxy: bool) -> anyhow::Result<String> {
         let index = self.state.nodes.iter().map(|n| n.index).max().unwrap_or(0) + 1;
         let name = format!("n{index}");
-        let token = self.admin()?.create_token(proxy, 3600).await?;
-        let token = token["token"].as_str().context("no token in the answer")?.to_string();
+        let token = self.admin()?.create_token(proxy, 3600).await?.token;
         self.net.add_node(index)?;
         self.state.nodes.push(LabNode {
             index,

@@ -172,8 +172,8 @@ async fn bad_tokens_are_refused_with_clear_errors() {
     // A real token of this control plane, revoked: refused by the control plane.
     let admin = lab.admin().unwrap();
     let t = admin.create_token(false, 600).await.unwrap();
-    admin.revoke_token(t["id"].as_str().unwrap()).await.unwrap();
-    let out = run_agent(t["token"].as_str().unwrap());
+    admin.revoke_token(&t.id).await.unwrap();
+    let out = run_agent(&t.token);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("token: revoked"), "{err}");

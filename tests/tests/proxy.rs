@@ -2,7 +2,7 @@
 //! (ACME) through the control plane, HTTPS and WebSockets routed across the
 //! mesh to replicas on two workers.
 
-use berth_protocol::proxy::DomainSpec;
+use berth_protocol::routes::DomainSpec;
 use berth_protocol::service::ServiceSpec;
 use berth_tests::*;
 use futures_util::{SinkExt, StreamExt};
@@ -313,7 +313,7 @@ async fn https_through_the_proxy_with_an_acme_certificate() {
 
     // A TCP route carries traffic.
     admin
-        .add_tcp_route(&berth_protocol::proxy::TcpRouteSpec {
+        .add_tcp_route(&berth_protocol::routes::TcpRouteSpec {
             listen: 9000,
             service: "web".into(),
             port: 8080,

@@ -15,7 +15,6 @@
 //! this machine) is a separate process and is shown separately.
 
 use berth_bench::{init_tls, mib, sample_pid, ticks_secs, until_interrupted, ProcSample};
-use berth_lab::{LabGuard, LabSpec};
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -78,19 +77,7 @@ struct Row {
 }
 
 async fn run(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<f64> {
-    println!(
-        "building lab {} in {} with {} nodes ... (load average {})",
-        args.id,
-        args.dir.display(),
-        args.nodes,
-        berth_bench::loadavg()
-    );
-    let lab = LabGuard::up(&LabSpec {
-        converge_within: Duration::from_secs(120),
-        keep_logs: args.keep_logs,
-        ..LabSpec::new(args.id, &args.dir, args.nodes)
-    })
-    .await?;
+    let lab = berth_bench::lab_up(args.id, &args.dir, args.nodes, args.keep_logs).await?;
     println!(
         "converged; idling {} s before sampling for {} s",
         args.warmup, args.seconds

@@ -24,7 +24,6 @@
 use anyhow::Context;
 use berth_bench::{init_tls, ms, print_summary, until_interrupted};
 use berth_client::AdminClient;
-use berth_lab::{LabGuard, LabSpec};
 use berth_protocol::NodeInfo;
 use clap::Parser;
 use std::path::PathBuf;
@@ -101,20 +100,8 @@ struct Results {
 async fn run(args: &Args, res: &mut Results) -> anyhow::Result<()> {
     let poll = Duration::from_millis(args.poll_ms);
     let timeout = Duration::from_secs(args.timeout);
-    println!(
-        "building lab {} in {} with {} nodes ... (load average {})",
-        args.id,
-        args.dir.display(),
-        args.nodes,
-        berth_bench::loadavg()
-    );
     let t = Instant::now();
-    let mut lab = LabGuard::up(&LabSpec {
-        converge_within: Duration::from_secs(120),
-        keep_logs: args.keep_logs,
-        ..LabSpec::new(args.id, &args.dir, args.nodes)
-    })
-    .await?;
+    let mut lab = berth_bench::lab_up(args.id, &args.dir, args.nodes, args.keep_logs).await?;
     println!(
         "lab converged in {:.1} s (from an empty lab, informative)",
         t.elapsed().as_secs_f64()

@@ -13,7 +13,7 @@
 
 use anyhow::{bail, Context};
 use berth_bench::{init_tls, mib, print_summary, sample_pid, ticks_secs, until_interrupted};
-use berth_lab::{Lab, LabGuard, LabSpec};
+use berth_lab::Lab;
 use berth_protocol::service::ServiceSpec;
 use clap::Parser;
 use std::collections::BTreeMap;
@@ -108,13 +108,7 @@ struct Idle {
 }
 
 async fn run(args: &Args) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Idle)> {
-    println!("building lab {} with 3 nodes (Podman per node) ...", args.id);
-    let lab = LabGuard::up(&LabSpec {
-        converge_within: Duration::from_secs(120),
-        keep_logs: args.keep_logs,
-        ..LabSpec::new(args.id, &args.dir, 3)
-    })
-    .await?;
+    let lab = berth_bench::lab_up(args.id, &args.dir, 3, args.keep_logs).await?;
     let admin = lab.admin()?;
     let gw = gateways(&lab).await?;
 

@@ -4,7 +4,7 @@
 use crate::args::{DomainCmd, TcpCmd};
 use crate::output::{json_or, print_domains};
 use berth_client::AdminClient;
-use berth_protocol::proxy::{DomainSpec, TcpRouteSpec};
+use berth_protocol::routes::{DomainSpec, TcpRouteSpec};
 
 pub async fn run(api: &AdminClient, cmd: DomainCmd) -> anyhow::Result<()> {
     match cmd {

@@ -13,13 +13,9 @@ pub async fn run(api: &AdminClient, cmd: NodesCmd) -> anyhow::Result<()> {
         }
         NodesCmd::Upgrade { version, canary } => {
             let r = api.upgrade_nodes(&version, canary.as_deref()).await?;
-            let waiting: Vec<&str> = r["waiting"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
-                .unwrap_or_default();
-            println!("upgrading {} to {version} first", r["canary"].as_str().unwrap_or("?"));
-            if !waiting.is_empty() {
-                println!("then, once it reports {version}: {}", waiting.join(", "));
+            println!("upgrading {} to {version} first", r.canary);
+            if !r.waiting.is_empty() {
+                println!("then, once it reports {version}: {}", r.waiting.join(", "));
             }
             println!("follow with `berth nodes list` (VERSION and ERROR columns)");
         }

@@ -9,19 +9,11 @@ pub async fn run(api: &AdminClient, cmd: TokenCmd) -> anyhow::Result<()> {
         TokenCmd::Create { proxy, ttl, quiet } => {
             let t = api.create_token(proxy, ttl).await?;
             if quiet {
-                println!("{}", t["token"].as_str().unwrap_or_default());
+                println!("{}", t.token);
             } else {
-                println!(
-                    "token {} ({}, expires in {})",
-                    t["id"].as_str().unwrap_or_default(),
-                    t["role"].as_str().unwrap_or_default(),
-                    humantime(ttl)
-                );
-                println!("{}", t["token"].as_str().unwrap_or_default());
-                println!(
-                    "\nOn the new server, run:\n  {}",
-                    t["agent_command"].as_str().unwrap_or_default()
-                );
+                println!("token {} ({}, expires in {})", t.id, t.role.as_str(), humantime(ttl));
+                println!("{}", t.token);
+                println!("\nOn the new server, run:\n  {}", t.agent_command);
             }
         }
         TokenCmd::List => {
