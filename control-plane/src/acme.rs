@@ -17,7 +17,7 @@
 
 use crate::state::SharedState;
 use crate::store::now;
-use crate::store::proxy::{ChallengeRow, DomainRow, ALPN01, HTTP01};
+use crate::store::routes::{ChallengeRow, DomainRow};
 use anyhow::{anyhow, bail, Context};
 use berth_protocol::Role;
 use instant_acme::{
@@ -47,8 +47,7 @@ pub const MAX_DNS_PROPAGATION: Duration = Duration::from_secs(3600);
 /// How much of a failing hook's output is kept in the domain's error.
 const HOOK_OUTPUT_MAX: usize = 1000;
 
-pub const DNS01: &str = "dns-01";
-
+/// The ACME challenge a control plane answers (`--acme-challenge`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChallengeKind {
     Http01,
@@ -60,9 +59,9 @@ pub enum ChallengeKind {
 impl ChallengeKind {
     pub fn as_str(self) -> &'static str {
         match self {
-            ChallengeKind::Http01 => HTTP01,
-            ChallengeKind::TlsAlpn01 => ALPN01,
-            ChallengeKind::Dns01 => DNS01,
+            ChallengeKind::Http01 => "http-01",
+            ChallengeKind::TlsAlpn01 => "tls-alpn-01",
+            ChallengeKind::Dns01 => "dns-01",
         }
     }
 
@@ -78,12 +77,16 @@ impl ChallengeKind {
 impl std::str::FromStr for ChallengeKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            HTTP01 => Ok(ChallengeKind::Http01),
-            ALPN01 => Ok(ChallengeKind::TlsAlpn01),
-            DNS01 => Ok(ChallengeKind::Dns01),
-            _ => Err(format!("{s:?}: expected http-01, tls-alpn-01 or dns-01")),
-        }
+        [ChallengeKind::Http01, ChallengeKind::TlsAlpn01, ChallengeKind::Dns01]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("{s:?}: expected http-01, tls-alpn-01 or dns-01"))
+    }
+}
+
+impl std::fmt::Display for ChallengeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
     }
 }
 
@@ -423,7 +426,7 @@ impl Acme {
             }
             let row = ChallengeRow {
                 domain: domain.to_string(),
-                kind: kind.as_str().to_string(),
+                kind,
                 token: ch.token.clone(),
                 key_authorization: ch.key_authorization().as_str().to_string(),
             };
@@ -598,6 +601,7 @@ mod tests {
         assert_eq!("tls-alpn-01".parse::<ChallengeKind>(), Ok(ChallengeKind::TlsAlpn01));
         assert_eq!("dns-01".parse::<ChallengeKind>(), Ok(ChallengeKind::Dns01));
         assert!("dns-02".parse::<ChallengeKind>().is_err());
+        assert_eq!(format!("[{:<12}]", ChallengeKind::TlsAlpn01), "[tls-alpn-01 ]");
     }
 
     #[test]

@@ -1,10 +1,15 @@
-//! Authentication: admin bearer token for the CLI, Ed25519 request
-//! signatures for agents.
+//! Authentication: admin bearer token for the CLI (checked once for the
+//! whole admin router by [`admin_only`]), Ed25519 request signatures for
+//! agents ([`require_node`], in each node handler: the signature covers the
+//! body).
 
 use crate::error::{ApiErr, ApiResult};
-use crate::state::AppState;
+use crate::state::{AppState, SharedState};
 use crate::store::{nodes::NodeRow, now};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, Uri};
+use axum::middleware::Next;
+use axum::response::Response;
 use berth_protocol::signing::{self, SignedHeaders, HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use sha2::{Digest, Sha256};
 
@@ -13,12 +18,12 @@ pub fn hash_admin_token(token: &str) -> String {
 }
 
 /// Checks `Authorization: Bearer <admin token>`.
-pub fn require_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+fn require_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     let given = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiErr::unauthorized("authorization: missing admin bearer token"))?;
+        .ok_or_else(|| ApiErr::unauthorized("authorization", "authorization: missing admin bearer token"))?;
     // Compare digests so the comparison time says nothing about the token.
     let a = hash_admin_token(given);
     let ok = a.len() == state.admin_token_hash.len()
@@ -29,15 +34,27 @@ pub fn require_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     if ok {
         Ok(())
     } else {
-        Err(ApiErr::unauthorized("authorization: admin token is not valid"))
+        Err(ApiErr::unauthorized(
+            "authorization",
+            "authorization: admin token is not valid",
+        ))
     }
+}
+
+/// Middleware of every admin route (see [`crate::api::router`]): lets a
+/// request through only with the admin token. It wraps the routes'
+/// handlers only, so unknown paths still get their 404 and wrong methods
+/// their 405.
+pub async fn admin_only(State(s): State<SharedState>, req: Request, next: Next) -> ApiResult<Response> {
+    require_admin(&s, req.headers())?;
+    Ok(next.run(req).await)
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> ApiResult<&'a str> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiErr::unauthorized(format!("{name}: missing")))
+        .ok_or_else(|| ApiErr::unauthorized(name, format!("{name}: missing")))
 }
 
 pub fn path_and_query(uri: &Uri) -> &str {
@@ -56,11 +73,12 @@ pub async fn require_node(
     let ts = header(headers, HEADER_TIMESTAMP)?;
     let nonce = header(headers, HEADER_NONCE)?;
     let sig = header(headers, HEADER_SIGNATURE)?;
-    let node = state
-        .store
-        .get_node(node_id)
-        .await?
-        .ok_or_else(|| ApiErr::unauthorized(format!("{HEADER_NODE}: unknown node {node_id:?} (removed?)")))?;
+    let node = state.store.get_node(node_id).await?.ok_or_else(|| {
+        ApiErr::unauthorized(
+            HEADER_NODE,
+            format!("{HEADER_NODE}: unknown node {node_id:?} (removed?)"),
+        )
+    })?;
     let key = signing::parse_verifying_key("signing_key", &node.signing_key).map_err(ApiErr::internal)?;
     let now = now();
     let signed = SignedHeaders {
@@ -68,15 +86,14 @@ pub async fn require_node(
         nonce: nonce.into(),
         signature: sig.into(),
     };
-    signing::verify(&key, method.as_str(), path_and_query(uri), body, &signed, now)
-        .map_err(|e| ApiErr::unauthorized(e.to_string()))?;
+    signing::verify(&key, method.as_str(), path_and_query(uri), body, &signed, now).map_err(refused)?;
     let ts: i64 = ts.parse().unwrap_or(now);
     let fresh = state
         .store
         .record_nonce(&node.id, nonce, ts + signing::MAX_CLOCK_SKEW_SECS + 1)
         .await?;
     if !fresh {
-        return Err(ApiErr::unauthorized(format!("{HEADER_NONCE}: replayed")));
+        return Err(ApiErr::unauthorized(HEADER_NONCE, format!("{HEADER_NONCE}: replayed")));
     }
     Ok(node)
 }
@@ -90,7 +107,7 @@ pub fn verify_self_signed(
     headers: &HeaderMap,
     body: &[u8],
 ) -> ApiResult<()> {
-    let key = signing::parse_verifying_key("signing_key", key_b64).map_err(ApiErr::bad_request)?;
+    let key = signing::parse_verifying_key("signing_key", key_b64)?;
     signing::verify(
         &key,
         method.as_str(),
@@ -103,5 +120,9 @@ pub fn verify_self_signed(
         },
         now(),
     )
-    .map_err(|e| ApiErr::unauthorized(e.to_string()))
+    .map_err(refused)
+}
+
+fn refused(e: signing::VerifyError) -> ApiErr {
+    ApiErr::unauthorized(e.header(), e.to_string())
 }

@@ -1,9 +1,11 @@
-//! Desired state: what each node should run, computed from a snapshot of
-//! the store. One snapshot serves every long-poll that wakes for the same
-//! revision, so a change fans out to all nodes with one store read.
+//! Desired state: what each node should run, computed from a [`FleetView`]
+//! (the store read once, at one revision). One view serves every long-poll
+//! that wakes for the same revision, so a change fans out to all nodes with
+//! one store read.
 
+use crate::acme::ChallengeKind;
 use crate::store::nodes::{name_of, NodeRow};
-use crate::store::proxy::{ChallengeRow, DomainRow, TcpRouteRow, ALPN01, HTTP01};
+use crate::store::routes::{ChallengeRow, DomainRow, TcpRouteRow};
 use crate::store::services::{ReplicaRow, ServiceRow};
 use berth_protocol::proxy::{
     AlpnChallenge, CertDesired, Http01Challenge, HttpRouteDesired, PassthroughDesired, ProxyDesired, TcpRouteDesired,
@@ -16,20 +18,21 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use x25519_dalek::StaticSecret;
 
-/// All nodes at one cluster revision.
+/// The whole fleet as the store had it at one cluster revision: nodes,
+/// services, replicas and routes, with what is encoded once per revision.
 #[derive(Debug, Default)]
-pub struct Snapshot {
+pub struct FleetView {
     pub revision: i64,
     pub nodes: Vec<NodeRow>,
     pub services: Vec<ServiceRow>,
     pub replicas: Vec<ReplicaRow>,
-    /// Each node as a peer, JSON-encoded once per snapshot (see [`encode_for_node`]).
+    /// Each node as a peer, JSON-encoded once per view (see [`encode_for_node`]).
     pub peer_json: HashMap<String, PeerJson>,
     /// Domains, TCP routes and pending challenges: what proxy nodes serve.
     pub routes: Routes,
     /// Certificate keys resealed to each proxy, (node id, domain) → sealed
     /// PEM: sealing is randomised, so every document built from this
-    /// snapshot must reuse one result (and a wake-up of N long-polls then
+    /// view must reuse one result (and a wake-up of N long-polls then
     /// seals once per proxy, not once per poll).
     pub sealed_keys: std::sync::Mutex<HashMap<(String, String), String>>,
 }
@@ -66,8 +69,8 @@ fn same_network(a: &NodeRow, b: &NodeRow) -> bool {
     matches!((a.private_addr, b.private_addr), (Some(x), Some(y)) if x.network() == y.network() && x.prefix_len() == y.prefix_len())
 }
 
-impl Snapshot {
-    pub fn new(revision: i64, nodes: Vec<NodeRow>, services: Vec<ServiceRow>, replicas: Vec<ReplicaRow>) -> Snapshot {
+impl FleetView {
+    pub fn new(revision: i64, nodes: Vec<NodeRow>, services: Vec<ServiceRow>, replicas: Vec<ReplicaRow>) -> FleetView {
         let peer_json = nodes
             .iter()
             .map(|n| {
@@ -79,7 +82,7 @@ impl Snapshot {
                 (n.id.clone(), PeerJson { private, public })
             })
             .collect();
-        Snapshot {
+        FleetView {
             revision,
             nodes,
             services,
@@ -90,15 +93,18 @@ impl Snapshot {
         }
     }
 
-    pub fn with_routes(mut self, routes: Routes) -> Snapshot {
+    pub fn with_routes(mut self, routes: Routes) -> FleetView {
         self.routes = routes;
         self
     }
 }
 
 /// Where `from` should send packets for `to`: `to`'s private address when
-/// both sit on the same network, otherwise its public address.
-pub fn endpoint(from: &NodeRow, to: &NodeRow) -> Option<SocketAddr> {
+/// both sit on the same network, otherwise its public address. (The
+/// encoded documents pick between the two pre-encoded peer entries by the
+/// same rule.)
+#[cfg(test)]
+fn endpoint(from: &NodeRow, to: &NodeRow) -> Option<SocketAddr> {
     if let (true, Some(b)) = (same_network(from, to), to.private_addr) {
         return Some(SocketAddr::new(IpAddr::V4(b.addr()), to.wg_port));
     }
@@ -113,18 +119,19 @@ fn reseal(cp_key: &StaticSecret, sealed: &str, node_key: Option<&str>) -> Option
 }
 
 /// DNS records: every service with its replicas, whatever node they are on.
-pub fn dns_records(snap: &Snapshot) -> Vec<DnsService> {
-    snap.services
+pub fn dns_records(fleet: &FleetView) -> Vec<DnsService> {
+    fleet
+        .services
         .iter()
         .map(|s| DnsService {
             name: s.name.clone(),
-            replicas: snap
+            replicas: fleet
                 .replicas
                 .iter()
                 .filter(|r| r.service == s.name)
                 .map(|r| DnsReplica {
                     replica: r.name(),
-                    node: name_of(&snap.nodes, &r.node_id),
+                    node: name_of(&fleet.nodes, &r.node_id),
                     ip: r.ip,
                     healthy: r.healthy,
                 })
@@ -134,12 +141,13 @@ pub fn dns_records(snap: &Snapshot) -> Vec<DnsService> {
 }
 
 /// The containers `node` runs: its replicas, secrets sealed to its key.
-pub fn containers(snap: &Snapshot, node: &NodeRow, cp_key: &StaticSecret) -> Vec<ContainerDesired> {
-    snap.replicas
+pub fn containers(fleet: &FleetView, node: &NodeRow, cp_key: &StaticSecret) -> Vec<ContainerDesired> {
+    fleet
+        .replicas
         .iter()
         .filter(|r| r.node_id == node.id)
         .filter_map(|r| {
-            let s = snap.services.iter().find(|s| s.name == r.service)?;
+            let s = fleet.services.iter().find(|s| s.name == r.service)?;
             let spec = &s.spec;
             Some(ContainerDesired {
                 replica: r.name(),
@@ -163,17 +171,20 @@ pub fn containers(snap: &Snapshot, node: &NodeRow, cp_key: &StaticSecret) -> Vec
         .collect()
 }
 
-/// The desired state of `node` in `snap`, or None if it is not in the snapshot.
-pub fn for_node(
-    snap: &Snapshot,
+/// The desired state of `node` in `fleet`, or None if it is not in the view:
+/// the plain build [`encode_for_node`] is checked against (the server only
+/// ever sends the encoded form).
+#[cfg(test)]
+fn for_node(
+    fleet: &FleetView,
     node_id: &str,
     mesh: Ipv4Net,
     subnet_pool: Ipv4Net,
     cp_key: &StaticSecret,
 ) -> Option<DesiredState> {
-    let mut d = without_peers(snap, node_id, mesh, subnet_pool, cp_key)?;
-    let me = snap.nodes.iter().find(|n| n.id == node_id)?;
-    d.peers = snap
+    let mut d = without_peers(fleet, node_id, mesh, subnet_pool, cp_key)?;
+    let me = fleet.nodes.iter().find(|n| n.id == node_id)?;
+    d.peers = fleet
         .nodes
         .iter()
         .filter(|n| n.id != me.id)
@@ -183,13 +194,13 @@ pub fn for_node(
 }
 
 fn without_peers(
-    snap: &Snapshot,
+    fleet: &FleetView,
     node_id: &str,
     mesh: Ipv4Net,
     subnet_pool: Ipv4Net,
     cp_key: &StaticSecret,
 ) -> Option<DesiredState> {
-    let me = snap.nodes.iter().find(|n| n.id == node_id)?;
+    let me = fleet.nodes.iter().find(|n| n.id == node_id)?;
     Some(DesiredState {
         revision: me.revision as u64,
         node: NodeSelf {
@@ -203,21 +214,22 @@ fn without_peers(
             wg_port: me.wg_port,
         },
         peers: vec![],
-        containers: containers(snap, me, cp_key),
-        dns: dns_records(snap),
-        proxy: proxy(snap, me, cp_key),
+        containers: containers(fleet, me, cp_key),
+        dns: dns_records(fleet),
+        proxy: proxy(fleet, me, cp_key),
         upgrade_to: me.target_version.clone(),
     })
 }
 
 /// The replicas of `service`, each as an upstream on `port`.
-fn upstreams(snap: &Snapshot, service: &str, port: u16) -> Vec<UpstreamDesired> {
-    snap.replicas
+fn upstreams(fleet: &FleetView, service: &str, port: u16) -> Vec<UpstreamDesired> {
+    fleet
+        .replicas
         .iter()
         .filter(|r| r.service == service)
         .map(|r| UpstreamDesired {
             replica: r.name(),
-            node: name_of(&snap.nodes, &r.node_id),
+            node: name_of(&fleet.nodes, &r.node_id),
             ip: r.ip,
             port,
             healthy: r.healthy,
@@ -228,10 +240,10 @@ fn upstreams(snap: &Snapshot, service: &str, port: u16) -> Vec<UpstreamDesired> 
 }
 
 /// A certificate key (sealed to the control plane) resealed to `node`,
-/// once per snapshot.
-fn sealed_key(snap: &Snapshot, node: &NodeRow, d: &DomainRow, cp_key: &StaticSecret) -> Option<String> {
+/// once per view.
+fn sealed_key(fleet: &FleetView, node: &NodeRow, d: &DomainRow, cp_key: &StaticSecret) -> Option<String> {
     let key = (node.id.clone(), d.spec.domain.clone());
-    let mut cache = snap.sealed_keys.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cache = fleet.sealed_keys.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(s) = cache.get(&key) {
         return Some(s.clone());
     }
@@ -241,14 +253,14 @@ fn sealed_key(snap: &Snapshot, node: &NodeRow, d: &DomainRow, cp_key: &StaticSec
 }
 
 /// What a proxy node serves; None for workers.
-pub fn proxy(snap: &Snapshot, me: &NodeRow, cp_key: &StaticSecret) -> Option<ProxyDesired> {
+pub fn proxy(fleet: &FleetView, me: &NodeRow, cp_key: &StaticSecret) -> Option<ProxyDesired> {
     if me.role != Role::Proxy {
         return None;
     }
-    let routes = &snap.routes;
+    let routes = &fleet.routes;
     let mut p = ProxyDesired::default();
     for d in &routes.domains {
-        let ups = upstreams(snap, &d.spec.service, d.spec.port);
+        let ups = upstreams(fleet, &d.spec.service, d.spec.port);
         if d.spec.passthrough {
             p.passthrough.push(PassthroughDesired {
                 domain: d.spec.domain.clone(),
@@ -263,7 +275,7 @@ pub fn proxy(snap: &Snapshot, me: &NodeRow, cp_key: &StaticSecret) -> Option<Pro
             upstreams: ups,
         });
         // A proxy without a sealing key cannot be sent keys: no certificate.
-        if let (Some(chain), Some(key)) = (&d.chain_pem, sealed_key(snap, me, d, cp_key)) {
+        if let (Some(chain), Some(key)) = (&d.chain_pem, sealed_key(fleet, me, d, cp_key)) {
             p.certs.push(CertDesired {
                 domain: d.spec.domain.clone(),
                 chain_pem: chain.clone(),
@@ -277,47 +289,48 @@ pub fn proxy(snap: &Snapshot, me: &NodeRow, cp_key: &StaticSecret) -> Option<Pro
         .map(|t| TcpRouteDesired {
             listen: t.spec.listen,
             service: t.spec.service.clone(),
-            upstreams: upstreams(snap, &t.spec.service, t.spec.port),
+            upstreams: upstreams(fleet, &t.spec.service, t.spec.port),
         })
         .collect();
     for c in &routes.challenges {
-        match c.kind.as_str() {
-            HTTP01 => p.http01.push(Http01Challenge {
+        match c.kind {
+            ChallengeKind::Http01 => p.http01.push(Http01Challenge {
                 token: c.token.clone(),
                 key_authorization: c.key_authorization.clone(),
             }),
-            ALPN01 => p.alpn01.push(AlpnChallenge {
+            ChallengeKind::TlsAlpn01 => p.alpn01.push(AlpnChallenge {
                 domain: c.domain.clone(),
                 key_authorization: c.key_authorization.clone(),
             }),
-            _ => {}
+            // Answered by the DNS hook, not by proxies.
+            ChallengeKind::Dns01 => {}
         }
     }
     Some(p)
 }
 
-/// The same document as [`for_node`], as JSON, built from the snapshot's
+/// The desired state of `node_id` as JSON, built from the view's
 /// pre-encoded peers: a change that wakes N long-polls encodes each peer
 /// once instead of N times. Returns the revision and the bytes.
 pub fn encode_for_node(
-    snap: &Snapshot,
+    fleet: &FleetView,
     node_id: &str,
     mesh: Ipv4Net,
     subnet_pool: Ipv4Net,
     cp_key: &StaticSecret,
 ) -> Option<(u64, Vec<u8>)> {
-    let d = without_peers(snap, node_id, mesh, subnet_pool, cp_key)?;
-    let me = snap.nodes.iter().find(|n| n.id == node_id)?;
+    let d = without_peers(fleet, node_id, mesh, subnet_pool, cp_key)?;
+    let me = fleet.nodes.iter().find(|n| n.id == node_id)?;
     let head = serde_json::to_vec(&d).ok()?;
     const EMPTY: &[u8] = b"\"peers\":[]";
     // The first match is the top-level field: `node` holds no such key and
     // quotes inside string values are escaped.
     let at = head.windows(EMPTY.len()).position(|w| w == EMPTY)? + EMPTY.len() - 1;
-    let mut out = Vec::with_capacity(head.len() + snap.nodes.len() * 200);
+    let mut out = Vec::with_capacity(head.len() + fleet.nodes.len() * 200);
     out.extend_from_slice(&head[..at]);
     let mut first = true;
-    for n in snap.nodes.iter().filter(|n| n.id != me.id) {
-        let pj = snap.peer_json.get(&n.id)?;
+    for n in fleet.nodes.iter().filter(|n| n.id != me.id) {
+        let pj = fleet.peer_json.get(&n.id)?;
         let json = match (&pj.private, same_network(me, n)) {
             (Some(p), true) => p,
             _ => &pj.public,
@@ -336,7 +349,7 @@ pub fn encode_for_node(
 mod tests {
     use super::*;
     use base64::{engine::general_purpose::STANDARD as B64, Engine};
-    use berth_protocol::proxy::DomainSpec;
+    use berth_protocol::routes::DomainSpec;
 
     fn node(id: &str, private: Option<&str>, public: Option<&str>, mesh: &str, rev: i64) -> NodeRow {
         NodeRow {
@@ -374,7 +387,7 @@ mod tests {
 
     #[test]
     fn desired_state_lists_every_other_node_at_the_nodes_revision() {
-        let snap = Snapshot {
+        let fleet = FleetView {
             revision: 9,
             nodes: vec![
                 node("a", Some("198.18.0.11/24"), None, "10.100.0.1", 9),
@@ -386,13 +399,13 @@ mod tests {
         let mesh = "10.100.0.0/16".parse().unwrap();
         let pool = "10.200.0.0/13".parse().unwrap();
         let key = StaticSecret::from([3u8; 32]);
-        let d = for_node(&snap, "c", mesh, pool, &key).unwrap();
+        let d = for_node(&fleet, "c", mesh, pool, &key).unwrap();
         assert_eq!(d.revision, 7);
         assert_eq!(d.node.mesh_ip.to_string(), "10.100.0.3");
         let names: Vec<_> = d.peers.iter().map(|p| p.node_id.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
         assert_eq!(d.peers[0].endpoint, Some("198.18.0.11:51820".parse().unwrap()));
-        assert!(for_node(&snap, "zz", mesh, pool, &key).is_none());
+        assert!(for_node(&fleet, "zz", mesh, pool, &key).is_none());
     }
 
     #[test]
@@ -445,32 +458,32 @@ mod tests {
         };
         let challenge = ChallengeRow {
             domain: "app.example.com".into(),
-            kind: HTTP01.into(),
+            kind: ChallengeKind::Http01,
             token: "tok".into(),
             key_authorization: "tok.thumb".into(),
         };
-        let snap = Snapshot::new(9, nodes, services, replicas).with_routes(Routes {
+        let fleet = FleetView::new(9, nodes, services, replicas).with_routes(Routes {
             domains: vec![domain],
             tcp: vec![],
             challenges: vec![challenge],
         });
         let (mesh, pool) = ("10.100.0.0/16".parse().unwrap(), "10.200.0.0/13".parse().unwrap());
-        let px = for_node(&snap, "p", mesh, pool, &key).unwrap().proxy.unwrap();
+        let px = for_node(&fleet, "p", mesh, pool, &key).unwrap().proxy.unwrap();
         assert_eq!(px.http_routes[0].upstreams[0].ip.to_string(), "10.200.0.2");
         assert_eq!(px.http01[0].token, "tok");
         assert_eq!(
             berth_protocol::seal::open(&p_seal, &px.certs[0].sealed_key_pem).unwrap(),
             b"KEY"
         );
-        assert!(for_node(&snap, "a", mesh, pool, &key).unwrap().proxy.is_none());
+        assert!(for_node(&fleet, "a", mesh, pool, &key).unwrap().proxy.is_none());
         for id in ["a", "b", "c", "d", "p"] {
-            let built = for_node(&snap, id, mesh, pool, &key).unwrap();
-            let (rev, bytes) = encode_for_node(&snap, id, mesh, pool, &key).unwrap();
+            let built = for_node(&fleet, id, mesh, pool, &key).unwrap();
+            let (rev, bytes) = encode_for_node(&fleet, id, mesh, pool, &key).unwrap();
             let decoded: DesiredState = serde_json::from_slice(&bytes).unwrap();
             assert_eq!(decoded, built, "node {id}");
             assert_eq!(rev, 9);
         }
-        let a = for_node(&snap, "a", mesh, pool, &key).unwrap();
+        let a = for_node(&fleet, "a", mesh, pool, &key).unwrap();
         assert_eq!(a.peers[0].endpoint, Some("198.18.0.12:51820".parse().unwrap()));
         assert_eq!(a.peers[1].endpoint, Some("203.0.113.3:51820".parse().unwrap()));
         assert_eq!(a.peers[2].endpoint, None);

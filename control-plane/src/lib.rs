@@ -1,5 +1,6 @@
-//! Berth control plane: the API server, its store and the desired-state
-//! computation. `berth-control-plane serve` is the binary around [`serve`].
+//! Berth control plane: the HTTPS API ([`api`], grouped by who may call it),
+//! the store ([`store`], SQLite or PostgreSQL) and what each node is told to
+//! run ([`desired`]). Start at [`start`], then [`api::router`].
 
 pub mod acme;
 pub mod alloc;
@@ -8,8 +9,6 @@ pub mod auth;
 pub mod desired;
 pub mod error;
 pub mod placement;
-pub mod proxy_api;
-pub mod releases;
 pub mod server;
 pub mod state;
 pub mod store;
@@ -18,7 +17,6 @@ pub mod tls;
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 pub struct ServeConfig {
     pub data_dir: PathBuf,
@@ -95,7 +93,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
         },
     )
     .await?;
-    if store.backend == store::Backend::Postgres {
+    if store.database == store::Database::Postgres {
         tokio::spawn(state::follow_other_replicas(state.clone(), cfg.database.clone()));
     }
     tokio::spawn(prune_nonces(store.clone()));
@@ -106,7 +104,6 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
     let app = api::router(state.clone());
     let task = tokio::spawn(server::serve_tls(listener, tls.server_config.clone(), app));
     tracing::info!(%addr, nodes_capacity = cap, ca_hash = %tls.ca_hash, "control plane listening");
-    let _ = Arc::strong_count(&state);
     Ok(Started {
         state,
         addr,

@@ -1,3 +1,7 @@
+//! `berth-control-plane serve`: parses the flags into a [`ServeConfig`],
+//! starts the control plane (the library's `start`) and serves until
+//! SIGTERM or Ctrl-C. Everything else lives in the library.
+
 use berth_control_plane::acme::AcmeConfig;
 use berth_control_plane::{start, store::nodes::Pools, tls::OwnCert, ServeConfig};
 use clap::{Parser, Subcommand};

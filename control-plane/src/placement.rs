@@ -2,6 +2,7 @@
 //! the store applies the result inside a transaction.
 
 use berth_protocol::service::ServiceSpec;
+use berth_protocol::FieldError;
 use ipnet::Ipv4Net;
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
@@ -23,10 +24,10 @@ pub fn place(
     spec: &ServiceSpec,
     existing: &BTreeMap<u32, String>,
     nodes: &[Candidate],
-) -> Result<BTreeMap<u32, String>, String> {
+) -> Result<BTreeMap<u32, String>, FieldError> {
     for n in &spec.nodes {
         if !nodes.iter().any(|c| &c.name == n) {
-            return Err(format!("nodes: no node named {n:?}"));
+            return Err(FieldError::new("nodes", format_args!("no node named {n:?}")));
         }
     }
     let eligible: Vec<&Candidate> = nodes
@@ -50,9 +51,9 @@ pub fn place(
     }
     if eligible.is_empty() {
         return Err(if spec.nodes.is_empty() {
-            "replicas: no online worker node to place them on".to_string()
+            FieldError::new("replicas", "no online worker node to place them on")
         } else {
-            format!("nodes: none of {:?} can take replicas", spec.nodes)
+            FieldError::new("nodes", format_args!("none of {:?} can take replicas", spec.nodes))
         });
     }
     // A service with volumes keeps all its replicas on one node, the one
@@ -184,7 +185,9 @@ mod tests {
         let p = place(&s, &BTreeMap::new(), &nodes()).unwrap();
         assert_eq!(count(&p, "id-b"), 2);
         s.nodes = vec!["zz".into()];
-        assert!(place(&s, &BTreeMap::new(), &nodes()).unwrap_err().starts_with("nodes:"));
+        let e = place(&s, &BTreeMap::new(), &nodes()).unwrap_err();
+        assert!(e.to_string().starts_with("nodes:"), "{e}");
+        assert_eq!(e.field, "nodes");
 
         let mut v = spec(2);
         v.volumes.push(Volume {
@@ -202,6 +205,7 @@ mod tests {
         ns.iter_mut().for_each(|n| n.online = false);
         assert!(place(&spec(1), &BTreeMap::new(), &ns)
             .unwrap_err()
+            .to_string()
             .starts_with("replicas:"));
         assert!(place(&spec(0), &BTreeMap::new(), &ns).unwrap().is_empty());
     }

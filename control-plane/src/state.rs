@@ -1,9 +1,9 @@
 //! Shared server state: the store, the pools, and the revision signal that
 //! wakes long-polls.
 
-use crate::desired::Snapshot;
+use crate::desired::FleetView;
 use crate::store::nodes::Pools;
-use crate::store::{Backend, Store};
+use crate::store::{Database, Store};
 use std::sync::Arc;
 use tokio::sync::{watch, Mutex};
 
@@ -22,13 +22,13 @@ pub struct AppState {
     /// A node is online when its last heartbeat is newer than this many seconds.
     pub offline_after_secs: i64,
     /// Signed agent builds and the installer scripts' release key.
-    pub releases: crate::releases::Releases,
+    pub releases: crate::api::releases::Releases,
     /// Wakes the ACME task (a domain was added); unused without ACME.
     pub acme_wake: tokio::sync::Notify,
     /// ACME orders this process created (for tests and logs).
     pub acme_orders: std::sync::atomic::AtomicU64,
     revision: watch::Sender<i64>,
-    snapshot: Mutex<Arc<Snapshot>>,
+    fleet_view: Mutex<Arc<FleetView>>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -68,11 +68,11 @@ impl AppState {
             secrets_key,
             advertise_url,
             offline_after_secs,
-            releases: crate::releases::Releases { dir: releases_dir },
+            releases: crate::api::releases::Releases { dir: releases_dir },
             acme_wake: tokio::sync::Notify::new(),
             acme_orders: Default::default(),
             revision: tx,
-            snapshot: Mutex::new(Arc::new(Snapshot {
+            fleet_view: Mutex::new(Arc::new(FleetView {
                 revision: -1,
                 ..Default::default()
             })),
@@ -97,7 +97,7 @@ impl AppState {
             }
             moved
         });
-        if self.store.backend == Backend::Postgres {
+        if self.store.database == Database::Postgres {
             let res = sqlx::query("SELECT pg_notify('berth_revision', $1)")
                 .bind(rev.to_string())
                 .execute(&self.store.pool)
@@ -108,10 +108,10 @@ impl AppState {
         }
     }
 
-    /// The snapshot for the current revision, loaded once per revision.
-    pub async fn snapshot(&self) -> sqlx::Result<Arc<Snapshot>> {
+    /// The fleet at the current revision, read from the store once per revision.
+    pub async fn fleet_view(&self) -> sqlx::Result<Arc<FleetView>> {
         let want = self.current_revision();
-        let mut cached = self.snapshot.lock().await;
+        let mut cached = self.fleet_view.lock().await;
         if cached.revision >= want {
             return Ok(cached.clone());
         }
@@ -125,7 +125,7 @@ impl AppState {
             tcp: self.store.list_tcp_routes().await?,
             challenges: self.store.list_challenges().await?,
         };
-        *cached = Arc::new(Snapshot::new(revision, nodes, services, replicas).with_routes(routes));
+        *cached = Arc::new(FleetView::new(revision, nodes, services, replicas).with_routes(routes));
         Ok(cached.clone())
     }
 }

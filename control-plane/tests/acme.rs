@@ -11,7 +11,8 @@
 mod common;
 
 use berth_control_plane::acme::AcmeConfig;
-use berth_protocol::proxy::{AlpnChallenge, DomainInfo, Http01Challenge};
+use berth_protocol::proxy::{AlpnChallenge, Http01Challenge};
+use berth_protocol::routes::{CertState, DomainInfo};
 use berth_protocol::{DesiredState, StatusReport};
 use common::{Cp, Db, Reply, SealedNode};
 use reqwest::{Method, StatusCode};
@@ -293,14 +294,14 @@ async fn domains(cp: &Cp) -> Vec<DomainInfo> {
 }
 
 /// Waits until `domain` reaches `state` (panics on another final state).
-async fn wait_state(cp: &Cp, domain: &str, state: &str, within: Duration) -> DomainInfo {
+async fn wait_state(cp: &Cp, domain: &str, state: CertState, within: Duration) -> DomainInfo {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let d = domains(cp).await.into_iter().find(|d| d.spec.domain == domain).unwrap();
         if d.cert_state == state {
             return d;
         }
-        if d.cert_state == "failed" || tokio::time::Instant::now() > deadline {
+        if d.cert_state == CertState::Failed || tokio::time::Instant::now() > deadline {
             panic!("{domain}: wanted {state}, got {d:?}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -380,7 +381,7 @@ async fn pebble_issues_one_certificate_for_every_proxy(db: &Db) {
     let seen = Mutex::new(Seen::default());
     let info = tokio::select! {
         _ = fake_proxy(&cp, &p1, &seen) => unreachable!(),
-        d = wait_state(&cp, "app.example.com", "valid", Duration::from_secs(90)) => d,
+        d = wait_state(&cp, "app.example.com", CertState::Valid, Duration::from_secs(90)) => d,
     };
     assert!(info.last_error.is_none(), "{info:?}");
     assert!(info.cert_not_after.is_some());
@@ -460,7 +461,7 @@ async fn pebble_issues_one_certificate_for_every_proxy(db: &Db) {
         1,
         "one order for the domain, whatever the number of proxies"
     );
-    assert_eq!(domains(&cp).await[0].cert_state, "valid");
+    assert_eq!(domains(&cp).await[0].cert_state, CertState::Valid);
     let log = pebble.log();
     assert_eq!(
         log.matches("POST /order-plz").count(),
@@ -484,7 +485,7 @@ async fn pebble_tls_alpn_01(db: &Db) {
     let seen = Mutex::new(Seen::default());
     tokio::select! {
         _ = fake_proxy(&cp, &p1, &seen) => unreachable!(),
-        _ = wait_state(&cp, "alpn.example.com", "valid", Duration::from_secs(90)) => {}
+        _ = wait_state(&cp, "alpn.example.com", CertState::Valid, Duration::from_secs(90)) => {}
     };
     let seen = seen.into_inner().unwrap();
     assert!(seen.http01.is_empty());
@@ -508,7 +509,7 @@ async fn acme_failures_are_recorded(db: &Db) {
     deploy_web(&cp).await;
     add_domain(&cp, "app.example.com").await;
     // The error is recorded, the API keeps answering, the next attempt waits.
-    let info = wait_state(&cp, "app.example.com", "failed", Duration::from_secs(20)).await;
+    let info = wait_state(&cp, "app.example.com", CertState::Failed, Duration::from_secs(20)).await;
     assert!(
         info.last_error.as_deref().is_some_and(|e| e.contains("ACME account")),
         "{info:?}"
@@ -538,7 +539,7 @@ async fn dns_01_through_the_hook_without_any_proxy(db: &Db) {
     // No proxy node at all: DNS-01 does not need one.
     deploy_web(&cp).await;
     add_domain(&cp, "dns.example.com").await;
-    let info = wait_state(&cp, "dns.example.com", "valid", Duration::from_secs(90)).await;
+    let info = wait_state(&cp, "dns.example.com", CertState::Valid, Duration::from_secs(90)).await;
     assert!(info.last_error.is_none(), "{info:?}");
 
     // Pebble looked the TXT record up for real and issued a certificate
@@ -621,7 +622,7 @@ exit 3"#,
     add_domain(&cp, "dns.example.com").await;
 
     // The hook's message is the domain's error; no certificate; backoff.
-    let info = wait_state(&cp, "dns.example.com", "failed", Duration::from_secs(60)).await;
+    let info = wait_state(&cp, "dns.example.com", CertState::Failed, Duration::from_secs(60)).await;
     let err = info.last_error.clone().unwrap_or_default();
     assert!(
         err.contains("zone example.com is not managed by this account"),
@@ -666,7 +667,7 @@ async fn dns_01_wrong_txt_record_is_refused_by_the_ca(db: &Db) {
     let cp = Cp::start_with(&dir.path().join("cp"), &db.url, None, Some(acme)).await;
     deploy_web(&cp).await;
     add_domain(&cp, "dns.example.com").await;
-    let info = wait_state(&cp, "dns.example.com", "failed", Duration::from_secs(90)).await;
+    let info = wait_state(&cp, "dns.example.com", CertState::Failed, Duration::from_secs(90)).await;
     let err = info.last_error.clone().unwrap_or_default();
     assert!(err.contains("Correct value not found for DNS challenge"), "{info:?}");
     let log = pebble.log();

@@ -9,7 +9,7 @@ mod common;
 
 use berth_protocol::signing::{self, HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use berth_protocol::token::JoinToken;
-use berth_protocol::{DesiredState, PeerStatus, RegisterResponse, Role, StatusReport};
+use berth_protocol::{DesiredState, ErrorCode, PeerStatus, RegisterResponse, Role, StatusReport, TokenState};
 use common::{now, Agent, Cp, Db, Reply};
 use reqwest::{Method, StatusCode};
 use std::time::{Duration, Instant};
@@ -50,7 +50,7 @@ async fn register_long_poll_and_report(db: &Db) {
     assert_eq!(created["role"], "worker");
     assert!(created["agent_command"].as_str().unwrap().contains(&token), "{created}");
     assert_eq!(JoinToken::parse(&token).unwrap().ca_hash, cp.ca_hash());
-    assert_eq!(cp.token_state(&token_id).await, "valid");
+    assert_eq!(cp.token_state(&token_id).await, TokenState::Valid);
 
     // Register: the first addresses of each pool.
     let mut a = Agent::new("alpha");
@@ -64,7 +64,7 @@ async fn register_long_poll_and_report(db: &Db) {
     assert_eq!(reg.mesh_ip.to_string(), "10.100.0.1");
     assert_eq!(reg.mesh_cidr, "10.100.0.0/16");
     assert_eq!(reg.subnet, "10.200.0.0/24");
-    assert_eq!(cp.token_state(&token_id).await, "used");
+    assert_eq!(cp.token_state(&token_id).await, TokenState::Used);
     assert_eq!(cp.revision().await, 1);
 
     // The first long-poll answers at once with the node's own state.
@@ -244,7 +244,7 @@ async fn refused_registrations_change_nothing(db: &Db) {
     assert_eq!(before.nodes.len(), 1);
     let unchanged = || async {
         assert_eq!(cp.fleet().await, before, "a refused registration changed the store");
-        assert_eq!(cp.token_state(&token.id).await, "valid");
+        assert_eq!(cp.token_state(&token.id).await, TokenState::Valid);
     };
 
     // Tokens.
@@ -286,9 +286,9 @@ async fn refused_registrations_change_nothing(db: &Db) {
 
     let mut req = good();
     req.token = used.token.clone();
-    cp.register_req(&fresh, &req)
-        .await
-        .error(StatusCode::UNAUTHORIZED, "token: already used");
+    let r = cp.register_req(&fresh, &req).await;
+    r.error(StatusCode::UNAUTHORIZED, "token: already used");
+    r.coded(StatusCode::UNAUTHORIZED, ErrorCode::TokenUsed, Some("token"));
     unchanged().await;
 
     // Revoked and expired tokens: made here, so compare from after they exist.
@@ -302,7 +302,7 @@ async fn refused_registrations_change_nothing(db: &Db) {
     .await;
     let v: serde_json::Value = r.json();
     assert_eq!(v["revoked"], revoked.id.as_str());
-    assert_eq!(cp.token_state(&revoked.id).await, "revoked");
+    assert_eq!(cp.token_state(&revoked.id).await, TokenState::Revoked);
     let expired = {
         let r = Reply::from(
             cp.admin(Method::POST, "/v1/tokens")
@@ -319,23 +319,23 @@ async fn refused_registrations_change_nothing(db: &Db) {
         .execute(&cp.store().pool)
         .await
         .unwrap();
-    assert_eq!(cp.token_state(&expired.id).await, "expired");
+    assert_eq!(cp.token_state(&expired.id).await, TokenState::Expired);
     let before = cp.fleet().await;
     let unchanged = || async {
         assert_eq!(cp.fleet().await, before, "a refused registration changed the store");
-        assert_eq!(cp.token_state(&token.id).await, "valid");
+        assert_eq!(cp.token_state(&token.id).await, TokenState::Valid);
     };
     let mut req = good();
     req.token = revoked.token.clone();
-    cp.register_req(&fresh, &req)
-        .await
-        .error(StatusCode::UNAUTHORIZED, "token: revoked");
+    let r = cp.register_req(&fresh, &req).await;
+    r.error(StatusCode::UNAUTHORIZED, "token: revoked");
+    r.coded(StatusCode::UNAUTHORIZED, ErrorCode::TokenRevoked, Some("token"));
     unchanged().await;
     let mut req = good();
     req.token = expired.token.clone();
-    cp.register_req(&fresh, &req)
-        .await
-        .error(StatusCode::UNAUTHORIZED, "token: expired");
+    let r = cp.register_req(&fresh, &req).await;
+    r.error(StatusCode::UNAUTHORIZED, "token: expired");
+    r.coded(StatusCode::UNAUTHORIZED, ErrorCode::TokenExpired, Some("token"));
     unchanged().await;
 
     // Fields.
@@ -368,19 +368,19 @@ async fn refused_registrations_change_nothing(db: &Db) {
         .await
         .error(StatusCode::BAD_REQUEST, "proxy: ");
     assert_eq!(cp.fleet().await, before_proxy);
-    assert_eq!(cp.token_state(&proxy_token.id).await, "valid");
+    assert_eq!(cp.token_state(&proxy_token.id).await, TokenState::Valid);
     let before = before_proxy;
     let unchanged = || async {
         assert_eq!(cp.fleet().await, before, "a refused registration changed the store");
-        assert_eq!(cp.token_state(&token.id).await, "valid");
+        assert_eq!(cp.token_state(&token.id).await, TokenState::Valid);
     };
 
     // Name or keys already taken: 409.
     let mut req = good();
     req.name = "first".into();
-    cp.register_req(&fresh, &req)
-        .await
-        .error(StatusCode::CONFLICT, "name: ");
+    let r = cp.register_req(&fresh, &req).await;
+    r.error(StatusCode::CONFLICT, "name: ");
+    r.coded(StatusCode::CONFLICT, ErrorCode::NameTaken, Some("name"));
     unchanged().await;
     let mut req = good();
     req.wg_public_key = first.wg_public.clone();
@@ -413,6 +413,7 @@ async fn refused_registrations_change_nothing(db: &Db) {
     big.extend_from_slice(br#""}"#);
     let r = cp.register_raw(&fresh.key, big).await;
     r.error(StatusCode::PAYLOAD_TOO_LARGE, "body: ");
+    r.coded(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::BodyTooLarge, Some("body"));
     unchanged().await;
 
     // Proof of possession: the body must be signed by the key it registers.
@@ -454,7 +455,7 @@ async fn refused_registrations_change_nothing(db: &Db) {
     // After all of that the token still registers the node, once.
     let reg: RegisterResponse = cp.register_req(&fresh, &good()).await.json();
     assert_eq!(reg.mesh_ip.to_string(), "10.100.0.2");
-    assert_eq!(cp.token_state(&token.id).await, "used");
+    assert_eq!(cp.token_state(&token.id).await, TokenState::Used);
     assert_eq!(cp.revision().await, before.revision + 1);
 }
 
@@ -484,6 +485,7 @@ async fn admin_api_refuses_bad_calls(db: &Db) {
         )
         .await;
         r.error(StatusCode::UNAUTHORIZED, "authorization: ");
+        r.coded(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, Some("authorization"));
         let r = Reply::from(
             cp.http
                 .request(method.clone(), url(path))
@@ -535,6 +537,13 @@ async fn admin_api_refuses_bad_calls(db: &Db) {
     }
     let r = Reply::from(cp.admin(Method::GET, "/v1/nope").send().await.unwrap()).await;
     r.error(StatusCode::NOT_FOUND, "path: ");
+    r.coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("path"));
+    // Without the admin token an unknown path is still a 404, not a 401.
+    let r = Reply::from(cp.http.get(url("/v1/nope")).send().await.unwrap()).await;
+    r.coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("path"));
+    // And a method an admin path does not have is a 405 for everyone.
+    let r = Reply::from(cp.http.put(url("/v1/tokens")).send().await.unwrap()).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{}", r.body);
     assert_eq!(cp.fleet().await, before, "refused admin calls changed the store");
 
     // The bounds themselves are accepted.
@@ -559,7 +568,8 @@ async fn admin_api_refuses_bad_calls(db: &Db) {
     )
     .await;
     r.error(StatusCode::CONFLICT, "id: ");
-    assert_eq!(cp.token_state(&used_id).await, "used");
+    r.coded(StatusCode::CONFLICT, ErrorCode::TokenUsed, Some("id"));
+    assert_eq!(cp.token_state(&used_id).await, TokenState::Used);
 
     // The CA an agent fetches is the one whose hash tokens carry.
     let pem = Reply::from(cp.http.get(url("/v1/ca.pem")).send().await.unwrap()).await;
@@ -720,6 +730,7 @@ async fn removed_node_is_refused(db: &Db) {
         "the removed node's long-poll kept waiting"
     );
     r.error(StatusCode::GONE, "node: ");
+    r.coded(StatusCode::GONE, ErrorCode::Gone, Some("node"));
     let d: DesiredState = poll_b.await.unwrap().json();
     assert_eq!(d.revision, 3);
     assert!(d.peers.is_empty(), "{:?}", d.peers);
@@ -786,7 +797,7 @@ async fn replicas_share_postgres_and_wake_each_other() {
     let t1 = a.create_token(false).await;
     let reg: RegisterResponse = b.register_req(&n1, &n1.register_request(&t1.token)).await.json();
     n1.node_id = reg.node_id;
-    assert_eq!(a.token_state(&t1.id).await, "used");
+    assert_eq!(a.token_state(&t1.id).await, TokenState::Used);
     let note = tokio::time::timeout(Duration::from_secs(10), listener.recv())
         .await
         .unwrap()

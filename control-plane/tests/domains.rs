@@ -6,9 +6,9 @@
 #[macro_use]
 mod common;
 
-use berth_protocol::proxy::{DomainInfo, TcpRouteSpec};
+use berth_protocol::routes::{CertState, DomainInfo, TcpRouteSpec};
 use berth_protocol::service::ServiceInfo;
-use berth_protocol::{DesiredState, StatusReport};
+use berth_protocol::{DesiredState, ErrorCode, StatusReport};
 use common::{Cp, Db, Reply, SealedNode};
 use reqwest::{Method, StatusCode};
 
@@ -84,7 +84,7 @@ async fn routes_reach_proxies_only(db: &Db) {
     );
     assert_eq!(added.status, StatusCode::CREATED, "{}", added.body);
     let info: DomainInfo = serde_json::from_str(&added.body).unwrap();
-    assert_eq!(info.cert_state, "pending");
+    assert_eq!(info.cert_state, CertState::Pending);
     assert_eq!(info.spec.port, 8081);
     assert_eq!(r.status, StatusCode::OK, "the proxy's long-poll returned: {}", r.body);
     let d: DesiredState = r.json();
@@ -100,8 +100,9 @@ async fn routes_reach_proxies_only(db: &Db) {
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     assert_eq!(
         serde_json::from_str::<DomainInfo>(&r.body).unwrap().cert_state,
-        "passthrough"
+        CertState::Passthrough
     );
+    assert!(r.body.contains(r#""cert_state":"passthrough""#), "{}", r.body);
     let r = post(
         &cp,
         "/v1/routes/tcp",
@@ -184,7 +185,7 @@ async fn routes_reach_proxies_only(db: &Db) {
         assert!(berth_protocol::seal::open(&a.seal, &certs[0].sealed_key_pem).is_err());
     }
     let list: Vec<DomainInfo> = get(&cp, "/v1/domains").await.json();
-    assert_eq!(list[0].cert_state, "valid");
+    assert_eq!(list[0].cert_state, CertState::Valid);
     assert!(list[0].cert_not_after.as_deref().is_some_and(|t| t.ends_with('Z')));
     assert!(!get(&cp, "/v1/domains").await.body.contains("PRIVATE KEY"));
 
@@ -223,6 +224,15 @@ async fn routes_state(cp: &Cp) -> (i64, String, String) {
         get(cp, "/v1/domains").await.body,
         get(cp, "/v1/routes/tcp").await.body,
     )
+}
+
+/// The code a refused route change comes with, by its status.
+fn route_code(status: StatusCode) -> ErrorCode {
+    match status {
+        StatusCode::CONFLICT => ErrorCode::NameTaken,
+        StatusCode::UNPROCESSABLE_ENTITY => ErrorCode::UnknownService,
+        _ => ErrorCode::InvalidField,
+    }
 }
 
 async fn bad_routes_change_nothing(db: &Db) {
@@ -325,6 +335,7 @@ async fn bad_routes_change_nothing(db: &Db) {
     for (body, status, prefix) in domain_cases {
         let r = post(&cp, "/v1/domains", body.clone()).await;
         r.error(status, prefix);
+        r.coded(status, route_code(status), prefix.split(':').next());
         assert_eq!(routes_state(&cp).await, before, "{body} changed the store");
     }
     let tcp_cases = [
@@ -358,6 +369,7 @@ async fn bad_routes_change_nothing(db: &Db) {
     for (body, status, prefix) in tcp_cases {
         let r = post(&cp, "/v1/routes/tcp", body.clone()).await;
         r.error(status, prefix);
+        r.coded(status, route_code(status), prefix.split(':').next());
         assert_eq!(routes_state(&cp).await, before, "{body} changed the store");
     }
     del(&cp, "/v1/routes/tcp/abc").await.error(bad, "listen:");
@@ -378,11 +390,13 @@ async fn bad_routes_change_nothing(db: &Db) {
     )
     .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    r.coded(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, Some("authorization"));
     assert_eq!(routes_state(&cp).await, before);
 
     // A service that still receives traffic is not removed.
     let r = del(&cp, "/v1/services/web").await;
     r.error(StatusCode::CONFLICT, "name:");
+    r.coded(StatusCode::CONFLICT, ErrorCode::StillRouted, Some("name"));
     assert!(
         r.body.contains("domain app.example.com") && r.body.contains("TCP route 2222"),
         "{}",

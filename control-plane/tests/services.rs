@@ -6,7 +6,7 @@
 mod common;
 
 use berth_protocol::service::{ContainerStatus, ServiceInfo};
-use berth_protocol::{DesiredState, StatusReport};
+use berth_protocol::{DesiredState, ErrorCode, StatusReport};
 use common::{Cp, Db, Reply, SealedNode};
 use reqwest::{Method, StatusCode};
 use std::collections::BTreeMap;
@@ -217,6 +217,7 @@ async fn bad_services_change_nothing(db: &Db) {
         assert_eq!(r.status, status, "{spec}: {}", r.body);
         if status != StatusCode::OK {
             r.error(status, prefix);
+            r.coded(status, ErrorCode::InvalidField, prefix.split(':').next());
             assert_eq!(cp.revision().await, before, "{spec} changed the store");
         } else {
             Reply::from(cp.admin(Method::DELETE, "/v1/services/web").send().await.unwrap()).await;
@@ -229,6 +230,7 @@ async fn bad_services_change_nothing(db: &Db) {
     let before = cp.revision().await;
     let r = deploy(&cp, serde_json::json!({"name": "lonely", "image": "x"})).await;
     r.error(StatusCode::BAD_REQUEST, "replicas:");
+    r.coded(StatusCode::BAD_REQUEST, ErrorCode::InvalidField, Some("replicas"));
     assert_eq!(cp.revision().await, before);
     let r = Reply::from(cp.admin(Method::GET, "/v1/services/lonely").send().await.unwrap()).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);

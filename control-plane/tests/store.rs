@@ -6,9 +6,8 @@
 mod common;
 
 use berth_control_plane::store::nodes::{Pools, RegisterError};
-use berth_control_plane::store::tokens::TokenState;
 use berth_control_plane::store::Store;
-use berth_protocol::Role;
+use berth_protocol::{Role, TokenState};
 use common::{default_pools, now, Agent, Db};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -92,7 +91,7 @@ async fn token_lifecycle(db: &Db) {
     assert_eq!(token_state(&store, &t.id).await, TokenState::Valid);
     let listed = store.list_tokens().await.unwrap();
     assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].info(now()).state, "valid");
+    assert_eq!(listed[0].info(now()).state, TokenState::Valid);
     assert_ne!(listed[0].secret_hash, "", "the secret's hash is stored");
     assert!(
         !t.token.contains(&listed[0].secret_hash),
@@ -108,7 +107,10 @@ async fn token_lifecycle(db: &Db) {
         .register_node(&Agent::new("a").new_node(&t.token), default_pools())
         .await
         .unwrap_err();
-    assert!(matches!(err, RegisterError::TokenNotUsable("revoked")), "{err:?}");
+    assert!(
+        matches!(err, RegisterError::TokenNotUsable(TokenState::Revoked)),
+        "{err:?}"
+    );
 
     // A used token cannot be revoked and stays used.
     let used = store.create_token(Role::Worker, 3600, CA_HASH).await.unwrap();
@@ -151,7 +153,10 @@ async fn token_lifecycle(db: &Db) {
     node.proxy = true;
     let before = counts(&store).await;
     let err = store.register_node(&node, default_pools()).await.unwrap_err();
-    assert!(matches!(err, RegisterError::TokenNotUsable("expired")), "{err:?}");
+    assert!(
+        matches!(err, RegisterError::TokenNotUsable(TokenState::Expired)),
+        "{err:?}"
+    );
     assert_eq!(counts(&store).await, before);
     // An expired token may still be revoked (cleanup), and then reads revoked.
     assert_eq!(store.revoke_token(&short.id).await.unwrap(), Some(TokenState::Expired));
@@ -255,7 +260,10 @@ async fn one_token_one_node_under_concurrency(db: &Db) {
         let ok = results.iter().filter(|r| r.is_ok()).count();
         assert_eq!(ok, 1, "exactly one registration may use a token: {results:?}");
         let err = results.into_iter().find_map(|r| r.err()).unwrap();
-        assert!(matches!(err, RegisterError::TokenNotUsable("already used")), "{err:?}");
+        assert!(
+            matches!(err, RegisterError::TokenNotUsable(TokenState::Used)),
+            "{err:?}"
+        );
     }
     assert_eq!(store.list_nodes().await.unwrap().len(), 5);
     assert_eq!(store.revision().await.unwrap(), 5);

@@ -6,7 +6,7 @@
 #[macro_use]
 mod common;
 
-use berth_protocol::{DesiredState, StatusReport};
+use berth_protocol::{DesiredState, ErrorCode, StatusReport};
 use common::{Cp, Db, Reply, SealedNode};
 use reqwest::{Method, StatusCode};
 
@@ -66,10 +66,16 @@ async fn canary_first_then_the_rest(db: &Db) {
     let rev = cp.revision().await;
     let r = upgrade(&cp, serde_json::json!({"version": "9.9.9"})).await;
     r.error(StatusCode::UNPROCESSABLE_ENTITY, "version: no signed release 9.9.9");
+    r.coded(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::UnknownRelease,
+        Some("version"),
+    );
     let r = upgrade(&cp, serde_json::json!({"version": "../1"})).await;
     r.error(StatusCode::BAD_REQUEST, "version:");
     let r = upgrade(&cp, serde_json::json!({"version": "1.1.0", "canary": "nosuch"})).await;
     r.error(StatusCode::NOT_FOUND, "canary: no node named \"nosuch\"");
+    r.coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("canary"));
     let r = upgrade(&cp, serde_json::json!({"version": "1.1.0", "canery": "b"})).await;
     r.error(StatusCode::BAD_REQUEST, "");
     assert_eq!(cp.revision().await, rev, "a refused upgrade moved the revision");

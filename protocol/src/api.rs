@@ -1,15 +1,11 @@
-//! Request and response bodies of the control-plane API.
+//! Request and response bodies of the control-plane API: what agents send
+//! and get (registration, desired state, status), and the admin API's
+//! nodes, tokens, upgrades and revision. Services are in [`crate::service`],
+//! domains and TCP routes in [`crate::routes`], errors in [`crate::error`].
 
 use serde::{Deserialize, Serialize};
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-
-/// Error body of every failed API call: `{ "error": "...", "detail": ... }`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ApiError {
-    pub error: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detail: Option<serde_json::Value>,
-}
 
 /// Role of a node in the fleet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +60,7 @@ pub struct RegisterRequest {
     pub sealing_key: Option<String>,
 }
 
+/// The answer to a registration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RegisterResponse {
     pub node_id: String,
@@ -143,6 +140,17 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
 }
 
+/// Query of the desired-state long-poll, `GET /v1/agent/desired?after=N&wait=S`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredQuery {
+    /// Answer once the node's revision is past this (default 0: at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
+    /// Seconds to wait for that before answering 204 (default 25, at most 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<u64>,
+}
+
 /// Heartbeat and apply report, posted by the agent.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StatusReport {
@@ -183,12 +191,14 @@ pub struct NodeInfo {
     pub peers: Vec<PeerStatusNamed>,
 }
 
+/// A peer of a listed node, by name.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerStatusNamed {
     pub name: String,
     pub handshake_age_secs: Option<u64>,
 }
 
+/// `POST /v1/tokens`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreateTokenRequest {
     #[serde(default)]
@@ -197,24 +207,135 @@ pub struct CreateTokenRequest {
     pub ttl_secs: u64,
 }
 
+/// The answer to `POST /v1/tokens`: the token, shown this once.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreatedToken {
     pub id: String,
+    /// The full join token, `berth1.<id>.<secret>.<ca-hash>`.
     pub token: String,
     pub role: Role,
     pub expires_at: i64,
+    /// A ready-to-paste `berth-agent --url ... --token ...` line.
+    pub agent_command: String,
 }
 
+/// Where a join token is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenState {
+    /// Unused and unexpired: a node may register with it.
+    Valid,
+    Used,
+    Expired,
+    Revoked,
+}
+
+impl TokenState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenState::Valid => "valid",
+            TokenState::Used => "used",
+            TokenState::Expired => "expired",
+            TokenState::Revoked => "revoked",
+        }
+    }
+}
+
+impl fmt::Display for TokenState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// A token as `GET /v1/tokens` lists it (never its secret).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenInfo {
     pub id: String,
     pub role: Role,
     pub created_at: i64,
     pub expires_at: i64,
-    /// `valid`, `used`, `expired` or `revoked`.
-    pub state: String,
+    pub state: TokenState,
     pub used_by: Option<String>,
+}
+
+/// The answer to `DELETE /v1/tokens/{id}`: `{"revoked": id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRevoked {
+    pub revoked: String,
+}
+
+/// The answer to a removal, `{"removed": what, "revision": N}`: the node,
+/// service or domain name (`Removed`), or the TCP route's port (`Removed<u16>`),
+/// and the revision the removal made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed<T = String> {
+    pub removed: T,
+    pub revision: u64,
+}
+
+/// `{"revision": N}`: the answer to `GET /v1/revision` (the cluster's
+/// revision) and to a status report (the reporting node's revision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revision {
+    pub revision: u64,
+}
+
+/// `POST /v1/nodes/upgrade`: move the fleet to `version`, `canary` first
+/// (default: the first node by name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeRequest {
+    pub version: String,
+    #[serde(default)]
+    pub canary: Option<String>,
+}
+
+/// The answer to `POST /v1/nodes/upgrade`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeStarted {
+    pub version: String,
+    /// The node asked first.
+    pub canary: String,
+    /// The nodes asked once the canary reports the version.
+    pub waiting: Vec<String>,
+    pub revision: u64,
 }
 
 /// Path prefix of the versioned API.
 pub const API_PREFIX: &str = "/v1";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_states_are_lowercase_and_pad() {
+        assert_eq!(serde_json::to_value(TokenState::Revoked).unwrap(), "revoked");
+        assert_eq!(
+            serde_json::from_str::<TokenState>("\"valid\"").unwrap(),
+            TokenState::Valid
+        );
+        assert_eq!(format!("[{:<8}]", TokenState::Used), "[used    ]");
+    }
+
+    #[test]
+    fn removals_and_revisions_keep_their_shape() {
+        let r = Removed {
+            removed: "web".to_string(),
+            revision: 3,
+        };
+        assert_eq!(
+            serde_json::to_value(r).unwrap(),
+            serde_json::json!({"removed": "web", "revision": 3})
+        );
+        let r: Removed<u16> = Removed {
+            removed: 2222,
+            revision: 4,
+        };
+        assert_eq!(
+            serde_json::to_value(r).unwrap(),
+            serde_json::json!({"removed": 2222, "revision": 4})
+        );
+        assert!(serde_json::from_str::<UpgradeRequest>(r#"{"version": "1", "canery": "a"}"#).is_err());
+    }
+}

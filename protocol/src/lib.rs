@@ -1,15 +1,17 @@
-//! Wire types shared by `berth-agent`, `berth-control-plane` and the `berth` CLI.
-//!
-//! Everything that crosses the network between an agent and the control plane
-//! is defined here, so both ends agree on it by construction.
+//! Wire types shared by every Berth crate: whatever crosses the network is
+//! defined here, so both ends agree on it by construction. Start with [`api`],
+//! then [`service`], [`routes`], [`proxy`]; [`error`] is every failed call's body.
 
 pub mod api;
+pub mod error;
 pub mod keyfile;
 pub mod names;
 pub mod proxy;
+pub mod routes;
 pub mod seal;
 pub mod service;
 pub mod signing;
 pub mod token;
 
 pub use api::*;
+pub use error::{ApiError, ErrorCode, FieldError};

@@ -1,24 +1,33 @@
 //! Validation of user-supplied names.
 
+use crate::error::FieldError;
+
 /// Checks that `value` is a DNS label (RFC 1123): 1..=63 chars of `a-z0-9-`,
 /// not starting or ending with `-`. `field` names the input in the error.
-pub fn validate_dns_label(field: &str, value: &str) -> Result<(), String> {
+pub fn validate_dns_label(field: &str, value: &str) -> Result<(), FieldError> {
     if value.is_empty() {
-        return Err(format!("{field}: must not be empty"));
+        return Err(FieldError::new(field, "must not be empty"));
     }
     if value.len() > 63 {
-        return Err(format!("{field}: {value:?} is longer than 63 characters"));
+        return Err(FieldError::new(
+            field,
+            format_args!("{value:?} is longer than 63 characters"),
+        ));
     }
     if !value
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
-        return Err(format!(
-            "{field}: {value:?} may contain only lowercase letters, digits and '-'"
+        return Err(FieldError::new(
+            field,
+            format_args!("{value:?} may contain only lowercase letters, digits and '-'"),
         ));
     }
     if value.starts_with('-') || value.ends_with('-') {
-        return Err(format!("{field}: {value:?} must not start or end with '-'"));
+        return Err(FieldError::new(
+            field,
+            format_args!("{value:?} must not start or end with '-'"),
+        ));
     }
     Ok(())
 }
@@ -58,7 +67,8 @@ mod tests {
     fn rejects_bad_labels_naming_the_field() {
         for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"x".repeat(64)] {
             let err = validate_dns_label("name", bad).unwrap_err();
-            assert!(err.starts_with("name: "), "{err}");
+            assert!(err.to_string().starts_with("name: "), "{err}");
+            assert_eq!(err.field, "name");
         }
     }
 }

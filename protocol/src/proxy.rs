@@ -1,93 +1,10 @@
 //! Proxy nodes: what the control plane tells a `--proxy` node to serve
 //! ([`ProxyDesired`], inside its desired state), and what the agent hands to
 //! the `berth-proxy` process ([`ProxyConfig`], a JSON file swapped atomically).
+//! The API's domains and TCP routes these are made from are in [`crate::routes`].
 
-use crate::names::validate_dns_label;
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
-
-/// A public domain routed to a service (`berth domain add`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DomainSpec {
-    /// Fully qualified host name, lowercase, e.g. `app.example.com`.
-    pub domain: String,
-    pub service: String,
-    /// The service's port inside its containers.
-    pub port: u16,
-    /// Pass TLS through by SNI to the service (it terminates TLS itself);
-    /// no certificate is ordered.
-    #[serde(default)]
-    pub passthrough: bool,
-}
-
-/// A TCP port on every proxy forwarded to a service (`berth route tcp add`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TcpRouteSpec {
-    pub listen: u16,
-    pub service: String,
-    pub port: u16,
-}
-
-/// Ports the proxy itself uses; a TCP route may not take them.
-pub const RESERVED_PORTS: [u16; 2] = [80, 443];
-
-/// Checks a public host name: 1–253 characters, at least two labels, each a
-/// DNS label (lowercase letters, digits, '-'); no wildcard, no trailing dot.
-pub fn validate_domain(field: &str, domain: &str) -> Result<(), String> {
-    if domain.is_empty() || domain.len() > 253 {
-        return Err(format!("{field}: {domain:?} must be 1-253 characters"));
-    }
-    let labels: Vec<&str> = domain.split('.').collect();
-    if labels.len() < 2 {
-        return Err(format!("{field}: {domain:?} is not a fully qualified host name"));
-    }
-    for l in labels {
-        validate_dns_label(field, l).map_err(|_| {
-            format!("{field}: {domain:?} is not a valid host name (labels are lowercase letters, digits and '-')")
-        })?;
-    }
-    Ok(())
-}
-
-impl DomainSpec {
-    pub fn validate(&self) -> Result<(), String> {
-        validate_domain("domain", &self.domain)?;
-        validate_dns_label("service", &self.service)?;
-        if self.port == 0 {
-            return Err("port: must be 1-65535".into());
-        }
-        Ok(())
-    }
-}
-
-impl TcpRouteSpec {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.listen == 0 {
-            return Err("listen: must be 1-65535".into());
-        }
-        if RESERVED_PORTS.contains(&self.listen) {
-            return Err(format!("listen: port {} is the proxy's own HTTP(S) port", self.listen));
-        }
-        validate_dns_label("service", &self.service)?;
-        if self.port == 0 {
-            return Err("port: must be 1-65535".into());
-        }
-        Ok(())
-    }
-}
-
-/// A domain as the API lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DomainInfo {
-    pub spec: DomainSpec,
-    /// `pending`, `valid`, `failed`, `passthrough`.
-    pub cert_state: String,
-    /// RFC 3339 expiry of the current certificate.
-    pub cert_not_after: Option<String>,
-    pub last_error: Option<String>,
-}
 
 /// One replica a route may send traffic to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,45 +159,6 @@ pub struct ProxyConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn domains() {
-        for ok in ["app.example.com", "a.b", "x-1.example.org"] {
-            validate_domain("domain", ok).unwrap();
-        }
-        for bad in [
-            "",
-            "localhost",
-            "App.example.com",
-            "*.example.com",
-            "a..b",
-            "a.b.",
-            "-a.b",
-            "a b.c",
-        ] {
-            let e = validate_domain("domain", bad).unwrap_err();
-            assert!(e.starts_with("domain:"), "{bad}: {e}");
-        }
-    }
-
-    #[test]
-    fn specs_name_the_field() {
-        let d = DomainSpec {
-            domain: "app.example.com".into(),
-            service: "web".into(),
-            port: 0,
-            passthrough: false,
-        };
-        assert!(d.validate().unwrap_err().starts_with("port:"));
-        let t = TcpRouteSpec {
-            listen: 443,
-            service: "db".into(),
-            port: 5432,
-        };
-        assert!(t.validate().unwrap_err().starts_with("listen:"));
-        let t = TcpRouteSpec { listen: 5432, ..t };
-        t.validate().unwrap();
-    }
 
     #[test]
     fn weight_defaults_to_one() {

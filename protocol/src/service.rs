@@ -1,5 +1,6 @@
 //! Services: what a user deploys, and what a node is told to run.
 
+use crate::error::FieldError;
 use crate::names::validate_dns_label;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -64,8 +65,8 @@ fn valid_env_key(k: &str) -> bool {
 }
 
 /// Checks an image reference (`[registry/]repo[:tag][@digest]`), lowercase repository.
-pub fn validate_image(image: &str) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("image: {image:?} {why}"));
+pub fn validate_image(image: &str) -> Result<(), FieldError> {
+    let bad = |why: &str| Err(FieldError::new("image", format_args!("{image:?} {why}")));
     if image.is_empty() || image.len() > 255 {
         return bad("must be 1-255 characters");
     }
@@ -102,51 +103,69 @@ pub fn validate_image(image: &str) -> Result<(), String> {
 
 impl ServiceSpec {
     /// Validates every field; the error names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         validate_dns_label("name", &self.name)?;
         validate_image(&self.image)?;
         if self.replicas > MAX_REPLICAS {
-            return Err(format!("replicas: {} is more than {MAX_REPLICAS}", self.replicas));
+            return Err(FieldError::new(
+                "replicas",
+                format_args!("{} is more than {MAX_REPLICAS}", self.replicas),
+            ));
         }
         if self.port == Some(0) {
-            return Err("port: must be 1-65535".into());
+            return Err(FieldError::new("port", "must be 1-65535"));
         }
         for k in self.env.keys().chain(self.secrets.keys()) {
             if !valid_env_key(k) {
-                return Err(format!("env: {k:?} is not a valid variable name"));
+                return Err(FieldError::new(
+                    "env",
+                    format_args!("{k:?} is not a valid variable name"),
+                ));
             }
         }
         if let Some(k) = self.env.keys().find(|k| self.secrets.contains_key(*k)) {
-            return Err(format!("secrets: {k:?} is also set in env"));
+            return Err(FieldError::new("secrets", format_args!("{k:?} is also set in env")));
         }
         for v in &self.volumes {
             validate_dns_label("volumes.name", &v.name)?;
             if !v.path.starts_with('/') || v.path.contains("..") {
-                return Err(format!(
-                    "volumes.path: {:?} must be an absolute path without '..'",
-                    v.path
+                return Err(FieldError::new(
+                    "volumes.path",
+                    format_args!("{:?} must be an absolute path without '..'", v.path),
                 ));
             }
         }
         if let Some(c) = self.cpu {
             if !(c > 0.0 && c <= 256.0) {
-                return Err(format!("cpu: {c} must be between 0 and 256 cores"));
+                return Err(FieldError::new(
+                    "cpu",
+                    format_args!("{c} must be between 0 and 256 cores"),
+                ));
             }
         }
         if let Some(m) = self.memory {
             if m < 4 * 1024 * 1024 {
-                return Err(format!("memory: {m} bytes is below the 4 MiB minimum"));
+                return Err(FieldError::new(
+                    "memory",
+                    format_args!("{m} bytes is below the 4 MiB minimum"),
+                ));
             }
         }
         if self.health_cmd.is_some() && self.health_http.is_some() {
-            return Err("health_http: give either health_cmd or health_http, not both".into());
+            return Err(FieldError::new(
+                "health_http",
+                "give either health_cmd or health_http, not both",
+            ));
         }
         if let Some(p) = &self.health_http {
             if !p.starts_with('/') {
-                return Err(format!("health_http: {p:?} must be a path starting with '/'"));
+                return Err(FieldError::new(
+                    "health_http",
+                    format_args!("{p:?} must be a path starting with '/'"),
+                ));
             }
             if self.port.is_none() {
-                return Err("health_http: needs port".into());
+                return Err(FieldError::new("health_http", "needs port"));
             }
         }
         for n in &self.nodes {
@@ -214,6 +233,35 @@ pub struct ContainerStatus {
     pub error: Option<String>,
 }
 
+/// A replica as `berth service show` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    pub replica: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    /// What its node last reported ([`ContainerStatus::state`]): Podman's
+    /// state (`running`, `exited`, `created`, ...; open-ended), `missing`,
+    /// or `pending` before the node has reported it.
+    pub state: String,
+    pub healthy: bool,
+    pub restarts: u32,
+    pub error: Option<String>,
+}
+
+/// A service as the API returns it: never its secret values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub spec: ServiceSpec,
+    pub secret_names: Vec<String>,
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+/// `POST /v1/services/{name}/scale`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScaleRequest {
+    pub replicas: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,7 +317,8 @@ mod tests {
             let mut s = spec();
             change(&mut s);
             let err = s.validate().unwrap_err();
-            assert!(err.starts_with(field), "{err} should start with {field}");
+            assert!(err.to_string().starts_with(field), "{err} should start with {field}");
+            assert_eq!(format!("{}:", err.field), field);
         }
     }
 
@@ -303,29 +352,4 @@ mod tests {
         let err = serde_json::from_str::<ServiceSpec>(r#"{"name":"a","image":"b","replica":2}"#).unwrap_err();
         assert!(err.to_string().contains("replica"), "{err}");
     }
-}
-
-/// A replica as `berth service show` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReplicaInfo {
-    pub replica: String,
-    pub node: String,
-    pub ip: Ipv4Addr,
-    pub state: String,
-    pub healthy: bool,
-    pub restarts: u32,
-    pub error: Option<String>,
-}
-
-/// A service as the API returns it: never its secret values.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ServiceInfo {
-    pub spec: ServiceSpec,
-    pub secret_names: Vec<String>,
-    pub replicas: Vec<ReplicaInfo>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ScaleRequest {
-    pub replicas: u32,
 }

@@ -5,6 +5,7 @@
 //! key registered for the node, rejects timestamps outside
 //! [`MAX_CLOCK_SKEW_SECS`], and rejects a nonce it has already seen.
 
+use crate::error::FieldError;
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use sha2::{Digest, Sha256};
@@ -57,6 +58,17 @@ pub enum VerifyError {
     BadSignature,
 }
 
+impl VerifyError {
+    /// The header the error is about (its message starts with it).
+    pub fn header(&self) -> &'static str {
+        match self {
+            VerifyError::Malformed(h) => h,
+            VerifyError::Stale(_) => HEADER_TIMESTAMP,
+            VerifyError::BadSignature => HEADER_SIGNATURE,
+        }
+    }
+}
+
 /// Checks signature and freshness. Replay (nonce reuse) is checked by the
 /// caller against its store, after this succeeds.
 pub fn verify(
@@ -94,20 +106,20 @@ pub fn verify(
 }
 
 /// Parses a base64 Ed25519 verifying key.
-pub fn parse_verifying_key(field: &str, b64: &str) -> Result<VerifyingKey, String> {
+pub fn parse_verifying_key(field: &str, b64: &str) -> Result<VerifyingKey, FieldError> {
     let bytes: [u8; 32] = B64
         .decode(b64)
         .ok()
         .and_then(|v| v.try_into().ok())
-        .ok_or_else(|| format!("{field}: not 32 bytes of base64"))?;
-    VerifyingKey::from_bytes(&bytes).map_err(|_| format!("{field}: not a valid Ed25519 key"))
+        .ok_or_else(|| FieldError::new(field, "not 32 bytes of base64"))?;
+    VerifyingKey::from_bytes(&bytes).map_err(|_| FieldError::new(field, "not a valid Ed25519 key"))
 }
 
 /// Checks that a WireGuard key is 32 bytes of base64.
-pub fn validate_wg_key(field: &str, b64: &str) -> Result<(), String> {
+pub fn validate_wg_key(field: &str, b64: &str) -> Result<(), FieldError> {
     match B64.decode(b64) {
         Ok(v) if v.len() == 32 => Ok(()),
-        _ => Err(format!("{field}: not 32 bytes of base64")),
+        _ => Err(FieldError::new(field, "not 32 bytes of base64")),
     }
 }
 
@@ -185,5 +197,12 @@ mod tests {
             check(&h, "GET", "/v1/x", b"", 1000),
             Err(VerifyError::Malformed(HEADER_TIMESTAMP))
         );
+        for e in [
+            VerifyError::Malformed(HEADER_NONCE),
+            VerifyError::Stale(400),
+            VerifyError::BadSignature,
+        ] {
+            assert!(e.to_string().starts_with(&format!("{}: ", e.header())), "{e}");
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The store: one code path (sqlx `Any`) for SQLite and PostgreSQL.
 
 pub mod nodes;
-pub mod proxy;
+pub mod routes;
 pub mod services;
 pub mod tokens;
 pub mod upgrades;
@@ -13,11 +13,13 @@ use sqlx::{AnyPool, Row};
 #[derive(Clone)]
 pub struct Store {
     pub pool: AnyPool,
-    pub backend: Backend,
+    /// Which database the pool talks to (for the few things that differ).
+    pub database: Database,
 }
 
+/// The database a store runs on, from its URL.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
+pub enum Database {
     Sqlite,
     Postgres,
 }
@@ -33,24 +35,24 @@ impl Store {
     /// Connects and runs the migrations. `url` is `sqlite://PATH` or `postgres://...`.
     pub async fn connect(url: &str) -> anyhow::Result<Store> {
         sqlx::any::install_default_drivers();
-        let backend = if url.starts_with("sqlite:") {
-            Backend::Sqlite
+        let database = if url.starts_with("sqlite:") {
+            Database::Sqlite
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            Backend::Postgres
+            Database::Postgres
         } else {
             anyhow::bail!("--database: {url:?} is neither sqlite://PATH nor postgres://...");
         };
-        let url = match backend {
+        let url = match database {
             // Create the file on first start; WAL lets readers run beside the writer.
-            Backend::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
+            Database::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
             _ => url.to_string(),
         };
-        let max = if backend == Backend::Sqlite { 8 } else { 16 };
+        let max = if database == Database::Sqlite { 8 } else { 16 };
         let pool = AnyPoolOptions::new()
             .max_connections(max)
             .after_connect(move |conn, _| {
                 Box::pin(async move {
-                    if backend == Backend::Sqlite {
+                    if database == Database::Sqlite {
                         sqlx::query("PRAGMA journal_mode=WAL").execute(&mut *conn).await?;
                         sqlx::query("PRAGMA synchronous=NORMAL").execute(&mut *conn).await?;
                         sqlx::query("PRAGMA busy_timeout=5000").execute(&mut *conn).await?;
@@ -66,7 +68,7 @@ impl Store {
             .run(&pool)
             .await
             .context("running store migrations")?;
-        Ok(Store { pool, backend })
+        Ok(Store { pool, database })
     }
 
     pub async fn setting(&self, key: &str) -> sqlx::Result<Option<String>> {

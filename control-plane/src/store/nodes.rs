@@ -3,7 +3,7 @@
 
 use super::{bump_all, now, retry, Store, StoreFailure};
 use crate::alloc;
-use berth_protocol::{Role, StatusReport};
+use berth_protocol::{Role, StatusReport, TokenState};
 use ipnet::Ipv4Net;
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -35,7 +35,7 @@ pub struct NodeRow {
 const COLUMNS: &str = "id, name, role, signing_key, wg_public_key, wg_port, private_addr, public_ip, \
      mesh_ip, subnet, revision, applied_revision, last_seen, agent_version, last_error, sealing_key, target_version";
 // status_json is left out on purpose: it holds a peer list as long as the
-// fleet, and node rows are read on every signed request and every snapshot.
+// fleet, and node rows are read on every signed request and every fleet view.
 
 impl NodeRow {
     fn from_row(r: &AnyRow) -> NodeRow {
@@ -98,8 +98,9 @@ pub struct Pools {
 pub enum RegisterError {
     #[error("token: unknown")]
     UnknownToken,
-    #[error("token: {0}")]
-    TokenNotUsable(&'static str),
+    /// Used, revoked or expired (never [`TokenState::Valid`]).
+    #[error("token: {}", unusable(*.0))]
+    TokenNotUsable(TokenState),
     #[error("proxy: the token is for a {token} node but the agent was started {flag}")]
     RoleMismatch { token: &'static str, flag: &'static str },
     #[error("name: a node named {0:?} already exists")]
@@ -110,6 +111,14 @@ pub enum RegisterError {
     PoolExhausted(&'static str),
     #[error(transparent)]
     Store(#[from] sqlx::Error),
+}
+
+fn unusable(state: TokenState) -> &'static str {
+    match state {
+        TokenState::Used => "already used",
+        TokenState::Revoked => "revoked",
+        TokenState::Expired | TokenState::Valid => "expired",
+    }
 }
 
 impl StoreFailure for RegisterError {
@@ -172,9 +181,8 @@ impl Store {
         };
         if taken != 1 {
             return Err(RegisterError::TokenNotUsable(match token.state(now) {
-                super::tokens::TokenState::Used => "already used",
-                super::tokens::TokenState::Revoked => "revoked",
-                _ => "expired",
+                TokenState::Valid => TokenState::Expired,
+                s => s,
             }));
         }
         let flag_role = if new.proxy { Role::Proxy } else { Role::Worker };

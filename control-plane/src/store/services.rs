@@ -3,6 +3,7 @@
 use super::{bump_all, now, retry, Store, StoreFailure};
 use crate::placement::{self, Candidate};
 use berth_protocol::service::{ContainerStatus, ServiceSpec};
+use berth_protocol::FieldError;
 use ipnet::Ipv4Net;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
@@ -63,15 +64,25 @@ impl ReplicaRow {
 
 const REPLICA_COLUMNS: &str = "service, ordinal, node_id, ip, state, healthy, restarts, container_id, last_error";
 
+/// What [`Store::deploy_service`] does with the service's stored secrets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretsUpdate {
+    /// Leave them as they are (a scale, or a deploy that gives none).
+    Keep,
+    /// Replace them with this JSON map, sealed to the control plane's key.
+    Set(String),
+}
+
 /// Why a deploy was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error("name: no service named {0:?}")]
-    NotFound(String),
+    /// The replicas cannot be placed (`nodes`, `replicas`).
+    #[error(transparent)]
+    Placement(FieldError),
     #[error("replicas: no free address left in the subnet of node {0:?}")]
     SubnetFull(String),
+    #[error("encoding the spec: {0}")]
+    Encode(#[from] serde_json::Error),
     #[error(transparent)]
     Store(#[from] sqlx::Error),
 }
@@ -125,24 +136,23 @@ impl Store {
         Ok(rows.iter().map(ReplicaRow::from_row).collect())
     }
 
-    /// Creates or updates a service and places its replicas. `secrets`:
-    /// `Some(sealed)` replaces the stored secrets, `None` keeps them.
+    /// Creates or updates a service and places its replicas; returns the
+    /// new revision. `spec.secrets` is not stored: the secrets come sealed,
+    /// in `secrets`.
     pub async fn deploy_service(
         &self,
         spec: &ServiceSpec,
-        secrets: Option<Option<String>>,
+        secrets: &SecretsUpdate,
         offline_after: i64,
-        create_only: bool,
     ) -> Result<i64, DeployError> {
-        retry(|| self.try_deploy(spec, secrets.clone(), offline_after, create_only)).await
+        retry(|| self.try_deploy(spec, secrets, offline_after)).await
     }
 
     async fn try_deploy(
         &self,
         spec: &ServiceSpec,
-        secrets: Option<Option<String>>,
+        secrets: &SecretsUpdate,
         offline_after: i64,
-        create_only: bool,
     ) -> Result<i64, DeployError> {
         let now = now();
         let mut tx = self.pool.begin().await?;
@@ -152,23 +162,18 @@ impl Store {
             .await?;
         let mut stored = spec.clone();
         stored.secrets.clear();
-        let json = serde_json::to_string(&stored).map_err(|e| DeployError::Invalid(e.to_string()))?;
+        let json = serde_json::to_string(&stored)?;
         let exists = sqlx::query("SELECT secrets_sealed FROM services WHERE name = $1")
             .bind(&spec.name)
             .fetch_optional(&mut *tx)
             .await?;
+        let new_secrets = match secrets {
+            SecretsUpdate::Keep => None,
+            SecretsUpdate::Set(sealed) => Some(sealed.clone()),
+        };
         match exists {
-            Some(_) if create_only => {
-                return Err(DeployError::Invalid(format!(
-                    "name: a service named {:?} already exists",
-                    spec.name
-                )))
-            }
             Some(row) => {
-                let sealed: Option<String> = match secrets {
-                    Some(s) => s,
-                    None => row.get(0),
-                };
+                let sealed: Option<String> = new_secrets.or_else(|| row.get(0));
                 sqlx::query("UPDATE services SET spec_json = $1, secrets_sealed = $2, updated_at = $3 WHERE name = $4")
                     .bind(&json)
                     .bind(sealed)
@@ -183,7 +188,7 @@ impl Store {
                 )
                 .bind(&spec.name)
                 .bind(&json)
-                .bind(secrets.flatten())
+                .bind(new_secrets)
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
@@ -203,7 +208,6 @@ impl Store {
         Ok(row.as_ref().map(service_from_row))
     }
 
-    /// Removes a service and its replicas; None if there was no such service.
     /// Removes a service and its replicas. Refused (nothing changed) while a
     /// domain or TCP route still sends traffic to it: removing those first
     /// is an explicit choice, not a side effect.
@@ -343,7 +347,7 @@ pub async fn replan(
         .collect();
     let plan = match placement::place(spec, &existing, &candidates) {
         Ok(p) => p,
-        Err(e) if strict => return Err(DeployError::Invalid(e)),
+        Err(e) if strict => return Err(DeployError::Placement(e)),
         Err(_) => existing
             .iter()
             .filter(|(_, id)| subnets.contains_key(*id))

@@ -2,7 +2,7 @@
 
 use super::{now, Store};
 use berth_protocol::token::JoinToken;
-use berth_protocol::{CreatedToken, Role, TokenInfo};
+use berth_protocol::{Role, TokenInfo, TokenState};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
@@ -18,24 +18,14 @@ pub struct TokenRow {
     pub used_by: Option<String>,
 }
 
-/// Why a token cannot be used, as shown to the user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenState {
-    Valid,
-    Used,
-    Expired,
-    Revoked,
-}
-
-impl TokenState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TokenState::Valid => "valid",
-            TokenState::Used => "used",
-            TokenState::Expired => "expired",
-            TokenState::Revoked => "revoked",
-        }
-    }
+/// A token just made: the only time its secret is seen.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    pub id: String,
+    /// The full join token, `berth1.<id>.<secret>.<ca-hash>`.
+    pub token: String,
+    pub role: Role,
+    pub expires_at: i64,
 }
 
 impl TokenRow {
@@ -70,7 +60,7 @@ impl TokenRow {
             role: self.role,
             created_at: self.created_at,
             expires_at: self.expires_at,
-            state: self.state(now).as_str().into(),
+            state: self.state(now),
             used_by: self.used_by.clone(),
         }
     }
@@ -79,7 +69,7 @@ impl TokenRow {
 const COLUMNS: &str = "id, secret_hash, role, created_at, expires_at, revoked_at, used_at, used_by";
 
 impl Store {
-    pub async fn create_token(&self, role: Role, ttl_secs: i64, ca_hash: &str) -> sqlx::Result<CreatedToken> {
+    pub async fn create_token(&self, role: Role, ttl_secs: i64, ca_hash: &str) -> sqlx::Result<IssuedToken> {
         let token = JoinToken::generate(ca_hash);
         let now = now();
         sqlx::query("INSERT INTO tokens (id, secret_hash, role, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)")
@@ -90,7 +80,7 @@ impl Store {
             .bind(now + ttl_secs)
             .execute(&self.pool)
             .await?;
-        Ok(CreatedToken {
+        Ok(IssuedToken {
             id: token.id.clone(),
             token: token.to_string(),
             role,

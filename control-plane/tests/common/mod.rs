@@ -13,7 +13,7 @@ use berth_control_plane::store::nodes::{NewNode, Pools};
 use berth_control_plane::{start, ServeConfig, Started};
 use berth_protocol::signing::{self, HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use berth_protocol::token::JoinToken;
-use berth_protocol::{ApiError, CreatedToken, NodeInfo, RegisterRequest, TokenInfo};
+use berth_protocol::{ApiError, CreatedToken, ErrorCode, NodeInfo, RegisterRequest, TokenInfo, TokenState};
 use ed25519_dalek::SigningKey;
 use reqwest::{Method, StatusCode};
 use sqlx::Connection;
@@ -274,25 +274,44 @@ impl Reply {
     }
 
     /// Asserts a JSON error with `status` whose message starts with `prefix`;
-    /// returns the message.
+    /// returns the message. The error must carry a code, and when the
+    /// prefix names a field (`"name: "`, `"listen:"`) the error's `field`
+    /// must be that field.
     #[track_caller]
     pub fn error(&self, status: StatusCode, prefix: &str) -> String {
-        assert_eq!(self.status, status, "body: {}", self.body);
-        let err: ApiError =
-            serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("error body is not JSON ({e}): {}", self.body));
+        let err = self.api_error(status);
         assert!(
             err.error.starts_with(prefix),
             "expected an error starting with {prefix:?}, got {:?}",
             err.error
         );
+        assert_ne!(err.code, ErrorCode::Unknown, "no code: {}", self.body);
+        if let Some((field, _)) = prefix.split_once(':') {
+            assert_eq!(err.field.as_deref(), Some(field), "field of {}", self.body);
+        }
         err.error
+    }
+
+    /// Asserts a JSON error with `status`, `code` and `field`; returns it.
+    #[track_caller]
+    pub fn coded(&self, status: StatusCode, code: ErrorCode, field: Option<&str>) -> ApiError {
+        let err = self.api_error(status);
+        assert_eq!(err.code, code, "{}", self.body);
+        assert_eq!(err.field.as_deref(), field, "{}", self.body);
+        err
+    }
+
+    #[track_caller]
+    fn api_error(&self, status: StatusCode) -> ApiError {
+        assert_eq!(self.status, status, "body: {}", self.body);
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("error body is not JSON ({e}): {}", self.body))
     }
 }
 
 /// Everything an API mistake must leave as it was.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Fleet {
-    pub tokens: Vec<(String, String, Option<String>)>,
+    pub tokens: Vec<(String, TokenState, Option<String>)>,
     pub nodes: Vec<(String, String, u64)>,
     pub revision: i64,
 }
@@ -404,7 +423,7 @@ impl Cp {
             .json()
     }
 
-    pub async fn token_state(&self, id: &str) -> String {
+    pub async fn token_state(&self, id: &str) -> TokenState {
         self.tokens()
             .await
             .into_iter()

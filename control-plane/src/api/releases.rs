@@ -13,32 +13,39 @@
 //!
 //! Nodes verify the signature with the key setup.sh pinned in
 //! /etc/berth/release.pub, so a control plane alone cannot push a build
-//! that was not signed with the release key.
+//! that was not signed with the release key. All of it is public.
 
 use crate::error::{ApiErr, ApiResult};
 use crate::state::SharedState;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use berth_protocol::names::valid_version;
+use berth_protocol::ErrorCode;
 use std::path::PathBuf;
 
-const SETUP: &str = include_str!("../../installer/setup.sh");
-const UPDATE: &str = include_str!("../../installer/update.sh");
-const UNINSTALL: &str = include_str!("../../installer/uninstall.sh");
+const SETUP: &str = include_str!("../../../installer/setup.sh");
+const UPDATE: &str = include_str!("../../../installer/update.sh");
+const UNINSTALL: &str = include_str!("../../../installer/uninstall.sh");
 const UNITS: [(&str, &str); 4] = [
-    ("berth-agent.service", include_str!("../../systemd/berth-agent.service")),
-    ("berth-proxy.service", include_str!("../../systemd/berth-proxy.service")),
+    (
+        "berth-agent.service",
+        include_str!("../../../systemd/berth-agent.service"),
+    ),
+    (
+        "berth-proxy.service",
+        include_str!("../../../systemd/berth-proxy.service"),
+    ),
     (
         "berth-wireguard.service",
-        include_str!("../../systemd/berth-wireguard.service"),
+        include_str!("../../../systemd/berth-wireguard.service"),
     ),
     (
         "berth-control-plane.service",
-        include_str!("../../systemd/berth-control-plane.service"),
+        include_str!("../../../systemd/berth-control-plane.service"),
     ),
 ];
 
@@ -135,17 +142,26 @@ fn script_url(advertised: &str, headers: &HeaderMap) -> String {
 }
 
 async fn latest(State(s): State<SharedState>) -> ApiResult<String> {
-    s.releases
-        .latest()
-        .map(|v| format!("{v}\n"))
-        .ok_or_else(|| ApiErr::not_found("no release published (berth release sign)"))
+    s.releases.latest().map(|v| format!("{v}\n")).ok_or_else(|| {
+        ApiErr::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "no release published (berth release sign)",
+        )
+    })
 }
 
 async fn release_file(
     State(s): State<SharedState>,
     Path((version, file)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    let not_found = || ApiErr::not_found(format!("release {version}: no file {file:?}"));
+    let not_found = || {
+        ApiErr::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            format!("release {version}: no file {file:?}"),
+        )
+    };
     let path = s.releases.file(&version, &file).ok_or_else(not_found)?;
     let f = tokio::fs::File::open(&path).await.map_err(|_| not_found())?;
     let len = f.metadata().await.map_err(|_| not_found())?.len();

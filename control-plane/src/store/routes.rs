@@ -1,9 +1,10 @@
-//! Proxy routes: public domains (with their certificates), TCP routes, and
-//! the ACME challenges every proxy answers while an order is pending.
-//! Changes here only move the revision of proxy nodes: workers ignore routes.
+//! Public routes: domains (with their certificates), TCP routes, and the
+//! ACME challenges every proxy answers while an order is pending. Changes
+//! here only move the revision of proxy nodes: workers ignore routes.
 
 use super::{now, retry, Store, StoreFailure};
-use berth_protocol::proxy::{DomainInfo, DomainSpec, TcpRouteSpec};
+use crate::acme::ChallengeKind;
+use berth_protocol::routes::{CertState, DomainInfo, DomainSpec, TcpRouteSpec};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
@@ -61,17 +62,17 @@ impl DomainRow {
 
     pub fn info(&self, now: i64) -> DomainInfo {
         let cert_state = if self.spec.passthrough {
-            "passthrough"
+            CertState::Passthrough
         } else if self.has_valid_cert(now) {
-            "valid"
+            CertState::Valid
         } else if self.last_error.is_some() {
-            "failed"
+            CertState::Failed
         } else {
-            "pending"
+            CertState::Pending
         };
         DomainInfo {
             spec: self.spec.clone(),
-            cert_state: cert_state.into(),
+            cert_state,
             cert_not_after: self.not_after.map(rfc3339),
             last_error: self.last_error.clone(),
         }
@@ -108,26 +109,34 @@ pub struct TcpRouteRow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChallengeRow {
     pub domain: String,
-    /// `http-01` or `tls-alpn-01`.
-    pub kind: String,
+    /// HTTP-01 or TLS-ALPN-01 (DNS-01 challenges go through the hook, not the proxies).
+    pub kind: ChallengeKind,
     pub token: String,
     pub key_authorization: String,
 }
 
-pub const HTTP01: &str = "http-01";
-pub const ALPN01: &str = "tls-alpn-01";
-
 /// Why a route change was refused; the API maps each to a status code.
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
-    /// 409: the domain or port is taken.
-    #[error("{0}")]
-    Conflict(String),
+    /// 409: the domain is routed already (to `service`, when known: a
+    /// concurrent add that won the race is only seen as a unique violation).
+    #[error("domain: {domain:?} is already routed{}", to_service(service))]
+    DomainTaken { domain: String, service: Option<String> },
+    /// 409: the port is routed already.
+    #[error("listen: port {listen} is already routed{}", to_service(service))]
+    ListenTaken { listen: u16, service: Option<String> },
     /// 422: the route names a service that does not exist.
     #[error("service: no service named {0:?}")]
     UnknownService(String),
     #[error(transparent)]
     Store(#[from] sqlx::Error),
+}
+
+fn to_service(service: &Option<String>) -> String {
+    service
+        .as_ref()
+        .map(|s| format!(" to service {s:?}"))
+        .unwrap_or_default()
 }
 
 impl StoreFailure for RouteError {
@@ -159,9 +168,9 @@ async fn service_exists(tx: &mut Transaction<'_, Any>, name: &str) -> sqlx::Resu
 }
 
 /// A unique violation on insert means a concurrent add of the same key won.
-fn conflict_or(e: sqlx::Error, msg: impl FnOnce() -> String) -> RouteError {
+fn taken_or(e: sqlx::Error, taken: impl FnOnce() -> RouteError) -> RouteError {
     if super::is_unique_violation(&e) {
-        RouteError::Conflict(msg())
+        taken()
     } else {
         RouteError::Store(e)
     }
@@ -192,11 +201,10 @@ impl Store {
                 .fetch_optional(&mut *tx)
                 .await?;
             if let Some(r) = taken {
-                return Err(RouteError::Conflict(format!(
-                    "domain: {:?} is already routed to service {:?}",
-                    spec.domain,
-                    r.get::<String, _>(0)
-                )));
+                return Err(RouteError::DomainTaken {
+                    domain: spec.domain.clone(),
+                    service: Some(r.get(0)),
+                });
             }
             if !service_exists(&mut tx, &spec.service).await? {
                 return Err(RouteError::UnknownService(spec.service.clone()));
@@ -217,7 +225,10 @@ impl Store {
         })
         .await
         .map_err(|e| match e {
-            RouteError::Store(e) => conflict_or(e, || format!("domain: {:?} is already routed", spec.domain)),
+            RouteError::Store(e) => taken_or(e, || RouteError::DomainTaken {
+                domain: spec.domain.clone(),
+                service: None,
+            }),
             e => e,
         })
     }
@@ -271,11 +282,10 @@ impl Store {
                 .fetch_optional(&mut *tx)
                 .await?;
             if let Some(r) = taken {
-                return Err(RouteError::Conflict(format!(
-                    "listen: port {} is already routed to service {:?}",
-                    spec.listen,
-                    r.get::<String, _>(0)
-                )));
+                return Err(RouteError::ListenTaken {
+                    listen: spec.listen,
+                    service: Some(r.get(0)),
+                });
             }
             if !service_exists(&mut tx, &spec.service).await? {
                 return Err(RouteError::UnknownService(spec.service.clone()));
@@ -293,7 +303,10 @@ impl Store {
         })
         .await
         .map_err(|e| match e {
-            RouteError::Store(e) => conflict_or(e, || format!("listen: port {} is already routed", spec.listen)),
+            RouteError::Store(e) => taken_or(e, || RouteError::ListenTaken {
+                listen: spec.listen,
+                service: None,
+            }),
             e => e,
         })
     }
@@ -322,18 +335,21 @@ impl Store {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| ChallengeRow {
-                domain: r.get(0),
-                kind: r.get(1),
-                token: r.get(2),
-                key_authorization: r.get(3),
+            .filter_map(|r| {
+                Some(ChallengeRow {
+                    domain: r.get(0),
+                    // Only this code writes the column; a kind it does not know is skipped.
+                    kind: r.get::<String, _>(1).parse().ok()?,
+                    token: r.get(2),
+                    key_authorization: r.get(3),
+                })
             })
             .collect())
     }
 
     /// Publishes a challenge to every proxy. Returns the new revision.
     pub async fn add_challenge(&self, c: &ChallengeRow) -> sqlx::Result<i64> {
-        let id = format!("{}:{}:{}", c.domain, c.kind, c.token);
+        let id = format!("{}:{}:{}", c.domain, c.kind.as_str(), c.token);
         retry(|| async {
             let mut tx = self.pool.begin().await?;
             sqlx::query("DELETE FROM acme_challenges WHERE id = $1")
@@ -346,7 +362,7 @@ impl Store {
             )
             .bind(&id)
             .bind(&c.domain)
-            .bind(&c.kind)
+            .bind(c.kind.as_str())
             .bind(&c.token)
             .bind(&c.key_authorization)
             .bind(now())
@@ -478,9 +494,23 @@ mod tests {
         assert!(!r.needs_cert(59));
         assert!(r.needs_cert(60));
         assert!(r.needs_cert(91), "expired");
-        assert_eq!(r.info(10).cert_state, "valid");
-        assert_eq!(r.info(100).cert_state, "pending");
-        assert_eq!(row(true, None, None).info(0).cert_state, "passthrough");
+        assert_eq!(r.info(10).cert_state, CertState::Valid);
+        assert_eq!(r.info(100).cert_state, CertState::Pending);
+        assert_eq!(row(true, None, None).info(0).cert_state, CertState::Passthrough);
+    }
+
+    #[test]
+    fn taken_routes_keep_their_messages() {
+        let e = RouteError::DomainTaken {
+            domain: "a.b".into(),
+            service: Some("web".into()),
+        };
+        assert_eq!(e.to_string(), r#"domain: "a.b" is already routed to service "web""#);
+        let e = RouteError::ListenTaken {
+            listen: 22,
+            service: None,
+        };
+        assert_eq!(e.to_string(), "listen: port 22 is already routed");
     }
 
     #[test]

@@ -1,27 +1,29 @@
-//! HTTP routes for what proxy nodes serve: public domains (`/v1/domains`)
-//! and TCP routes (`/v1/routes/tcp`). Every refusal names its field and
-//! changes nothing.
+//! Domains (`/v1/domains`) and TCP routes (`/v1/routes/tcp`), admin only:
+//! the traffic proxy nodes take from the internet and where it goes.
+//! Every refusal names its field and changes nothing.
 
-use crate::auth::require_admin;
+use super::AdminRoutes;
 use crate::error::{ApiErr, ApiResult};
 use crate::state::SharedState;
 use crate::store::now;
-use crate::store::proxy::RouteError;
+use crate::store::routes::RouteError;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::{delete, post};
-use axum::{Json, Router};
-use berth_protocol::proxy::{DomainInfo, DomainSpec, TcpRouteSpec};
+use axum::Json;
+use berth_protocol::routes::{DomainInfo, DomainSpec, TcpRouteSpec};
+use berth_protocol::{ErrorCode, Removed};
 use serde::de::DeserializeOwned;
 
-pub fn routes() -> Router<SharedState> {
-    Router::new()
-        .route("/v1/domains", post(add_domain).get(list_domains))
-        .route("/v1/domains/{domain}", delete(remove_domain))
-        .route("/v1/routes/tcp", post(add_tcp_route).get(list_tcp_routes))
-        .route("/v1/routes/tcp/{listen}", delete(remove_tcp_route))
+pub fn routes() -> AdminRoutes {
+    vec![
+        ("/v1/domains", post(add_domain).get(list_domains)),
+        ("/v1/domains/{domain}", delete(remove_domain)),
+        ("/v1/routes/tcp", post(add_tcp_route).get(list_tcp_routes)),
+        ("/v1/routes/tcp/{listen}", delete(remove_tcp_route)),
+    ]
 }
 
 #[derive(Clone, Copy)]
@@ -35,11 +37,15 @@ enum Kind {
 /// first: serde's own messages ("expected u16 at line 1 column 40") do not
 /// say which field was wrong.
 fn parse_checked<T: DeserializeOwned>(raw: Result<Bytes, BytesRejection>, fields: &[(&str, Kind)]) -> ApiResult<T> {
-    let raw = raw.map_err(|e| ApiErr::new(e.status(), format!("body: {}", e.body_text())))?;
-    let v: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| ApiErr::bad_request(format!("body: {e}")))?;
+    let raw = raw.map_err(|e| {
+        let message = format!("body: {}", e.body_text());
+        ApiErr::body(&e, message)
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&raw).map_err(|e| ApiErr::invalid("body", format!("body: {e}")))?;
     let obj = v
         .as_object()
-        .ok_or_else(|| ApiErr::bad_request("body: expected a JSON object"))?;
+        .ok_or_else(|| ApiErr::invalid("body", "body: expected a JSON object"))?;
     for (name, kind) in fields {
         let Some(x) = obj.get(*name) else { continue };
         let ok = match kind {
@@ -53,26 +59,28 @@ fn parse_checked<T: DeserializeOwned>(raw: Result<Bytes, BytesRejection>, fields
                 Kind::Bool => "true or false",
                 Kind::Port => "a port number 1-65535",
             };
-            return Err(ApiErr::bad_request(format!("{name}: must be {want}, got {x}")));
+            return Err(ApiErr::invalid(name, format!("{name}: must be {want}, got {x}")));
         }
     }
-    serde_json::from_value(v).map_err(|e| ApiErr::bad_request(format!("body: {e}")))
+    serde_json::from_value(v).map_err(|e| ApiErr::invalid("body", format!("body: {e}")))
 }
 
 fn route_error(e: RouteError) -> ApiErr {
+    let m = e.to_string();
     match e {
-        RouteError::Conflict(m) => ApiErr::conflict(m),
-        RouteError::UnknownService(_) => ApiErr::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        RouteError::DomainTaken { .. } => ApiErr::conflict(ErrorCode::NameTaken, m).on("domain"),
+        RouteError::ListenTaken { .. } => ApiErr::conflict(ErrorCode::NameTaken, m).on("listen"),
+        RouteError::UnknownService(_) => {
+            ApiErr::new(StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::UnknownService, m).on("service")
+        }
         RouteError::Store(e) => ApiErr::internal(e),
     }
 }
 
 async fn add_domain(
     State(s): State<SharedState>,
-    headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<DomainInfo>)> {
-    require_admin(&s, &headers)?;
     let spec: DomainSpec = parse_checked(
         raw,
         &[
@@ -82,7 +90,7 @@ async fn add_domain(
             ("passthrough", Kind::Bool),
         ],
     )?;
-    spec.validate().map_err(ApiErr::bad_request)?;
+    spec.validate()?;
     let rev = s.store.add_domain(&spec).await.map_err(route_error)?;
     tracing::info!(domain = %spec.domain, service = %spec.service, port = spec.port, passthrough = spec.passthrough, revision = rev, "domain added");
     s.revision_moved(rev).await;
@@ -95,71 +103,63 @@ async fn add_domain(
     Ok((StatusCode::CREATED, Json(row.info(now()))))
 }
 
-async fn list_domains(State(s): State<SharedState>, headers: HeaderMap) -> ApiResult<Json<Vec<DomainInfo>>> {
-    require_admin(&s, &headers)?;
+async fn list_domains(State(s): State<SharedState>) -> ApiResult<Json<Vec<DomainInfo>>> {
     let now = now();
     Ok(Json(
         s.store.list_domains().await?.iter().map(|d| d.info(now)).collect(),
     ))
 }
 
-async fn remove_domain(
-    State(s): State<SharedState>,
-    headers: HeaderMap,
-    Path(domain): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
-    require_admin(&s, &headers)?;
+async fn remove_domain(State(s): State<SharedState>, Path(domain): Path<String>) -> ApiResult<Json<Removed>> {
     let rev = s
         .store
         .remove_domain(&domain)
         .await?
-        .ok_or_else(|| ApiErr::not_found(format!("domain: no domain {domain:?} is routed")))?;
+        .ok_or_else(|| ApiErr::not_found("domain", format!("domain: no domain {domain:?} is routed")))?;
     tracing::info!(%domain, revision = rev, "domain removed");
     s.revision_moved(rev).await;
-    Ok(Json(serde_json::json!({ "removed": domain, "revision": rev })))
+    Ok(Json(Removed {
+        removed: domain,
+        revision: rev as u64,
+    }))
 }
 
 async fn add_tcp_route(
     State(s): State<SharedState>,
-    headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<TcpRouteSpec>)> {
-    require_admin(&s, &headers)?;
     let spec: TcpRouteSpec = parse_checked(
         raw,
         &[("listen", Kind::Port), ("service", Kind::Str), ("port", Kind::Port)],
     )?;
-    spec.validate().map_err(ApiErr::bad_request)?;
+    spec.validate()?;
     let rev = s.store.add_tcp_route(&spec).await.map_err(route_error)?;
     tracing::info!(listen = spec.listen, service = %spec.service, port = spec.port, revision = rev, "TCP route added");
     s.revision_moved(rev).await;
     Ok((StatusCode::CREATED, Json(spec)))
 }
 
-async fn list_tcp_routes(State(s): State<SharedState>, headers: HeaderMap) -> ApiResult<Json<Vec<TcpRouteSpec>>> {
-    require_admin(&s, &headers)?;
+async fn list_tcp_routes(State(s): State<SharedState>) -> ApiResult<Json<Vec<TcpRouteSpec>>> {
     Ok(Json(
         s.store.list_tcp_routes().await?.into_iter().map(|r| r.spec).collect(),
     ))
 }
 
-async fn remove_tcp_route(
-    State(s): State<SharedState>,
-    headers: HeaderMap,
-    Path(listen): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
-    require_admin(&s, &headers)?;
+async fn remove_tcp_route(State(s): State<SharedState>, Path(listen): Path<String>) -> ApiResult<Json<Removed<u16>>> {
     let port: u16 = listen
         .parse()
         .ok()
         .filter(|p| *p != 0)
-        .ok_or_else(|| ApiErr::bad_request(format!("listen: {listen:?} is not a port number 1-65535")))?;
+        .ok_or_else(|| ApiErr::invalid("listen", format!("listen: {listen:?} is not a port number 1-65535")))?;
     let rev = s
         .store
         .remove_tcp_route(port)
         .await?
-        .ok_or_else(|| ApiErr::not_found(format!("listen: no TCP route on port {port}")))?;
+        .ok_or_else(|| ApiErr::not_found("listen", format!("listen: no TCP route on port {port}")))?;
     tracing::info!(listen = port, revision = rev, "TCP route removed");
     s.revision_moved(rev).await;
-    Ok(Json(serde_json::json!({ "removed": port, "revision": rev })))
+    Ok(Json(Removed {
+        removed: port,
+        revision: rev as u64,
+    }))
 }

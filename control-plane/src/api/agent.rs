@@ -1,0 +1,180 @@
+//! What agents call: registration (public, proven by a join token and a
+//! self-signature), then, signed by the node's key, the desired-state
+//! long-poll and status reports. The signature covers the body, so each
+//! handler checks it ([`require_node`]) once it has the body.
+
+use super::{body, RemoteAddr, MAX_STATUS_BODY, MAX_WAIT_SECS};
+use crate::auth::{require_node, verify_self_signed};
+use crate::desired;
+use crate::error::{parse_json, ApiErr, ApiResult};
+use crate::state::SharedState;
+use crate::store::nodes::{NewNode, RegisterError};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use berth_protocol::names::validate_dns_label;
+use berth_protocol::signing::validate_wg_key;
+use berth_protocol::token::JoinToken;
+use berth_protocol::{DesiredQuery, ErrorCode, RegisterRequest, RegisterResponse, Revision, StatusReport, TokenState};
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// The node-signed routes.
+pub fn routes() -> Router<SharedState> {
+    Router::new()
+        .route("/v1/agent/desired", get(desired_state))
+        // A report lists every peer (~130 bytes each): room for thousands.
+        .route(
+            "/v1/agent/status",
+            post(status).layer(DefaultBodyLimit::max(MAX_STATUS_BODY)),
+        )
+}
+
+/// Validates a registration body; every error names its field.
+fn validate_register(req: &RegisterRequest) -> ApiResult<()> {
+    validate_dns_label("name", &req.name)?;
+    validate_wg_key("wg_public_key", &req.wg_public_key)?;
+    if let Some(k) = &req.sealing_key {
+        validate_wg_key("sealing_key", k)?;
+    }
+    if req.wg_port == 0 {
+        return Err(ApiErr::invalid("wg_port", "wg_port: must be 1-65535"));
+    }
+    if let Some(p) = &req.private_addr {
+        p.parse::<ipnet::Ipv4Net>().map_err(|_| {
+            ApiErr::invalid(
+                "private_addr",
+                format!("private_addr: {p:?} is not an IPv4 address with prefix"),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+fn register_error(e: RegisterError) -> ApiErr {
+    let m = e.to_string();
+    match e {
+        RegisterError::UnknownToken => ApiErr::unauthorized("token", m),
+        RegisterError::TokenNotUsable(state) => {
+            let code = match state {
+                TokenState::Used => ErrorCode::TokenUsed,
+                TokenState::Revoked => ErrorCode::TokenRevoked,
+                TokenState::Expired | TokenState::Valid => ErrorCode::TokenExpired,
+            };
+            ApiErr::new(StatusCode::UNAUTHORIZED, code, m).on("token")
+        }
+        RegisterError::RoleMismatch { .. } => ApiErr::invalid("proxy", m),
+        RegisterError::NameTaken(_) => ApiErr::conflict(ErrorCode::NameTaken, m).on("name"),
+        RegisterError::KeyTaken(field) => ApiErr::conflict(ErrorCode::Conflict, m).on(field),
+        RegisterError::PoolExhausted(_) => ApiErr::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::PoolExhausted, m),
+        RegisterError::Store(e) => ApiErr::internal(e),
+    }
+}
+
+pub(super) async fn register(
+    State(s): State<SharedState>,
+    Extension(RemoteAddr(remote)): Extension<RemoteAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<RegisterResponse>> {
+    let raw = body(raw)?;
+    let req: RegisterRequest = parse_json(&raw)?;
+    let token = JoinToken::parse(&req.token).map_err(|m| ApiErr::unauthorized("token", m))?;
+    if token.ca_hash != s.ca_hash {
+        return Err(ApiErr::unauthorized(
+            "token",
+            "token: issued by a different control plane (CA hash differs)",
+        ));
+    }
+    validate_register(&req)?;
+    verify_self_signed(&req.signing_key, &method, &uri, &headers, &raw)?;
+    let new = NewNode {
+        token_id: token.id.clone(),
+        token_secret_hash: token.secret_hash(),
+        name: req.name.clone(),
+        proxy: req.proxy,
+        signing_key: req.signing_key.clone(),
+        wg_public_key: req.wg_public_key.clone(),
+        wg_port: req.wg_port,
+        sealing_key: req.sealing_key.clone(),
+        private_addr: req.private_addr.as_deref().and_then(|p| p.parse().ok()),
+        public_ip: Some(req.public_ip.unwrap_or(match remote.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        })),
+    };
+    let (node, rev) = s.store.register_node(&new, s.pools).await.map_err(register_error)?;
+    tracing::info!(node = %node.name, mesh_ip = %node.mesh_ip, subnet = %node.subnet, "node registered");
+    s.revision_moved(rev).await;
+    Ok(Json(RegisterResponse {
+        node_id: node.id,
+        name: node.name,
+        role: node.role,
+        mesh_ip: node.mesh_ip,
+        mesh_cidr: s.pools.mesh.to_string(),
+        subnet: node.subnet.to_string(),
+    }))
+}
+
+/// Long-poll: answers at once if the node's revision is past `after`,
+/// otherwise waits until it is (or `wait` seconds pass: 204).
+async fn desired_state(
+    State(s): State<SharedState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    q: Result<Query<DesiredQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let node = require_node(&s, &method, &uri, &headers, b"").await?;
+    let Query(q) = q.map_err(|e| ApiErr::invalid("query", format!("query: {}", e.body_text())))?;
+    let after = q.after.unwrap_or(0);
+    let wait = Duration::from_secs(q.wait.unwrap_or(25).min(MAX_WAIT_SECS));
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut rx = s.subscribe();
+    loop {
+        let fleet = s.fleet_view().await?;
+        match desired::encode_for_node(&fleet, &node.id, s.pools.mesh, s.pools.subnets, &s.secrets_key) {
+            None => {
+                return Err(ApiErr::new(StatusCode::GONE, ErrorCode::Gone, "node: removed from the fleet").on("node"))
+            }
+            Some((rev, json)) if rev > after => {
+                return Ok(([("content-type", "application/json")], json).into_response());
+            }
+            Some(_) => {}
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Records a heartbeat; answers with the node's current revision.
+async fn status(
+    State(s): State<SharedState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Revision>> {
+    let raw = body(raw)?;
+    let node = require_node(&s, &method, &uri, &headers, &raw).await?;
+    let report: StatusReport = parse_json(&raw)?;
+    s.store.record_status(&node.id, &report).await?;
+    if let Some(rev) = s.store.advance_rollout(&node.id, &report.agent_version).await? {
+        s.revision_moved(rev).await;
+    }
+    if let Some(rev) = s.store.record_containers(&node.id, &report.containers).await? {
+        s.revision_moved(rev).await;
+    }
+    Ok(Json(Revision {
+        revision: node.revision as u64,
+    }))
+}

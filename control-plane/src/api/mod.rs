@@ -1,0 +1,83 @@
+//! HTTP routes, grouped by who may call them: anyone (`public()` here,
+//! [`releases`], and registration in [`agent`]), a registered node signing
+//! its requests (the rest of [`agent`]), or the admin ([`tokens`],
+//! [`nodes`], [`services`], [`routes`], all behind one [`admin_only`]
+//! check). Inputs are validated here, at the edge; the store only sees
+//! well-formed values.
+
+pub mod agent;
+pub mod nodes;
+pub mod releases;
+pub mod routes;
+pub mod services;
+pub mod tokens;
+
+use crate::auth::admin_only;
+use crate::error::{ApiErr, ApiResult};
+use crate::state::SharedState;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::middleware::from_fn_with_state;
+use axum::response::IntoResponse;
+use axum::routing::{get, post, MethodRouter};
+use axum::Router;
+use std::net::SocketAddr;
+
+/// Largest request body accepted anywhere.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Largest status report.
+pub const MAX_STATUS_BODY: usize = 4 * 1024 * 1024;
+/// Longest a long-poll may wait.
+pub const MAX_WAIT_SECS: u64 = 60;
+pub const MIN_TOKEN_TTL: u64 = 60;
+pub const MAX_TOKEN_TTL: u64 = 30 * 24 * 3600;
+
+/// The peer address of the TLS connection a request came on.
+#[derive(Clone, Copy)]
+pub struct RemoteAddr(pub SocketAddr);
+
+/// An admin module's routes: path and methods, before the admin check.
+pub type AdminRoutes = Vec<(&'static str, MethodRouter<SharedState>)>;
+
+pub fn router(state: SharedState) -> Router {
+    // The admin check wraps each admin route's handlers, not the route as
+    // a whole: an unknown path stays a 404 and a wrong method a 405 for
+    // everyone, as they are for the other routes.
+    let admin_only = from_fn_with_state(state.clone(), admin_only);
+    let admin = [tokens::routes(), nodes::routes(), services::routes(), routes::routes()]
+        .into_iter()
+        .flatten()
+        .fold(Router::new(), |r, (path, methods)| {
+            r.route(path, methods.route_layer(admin_only.clone()))
+        });
+    Router::new()
+        .merge(public())
+        .merge(agent::routes())
+        .merge(admin)
+        .fallback(|| async { ApiErr::not_found("path", "path: no such API endpoint") })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// What anyone may fetch or send: health, the CA, registration (it proves
+/// itself with a join token) and the installer scripts and releases.
+fn public() -> Router<SharedState> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/ca.pem", get(ca_pem))
+        .route("/v1/register", post(agent::register))
+        .merge(releases::routes())
+}
+
+async fn ca_pem(State(s): State<SharedState>) -> impl IntoResponse {
+    ([("content-type", "application/x-pem-file")], s.ca_pem.clone())
+}
+
+/// The request body, or why it could not be read (too large: 413).
+pub(crate) fn body(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    b.map_err(|e| {
+        let message = format!("body: {} (limit {} KiB)", e.body_text(), MAX_BODY / 1024);
+        ApiErr::body(&e, message)
+    })
+}

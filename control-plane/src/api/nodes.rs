@@ -1,0 +1,137 @@
+//! The fleet (admin): list nodes with their health, remove one, upgrade
+//! them all (a canary first), and read the cluster revision.
+
+use super::{body, AdminRoutes};
+use crate::error::{parse_json, ApiErr, ApiResult};
+use crate::state::SharedState;
+use crate::store::now;
+use crate::store::upgrades::UpgradeError;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get, post};
+use axum::Json;
+use berth_protocol::names::{valid_version, validate_dns_label};
+use berth_protocol::{ErrorCode, NodeInfo, PeerStatusNamed, Removed, Revision, UpgradeRequest, UpgradeStarted};
+use std::collections::HashMap;
+
+pub fn routes() -> AdminRoutes {
+    vec![
+        ("/v1/nodes", get(list_nodes)),
+        ("/v1/nodes/upgrade", post(upgrade_nodes)),
+        ("/v1/nodes/{name}", delete(remove_node)),
+        ("/v1/revision", get(revision)),
+    ]
+}
+
+async fn list_nodes(State(s): State<SharedState>) -> ApiResult<Json<Vec<NodeInfo>>> {
+    let nodes = s.store.list_nodes().await?;
+    let statuses = s.store.node_statuses().await?;
+    let names: HashMap<&str, &str> = nodes
+        .iter()
+        .map(|n| (n.wg_public_key.as_str(), n.name.as_str()))
+        .collect();
+    let now = now();
+    let list = nodes
+        .iter()
+        .map(|n| NodeInfo {
+            node_id: n.id.clone(),
+            name: n.name.clone(),
+            role: n.role,
+            mesh_ip: n.mesh_ip,
+            subnet: n.subnet.to_string(),
+            online: n.last_seen.is_some_and(|t| now - t <= s.offline_after_secs),
+            last_seen: n.last_seen,
+            revision: n.revision as u64,
+            applied_revision: n.applied_revision as u64,
+            agent_version: n.agent_version.clone(),
+            error: n.last_error.clone(),
+            peers: statuses
+                .get(&n.id)
+                .map(|st| {
+                    st.peers
+                        .iter()
+                        .filter_map(|p| {
+                            names.get(p.wg_public_key.as_str()).map(|name| PeerStatusNamed {
+                                name: name.to_string(),
+                                handshake_age_secs: p.handshake_age_secs,
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+        .collect();
+    Ok(Json(list))
+}
+
+async fn remove_node(State(s): State<SharedState>, Path(name): Path<String>) -> ApiResult<Json<Removed>> {
+    validate_dns_label("name", &name)?;
+    let rev = s
+        .store
+        .remove_node(&name, s.offline_after_secs)
+        .await?
+        .ok_or_else(|| ApiErr::not_found("name", format!("name: no node named {name:?}")))?;
+    tracing::info!(node = %name, revision = rev, "node removed");
+    s.revision_moved(rev).await;
+    Ok(Json(Removed {
+        removed: name,
+        revision: rev as u64,
+    }))
+}
+
+/// Starts a rollout: the canary first, every other node once the canary
+/// reports the version.
+async fn upgrade_nodes(
+    State(s): State<SharedState>,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<UpgradeStarted>> {
+    let req: UpgradeRequest = parse_json(&body(raw)?)?;
+    if !valid_version(&req.version) {
+        return Err(ApiErr::invalid(
+            "version",
+            format!(
+                "version: {:?} is not a version name (letters, digits, . + - _)",
+                req.version
+            ),
+        ));
+    }
+    if !s.releases.exists(&req.version) {
+        return Err(ApiErr::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::UnknownRelease,
+            format!(
+                "version: no signed release {} on this control plane (berth release sign)",
+                req.version
+            ),
+        )
+        .on("version"));
+    }
+    if let Some(c) = &req.canary {
+        validate_dns_label("canary", c)?;
+    }
+    let (rollout, rev) = s
+        .store
+        .start_rollout(&req.version, req.canary.as_deref())
+        .await
+        .map_err(|e| match e {
+            UpgradeError::UnknownCanary(_) => ApiErr::not_found("canary", e.to_string()),
+            UpgradeError::NoNodes => ApiErr::conflict(ErrorCode::Conflict, e.to_string()),
+            UpgradeError::Store(e) => ApiErr::internal(e),
+        })?;
+    tracing::info!(version = %rollout.version, canary = %rollout.canary, "upgrade started");
+    s.revision_moved(rev).await;
+    Ok(Json(UpgradeStarted {
+        version: rollout.version,
+        canary: rollout.canary,
+        waiting: rollout.waiting,
+        revision: rev as u64,
+    }))
+}
+
+async fn revision(State(s): State<SharedState>) -> ApiResult<Json<Revision>> {
+    Ok(Json(Revision {
+        revision: s.store.revision().await? as u64,
+    }))
+}

@@ -1,0 +1,215 @@
+//! Errors: the body of every failed API call ([`ApiError`], with a stable
+//! [`ErrorCode`]), and [`FieldError`], what the validators here return.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Error body of every failed API call:
+/// `{"error": "name: ...", "code": "name_taken", "field": "name"}`.
+///
+/// `error` is for people and may change; `code` and `field` are for
+/// programs and do not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// What went wrong, in a sentence that starts with the field it is
+    /// about (`"ttl_secs: 5 is outside ..."`) when there is one.
+    pub error: String,
+    /// The kind of failure. Absent (from something that is not a Berth
+    /// control plane) reads as [`ErrorCode::Unknown`].
+    #[serde(default)]
+    pub code: ErrorCode,
+    /// The request field, query parameter, path segment or header the
+    /// error is about, e.g. `name`, `port`, `body`, `x-berth-nonce`; absent
+    /// when it is about none in particular.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.error)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// Why an API call failed, stable across releases (new codes may be added).
+/// Each is sent with one HTTP status, except where two are listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: a value is malformed, of the wrong type or out of range, or the
+    /// body or query does not parse (`field`: `body`, `query`); also a
+    /// registration whose `proxy` flag does not match its token, and a
+    /// service whose replicas cannot be placed (`nodes`, `replicas`).
+    InvalidField,
+    /// 401: no or a wrong admin token (`authorization`); a node request
+    /// whose signature is missing, malformed, stale, replayed or from an
+    /// unknown node (`x-berth-*`); a join token that is malformed, unknown
+    /// or from another control plane (`token`).
+    Unauthorized,
+    /// 401 when registering with it, 409 when revoking it: the join token
+    /// was already used.
+    TokenUsed,
+    /// 401 when registering with it, 409 when revoking it again: the join
+    /// token was revoked.
+    TokenRevoked,
+    /// 401: registering with a join token past its lifetime.
+    TokenExpired,
+    /// 404: no such node, service, token, domain, TCP route, canary node or
+    /// release file; or no such endpoint (`path`).
+    NotFound,
+    /// 409: the node name, domain or TCP port is already taken (`name`,
+    /// `domain`, `listen`).
+    NameTaken,
+    /// 409: the request clashes with the fleet as it is: a key already
+    /// registered to another node (`signing_key`, `wg_public_key`), or no
+    /// nodes to upgrade.
+    Conflict,
+    /// 409: the service still receives traffic from domains or TCP routes;
+    /// remove those first.
+    StillRouted,
+    /// 409: a node's container subnet has no free address left (`replicas`).
+    SubnetFull,
+    /// 410: the node was removed from the fleet (`node`).
+    Gone,
+    /// 413: the body is larger than the endpoint accepts (`body`).
+    BodyTooLarge,
+    /// 422: a domain or TCP route names a service that does not exist (`service`).
+    UnknownService,
+    /// 422: no signed release of that version on this control plane (`version`).
+    UnknownRelease,
+    /// 500: a fault on the control plane's side; its log has the cause.
+    Internal,
+    /// 503: no free mesh address or container subnet left in the pool.
+    PoolExhausted,
+    /// Never sent: what a client reads for a code newer than itself, or for
+    /// an error body without one.
+    #[default]
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidField => "invalid_field",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::TokenUsed => "token_used",
+            ErrorCode::TokenRevoked => "token_revoked",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::NameTaken => "name_taken",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::StillRouted => "still_routed",
+            ErrorCode::SubnetFull => "subnet_full",
+            ErrorCode::Gone => "gone",
+            ErrorCode::BodyTooLarge => "body_too_large",
+            ErrorCode::UnknownService => "unknown_service",
+            ErrorCode::UnknownRelease => "unknown_release",
+            ErrorCode::Internal => "internal",
+            ErrorCode::PoolExhausted => "pool_exhausted",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// A refused input, naming its field. Displays as the whole message
+/// (`"port: must be 1-65535"`), which always starts with `field: `.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    /// The whole message, field prefix included.
+    pub message: String,
+}
+
+impl FieldError {
+    /// `FieldError::new("port", "must be 1-65535")` reads "port: must be 1-65535".
+    pub fn new(field: impl Into<String>, what: impl fmt::Display) -> FieldError {
+        let field = field.into();
+        FieldError {
+            message: format!("{field}: {what}"),
+            field,
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+/// For callers that collect errors as text (`Result<_, String>` and `?`).
+impl From<FieldError> for String {
+    fn from(e: FieldError) -> String {
+        e.message
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_snake_case_and_unknown_ones_still_parse() {
+        let e = ApiError {
+            error: "name: taken".into(),
+            code: ErrorCode::NameTaken,
+            field: Some("name".into()),
+            detail: None,
+        };
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"error": "name: taken", "code": "name_taken", "field": "name"})
+        );
+        assert_eq!(serde_json::from_value::<ApiError>(json).unwrap(), e);
+        let newer: ApiError = serde_json::from_str(r#"{"error": "x", "code": "from_the_future"}"#).unwrap();
+        assert_eq!(newer.code, ErrorCode::Unknown);
+        let bare: ApiError = serde_json::from_str(r#"{"error": "x"}"#).unwrap();
+        assert_eq!((bare.code, bare.field), (ErrorCode::Unknown, None));
+        assert_eq!(format!("[{:<14}]", ErrorCode::Gone), "[gone          ]");
+        use ErrorCode::*;
+        for c in [
+            InvalidField,
+            Unauthorized,
+            TokenUsed,
+            TokenRevoked,
+            TokenExpired,
+            NotFound,
+            NameTaken,
+            Conflict,
+            StillRouted,
+            SubnetFull,
+            Gone,
+            BodyTooLarge,
+            UnknownService,
+            UnknownRelease,
+            Internal,
+            PoolExhausted,
+            Unknown,
+        ] {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
+        }
+    }
+
+    #[test]
+    fn field_errors_read_as_their_message() {
+        let e = FieldError::new("port", "must be 1-65535");
+        assert_eq!(e.to_string(), "port: must be 1-65535");
+        assert_eq!(e.field, "port");
+        let s: String = e.into();
+        assert_eq!(s, "port: must be 1-65535");
+    }
+}
