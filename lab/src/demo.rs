@@ -24,15 +24,8 @@ pub fn web_service(name: &str, replicas: u32) -> ServiceSpec {
         image: TEST_IMAGE.into(),
         replicas,
         port: Some(WEB_PORT),
-        env: Default::default(),
-        secrets: Default::default(),
-        volumes: vec![],
-        cpu: None,
-        memory: None,
-        health_cmd: None,
         health_http: Some("/".into()),
-        command: None,
-        nodes: vec![],
+        ..Default::default()
     }
 }
 

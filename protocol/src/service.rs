@@ -18,7 +18,8 @@ pub struct Volume {
 }
 
 /// A service as the user describes it (`berth service deploy`, `berth apply -f`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Default` is an empty spec (no name, no image, no replicas) to fill in.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub name: String,

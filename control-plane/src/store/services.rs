@@ -99,18 +99,7 @@ impl StoreFailure for DeployError {
 fn service_from_row(r: &AnyRow) -> ServiceRow {
     let spec: ServiceSpec = serde_json::from_str(&r.get::<String, _>("spec_json")).unwrap_or_else(|_| ServiceSpec {
         name: r.get("name"),
-        image: String::new(),
-        replicas: 0,
-        port: None,
-        env: Default::default(),
-        secrets: Default::default(),
-        volumes: vec![],
-        cpu: None,
-        memory: None,
-        health_cmd: None,
-        health_http: None,
-        command: None,
-        nodes: vec![],
+        ..Default::default()
     });
     ServiceRow {
         name: r.get("name"),
