@@ -63,8 +63,8 @@ cargo test -p berth-agent --test dns --test podman --test containers --test mesh
 step "berth-proxy tests (real TLS, HTTP/1.1 and HTTP/2, WebSocket, SSE, reloads)"
 cargo test -p berth-proxy --tests --locked
 
-step "lab network tests (namespaces, links, bridge)"
-cargo test -p berth-lab --test net --locked
+step "lab tests: its network (namespaces, links, bridge) and its guard"
+cargo test -p berth-lab --test net --test guard --locked
 
 step "lab end-to-end tests"
 # Lab tests build namespaces and WireGuard meshes; two at a time fit 2 cores.

@@ -63,6 +63,8 @@ pub struct LabGuard {
     dir: PathBuf,
     keep_logs: bool,
     lab: Option<Lab>,
+    /// False once [`LabGuard::into_lab`] handed the lab out.
+    armed: bool,
 }
 
 impl LabGuard {
@@ -86,6 +88,7 @@ impl LabGuard {
             dir: spec.dir.clone(),
             keep_logs: spec.keep_logs,
             lab: None,
+            armed: true,
         };
         eprintln!(
             "lab {}: building the network and starting the control plane...",
@@ -123,6 +126,7 @@ impl LabGuard {
 
     /// The lab, no longer removed on drop.
     pub fn into_lab(mut self) -> Lab {
+        self.armed = false;
         self.lab.take().expect("a guard holds a lab once up")
     }
 }
@@ -142,6 +146,9 @@ impl DerefMut for LabGuard {
 
 impl Drop for LabGuard {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         let keep = self.keep_logs || std::thread::panicking();
         let res = match self.lab.take() {
             Some(l) => l.destroy(keep),

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 /// plane, nodes in network namespaces in a WireGuard mesh, a Podman per node,
 /// and with --proxies a proxy node and an ACME server (Pebble).
 #[derive(Parser)]
-#[command(name = "berth lab", version)]
+#[command(name = "berth lab", bin_name = "berth lab", version)]
 struct Cli {
     #[command(subcommand)]
     command: LabCmd,
