@@ -238,3 +238,29 @@ fn unparsed(text: String) -> ApiError {
         detail: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_errors_read_as_message_and_status_and_keep_their_code() {
+        let body: ApiError =
+            serde_json::from_str(r#"{"error":"name: taken","code":"name_taken","field":"name"}"#).unwrap();
+        let e = Error::Api { status: 409, body };
+        assert_eq!(e.to_string(), "name: taken (HTTP 409)");
+        assert_eq!(e.code(), Some(ErrorCode::NameTaken));
+        assert_eq!(e.api().and_then(|b| b.field.as_deref()), Some("name"));
+    }
+
+    #[test]
+    fn a_foreign_error_page_is_unknown_and_shown_whole() {
+        let e = Error::Api {
+            status: 502,
+            body: unparsed("<html>Bad Gateway</html>".into()),
+        };
+        assert_eq!(e.code(), Some(ErrorCode::Unknown));
+        assert_eq!(e.to_string(), "<html>Bad Gateway</html> (HTTP 502)");
+        assert_eq!(Error::Config("x".into()).code(), None);
+    }
+}
