@@ -1,11 +1,11 @@
 //! The config file: loading and validating it into an immutable
-//! [`Snapshot`], swapping snapshots atomically, and watching the file
+//! [`LoadedConfig`], swapping loaded configs atomically, and watching the file
 //! (inode/mtime poll and SIGHUP).
 
 use crate::access_log::AccessLog;
 use crate::metrics::{HostStats, Metrics};
 use crate::tls;
-use crate::upstream::{PeerRegistry, Pool};
+use crate::upstream::{Pool, UpstreamStates};
 use crate::{Options, Timeouts};
 use anyhow::Context;
 use berth_protocol::proxy::ProxyConfig;
@@ -32,7 +32,7 @@ pub struct Route {
 
 /// One loaded configuration; never changed, replaced as a whole.
 #[derive(Default)]
-pub struct Snapshot {
+pub struct LoadedConfig {
     pub revision: u64,
     pub http_routes: HashMap<Box<str>, Arc<Route>>,
     pub passthrough: HashMap<Box<str>, Arc<Pool>>,
@@ -44,9 +44,9 @@ pub struct Snapshot {
     pub alpn01: HashMap<Box<str>, Arc<CertifiedKey>>,
 }
 
-impl std::fmt::Debug for Snapshot {
+impl std::fmt::Debug for LoadedConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Snapshot")
+        f.debug_struct("LoadedConfig")
             .field("revision", &self.revision)
             .field("http_routes", &self.http_routes.len())
             .field("passthrough", &self.passthrough.len())
@@ -64,16 +64,16 @@ fn domain_key(field: &str, d: &str) -> Result<Box<str>, String> {
     Ok(d.into())
 }
 
-impl Snapshot {
-    /// Validates `cfg` and builds a snapshot. Upstream state (ejection, idle connections) is taken
+impl LoadedConfig {
+    /// Validates `cfg` and builds a loaded config. Upstream state (ejection, idle connections) is taken
     /// from `old` and recorded in `new`. Any error rejects the whole file.
     pub fn build(
         cfg: &ProxyConfig,
-        old: &PeerRegistry,
-        new: &mut PeerRegistry,
+        old: &UpstreamStates,
+        new: &mut UpstreamStates,
         metrics: &Metrics,
-    ) -> Result<Snapshot, String> {
-        let mut s = Snapshot {
+    ) -> Result<LoadedConfig, String> {
+        let mut s = LoadedConfig {
             revision: cfg.revision,
             ..Default::default()
         };
@@ -144,8 +144,8 @@ pub struct Shared {
     pub ejection: Duration,
     pub retries: u32,
     pub poll_interval: Duration,
-    snap: watch::Sender<Arc<Snapshot>>,
-    peers: Mutex<PeerRegistry>,
+    snap: watch::Sender<Arc<LoadedConfig>>,
+    upstreams: Mutex<UpstreamStates>,
     reload_lock: tokio::sync::Mutex<()>,
     pub metrics: Metrics,
     pub access_log: AccessLog,
@@ -157,7 +157,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(opts: Options) -> anyhow::Result<Arc<Shared>> {
-        let (snap, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (snap, rx) = watch::channel(Arc::new(LoadedConfig::default()));
         let resolver = Arc::new(tls::Resolver::new(rx));
         let tls = TlsAcceptor::from(tls::server_config(resolver).map_err(anyhow::Error::msg)?);
         let mut h1 = http1::Builder::new();
@@ -180,7 +180,7 @@ impl Shared {
             retries: opts.retries,
             poll_interval: opts.poll_interval,
             snap,
-            peers: Mutex::new(HashMap::new()),
+            upstreams: Mutex::new(HashMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
             metrics: Metrics::default(),
             access_log,
@@ -192,16 +192,16 @@ impl Shared {
 
     /// Closes upstream connections that sat idle too long.
     pub fn prune_idle_upstreams(&self) {
-        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        crate::client::prune_all(peers.values().map(|p| &*p.idle));
+        let upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        crate::client::prune_all(upstreams.values().map(|u| &*u.idle));
     }
 
     /// The configuration being served.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
+    pub fn config(&self) -> Arc<LoadedConfig> {
         self.snap.borrow().clone()
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+    pub fn subscribe(&self) -> watch::Receiver<Arc<LoadedConfig>> {
         self.snap.subscribe()
     }
 
@@ -218,10 +218,7 @@ impl Shared {
             }
             Err(e) => {
                 self.metrics.reloads_failed.fetch_add(1, Relaxed);
-                tracing::error!(
-                    "config not loaded, keeping revision {}: {e:#}",
-                    self.snapshot().revision
-                );
+                tracing::error!("config not loaded, keeping revision {}: {e:#}", self.config().revision);
             }
         }
         r
@@ -229,11 +226,11 @@ impl Shared {
 
     fn load(&self) -> anyhow::Result<u64> {
         let cfg = read_file(&self.config_path)?;
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
         let mut new = HashMap::new();
-        let snap = Snapshot::build(&cfg, &peers, &mut new, &self.metrics)
+        let snap = LoadedConfig::build(&cfg, &upstreams, &mut new, &self.metrics)
             .map_err(|e| anyhow::anyhow!("config file {}: {e}", self.config_path.display()))?;
-        *peers = new;
+        *upstreams = new;
         tracing::info!(
             "config revision {} loaded: {} http routes, {} passthrough, {} tcp routes, {} certificates, {} challenges",
             snap.revision,
@@ -350,7 +347,7 @@ mod tests {
         };
         let m = Metrics::default();
         let mut reg = HashMap::new();
-        let s = Snapshot::build(&cfg, &HashMap::new(), &mut reg, &m).unwrap();
+        let s = LoadedConfig::build(&cfg, &HashMap::new(), &mut reg, &m).unwrap();
         assert_eq!(s.revision, 3);
         assert!(s.http_routes.contains_key("a.example.com"));
         assert!(s.passthrough.contains_key("tls.example.com"));
@@ -362,7 +359,7 @@ mod tests {
     #[test]
     fn bad_configs_name_what_failed() {
         let m = Metrics::default();
-        let build = |cfg: &ProxyConfig| Snapshot::build(cfg, &HashMap::new(), &mut HashMap::new(), &m).unwrap_err();
+        let build = |cfg: &ProxyConfig| LoadedConfig::build(cfg, &HashMap::new(), &mut HashMap::new(), &m).unwrap_err();
         let route = ProxyRoute {
             domain: "a.example.com".into(),
             upstreams: vec![up("10.0.0.1:80")],

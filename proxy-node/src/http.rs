@@ -339,7 +339,7 @@ pub async fn handle_https(
     if let Some(r) = refuse(&ctx, &req) {
         return Ok(r);
     }
-    let snap = ctx.shared.snapshot();
+    let snap = ctx.shared.config();
     let route = request_host(&req).and_then(|h| snap.http_routes.get(h.as_ref()).cloned());
     let Some(route) = route else {
         let host = request_host(&req).map(|h| h.into_owned()).unwrap_or_default();
@@ -361,7 +361,7 @@ pub async fn handle_http(
     if let Some(r) = refuse(&ctx, &req) {
         return Ok(r);
     }
-    let snap = ctx.shared.snapshot();
+    let snap = ctx.shared.config();
     let host = request_host(&req).map(|h| h.into_owned()).unwrap_or_default();
     let path = req.uri().path();
     if let Some(token) = path.strip_prefix(ACME_PREFIX) {
@@ -435,14 +435,14 @@ async fn proxy(ctx: &Ctx, route: &Route, req: Request<Incoming>, proto: &'static
     for _ in 0..attempts {
         let Some(i) = route.pool.pick(tried) else { break };
         mark(&mut tried, i);
-        let t = &route.pool.targets[i];
+        let t = &route.pool.members[i];
         let out = client::Request {
             method: &parts.method,
             target,
             headers: &parts.headers,
             body: body.take(),
         };
-        let sent = client::send(&t.peer.idle, t.addr, shared.timeouts.upstream_connect, out);
+        let sent = client::send(&t.state.idle, t.addr, shared.timeouts.upstream_connect, out);
         let err = match tokio::time::timeout(shared.timeouts.upstream_response, sent).await {
             Ok(Ok(answer)) => {
                 let resp = upstream_response(answer, client_upgrade, t.addr);
@@ -464,7 +464,7 @@ async fn proxy(ctx: &Ctx, route: &Route, req: Request<Incoming>, proto: &'static
         route.stats.upstream_errors.fetch_add(1, Relaxed);
         // Neither the client's failure nor a keep-alive race says the upstream is unwell.
         let upstream_fault = !matches!(err, client::Error::Client(_) | client::Error::Closed(_));
-        if upstream_fault && t.peer.eject(shared.ejection) {
+        if upstream_fault && t.state.eject(shared.ejection) {
             shared.metrics.ejections.fetch_add(1, Relaxed);
             tracing::warn!("upstream {} ejected for {:?}: {err}", t.addr, shared.ejection);
         }

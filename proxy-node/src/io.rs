@@ -84,9 +84,6 @@ impl<S> ConnIo<S> {
             activity,
         }
     }
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {

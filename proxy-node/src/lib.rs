@@ -1,5 +1,8 @@
 //! `berth-proxy`: the internet-facing TLS terminator and router of a Berth
-//! proxy node.
+//! proxy node. Start reading at [`start`], then follow a request: [`server`]
+//! (accept, ClientHello) → [`tls`] (certificate by SNI) → [`http`] (routing,
+//! headers, retries) → [`upstream`] (picking a replica) → [`client`] (the
+//! upstream HTTP/1.1 client).
 //!
 //! It reads its whole configuration ([`berth_protocol::proxy::ProxyConfig`])
 //! from a JSON file that the agent replaces atomically, reloads it when the
@@ -202,7 +205,7 @@ impl Proxy {
     }
     /// Revision of the configuration being served (0 before any valid file).
     pub fn revision(&self) -> u64 {
-        self.shared.snapshot().revision
+        self.shared.config().revision
     }
     /// Reads the config file now (as SIGHUP does); Err keeps the previous config.
     pub async fn reload(&self) -> anyhow::Result<u64> {

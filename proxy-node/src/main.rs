@@ -1,4 +1,7 @@
-//! `berth-proxy`: see the library documentation and docs/proxy.md.
+//! The `berth-proxy` binary: command-line flags into [`berth_proxy::Options`],
+//! then [`berth_proxy::start`] until SIGTERM or SIGINT. The proxy itself is the
+//! library: start at its `lib.rs` (server → tls → http → upstream → client),
+//! and docs/proxy.md.
 
 use anyhow::Context;
 use berth_proxy::{Listeners, Options, Timeouts};

@@ -70,7 +70,7 @@ async fn tls_connection(shared: &Arc<Shared>, mut stream: TcpStream, peer: Socke
         .map_err(|_| format!("no ClientHello within {hs_timeout:?}"))?
         .map_err(|e| format!("reading ClientHello: {e}"))?;
     if let Some(name) = hello.sni.as_deref() {
-        let pool = shared.snapshot().passthrough.get(name).cloned();
+        let pool = shared.config().passthrough.get(name).cloned();
         if let Some(pool) = pool {
             let _g = shared.metrics.connection(ConnKind::Passthrough);
             tcp::splice(shared, stream, hello_bytes, &pool, peer, name).await;

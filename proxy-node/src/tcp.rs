@@ -71,7 +71,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: u16) {
         let shared = shared.clone();
         tokio::spawn(async move {
             // The current config's upstreams for this port.
-            let Some(pool) = shared.snapshot().tcp_routes.get(&port).cloned() else {
+            let Some(pool) = shared.config().tcp_routes.get(&port).cloned() else {
                 return;
             };
             let _g = shared.metrics.connection(ConnKind::Tcp);

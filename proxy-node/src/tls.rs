@@ -1,8 +1,9 @@
 //! Certificates: parsing the PEM pairs from the config, the SNI resolver
-//! (which reads the current snapshot, so a reload swaps certificates for new
-//! handshakes), TLS-ALPN-01 challenge certificates, and the server config.
+//! (which reads the current loaded config, so a reload swaps certificates
+//! for new handshakes), TLS-ALPN-01 challenge certificates, and the server
+//! config.
 
-use crate::config::Snapshot;
+use crate::config::LoadedConfig;
 use rustls::crypto::ring::sign::any_supported_type;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -66,14 +67,14 @@ pub fn lookup<'a, V>(map: &'a HashMap<Box<str>, V>, name: &str) -> Option<&'a V>
     None
 }
 
-/// Chooses the certificate by SNI from the current snapshot.
+/// Chooses the certificate by SNI from the current loaded config.
 #[derive(Debug)]
 pub struct Resolver {
-    snap: watch::Receiver<Arc<Snapshot>>,
+    snap: watch::Receiver<Arc<LoadedConfig>>,
 }
 
 impl Resolver {
-    pub fn new(snap: watch::Receiver<Arc<Snapshot>>) -> Self {
+    pub fn new(snap: watch::Receiver<Arc<LoadedConfig>>) -> Self {
         Resolver { snap }
     }
 
@@ -150,7 +151,7 @@ pub(crate) mod tests {
     fn resolver_picks_by_name_wildcard_and_acme() {
         let (c, k) = self_signed(&["a.example.com"]);
         let (wc, wk) = self_signed(&["*.example.org"]);
-        let mut snap = Snapshot::default();
+        let mut snap = LoadedConfig::default();
         snap.certs
             .insert("a.example.com".into(), Arc::new(certified_key(&c, &k).unwrap()));
         snap.certs
@@ -172,8 +173,8 @@ pub(crate) mod tests {
             r.resolve_name("b.example.org", true).is_none(),
             "acme-tls/1 without a challenge"
         );
-        // A new snapshot swaps certificates.
-        tx.send_replace(Arc::new(Snapshot::default()));
+        // A new loaded config swaps certificates.
+        tx.send_replace(Arc::new(LoadedConfig::default()));
         assert!(r.resolve_name("a.example.com", false).is_none());
     }
 }

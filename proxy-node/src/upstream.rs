@@ -1,6 +1,6 @@
 //! Upstream pools: smooth weighted round-robin that prefers local healthy
 //! upstreams, and passive ejection after failures. Each upstream address
-//! has a [`Peer`] that outlives config reloads.
+//! has an [`UpstreamState`] that outlives config reloads.
 
 use crate::client::IdleConns;
 use crate::io::now_ms;
@@ -15,13 +15,13 @@ use tokio::net::TcpStream;
 /// What is known of one upstream address, kept across reloads: its
 /// passive-health state and its idle keep-alive connections.
 #[derive(Debug, Default)]
-pub struct Peer {
+pub struct UpstreamState {
     /// `now_ms()` until which the upstream is out of rotation (0: never ejected).
     ejected_until: AtomicU64,
     pub idle: Arc<IdleConns>,
 }
 
-impl Peer {
+impl UpstreamState {
     /// Reads the clock only for an upstream ejected at some point.
     pub fn is_ejected(&self) -> bool {
         let until = self.ejected_until.load(Relaxed);
@@ -43,43 +43,45 @@ impl Peer {
     }
 }
 
-/// Peers by address, carried from one config to the next.
-pub type PeerRegistry = HashMap<SocketAddr, Arc<Peer>>;
+/// Upstream states by address, carried from one config to the next.
+pub type UpstreamStates = HashMap<SocketAddr, Arc<UpstreamState>>;
 
+/// One upstream of a [`Pool`]: what the config says of it, and the
+/// [`UpstreamState`] of its address.
 #[derive(Debug)]
-pub struct Target {
+pub struct Member {
     pub addr: SocketAddr,
     pub local: bool,
     pub healthy: bool,
     /// 0: drained (see [`Pool::pick`]).
     pub weight: u32,
-    pub peer: Arc<Peer>,
+    pub state: Arc<UpstreamState>,
 }
 
 /// The upstreams of one route.
 #[derive(Debug)]
 pub struct Pool {
-    pub targets: Box<[Target]>,
-    /// Smooth weighted round-robin: each target's current weight. One short
+    pub members: Box<[Member]>,
+    /// Smooth weighted round-robin: each member's current weight. One short
     /// lock per pick; the rotation restarts when a config is loaded.
     current: Mutex<Box<[i64]>>,
 }
 
-/// Bit set of target indexes already tried by one request.
+/// Bit set of member indexes already tried by one request.
 pub type Tried = u128;
 
 impl Pool {
     /// Builds a pool, reusing the health state of known addresses from `old`
     /// and recording every address in `new`.
-    pub fn new(ups: &[Upstream], old: &PeerRegistry, new: &mut PeerRegistry) -> Result<Pool, String> {
-        let mut targets = Vec::with_capacity(ups.len());
+    pub fn new(ups: &[Upstream], old: &UpstreamStates, new: &mut UpstreamStates) -> Result<Pool, String> {
+        let mut members = Vec::with_capacity(ups.len());
         for u in ups {
-            let peer = new
+            let state = new
                 .get(&u.addr)
                 .or_else(|| old.get(&u.addr))
                 .cloned()
                 .unwrap_or_default();
-            new.insert(u.addr, peer.clone());
+            new.insert(u.addr, state.clone());
             if u.addr.port() == 0 {
                 return Err(format!("upstream {}: port 0", u.addr));
             }
@@ -89,26 +91,22 @@ impl Pool {
                     u.addr, u.weight
                 ));
             }
-            targets.push(Target {
+            members.push(Member {
                 addr: u.addr,
                 local: u.local,
                 healthy: u.healthy,
                 weight: u.weight,
-                peer,
+                state,
             });
         }
         Ok(Pool {
-            current: Mutex::new(vec![0; targets.len()].into_boxed_slice()),
-            targets: targets.into_boxed_slice(),
+            current: Mutex::new(vec![0; members.len()].into_boxed_slice()),
+            members: members.into_boxed_slice(),
         })
     }
 
-    pub fn len(&self) -> usize {
-        self.targets.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.targets.is_empty()
+    pub(crate) fn len(&self) -> usize {
+        self.members.len()
     }
 
     /// Picks the next upstream by smooth weighted round-robin within the
@@ -119,31 +117,31 @@ impl Pool {
     /// just failed. Upstreams the config marks unhealthy are never picked;
     /// indexes in `tried` are skipped.
     pub fn pick(&self, tried: Tried) -> Option<usize> {
-        let tiers: [&dyn Fn(&Target) -> bool; 4] = [
-            &|t| t.weight > 0 && t.local && !t.peer.is_ejected(),
-            &|t| t.weight > 0 && !t.local && !t.peer.is_ejected(),
-            &|t| t.weight == 0 && !t.peer.is_ejected(),
+        let tiers: [&dyn Fn(&Member) -> bool; 4] = [
+            &|t| t.weight > 0 && t.local && !t.state.is_ejected(),
+            &|t| t.weight > 0 && !t.local && !t.state.is_ejected(),
+            &|t| t.weight == 0 && !t.state.is_ejected(),
             &|_| true,
         ];
-        let usable = |i: usize, t: &Target| t.healthy && (i >= 128 || tried & (1 << i) == 0);
+        let usable = |i: usize, t: &Member| t.healthy && (i >= 128 || tried & (1 << i) == 0);
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         tiers
             .iter()
-            .find_map(|tier| smooth_wrr(&self.targets, &mut current, |i, t| usable(i, t) && tier(t)))
+            .find_map(|tier| smooth_wrr(&self.members, &mut current, |i, t| usable(i, t) && tier(t)))
     }
 }
 
-/// One step of nginx's smooth weighted round-robin over the targets `member`
-/// accepts: each member's current weight grows by its weight, the largest
-/// wins and gives back the members' total. Over a full cycle each member is
+/// One step of nginx's smooth weighted round-robin over the members `in_set`
+/// accepts: each one's current weight grows by its weight, the largest
+/// wins and gives back the set's total. Over a full cycle each one is
 /// picked in proportion to its weight, spread out (5,1,1 gives a a b a c a a).
 /// A set of only drained members is taken as equal weights.
-fn smooth_wrr(targets: &[Target], current: &mut [i64], member: impl Fn(usize, &Target) -> bool) -> Option<usize> {
-    let members = || targets.iter().enumerate().filter(|(i, t)| member(*i, t));
-    let floor = if members().all(|(_, t)| t.weight == 0) { 1 } else { 0 };
+fn smooth_wrr(members: &[Member], current: &mut [i64], in_set: impl Fn(usize, &Member) -> bool) -> Option<usize> {
+    let set = || members.iter().enumerate().filter(|(i, t)| in_set(*i, t));
+    let floor = if set().all(|(_, t)| t.weight == 0) { 1 } else { 0 };
     let mut total = 0i64;
     let mut best: Option<usize> = None;
-    for (i, t) in members() {
+    for (i, t) in set() {
         let w = i64::from(t.weight.max(floor));
         if w == 0 {
             continue;
@@ -192,13 +190,13 @@ pub async fn connect_tcp(
     for _ in 0..=retries {
         let Some(i) = pool.pick(tried) else { break };
         mark(&mut tried, i);
-        let t = &pool.targets[i];
+        let t = &pool.members[i];
         match connect(t.addr, connect_timeout).await {
             Ok(s) => return Ok((s, t.addr)),
             Err(e) => last_err = format!("connecting to {}: {e}", t.addr),
         }
         metrics.upstream_connect_errors.fetch_add(1, Relaxed);
-        if t.peer.eject(ejection) {
+        if t.state.eject(ejection) {
             metrics.ejections.fetch_add(1, Relaxed);
             tracing::warn!("upstream {} ejected for {ejection:?}: {last_err}", t.addr);
         }
@@ -226,7 +224,7 @@ mod tests {
         }
     }
 
-    /// Picks as letters: target 0 is 'a', 1 is 'b', ...
+    /// Picks as letters: member 0 is 'a', 1 is 'b', ...
     fn letters(p: &Pool, n: usize) -> String {
         (0..n).map(|_| (b'a' + p.pick(0).unwrap() as u8) as char).collect()
     }
@@ -236,7 +234,7 @@ mod tests {
     }
 
     fn picks(p: &Pool, n: usize) -> Vec<SocketAddr> {
-        (0..n).map(|_| p.targets[p.pick(0).unwrap()].addr).collect()
+        (0..n).map(|_| p.members[p.pick(0).unwrap()].addr).collect()
     }
 
     #[test]
@@ -261,16 +259,16 @@ mod tests {
             up("10.0.0.3:80", true, false),
         ]);
         assert!(picks(&p, 5).iter().all(|a| *a == "10.0.0.2:80".parse().unwrap()));
-        p.targets[1].peer.eject(Duration::from_secs(10));
+        p.members[1].state.eject(Duration::from_secs(10));
         assert!(picks(&p, 5).iter().all(|a| *a == "10.0.0.1:80".parse().unwrap()));
     }
 
     #[test]
     fn all_ejected_still_tried_none_configured_none() {
         let p = pool(&[up("10.0.0.1:80", false, true), up("10.0.0.2:80", true, true)]);
-        for t in p.targets.iter() {
-            assert!(t.peer.eject(Duration::from_secs(10)));
-            assert!(!t.peer.eject(Duration::from_secs(10)), "already ejected");
+        for t in p.members.iter() {
+            assert!(t.state.eject(Duration::from_secs(10)));
+            assert!(!t.state.eject(Duration::from_secs(10)), "already ejected");
         }
         assert!(p.pick(0).is_some());
         assert_eq!(pool(&[]).pick(0), None);
@@ -280,7 +278,7 @@ mod tests {
     #[test]
     fn ejection_expires() {
         let p = pool(&[up("10.0.0.1:80", false, true), up("10.0.0.2:80", false, true)]);
-        p.targets[0].peer.eject(Duration::from_millis(30));
+        p.members[0].state.eject(Duration::from_millis(30));
         assert!(picks(&p, 4).iter().all(|a| *a == "10.0.0.2:80".parse().unwrap()));
         std::thread::sleep(Duration::from_millis(50));
         assert!(picks(&p, 4).contains(&"10.0.0.1:80".parse().unwrap()));
@@ -303,10 +301,10 @@ mod tests {
         let ups = [up("10.0.0.1:80", false, true)];
         let mut reg = HashMap::new();
         let p = Pool::new(&ups, &HashMap::new(), &mut reg).unwrap();
-        p.targets[0].peer.eject(Duration::from_secs(10));
+        p.members[0].state.eject(Duration::from_secs(10));
         let mut reg2 = HashMap::new();
         let p2 = Pool::new(&ups, &reg, &mut reg2).unwrap();
-        assert!(p2.targets[0].peer.is_ejected());
+        assert!(p2.members[0].state.is_ejected());
     }
 
     #[test]
@@ -346,8 +344,8 @@ mod tests {
             weighted("10.0.0.3:80", true, 1),
         ]);
         assert_eq!(letters(&p, 6), "bcbbcb");
-        p.targets[1].peer.eject(Duration::from_secs(10));
-        p.targets[2].peer.eject(Duration::from_secs(10));
+        p.members[1].state.eject(Duration::from_secs(10));
+        p.members[2].state.eject(Duration::from_secs(10));
         assert_eq!(letters(&p, 3), "aaa");
     }
 
@@ -358,13 +356,13 @@ mod tests {
             weighted("10.0.0.2:80", false, 1),
             weighted("10.0.0.3:80", false, 2),
         ]);
-        p.targets[0].peer.eject(Duration::from_secs(10));
+        p.members[0].state.eject(Duration::from_secs(10));
         let got = letters(&p, 6);
         assert_eq!((got.matches('b').count(), got.matches('c').count()), (2, 4), "{got}");
         assert!(!got.contains('a'));
         // Everything ejected: tried anyway, still by weight.
-        p.targets[1].peer.eject(Duration::from_secs(10));
-        p.targets[2].peer.eject(Duration::from_secs(10));
+        p.members[1].state.eject(Duration::from_secs(10));
+        p.members[2].state.eject(Duration::from_secs(10));
         let got = letters(&p, 12);
         let n = |c| got.matches(c).count();
         assert_eq!((n('a'), n('b'), n('c')), (6, 2, 4), "{got}");
@@ -380,7 +378,7 @@ mod tests {
         // A drained local upstream gets nothing while a remote one can serve.
         assert_eq!(letters(&p, 4), "bbbb");
         // The weighted one fails: the drained ones share the traffic.
-        p.targets[1].peer.eject(Duration::from_secs(10));
+        p.members[1].state.eject(Duration::from_secs(10));
         assert_eq!(letters(&p, 4), "acac");
         // A retry skips what was tried, drained or not.
         let mut tried = 0;
@@ -388,8 +386,8 @@ mod tests {
         mark(&mut tried, 2);
         assert_eq!(p.pick(tried), Some(1), "the ejected one, as a last resort");
         // Everything ejected: the weighted one first.
-        p.targets[0].peer.eject(Duration::from_secs(10));
-        p.targets[2].peer.eject(Duration::from_secs(10));
+        p.members[0].state.eject(Duration::from_secs(10));
+        p.members[2].state.eject(Duration::from_secs(10));
         assert_eq!(letters(&p, 3), "bbb");
         // Only drained upstreams configured: they still serve.
         let p = pool(&[weighted("10.0.0.1:80", false, 0), weighted("10.0.0.2:80", false, 0)]);
