@@ -45,7 +45,8 @@ struct Args {
     keep_logs: bool,
 }
 
-struct Target {
+/// A process sampled over the window.
+struct Sampled {
     label: String,
     pid: u32,
     start: ProcSample,
@@ -53,10 +54,10 @@ struct Target {
     end: ProcSample,
 }
 
-impl Target {
-    fn new(label: String, pid: u32) -> anyhow::Result<Target> {
+impl Sampled {
+    fn new(label: String, pid: u32) -> anyhow::Result<Sampled> {
         let start = sample_pid(pid)?;
-        Ok(Target {
+        Ok(Sampled {
             label,
             pid,
             start,
@@ -84,19 +85,19 @@ async fn run(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<f64> {
     );
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
 
-    let mut targets = Vec::new();
+    let mut sampled = Vec::new();
     for n in &lab.state.nodes {
         let pid = n.agent_pid.ok_or_else(|| anyhow::anyhow!("{}: no agent pid", n.name))?;
-        targets.push(Target::new(format!("{} berth-agent", n.name), pid)?);
+        sampled.push(Sampled::new(format!("{} berth-agent", n.name), pid)?);
     }
     for n in &lab.state.nodes {
         let ifname = lab.interface(n.index);
         for pid in berth_bench::find_pids(&["wireguard-go", &ifname]) {
-            targets.push(Target::new(format!("{} wireguard-go ({ifname})", n.name), pid)?);
+            sampled.push(Sampled::new(format!("{} wireguard-go ({ifname})", n.name), pid)?);
         }
     }
     if let Some(pid) = lab.state.cp_pid {
-        targets.push(Target::new("control plane (3 agents)".into(), pid)?);
+        sampled.push(Sampled::new("control plane (3 agents)".into(), pid)?);
     }
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs(args.seconds);
@@ -104,19 +105,19 @@ async fn run(args: &Args, rows: &mut Vec<Row>) -> anyhow::Result<f64> {
     let mut next = t0 + interval;
     while next <= end {
         tokio::time::sleep_until(next.into()).await;
-        for t in &mut targets {
+        for t in &mut sampled {
             t.rss.push(sample_pid(t.pid)?.rss_kib);
         }
         next += interval;
     }
     tokio::time::sleep_until(end.into()).await;
-    for t in &mut targets {
+    for t in &mut sampled {
         t.end = sample_pid(t.pid)?;
         t.rss.push(t.end.rss_kib);
     }
     let wall = t0.elapsed().as_secs_f64();
     println!("sampled; load average now {}", berth_bench::loadavg());
-    for t in &targets {
+    for t in &sampled {
         let mean = t.rss.iter().sum::<u64>() as f64 / t.rss.len() as f64;
         rows.push(Row {
             label: t.label.clone(),
