@@ -10,6 +10,16 @@ use std::time::{Duration, Instant};
 /// How long a fresh control plane may take to answer.
 const READY_WITHIN: Duration = Duration::from_secs(20);
 
+/// How the CLI reaches a control plane on `listen` with its data in
+/// `data_dir`, where it writes its admin token and CA on first start.
+pub fn client_config(listen: SocketAddr, data_dir: &Path) -> ClientConfig {
+    ClientConfig {
+        url: format!("https://{listen}"),
+        admin_token_file: data_dir.join("admin.token"),
+        ca_file: data_dir.join("ca.pem"),
+    }
+}
+
 /// `berth-control-plane serve` on `listen`, with its data in `data_dir`.
 pub struct ControlPlane<'a> {
     /// Where `berth-control-plane` is.
@@ -27,11 +37,7 @@ pub struct ControlPlane<'a> {
 impl ControlPlane<'_> {
     /// The CLI's view of it: its URL, admin token and CA.
     pub fn client_config(&self) -> ClientConfig {
-        ClientConfig {
-            url: format!("https://{}", self.listen),
-            admin_token_file: self.data_dir.join("admin.token"),
-            ca_file: self.data_dir.join("ca.pem"),
-        }
+        client_config(self.listen, self.data_dir)
     }
 
     /// Starts it as a daemon (it outlives this process) and returns its pid.

@@ -25,6 +25,7 @@ use net::LabNet;
 use podman::{FirstError, NodePodman};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -80,22 +81,24 @@ pub fn default_bin_dir() -> PathBuf {
 
 impl Lab {
     pub fn url(&self) -> String {
-        format!("https://{}:{CP_PORT}", self.net.host_ip())
+        self.client_config().url
+    }
+
+    /// Where the lab's control plane listens (on the host link).
+    fn cp_listen(&self) -> SocketAddr {
+        (self.net.host_ip(), CP_PORT).into()
     }
 
     pub fn client_config(&self) -> ClientConfig {
-        ClientConfig {
-            url: self.url(),
-            admin_token_file: self.state.dir.join("cp/admin.token"),
-            ca_file: self.state.dir.join("cp/ca.pem"),
-        }
+        control_plane::client_config(self.cp_listen(), &self.state.dir.join("cp"))
     }
 
     pub fn admin(&self) -> anyhow::Result<AdminClient> {
         Ok(AdminClient::new(&self.client_config())?)
     }
 
-    fn save(&self) -> anyhow::Result<()> {
+    /// Writes the state file (`lab.json`), which `berth lab down` reads.
+    pub fn save(&self) -> anyhow::Result<()> {
         std::fs::write(self.state.dir.join("lab.json"), serde_json::to_vec_pretty(&self.state)?)?;
         Ok(())
     }
@@ -162,7 +165,7 @@ impl Lab {
         let cp = control_plane::ControlPlane {
             bin_dir: &self.state.bin_dir,
             data_dir: &self.state.dir.join("cp"),
-            listen: (self.net.host_ip(), CP_PORT).into(),
+            listen: self.cp_listen(),
             extra_args: &extra,
             log_level: "info",
             log: &self.state.dir.join("cp.log"),

@@ -355,6 +355,14 @@ pub fn ns_pids(ns: &str) -> Result<Vec<u32>> {
         .collect())
 }
 
+/// Pids of the processes in namespace `ns` that run `program` (by comm).
+pub fn ns_program_pids(ns: &str, program: &str) -> Result<Vec<u32>> {
+    Ok(ns_pids(ns)?
+        .into_iter()
+        .filter(|&p| process::comm(p).as_deref() == Some(program))
+        .collect())
+}
+
 /// Stops every process in the namespaces `nss`: SIGTERM, `STOP_GRACE`, then
 /// SIGKILL; repeated a few times for processes that appear meanwhile (forks).
 fn kill_ns_processes(nss: &[String]) -> Result<()> {

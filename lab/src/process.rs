@@ -261,19 +261,6 @@ pub fn all_pids() -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// Processes that run `program` (by comm) in network namespace `ns`.
-pub fn pids_in_netns(ns: &str, program: &str) -> Result<Vec<u32>> {
-    let out = Command::new("ip")
-        .args(["netns", "pids", ns])
-        .output()
-        .context("ip netns pids")?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse::<u32>().ok())
-        .filter(|&p| comm(p).as_deref() == Some(program))
-        .collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,7 +29,8 @@ pub struct LabSpec {
     /// How long the nodes may take to register and apply the mesh.
     pub converge_within: Duration,
     /// Remove a lab with the same id first (tests and benchmarks: one left by
-    /// a killed run). Without it, an existing lab is a [`LabExists`] error.
+    /// a killed run). Without it, an existing lab network is a [`LabExists`]
+    /// error (a lab dir without one is cleared, as `Lab::create` does).
     pub replace: bool,
     /// When dropped, or on a failure, keep the lab directory (logs).
     pub keep_logs: bool,
@@ -63,7 +64,8 @@ pub struct LabGuard {
     dir: PathBuf,
     keep_logs: bool,
     lab: Option<Lab>,
-    /// False once [`LabGuard::into_lab`] handed the lab out.
+    /// False when the lab is not the guard's to remove: handed out by
+    /// [`LabGuard::into_lab`], left for a look, or one that was there before.
     armed: bool,
 }
 
@@ -72,11 +74,7 @@ impl LabGuard {
     /// mesh. On a failure everything it made is removed again (logs kept with
     /// `keep_logs`), except a lab that was there before.
     pub async fn up(spec: &LabSpec) -> anyhow::Result<LabGuard> {
-        let exists = LabNet { id: spec.id }.exists() || spec.dir.join("lab.json").exists();
-        if exists && !spec.replace {
-            return Err(LabExists { id: spec.id }.into());
-        }
-        if exists {
+        if spec.replace && (LabNet { id: spec.id }.exists() || spec.dir.join("lab.json").exists()) {
             eprintln!("removing a leftover lab {} at {}", spec.id, spec.dir.display());
             if let Err(e) = destroy_by_id(spec.id, &spec.dir, false) {
                 eprintln!("  warning: {e:#}");
@@ -94,11 +92,18 @@ impl LabGuard {
             "lab {}: building the network and starting the control plane...",
             spec.id
         );
-        guard.lab = Some(Lab::create(spec.id, &spec.dir, &spec.bin_dir).await?);
+        match Lab::create(spec.id, &spec.dir, &spec.bin_dir).await {
+            Ok(lab) => guard.lab = Some(lab),
+            Err(e) => {
+                // A lab that was there before is not ours to remove.
+                guard.armed = !e.is::<LabExists>();
+                return Err(e);
+            }
+        }
         match guard.add_nodes(spec).await {
             Ok(()) => Ok(guard),
             Err(e) if spec.leave_on_failure => {
-                drop(guard.into_lab());
+                guard.armed = false;
                 Err(e.context(format!(
                     "lab {} is left as it is (logs in {}); remove it with `berth lab down --id {} --dir {}`",
                     spec.id,

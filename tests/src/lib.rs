@@ -143,7 +143,7 @@ pub fn wg_public_key(lab: &Lab, node: &str) -> anyhow::Result<String> {
 
 /// Pids of the wireguard-go processes in a lab node's namespace.
 pub fn wireguard_go_pids(lab: &Lab, node: &str) -> anyhow::Result<Vec<u32>> {
-    berth_lab::process::pids_in_netns(&lab.net.node_ns(lab.node(node)?.index), "wireguard-go")
+    berth_lab::net::ns_program_pids(&lab.net.node_ns(lab.node(node)?.index), "wireguard-go")
 }
 
 #[cfg(test)]

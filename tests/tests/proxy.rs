@@ -159,7 +159,7 @@ fn served_cert(ip: &str, host: &str) -> String {
 /// The pid of the berth-proxy running in a node's namespace.
 fn lab_proxy_pid(lab: &LabGuard, node: &str) -> u32 {
     let ns = lab.net.node_ns(lab.node(node).unwrap().index);
-    let pids = berth_lab::process::pids_in_netns(&ns, "berth-proxy").unwrap();
+    let pids = berth_lab::net::ns_program_pids(&ns, "berth-proxy").unwrap();
     assert_eq!(pids.len(), 1, "berth-proxy processes in {node}: {pids:?}");
     pids[0]
 }

@@ -194,14 +194,14 @@ async fn run(args: &Args, res: &mut Results) -> anyhow::Result<()> {
             None => res.timeouts += 1,
         }
         // Clean the removed node up (outside the measured window): its agent,
-        // its wireguard-go and its namespace.
-        {
-            if let Some(pid) = victim.agent_pid {
-                berth_lab::process::stop(pid, Duration::from_secs(5))?;
-            }
-            lab.net.remove_node(victim.index)?;
-            lab.state.nodes.retain(|n| n.index != victim.index);
+        // its wireguard-go and its namespace; `berth lab down` then sees the
+        // same nodes.
+        if let Some(pid) = victim.agent_pid {
+            berth_lab::process::stop(pid, Duration::from_secs(5))?;
         }
+        lab.net.remove_node(victim.index)?;
+        lab.state.nodes.retain(|n| n.index != victim.index);
+        lab.save()?;
     }
     Ok(())
 }

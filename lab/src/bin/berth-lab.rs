@@ -135,14 +135,8 @@ async fn run(cmd: LabCmd) -> anyhow::Result<i32> {
             }
             let list = l.admin()?.list_nodes().await?;
             print_nodes(&list);
-            let t = l.client_config();
             println!("\nThe lab is up. Point the CLI at it:");
-            println!(
-                "  export BERTH_URL={} BERTH_ADMIN_TOKEN_FILE={} BERTH_CA_FILE={}",
-                t.url,
-                t.admin_token_file.display(),
-                t.ca_file.display()
-            );
+            println!("  {}", exports(&l));
             if let (Some(a), Some(b)) = (list.first(), list.get(1)) {
                 println!(
                     "Ping across the mesh:\n  berth lab exec {} {} -- ping -c 3 {}",
@@ -174,15 +168,7 @@ async fn run(cmd: LabCmd) -> anyhow::Result<i32> {
             println!("lab {} at {} (control plane {})", sel.id, sel.dir().display(), l.url());
             print_nodes(&l.admin()?.list_nodes().await?);
         }
-        LabCmd::Env { sel } => {
-            let t = Lab::load(&sel.dir())?.client_config();
-            println!(
-                "export BERTH_URL={} BERTH_ADMIN_TOKEN_FILE={} BERTH_CA_FILE={}",
-                t.url,
-                t.admin_token_file.display(),
-                t.ca_file.display()
-            );
-        }
+        LabCmd::Env { sel } => println!("{}", exports(&Lab::load(&sel.dir())?)),
         LabCmd::Exec { sel, node, cmd } => {
             let l = Lab::load(&sel.dir())?;
             let n = l.node(&node)?;
@@ -207,4 +193,15 @@ async fn run(cmd: LabCmd) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The shell line that points `berth` at the lab's control plane.
+fn exports(lab: &Lab) -> String {
+    let t = lab.client_config();
+    format!(
+        "export BERTH_URL={} BERTH_ADMIN_TOKEN_FILE={} BERTH_CA_FILE={}",
+        t.url,
+        t.admin_token_file.display(),
+        t.ca_file.display()
+    )
 }
