@@ -6,7 +6,8 @@
 use crate::acme::ChallengeKind;
 use crate::store::nodes::{name_of, NodeRow};
 use crate::store::routes::{ChallengeRow, DomainRow, TcpRouteRow};
-use crate::store::services::{ReplicaRow, ServiceRow};
+use crate::store::releases::ReleaseRow;
+use crate::store::services::{Phase, ReplicaRow, ServiceRow};
 use berth_protocol::proxy::{
     AlpnChallenge, CertDesired, Http01Challenge, HttpRouteDesired, PassthroughDesired, ProxyDesired, TcpRouteDesired,
     UpstreamDesired,
@@ -26,6 +27,8 @@ pub struct FleetView {
     pub nodes: Vec<NodeRow>,
     pub services: Vec<ServiceRow>,
     pub replicas: Vec<ReplicaRow>,
+    /// The releases some replica runs: a replica runs its release's spec.
+    pub releases: Vec<ReleaseRow>,
     /// Each node as a peer, JSON-encoded once per view (see [`encode_for_node`]).
     pub peer_json: HashMap<String, PeerJson>,
     /// Domains, TCP routes and pending challenges: what proxy nodes serve.
@@ -87,6 +90,7 @@ impl FleetView {
             nodes,
             services,
             replicas,
+            releases: vec![],
             peer_json,
             routes: Routes::default(),
             sealed_keys: Default::default(),
@@ -96,6 +100,21 @@ impl FleetView {
     pub fn with_routes(mut self, routes: Routes) -> FleetView {
         self.routes = routes;
         self
+    }
+
+    pub fn with_releases(mut self, releases: Vec<ReleaseRow>) -> FleetView {
+        self.releases = releases;
+        self
+    }
+
+    /// The spec and sealed secrets replica `r` runs: its release's, or the
+    /// service's newest when the release is not in the view.
+    fn spec_of(&self, r: &ReplicaRow) -> Option<(&berth_protocol::service::ServiceSpec, Option<&str>)> {
+        if let Some(rel) = self.releases.iter().find(|x| x.service == r.service && x.number == r.release) {
+            return Some((&rel.spec, rel.secrets_sealed.as_deref()));
+        }
+        let s = self.services.iter().find(|s| s.name == r.service)?;
+        Some((&s.spec, s.secrets_sealed.as_deref()))
     }
 }
 
@@ -128,7 +147,7 @@ pub fn dns_records(fleet: &FleetView) -> Vec<DnsService> {
             replicas: fleet
                 .replicas
                 .iter()
-                .filter(|r| r.service == s.name)
+                .filter(|r| r.service == s.name && r.phase == Phase::Active)
                 .map(|r| DnsReplica {
                     replica: r.name(),
                     node: name_of(&fleet.nodes, &r.node_id),
@@ -147,25 +166,23 @@ pub fn containers(fleet: &FleetView, node: &NodeRow, cp_key: &StaticSecret) -> V
         .iter()
         .filter(|r| r.node_id == node.id)
         .filter_map(|r| {
-            let s = fleet.services.iter().find(|s| s.name == r.service)?;
-            let spec = &s.spec;
+            let (spec, secrets_sealed) = fleet.spec_of(r)?;
             Some(ContainerDesired {
                 replica: r.name(),
-                service: s.name.clone(),
+                service: r.service.clone(),
                 image: spec.image.clone(),
                 ip: r.ip,
                 port: spec.port,
                 env: spec.env.clone(),
-                sealed_secrets: s
-                    .secrets_sealed
-                    .as_deref()
-                    .and_then(|x| reseal(cp_key, x, node.sealing_key.as_deref())),
+                sealed_secrets: secrets_sealed.and_then(|x| reseal(cp_key, x, node.sealing_key.as_deref())),
                 command: spec.command.clone(),
                 cpu: spec.cpu,
                 memory: spec.memory,
                 health_cmd: spec.health_cmd.clone(),
                 health_http: spec.health_http.clone(),
                 volumes: spec.volumes.clone(),
+                stop_signal: spec.stop_signal.clone(),
+                stop_timeout: spec.stop_timeout,
             })
         })
         .collect()
@@ -226,7 +243,7 @@ fn upstreams(fleet: &FleetView, service: &str, port: u16) -> Vec<UpstreamDesired
     fleet
         .replicas
         .iter()
-        .filter(|r| r.service == service)
+        .filter(|r| r.service == service && r.phase == Phase::Active)
         .map(|r| UpstreamDesired {
             replica: r.name(),
             node: name_of(&fleet.nodes, &r.node_id),
@@ -429,10 +446,15 @@ mod tests {
             name: "web".into(),
             spec,
             secrets_sealed: None,
+            latest_release: 1,
+            current_release: Some(1),
         }];
-        let replicas = vec![ReplicaRow {
+        let active = ReplicaRow {
             service: "web".into(),
-            ordinal: 0,
+            name: "web-1".into(),
+            slot: 0,
+            release: 1,
+            phase: Phase::Active,
             node_id: "a".into(),
             ip: "10.200.0.2".parse().unwrap(),
             state: None,
@@ -440,7 +462,23 @@ mod tests {
             restarts: 0,
             container_id: None,
             last_error: None,
-        }];
+            created_ms: 0,
+            healthy_since_ms: Some(0),
+            healthy_revision: Some(1),
+            phase_ms: 0,
+            phase_revision: None,
+            trouble: None,
+            recreates: 0,
+            gave_up: false,
+        };
+        // A draining replica still runs on its node, but is in no route and no DNS answer.
+        let draining = ReplicaRow {
+            name: "web-2".into(),
+            ip: "10.200.0.3".parse().unwrap(),
+            phase: Phase::Draining,
+            ..active.clone()
+        };
+        let replicas = vec![active, draining];
         let domain = DomainRow {
             spec: DomainSpec {
                 domain: "app.example.com".into(),
@@ -469,7 +507,11 @@ mod tests {
         });
         let (mesh, pool) = ("10.100.0.0/16".parse().unwrap(), "10.200.0.0/13".parse().unwrap());
         let px = for_node(&fleet, "p", mesh, pool, &key).unwrap().proxy.unwrap();
+        assert_eq!(px.http_routes[0].upstreams.len(), 1);
         assert_eq!(px.http_routes[0].upstreams[0].ip.to_string(), "10.200.0.2");
+        let on_a = for_node(&fleet, "a", mesh, pool, &key).unwrap();
+        assert_eq!(on_a.containers.len(), 2, "the draining replica keeps running");
+        assert_eq!(on_a.dns[0].replicas.len(), 1, "but is not in DNS");
         assert_eq!(px.http01[0].token, "tok");
         assert_eq!(
             berth_protocol::seal::open(&p_seal, &px.certs[0].sealed_key_pem).unwrap(),

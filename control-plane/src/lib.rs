@@ -9,6 +9,7 @@ pub mod auth;
 pub mod desired;
 pub mod error;
 pub mod placement;
+pub mod rollout;
 pub mod server;
 pub mod state;
 pub mod store;
@@ -97,6 +98,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
         tokio::spawn(state::follow_other_replicas(state.clone(), cfg.database.clone()));
     }
     tokio::spawn(prune_nonces(store.clone()));
+    tokio::spawn(rollout::drive(state.clone()));
     if let Some(a) = cfg.acme.clone() {
         tracing::info!(directory = %a.directory, challenge = a.challenge.as_str(), "ACME enabled");
         acme::spawn(state.clone(), a);

@@ -27,6 +27,8 @@ pub struct AppState {
     pub acme_wake: tokio::sync::Notify,
     /// ACME orders this process created (for tests and logs).
     pub acme_orders: std::sync::atomic::AtomicU64,
+    /// Wakes the rollout driver (a node reported; its replicas may have moved on).
+    pub rollout_wake: tokio::sync::Notify,
     revision: watch::Sender<i64>,
     fleet_view: Mutex<Arc<FleetView>>,
 }
@@ -71,6 +73,7 @@ impl AppState {
             releases: crate::api::releases::Releases { dir: releases_dir },
             acme_wake: tokio::sync::Notify::new(),
             acme_orders: Default::default(),
+            rollout_wake: tokio::sync::Notify::new(),
             revision: tx,
             fleet_view: Mutex::new(Arc::new(FleetView {
                 revision: -1,
@@ -125,7 +128,12 @@ impl AppState {
             tcp: self.store.list_tcp_routes().await?,
             challenges: self.store.list_challenges().await?,
         };
-        *cached = Arc::new(FleetView::new(revision, nodes, services, replicas).with_routes(routes));
+        let releases = self.store.releases_in_use().await?;
+        *cached = Arc::new(
+            FleetView::new(revision, nodes, services, replicas)
+                .with_routes(routes)
+                .with_releases(releases),
+        );
         Ok(cached.clone())
     }
 }

@@ -169,6 +169,7 @@ async fn register_long_poll_and_report(db: &Db) {
         rss_bytes: Some(1 << 20),
         containers: vec![],
         upgrade_error: None,
+        served_domains: None,
     };
     let r = Reply::from(
         cp.signed(

@@ -5,13 +5,18 @@
 #[macro_use]
 mod common;
 
+use berth_protocol::release::{ReleaseInfo, ReleaseState};
 use berth_protocol::service::{ContainerStatus, ServiceInfo};
 use berth_protocol::{DesiredState, ErrorCode, StatusReport};
 use common::{Cp, Db, Reply, SealedNode};
 use reqwest::{Method, StatusCode};
 use std::collections::BTreeMap;
 
-on_both_stores!(deploy_scale_move_and_health, bad_services_change_nothing);
+on_both_stores!(
+    deploy_scale_move_and_health,
+    bad_services_change_nothing,
+    rollouts_history_and_rollback
+);
 
 /// Registers `name` with a sealing key and makes it online with a heartbeat.
 async fn node(cp: &Cp, name: &str) -> SealedNode {
@@ -22,6 +27,16 @@ async fn node(cp: &Cp, name: &str) -> SealedNode {
 
 async fn report(cp: &Cp, n: &SealedNode, containers: Vec<ContainerStatus>) {
     let r = StatusReport {
+        containers,
+        ..Default::default()
+    };
+    cp.report(&n.agent, &r).await;
+}
+
+/// A report that says the node applied `revision` and runs `containers`.
+async fn confirm(cp: &Cp, n: &SealedNode, revision: u64, containers: Vec<ContainerStatus>) {
+    let r = StatusReport {
+        applied_revision: revision,
         containers,
         ..Default::default()
     };
@@ -46,7 +61,8 @@ async fn deploy_scale_move_and_health(db: &Db) {
         &cp,
         serde_json::json!({
             "name": "web", "image": "localhost/berth-test/busybox:latest", "replicas": 2, "port": 8080,
-            "env": {"MODE": "demo"}, "secrets": {"API_KEY": "hunter2-secret"}, "health_http": "/healthz"
+            "env": {"MODE": "demo"}, "secrets": {"API_KEY": "hunter2-secret"}, "health_http": "/healthz",
+            "rollout": {"drain_secs": 0}
         }),
     )
     .await;
@@ -106,8 +122,7 @@ async fn deploy_scale_move_and_health(db: &Db) {
                 container_id: Some("abc".into()),
                 state: "running".into(),
                 healthy: true,
-                restarts: 0,
-                error: None,
+                ..Default::default()
             })
             .collect();
         report(&cp, &a, st).await;
@@ -121,7 +136,9 @@ async fn deploy_scale_move_and_health(db: &Db) {
         assert_eq!(healthy, on_a);
     }
 
-    // Scale to 3: one per node. Scale to 0: nothing anywhere, the name stays.
+    // Release 1 completes once every node confirmed; then scale to 3: one per node.
+    settle(&cp, &[&a, &b, &c], "web", 1, &|_| true, 0).await;
+    // Scale to 0 (below): nothing anywhere, the name stays.
     let r = Reply::from(
         cp.admin(Method::POST, "/v1/services/web/scale")
             .json(&serde_json::json!({"replicas": 3}))
@@ -158,8 +175,24 @@ async fn deploy_scale_move_and_health(db: &Db) {
             .unwrap(),
     )
     .await;
-    assert!(r.json::<ServiceInfo>().replicas.is_empty());
-    assert!(desired(&cp, &a).await.containers.is_empty());
+    // Scaling down drains: out of DNS at once, stopped once every node
+    // has loaded that (and the drain time, 0 here, has passed).
+    let info: ServiceInfo = r.json();
+    assert!(info.replicas.iter().all(|r| r.phase == "draining"), "{:?}", info.replicas);
+    assert!(desired(&cp, &a).await.dns[0].replicas.is_empty());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        for n in [&a, &b] {
+            let d = desired(&cp, n).await;
+            confirm(&cp, n, d.revision, vec![]).await;
+        }
+        let d = desired(&cp, &a).await;
+        if d.containers.is_empty() && desired(&cp, &b).await.containers.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "drained replicas were never removed");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 
     // Removal: gone from every node's DNS.
     let r = Reply::from(cp.admin(Method::DELETE, "/v1/services/web").send().await.unwrap()).await;
@@ -234,4 +267,173 @@ async fn bad_services_change_nothing(db: &Db) {
     assert_eq!(cp.revision().await, before);
     let r = Reply::from(cp.admin(Method::GET, "/v1/services/lonely").send().await.unwrap()).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+/// Plays the agents: every node reports what it was told to run, healthy
+/// when `healthy(replica)` says so, with the revision it was given applied.
+async fn play_agents(cp: &Cp, nodes: &[&SealedNode], healthy: &dyn Fn(&str) -> bool) {
+    for n in nodes {
+        let d = desired(cp, n).await;
+        let st = d
+            .containers
+            .iter()
+            .map(|c| ContainerStatus {
+                replica: c.replica.clone(),
+                container_id: Some(format!("id-{}", c.replica)),
+                state: "running".into(),
+                healthy: healthy(&c.replica),
+                health_output: (!healthy(&c.replica)).then(|| "GET /nope: HTTP 404".to_string()),
+                ..Default::default()
+            })
+            .collect();
+        confirm(cp, n, d.revision, st).await;
+    }
+}
+
+async fn show(cp: &Cp, name: &str) -> ServiceInfo {
+    Reply::from(cp.admin(Method::GET, &format!("/v1/services/{name}")).send().await.unwrap())
+        .await
+        .json()
+}
+
+async fn history(cp: &Cp, name: &str) -> Vec<ReleaseInfo> {
+    Reply::from(cp.admin(Method::GET, &format!("/v1/services/{name}/releases")).send().await.unwrap())
+        .await
+        .json()
+}
+
+/// Plays the agents until release `number` of `name` is in a final state
+/// and nothing is rolling back; returns the service then. Checks on every
+/// round that no fewer than `floor` replicas were serving (healthy, active).
+async fn settle(cp: &Cp, nodes: &[&SealedNode], name: &str, number: u64, healthy: &dyn Fn(&str) -> bool, floor: usize) -> ServiceInfo {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        play_agents(cp, nodes, healthy).await;
+        let info = show(cp, name).await;
+        let serving = info
+            .replicas
+            .iter()
+            .filter(|r| r.phase == "active" && r.healthy)
+            .count();
+        assert!(serving >= floor, "{serving} serving, below {floor}: {:?}", info.replicas);
+        let rel = history(cp, name).await.into_iter().find(|r| r.number == number).unwrap();
+        let rolling_back = info.rollout.as_ref().is_some_and(|r| r.rolling_back);
+        if rel.state.is_final() && !rolling_back && info.replicas.iter().all(|r| r.phase == "active") {
+            return info;
+        }
+        assert!(std::time::Instant::now() < deadline, "release {number} never settled: {rel:?} {info:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+async fn rollouts_history_and_rollback(db: &Db) {
+    let cp = Cp::start(db).await;
+    let a = node(&cp, "a").await;
+    let b = node(&cp, "b").await;
+    let nodes = [&a, &b];
+    let spec = |mode: &str, health: &str| {
+        serde_json::json!({
+            "name": "web", "image": "localhost/berth-test/busybox:latest", "replicas": 2, "port": 8080,
+            "env": {"MODE": mode}, "health_http": health,
+            "rollout": {"drain_secs": 0, "min_ready_secs": 0, "timeout_secs": 2}
+        })
+    };
+    // Release 1: a first deploy starts both replicas and completes once they serve.
+    let r = deploy(&cp, spec("one", "/")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let info = settle(&cp, &nodes, "web", 1, &|_| true, 0).await;
+    assert_eq!(info.current_release, Some(1), "{:?}", history(&cp, "web").await);
+    let first: Vec<String> = info.replicas.iter().map(|r| r.replica.clone()).collect();
+    assert_eq!(first, ["web-1", "web-2"]);
+
+    // Release 2: new replicas (new names) one at a time; never fewer than 2 serving.
+    let r = deploy(&cp, spec("two", "/")).await;
+    let info: ServiceInfo = r.json();
+    assert_eq!(info.replicas.len(), 3, "one new replica beside the two old: {:?}", info.replicas);
+    let ro = info.rollout.expect("a rollout");
+    assert_eq!((ro.release, ro.from_release, ro.batch, ro.stop_first), (2, Some(1), 1, false));
+    let info = settle(&cp, &nodes, "web", 2, &|_| true, 2).await;
+    assert_eq!(info.current_release, Some(2));
+    assert!(info.replicas.iter().all(|r| r.release == 2 && !first.contains(&r.replica)));
+    let steps = info.rollout.unwrap().steps;
+    assert!(steps.iter().all(|s| s.stage == berth_protocol::release::StepStage::Done), "{steps:?}");
+
+    // A scale is a release without a rollout.
+    let r = Reply::from(
+        cp.admin(Method::POST, "/v1/services/web/scale")
+            .json(&serde_json::json!({"replicas": 2}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let h = history(&cp, "web").await;
+    assert_eq!((h[0].number, h[0].rollout, h[0].state), (3, false, ReleaseState::Complete));
+
+    // Release 4 never gets healthy: it fails with the health output, and
+    // release 3's replicas keep serving throughout.
+    let before: Vec<String> = show(&cp, "web").await.replicas.iter().map(|r| r.replica.clone()).collect();
+    deploy(&cp, spec("four", "/nope")).await;
+    let bad = |r: &str| before.iter().any(|b| b == r);
+    let info = settle(&cp, &nodes, "web", 4, &bad, 2).await;
+    let h = history(&cp, "web").await;
+    assert_eq!(h[0].state, ReleaseState::Failed);
+    let reason = h[0].reason.clone().unwrap();
+    assert!(reason.contains("not healthy within 2 s") && reason.contains("HTTP 404"), "{reason}");
+    assert_eq!(info.current_release, Some(3));
+    let now: Vec<String> = info.replicas.iter().map(|r| r.replica.clone()).collect();
+    assert_eq!(now, before, "the old replicas stay, the failed ones are gone");
+
+    // Rollback to release 1's spec: a new release, and release 3 is rolled back.
+    let r = Reply::from(
+        cp.admin(Method::POST, "/v1/services/web/rollback")
+            .json(&serde_json::json!({"to": 1}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    settle(&cp, &nodes, "web", 5, &|_| true, 2).await;
+    let h = history(&cp, "web").await;
+    assert_eq!(h[0].state, ReleaseState::Complete);
+    assert_eq!(h[0].reason.as_deref(), Some("rollback to 1"));
+    assert_eq!(h[0].spec.env["MODE"], "one");
+    assert_eq!(h.iter().find(|r| r.number == 3).unwrap().state, ReleaseState::RolledBack);
+
+    // Bad rollbacks change nothing.
+    let rev = cp.revision().await;
+    let r = Reply::from(
+        cp.admin(Method::POST, "/v1/services/web/rollback")
+            .json(&serde_json::json!({"to": 99}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    r.coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("to"));
+    assert_eq!(cp.revision().await, rev);
+
+    // A deploy while one rolls queues behind it; --force replaces it.
+    deploy(&cp, spec("six", "/")).await;
+    deploy(&cp, spec("seven", "/")).await;
+    assert_eq!(history(&cp, "web").await[0].state, ReleaseState::Queued);
+    let r = Reply::from(
+        cp.admin(Method::POST, "/v1/services?force=true")
+            .json(&spec("eight", "/"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let h = history(&cp, "web").await;
+    assert_eq!(h[1].state, ReleaseState::Failed, "{:?}", h[1]);
+    assert!(h[1].reason.as_deref().unwrap().contains("superseded by release 8"));
+    assert!(h[2].reason.as_deref().unwrap().contains("replaced by release 8"));
+    settle(&cp, &nodes, "web", 8, &|_| true, 0).await;
+    let info = show(&cp, "web").await;
+    assert_eq!(info.current_release, Some(8));
+    assert!(info.replicas.iter().all(|r| r.release == 8), "{:?}", info.replicas);
 }

@@ -171,6 +171,10 @@ pub struct StatusReport {
     /// Why the last upgrade the control plane asked for did not happen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade_error: Option<String>,
+    /// Proxy nodes: the domains berth-proxy has loaded a certificate for
+    /// (or passes through), as of `applied_revision`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_domains: Option<Vec<String>>,
 }
 
 /// A node as listed by `berth nodes list`.

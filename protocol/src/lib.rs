@@ -7,6 +7,7 @@ pub mod error;
 pub mod keyfile;
 pub mod names;
 pub mod proxy;
+pub mod release;
 pub mod routes;
 pub mod seal;
 pub mod service;

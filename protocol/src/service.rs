@@ -2,6 +2,7 @@
 
 use crate::error::FieldError;
 use crate::names::validate_dns_label;
+use crate::release::RolloutPolicy;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -55,7 +56,25 @@ pub struct ServiceSpec {
     /// Pin the replicas to these nodes.
     #[serde(default)]
     pub nodes: Vec<String>,
+    /// Signal that asks a replica to stop (default SIGTERM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+    /// Seconds between the stop signal and SIGKILL (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_timeout: Option<u32>,
+    /// How a new release replaces the replicas of the one before.
+    #[serde(default, skip_serializing_if = "RolloutPolicy::is_default")]
+    pub rollout: RolloutPolicy,
 }
+
+/// Signals a replica may be asked to stop with.
+pub const STOP_SIGNALS: [&str; 8] = [
+    "SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH", "SIGKILL",
+];
+/// Longest `stop_timeout`.
+pub const MAX_STOP_TIMEOUT: u32 = 3600;
+/// `stop_timeout` when none is given.
+pub const DEFAULT_STOP_TIMEOUT: u32 = 10;
 
 pub const MAX_REPLICAS: u32 = 100;
 
@@ -172,7 +191,34 @@ impl ServiceSpec {
         for n in &self.nodes {
             validate_dns_label("nodes", n)?;
         }
-        Ok(())
+        if let Some(sig) = &self.stop_signal {
+            if !STOP_SIGNALS.contains(&sig.as_str()) {
+                return Err(FieldError::new(
+                    "stop_signal",
+                    format_args!("{sig:?} is not one of {}", STOP_SIGNALS.join(", ")),
+                ));
+            }
+        }
+        if let Some(t) = self.stop_timeout {
+            if t > MAX_STOP_TIMEOUT {
+                return Err(FieldError::new(
+                    "stop_timeout",
+                    format_args!("{t} seconds is more than {MAX_STOP_TIMEOUT}"),
+                ));
+            }
+        }
+        self.rollout.validate()
+    }
+
+    /// Whether going from `self` to `next` needs new containers: anything
+    /// but the replica count and the rollout policy shapes a container.
+    pub fn needs_new_containers(&self, next: &ServiceSpec) -> bool {
+        let strip = |s: &ServiceSpec| ServiceSpec {
+            replicas: 0,
+            rollout: RolloutPolicy::default(),
+            ..s.clone()
+        };
+        strip(self) != strip(next)
     }
 }
 
@@ -211,6 +257,12 @@ pub struct ContainerDesired {
     pub health_cmd: Option<String>,
     pub health_http: Option<String>,
     pub volumes: Vec<Volume>,
+    /// Absent fields are left out of the encoding, which the agent hashes:
+    /// a container made before these fields existed is not replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_timeout: Option<u32>,
 }
 
 /// A replica as DNS should know it.
@@ -223,7 +275,7 @@ pub struct DnsReplica {
 }
 
 /// What a node reports about one of its containers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerStatus {
     pub replica: String,
     pub container_id: Option<String>,
@@ -232,6 +284,21 @@ pub struct ContainerStatus {
     pub healthy: bool,
     pub restarts: u32,
     pub error: Option<String>,
+    /// Exit code of the container's last run, when it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// What the last failing health check said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_output: Option<String>,
+    /// The container's last log lines, sent while it is unhealthy or exited.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log_tail: Vec<String>,
+    /// Times autoheal made the container anew after restarts did not help.
+    #[serde(default)]
+    pub recreates: u32,
+    /// Autoheal gave up on it: it is left as it is.
+    #[serde(default)]
+    pub gave_up: bool,
 }
 
 /// A replica as `berth service show` lists it.
@@ -247,14 +314,33 @@ pub struct ReplicaInfo {
     pub healthy: bool,
     pub restarts: u32,
     pub error: Option<String>,
+    /// The release whose spec it runs.
+    #[serde(default)]
+    pub release: u64,
+    /// `active` (in DNS and routes once healthy) or `draining` (taken out
+    /// of every route, stopped soon).
+    #[serde(default)]
+    pub phase: String,
+    #[serde(default)]
+    pub recreates: u32,
+    /// Autoheal gave up on it.
+    #[serde(default)]
+    pub gave_up: bool,
 }
 
 /// A service as the API returns it: never its secret values.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceInfo {
+    /// The spec of the newest release (which may still be rolling out).
     pub spec: ServiceSpec,
     pub secret_names: Vec<String>,
     pub replicas: Vec<ReplicaInfo>,
+    /// The release every replica runs when no rollout is in progress.
+    #[serde(default)]
+    pub current_release: Option<u64>,
+    /// The newest release's rollout, running or finished.
+    #[serde(default)]
+    pub rollout: Option<crate::release::RolloutInfo>,
 }
 
 /// `POST /v1/services/{name}/scale`.

@@ -39,6 +39,7 @@ fn spec_of(a: DeployArgs) -> ServiceSpec {
         health_http: a.health_http,
         command: a.command,
         nodes: a.nodes,
+        ..Default::default()
     }
 }
 

@@ -174,6 +174,8 @@ async fn status(
     if let Some(rev) = s.store.record_containers(&node.id, &report.containers).await? {
         s.revision_moved(rev).await;
     }
+    // A report may confirm a revision a rollout waits for.
+    s.rollout_wake.notify_one();
     Ok(Json(Revision {
         revision: node.revision as u64,
     }))

@@ -1,17 +1,20 @@
-//! Services (admin): deploy (create or update), list, show, scale and
-//! remove. Secret values go in sealed and never come back out: a service
-//! is shown with its secrets' names only.
+//! Services (admin): deploy (create or update), list, show, scale,
+//! history, rollback and remove. Each change is a release
+//! (store/releases.rs). Secret values go in sealed and never come back
+//! out: a service is shown with its secrets' names only.
 
 use super::{body, AdminRoutes};
 use crate::error::{parse_json, ApiErr, ApiResult};
 use crate::state::SharedState;
 use crate::store::nodes::name_of;
+use crate::store::releases::Origin;
 use crate::store::services::{DeployError, RemoveService, SecretsUpdate, ServiceRow};
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
 use axum::Json;
+use berth_protocol::release::{DeployQuery, ReleaseInfo, ReleaseState, RollbackRequest};
 use berth_protocol::service::{ReplicaInfo, ScaleRequest, ServiceInfo, ServiceSpec};
 use berth_protocol::{ErrorCode, Removed};
 use std::collections::BTreeMap;
@@ -21,6 +24,8 @@ pub fn routes() -> AdminRoutes {
         ("/v1/services", post(deploy_service).get(list_services)),
         ("/v1/services/{name}", get(show_service).delete(remove_service)),
         ("/v1/services/{name}/scale", post(scale_service)),
+        ("/v1/services/{name}/releases", get(list_releases)),
+        ("/v1/services/{name}/rollback", post(rollback_service)),
     ]
 }
 
@@ -37,16 +42,18 @@ fn no_such_service(name: &str) -> ApiErr {
     ApiErr::not_found("name", format!("name: no service named {name:?}"))
 }
 
+fn open_secrets(s: &SharedState, sealed: Option<&str>) -> BTreeMap<String, String> {
+    sealed
+        .and_then(|x| berth_protocol::seal::open(&s.secrets_key, x).ok())
+        .and_then(|b| serde_json::from_slice::<BTreeMap<String, String>>(&b).ok())
+        .unwrap_or_default()
+}
+
 async fn service_info(s: &SharedState, row: &ServiceRow) -> ApiResult<ServiceInfo> {
     let nodes = s.store.list_nodes().await?;
     let replicas = s.store.list_replicas().await?;
-    let secret_names = row
-        .secrets_sealed
-        .as_deref()
-        .and_then(|x| berth_protocol::seal::open(&s.secrets_key, x).ok())
-        .and_then(|b| serde_json::from_slice::<BTreeMap<String, String>>(&b).ok())
-        .map(|m| m.into_keys().collect())
-        .unwrap_or_default();
+    let secret_names = open_secrets(s, row.secrets_sealed.as_deref()).into_keys().collect();
+    let latest = s.store.list_releases(&row.name).await?.into_iter().next();
     Ok(ServiceInfo {
         spec: row.spec.clone(),
         secret_names,
@@ -61,8 +68,16 @@ async fn service_info(s: &SharedState, row: &ServiceRow) -> ApiResult<ServiceInf
                 healthy: r.healthy,
                 restarts: r.restarts,
                 error: r.last_error.clone(),
+                release: r.release,
+                phase: r.phase_str().into(),
+                recreates: r.recreates,
+                gave_up: r.gave_up,
             })
             .collect(),
+        current_release: row.current_release,
+        rollout: latest
+            .filter(|l| l.rollout || !l.state.is_final())
+            .map(|l| l.rollout_info()),
     })
 }
 
@@ -76,28 +91,46 @@ async fn stored_info(s: &SharedState, name: &str) -> ApiResult<Json<ServiceInfo>
     Ok(Json(service_info(s, &row).await?))
 }
 
+/// Stores a new release of `spec` and starts it (see [`Store::deploy_service`]).
+async fn release(s: &SharedState, spec: &ServiceSpec, secrets: SecretsUpdate, origin: Origin) -> ApiResult<Json<ServiceInfo>> {
+    let (rev, number) = s
+        .store
+        .deploy_service(spec, &secrets, s.offline_after_secs, &origin)
+        .await
+        .map_err(deploy_error)?;
+    tracing::info!(service = %spec.name, release = number, replicas = spec.replicas, revision = rev, "release made");
+    s.revision_moved(rev).await;
+    s.rollout_wake.notify_one();
+    stored_info(s, &spec.name).await
+}
+
 async fn deploy_service(
     State(s): State<SharedState>,
+    q: Result<Query<DeployQuery>, QueryRejection>,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<ServiceInfo>> {
+    let Query(q) = q.map_err(|e| ApiErr::invalid("query", format!("query: {}", e.body_text())))?;
     let spec: ServiceSpec = parse_json(&body(raw)?)?;
     spec.validate()?;
-    // A deploy without secrets keeps the ones stored.
-    let secrets = if spec.secrets.is_empty() {
+    let stored = s.store.get_service(&spec.name).await?;
+    // A deploy without secrets keeps the ones stored; the same secrets
+    // again are no change (sealing is randomised, so compare them open).
+    let same = stored
+        .as_ref()
+        .is_some_and(|r| open_secrets(&s, r.secrets_sealed.as_deref()) == spec.secrets);
+    let secrets = if spec.secrets.is_empty() || same {
         SecretsUpdate::Keep
     } else {
         let plain = serde_json::to_vec(&spec.secrets).map_err(ApiErr::internal)?;
         let cp_public = x25519_dalek::PublicKey::from(&s.secrets_key);
         SecretsUpdate::Set(berth_protocol::seal::seal(&cp_public, &plain))
     };
-    let rev = s
-        .store
-        .deploy_service(&spec, &secrets, s.offline_after_secs)
-        .await
-        .map_err(deploy_error)?;
-    tracing::info!(service = %spec.name, replicas = spec.replicas, revision = rev, "service deployed");
-    s.revision_moved(rev).await;
-    stored_info(&s, &spec.name).await
+    let origin = Origin {
+        created_by: "admin".into(),
+        reason: None,
+        force: q.force,
+    };
+    release(&s, &spec, secrets, origin).await
 }
 
 async fn list_services(State(s): State<SharedState>) -> ApiResult<Json<Vec<ServiceInfo>>> {
@@ -131,13 +164,74 @@ async fn scale_service(
     let mut spec = row.spec.clone();
     spec.replicas = req.replicas;
     spec.validate()?;
-    let rev = s
+    let origin = Origin {
+        created_by: "admin".into(),
+        reason: None,
+        force: false,
+    };
+    release(&s, &spec, SecretsUpdate::Keep, origin).await
+}
+
+async fn list_releases(State(s): State<SharedState>, Path(name): Path<String>) -> ApiResult<Json<Vec<ReleaseInfo>>> {
+    if s.store.get_service(&name).await?.is_none() {
+        return Err(no_such_service(&name));
+    }
+    Ok(Json(s.store.list_releases(&name).await?.iter().map(|r| r.info()).collect()))
+}
+
+async fn rollback_service(
+    State(s): State<SharedState>,
+    Path(name): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<ServiceInfo>> {
+    let raw = body(raw)?;
+    let req: RollbackRequest = if raw.is_empty() {
+        RollbackRequest::default()
+    } else {
+        parse_json(&raw)?
+    };
+    let row = s
         .store
-        .deploy_service(&spec, &SecretsUpdate::Keep, s.offline_after_secs)
-        .await
-        .map_err(deploy_error)?;
-    s.revision_moved(rev).await;
-    stored_info(&s, &name).await
+        .get_service(&name)
+        .await?
+        .ok_or_else(|| no_such_service(&name))?;
+    let releases = s.store.list_releases(&name).await?;
+    let to = match req.to {
+        Some(n) => releases
+            .iter()
+            .find(|r| r.number == n)
+            .ok_or_else(|| ApiErr::not_found("to", format!("to: {name} has no release {n}")))?,
+        None => {
+            let current = row.current_release.unwrap_or(0);
+            releases
+                .iter()
+                .find(|r| {
+                    r.number < current
+                        && r.rollout
+                        && matches!(r.state, ReleaseState::Complete | ReleaseState::RolledBack)
+                })
+                .ok_or_else(|| {
+                    ApiErr::conflict(
+                        ErrorCode::Conflict,
+                        format!("to: {name} has no complete release before release {current} to roll back to"),
+                    )
+                    .on("to")
+                })?
+        }
+    };
+    let mut spec = to.spec.clone();
+    // The count stays what it is now: a rollback restores what runs, not how many.
+    spec.replicas = row.spec.replicas;
+    let secrets = match &to.secrets_sealed {
+        Some(sealed) => SecretsUpdate::Set(sealed.clone()),
+        None => SecretsUpdate::Clear,
+    };
+    let origin = Origin {
+        created_by: "admin".into(),
+        reason: Some(format!("rollback to {}", to.number)),
+        force: req.force,
+    };
+    release(&s, &spec, secrets, origin).await
 }
 
 async fn remove_service(State(s): State<SharedState>, Path(name): Path<String>) -> ApiResult<Json<Removed>> {

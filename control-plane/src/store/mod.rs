@@ -1,6 +1,7 @@
 //! The store: one code path (sqlx `Any`) for SQLite and PostgreSQL.
 
 pub mod nodes;
+pub mod releases;
 pub mod routes;
 pub mod services;
 pub mod tokens;

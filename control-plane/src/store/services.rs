@@ -2,6 +2,7 @@
 
 use super::{bump_all, now, retry, Store, StoreFailure};
 use crate::placement::{self, Candidate};
+pub use crate::rollout::machine::Phase;
 use berth_protocol::service::{ContainerStatus, ServiceSpec};
 use berth_protocol::FieldError;
 use ipnet::Ipv4Net;
@@ -13,16 +14,22 @@ use std::net::Ipv4Addr;
 #[derive(Debug, Clone)]
 pub struct ServiceRow {
     pub name: String,
-    /// The spec with `secrets` emptied.
+    /// The newest release's spec, with `secrets` emptied.
     pub spec: ServiceSpec,
-    /// The secrets as a JSON map, sealed to the control plane's key.
+    /// The newest release's secrets as a JSON map, sealed to the control plane's key.
     pub secrets_sealed: Option<String>,
+    pub latest_release: u64,
+    /// The last complete release.
+    pub current_release: Option<u64>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ReplicaRow {
     pub service: String,
-    pub ordinal: u32,
+    pub name: String,
+    pub slot: u32,
+    pub release: u64,
+    pub phase: Phase,
     pub node_id: String,
     pub ip: Ipv4Addr,
     pub state: Option<String>,
@@ -30,6 +37,17 @@ pub struct ReplicaRow {
     pub restarts: u32,
     pub container_id: Option<String>,
     pub last_error: Option<String>,
+    pub created_ms: i64,
+    pub healthy_since_ms: Option<i64>,
+    /// The revision that told the fleet it is healthy.
+    pub healthy_revision: Option<i64>,
+    pub phase_ms: i64,
+    /// The revision of the last phase change (draining: taken out of routes).
+    pub phase_revision: Option<i64>,
+    /// What its node said is wrong with it, for a failed release's reason.
+    pub trouble: Option<String>,
+    pub recreates: u32,
+    pub gave_up: bool,
 }
 
 /// The outcome of [`Store::remove_service`].
@@ -44,13 +62,20 @@ pub enum RemoveService {
 
 impl ReplicaRow {
     pub fn name(&self) -> String {
-        format!("{}-{}", self.service, self.ordinal + 1)
+        self.name.clone()
     }
 
     fn from_row(r: &AnyRow) -> ReplicaRow {
         ReplicaRow {
             service: r.get("service"),
-            ordinal: r.get::<i64, _>("ordinal") as u32,
+            name: r.get("name"),
+            slot: r.get::<i64, _>("slot") as u32,
+            release: r.get::<i64, _>("release") as u64,
+            phase: if r.get::<String, _>("phase") == "draining" {
+                Phase::Draining
+            } else {
+                Phase::Active
+            },
             node_id: r.get("node_id"),
             ip: r.get::<String, _>("ip").parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
             state: r.get("state"),
@@ -58,11 +83,28 @@ impl ReplicaRow {
             restarts: r.get::<i64, _>("restarts") as u32,
             container_id: r.get("container_id"),
             last_error: r.get("last_error"),
+            created_ms: r.get("created_ms"),
+            healthy_since_ms: r.get("healthy_since_ms"),
+            healthy_revision: r.get("healthy_revision"),
+            phase_ms: r.get("phase_ms"),
+            phase_revision: r.get("phase_revision"),
+            trouble: r.get("trouble_json"),
+            recreates: r.get::<i64, _>("recreates") as u32,
+            gave_up: r.get::<i64, _>("gave_up") != 0,
+        }
+    }
+
+    pub fn phase_str(&self) -> &'static str {
+        match self.phase {
+            Phase::Active => "active",
+            Phase::Draining => "draining",
         }
     }
 }
 
-const REPLICA_COLUMNS: &str = "service, ordinal, node_id, ip, state, healthy, restarts, container_id, last_error";
+pub const REPLICA_COLUMNS: &str = "service, name, slot, release, phase, node_id, ip, state, healthy, restarts, \
+     container_id, last_error, created_ms, healthy_since_ms, healthy_revision, phase_ms, phase_revision, \
+     trouble_json, recreates, gave_up";
 
 /// What [`Store::deploy_service`] does with the service's stored secrets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +113,8 @@ pub enum SecretsUpdate {
     Keep,
     /// Replace them with this JSON map, sealed to the control plane's key.
     Set(String),
+    /// None at all (a rollback to a release that had none).
+    Clear,
 }
 
 /// Why a deploy was refused.
@@ -105,12 +149,34 @@ fn service_from_row(r: &AnyRow) -> ServiceRow {
         name: r.get("name"),
         spec,
         secrets_sealed: r.get("secrets_sealed"),
+        latest_release: r.get::<i64, _>("latest_release") as u64,
+        current_release: r.get::<Option<i64>, _>("current_release").map(|n| n as u64),
     }
+}
+
+const SERVICE_COLUMNS: &str = "name, spec_json, secrets_sealed, latest_release, current_release";
+
+/// What a node's report says is wrong with a replica, in one line.
+fn trouble(st: &ContainerStatus) -> Option<String> {
+    let mut parts = vec![];
+    if let Some(h) = &st.health_output {
+        parts.push(format!("health check: {h}"));
+    }
+    if let Some(c) = st.exit_code.filter(|_| st.state != "running") {
+        parts.push(format!("exited with code {c}"));
+    }
+    if let Some(e) = &st.error {
+        parts.push(e.clone());
+    }
+    if !st.log_tail.is_empty() {
+        parts.push(format!("last log lines:\n{}", st.log_tail.join("\n")));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 impl Store {
     pub async fn list_services(&self) -> sqlx::Result<Vec<ServiceRow>> {
-        let rows = sqlx::query("SELECT name, spec_json, secrets_sealed FROM services ORDER BY name")
+        let rows = sqlx::query(&format!("SELECT {SERVICE_COLUMNS} FROM services ORDER BY name"))
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.iter().map(service_from_row).collect())
@@ -118,88 +184,24 @@ impl Store {
 
     pub async fn list_replicas(&self) -> sqlx::Result<Vec<ReplicaRow>> {
         let rows = sqlx::query(&format!(
-            "SELECT {REPLICA_COLUMNS} FROM replicas ORDER BY service, ordinal"
+            "SELECT {REPLICA_COLUMNS} FROM replicas ORDER BY service, slot, created_ms"
         ))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(ReplicaRow::from_row).collect())
     }
 
-    /// Creates or updates a service and places its replicas; returns the
-    /// new revision. `spec.secrets` is not stored: the secrets come sealed,
-    /// in `secrets`.
-    pub async fn deploy_service(
-        &self,
-        spec: &ServiceSpec,
-        secrets: &SecretsUpdate,
-        offline_after: i64,
-    ) -> Result<i64, DeployError> {
-        retry(|| self.try_deploy(spec, secrets, offline_after)).await
-    }
-
-    async fn try_deploy(
-        &self,
-        spec: &ServiceSpec,
-        secrets: &SecretsUpdate,
-        offline_after: i64,
-    ) -> Result<i64, DeployError> {
-        let now = now();
-        let mut tx = self.pool.begin().await?;
-        // Serialise writers (see register_node).
-        sqlx::query("UPDATE revision_counter SET value = value WHERE id = 1")
-            .execute(&mut *tx)
-            .await?;
-        let mut stored = spec.clone();
-        stored.secrets.clear();
-        let json = serde_json::to_string(&stored)?;
-        let exists = sqlx::query("SELECT secrets_sealed FROM services WHERE name = $1")
-            .bind(&spec.name)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let new_secrets = match secrets {
-            SecretsUpdate::Keep => None,
-            SecretsUpdate::Set(sealed) => Some(sealed.clone()),
-        };
-        match exists {
-            Some(row) => {
-                let sealed: Option<String> = new_secrets.or_else(|| row.get(0));
-                sqlx::query("UPDATE services SET spec_json = $1, secrets_sealed = $2, updated_at = $3 WHERE name = $4")
-                    .bind(&json)
-                    .bind(sealed)
-                    .bind(now)
-                    .bind(&spec.name)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            None => {
-                sqlx::query(
-                    "INSERT INTO services (name, spec_json, secrets_sealed, created_at, updated_at) VALUES ($1, $2, $3, $4, $4)",
-                )
-                .bind(&spec.name)
-                .bind(&json)
-                .bind(new_secrets)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        replan(&mut tx, &stored, offline_after, true).await?;
-        let rev = bump_all(&mut tx).await?;
-        tx.commit().await?;
-        Ok(rev)
-    }
-
     pub async fn get_service(&self, name: &str) -> sqlx::Result<Option<ServiceRow>> {
-        let row = sqlx::query("SELECT name, spec_json, secrets_sealed FROM services WHERE name = $1")
+        let row = sqlx::query(&format!("SELECT {SERVICE_COLUMNS} FROM services WHERE name = $1"))
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.as_ref().map(service_from_row))
     }
 
-    /// Removes a service and its replicas. Refused (nothing changed) while a
-    /// domain or TCP route still sends traffic to it: removing those first
-    /// is an explicit choice, not a side effect.
+    /// Removes a service, its releases and its replicas. Refused (nothing
+    /// changed) while a domain or TCP route still sends traffic to it:
+    /// removing those first is an explicit choice, not a side effect.
     pub async fn remove_service(&self, name: &str) -> sqlx::Result<RemoveService> {
         let mut tx = self.pool.begin().await?;
         let mut routes: Vec<String> = sqlx::query("SELECT domain FROM domains WHERE service = $1 ORDER BY domain")
@@ -228,160 +230,250 @@ impl Store {
         if gone == 0 {
             return Ok(RemoveService::NotFound);
         }
-        sqlx::query("DELETE FROM replicas WHERE service = $1")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
+        for table in ["replicas", "releases"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE service = $1"))
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
         let rev = bump_all(&mut tx).await?;
         tx.commit().await?;
         Ok(RemoveService::Removed(rev))
     }
 
     /// Records what a node reports about its containers. Returns the new
-    /// revision when a replica's health changed (DNS everywhere must follow).
+    /// revision when a replica's health changed (DNS everywhere must follow);
+    /// that revision is the one a rollout waits for every node to load.
     pub async fn record_containers(&self, node_id: &str, report: &[ContainerStatus]) -> sqlx::Result<Option<i64>> {
+        retry(|| self.try_record_containers(node_id, report)).await
+    }
+
+    async fn try_record_containers(&self, node_id: &str, report: &[ContainerStatus]) -> sqlx::Result<Option<i64>> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(&format!("SELECT {REPLICA_COLUMNS} FROM replicas WHERE node_id = $1"))
             .bind(node_id)
             .fetch_all(&mut *tx)
             .await?;
         let mine: Vec<ReplicaRow> = rows.iter().map(ReplicaRow::from_row).collect();
-        let mut health_changed = false;
-        for r in &mine {
-            let Some(st) = report.iter().find(|s| s.replica == r.name()) else {
-                continue;
+        let changed: Vec<(&ReplicaRow, &ContainerStatus, Option<String>)> = mine
+            .iter()
+            .filter_map(|r| {
+                let st = report.iter().find(|s| s.replica == r.name)?;
+                let t = trouble(st);
+                let same = st.healthy == r.healthy
+                    && Some(&st.state) == r.state.as_ref()
+                    && st.restarts == r.restarts
+                    && st.container_id == r.container_id
+                    && st.error == r.last_error
+                    && t == r.trouble
+                    && st.recreates == r.recreates
+                    && st.gave_up == r.gave_up;
+                (!same).then_some((r, st, t))
+            })
+            .collect();
+        if changed.is_empty() {
+            return Ok(None);
+        }
+        let health_changed = changed.iter().any(|(r, st, _)| st.healthy != r.healthy);
+        let rev = if health_changed {
+            Some(bump_all(&mut tx).await?)
+        } else {
+            None
+        };
+        let now_ms = now_ms();
+        for (r, st, t) in changed {
+            let (since, health_rev) = match (st.healthy, r.healthy) {
+                (true, false) => (Some(now_ms), rev),
+                (true, true) => (r.healthy_since_ms, r.healthy_revision),
+                (false, _) => (None, None),
             };
-            if st.healthy != r.healthy {
-                health_changed = true;
-            }
-            if st.healthy == r.healthy
-                && Some(&st.state) == r.state.as_ref()
-                && st.restarts == r.restarts
-                && st.container_id == r.container_id
-                && st.error == r.last_error
-            {
-                continue;
-            }
             sqlx::query(
-                "UPDATE replicas SET state = $1, healthy = $2, restarts = $3, container_id = $4, last_error = $5 \
-                 WHERE service = $6 AND ordinal = $7 AND node_id = $8",
+                "UPDATE replicas SET state = $1, healthy = $2, restarts = $3, container_id = $4, last_error = $5, \
+                 healthy_since_ms = $6, healthy_revision = $7, trouble_json = $8, recreates = $9, gave_up = $10 \
+                 WHERE service = $11 AND name = $12 AND node_id = $13",
             )
             .bind(&st.state)
             .bind(st.healthy as i64)
             .bind(st.restarts as i64)
             .bind(&st.container_id)
             .bind(&st.error)
+            .bind(since)
+            .bind(health_rev)
+            .bind(t)
+            .bind(st.recreates as i64)
+            .bind(st.gave_up as i64)
             .bind(&r.service)
-            .bind(r.ordinal as i64)
+            .bind(&r.name)
             .bind(node_id)
             .execute(&mut *tx)
             .await?;
         }
-        let rev = if health_changed {
-            Some(bump_all(&mut tx).await?)
-        } else {
-            None
-        };
         tx.commit().await?;
         Ok(rev)
     }
 }
 
-/// Re-places one service's replicas inside `tx`: keeps what can stay,
-/// drops what is gone, adds what is missing with a fresh IP on its node.
-/// With `strict` false (node removal), a service that no longer fits
-/// keeps whatever replicas still have a node instead of failing.
-pub async fn replan(
+/// A node as placement and the rollout driver see it.
+#[derive(Debug, Clone)]
+pub struct NodeFacts {
+    pub id: String,
+    pub name: String,
+    pub online: bool,
+    pub worker: bool,
+    pub subnet: Ipv4Net,
+    pub applied_revision: i64,
+}
+
+pub async fn node_facts(tx: &mut Transaction<'_, Any>, offline_after: i64) -> sqlx::Result<Vec<NodeFacts>> {
+    let now = now();
+    let nodes = sqlx::query("SELECT id, name, role, last_seen, subnet, applied_revision FROM nodes ORDER BY name")
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(nodes
+        .iter()
+        .map(|n| NodeFacts {
+            id: n.get("id"),
+            name: n.get("name"),
+            online: n
+                .get::<Option<i64>, _>("last_seen")
+                .is_some_and(|t| now - t <= offline_after),
+            worker: n.get::<String, _>("role") == "worker",
+            subnet: n.get::<String, _>("subnet").parse().unwrap_or_default(),
+            applied_revision: n.get("applied_revision"),
+        })
+        .collect())
+}
+
+pub async fn all_replicas(tx: &mut Transaction<'_, Any>) -> sqlx::Result<Vec<ReplicaRow>> {
+    let rows = sqlx::query(&format!("SELECT {REPLICA_COLUMNS} FROM replicas ORDER BY service, slot, created_ms"))
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(rows.iter().map(ReplicaRow::from_row).collect())
+}
+
+/// Creates a replica of `spec` (release `release`) in `slot`: on the node
+/// `prefer` if it may take it, else where placement puts it; with the next
+/// name of the service's sequence and a free address on its node.
+pub async fn start_replica(
     tx: &mut Transaction<'_, Any>,
     spec: &ServiceSpec,
-    offline_after: i64,
-    strict: bool,
-) -> Result<(), DeployError> {
-    let now = now();
-    let nodes = sqlx::query("SELECT id, name, role, last_seen, subnet FROM nodes")
-        .fetch_all(&mut **tx)
-        .await?;
-    let all = sqlx::query(&format!("SELECT {REPLICA_COLUMNS} FROM replicas"))
-        .fetch_all(&mut **tx)
-        .await?;
-    let all: Vec<ReplicaRow> = all.iter().map(ReplicaRow::from_row).collect();
-    let mut load: HashMap<String, usize> = HashMap::new();
+    release: u64,
+    slot: u32,
+    prefer: Option<&str>,
+    nodes: &[NodeFacts],
+) -> Result<ReplicaRow, DeployError> {
+    let all = all_replicas(tx).await?;
+    let mut load: HashMap<&str, usize> = HashMap::new();
     for r in all.iter().filter(|r| r.service != spec.name) {
-        *load.entry(r.node_id.clone()).or_default() += 1;
+        *load.entry(r.node_id.as_str()).or_default() += 1;
     }
-    let mut subnets: HashMap<String, (String, Ipv4Net)> = HashMap::new();
     let candidates: Vec<Candidate> = nodes
         .iter()
-        .map(|n| {
-            let id: String = n.get("id");
-            subnets.insert(
-                id.clone(),
-                (n.get("name"), n.get::<String, _>("subnet").parse().unwrap_or_default()),
-            );
-            Candidate {
-                name: n.get("name"),
-                online: n
-                    .get::<Option<i64>, _>("last_seen")
-                    .is_some_and(|t| now - t <= offline_after),
-                worker: n.get::<String, _>("role") == "worker",
-                load: load.get(&id).copied().unwrap_or(0),
-                id,
-            }
+        .map(|n| Candidate {
+            id: n.id.clone(),
+            name: n.name.clone(),
+            online: n.online,
+            worker: n.worker,
+            load: load.get(n.id.as_str()).copied().unwrap_or(0),
         })
         .collect();
-    let existing: BTreeMap<u32, String> = all
-        .iter()
-        .filter(|r| r.service == spec.name)
-        .map(|r| (r.ordinal, r.node_id.clone()))
-        .collect();
-    let plan = match placement::place(spec, &existing, &candidates) {
-        Ok(p) => p,
-        Err(e) if strict => return Err(DeployError::Placement(e)),
-        Err(_) => existing
-            .iter()
-            .filter(|(_, id)| subnets.contains_key(*id))
-            .map(|(o, id)| (*o, id.clone()))
-            .collect(),
-    };
-    for (ordinal, node) in &existing {
-        if plan.get(ordinal) != Some(node) {
-            sqlx::query("DELETE FROM replicas WHERE service = $1 AND ordinal = $2")
-                .bind(&spec.name)
-                .bind(*ordinal as i64)
-                .execute(&mut **tx)
-                .await?;
-        }
+    // Where the service's other replicas are (one per slot, newest first),
+    // with this slot on the preferred node: placement keeps what is
+    // eligible and spreads the rest.
+    let mut existing: BTreeMap<u32, String> = BTreeMap::new();
+    for r in all.iter().filter(|r| r.service == spec.name && r.phase == Phase::Active && r.slot != slot) {
+        existing.insert(r.slot, r.node_id.clone());
     }
-    let mut used: HashSet<Ipv4Addr> = all
-        .iter()
-        .filter(|r| r.service != spec.name || plan.get(&r.ordinal) == Some(&r.node_id))
-        .map(|r| r.ip)
-        .collect();
-    for (ordinal, node) in &plan {
-        if existing.get(ordinal) == Some(node) {
-            continue;
-        }
-        let (node_name, subnet) = subnets.get(node).cloned().unwrap_or_default();
-        let ip = placement::next_container_ip(subnet, &used).ok_or(DeployError::SubnetFull(node_name))?;
-        used.insert(ip);
-        sqlx::query("INSERT INTO replicas (service, ordinal, node_id, ip, state) VALUES ($1, $2, $3, $4, 'pending')")
-            .bind(&spec.name)
-            .bind(*ordinal as i64)
-            .bind(node)
-            .bind(ip.to_string())
-            .execute(&mut **tx)
-            .await?;
+    if let Some(p) = prefer {
+        existing.insert(slot, p.to_string());
     }
+    let mut want = spec.clone();
+    want.replicas = want.replicas.max(slot + 1).max(existing.keys().max().map_or(0, |m| m + 1));
+    let plan = placement::place(&want, &existing, &candidates).map_err(DeployError::Placement)?;
+    let node_id = plan.get(&slot).cloned().ok_or_else(|| {
+        DeployError::Placement(FieldError::new("replicas", "no online worker node to place them on"))
+    })?;
+    let node = nodes
+        .iter()
+        .find(|n| n.id == node_id)
+        .ok_or_else(|| DeployError::Placement(FieldError::new("nodes", "the chosen node vanished")))?;
+    let used: HashSet<Ipv4Addr> = all.iter().map(|r| r.ip).collect();
+    let ip = placement::next_container_ip(node.subnet, &used).ok_or_else(|| DeployError::SubnetFull(node.name.clone()))?;
+    let seq: i64 = sqlx::query("SELECT next_replica FROM services WHERE name = $1")
+        .bind(&spec.name)
+        .fetch_one(&mut **tx)
+        .await?
+        .get(0);
+    sqlx::query("UPDATE services SET next_replica = $1 WHERE name = $2")
+        .bind(seq + 1)
+        .bind(&spec.name)
+        .execute(&mut **tx)
+        .await?;
+    let name = format!("{}-{seq}", spec.name);
+    let created_ms = now_ms();
+    sqlx::query(
+        "INSERT INTO replicas (service, name, slot, release, phase, node_id, ip, state, created_ms, phase_ms) \
+         VALUES ($1, $2, $3, $4, 'active', $5, $6, 'pending', $7, $7)",
+    )
+    .bind(&spec.name)
+    .bind(&name)
+    .bind(slot as i64)
+    .bind(release as i64)
+    .bind(&node_id)
+    .bind(ip.to_string())
+    .bind(created_ms)
+    .execute(&mut **tx)
+    .await?;
+    Ok(ReplicaRow {
+        service: spec.name.clone(),
+        name,
+        slot,
+        release,
+        phase: Phase::Active,
+        node_id,
+        ip,
+        state: Some("pending".into()),
+        healthy: false,
+        restarts: 0,
+        container_id: None,
+        last_error: None,
+        created_ms,
+        healthy_since_ms: None,
+        healthy_revision: None,
+        phase_ms: created_ms,
+        phase_revision: None,
+        trouble: None,
+        recreates: 0,
+        gave_up: false,
+    })
+}
+
+/// Takes a replica out of DNS and every route, at revision `rev`.
+pub async fn drain_replica(tx: &mut Transaction<'_, Any>, service: &str, name: &str, rev: i64) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE replicas SET phase = 'draining', phase_ms = $1, phase_revision = $2 WHERE service = $3 AND name = $4",
+    )
+    .bind(now_ms())
+    .bind(rev)
+    .bind(service)
+    .bind(name)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
-/// After a node is removed: moves the replicas it held to other nodes.
-pub async fn replan_after_node_removal(tx: &mut Transaction<'_, Any>, offline_after: i64) -> Result<(), DeployError> {
-    let rows = sqlx::query("SELECT name, spec_json, secrets_sealed FROM services")
-        .fetch_all(&mut **tx)
+pub async fn remove_replica(tx: &mut Transaction<'_, Any>, service: &str, name: &str) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM replicas WHERE service = $1 AND name = $2")
+        .bind(service)
+        .bind(name)
+        .execute(&mut **tx)
         .await?;
-    for s in rows.iter().map(service_from_row) {
-        replan(tx, &s.spec, offline_after, false).await?;
-    }
     Ok(())
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
