@@ -105,6 +105,11 @@ struct Args {
     /// Script `berth nodes upgrade` runs (through systemd-run) to upgrade this node.
     #[arg(long, default_value = "/usr/local/lib/berth/update.sh")]
     update_script: PathBuf,
+    /// Seconds a replica that was healthy may fail its health check before
+    /// it is restarted (then, if restarts do not help, recreated); 0 turns
+    /// autoheal off.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    autoheal_after: u64,
     /// Log format: text, json, or journald (default: journald under systemd, else text).
     #[arg(long, value_parser = ["text", "json", "journald"])]
     log_format: Option<String>,
@@ -264,6 +269,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             bridge: args.bridge.clone(),
             zone: args.dns_zone.clone(),
             volumes_dir: args.data_dir.join("volumes"),
+            autoheal: berth_agent::containers::autoheal::Policy {
+                after: Duration::from_secs(args.autoheal_after),
+                ..Default::default()
+            },
         },
         resolv_conf: args.resolv_conf.clone(),
         dns_port: args.dns_port,
@@ -342,7 +351,7 @@ impl Reporter {
 async fn sync_loop(client: Arc<Client>, reporter: Arc<Reporter>, rec: Arc<Mutex<Reconciler>>) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(250);
     loop {
-        let after = rec.lock().await.applied_revision;
+        let after = rec.lock().await.received_revision();
         match client.poll_desired(after, 25).await {
             Ok(Poll::Unchanged) => backoff = Duration::from_millis(250),
             Ok(Poll::Changed(d)) => {

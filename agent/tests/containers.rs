@@ -8,6 +8,7 @@
 
 mod common;
 
+use berth_agent::containers::autoheal::Policy;
 use berth_agent::containers::{Runtime, RuntimeConfig};
 use berth_agent::podman::{ContainerDetails, ContainerSummary, HealthStatus, RestartPolicy};
 use berth_protocol::service::{ContainerDesired, ContainerStatus};
@@ -20,6 +21,22 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 const OWNER: (&str, &str) = ("io.berth.owner", "berth");
 
+/// [`config`] with another autoheal policy.
+fn config_with(env: &Env, autoheal: Policy) -> RuntimeConfig {
+    RuntimeConfig {
+        autoheal,
+        ..config(env)
+    }
+}
+
+/// Autoheal off: tests of health alone.
+fn no_autoheal() -> Policy {
+    Policy {
+        after: Duration::ZERO,
+        ..Policy::default()
+    }
+}
+
 /// The agent's config for the env's Podman: the env's network name (removed
 /// by the env at the end) and bridge.
 fn config(env: &Env) -> RuntimeConfig {
@@ -29,6 +46,7 @@ fn config(env: &Env) -> RuntimeConfig {
         bridge: env.bridge(),
         zone: "internal".into(),
         volumes_dir: env.dir.path().join("volumes"),
+        autoheal: Policy::default(),
     }
 }
 
@@ -52,6 +70,8 @@ fn replica_at(n: u8, ip: Ipv4Addr) -> ContainerDesired {
         health_cmd: None,
         health_http: None,
         volumes: vec![],
+        stop_signal: None,
+        stop_timeout: None,
     }
 }
 
@@ -572,7 +592,7 @@ async fn health_checks_over_http_and_through_podman() {
     let mut cmd = replica(&env, 2);
     cmd.health_cmd = Some("test -f /tmp/ok".into());
     let wanted = vec![web.clone(), cmd.clone()];
-    let mut rt = Runtime::new(config(&env), node_key());
+    let mut rt = Runtime::new(config_with(&env, no_autoheal()), node_key());
     rt.apply(env.subnet_net(), &wanted).await.unwrap();
     let web_id = container_of(&env, "web-1").await.id;
     let cmd_id = container_of(&env, "web-2").await.id;
@@ -613,12 +633,20 @@ async fn health_checks_over_http_and_through_podman() {
     .await;
     let s = status(&rt, "web-1");
     assert!(!s.healthy && s.state == "running", "{s:?}");
+    assert_eq!(s.health_output.as_deref(), Some("GET /index.html: HTTP 404"), "{s:?}");
     assert!(healthy(&rt, "web-2"), "web-2 followed web-1");
+    assert_eq!(status(&rt, "web-2").health_output, None);
 
     env.podman_ok(&["exec", &web_id, "sh", "-c", "echo back > /www/index.html"]);
     tick_until(&mut rt, 30, "web-1 healthy again", |rt| healthy(rt, "web-1")).await;
-    assert!(status(&rt, "web-1").healthy);
-    // Health never restarts or replaces a container.
+    let s = status(&rt, "web-1");
+    assert!(s.healthy, "{s:?}");
+    assert_eq!(
+        (s.health_output, s.log_tail.len()),
+        (None, 0),
+        "healthy replicas carry no trouble"
+    );
+    // With autoheal off, health never restarts or replaces a container.
     assert_eq!(container_of(&env, "web-1").await.id, web_id);
     assert_eq!(container_of(&env, "web-2").await.id, cmd_id);
 }
@@ -690,6 +718,7 @@ async fn podman_unreachable() {
         bridge: "btestnone".into(),
         zone: "internal".into(),
         volumes_dir: dir.path().join("volumes"),
+        autoheal: Policy::default(),
     };
     let subnet = "10.231.0.0/24".parse().unwrap();
     let mut rt = Runtime::new(cfg, node_key());
@@ -758,4 +787,272 @@ async fn podman_coming_up_late_and_going_away_for_a_while() {
     assert_eq!(s.state, "running", "{s:?}");
     assert_eq!(s.container_id.as_deref(), Some(id.as_str()), "{s:?}");
     assert_eq!(container_of(&env, "web-1").await.id, id);
+}
+
+/// Polls until no Berth-owned container of `replica` is left; returns when.
+async fn wait_gone(env: &Env, replica: &str, secs: u64) -> Instant {
+    let t = Instant::now();
+    loop {
+        let left = env.podman.list(&[OWNER, ("io.berth.replica", replica)]).await.unwrap();
+        if left.is_empty() {
+            return Instant::now();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "{replica} still there: {left:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn stop_signal_and_stop_timeout_reach_podman_and_removal_uses_them() {
+    let env = Env::start().await;
+    // web-1 handles SIGUSR1 (its stop signal) by writing a file to its
+    // volume and exiting; it would get 30 s.
+    let mut graceful = replica(&env, 1);
+    graceful.command = Some(
+        "trap 'echo got-usr1 > /data/stopped; exit 0' USR1; /bin/busybox httpd -f -p 8080 -h /www & \
+         while true; do sleep 0.1; done"
+            .into(),
+    );
+    graceful.volumes = vec![berth_protocol::service::Volume {
+        name: "data".into(),
+        path: "/data".into(),
+    }];
+    graceful.stop_signal = Some("SIGUSR1".into());
+    graceful.stop_timeout = Some(30);
+    // web-2 is busybox httpd as PID 1, which ignores SIGTERM: only its
+    // 2 s timeout ends it.
+    let mut stubborn = replica(&env, 2);
+    stubborn.stop_timeout = Some(2);
+    let wanted = vec![graceful.clone(), stubborn.clone()];
+    let mut rt = Runtime::new(config(&env), node_key());
+    rt.apply(env.subnet_net(), &wanted).await.unwrap();
+
+    let g = container_of(&env, "web-1").await;
+    let s = container_of(&env, "web-2").await;
+    assert_eq!((g.stop_signal, g.stop_timeout), (Some(10), Some(30)), "{g:?}");
+    assert_eq!((s.stop_signal, s.stop_timeout), (Some(15), Some(2)), "{s:?}");
+    // The CLI shows the same (Podman 4 as a number, 5 as a name).
+    let raw = inspect_json(&env, &g.id);
+    assert!(
+        raw["Config"]["StopSignal"] == 10 || raw["Config"]["StopSignal"] == "SIGUSR1",
+        "{}",
+        raw["Config"]["StopSignal"]
+    );
+    assert_eq!(raw["Config"]["StopTimeout"], 30);
+    assert_eq!(inspect_json(&env, &s.id)["Config"]["StopTimeout"], 2);
+    tick_until(&mut rt, 20, "both healthy", |rt| {
+        healthy(rt, "web-1") && healthy(rt, "web-2")
+    })
+    .await;
+    http_get_eventually(graceful.ip, "/").await;
+
+    // Removed (no longer wanted): each gets its own signal and timeout.
+    let t = Instant::now();
+    rt.apply(env.subnet_net(), &[]).await.unwrap();
+    let (g_gone, s_gone) = tokio::join!(wait_gone(&env, "web-1", 40), wait_gone(&env, "web-2", 40));
+    let (g_took, s_took) = (g_gone - t, s_gone - t);
+    println!("removal took {g_took:?} (SIGUSR1, trapped) and {s_took:?} (SIGTERM ignored, timeout 2 s)");
+    let stopped = std::fs::read_to_string(env.dir.path().join("volumes/web/data/stopped")).unwrap();
+    assert_eq!(stopped.trim(), "got-usr1", "web-1 did not get its stop signal");
+    assert!(
+        g_took < Duration::from_secs(15),
+        "web-1 was not stopped by its signal: {g_took:?}"
+    );
+    assert!(
+        s_took >= Duration::from_millis(1900),
+        "web-2 went before its timeout: {s_took:?}"
+    );
+    assert!(
+        s_took < Duration::from_secs(9),
+        "web-2 waited longer than its 2 s timeout: {s_took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_crash_looping_replica_reports_exit_code_restarts_and_log_tail() {
+    let env = Env::start().await;
+    let mut crashing = replica(&env, 1);
+    crashing.command = Some("echo 'boom: DATABASE_URL is not set'; echo 'giving up' >&2; exit 3".into());
+    let good = replica(&env, 2);
+    let mut rt = Runtime::new(config(&env), node_key());
+    rt.apply(env.subnet_net(), &[crashing, good]).await.unwrap();
+
+    tick_until(&mut rt, 60, "web-1 reported as crash-looping", |rt| {
+        let s = status(rt, "web-1");
+        s.exit_code == Some(3) && s.restarts >= 3 && s.log_tail.iter().any(|l| l == "boom: DATABASE_URL is not set")
+    })
+    .await;
+    let s = status(&rt, "web-1");
+    println!("{s:#?}");
+    assert!(!s.healthy, "{s:?}");
+    assert!(
+        s.log_tail.iter().any(|l| l == "giving up"),
+        "stderr too: {:?}",
+        s.log_tail
+    );
+    assert!(s.log_tail.len() <= 20, "{:?}", s.log_tail);
+    assert!(
+        s.log_tail.iter().all(|l| !l.contains('\0') && l.len() <= 303),
+        "{:?}",
+        s.log_tail
+    );
+    assert!(
+        !s.gave_up && s.recreates == 0,
+        "a replica never healthy is not autohealed: {s:?}"
+    );
+    // Podman restarted it (restart policy): the same container throughout.
+    let d = container_of(&env, "web-1").await;
+    assert_eq!(s.container_id.as_deref(), Some(d.id.as_str()));
+    assert!(d.restart_count >= 1 || d.exit_code == 3, "{d:?}");
+    let restarts = s.restarts;
+    tick_until(&mut rt, 30, "restarts keep counting", |rt| {
+        status(rt, "web-1").restarts > restarts
+    })
+    .await;
+
+    // The healthy neighbour reports no trouble.
+    tick_until(&mut rt, 20, "web-2 healthy", |rt| healthy(rt, "web-2")).await;
+    let s = status(&rt, "web-2");
+    assert_eq!(
+        (s.exit_code, s.health_output.as_deref(), s.log_tail.len(), s.restarts),
+        (None, None, 0, 0),
+        "{s:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_replica_is_healthy_only_once_it_listens_on_its_port() {
+    let env = Env::start().await;
+    let mut slow = replica(&env, 1);
+    slow.command = Some("sleep 4; exec /bin/serve".into());
+    // No port, no check: healthy as soon as it runs.
+    let mut portless = replica(&env, 2);
+    portless.port = None;
+    portless.command = Some("exec sleep 1000".into());
+    let mut rt = Runtime::new(config(&env), node_key());
+    let t = Instant::now();
+    rt.apply(env.subnet_net(), &[slow.clone(), portless]).await.unwrap();
+
+    let mut saw_refused = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        rt.tick().await;
+        let s = status(&rt, "web-1");
+        if s.healthy {
+            // Reported healthy (and so put in DNS) only when it serves.
+            http_get(slow.ip, 8080, "/").await.unwrap();
+            break;
+        }
+        saw_refused |= s.health_output.as_deref().is_some_and(|o| o.contains("refused"));
+        assert!(Instant::now() < deadline, "web-1 never healthy: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = t.elapsed();
+    println!("web-1 healthy {took:?} after apply");
+    assert!(
+        took >= Duration::from_millis(3500),
+        "healthy before it listened: {took:?}"
+    );
+    assert!(saw_refused, "the failing TCP check was not reported");
+    assert!(healthy(&rt, "web-2"), "{:?}", status(&rt, "web-2"));
+    assert_eq!(status(&rt, "web-1").health_output, None);
+}
+
+#[tokio::test]
+async fn autoheal_restarts_then_recreates_then_gives_up_on_a_replica_whose_health_broke() {
+    let env = Env::start().await;
+    let policy = Policy {
+        after: Duration::from_secs(1),
+        backoff: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(2),
+        max_restarts: 3,
+        max_recreates: 2,
+    };
+    let check = "test -f /tmp/ok || { echo 'no /tmp/ok'; exit 1; }";
+    let mut web = replica(&env, 1);
+    web.health_cmd = Some(check.into());
+    web.stop_timeout = Some(1);
+    // Never healthy: left to the rollout, never touched by autoheal.
+    let mut never = replica(&env, 2);
+    never.health_cmd = Some("test -f /tmp/never".into());
+    never.stop_timeout = Some(1);
+    let mut rt = Runtime::new(config_with(&env, policy), node_key());
+    rt.apply(env.subnet_net(), &[web.clone(), never]).await.unwrap();
+    let never_before = container_of(&env, "web-2").await;
+
+    let first = container_of(&env, "web-1").await;
+    env.podman_ok(&["exec", &first.id, "touch", "/tmp/ok"]);
+    tick_until(&mut rt, 20, "web-1 healthy", |rt| healthy(rt, "web-1")).await;
+
+    // Its health breaks; a restart keeps the container's files, so it does
+    // not help: restarted 3 times (the same container, started anew).
+    env.podman_ok(&["exec", &first.id, "rm", "/tmp/ok"]);
+    tick_until(&mut rt, 30, "web-1 unhealthy, saying why", |rt| {
+        let s = status(rt, "web-1");
+        !s.healthy && s.health_output.as_deref() == Some("no /tmp/ok")
+    })
+    .await;
+    tick_until(&mut rt, 40, "web-1 restarted by autoheal", |rt| {
+        status(rt, "web-1").restarts >= 1
+    })
+    .await;
+    let d = container_of(&env, "web-1").await;
+    assert_eq!(d.id, first.id, "a restart, not a new container");
+    assert_ne!(d.started_at, first.started_at);
+    tick_until(&mut rt, 60, "web-1 recreated after 3 restarts", |rt| {
+        let s = status(rt, "web-1");
+        s.recreates >= 1 && s.container_id.as_deref().is_some_and(|id| id != first.id)
+    })
+    .await;
+    let s = status(&rt, "web-1");
+    assert!(s.restarts >= 3, "recreated before 3 restarts: {s:?}");
+    assert!(env.podman.inspect(&first.id).await.unwrap_err().is_not_found());
+    let second = container_of(&env, "web-1").await;
+    assert_eq!(second.ip_on(&env.tag), Some(web.ip));
+
+    // The new container has no /tmp/ok either: after the last recreate,
+    // autoheal gives up and says why.
+    tick_until(&mut rt, 90, "autoheal gave up on web-1", |rt| {
+        status(rt, "web-1").gave_up
+    })
+    .await;
+    let s = status(&rt, "web-1");
+    println!("{s:#?}");
+    assert_eq!(s.recreates, 2, "{s:?}");
+    let err = s.error.clone().unwrap_or_default();
+    assert!(err.contains("autoheal gave up") && err.contains("no /tmp/ok"), "{err}");
+    assert!(!s.healthy && s.state == "running", "{s:?}");
+
+    // Left alone now.
+    let left = container_of(&env, "web-1").await;
+    for _ in 0..8 {
+        rt.tick().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let now = container_of(&env, "web-1").await;
+    assert_eq!(
+        (&now.id, &now.started_at),
+        (&left.id, &left.started_at),
+        "touched after giving up"
+    );
+    assert!(status(&rt, "web-1").gave_up);
+
+    // Healthy again (fixed by hand): no longer given up.
+    env.podman_ok(&["exec", &now.id, "touch", "/tmp/ok"]);
+    tick_until(&mut rt, 20, "web-1 healthy again", |rt| healthy(rt, "web-1")).await;
+    let s = status(&rt, "web-1");
+    assert!(!s.gave_up && s.error.is_none(), "{s:?}");
+    assert_eq!(s.recreates, 2, "totals stay");
+
+    // web-2 was never healthy: never restarted or replaced.
+    let never_now = container_of(&env, "web-2").await;
+    assert_eq!(
+        (&never_now.id, &never_now.started_at),
+        (&never_before.id, &never_before.started_at)
+    );
+    let s = status(&rt, "web-2");
+    assert_eq!((s.restarts, s.recreates, s.gave_up), (0, 0, false), "{s:?}");
 }

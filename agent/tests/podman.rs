@@ -315,3 +315,63 @@ async fn health_turns_healthy_and_unhealthy() {
     let err = env.podman.healthcheck(&good).await.unwrap_err();
     assert_eq!(err.status(), Some(409), "{err:?}");
 }
+
+#[tokio::test]
+async fn stop_signal_stop_timeout_restart_and_log_tail() {
+    let env = Env::start().await;
+    env.podman.network_ensure(&env.network_spec()).await.unwrap();
+    let mut spec = env.container("graceful");
+    // Stops cleanly on SIGUSR1 only (PID 1 ignores signals it has no trap for).
+    spec.command = Some(vec![
+        "sh".into(),
+        "-c".into(),
+        "trap 'echo got usr1; exit 0' USR1; echo ready; echo to-stderr >&2; while true; do sleep 0.1; done".into(),
+    ]);
+    spec.stop_signal = berth_agent::podman::signal_number("SIGUSR1");
+    spec.stop_timeout = Some(20);
+    let id = env.podman.create(&spec).await.unwrap();
+    env.podman.start(&id).await.unwrap();
+    let d = env.podman.inspect(&id).await.unwrap();
+    assert_eq!((d.stop_signal, d.stop_timeout), (Some(10), Some(20)), "{d:?}");
+
+    // Both streams, in order, without frame headers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let tail = loop {
+        let tail = env.podman.logs_tail(&id, 20, 300).await.unwrap();
+        if tail.len() >= 2 {
+            break tail;
+        }
+        assert!(Instant::now() < deadline, "no log lines: {tail:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(tail, ["ready", "to-stderr"]);
+    assert_eq!(env.podman.logs_tail(&id, 1, 300).await.unwrap(), ["to-stderr"]);
+
+    // Restart: the stop signal, then a new start of the same container.
+    let t = Instant::now();
+    env.podman.restart(&id, 20).await.unwrap();
+    let took = t.elapsed();
+    let after = env.podman.inspect(&id).await.unwrap();
+    assert!(after.is_running(), "{after:?}");
+    assert_ne!(after.started_at, d.started_at);
+    assert!(
+        took < Duration::from_secs(10),
+        "the signal was not the stop signal: {took:?}"
+    );
+
+    // Stop sends SIGUSR1: the trap runs and the container exits 0 long
+    // before its timeout.
+    let t = Instant::now();
+    env.podman.stop(&id, 20).await.unwrap();
+    let took = t.elapsed();
+    let d = env.podman.inspect(&id).await.unwrap();
+    assert!(!d.is_running(), "{d:?}");
+    assert_eq!(d.exit_code, 0, "exited by its trap, not killed");
+    assert!(took < Duration::from_secs(10), "stop took {took:?}");
+    let tail = env.podman.logs_tail(&id, 20, 300).await.unwrap();
+    assert_eq!(tail.iter().filter(|l| *l == "got usr1").count(), 2, "{tail:?}");
+    assert_eq!(tail.last().map(String::as_str), Some("got usr1"), "{tail:?}");
+
+    let err = env.podman.logs_tail("no-such-container", 20, 300).await.unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
+}

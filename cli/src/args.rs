@@ -48,6 +48,8 @@ pub enum Command {
         /// A file with one service, or several under [[service]].
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// A local cluster in network namespaces on this machine (needs root):
     /// runs `berth-lab` (from the berth-lab crate, beside this binary or on
@@ -153,8 +155,17 @@ pub enum DomainCmd {
         /// Pass TLS through by SNI: the service terminates TLS itself, no certificate is ordered.
         #[arg(long)]
         passthrough: bool,
+        /// Wait until the certificate is issued and every online proxy
+        /// serves the domain, printing progress; exit 1 if that takes
+        /// longer than --timeout.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: how long to wait, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 300, requires = "wait")]
+        timeout: u64,
     },
-    /// Every domain: service, port, certificate state and expiry, last error.
+    /// Every domain: service, port, certificate state, how many of the
+    /// online proxies serve it (PROXIES 2/2), expiry, last error.
     List {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -261,6 +272,47 @@ pub struct DeployArgs {
     /// Pin replicas to this node (repeatable).
     #[arg(long = "node")]
     pub nodes: Vec<String>,
+    /// Signal that asks a replica to stop [default: SIGTERM].
+    #[arg(long)]
+    pub stop_signal: Option<String>,
+    /// Seconds between the stop signal and SIGKILL [default: 10].
+    #[arg(long)]
+    pub stop_timeout: Option<u32>,
+    #[command(flatten)]
+    pub rollout: RolloutArgs,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+/// How a new release replaces the old replicas (docs/services.md).
+#[derive(Args, Clone, Copy)]
+pub struct RolloutArgs {
+    /// New replicas started beyond the wanted count at one time.
+    #[arg(long, default_value_t = 1)]
+    pub max_surge: u32,
+    /// Serving replicas that may be missing at one time.
+    #[arg(long, default_value_t = 0)]
+    pub max_unavailable: u32,
+    /// Seconds a new replica must be healthy before the next step.
+    #[arg(long, value_name = "SECS", default_value_t = 2)]
+    pub min_ready: u32,
+    /// Seconds an old replica keeps running, out of every route, before it is stopped.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    pub drain: u32,
+    /// Seconds a new replica has to become healthy before the rollout fails and rolls back.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub rollout_timeout: u32,
+}
+
+/// Whether to wait for the rollout a change starts.
+#[derive(Args, Clone, Copy, Default)]
+pub struct WaitArgs {
+    /// Return once the release is made; `berth service status` follows it.
+    #[arg(long)]
+    pub detach: bool,
+    /// Replace a rollout in progress instead of queueing behind it.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Subcommand)]
@@ -271,8 +323,26 @@ pub enum ServiceCmd {
     List,
     /// A service's spec and each replica: node, IP, state, health, restarts, last error.
     Show { name: String },
-    /// Change the number of replicas.
-    Scale { name: String, replicas: u32 },
+    /// Change the number of replicas (a release without a rollout).
+    Scale {
+        name: String,
+        replicas: u32,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// The service's releases, newest first: spec, state, who made it, why it failed.
+    History { name: String },
+    /// Roll out an earlier release's spec again, as a new release.
+    Rollback {
+        name: String,
+        /// The release to go back to [default: the complete one before the current].
+        #[arg(long)]
+        to: Option<u64>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// A service's current release and its rollout's progress.
+    Status { name: String },
     /// Remove a service and all its containers.
     Remove { name: String },
 }
@@ -300,9 +370,29 @@ mod tests {
             Command::Domain(DomainCmd::Add {
                 port: 8080,
                 passthrough: false,
+                wait: false,
                 ..
             })
         ));
+        let add = ["berth", "domain", "add", "app.example.com", "--service", "web", "--port", "80"];
+        let c = Cli::try_parse_from(add.iter().chain(&["--wait", "--timeout", "30"])).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Domain(DomainCmd::Add {
+                wait: true,
+                timeout: 30,
+                ..
+            })
+        ));
+        let c = Cli::try_parse_from(add.iter().chain(&["--wait"])).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Domain(DomainCmd::Add { timeout: 300, .. })
+        ));
+        assert!(
+            Cli::try_parse_from(add.iter().chain(&["--timeout", "30"])).is_err(),
+            "--timeout needs --wait"
+        );
         let c = Cli::try_parse_from([
             "berth",
             "route",

@@ -76,19 +76,29 @@ pub fn print_service(info: &ServiceInfo) {
     if !info.secret_names.is_empty() {
         println!("  secrets: {} (values never shown)", info.secret_names.join(", "));
     }
+    if let Some(c) = info.current_release {
+        println!("  current release {c}");
+    }
     println!(
-        "  {:<14} {:<12} {:<14} {:<10} {:<8} {:<8} LAST ERROR",
-        "REPLICA", "NODE", "IP", "STATE", "HEALTH", "RESTARTS"
+        "  {:<14} {:<12} {:<14} {:<8} {:<10} {:<9} {:<8} {:<8} LAST ERROR",
+        "REPLICA", "NODE", "IP", "RELEASE", "STATE", "HEALTH", "RESTARTS", "PHASE"
     );
     for r in &info.replicas {
+        let health = match (r.healthy, r.gave_up) {
+            (_, true) => "gave up",
+            (true, _) => "healthy",
+            _ => "-",
+        };
         println!(
-            "  {:<14} {:<12} {:<14} {:<10} {:<8} {:<8} {}",
+            "  {:<14} {:<12} {:<14} {:<8} {:<10} {:<9} {:<8} {:<8} {}",
             r.replica,
             r.node,
             r.ip,
+            r.release,
             r.state,
-            if r.healthy { "healthy" } else { "-" },
+            health,
             r.restarts,
+            r.phase,
             r.error.clone().unwrap_or_default()
         );
     }
@@ -108,18 +118,21 @@ pub fn print_services(list: &[ServiceInfo]) {
     }
 }
 
+/// The domains table. PROXIES: online proxy nodes serving the domain (its
+/// certificate or passthrough route loaded), of the online proxy nodes.
 pub fn print_domains(list: &[DomainInfo]) {
     println!(
-        "{:<32} {:<16} {:<6} {:<12} {:<21} LAST ERROR",
-        "DOMAIN", "SERVICE", "PORT", "CERT", "EXPIRES"
+        "{:<32} {:<16} {:<6} {:<12} {:<8} {:<21} LAST ERROR",
+        "DOMAIN", "SERVICE", "PORT", "CERT", "PROXIES", "EXPIRES"
     );
     for d in list {
         println!(
-            "{:<32} {:<16} {:<6} {:<12} {:<21} {}",
+            "{:<32} {:<16} {:<6} {:<12} {:<8} {:<21} {}",
             d.spec.domain,
             d.spec.service,
             d.spec.port,
             d.cert_state,
+            d.proxies(),
             d.cert_not_after.as_deref().unwrap_or("-"),
             d.last_error.as_deref().unwrap_or("")
         );

@@ -4,6 +4,7 @@
 //! and errors as [`Error`], whose API variant carries the stable error code.
 
 use berth_protocol::routes::{DomainInfo, DomainSpec, TcpRouteSpec};
+use berth_protocol::release::{ReleaseInfo, RollbackRequest};
 use berth_protocol::service::{ScaleRequest, ServiceInfo, ServiceSpec};
 use berth_protocol::{
     ApiError, CreateTokenRequest, CreatedToken, ErrorCode, NodeInfo, Removed, Revision, TokenInfo, TokenRevoked,
@@ -175,8 +176,25 @@ impl AdminClient {
 
     // --- services ---
 
+    /// Makes a new release of `spec`. While a rollout runs it queues behind
+    /// it, or with `force` replaces it.
     pub async fn deploy_service(&self, spec: &ServiceSpec) -> Result<ServiceInfo> {
         self.post("/v1/services", spec).await
+    }
+
+    pub async fn deploy_service_forced(&self, spec: &ServiceSpec, force: bool) -> Result<ServiceInfo> {
+        let path = if force { "/v1/services?force=true" } else { "/v1/services" };
+        self.post(path, spec).await
+    }
+
+    /// The service's releases, newest first.
+    pub async fn list_releases(&self, name: &str) -> Result<Vec<ReleaseInfo>> {
+        self.get(&format!("/v1/services/{name}/releases")).await
+    }
+
+    /// Rolls out an earlier release's spec as a new release.
+    pub async fn rollback_service(&self, name: &str, req: &RollbackRequest) -> Result<ServiceInfo> {
+        self.post(&format!("/v1/services/{name}/rollback"), req).await
     }
 
     pub async fn list_services(&self) -> Result<Vec<ServiceInfo>> {
@@ -204,6 +222,11 @@ impl AdminClient {
 
     pub async fn list_domains(&self) -> Result<Vec<DomainInfo>> {
         self.get("/v1/domains").await
+    }
+
+    /// One domain, with its certificate state and the proxies serving it.
+    pub async fn get_domain(&self, domain: &str) -> Result<DomainInfo> {
+        self.get(&format!("/v1/domains/{domain}")).await
     }
 
     pub async fn remove_domain(&self, domain: &str) -> Result<()> {

@@ -3,8 +3,8 @@
 //! every field is unit-tested). Podman's own types are in `crate::podman::spec`.
 
 use super::diff::{spec_hash, LABEL_OWNER, LABEL_REPLICA, LABEL_SERVICE, LABEL_SPEC};
-use crate::podman::{ContainerSpec, HealthCheck, RestartPolicy, Volume};
-use berth_protocol::service::ContainerDesired;
+use crate::podman::{signal_number, ContainerSpec, HealthCheck, RestartPolicy, Volume};
+use berth_protocol::service::{ContainerDesired, DEFAULT_STOP_TIMEOUT};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -19,8 +19,9 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 pub const HEALTH_RETRIES: u32 = 2;
 /// Container log (k8s-file) is truncated at this size.
 pub const LOG_MAX_SIZE: u64 = 10 << 20;
-/// Seconds between SIGTERM and SIGKILL when a replica is stopped.
-pub const STOP_TIMEOUT: u32 = 10;
+/// Seconds between the stop signal and SIGKILL when a replica asks for no
+/// other timeout.
+pub const STOP_TIMEOUT: u32 = DEFAULT_STOP_TIMEOUT;
 /// Capabilities dropped from Podman's default set: none of them is needed by
 /// a network service, and each widens what a compromised container can do
 /// (raw sockets, device nodes, chroot escapes, file capabilities, audit).
@@ -101,8 +102,16 @@ pub fn container_spec(c: &ContainerDesired, secrets: &BTreeMap<String, String>, 
         cap_drop: CAP_DROP.iter().map(|s| s.to_string()).collect(),
         cap_add: vec![],
         log_max_size: Some(LOG_MAX_SIZE),
-        stop_timeout: Some(STOP_TIMEOUT),
+        stop_timeout: Some(stop_timeout(c)),
+        // Unknown names were refused by the control plane; Podman's default
+        // (SIGTERM) is the safe reading of one that got through anyway.
+        stop_signal: c.stop_signal.as_deref().and_then(signal_number),
     }
+}
+
+/// Seconds replica `c` is given between its stop signal and SIGKILL.
+pub fn stop_timeout(c: &ContainerDesired) -> u32 {
+    c.stop_timeout.unwrap_or(STOP_TIMEOUT)
 }
 
 #[cfg(test)]
@@ -164,6 +173,30 @@ mod tests {
         // Secrets never reach a label or the Debug output.
         assert!(!s.labels.values().any(|v| v.contains("s3cret")));
         assert!(!format!("{s:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn stop_signal_and_timeout() {
+        let s = container_spec(&desired(), &BTreeMap::new(), &net());
+        assert_eq!(s.stop_timeout, Some(STOP_TIMEOUT));
+        assert_eq!(s.stop_signal, None, "Podman's default, SIGTERM");
+        let mut c = desired();
+        c.stop_signal = Some("SIGQUIT".into());
+        c.stop_timeout = Some(45);
+        let s = container_spec(&c, &BTreeMap::new(), &net());
+        assert_eq!(s.stop_timeout, Some(45));
+        assert_eq!(s.stop_signal, Some(3));
+        assert_eq!(stop_timeout(&c), 45);
+        c.stop_signal = Some("SIGBOGUS".into());
+        assert_eq!(container_spec(&c, &BTreeMap::new(), &net()).stop_signal, None);
+        // Either field changes the container: it is replaced.
+        let base = spec_hash(&desired(), &BTreeMap::new());
+        let mut t = desired();
+        t.stop_timeout = Some(10);
+        assert_ne!(spec_hash(&t, &BTreeMap::new()), base);
+        let mut g = desired();
+        g.stop_signal = Some("SIGTERM".into());
+        assert_ne!(spec_hash(&g, &BTreeMap::new()), base);
     }
 
     #[test]

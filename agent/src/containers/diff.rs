@@ -158,4 +158,20 @@ mod tests {
         let secrets: BTreeMap<String, String> = [("K".to_string(), "v".to_string())].into();
         assert_ne!(spec_hash(&c, &secrets), base);
     }
+
+    #[test]
+    fn fields_added_later_leave_old_hashes_alone() {
+        // The hash of a replica as the agent encoded it before stop_signal
+        // and stop_timeout existed: containers made then are not replaced.
+        let c: ContainerDesired = serde_json::from_value(serde_json::json!({
+            "replica": "web-1", "service": "web", "image": "x", "ip": "10.200.0.2", "port": 8080,
+            "env": {"A": "1"}, "sealed_secrets": null, "command": null, "cpu": null, "memory": null,
+            "health_cmd": null, "health_http": null, "volumes": []
+        }))
+        .unwrap();
+        assert_eq!(spec_hash(&c, &BTreeMap::new()), "b4cab98c99ab541f2cb61164");
+        let mut with = c.clone();
+        with.stop_timeout = Some(10);
+        assert_ne!(spec_hash(&with, &BTreeMap::new()), "b4cab98c99ab541f2cb61164");
+    }
 }

@@ -2,9 +2,12 @@
 //! checks by itself only through systemd timers, so the agent drives them:
 //! a command check through Podman's healthcheck endpoint (Podman counts the
 //! streak), an HTTP check itself, from the node to the replica's IP (no tool
-//! needed in the image, and it proves the replica is reachable).
+//! needed in the image, and it proves the replica is reachable). A replica
+//! with a port and no check of its own must accept TCP connections on it, so
+//! that one which takes a while to start listening is not served too early.
 
 use super::create_spec::{HEALTH_INTERVAL, HEALTH_RETRIES, HEALTH_TIMEOUT};
+use berth_protocol::service::ContainerDesired;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,6 +25,26 @@ pub enum Check {
     Command,
     /// `GET path` on `ip:port` must answer 2xx or 3xx.
     Http { ip: Ipv4Addr, port: u16, path: String },
+    /// `ip:port` must accept a TCP connection.
+    Tcp { ip: Ipv4Addr, port: u16 },
+}
+
+impl Check {
+    /// The check replica `c` gets: its command, else its HTTP path on its
+    /// port, else a TCP connect to its port; none without a port.
+    pub fn for_replica(c: &ContainerDesired) -> Check {
+        match (&c.health_cmd, &c.health_http, c.port) {
+            (Some(_), _, _) => Check::Command,
+            (None, Some(path), Some(port)) => Check::Http {
+                ip: c.ip,
+                port,
+                path: path.clone(),
+            },
+            (None, None, Some(port)) => Check::Tcp { ip: c.ip, port },
+            // An HTTP path without a port has nowhere to go.
+            (None, _, None) => Check::None,
+        }
+    }
 }
 
 /// The outcome of one check run.
@@ -41,6 +64,9 @@ pub struct Tracker {
     pub healthy: bool,
     passed_once: bool,
     failures: u32,
+    /// The checks so far say it fails (enough failures in a row, or
+    /// Podman's verdict), as opposed to not checked yet.
+    failing: bool,
     next_due: Instant,
 }
 
@@ -50,6 +76,7 @@ impl Default for Tracker {
             healthy: false,
             passed_once: false,
             failures: 0,
+            failing: false,
             next_due: Instant::now(),
         }
     }
@@ -60,6 +87,11 @@ impl Tracker {
         now >= self.next_due
     }
 
+    /// Its checks fail: unhealthy for a reason, not merely unchecked.
+    pub fn failing(&self) -> bool {
+        self.failing
+    }
+
     /// Records a check; returns whether `healthy` changed.
     pub fn record(&mut self, outcome: Outcome, now: Instant) -> bool {
         let before = self.healthy;
@@ -68,16 +100,19 @@ impl Tracker {
                 self.failures = 0;
                 self.passed_once = true;
                 self.healthy = true;
+                self.failing = false;
             }
             Outcome::Fail => {
                 self.failures += 1;
                 if self.failures >= HEALTH_RETRIES {
                     self.healthy = false;
+                    self.failing = true;
                 }
             }
             Outcome::Verdict { healthy } => {
                 self.passed_once |= healthy;
                 self.healthy = healthy;
+                self.failing = !healthy;
             }
         }
         self.next_due = now
@@ -90,34 +125,63 @@ impl Tracker {
     }
 }
 
-/// One HTTP/1.1 GET with a deadline; any 2xx or 3xx passes.
-pub async fn http_check(ip: Ipv4Addr, port: u16, path: &str) -> Outcome {
+/// One HTTP/1.1 GET with a deadline; any 2xx or 3xx passes. A failure says
+/// what went wrong (`GET /nope: HTTP 404`).
+pub async fn http_check(ip: Ipv4Addr, port: u16, path: &str) -> Result<(), String> {
     let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(SocketAddr::from((ip, port))).await?;
+        let mut s = tokio::net::TcpStream::connect(SocketAddr::from((ip, port)))
+            .await
+            .map_err(|e| format!("connect {ip}:{port}: {e}"))?;
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: berth-health\r\nConnection: close\r\n\r\n"
         );
-        s.write_all(req.as_bytes()).await?;
+        s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
         let mut head = [0u8; 16];
         let mut n = 0;
         while n < 12 {
-            let got = s.read(&mut head[n..]).await?;
+            let got = s.read(&mut head[n..]).await.map_err(|e| e.to_string())?;
             if got == 0 {
                 break;
             }
             n += got;
         }
-        Ok::<_, std::io::Error>(status_passes(&head[..n]))
+        status_verdict(&head[..n])
     };
     match tokio::time::timeout(HEALTH_TIMEOUT, attempt).await {
-        Ok(Ok(true)) => Outcome::Pass,
-        _ => Outcome::Fail,
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("GET {path}: {e}")),
+        Err(_) => Err(format!("GET {path}: no answer within {HEALTH_TIMEOUT:?}")),
     }
 }
 
-/// `HTTP/1.x 2xx` or `3xx`.
-fn status_passes(head: &[u8]) -> bool {
-    head.len() >= 12 && head.starts_with(b"HTTP/1.") && matches!(head[9], b'2' | b'3')
+/// `ip:port` accepts a TCP connection within the check's deadline.
+pub async fn tcp_check(ip: Ipv4Addr, port: u16) -> Result<(), String> {
+    match tokio::time::timeout(
+        HEALTH_TIMEOUT,
+        tokio::net::TcpStream::connect(SocketAddr::from((ip, port))),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("connect {ip}:{port}: {e}")),
+        Err(_) => Err(format!("connect {ip}:{port}: no answer within {HEALTH_TIMEOUT:?}")),
+    }
+}
+
+/// `HTTP/1.x 2xx` or `3xx` passes; anything else says what came.
+fn status_verdict(head: &[u8]) -> Result<(), String> {
+    if head.len() < 12 || !head.starts_with(b"HTTP/1.") {
+        return Err(if head.is_empty() {
+            "closed without an answer".to_string()
+        } else {
+            "not an HTTP answer".to_string()
+        });
+    }
+    let code = String::from_utf8_lossy(&head[9..12]).into_owned();
+    match head[9] {
+        b'2' | b'3' => Ok(()),
+        _ => Err(format!("HTTP {code}")),
+    }
 }
 
 #[cfg(test)]
@@ -126,12 +190,70 @@ mod tests {
 
     #[test]
     fn http_status_line() {
-        assert!(status_passes(b"HTTP/1.1 200 OK"));
-        assert!(status_passes(b"HTTP/1.0 302 Found"));
-        assert!(!status_passes(b"HTTP/1.1 404 Not Found"));
-        assert!(!status_passes(b"HTTP/1.1 500 x"));
-        assert!(!status_passes(b"SSH-2.0-x"));
-        assert!(!status_passes(b"HTTP/1.1"));
+        assert_eq!(status_verdict(b"HTTP/1.1 200 OK"), Ok(()));
+        assert_eq!(status_verdict(b"HTTP/1.0 302 Found"), Ok(()));
+        assert_eq!(status_verdict(b"HTTP/1.1 404 Not Found"), Err("HTTP 404".into()));
+        assert_eq!(status_verdict(b"HTTP/1.1 500 x"), Err("HTTP 500".into()));
+        assert_eq!(status_verdict(b"SSH-2.0-xxxxxx"), Err("not an HTTP answer".into()));
+        assert_eq!(status_verdict(b"HTTP/1.1"), Err("not an HTTP answer".into()));
+        assert_eq!(status_verdict(b""), Err("closed without an answer".into()));
+    }
+
+    fn desired(port: Option<u16>, cmd: Option<&str>, http: Option<&str>) -> ContainerDesired {
+        let mut c: ContainerDesired = serde_json::from_value(serde_json::json!({
+            "replica": "web-1", "service": "web", "image": "x", "ip": "10.200.0.2", "port": null,
+            "env": {}, "sealed_secrets": null, "command": null, "cpu": null, "memory": null,
+            "health_cmd": null, "health_http": null, "volumes": []
+        }))
+        .unwrap();
+        c.port = port;
+        c.health_cmd = cmd.map(str::to_string);
+        c.health_http = http.map(str::to_string);
+        c
+    }
+
+    #[test]
+    fn check_selection() {
+        let ip = Ipv4Addr::new(10, 200, 0, 2);
+        assert_eq!(
+            Check::for_replica(&desired(Some(8080), None, None)),
+            Check::Tcp { ip, port: 8080 },
+            "a port without a check of its own must accept connections"
+        );
+        assert_eq!(
+            Check::for_replica(&desired(Some(8080), None, Some("/healthz"))),
+            Check::Http {
+                ip,
+                port: 8080,
+                path: "/healthz".into()
+            }
+        );
+        assert_eq!(
+            Check::for_replica(&desired(Some(8080), Some("true"), Some("/healthz"))),
+            Check::Command,
+            "the command wins"
+        );
+        assert_eq!(Check::for_replica(&desired(None, Some("true"), None)), Check::Command);
+        assert_eq!(Check::for_replica(&desired(None, None, None)), Check::None);
+        assert_eq!(Check::for_replica(&desired(None, None, Some("/healthz"))), Check::None);
+    }
+
+    #[test]
+    fn failing_means_checked_and_failed() {
+        let mut t = Tracker::default();
+        let now = Instant::now();
+        assert!(!t.failing(), "not checked yet");
+        t.record(Outcome::Fail, now);
+        assert!(
+            !t.failing() && !t.healthy,
+            "one failure while starting is not failing yet"
+        );
+        t.record(Outcome::Fail, now);
+        assert!(t.failing());
+        t.record(Outcome::Pass, now);
+        assert!(!t.failing() && t.healthy);
+        t.record(Outcome::Verdict { healthy: false }, now);
+        assert!(t.failing() && !t.healthy);
     }
 
     #[test]
@@ -177,9 +299,31 @@ mod tests {
             }
         });
         let ip = Ipv4Addr::LOCALHOST;
-        assert_eq!(http_check(ip, port, "/healthz").await, Outcome::Pass);
-        assert_eq!(http_check(ip, port, "/healthz").await, Outcome::Fail);
+        assert_eq!(http_check(ip, port, "/healthz").await, Ok(()));
+        assert_eq!(
+            http_check(ip, port, "/healthz").await,
+            Err("GET /healthz: HTTP 503".into())
+        );
         // Nobody listening any more.
-        assert_eq!(http_check(ip, port, "/healthz").await, Outcome::Fail);
+        let e = http_check(ip, port, "/healthz").await.unwrap_err();
+        assert!(
+            e.starts_with(&format!("GET /healthz: connect 127.0.0.1:{port}: ")),
+            "{e}"
+        );
+        assert!(e.contains("refused"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn tcp_check_against_a_real_listener() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let ip = Ipv4Addr::LOCALHOST;
+        assert_eq!(tcp_check(ip, port).await, Ok(()));
+        drop(l);
+        let e = tcp_check(ip, port).await.unwrap_err();
+        assert!(
+            e.starts_with(&format!("connect 127.0.0.1:{port}: ")) && e.contains("refused"),
+            "{e}"
+        );
     }
 }

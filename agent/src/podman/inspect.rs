@@ -112,6 +112,9 @@ pub struct Health {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheckRun {
     pub status: HealthStatus,
+    /// What the check printed, when Podman includes it in the answer
+    /// (4.3 does not: `inspect`'s [`Health::last_output`] has it).
+    pub output: Option<String>,
 }
 
 /// One entry of `list`.
@@ -169,6 +172,11 @@ pub struct ContainerDetails {
     /// CPU cores from the CFS quota; `None` when unlimited.
     pub cpu_limit: Option<f64>,
     pub memory_limit: Option<u64>,
+    /// The signal `stop` sends first (Linux number); `None` when Podman
+    /// does not say.
+    pub stop_signal: Option<i32>,
+    /// Seconds `stop` waits after it before SIGKILL.
+    pub stop_timeout: Option<u32>,
 }
 
 impl ContainerDetails {
@@ -237,16 +245,29 @@ fn health(state: &Value) -> Option<Health> {
     if status.is_empty() {
         return None;
     }
-    let last_output = h["Log"]
-        .as_array()
-        .and_then(|l| l.last())
-        .and_then(|e| e["Output"].as_str())
-        .map(|o| o.trim().to_string());
+    let last_output = last_health_output(&h["Log"]);
     Some(Health {
         status: HealthStatus::parse(status),
         failing_streak: u32_of(&h["FailingStreak"]),
         last_output,
     })
+}
+
+/// `Config.StopSignal`: a number on 4.x, a name (or a number as a string) on 5.x.
+fn stop_signal(v: &Value) -> Option<i32> {
+    match v {
+        Value::Number(n) => n.as_i64().and_then(|n| i32::try_from(n).ok()).filter(|n| *n > 0),
+        Value::String(s) => super::spec::signal_number(s),
+        _ => None,
+    }
+}
+
+/// The output of the newest entry of a health log (`[{"Output": ...}]`).
+pub(crate) fn last_health_output(log: &Value) -> Option<String> {
+    log.as_array()
+        .and_then(|l| l.last())
+        .and_then(|e| e["Output"].as_str())
+        .map(|o| o.trim().to_string())
 }
 
 fn healthcheck(cfg: &Value) -> Option<HealthCheck> {
@@ -317,6 +338,8 @@ pub(crate) fn details(v: &Value) -> ContainerDetails {
         networks,
         cpu_limit: (quota > 0).then(|| quota as f64 / period as f64),
         memory_limit: host["Memory"].as_u64().filter(|m| *m > 0),
+        stop_signal: stop_signal(&v["Config"]["StopSignal"]),
+        stop_timeout: v["Config"]["StopTimeout"].as_u64().and_then(|t| u32::try_from(t).ok()),
     }
 }
 
@@ -336,7 +359,7 @@ mod tests {
                     "Log": [{"ExitCode": 0, "Output": "ok\n"}]}},
             "NetworkSettings": {"Networks": {"bt-x": {"IPAddress": "10.231.250.10", "IPPrefixLen": 24,
                 "Gateway": "10.231.250.1", "MacAddress": "1a:3b:45:db:3c:4e"}}},
-            "Config": {"Labels": {"a": "b"}, "Env": ["SECRET=x"],
+            "Config": {"Labels": {"a": "b"}, "Env": ["SECRET=x"], "StopSignal": 2, "StopTimeout": 7,
                 "Healthcheck": {"Test": ["CMD-SHELL", "true"], "Interval": 2000000000u64, "Timeout": 1000000000u64, "Retries": 2}},
             "HostConfig": {"CpuQuota": 50000, "CpuPeriod": 100000, "Memory": 67108864,
                 "RestartPolicy": {"Name": "always", "MaximumRetryCount": 0}}
@@ -353,7 +376,13 @@ mod tests {
         assert_eq!(d.cpu_limit, Some(0.5));
         assert_eq!(d.memory_limit, Some(64 << 20));
         assert_eq!(d.labels["a"], "b");
+        assert_eq!(d.stop_signal, Some(2));
+        assert_eq!(d.stop_timeout, Some(7));
         assert!(!format!("{d:?}").contains("SECRET"));
+        // Podman 5 names the signal.
+        let mut v5 = v.clone();
+        v5["Config"]["StopSignal"] = json!("SIGQUIT");
+        assert_eq!(details(&v5).stop_signal, Some(3));
     }
 
     #[test]
@@ -367,6 +396,7 @@ mod tests {
         assert_eq!(d.cpu_limit, None);
         assert_eq!(d.memory_limit, None);
         assert_eq!(d.restart_policy, Some(RestartPolicy::No));
+        assert_eq!((d.stop_signal, d.stop_timeout), (None, None));
     }
 
     #[test]

@@ -13,15 +13,21 @@
 //! - The restart policy is applied by conmon's exit hook and works without
 //!   systemd; a container stopped through the API stays stopped.
 //! - `env` (secrets included) travels in the request body only.
+//! - The SpecGenerator's `stop_signal` is a number (Go's syscall.Signal); a
+//!   name fails the create. `restart` takes its timeout as `timeout` (libpod)
+//!   and kills at once without it.
 
 mod inspect;
+pub mod logs;
 mod spec;
 mod transport;
 
 pub use inspect::{
     ContainerDetails, ContainerState, ContainerSummary, Health, HealthCheckRun, HealthStatus, NetworkAttachment,
 };
-pub use spec::{ContainerSpec, HealthCheck, NetworkSpec, RestartPolicy, Volume, CPU_PERIOD_US};
+pub use spec::{
+    signal_name, signal_number, ContainerSpec, HealthCheck, NetworkSpec, RestartPolicy, Volume, CPU_PERIOD_US,
+};
 
 use hyper::{Method, StatusCode};
 use ipnet::Ipv4Net;
@@ -39,6 +45,10 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 const PULL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// What stop may take beyond the container's own stop timeout.
 const STOP_GRACE: Duration = Duration::from_secs(30);
+/// Bound on a log read (a tail of a few lines comes at once).
+const LOGS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes of log read for a tail; the rest is not waited for.
+const LOGS_MAX_BYTES: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -295,6 +305,57 @@ impl Podman {
         Ok(())
     }
 
+    /// Restarts a container: its stop signal, SIGKILL after `timeout_secs`,
+    /// then a start (a stopped container is just started).
+    ///
+    /// libpod reads `timeout` here (`t` is the Docker API's name); without
+    /// it libpod sends SIGKILL at once. Both are sent.
+    pub async fn restart(&self, id: &str, timeout_secs: u32) -> Result<()> {
+        let path = format!(
+            "{API}/containers/{}/restart?timeout={timeout_secs}&t={timeout_secs}",
+            encode(id, b"")
+        );
+        let limit = Duration::from_secs(u64::from(timeout_secs)) + STOP_GRACE;
+        self.call(Method::POST, &path, None, limit).await?.ok()?;
+        Ok(())
+    }
+
+    /// The last `lines` lines of the container's stdout and stderr (in the
+    /// order written), each cut to `max_line_bytes`.
+    pub async fn logs_tail(&self, id: &str, lines: usize, max_line_bytes: usize) -> Result<Vec<String>> {
+        let path = format!(
+            "{API}/containers/{}/logs?stdout=true&stderr=true&follow=false&tail={lines}",
+            encode(id, b"")
+        );
+        let what = format!("GET {path}");
+        let fut = async {
+            let mut resp = transport::send(&self.socket, Method::GET, &path, None).await?;
+            let status = resp.status();
+            let mut data = Vec::new();
+            while let Some(chunk) = transport::next_chunk(resp.body_mut()).await {
+                let chunk = chunk.map_err(|e| Error::Http {
+                    what: what.clone(),
+                    source: e,
+                })?;
+                data.extend_from_slice(&chunk);
+                if data.len() >= LOGS_MAX_BYTES {
+                    break;
+                }
+            }
+            Response { status, data }.ok()
+        };
+        let r = match tokio::time::timeout(LOGS_TIMEOUT, fut).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(Error::Timeout {
+                    what,
+                    after: LOGS_TIMEOUT,
+                })
+            }
+        };
+        Ok(logs::last_lines(&r.data, lines, max_line_bytes))
+    }
+
     /// Removes a container and its anonymous volumes; `force` kills it first
     /// if it runs.
     pub async fn remove(&self, id: &str, force: bool) -> Result<()> {
@@ -347,6 +408,7 @@ impl Podman {
         let v = self.call(Method::GET, &path, None, CALL_TIMEOUT).await?.ok()?.json()?;
         Ok(HealthCheckRun {
             status: HealthStatus::parse(v["Status"].as_str().unwrap_or_default()),
+            output: inspect::last_health_output(&v["Log"]),
         })
     }
 }

@@ -187,6 +187,9 @@ pub struct ContainerSpec {
     pub log_max_size: Option<u64>,
     /// Default stop timeout (seconds) Podman uses when none is given.
     pub stop_timeout: Option<u32>,
+    /// Signal (its Linux number, see [`signal_number`]) that asks the
+    /// container to stop; Podman's default (SIGTERM) when unset.
+    pub stop_signal: Option<i32>,
 }
 
 impl fmt::Debug for ContainerSpec {
@@ -212,6 +215,7 @@ impl fmt::Debug for ContainerSpec {
             .field("cap_add", &self.cap_add)
             .field("log_max_size", &self.log_max_size)
             .field("stop_timeout", &self.stop_timeout)
+            .field("stop_signal", &self.stop_signal)
             .finish()
     }
 }
@@ -302,8 +306,33 @@ impl ContainerSpec {
         if let Some(t) = self.stop_timeout {
             s.insert("stop_timeout".into(), json!(t));
         }
+        // libpod's SpecGenerator takes a syscall.Signal: a number, not a name.
+        if let Some(sig) = self.stop_signal {
+            s.insert("stop_signal".into(), json!(sig));
+        }
         Value::Object(s)
     }
+}
+
+/// The Linux number of a signal given as `SIGTERM`, `TERM` or `15`;
+/// `None` for anything else.
+pub fn signal_number(name: &str) -> Option<i32> {
+    let name = name.trim();
+    if let Ok(n) = name.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n).ok().map(|s| s as i32);
+    }
+    let upper = name.to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse::<nix::sys::signal::Signal>().ok().map(|s| s as i32)
+}
+
+/// A signal's name (`SIGTERM`) from its Linux number.
+pub fn signal_name(n: i32) -> Option<&'static str> {
+    nix::sys::signal::Signal::try_from(n).ok().map(|s| s.as_str())
 }
 
 #[cfg(test)]
@@ -364,6 +393,39 @@ mod tests {
         assert_eq!(v["log_configuration"], json!({"driver": "k8s-file", "size": 10485760}));
         assert_eq!(v["env"]["SECRET"], "hunter2");
         assert!(v.get("stop_timeout").is_none());
+        assert!(v.get("stop_signal").is_none());
+        let mut stop = spec();
+        stop.stop_timeout = Some(30);
+        stop.stop_signal = signal_number("SIGQUIT");
+        let v = stop.to_json();
+        assert_eq!(v["stop_timeout"], 30);
+        assert_eq!(v["stop_signal"], 3, "libpod wants the signal's number");
+    }
+
+    #[test]
+    fn signal_names_and_numbers() {
+        for (name, n) in [
+            ("SIGTERM", 15),
+            ("SIGINT", 2),
+            ("SIGQUIT", 3),
+            ("SIGHUP", 1),
+            ("SIGUSR1", 10),
+            ("SIGUSR2", 12),
+            ("SIGWINCH", 28),
+            ("SIGKILL", 9),
+        ] {
+            assert_eq!(signal_number(name), Some(n), "{name}");
+            assert_eq!(signal_name(n), Some(name));
+        }
+        assert_eq!(signal_number("term"), Some(15));
+        assert_eq!(signal_number("15"), Some(15));
+        assert_eq!(signal_number("SIGNOPE"), None);
+        assert_eq!(signal_number("999"), None);
+        assert_eq!(signal_number(""), None);
+        // Every signal the control plane accepts has a number.
+        for name in berth_protocol::service::STOP_SIGNALS {
+            assert!(signal_number(name).is_some(), "{name}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@ mod domain;
 mod lab;
 mod nodes;
 mod release;
+mod rollout;
 mod service;
 mod token;
 
@@ -23,8 +24,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Token(t) => token::run(&api()?, t).await?,
         Command::Nodes(n) => nodes::run(&api()?, n).await?,
-        Command::Service(s) => service::run(&api()?, s).await?,
-        Command::Apply { file } => service::apply(&api()?, &file).await?,
+        Command::Service(s) => return service::run(&api()?, s).await,
+        Command::Apply { file, wait } => return service::apply(&api()?, &file, wait).await,
         Command::Domain(d) => domain::run(&api()?, d).await?,
         Command::Route(RouteCmd::Tcp(t)) => domain::run_tcp(&api()?, t).await?,
         Command::Release(r) => release::run(r)?,

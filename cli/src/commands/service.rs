@@ -1,27 +1,57 @@
-//! `berth service deploy|list|show|scale|remove` and `berth apply -f`.
+//! `berth service deploy|list|show|status|scale|history|rollback|remove`
+//! and `berth apply -f`.
 
-use crate::args::{DeployArgs, ServiceCmd};
+use super::rollout;
+use crate::args::{DeployArgs, ServiceCmd, WaitArgs};
 use crate::output::{print_service, print_services};
+use berth_protocol::release::{ReleaseInfo, RollbackRequest, RolloutPolicy};
+use berth_protocol::service::ServiceInfo;
 use berth_client::AdminClient;
 use berth_protocol::service::ServiceSpec;
 use std::path::Path;
 
-pub async fn run(api: &AdminClient, cmd: ServiceCmd) -> anyhow::Result<()> {
+pub async fn run(api: &AdminClient, cmd: ServiceCmd) -> anyhow::Result<i32> {
     match cmd {
         ServiceCmd::Deploy(a) => {
+            let wait = a.wait;
             let spec = spec_of(*a);
             spec.validate().map_err(anyhow::Error::msg)?;
-            print_service(&api.deploy_service(&spec).await?);
+            let info = api.deploy_service_forced(&spec, wait.force).await?;
+            return started(api, &info, wait).await;
         }
         ServiceCmd::List => print_services(&api.list_services().await?),
         ServiceCmd::Show { name } => print_service(&api.show_service(&name).await?),
-        ServiceCmd::Scale { name, replicas } => print_service(&api.scale_service(&name, replicas).await?),
+        ServiceCmd::Status { name } => rollout::print_status(&api.show_service(&name).await?),
+        ServiceCmd::Scale { name, replicas, wait } => {
+            let info = api.scale_service(&name, replicas).await?;
+            return started(api, &info, wait).await;
+        }
+        ServiceCmd::History { name } => print_history(&api.list_releases(&name).await?),
+        ServiceCmd::Rollback { name, to, wait } => {
+            let req = RollbackRequest { to, force: wait.force };
+            let info = api.rollback_service(&name, &req).await?;
+            return started(api, &info, wait).await;
+        }
         ServiceCmd::Remove { name } => {
             api.remove_service(&name).await?;
             println!("removed service {name}");
         }
     }
-    Ok(())
+    Ok(0)
+}
+
+/// After a change: the plan, then (unless detached) the rollout's progress.
+async fn started(api: &AdminClient, info: &ServiceInfo, wait: WaitArgs) -> anyhow::Result<i32> {
+    rollout::print_plan(info);
+    let Some(r) = &info.rollout else {
+        print_service(info);
+        return Ok(0);
+    };
+    if wait.detach {
+        println!("detached; follow it with `berth service status {}`", info.spec.name);
+        return Ok(0);
+    }
+    rollout::follow(api, &info.spec.name, r.release).await
 }
 
 fn spec_of(a: DeployArgs) -> ServiceSpec {
@@ -39,18 +69,59 @@ fn spec_of(a: DeployArgs) -> ServiceSpec {
         health_http: a.health_http,
         command: a.command,
         nodes: a.nodes,
+        stop_signal: a.stop_signal,
+        stop_timeout: a.stop_timeout,
+        rollout: RolloutPolicy {
+            max_surge: a.rollout.max_surge,
+            max_unavailable: a.rollout.max_unavailable,
+            min_ready_secs: a.rollout.min_ready,
+            drain_secs: a.rollout.drain,
+            timeout_secs: a.rollout.rollout_timeout,
+        },
         ..Default::default()
     }
 }
 
-/// `berth apply -f FILE`: deploys every service in the file, in order.
-pub async fn apply(api: &AdminClient, file: &Path) -> anyhow::Result<()> {
+/// Seconds since unix time `t`.
+fn age(t: i64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    (now - t).max(0) as u64
+}
+
+fn print_history(list: &[ReleaseInfo]) {
+    println!(
+        "{:<8} {:<12} {:<20} {:<8} {:<9} {:<36} REASON",
+        "RELEASE", "STATE", "CREATED", "BY", "REPLICAS", "IMAGE"
+    );
+    for r in list {
+        println!(
+            "{:<8} {:<12} {:<20} {:<8} {:<9} {:<36} {}",
+            r.number,
+            r.state,
+            format!("{} ago", crate::output::humantime(age(r.created_at))),
+            r.created_by,
+            r.spec.replicas,
+            r.image_digest.as_deref().unwrap_or(&r.spec.image),
+            r.reason.as_deref().unwrap_or("").replace('\n', " | ")
+        );
+    }
+}
+
+/// `berth apply -f FILE`: deploys every service in the file, in order,
+/// each rollout followed to its end before the next (unless detached).
+pub async fn apply(api: &AdminClient, file: &Path, wait: WaitArgs) -> anyhow::Result<i32> {
     let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     for spec in parse_service_file(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))? {
-        let info = api.deploy_service(&spec).await?;
-        println!("deployed {} ({} replicas)", info.spec.name, info.replicas.len());
+        let info = api.deploy_service_forced(&spec, wait.force).await?;
+        let code = started(api, &info, wait).await?;
+        if code != 0 {
+            return Ok(code);
+        }
     }
-    Ok(())
+    Ok(0)
 }
 
 /// A service file: one service at the top level, or several as [[service]].
