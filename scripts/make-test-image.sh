@@ -6,7 +6,11 @@
 # Usage: make-test-image.sh [--force] [--ws-echo PATH] [PODMAN FLAGS...]
 #   PODMAN FLAGS are passed to every podman call (e.g. --root DIR --runroot DIR
 #   --storage-driver vfs); PODMAN_OPTS (split on spaces) is prepended to them.
-#   Without --force nothing is done when the image already exists.
+#   Without --force nothing is done when the image already exists and was
+#   built from the same contents: the image carries the label
+#   berth.test-image.hash, the SHA-256 of its root filesystem (made
+#   reproducibly) and its config, so a changed script, busybox or
+#   berth-ws-echo gives a new hash and the image is built again.
 #   --ws-echo PATH (or BERTH_WS_ECHO=PATH) puts that berth-ws-echo binary
 #   (crate ws-echo/, built with the workspace) into the image, with the shared
 #   libraries `ldd` lists for it.
@@ -17,7 +21,9 @@
 # as PID 1 (exec). /www/index.html is a static page, /www/cgi-bin/env prints
 # the environment (so tests can see the container's env and $HOSTNAME) and
 # /www/cgi-bin/hostname prints the hostname, /www/cgi-bin/sse streams two
-# server-sent events (the second once /tmp/sse-go exists).
+# server-sent events (the second once /tmp/sse-go exists) and
+# /www/cgi-bin/slow answers `slow done` after 3 s (or after $QUERY_STRING
+# seconds when that is a number: /cgi-bin/slow?0.5).
 set -euo pipefail
 
 image=localhost/berth-test/busybox:latest
@@ -46,11 +52,6 @@ if [ -n "$ws_echo" ] && [ ! -x "$ws_echo" ]; then
 fi
 
 pm() { podman "${podman_flags[@]}" "$@"; }
-
-if [ "$force" -eq 0 ] && pm image exists "$image"; then
-    echo "$image already exists" >&2
-    exit 0
-fi
 
 busybox=""
 for candidate in /bin/busybox /usr/bin/busybox; do
@@ -118,7 +119,20 @@ while [ ! -f /tmp/sse-go ] && [ "$n" -lt 300 ]; do
 done
 printf 'data: second\n\n'
 CGI
-chmod 0755 "$root/www/cgi-bin/env" "$root/www/cgi-bin/hostname" "$root/www/cgi-bin/sse"
+# A slow response: 3 s, or $QUERY_STRING seconds if it is a number (an
+# integer or a decimal such as 0.5), then `slow done`. For requests that are
+# in flight while a replica is replaced.
+cat >"$root/www/cgi-bin/slow" <<'CGI'
+#!/bin/sh
+seconds=3
+if printf '%s' "$QUERY_STRING" | grep -Eq '^[0-9]+(\.[0-9]+)?$'; then
+    seconds=$QUERY_STRING
+fi
+sleep "$seconds"
+printf 'Content-Type: text/plain\r\n\r\n'
+printf 'slow done\n'
+CGI
+chmod 0755 "$root/www/cgi-bin/env" "$root/www/cgi-bin/hostname" "$root/www/cgi-bin/sse" "$root/www/cgi-bin/slow"
 
 # The WebSocket echo server: the binary (without its debug info) and the
 # shared libraries it loads, at the paths the binary names (the interpreter
@@ -146,11 +160,33 @@ exec /bin/busybox httpd -f -p 8080 -h /www
 SERVE
 chmod 0755 "$root/bin/serve"
 
-tar --numeric-owner --owner=0 --group=0 -C "$root" -cf "$work/rootfs.tar" .
+# Reproducible: names sorted, one mtime, no owners but root, GNU format (no
+# pax atime/ctime headers), so the same contents give the same bytes.
+tar --sort=name --mtime=@0 --format=gnu --numeric-owner --owner=0 --group=0 \
+    -C "$root" -cf "$work/rootfs.tar" .
+changes=(
+    'ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin'
+    'WORKDIR /'
+    'CMD ["/bin/serve"]'
+)
+hash=$({ cat "$work/rootfs.tar"; printf '%s\n' "${changes[@]}"; } | sha256sum | cut -d' ' -f1)
+hash_label=berth.test-image.hash
+
+if [ "$force" -eq 0 ] && pm image exists "$image"; then
+    have=$(pm image inspect --format "{{index .Labels \"$hash_label\"}}" "$image" 2>/dev/null || true)
+    if [ "$have" = "$hash" ]; then
+        echo "$image already exists (same contents)" >&2
+        exit 0
+    fi
+    echo "$image exists but was built from other contents: building it again" >&2
+fi
+
+change_args=()
+for c in "${changes[@]}" "LABEL $hash_label=$hash"; do
+    change_args+=(--change "$c")
+done
 pm import \
-    --change 'ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin' \
-    --change 'WORKDIR /' \
-    --change 'CMD ["/bin/serve"]' \
+    "${change_args[@]}" \
     --quiet \
     --message 'berth test image (busybox-static)' \
     "$work/rootfs.tar" "$image" >/dev/null

@@ -39,9 +39,54 @@ pub struct Reconciler {
     desired: Option<DesiredState>,
     berth_proxy: Option<BerthProxySupervisor>,
     berth_proxy_error: Option<String>,
-    pub applied_revision: u64,
+    /// berth-proxy did not show the config as last written within
+    /// [`crate::proxy::LOAD_WAIT`] (cleared once it does).
+    berth_proxy_unloaded: Option<String>,
+    applied: AppliedGate,
     pub last_error: Option<String>,
     containers_error: Option<String>,
+}
+
+/// The revision a node reports as applied: only one that every part of the
+/// node serves. A document whose every part is in place but berth-proxy's
+/// config (not yet loaded, or not buildable) is pending: the previous
+/// revision is still reported, and the pending one once the proxy confirms.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct AppliedGate {
+    applied: u64,
+    pending: Option<u64>,
+}
+
+impl AppliedGate {
+    /// The document of `revision` is in place; `proxy_serves`: berth-proxy
+    /// serves its config (always true on workers).
+    fn applied(&mut self, revision: u64, proxy_serves: bool) {
+        if proxy_serves {
+            self.applied = revision;
+            self.pending = None;
+        } else {
+            self.pending = Some(revision);
+        }
+    }
+
+    /// berth-proxy now serves the config of the last document applied;
+    /// returns whether the applied revision moved.
+    fn proxy_serves(&mut self) -> bool {
+        match self.pending.take() {
+            Some(r) => {
+                let moved = r != self.applied;
+                self.applied = r;
+                moved
+            }
+            None => false,
+        }
+    }
+
+    /// The revision the desired-state long-poll waits past: a pending one
+    /// is not fetched again.
+    fn received(&self) -> u64 {
+        self.pending.unwrap_or(self.applied)
+    }
 }
 
 const CACHE: &str = "desired.json";
@@ -73,23 +118,47 @@ impl Reconciler {
             runtime: Runtime::new(settings.runtime.clone(), settings.sealing.clone()),
             berth_proxy: settings.berth_proxy.clone().map(BerthProxySupervisor::new),
             berth_proxy_error: None,
+            berth_proxy_unloaded: None,
             settings,
             mesh: None,
             mesh_shape: None,
             firewall_rules: None,
             dns: None,
             desired: None,
-            applied_revision: 0,
+            applied: AppliedGate::default(),
             last_error: None,
             containers_error: None,
         }
     }
 
+    /// The revision every part of this node serves (what it reports).
+    pub fn applied_revision(&self) -> u64 {
+        self.applied.applied
+    }
+
+    /// The revision of the last document applied, even if berth-proxy has
+    /// not confirmed it yet: the desired-state long-poll asks for newer ones.
+    pub fn received_revision(&self) -> u64 {
+        self.applied.received()
+    }
+
+    /// Applies `d`. The applied revision moves to `d.revision` only once
+    /// berth-proxy (on proxy nodes) serves its config; if it does not within
+    /// [`crate::proxy::LOAD_WAIT`], [`Self::tick`] keeps checking and moves
+    /// it then.
     pub async fn apply(&mut self, d: &DesiredState) -> anyhow::Result<()> {
         let res = self.apply_inner(d).await;
         match &res {
             Ok(()) => {
-                self.applied_revision = d.revision;
+                let proxy_serves = self.proxy_serves_desired();
+                self.applied.applied(d.revision, proxy_serves);
+                if !proxy_serves {
+                    tracing::info!(
+                        revision = d.revision,
+                        reported = self.applied.applied,
+                        "applied, but berth-proxy does not serve it yet"
+                    );
+                }
                 self.last_error = None;
             }
             Err(e) => self.last_error = Some(format!("{e:#}")),
@@ -157,29 +226,79 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Rewrites berth-proxy's config (when it changed) and keeps it running.
-    /// A failure is reported, never fatal: berth-proxy keeps its last config.
+    /// Whether berth-proxy serves the config of the current desired state
+    /// (true on workers).
+    fn proxy_serves_desired(&self) -> bool {
+        match &self.berth_proxy {
+            Some(sup) => self.berth_proxy_error.is_none() && sup.is_loaded(),
+            None => true,
+        }
+    }
+
+    /// Rewrites berth-proxy's config (when it changed), keeps it running and
+    /// waits, at most [`crate::proxy::LOAD_WAIT`], until it serves a new
+    /// config. A failure is reported, never fatal: berth-proxy keeps its
+    /// last config.
     async fn refresh_berth_proxy(&mut self) {
         let (Some(sup), Some(d)) = (&mut self.berth_proxy, &self.desired) else {
             return;
         };
-        let res = crate::proxy::config_from(d, &self.settings.sealing, &self.runtime.local_health())
-            .and_then(|cfg| Ok((sup.write(&cfg)?, cfg.revision)));
-        let written = match res {
-            Ok((written, revision)) => {
+        let written = match crate::proxy::config_from(d, &self.settings.sealing, &self.runtime.local_health()) {
+            Ok(cfg) => sup.write(&cfg).await,
+            Err(e) => Err(e),
+        };
+        let written = match written {
+            Ok(written) => {
                 self.berth_proxy_error = None;
-                written.then_some(revision)
+                written
             }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "proxy config not updated");
                 self.berth_proxy_error = Some(format!("proxy: {e:#}"));
-                None
+                false
             }
         };
         sup.ensure_running().await;
-        if let Some(revision) = written {
-            sup.wait_loaded(revision).await;
+        let loaded = match written {
+            true => sup.wait_loaded().await,
+            // Unchanged: only look whether a slow proxy caught up.
+            false => sup.check_loaded().await,
+        };
+        if loaded {
+            self.berth_proxy_unloaded = None;
+        } else if written {
+            self.berth_proxy_unloaded = Some(format!(
+                "proxy: berth-proxy has not loaded config revision {} within {} s (see {})",
+                sup.written_revision().unwrap_or_default(),
+                crate::proxy::LOAD_WAIT.as_secs(),
+                self.settings
+                    .berth_proxy
+                    .as_ref()
+                    .map(|p| p.dir.join("berth-proxy.log").display().to_string())
+                    .unwrap_or_default()
+            ));
         }
+    }
+
+    /// Looks whether berth-proxy now serves the config of the last document
+    /// applied (it was slow, or it restarted); if so the applied revision
+    /// moves. Returns whether the applied revision moved.
+    async fn confirm_proxy(&mut self) -> bool {
+        let Some(sup) = &mut self.berth_proxy else {
+            return false;
+        };
+        if !sup.check_loaded().await {
+            return false;
+        }
+        self.berth_proxy_unloaded = None;
+        if self.berth_proxy_error.is_some() {
+            return false;
+        }
+        let moved = self.applied.proxy_serves();
+        if moved {
+            tracing::info!(revision = self.applied.applied, "berth-proxy serves it: applied");
+        }
+        moved
     }
 
     /// Starts the DNS server on the container gateway (IP_FREEBIND: the bridge
@@ -218,9 +337,12 @@ impl Reconciler {
         }
     }
 
-    /// Repairs containers and runs due health checks; returns whether a
-    /// replica changed (the caller then reports at once).
+    /// Repairs containers, runs due health checks and checks on
+    /// berth-proxy; returns whether a replica changed, the applied revision
+    /// moved or the domains berth-proxy serves changed (the caller then
+    /// reports at once).
     pub async fn tick(&mut self) -> bool {
+        let served_before = self.served_domains();
         let changed = self.runtime.tick().await;
         if changed || self.berth_proxy_error.is_some() {
             // Local health moved (the proxy's upstreams follow), or the last
@@ -236,7 +358,14 @@ impl Reconciler {
                 self.containers_error = None;
             }
         }
-        changed
+        let applied_moved = self.confirm_proxy().await;
+        changed || applied_moved || self.served_domains() != served_before
+    }
+
+    /// Proxy nodes: the domains berth-proxy serves, as of the config it was
+    /// last seen serving. None on workers.
+    fn served_domains(&self) -> Option<Vec<String>> {
+        self.berth_proxy.as_ref().map(|sup| sup.served_domains().to_vec())
     }
 
     pub async fn report(&self) -> StatusReport {
@@ -248,17 +377,19 @@ impl Reconciler {
             None => vec![],
         };
         StatusReport {
-            applied_revision: self.applied_revision,
+            applied_revision: self.applied.applied,
             agent_version: crate::VERSION.to_string(),
             peers,
             error: self
                 .last_error
                 .clone()
                 .or_else(|| self.containers_error.clone())
-                .or_else(|| self.berth_proxy_error.clone()),
+                .or_else(|| self.berth_proxy_error.clone())
+                .or_else(|| self.berth_proxy_unloaded.clone()),
             rss_bytes: rss_bytes(),
             containers: self.runtime.statuses(),
             upgrade_error: None,
+            served_domains: self.served_domains(),
         }
     }
 
@@ -272,4 +403,33 @@ pub fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AppliedGate;
+
+    #[test]
+    fn applied_moves_only_once_the_proxy_serves_it() {
+        let mut g = AppliedGate::default();
+        g.applied(3, true);
+        assert_eq!((g.applied, g.received()), (3, 3));
+        // The proxy has not loaded 4's config: 3 is reported, 4 not fetched again.
+        g.applied(4, false);
+        assert_eq!((g.applied, g.received()), (3, 4));
+        // A newer document, still not loaded: it is the one waited for.
+        g.applied(5, false);
+        assert_eq!((g.applied, g.received()), (3, 5));
+        assert!(g.proxy_serves(), "loaded: 5 is applied");
+        assert_eq!((g.applied, g.received()), (5, 5));
+        assert!(!g.proxy_serves(), "nothing was pending");
+        // A document whose proxy config is unchanged and served moves at once.
+        g.applied(6, true);
+        assert_eq!((g.applied, g.received()), (6, 6));
+        // Loaded later under a document that did not wait: nothing moves back.
+        g.applied(7, false);
+        g.applied(8, true);
+        assert!(!g.proxy_serves());
+        assert_eq!((g.applied, g.received()), (8, 8));
+    }
 }

@@ -374,7 +374,16 @@ mod tests {
                 ..
             })
         ));
-        let add = ["berth", "domain", "add", "app.example.com", "--service", "web", "--port", "80"];
+        let add = [
+            "berth",
+            "domain",
+            "add",
+            "app.example.com",
+            "--service",
+            "web",
+            "--port",
+            "80",
+        ];
         let c = Cli::try_parse_from(add.iter().chain(&["--wait", "--timeout", "30"])).unwrap();
         assert!(matches!(
             c.command,

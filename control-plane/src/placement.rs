@@ -105,6 +105,18 @@ pub fn next_container_ip(subnet: Ipv4Net, used: &HashSet<Ipv4Addr>) -> Option<Ip
     subnet.hosts().skip(1).find(|ip| !used.contains(ip))
 }
 
+/// The first free address of `subnet` after `cursor` (the last one handed
+/// out), wrapping round; the lowest free one without a cursor.
+pub fn next_container_ip_after(subnet: Ipv4Net, used: &HashSet<Ipv4Addr>, cursor: Option<Ipv4Addr>) -> Option<Ipv4Addr> {
+    let after = |ip: &Ipv4Addr| cursor.is_none_or(|c| *ip > c);
+    subnet
+        .hosts()
+        .skip(1)
+        .filter(|ip| !used.contains(ip))
+        .find(after)
+        .or_else(|| next_container_ip(subnet, used))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,5 +231,11 @@ mod tests {
         assert_eq!(next_container_ip(net, &used), Some(Ipv4Addr::new(10, 200, 3, 3)));
         let full: HashSet<_> = net.hosts().collect();
         assert_eq!(next_container_ip(net, &full), None);
+        // Round the subnet: a freed address is not handed out again at once.
+        let ip = |d| Ipv4Addr::new(10, 200, 3, d);
+        let used: HashSet<_> = [ip(3)].into();
+        assert_eq!(next_container_ip_after(net, &used, Some(ip(4))), Some(ip(5)));
+        assert_eq!(next_container_ip_after(net, &used, Some(ip(254))), Some(ip(2)));
+        assert_eq!(next_container_ip_after(net, &full, Some(ip(9))), None);
     }
 }

@@ -1,11 +1,12 @@
 //! The test image's web server as a service: the `demo` that `berth lab up`
 //! deploys (and puts behind `demo.example.com` on a proxy node), the spec the
-//! tests and benchmarks start from, and waiting for replicas to be healthy.
+//! tests and benchmarks start from, and waiting for replicas to be healthy
+//! and for domains to be served.
 
 use crate::{Lab, TEST_IMAGE};
 use anyhow::{bail, Context};
 use berth_client::AdminClient;
-use berth_protocol::routes::{CertState, DomainSpec};
+use berth_protocol::routes::{CertState, DomainInfo, DomainSpec};
 use berth_protocol::service::{ServiceInfo, ServiceSpec};
 use std::time::{Duration, Instant};
 
@@ -115,8 +116,10 @@ pub async fn deploy(lab: &Lab, workers: u16) {
 }
 
 /// Puts the demo behind [`DEMO_DOMAIN`] on the lab's proxy nodes, with a
-/// certificate from a Pebble ACME server the lab starts, and prints the curl
-/// command that reaches it. A failure is a warning: the lab stays up.
+/// certificate from a Pebble ACME server the lab starts, waits until every
+/// proxy serves it (so the first request does not meet a proxy without the
+/// certificate) and prints the curl command that reaches it. A failure is a
+/// warning: the lab stays up.
 pub async fn publish(lab: &mut Lab, proxy: &str) {
     eprintln!(
         "lab {}: starting Pebble (ACME) and ordering a certificate for {DEMO_DOMAIN}...",
@@ -150,7 +153,21 @@ async fn try_publish(lab: &mut Lab, proxy: &str) -> anyhow::Result<(std::path::P
             passthrough: false,
         })
         .await?;
-    wait_cert(&admin, DEMO_DOMAIN, Duration::from_secs(90)).await?;
+    let id = lab.state.id;
+    let mut last = String::new();
+    let progress = |d: &DomainInfo| {
+        let line = format!(
+            "{DEMO_DOMAIN}: certificate {}, served by {} proxies{}",
+            d.cert_state,
+            d.proxies(),
+            d.last_error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
+        );
+        if line != last {
+            eprintln!("lab {id}: {line}");
+            last = line;
+        }
+    };
+    wait_served(&admin, DEMO_DOMAIN, Duration::from_secs(90), progress).await?;
     let pebble = lab.state.pebble.clone().context("no Pebble")?;
     let root = lab.state.dir.join("pebble-root.pem");
     std::fs::write(&root, pebble.issuing_root().await?)?;
@@ -158,7 +175,37 @@ async fn try_publish(lab: &mut Lab, proxy: &str) -> anyhow::Result<(std::path::P
     Ok((root, lab.net.node_ip(index)))
 }
 
-/// Waits until `domain`'s certificate is valid.
+/// Waits until `domain`'s certificate is issued and every online proxy
+/// serves it ([`DomainInfo::served_everywhere`]: `berth domain list` shows
+/// `valid` and `N/N`); `progress` sees every answer on the way.
+pub async fn wait_served(
+    admin: &AdminClient,
+    domain: &str,
+    within: Duration,
+    mut progress: impl FnMut(&DomainInfo),
+) -> anyhow::Result<DomainInfo> {
+    let deadline = Instant::now() + within;
+    loop {
+        let d = admin.get_domain(domain).await?;
+        progress(&d);
+        if d.served_everywhere() {
+            return Ok(d);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{domain} is not served by every proxy after {} s: certificate {}, served by {} online proxies{}",
+                within.as_secs(),
+                d.cert_state,
+                d.proxies(),
+                d.last_error.map(|e| format!(", last error: {e}")).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until `domain`'s certificate is valid (whether the proxies serve
+/// it yet or not: see [`wait_served`]).
 pub async fn wait_cert(admin: &AdminClient, domain: &str, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     loop {

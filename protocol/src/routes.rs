@@ -130,6 +130,30 @@ pub struct DomainInfo {
     /// RFC 3339 expiry of the current certificate.
     pub cert_not_after: Option<String>,
     pub last_error: Option<String>,
+    /// Online proxy nodes whose berth-proxy has loaded this domain: its
+    /// route with a certificate (or its passthrough route), as the proxy's
+    /// last status report says.
+    #[serde(default)]
+    pub proxies_serving: u32,
+    /// Proxy nodes online (reported within the control plane's
+    /// `--offline-after`).
+    #[serde(default)]
+    pub proxies_online: u32,
+}
+
+impl DomainInfo {
+    /// Served: the certificate is issued (or none is needed) and every
+    /// online proxy, at least one, serves the domain.
+    pub fn served_everywhere(&self) -> bool {
+        matches!(self.cert_state, CertState::Valid | CertState::Passthrough)
+            && self.proxies_online > 0
+            && self.proxies_serving >= self.proxies_online
+    }
+
+    /// `2/2`: online proxies serving the domain, of the online proxies.
+    pub fn proxies(&self) -> String {
+        format!("{}/{}", self.proxies_serving, self.proxies_online)
+    }
 }
 
 #[cfg(test)]
@@ -176,6 +200,37 @@ mod tests {
         assert_eq!(t.validate().unwrap_err().field, "listen");
         let t = TcpRouteSpec { listen: 5432, ..t };
         t.validate().unwrap();
+    }
+
+    #[test]
+    fn served_everywhere_needs_a_certificate_and_every_online_proxy() {
+        let info = |cert_state, serving, online| DomainInfo {
+            spec: DomainSpec {
+                domain: "app.example.com".into(),
+                service: "web".into(),
+                port: 80,
+                passthrough: cert_state == CertState::Passthrough,
+            },
+            cert_state,
+            cert_not_after: None,
+            last_error: None,
+            proxies_serving: serving,
+            proxies_online: online,
+        };
+        assert!(info(CertState::Valid, 2, 2).served_everywhere());
+        assert!(info(CertState::Passthrough, 1, 1).served_everywhere());
+        assert!(!info(CertState::Valid, 1, 2).served_everywhere());
+        assert!(!info(CertState::Valid, 0, 0).served_everywhere(), "no proxy serves it");
+        assert!(!info(CertState::Pending, 2, 2).served_everywhere());
+        assert!(!info(CertState::Failed, 2, 2).served_everywhere());
+        assert_eq!(info(CertState::Valid, 1, 2).proxies(), "1/2");
+        // A control plane that does not count proxies yet: 0/0.
+        let old: DomainInfo = serde_json::from_value(serde_json::json!({
+            "spec": {"domain": "a.b", "service": "web", "port": 80},
+            "cert_state": "valid", "cert_not_after": null, "last_error": null
+        }))
+        .unwrap();
+        assert_eq!(old.proxies(), "0/0");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The config file: loading and validating it into an immutable
 //! [`LoadedConfig`], swapping loaded configs atomically, and watching the file
-//! (inode/mtime poll and SIGHUP).
+//! (inode/mtime poll every [`POLL_INTERVAL`], and SIGHUP).
 
 use crate::access_log::AccessLog;
 use crate::metrics::{HostStats, Metrics};
@@ -21,6 +21,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+
+/// How often the config file is stat()ed for a change (inode, size, times):
+/// one `statx` per tick, so a short interval is cheap, and a new config is
+/// served within it. Rollouts wait for a proxy to load a config twice per
+/// replica, so this bounds their pace.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// An HTTP route: its upstreams and its counters.
 #[derive(Debug)]

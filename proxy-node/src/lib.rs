@@ -87,7 +87,7 @@ pub struct Options {
     /// Extra attempts on another upstream when connecting fails (idempotent
     /// requests without a body, TCP routes, passthrough).
     pub retries: u32,
-    /// How often the config file's inode/mtime is checked.
+    /// How often the config file's inode/mtime is checked ([`config::POLL_INTERVAL`] by default).
     pub poll_interval: Duration,
     /// Where access-log JSON lines go; None disables the access log.
     pub access_log: Option<Box<dyn std::io::Write + Send>>,
@@ -102,7 +102,7 @@ impl Options {
             max_header_bytes: 64 * 1024,
             ejection: Duration::from_secs(10),
             retries: 2,
-            poll_interval: Duration::from_millis(500),
+            poll_interval: config::POLL_INTERVAL,
             access_log: Some(Box::new(std::io::stdout())),
         }
     }

@@ -16,7 +16,7 @@ use std::time::Duration;
 #[command(name = "berth-proxy", version)]
 struct Args {
     /// JSON config file (ProxyConfig) written by the agent; replaced
-    /// atomically and reloaded when it changes (polled every 500 ms) or on SIGHUP.
+    /// atomically and reloaded when it changes (polled every 100 ms) or on SIGHUP.
     #[arg(long, value_name = "PATH")]
     config: PathBuf,
     /// Plain-HTTP listener: ACME HTTP-01 answers and redirects to HTTPS.
@@ -146,7 +146,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_header_bytes: args.max_header_bytes,
         ejection: args.ejection,
         retries: args.retries,
-        poll_interval: Duration::from_millis(500),
+        poll_interval: berth_proxy::config::POLL_INTERVAL,
         access_log,
     };
     let listeners = Listeners::bind(args.http, args.https, metrics).await?;

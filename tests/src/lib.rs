@@ -7,6 +7,8 @@ pub use berth_lab::{default_bin_dir, demo, Lab, LabGuard, LabSpec, TEST_IMAGE};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod load;
+
 /// Builds lab `id` with `nodes` workers (in the temp dir) and waits until it
 /// has converged; removed when the guard drops.
 pub async fn lab_up(id: u8, nodes: u16) -> LabGuard {

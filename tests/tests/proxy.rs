@@ -406,3 +406,189 @@ async fn https_through_the_proxy_with_an_acme_certificate() {
     let (_, status) = curl(&proxy_ip, &root, "https://app.example.com/index.html", &[]);
     assert!(status.starts_with("200"), "{status}");
 }
+
+/// Runs the `berth` CLI against the lab's control plane.
+fn berth(lab: &LabGuard, args: &[&str]) -> std::process::Output {
+    let target = lab.client_config();
+    Command::new(default_bin_dir().join("berth"))
+        .args(args)
+        .env("BERTH_URL", &target.url)
+        .env("BERTH_ADMIN_TOKEN_FILE", &target.admin_token_file)
+        .env("BERTH_CA_FILE", &target.ca_file)
+        .output()
+        .expect("run berth")
+}
+
+/// The row of `domain` in `berth domain list`, split on whitespace.
+fn domain_list_row(lab: &LabGuard, domain: &str) -> Vec<String> {
+    let out = berth(lab, &["domain", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.lines().next().unwrap_or_default().contains("PROXIES"), "{text}");
+    text.lines()
+        .find(|l| l.starts_with(&format!("{domain} ")))
+        .unwrap_or_else(|| panic!("{domain} not in\n{text}"))
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+/// Waits until `domain` is served by `serving` of `online` online proxies.
+async fn wait_proxies(lab: &LabGuard, domain: &str, serving: u32, online: u32) {
+    let admin = lab.admin().unwrap();
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let d = admin.get_domain(domain).await.unwrap();
+        assert!(d.proxies_serving <= d.proxies_online, "{d:?}");
+        if (d.proxies_serving, d.proxies_online) == (serving, online) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{domain}: want {serving}/{online}, have {d:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Node `name`'s desired and applied revisions.
+async fn revisions(lab: &LabGuard, name: &str) -> (u64, u64) {
+    let nodes = lab.admin().unwrap().list_nodes().await.unwrap();
+    let n = nodes.iter().find(|n| n.name == name).unwrap();
+    (n.revision, n.applied_revision)
+}
+
+async fn applied(lab: &LabGuard, name: &str) -> u64 {
+    revisions(lab, name).await.1
+}
+
+/// Issue 12 (i): `berth domain list` counts the online proxies that serve a
+/// domain (`1/1`, then `2/2` once a second proxy loaded the certificate),
+/// `domain add --wait` returns once it is served, and a proxy whose
+/// berth-proxy has not loaded a revision does not report it applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_is_served_when_every_proxy_serves_it() {
+    let mut lab = lab_up(208, 1).await;
+    let proxy = lab.add_node(true).await.unwrap();
+    lab.wait_converged(SETTLE).await.unwrap();
+    lab.start_pebble(&proxy).await.unwrap();
+    lab.wait_converged(SETTLE).await.unwrap();
+    let admin = lab.admin().unwrap();
+    let web = ServiceSpec {
+        nodes: vec!["n1".into()],
+        ..demo::web_service("web", 1)
+    };
+    admin.deploy_service(&web).await.unwrap();
+    demo::wait_healthy(&admin, "web", 1, SETTLE, |_| {}).await.unwrap();
+    let host = "app.example.com";
+    let proxy_ip = lab.net.node_ip(lab.node(&proxy).unwrap().index).to_string();
+
+    // `domain add --wait` returns once the certificate is issued and the
+    // one proxy serves it; the list says 1/1.
+    let out = berth(
+        &lab,
+        &[
+            "domain",
+            "add",
+            host,
+            "--service",
+            "web",
+            "--port",
+            "8080",
+            "--wait",
+            "--timeout",
+            "90",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("{host}: certificate valid until")) && stdout.contains("served by 1/1 online proxies"),
+        "{stdout}"
+    );
+    let row = domain_list_row(&lab, host);
+    assert_eq!(row[3..5], ["valid", "1/1"], "{row:?}");
+    // Served means the TLS handshake works at once (no alert for a missing
+    // certificate), with the Pebble certificate.
+    let root = lab.state.dir.join("pebble-root.pem");
+    let pebble = lab.state.pebble.clone().unwrap();
+    std::fs::write(&root, pebble.issuing_root().await.unwrap()).unwrap();
+    let first = served_cert(&proxy_ip, host);
+    assert!(first.contains("Fingerprint"), "{first}");
+    let (body, status) = curl(&proxy_ip, &root, &format!("https://{host}/index.html"), &[]);
+    assert!(status.starts_with("200") && body.contains("berth test"), "{status}");
+
+    // A second proxy joins: online at its first report, serving once its
+    // berth-proxy loaded the certificate: 2/2.
+    let proxy2 = lab.add_node(true).await.unwrap();
+    let proxy2_ip = lab.net.node_ip(lab.node(&proxy2).unwrap().index).to_string();
+    wait_proxies(&lab, host, 2, 2).await;
+    let row = domain_list_row(&lab, host);
+    assert_eq!(row[3..5], ["valid", "2/2"], "{row:?}");
+    assert_eq!(
+        served_cert(&proxy2_ip, host),
+        first,
+        "the second proxy serves the same certificate"
+    );
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        // The route also needs the mesh to the replica's node.
+        let (body, status) = curl(&proxy2_ip, &root, &format!("https://{host}/index.html"), &[]);
+        if status.starts_with("200") && body.contains("berth test") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "through the second proxy: {status}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    lab.wait_converged(SETTLE).await.unwrap();
+
+    // The second proxy's berth-proxy stopped (SIGSTOP): a new route is
+    // applied by the first proxy, not by the second, whose agent keeps
+    // reporting the previous revision, and the route is served by 1/2.
+    // Once it runs again, it loads the route and the revision is applied.
+    let pid = lab_proxy_pid(&lab, &proxy2).to_string();
+    let signal = |sig: &str| {
+        let st = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(st.success(), "kill {sig} {pid}");
+    };
+    let before = applied(&lab, &proxy2).await;
+    signal("-STOP");
+    let tls = "tls.example.com";
+    admin
+        .add_domain(&DomainSpec {
+            passthrough: true,
+            ..domain(tls)
+        })
+        .await
+        .unwrap();
+    // The revision that brings the route (both proxies get the same).
+    let rev = revisions(&lab, &proxy2).await.0;
+    assert!(rev > before);
+    wait_proxies(&lab, tls, 1, 2).await;
+    let deadline = Instant::now() + SETTLE;
+    while applied(&lab, &proxy).await < rev {
+        assert!(Instant::now() < deadline, "the first proxy did not apply {rev}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Its agent applied everything else long ago (and reports every few s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let stuck = applied(&lab, &proxy2).await;
+    assert!(
+        (before..rev).contains(&stuck),
+        "a stopped berth-proxy: applied {stuck}, before {before}, new {rev}"
+    );
+    assert_eq!(domain_list_row(&lab, tls)[3..5], ["passthrough", "1/2"]);
+    signal("-CONT");
+    wait_proxies(&lab, tls, 2, 2).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while applied(&lab, &proxy2).await < rev {
+        assert!(
+            Instant::now() < deadline,
+            "{proxy2} did not apply {rev} once berth-proxy ran again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, status) = curl(&proxy2_ip, &root, &format!("https://{host}/index.html"), &[]);
+    assert!(status.starts_with("200"), "{status}");
+}

@@ -78,7 +78,6 @@ fn spec_of(a: DeployArgs) -> ServiceSpec {
             drain_secs: a.rollout.drain,
             timeout_secs: a.rollout.rollout_timeout,
         },
-        ..Default::default()
     }
 }
 

@@ -1,6 +1,8 @@
 //! Domains (`/v1/domains`) and TCP routes (`/v1/routes/tcp`), admin only:
 //! the traffic proxy nodes take from the internet and where it goes.
-//! Every refusal names its field and changes nothing.
+//! Every refusal names its field and changes nothing. A domain is listed
+//! with how many of the online proxies serve it (`proxies_serving` of
+//! `proxies_online`, from their status reports).
 
 use super::AdminRoutes;
 use crate::error::{ApiErr, ApiResult};
@@ -11,7 +13,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, post};
+use axum::routing::{delete, get, post};
 use axum::Json;
 use berth_protocol::routes::{DomainInfo, DomainSpec, TcpRouteSpec};
 use berth_protocol::{ErrorCode, Removed};
@@ -20,7 +22,7 @@ use serde::de::DeserializeOwned;
 pub fn routes() -> AdminRoutes {
     vec![
         ("/v1/domains", post(add_domain).get(list_domains)),
-        ("/v1/domains/{domain}", delete(remove_domain)),
+        ("/v1/domains/{domain}", get(get_domain).delete(remove_domain)),
         ("/v1/routes/tcp", post(add_tcp_route).get(list_tcp_routes)),
         ("/v1/routes/tcp/{listen}", delete(remove_tcp_route)),
     ]
@@ -100,14 +102,33 @@ async fn add_domain(
         .get_domain(&spec.domain)
         .await?
         .ok_or_else(|| ApiErr::internal("domain vanished"))?;
-    Ok((StatusCode::CREATED, Json(row.info(now()))))
+    let now = now();
+    let proxies = s.store.proxy_counts(now, s.offline_after_secs).await?;
+    Ok((StatusCode::CREATED, Json(row.info(now, &proxies))))
 }
 
 async fn list_domains(State(s): State<SharedState>) -> ApiResult<Json<Vec<DomainInfo>>> {
     let now = now();
+    let proxies = s.store.proxy_counts(now, s.offline_after_secs).await?;
     Ok(Json(
-        s.store.list_domains().await?.iter().map(|d| d.info(now)).collect(),
+        s.store
+            .list_domains()
+            .await?
+            .iter()
+            .map(|d| d.info(now, &proxies))
+            .collect(),
     ))
+}
+
+async fn get_domain(State(s): State<SharedState>, Path(domain): Path<String>) -> ApiResult<Json<DomainInfo>> {
+    let row = s
+        .store
+        .get_domain(&domain)
+        .await?
+        .ok_or_else(|| ApiErr::not_found("domain", format!("domain: no domain {domain:?} is routed")))?;
+    let now = now();
+    let proxies = s.store.proxy_counts(now, s.offline_after_secs).await?;
+    Ok(Json(row.info(now, &proxies)))
 }
 
 async fn remove_domain(State(s): State<SharedState>, Path(domain): Path<String>) -> ApiResult<Json<Removed>> {

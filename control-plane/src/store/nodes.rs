@@ -260,11 +260,7 @@ impl Store {
             sqlx::query("DELETE FROM replicas WHERE node_id NOT IN (SELECT id FROM nodes)")
                 .execute(&mut *tx)
                 .await?;
-            match super::services::replan_after_node_removal(&mut tx, offline_after).await {
-                Ok(()) => {}
-                Err(super::services::DeployError::Store(e)) => return Err(e),
-                Err(e) => tracing::warn!(error = %e, "some replicas of the removed node could not be moved"),
-            }
+            super::releases::refill_after_node_removal(&mut tx, offline_after).await?;
             let rev = bump_all(&mut tx).await?;
             tx.commit().await?;
             Ok(Some(rev))
@@ -289,18 +285,25 @@ impl Store {
     }
 
     /// Records a heartbeat. A report without peers (most heartbeats: the
-    /// peer list is O(fleet) and sent less often) keeps the stored one.
+    /// peer list is O(fleet) and sent less often) keeps the stored one. The
+    /// domains a proxy serves come with every report and replace the stored
+    /// ones (NULL when the report has none: a worker, or an older agent).
     pub async fn record_status(&self, node_id: &str, report: &StatusReport) -> sqlx::Result<()> {
         let json = (!report.peers.is_empty()).then(|| serde_json::to_string(report).unwrap_or_default());
+        let served = report
+            .served_domains
+            .as_ref()
+            .map(|d| serde_json::to_string(d).unwrap_or_default());
         sqlx::query(
             "UPDATE nodes SET last_seen = $1, applied_revision = $2, agent_version = $3, \
-             status_json = COALESCE($4, status_json), last_error = $5 WHERE id = $6",
+             status_json = COALESCE($4, status_json), last_error = $5, served_domains = $6 WHERE id = $7",
         )
         .bind(now())
         .bind(report.applied_revision as i64)
         .bind(&report.agent_version)
         .bind(json)
         .bind(report.error.as_ref().or(report.upgrade_error.as_ref()))
+        .bind(served)
         .bind(node_id)
         .execute(&self.pool)
         .await?;

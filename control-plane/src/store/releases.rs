@@ -484,8 +484,20 @@ impl Store {
                     .into_iter()
                     .filter(|r| r.service == service)
                     .collect();
-                let stages = machine::stages(&m, &machine_view(&after, &nodes), now_ms);
-                let steps = merge_steps(&rel.steps, &stages, &after, &nodes, out.finished, now_ms);
+                let failed_now = actions.iter().any(|a| matches!(a, Action::Fail { .. }));
+                let steps = if rel.rolling_back || failed_now {
+                    // The failed release's steps stay as they ended; those
+                    // not done are marked failed.
+                    let mut steps = rel.steps.clone();
+                    for st in steps.iter_mut().filter(|s| s.stage != StepStage::Done && s.stage != StepStage::Failed) {
+                        st.stage = StepStage::Failed;
+                        st.times.push((StepStage::Failed, now_ms));
+                    }
+                    steps
+                } else {
+                    let stages = machine::stages(&m, &machine_view(&after, &nodes), now_ms);
+                    merge_steps(&rel.steps, &stages, &after, &nodes, out.finished, now_ms)
+                };
                 if steps != rel.steps {
                     sqlx::query("UPDATE releases SET steps_json = $1 WHERE service = $2 AND number = $3")
                         .bind(serde_json::to_string(&steps)?)

@@ -7,6 +7,7 @@ use crate::acme::ChallengeKind;
 use berth_protocol::routes::{CertState, DomainInfo, DomainSpec, TcpRouteSpec};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
+use std::collections::{HashMap, HashSet};
 
 #[derive(Debug, Clone)]
 pub struct DomainRow {
@@ -60,7 +61,8 @@ impl DomainRow {
         }
     }
 
-    pub fn info(&self, now: i64) -> DomainInfo {
+    /// The domain as the API shows it; `proxies` counts the proxies serving it.
+    pub fn info(&self, now: i64, proxies: &ProxyCounts) -> DomainInfo {
         let cert_state = if self.spec.passthrough {
             CertState::Passthrough
         } else if self.has_valid_cert(now) {
@@ -75,7 +77,55 @@ impl DomainRow {
             cert_state,
             cert_not_after: self.not_after.map(rfc3339),
             last_error: self.last_error.clone(),
+            proxies_serving: proxies.serving(&self.spec.domain),
+            proxies_online: proxies.online,
         }
+    }
+}
+
+/// The online proxy nodes, and how many of them serve each domain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProxyCounts {
+    pub online: u32,
+    serving: HashMap<String, u32>,
+}
+
+/// A proxy node as [`ProxyCounts`] sees it: when it last reported and the
+/// domains it served then (the `served_domains` column, a JSON array).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProxySeen {
+    pub last_seen: Option<i64>,
+    pub served_json: Option<String>,
+}
+
+impl ProxyCounts {
+    /// Counts the proxies that reported within `offline_after` seconds of
+    /// `now` (online, as `berth nodes list` judges it) and, per domain, those
+    /// of them that serve it. A proxy that reported no list (an older agent)
+    /// or an unreadable one is online but serves nothing.
+    pub fn count(proxies: &[ProxySeen], now: i64, offline_after: i64) -> ProxyCounts {
+        let mut c = ProxyCounts::default();
+        for p in proxies {
+            let online = p.last_seen.is_some_and(|t| now - t <= offline_after);
+            if !online {
+                continue;
+            }
+            c.online += 1;
+            let served: HashSet<String> = p
+                .served_json
+                .as_deref()
+                .and_then(|j| serde_json::from_str(j).ok())
+                .unwrap_or_default();
+            for d in served {
+                *c.serving.entry(d).or_default() += 1;
+            }
+        }
+        c
+    }
+
+    /// Online proxies serving `domain`.
+    pub fn serving(&self, domain: &str) -> u32 {
+        self.serving.get(domain).copied().unwrap_or(0)
     }
 }
 
@@ -182,6 +232,22 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.iter().map(DomainRow::from_row).collect())
+    }
+
+    /// The proxy nodes' view for [`DomainRow::info`]: online ones and the
+    /// domains each serves.
+    pub async fn proxy_counts(&self, now: i64, offline_after: i64) -> sqlx::Result<ProxyCounts> {
+        let rows = sqlx::query("SELECT last_seen, served_domains FROM nodes WHERE role = 'proxy'")
+            .fetch_all(&self.pool)
+            .await?;
+        let seen: Vec<ProxySeen> = rows
+            .iter()
+            .map(|r| ProxySeen {
+                last_seen: r.get(0),
+                served_json: r.get(1),
+            })
+            .collect();
+        Ok(ProxyCounts::count(&seen, now, offline_after))
     }
 
     pub async fn get_domain(&self, domain: &str) -> sqlx::Result<Option<DomainRow>> {
@@ -494,9 +560,40 @@ mod tests {
         assert!(!r.needs_cert(59));
         assert!(r.needs_cert(60));
         assert!(r.needs_cert(91), "expired");
-        assert_eq!(r.info(10).cert_state, CertState::Valid);
-        assert_eq!(r.info(100).cert_state, CertState::Pending);
-        assert_eq!(row(true, None, None).info(0).cert_state, CertState::Passthrough);
+        let none = ProxyCounts::default();
+        assert_eq!(r.info(10, &none).cert_state, CertState::Valid);
+        assert_eq!(r.info(100, &none).cert_state, CertState::Pending);
+        assert_eq!(row(true, None, None).info(0, &none).cert_state, CertState::Passthrough);
+    }
+
+    #[test]
+    fn counts_online_proxies_serving_each_domain() {
+        let p = |last_seen: Option<i64>, served: Option<&str>| ProxySeen {
+            last_seen,
+            served_json: served.map(String::from),
+        };
+        let proxies = [
+            p(Some(100), Some(r#"["a.example.com","b.example.com"]"#)),
+            p(Some(95), Some(r#"["a.example.com"]"#)),
+            // Offline: neither online nor serving.
+            p(Some(50), Some(r#"["a.example.com","b.example.com"]"#)),
+            // Never reported.
+            p(None, None),
+            // An older agent, and an unreadable list: online, serving nothing.
+            p(Some(100), None),
+            p(Some(100), Some("not json")),
+        ];
+        let c = ProxyCounts::count(&proxies, 100, 30);
+        assert_eq!(c.online, 4);
+        assert_eq!(c.serving("a.example.com"), 2);
+        assert_eq!(c.serving("b.example.com"), 1);
+        assert_eq!(c.serving("c.example.com"), 0);
+        let info = row(false, Some(0), Some(1000)).info(100, &c);
+        assert_eq!((info.proxies_serving, info.proxies_online), (2, 4));
+        assert!(!info.served_everywhere());
+        let all = ProxyCounts::count(&proxies[..2], 100, 30);
+        assert!(row(false, Some(0), Some(1000)).info(100, &all).served_everywhere());
+        assert_eq!(ProxyCounts::count(&[], 100, 30), ProxyCounts::default());
     }
 
     #[test]

@@ -397,8 +397,23 @@ pub async fn start_replica(
         .iter()
         .find(|n| n.id == node_id)
         .ok_or_else(|| DeployError::Placement(FieldError::new("nodes", "the chosen node vanished")))?;
+    // Addresses go round the subnet from where the last one was handed
+    // out: one freed a moment ago may still be held by the container
+    // being stopped (and by Podman's IPAM, and by DNS caches).
     let used: HashSet<Ipv4Addr> = all.iter().map(|r| r.ip).collect();
-    let ip = placement::next_container_ip(node.subnet, &used).ok_or_else(|| DeployError::SubnetFull(node.name.clone()))?;
+    let cursor_key = format!("ip_cursor:{node_id}");
+    let cursor: Option<Ipv4Addr> = sqlx::query("SELECT value FROM settings WHERE key = $1")
+        .bind(&cursor_key)
+        .fetch_optional(&mut **tx)
+        .await?
+        .and_then(|r| r.get::<String, _>(0).parse().ok());
+    let ip = placement::next_container_ip_after(node.subnet, &used, cursor)
+        .ok_or_else(|| DeployError::SubnetFull(node.name.clone()))?;
+    sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2")
+        .bind(&cursor_key)
+        .bind(ip.to_string())
+        .execute(&mut **tx)
+        .await?;
     let seq: i64 = sqlx::query("SELECT next_replica FROM services WHERE name = $1")
         .bind(&spec.name)
         .fetch_one(&mut **tx)
