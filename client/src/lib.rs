@@ -3,8 +3,8 @@
 //! one method per endpoint, request and response types from `berth_protocol`,
 //! and errors as [`Error`], whose API variant carries the stable error code.
 
-use berth_protocol::routes::{DomainInfo, DomainSpec, TcpRouteSpec};
 use berth_protocol::release::{ReleaseInfo, RollbackRequest};
+use berth_protocol::routes::{DomainInfo, DomainSpec, TcpRouteSpec};
 use berth_protocol::service::{ScaleRequest, ServiceInfo, ServiceSpec};
 use berth_protocol::{
     ApiError, CreateTokenRequest, CreatedToken, ErrorCode, NodeInfo, Removed, Revision, TokenInfo, TokenRevoked,
@@ -183,7 +183,11 @@ impl AdminClient {
     }
 
     pub async fn deploy_service_forced(&self, spec: &ServiceSpec, force: bool) -> Result<ServiceInfo> {
-        let path = if force { "/v1/services?force=true" } else { "/v1/services" };
+        let path = if force {
+            "/v1/services?force=true"
+        } else {
+            "/v1/services"
+        };
         self.post(path, spec).await
     }
 

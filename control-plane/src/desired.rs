@@ -5,8 +5,8 @@
 
 use crate::acme::ChallengeKind;
 use crate::store::nodes::{name_of, NodeRow};
-use crate::store::routes::{ChallengeRow, DomainRow, TcpRouteRow};
 use crate::store::releases::ReleaseRow;
+use crate::store::routes::{ChallengeRow, DomainRow, TcpRouteRow};
 use crate::store::services::{Phase, ReplicaRow, ServiceRow};
 use berth_protocol::proxy::{
     AlpnChallenge, CertDesired, Http01Challenge, HttpRouteDesired, PassthroughDesired, ProxyDesired, TcpRouteDesired,
@@ -110,7 +110,11 @@ impl FleetView {
     /// The spec and sealed secrets replica `r` runs: its release's, or the
     /// service's newest when the release is not in the view.
     fn spec_of(&self, r: &ReplicaRow) -> Option<(&berth_protocol::service::ServiceSpec, Option<&str>)> {
-        if let Some(rel) = self.releases.iter().find(|x| x.service == r.service && x.number == r.release) {
+        if let Some(rel) = self
+            .releases
+            .iter()
+            .find(|x| x.service == r.service && x.number == r.release)
+        {
             return Some((&rel.spec, rel.secrets_sealed.as_deref()));
         }
         let s = self.services.iter().find(|s| s.name == r.service)?;

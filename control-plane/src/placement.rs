@@ -107,7 +107,11 @@ pub fn next_container_ip(subnet: Ipv4Net, used: &HashSet<Ipv4Addr>) -> Option<Ip
 
 /// The first free address of `subnet` after `cursor` (the last one handed
 /// out), wrapping round; the lowest free one without a cursor.
-pub fn next_container_ip_after(subnet: Ipv4Net, used: &HashSet<Ipv4Addr>, cursor: Option<Ipv4Addr>) -> Option<Ipv4Addr> {
+pub fn next_container_ip_after(
+    subnet: Ipv4Net,
+    used: &HashSet<Ipv4Addr>,
+    cursor: Option<Ipv4Addr>,
+) -> Option<Ipv4Addr> {
     let after = |ip: &Ipv4Addr| cursor.is_none_or(|c| *ip > c);
     subnet
         .hosts()

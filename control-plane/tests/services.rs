@@ -178,7 +178,11 @@ async fn deploy_scale_move_and_health(db: &Db) {
     // Scaling down drains: out of DNS at once, stopped once every node
     // has loaded that (and the drain time, 0 here, has passed).
     let info: ServiceInfo = r.json();
-    assert!(info.replicas.iter().all(|r| r.phase == "draining"), "{:?}", info.replicas);
+    assert!(
+        info.replicas.iter().all(|r| r.phase == "draining"),
+        "{:?}",
+        info.replicas
+    );
     assert!(desired(&cp, &a).await.dns[0].replicas.is_empty());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
@@ -190,7 +194,10 @@ async fn deploy_scale_move_and_health(db: &Db) {
         if d.containers.is_empty() && desired(&cp, &b).await.containers.is_empty() {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "drained replicas were never removed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "drained replicas were never removed"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 
@@ -291,21 +298,38 @@ async fn play_agents(cp: &Cp, nodes: &[&SealedNode], healthy: &dyn Fn(&str) -> b
 }
 
 async fn show(cp: &Cp, name: &str) -> ServiceInfo {
-    Reply::from(cp.admin(Method::GET, &format!("/v1/services/{name}")).send().await.unwrap())
-        .await
-        .json()
+    Reply::from(
+        cp.admin(Method::GET, &format!("/v1/services/{name}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+    .json()
 }
 
 async fn history(cp: &Cp, name: &str) -> Vec<ReleaseInfo> {
-    Reply::from(cp.admin(Method::GET, &format!("/v1/services/{name}/releases")).send().await.unwrap())
-        .await
-        .json()
+    Reply::from(
+        cp.admin(Method::GET, &format!("/v1/services/{name}/releases"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+    .json()
 }
 
 /// Plays the agents until release `number` of `name` is in a final state
 /// and nothing is rolling back; returns the service then. Checks on every
 /// round that no fewer than `floor` replicas were serving (healthy, active).
-async fn settle(cp: &Cp, nodes: &[&SealedNode], name: &str, number: u64, healthy: &dyn Fn(&str) -> bool, floor: usize) -> ServiceInfo {
+async fn settle(
+    cp: &Cp,
+    nodes: &[&SealedNode],
+    name: &str,
+    number: u64,
+    healthy: &dyn Fn(&str) -> bool,
+    floor: usize,
+) -> ServiceInfo {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         play_agents(cp, nodes, healthy).await;
@@ -315,13 +339,24 @@ async fn settle(cp: &Cp, nodes: &[&SealedNode], name: &str, number: u64, healthy
             .iter()
             .filter(|r| r.phase == "active" && r.healthy)
             .count();
-        assert!(serving >= floor, "{serving} serving, below {floor}: {:?}", info.replicas);
-        let rel = history(cp, name).await.into_iter().find(|r| r.number == number).unwrap();
+        assert!(
+            serving >= floor,
+            "{serving} serving, below {floor}: {:?}",
+            info.replicas
+        );
+        let rel = history(cp, name)
+            .await
+            .into_iter()
+            .find(|r| r.number == number)
+            .unwrap();
         let rolling_back = info.rollout.as_ref().is_some_and(|r| r.rolling_back);
         if rel.state.is_final() && !rolling_back && info.replicas.iter().all(|r| r.phase == "active") {
             return info;
         }
-        assert!(std::time::Instant::now() < deadline, "release {number} never settled: {rel:?} {info:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "release {number} never settled: {rel:?} {info:?}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
@@ -349,14 +384,30 @@ async fn rollouts_history_and_rollback(db: &Db) {
     // Release 2: new replicas (new names) one at a time; never fewer than 2 serving.
     let r = deploy(&cp, spec("two", "/")).await;
     let info: ServiceInfo = r.json();
-    assert_eq!(info.replicas.len(), 3, "one new replica beside the two old: {:?}", info.replicas);
+    assert_eq!(
+        info.replicas.len(),
+        3,
+        "one new replica beside the two old: {:?}",
+        info.replicas
+    );
     let ro = info.rollout.expect("a rollout");
-    assert_eq!((ro.release, ro.from_release, ro.batch, ro.stop_first), (2, Some(1), 1, false));
+    assert_eq!(
+        (ro.release, ro.from_release, ro.batch, ro.stop_first),
+        (2, Some(1), 1, false)
+    );
     let info = settle(&cp, &nodes, "web", 2, &|_| true, 2).await;
     assert_eq!(info.current_release, Some(2));
-    assert!(info.replicas.iter().all(|r| r.release == 2 && !first.contains(&r.replica)));
+    assert!(info
+        .replicas
+        .iter()
+        .all(|r| r.release == 2 && !first.contains(&r.replica)));
     let steps = info.rollout.unwrap().steps;
-    assert!(steps.iter().all(|s| s.stage == berth_protocol::release::StepStage::Done), "{steps:?}");
+    assert!(
+        steps
+            .iter()
+            .all(|s| s.stage == berth_protocol::release::StepStage::Done),
+        "{steps:?}"
+    );
 
     // A scale is a release without a rollout.
     let r = Reply::from(
@@ -369,18 +420,29 @@ async fn rollouts_history_and_rollback(db: &Db) {
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let h = history(&cp, "web").await;
-    assert_eq!((h[0].number, h[0].rollout, h[0].state), (3, false, ReleaseState::Complete));
+    assert_eq!(
+        (h[0].number, h[0].rollout, h[0].state),
+        (3, false, ReleaseState::Complete)
+    );
 
     // Release 4 never gets healthy: it fails with the health output, and
     // release 3's replicas keep serving throughout.
-    let before: Vec<String> = show(&cp, "web").await.replicas.iter().map(|r| r.replica.clone()).collect();
+    let before: Vec<String> = show(&cp, "web")
+        .await
+        .replicas
+        .iter()
+        .map(|r| r.replica.clone())
+        .collect();
     deploy(&cp, spec("four", "/nope")).await;
     let bad = |r: &str| before.iter().any(|b| b == r);
     let info = settle(&cp, &nodes, "web", 4, &bad, 2).await;
     let h = history(&cp, "web").await;
     assert_eq!(h[0].state, ReleaseState::Failed);
     let reason = h[0].reason.clone().unwrap();
-    assert!(reason.contains("not healthy within 2 s") && reason.contains("HTTP 404"), "{reason}");
+    assert!(
+        reason.contains("not healthy within 2 s") && reason.contains("HTTP 404"),
+        "{reason}"
+    );
     assert_eq!(info.current_release, Some(3));
     let now: Vec<String> = info.replicas.iter().map(|r| r.replica.clone()).collect();
     assert_eq!(now, before, "the old replicas stay, the failed ones are gone");
@@ -400,7 +462,10 @@ async fn rollouts_history_and_rollback(db: &Db) {
     assert_eq!(h[0].state, ReleaseState::Complete);
     assert_eq!(h[0].reason.as_deref(), Some("rollback to 1"));
     assert_eq!(h[0].spec.env["MODE"], "one");
-    assert_eq!(h.iter().find(|r| r.number == 3).unwrap().state, ReleaseState::RolledBack);
+    assert_eq!(
+        h.iter().find(|r| r.number == 3).unwrap().state,
+        ReleaseState::RolledBack
+    );
 
     // Bad rollbacks change nothing.
     let rev = cp.revision().await;

@@ -50,7 +50,11 @@ impl RolloutPolicy {
         }
         for (field, v, max) in [
             ("rollout.max_surge", self.max_surge, crate::service::MAX_REPLICAS),
-            ("rollout.max_unavailable", self.max_unavailable, crate::service::MAX_REPLICAS),
+            (
+                "rollout.max_unavailable",
+                self.max_unavailable,
+                crate::service::MAX_REPLICAS,
+            ),
             ("rollout.min_ready_secs", self.min_ready_secs, 3600),
             ("rollout.drain_secs", self.drain_secs, 3600),
             ("rollout.timeout_secs", self.timeout_secs, 24 * 3600),
@@ -249,12 +253,12 @@ mod tests {
     fn policy_defaults_and_checks() {
         let p: RolloutPolicy = serde_json::from_str("{}").unwrap();
         assert_eq!(p, RolloutPolicy::default());
-        assert_eq!((p.max_surge, p.max_unavailable, p.min_ready_secs, p.drain_secs), (1, 0, 2, 5));
+        assert_eq!(
+            (p.max_surge, p.max_unavailable, p.min_ready_secs, p.drain_secs),
+            (1, 0, 2, 5)
+        );
         p.validate().unwrap();
-        let both_zero = RolloutPolicy {
-            max_surge: 0,
-            ..p
-        };
+        let both_zero = RolloutPolicy { max_surge: 0, ..p };
         assert_eq!(both_zero.validate().unwrap_err().field, "rollout.max_surge");
         assert!(serde_json::from_str::<RolloutPolicy>(r#"{"surge": 1}"#).is_err());
     }

@@ -166,7 +166,10 @@ async fn rolling_deploys_lose_no_request() {
     rig.no_failures("(b) never healthy", load);
     assert_eq!(r.state, ReleaseState::Failed);
     let reason = r.reason.unwrap();
-    assert!(reason.contains("not healthy within 8 s") && reason.contains("404"), "{reason}");
+    assert!(
+        reason.contains("not healthy within 8 s") && reason.contains("404"),
+        "{reason}"
+    );
     let history = admin.list_releases("demo").await.unwrap();
     assert_eq!(history[0].state, ReleaseState::Failed);
     let info = admin.show_service("demo").await.unwrap();
@@ -182,8 +185,14 @@ async fn rolling_deploys_lose_no_request() {
     rig.no_failures("(c) crash loop", load);
     assert_eq!(r.state, ReleaseState::Failed);
     let reason = r.reason.unwrap();
-    assert!(reason.contains("code 3") || reason.contains("crash-looping"), "{reason}");
-    assert!(reason.contains("crashing on purpose"), "the log tail is in the reason: {reason}");
+    assert!(
+        reason.contains("code 3") || reason.contains("crash-looping"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("crashing on purpose"),
+        "the log tail is in the reason: {reason}"
+    );
 
     // (d) Rollback to release 1's spec: a new release, 0 failures.
     let load = rig.load();

@@ -22,7 +22,10 @@ pub fn print_plan(info: &ServiceInfo) {
         return;
     };
     let p = &info.spec.rollout;
-    let from = r.from_release.map(|f| format!(" (replacing release {f})")).unwrap_or_default();
+    let from = r
+        .from_release
+        .map(|f| format!(" (replacing release {f})"))
+        .unwrap_or_default();
     println!(
         "service {}: release {}{from}, {} replicas",
         info.spec.name, r.release, info.spec.replicas
@@ -52,7 +55,11 @@ pub fn print_plan(info: &ServiceInfo) {
 fn step_line(s: &RolloutStep) -> String {
     let new = s.new_replica.as_deref().unwrap_or("(new replica)");
     let node = s.node.as_deref().map(|n| format!(" on {n}")).unwrap_or_default();
-    let old = s.old_replica.as_deref().map(|o| format!(" replaces {o}")).unwrap_or_default();
+    let old = s
+        .old_replica
+        .as_deref()
+        .map(|o| format!(" replaces {o}"))
+        .unwrap_or_default();
     format!("  {new}{node}{old}: {}", s.stage)
 }
 
@@ -126,7 +133,9 @@ pub fn print_status(info: &ServiceInfo) {
     println!(
         "service {}  current release {}  {healthy}/{} healthy",
         s.name,
-        info.current_release.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+        info.current_release
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "-".into()),
         s.replicas
     );
     if let Some(r) = &info.rollout {
@@ -146,7 +155,15 @@ pub fn print_status(info: &ServiceInfo) {
                 .map(|w| format!("{} {} ms", w[1].0, w[1].1 - w[0].1))
                 .collect::<Vec<_>>()
                 .join(", ");
-            println!("{}{}", step_line(st), if times.is_empty() { String::new() } else { format!("  ({times})") });
+            println!(
+                "{}{}",
+                step_line(st),
+                if times.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({times})")
+                }
+            );
         }
         if r.steps.iter().all(|s| s.stage == StepStage::Done) && r.state == ReleaseState::Complete {
             println!("  every replica runs release {}", r.release);

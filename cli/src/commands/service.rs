@@ -4,9 +4,9 @@
 use super::rollout;
 use crate::args::{DeployArgs, ServiceCmd, WaitArgs};
 use crate::output::{print_service, print_services};
+use berth_client::AdminClient;
 use berth_protocol::release::{ReleaseInfo, RollbackRequest, RolloutPolicy};
 use berth_protocol::service::ServiceInfo;
-use berth_client::AdminClient;
 use berth_protocol::service::ServiceSpec;
 use std::path::Path;
 

@@ -92,7 +92,12 @@ async fn stored_info(s: &SharedState, name: &str) -> ApiResult<Json<ServiceInfo>
 }
 
 /// Stores a new release of `spec` and starts it (see [`Store::deploy_service`]).
-async fn release(s: &SharedState, spec: &ServiceSpec, secrets: SecretsUpdate, origin: Origin) -> ApiResult<Json<ServiceInfo>> {
+async fn release(
+    s: &SharedState,
+    spec: &ServiceSpec,
+    secrets: SecretsUpdate,
+    origin: Origin,
+) -> ApiResult<Json<ServiceInfo>> {
     let (rev, number) = s
         .store
         .deploy_service(spec, &secrets, s.offline_after_secs, &origin)
@@ -176,7 +181,9 @@ async fn list_releases(State(s): State<SharedState>, Path(name): Path<String>) -
     if s.store.get_service(&name).await?.is_none() {
         return Err(no_such_service(&name));
     }
-    Ok(Json(s.store.list_releases(&name).await?.iter().map(|r| r.info()).collect()))
+    Ok(Json(
+        s.store.list_releases(&name).await?.iter().map(|r| r.info()).collect(),
+    ))
 }
 
 async fn rollback_service(

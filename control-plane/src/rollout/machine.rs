@@ -235,7 +235,11 @@ pub fn step(r: &Rollout, replicas: &[Replica], now_ms: i64) -> Vec<Action> {
 }
 
 /// Where each slot of the rollout is, for progress output.
-pub fn stages(r: &Rollout, replicas: &[Replica], now_ms: i64) -> BTreeMap<u32, (Option<String>, Option<String>, StepStage)> {
+pub fn stages(
+    r: &Rollout,
+    replicas: &[Replica],
+    now_ms: i64,
+) -> BTreeMap<u32, (Option<String>, Option<String>, StepStage)> {
     let min_ready_ms = i64::from(r.policy.min_ready_secs) * 1000;
     let mut out = BTreeMap::new();
     let slots = replicas.iter().map(|x| x.slot).chain(0..r.want);
@@ -425,7 +429,10 @@ mod tests {
         let a = step(&r, &reps, 10);
         // The never-healthy one goes at once; a release-1 replica starts in
         // the slot of the healthy release-2 one, which stays until then.
-        assert_eq!(a, vec![Action::Drain { name: "web-4".into() }, Action::StartNew { slot: 0 }]);
+        assert_eq!(
+            a,
+            vec![Action::Drain { name: "web-4".into() }, Action::StartNew { slot: 0 }]
+        );
     }
 
     #[test]

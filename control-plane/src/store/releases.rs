@@ -489,7 +489,10 @@ impl Store {
                     // The failed release's steps stay as they ended; those
                     // not done are marked failed.
                     let mut steps = rel.steps.clone();
-                    for st in steps.iter_mut().filter(|s| s.stage != StepStage::Done && s.stage != StepStage::Failed) {
+                    for st in steps
+                        .iter_mut()
+                        .filter(|s| s.stage != StepStage::Done && s.stage != StepStage::Failed)
+                    {
                         st.stage = StepStage::Failed;
                         st.times.push((StepStage::Failed, now_ms));
                     }
@@ -526,19 +529,17 @@ impl Store {
                 }
             }
         }
-        let queued = sqlx::query(
-            "SELECT number FROM releases WHERE service = $1 AND state = 'queued' ORDER BY number LIMIT 1",
-        )
-        .bind(service)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let still_rolling = sqlx::query(
-            "SELECT 1 FROM releases WHERE service = $1 AND (state = 'rolling' OR rolling_back = 1)",
-        )
-        .bind(service)
-        .fetch_optional(&mut *tx)
-        .await?
-        .is_some();
+        let queued =
+            sqlx::query("SELECT number FROM releases WHERE service = $1 AND state = 'queued' ORDER BY number LIMIT 1")
+                .bind(service)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let still_rolling =
+            sqlx::query("SELECT 1 FROM releases WHERE service = $1 AND (state = 'rolling' OR rolling_back = 1)")
+                .bind(service)
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
         if let (Some(q), false) = (queued, still_rolling) {
             let n = q.get::<i64, _>(0) as u64;
             match begin_release(&mut tx, service, n, offline_after).await {
@@ -754,11 +755,13 @@ async fn begin_release(
 /// Drains were marked with revision 0 inside the transaction; stamp the
 /// revision that actually tells the nodes.
 async fn fix_drain_revisions(tx: &mut Transaction<'_, Any>, service: &str, rev: i64) -> sqlx::Result<()> {
-    sqlx::query("UPDATE replicas SET phase_revision = $1 WHERE service = $2 AND phase = 'draining' AND phase_revision = 0")
-        .bind(rev)
-        .bind(service)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "UPDATE replicas SET phase_revision = $1 WHERE service = $2 AND phase = 'draining' AND phase_revision = 0",
+    )
+    .bind(rev)
+    .bind(service)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -806,7 +809,10 @@ fn merge_steps(
             stage = StepStage::Done;
         }
         // A slot whose old replica is gone once routed is done.
-        if stage == StepStage::Waiting && step.new_replica.is_some() && prev.is_some_and(|p| p.stage == StepStage::Draining) {
+        if stage == StepStage::Waiting
+            && step.new_replica.is_some()
+            && prev.is_some_and(|p| p.stage == StepStage::Draining)
+        {
             stage = StepStage::Done;
         }
         if step.times.last().map(|(s, _)| *s) != Some(stage) {
@@ -831,11 +837,12 @@ pub async fn refill_after_node_removal(tx: &mut Transaction<'_, Any>, offline_af
         let Some(current) = s.get::<Option<i64>, _>(1).map(|n| n as u64) else {
             continue;
         };
-        let rolling = sqlx::query("SELECT 1 FROM releases WHERE service = $1 AND (state = 'rolling' OR rolling_back = 1)")
-            .bind(&name)
-            .fetch_optional(&mut **tx)
-            .await?
-            .is_some();
+        let rolling =
+            sqlx::query("SELECT 1 FROM releases WHERE service = $1 AND (state = 'rolling' OR rolling_back = 1)")
+                .bind(&name)
+                .fetch_optional(&mut **tx)
+                .await?
+                .is_some();
         let Some(rel) = release_in(tx, &name, current).await? else {
             continue;
         };

@@ -345,9 +345,11 @@ pub async fn node_facts(tx: &mut Transaction<'_, Any>, offline_after: i64) -> sq
 }
 
 pub async fn all_replicas(tx: &mut Transaction<'_, Any>) -> sqlx::Result<Vec<ReplicaRow>> {
-    let rows = sqlx::query(&format!("SELECT {REPLICA_COLUMNS} FROM replicas ORDER BY service, slot, created_ms"))
-        .fetch_all(&mut **tx)
-        .await?;
+    let rows = sqlx::query(&format!(
+        "SELECT {REPLICA_COLUMNS} FROM replicas ORDER BY service, slot, created_ms"
+    ))
+    .fetch_all(&mut **tx)
+    .await?;
     Ok(rows.iter().map(ReplicaRow::from_row).collect())
 }
 
@@ -381,18 +383,25 @@ pub async fn start_replica(
     // with this slot on the preferred node: placement keeps what is
     // eligible and spreads the rest.
     let mut existing: BTreeMap<u32, String> = BTreeMap::new();
-    for r in all.iter().filter(|r| r.service == spec.name && r.phase == Phase::Active && r.slot != slot) {
+    for r in all
+        .iter()
+        .filter(|r| r.service == spec.name && r.phase == Phase::Active && r.slot != slot)
+    {
         existing.insert(r.slot, r.node_id.clone());
     }
     if let Some(p) = prefer {
         existing.insert(slot, p.to_string());
     }
     let mut want = spec.clone();
-    want.replicas = want.replicas.max(slot + 1).max(existing.keys().max().map_or(0, |m| m + 1));
+    want.replicas = want
+        .replicas
+        .max(slot + 1)
+        .max(existing.keys().max().map_or(0, |m| m + 1));
     let plan = placement::place(&want, &existing, &candidates).map_err(DeployError::Placement)?;
-    let node_id = plan.get(&slot).cloned().ok_or_else(|| {
-        DeployError::Placement(FieldError::new("replicas", "no online worker node to place them on"))
-    })?;
+    let node_id = plan
+        .get(&slot)
+        .cloned()
+        .ok_or_else(|| DeployError::Placement(FieldError::new("replicas", "no online worker node to place them on")))?;
     let node = nodes
         .iter()
         .find(|n| n.id == node_id)
