@@ -41,7 +41,10 @@ async fn deploy(cp: &Cp, name: &str, replicas: u32, port: u16) -> ServiceInfo {
     post(
         cp,
         "/v1/services",
-        serde_json::json!({"name": name, "image": "localhost/x:1", "replicas": replicas, "port": port}),
+        serde_json::json!({
+            "name": name, "image": "localhost/x:1", "replicas": replicas, "port": port,
+            "rollout": {"min_ready_secs": 0, "drain_secs": 0}
+        }),
     )
     .await
     .json()
@@ -189,7 +192,9 @@ async fn routes_reach_proxies_only(db: &Db) {
     assert!(list[0].cert_not_after.as_deref().is_some_and(|t| t.ends_with('Z')));
     assert!(!get(&cp, "/v1/domains").await.body.contains("PRIVATE KEY"));
 
-    // Scaling the service changes the proxy's upstreams.
+    // Scaling the service changes the proxy's upstreams, once its first
+    // release is complete (a scale queues behind a rollout).
+    common::settle(&cp, &[&a, &b, &p, &q], "web", 1, &|_| true, 0).await;
     let r = post(&cp, "/v1/services/web/scale", serde_json::json!({"replicas": 1})).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let d = desired(&cp, &p).await;
@@ -406,5 +411,6 @@ async fn bad_routes_change_nothing(db: &Db) {
     assert_eq!(routes_state(&cp).await, before);
     assert_eq!(del(&cp, "/v1/domains/app.example.com").await.status, StatusCode::OK);
     assert_eq!(del(&cp, "/v1/routes/tcp/2222").await.status, StatusCode::OK);
-    assert_eq!(del(&cp, "/v1/services/web").await.status, StatusCode::OK);
+    let r = del(&cp, "/v1/services/web").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 }

@@ -5,10 +5,10 @@
 #[macro_use]
 mod common;
 
-use berth_protocol::release::{ReleaseInfo, ReleaseState};
+use berth_protocol::release::ReleaseState;
 use berth_protocol::service::{ContainerStatus, ServiceInfo};
 use berth_protocol::{DesiredState, ErrorCode, StatusReport};
-use common::{Cp, Db, Reply, SealedNode};
+use common::{releases_of, settle, show_service, Cp, Db, Reply, SealedNode};
 use reqwest::{Method, StatusCode};
 use std::collections::BTreeMap;
 
@@ -276,91 +276,6 @@ async fn bad_services_change_nothing(db: &Db) {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
 
-/// Plays the agents: every node reports what it was told to run, healthy
-/// when `healthy(replica)` says so, with the revision it was given applied.
-async fn play_agents(cp: &Cp, nodes: &[&SealedNode], healthy: &dyn Fn(&str) -> bool) {
-    for n in nodes {
-        let d = desired(cp, n).await;
-        let st = d
-            .containers
-            .iter()
-            .map(|c| ContainerStatus {
-                replica: c.replica.clone(),
-                container_id: Some(format!("id-{}", c.replica)),
-                state: "running".into(),
-                healthy: healthy(&c.replica),
-                health_output: (!healthy(&c.replica)).then(|| "GET /nope: HTTP 404".to_string()),
-                ..Default::default()
-            })
-            .collect();
-        confirm(cp, n, d.revision, st).await;
-    }
-}
-
-async fn show(cp: &Cp, name: &str) -> ServiceInfo {
-    Reply::from(
-        cp.admin(Method::GET, &format!("/v1/services/{name}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
-    .json()
-}
-
-async fn history(cp: &Cp, name: &str) -> Vec<ReleaseInfo> {
-    Reply::from(
-        cp.admin(Method::GET, &format!("/v1/services/{name}/releases"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
-    .json()
-}
-
-/// Plays the agents until release `number` of `name` is in a final state
-/// and nothing is rolling back; returns the service then. Checks on every
-/// round that no fewer than `floor` replicas were serving (healthy, active).
-async fn settle(
-    cp: &Cp,
-    nodes: &[&SealedNode],
-    name: &str,
-    number: u64,
-    healthy: &dyn Fn(&str) -> bool,
-    floor: usize,
-) -> ServiceInfo {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        play_agents(cp, nodes, healthy).await;
-        let info = show(cp, name).await;
-        let serving = info
-            .replicas
-            .iter()
-            .filter(|r| r.phase == "active" && r.healthy)
-            .count();
-        assert!(
-            serving >= floor,
-            "{serving} serving, below {floor}: {:?}",
-            info.replicas
-        );
-        let rel = history(cp, name)
-            .await
-            .into_iter()
-            .find(|r| r.number == number)
-            .unwrap();
-        let rolling_back = info.rollout.as_ref().is_some_and(|r| r.rolling_back);
-        if rel.state.is_final() && !rolling_back && info.replicas.iter().all(|r| r.phase == "active") {
-            return info;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "release {number} never settled: {rel:?} {info:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-}
-
 async fn rollouts_history_and_rollback(db: &Db) {
     let cp = Cp::start(db).await;
     let a = node(&cp, "a").await;
@@ -377,7 +292,7 @@ async fn rollouts_history_and_rollback(db: &Db) {
     let r = deploy(&cp, spec("one", "/")).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let info = settle(&cp, &nodes, "web", 1, &|_| true, 0).await;
-    assert_eq!(info.current_release, Some(1), "{:?}", history(&cp, "web").await);
+    assert_eq!(info.current_release, Some(1), "{:?}", releases_of(&cp, "web").await);
     let first: Vec<String> = info.replicas.iter().map(|r| r.replica.clone()).collect();
     assert_eq!(first, ["web-1", "web-2"]);
 
@@ -419,7 +334,7 @@ async fn rollouts_history_and_rollback(db: &Db) {
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    let h = history(&cp, "web").await;
+    let h = releases_of(&cp, "web").await;
     assert_eq!(
         (h[0].number, h[0].rollout, h[0].state),
         (3, false, ReleaseState::Complete)
@@ -427,7 +342,7 @@ async fn rollouts_history_and_rollback(db: &Db) {
 
     // Release 4 never gets healthy: it fails with the health output, and
     // release 3's replicas keep serving throughout.
-    let before: Vec<String> = show(&cp, "web")
+    let before: Vec<String> = show_service(&cp, "web")
         .await
         .replicas
         .iter()
@@ -436,7 +351,7 @@ async fn rollouts_history_and_rollback(db: &Db) {
     deploy(&cp, spec("four", "/nope")).await;
     let bad = |r: &str| before.iter().any(|b| b == r);
     let info = settle(&cp, &nodes, "web", 4, &bad, 2).await;
-    let h = history(&cp, "web").await;
+    let h = releases_of(&cp, "web").await;
     assert_eq!(h[0].state, ReleaseState::Failed);
     let reason = h[0].reason.clone().unwrap();
     assert!(
@@ -458,7 +373,7 @@ async fn rollouts_history_and_rollback(db: &Db) {
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     settle(&cp, &nodes, "web", 5, &|_| true, 2).await;
-    let h = history(&cp, "web").await;
+    let h = releases_of(&cp, "web").await;
     assert_eq!(h[0].state, ReleaseState::Complete);
     assert_eq!(h[0].reason.as_deref(), Some("rollback to 1"));
     assert_eq!(h[0].spec.env["MODE"], "one");
@@ -483,7 +398,7 @@ async fn rollouts_history_and_rollback(db: &Db) {
     // A deploy while one rolls queues behind it; --force replaces it.
     deploy(&cp, spec("six", "/")).await;
     deploy(&cp, spec("seven", "/")).await;
-    assert_eq!(history(&cp, "web").await[0].state, ReleaseState::Queued);
+    assert_eq!(releases_of(&cp, "web").await[0].state, ReleaseState::Queued);
     let r = Reply::from(
         cp.admin(Method::POST, "/v1/services?force=true")
             .json(&spec("eight", "/"))
@@ -493,12 +408,12 @@ async fn rollouts_history_and_rollback(db: &Db) {
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    let h = history(&cp, "web").await;
+    let h = releases_of(&cp, "web").await;
     assert_eq!(h[1].state, ReleaseState::Failed, "{:?}", h[1]);
     assert!(h[1].reason.as_deref().unwrap().contains("superseded by release 8"));
     assert!(h[2].reason.as_deref().unwrap().contains("replaced by release 8"));
     settle(&cp, &nodes, "web", 8, &|_| true, 0).await;
-    let info = show(&cp, "web").await;
+    let info = show_service(&cp, "web").await;
     assert_eq!(info.current_release, Some(8));
     assert!(info.replicas.iter().all(|r| r.release == 8), "{:?}", info.replicas);
 }

@@ -203,6 +203,10 @@ impl Store {
     /// changed) while a domain or TCP route still sends traffic to it:
     /// removing those first is an explicit choice, not a side effect.
     pub async fn remove_service(&self, name: &str) -> sqlx::Result<RemoveService> {
+        retry(|| self.try_remove_service(name)).await
+    }
+
+    async fn try_remove_service(&self, name: &str) -> sqlx::Result<RemoveService> {
         let mut tx = self.pool.begin().await?;
         let mut routes: Vec<String> = sqlx::query("SELECT domain FROM domains WHERE service = $1 ORDER BY domain")
             .bind(name)

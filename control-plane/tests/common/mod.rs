@@ -11,9 +11,13 @@
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use berth_control_plane::store::nodes::{NewNode, Pools};
 use berth_control_plane::{start, ServeConfig, Started};
+use berth_protocol::release::ReleaseInfo;
+use berth_protocol::service::{ContainerStatus, ServiceInfo};
 use berth_protocol::signing::{self, HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use berth_protocol::token::JoinToken;
-use berth_protocol::{ApiError, CreatedToken, ErrorCode, NodeInfo, RegisterRequest, TokenInfo, TokenState};
+use berth_protocol::{
+    ApiError, CreatedToken, DesiredState, ErrorCode, NodeInfo, RegisterRequest, StatusReport, TokenInfo, TokenState,
+};
 use ed25519_dalek::SigningKey;
 use reqwest::{Method, StatusCode};
 use sqlx::Connection;
@@ -561,4 +565,95 @@ impl Cp {
 pub struct SealedNode {
     pub agent: Agent,
     pub seal: x25519_dalek::StaticSecret,
+}
+
+/// Plays the agents: every node reports what it was told to run, healthy
+/// when `healthy(replica)` says so, with the revision it was given applied.
+pub async fn play_agents(cp: &Cp, nodes: &[&SealedNode], healthy: &dyn Fn(&str) -> bool) {
+    for n in nodes {
+        let d: DesiredState = cp.desired(&n.agent, 0, 1).await.json();
+        let st = d
+            .containers
+            .iter()
+            .map(|c| ContainerStatus {
+                replica: c.replica.clone(),
+                container_id: Some(format!("id-{}", c.replica)),
+                state: "running".into(),
+                healthy: healthy(&c.replica),
+                health_output: (!healthy(&c.replica)).then(|| "GET /nope: HTTP 404".to_string()),
+                ..Default::default()
+            })
+            .collect();
+        let report = StatusReport {
+            applied_revision: d.revision,
+            containers: st,
+            ..Default::default()
+        };
+        cp.report(&n.agent, &report).await;
+    }
+}
+
+pub async fn show_service(cp: &Cp, name: &str) -> ServiceInfo {
+    Reply::from(
+        cp.admin(Method::GET, &format!("/v1/services/{name}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+    .json()
+}
+
+pub async fn releases_of(cp: &Cp, name: &str) -> Vec<ReleaseInfo> {
+    Reply::from(
+        cp.admin(Method::GET, &format!("/v1/services/{name}/releases"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+    .json()
+}
+
+/// Plays the agents until release `number` of `name` is in a final state
+/// and nothing is rolling back; returns the service then. Checks on every
+/// round that no fewer than `floor` replicas were serving (healthy, active).
+pub async fn settle(
+    cp: &Cp,
+    nodes: &[&SealedNode],
+    name: &str,
+    number: u64,
+    healthy: &dyn Fn(&str) -> bool,
+    floor: usize,
+) -> ServiceInfo {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        play_agents(cp, nodes, healthy).await;
+        // The release first: a service read after it is at least as new.
+        let rel = releases_of(cp, name)
+            .await
+            .into_iter()
+            .find(|r| r.number == number)
+            .unwrap();
+        let info = show_service(cp, name).await;
+        let serving = info
+            .replicas
+            .iter()
+            .filter(|r| r.phase == "active" && r.healthy)
+            .count();
+        assert!(
+            serving >= floor,
+            "{serving} serving, below {floor}: {:?}",
+            info.replicas
+        );
+        let rolling_back = info.rollout.as_ref().is_some_and(|r| r.rolling_back);
+        if rel.state.is_final() && !rolling_back && info.replicas.iter().all(|r| r.phase == "active") {
+            return info;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "release {number} never settled: {rel:?} {info:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
