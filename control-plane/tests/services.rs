@@ -293,6 +293,9 @@ async fn rollouts_history_and_rollback(db: &Db) {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let info = settle(&cp, &nodes, "web", 1, &|_| true, 0).await;
     assert_eq!(info.current_release, Some(1), "{:?}", releases_of(&cp, "web").await);
+    // The image its replicas reported pins the release to those bits.
+    let digest = releases_of(&cp, "web").await[0].image_digest.clone();
+    assert_eq!(digest, Some(format!("sha256:{}", common::FAKE_IMAGE_ID)));
     let first: Vec<String> = info.replicas.iter().map(|r| r.replica.clone()).collect();
     assert_eq!(first, ["web-1", "web-2"]);
 

@@ -279,6 +279,10 @@ pub struct DnsReplica {
 pub struct ContainerStatus {
     pub replica: String,
     pub container_id: Option<String>,
+    /// The ID (a sha256 digest of its config) of the image the container
+    /// runs, as Podman reports it: the same bits give the same ID on every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
     /// `running`, `starting`, `exited`, `missing`, ...
     pub state: String,
     pub healthy: bool,

@@ -154,6 +154,13 @@ async fn rolling_deploys_lose_no_request() {
     let info = admin.show_service("demo").await.unwrap();
     assert_eq!(info.current_release, Some(n));
     assert!(info.replicas.iter().all(|x| x.release == n && x.healthy), "{info:?}");
+    // Pinned to the image its replicas run, as Podman reported it.
+    assert!(
+        r.image_digest
+            .as_deref()
+            .is_some_and(|d| d.starts_with("sha256:") && d.len() == 71),
+        "{r:?}"
+    );
 
     // (b) A health check that never passes: the release fails with the
     // reason, the old one keeps serving, history says failed.

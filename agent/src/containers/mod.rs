@@ -59,6 +59,7 @@ pub struct RuntimeConfig {
 #[derive(Debug, Clone, Default)]
 struct Replica {
     container_id: Option<String>,
+    image_id: Option<String>,
     state: String,
     running: bool,
     check: Option<Check>,
@@ -173,6 +174,7 @@ impl Runtime {
                 ContainerStatus {
                     replica: name.clone(),
                     container_id: r.container_id.clone(),
+                    image_id: r.image_id.clone(),
                     state: if r.state.is_empty() {
                         "pending".into()
                     } else {
@@ -315,11 +317,13 @@ impl Runtime {
                     }
                     r.started_at = s.started_at;
                     r.container_id = Some(s.id.clone());
+                    r.image_id = (!s.image_id.is_empty()).then(|| s.image_id.clone());
                     r.state = s.state.to_string();
                     r.running = s.state.is_running();
                 }
                 None => {
                     r.container_id = None;
+                    r.image_id = None;
                     r.state = "missing".into();
                     r.running = false;
                 }

@@ -90,20 +90,29 @@ fn age(t: i64) -> u64 {
     (now - t).max(0) as u64
 }
 
+/// `IMAGE@sha256:0123456789ab`: the image and the first 12 hex digits of
+/// the image ID the release's replicas ran, once a node reported it.
+fn image_with_digest(image: &str, digest: Option<&str>) -> String {
+    match digest.and_then(|d| d.split_once(':')) {
+        Some((algo, hex)) => format!("{image}@{algo}:{}", &hex[..hex.len().min(12)]),
+        None => image.to_string(),
+    }
+}
+
 fn print_history(list: &[ReleaseInfo]) {
     println!(
-        "{:<8} {:<12} {:<20} {:<8} {:<9} {:<36} REASON",
+        "{:<8} {:<12} {:<20} {:<8} {:<9} {:<56} REASON",
         "RELEASE", "STATE", "CREATED", "BY", "REPLICAS", "IMAGE"
     );
     for r in list {
         println!(
-            "{:<8} {:<12} {:<20} {:<8} {:<9} {:<36} {}",
+            "{:<8} {:<12} {:<20} {:<8} {:<9} {:<56} {}",
             r.number,
             r.state,
             format!("{} ago", crate::output::humantime(age(r.created_at))),
             r.created_by,
             r.spec.replicas,
-            r.image_digest.as_deref().unwrap_or(&r.spec.image),
+            image_with_digest(&r.spec.image, r.image_digest.as_deref()),
             r.reason.as_deref().unwrap_or("").replace('\n', " | ")
         );
     }

@@ -311,6 +311,25 @@ impl Store {
             .bind(node_id)
             .execute(&mut *tx)
             .await?;
+            // The first image a replica of the release runs pins the
+            // release to those bits (history shows it; later ones are the same
+            // image wherever the nodes got the same bits).
+            if let Some(id) = st.image_id.as_deref().filter(|_| st.container_id != r.container_id) {
+                let digest = if id.contains(':') {
+                    id.to_string()
+                } else {
+                    format!("sha256:{id}")
+                };
+                sqlx::query(
+                    "UPDATE releases SET image_digest = $1 \
+                     WHERE service = $2 AND number = $3 AND image_digest IS NULL",
+                )
+                .bind(digest)
+                .bind(&r.service)
+                .bind(r.release as i64)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         tx.commit().await?;
         Ok(rev)

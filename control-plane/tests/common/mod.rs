@@ -567,6 +567,10 @@ pub struct SealedNode {
     pub seal: x25519_dalek::StaticSecret,
 }
 
+/// The image ID [`play_agents`] reports for every container (Podman's form:
+/// 64 hex digits, no algorithm).
+pub const FAKE_IMAGE_ID: &str = "0123abcd0123abcd0123abcd0123abcd0123abcd0123abcd0123abcd0123abcd";
+
 /// Plays the agents: every node reports what it was told to run, healthy
 /// when `healthy(replica)` says so, with the revision it was given applied.
 pub async fn play_agents(cp: &Cp, nodes: &[&SealedNode], healthy: &dyn Fn(&str) -> bool) {
@@ -578,6 +582,7 @@ pub async fn play_agents(cp: &Cp, nodes: &[&SealedNode], healthy: &dyn Fn(&str) 
             .map(|c| ContainerStatus {
                 replica: c.replica.clone(),
                 container_id: Some(format!("id-{}", c.replica)),
+                image_id: Some(FAKE_IMAGE_ID.to_string()),
                 state: "running".into(),
                 healthy: healthy(&c.replica),
                 health_output: (!healthy(&c.replica)).then(|| "GET /nope: HTTP 404".to_string()),
