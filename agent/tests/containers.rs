@@ -167,21 +167,26 @@ fn host_neighbours(env: &Env, ip: Ipv4Addr) -> Vec<String> {
         .collect()
 }
 
-/// Gives the env's bridge a fixed MAC address. A Linux bridge otherwise
-/// takes the lowest MAC address of its ports, so a container coming or going
-/// may change it, and with it flush the host's ARP cache on the bridge: then
-/// a stale entry left behind by a replaced container would go unnoticed by
-/// chance.
-fn pin_bridge_mac(env: &Env) {
-    let mac = format!("02:00:0a:e7:{:02x}:01", env.subnet.octet);
+/// The runtime pinned the env's bridge to the gateway's MAC address. A Linux
+/// bridge otherwise takes the lowest MAC address of its ports, so a container
+/// coming or going would change the gateway's address under every other
+/// container (and flush the host's ARP cache on the bridge, which would hide
+/// a stale entry left behind by a replaced container).
+fn assert_bridge_mac_pinned(env: &Env) {
     let out = std::process::Command::new("ip")
-        .args(["link", "set", "dev", &env.bridge(), "address", &mac])
+        .args(["-j", "link", "show", "dev", &env.bridge()])
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "ip link set: {}",
+        "ip link: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v[0]["address"].as_str().map(str::to_ascii_lowercase),
+        Some(berth_agent::containers::create_spec::mac_for(env.ip(1))),
+        "the bridge's MAC address is not pinned"
     );
 }
 
@@ -365,7 +370,7 @@ async fn a_spec_change_replaces_only_that_replica() {
     let mut wanted = vec![replica(&env, 1), replica(&env, 2)];
     let mut rt = Runtime::new(config(&env), key);
     rt.apply(env.subnet_net(), &wanted).await.unwrap();
-    pin_bridge_mac(&env);
+    assert_bridge_mac_pinned(&env);
     let before = snapshot(&env).await;
     let body = http_get_eventually(wanted[1].ip, "/cgi-bin/env").await;
     assert!(body.contains("GREETING=hello-from-web-2"), "{body}");
@@ -492,7 +497,7 @@ async fn tick_repairs_a_stopped_a_removed_and_a_killed_replica() {
     let (ip1, ip2) = (wanted[0].ip, wanted[1].ip);
     let mut rt = Runtime::new(config(&env), node_key());
     rt.apply(env.subnet_net(), &wanted).await.unwrap();
-    pin_bridge_mac(&env);
+    assert_bridge_mac_pinned(&env);
     let before = snapshot(&env).await;
     tick_until(&mut rt, 15, "both replicas healthy", |rt| {
         healthy(rt, "web-1") && healthy(rt, "web-2")

@@ -13,6 +13,7 @@
 //! it is in trouble, at most every [`LOG_TAIL_EVERY`]).
 
 pub mod autoheal;
+pub mod bridge;
 pub mod create_spec;
 pub mod diff;
 pub mod health;
@@ -125,6 +126,9 @@ pub struct Runtime {
     /// diff, drift repair and health checks until the attempt is over.
     heals: Arc<Mutex<BTreeMap<String, Heal>>>,
     podman_error_logged: bool,
+    /// The bridge's MAC was found pinned (see `bridge`) since it last
+    /// may have been made anew.
+    bridge_pinned: bool,
 }
 
 impl Runtime {
@@ -141,6 +145,7 @@ impl Runtime {
             removing: Arc::default(),
             heals: Arc::default(),
             podman_error_logged: false,
+            bridge_pinned: false,
         }
     }
 
@@ -255,6 +260,9 @@ impl Runtime {
             }
             Err(e) => self.podman_unreachable(&e),
         }
+        if !self.bridge_pinned && self.replicas.values().any(|r| r.running) {
+            self.pin_bridge_mac().await;
+        }
         self.run_health_checks().await;
         self.look_into_trouble().await;
         self.autoheal();
@@ -361,6 +369,19 @@ impl Runtime {
         Ok(())
     }
 
+    async fn pin_bridge_mac(&mut self) {
+        let Some(gateway) = self.net.as_ref().map(|n| n.gateway) else {
+            return;
+        };
+        match bridge::pin_mac(&self.cfg.bridge, gateway).await {
+            Ok(pinned) => self.bridge_pinned = pinned,
+            Err(e) => {
+                tracing::warn!(bridge = %self.cfg.bridge, error = %format!("{e:#}"), "cannot pin the bridge's MAC address");
+                self.bridge_pinned = false;
+            }
+        }
+    }
+
     /// One pass of desired against actual.
     async fn sync(&mut self, subnet: Ipv4Net) -> anyhow::Result<()> {
         let list = match self.list_owned().await {
@@ -390,6 +411,9 @@ impl Runtime {
         // attach their own containers to it.
         self.ensure_network(subnet).await?;
         let net = self.net.clone().context("network not ready")?;
+        // Before anything is removed: a removed port may be where the
+        // bridge's address came from.
+        self.pin_bridge_mac().await;
 
         // Replicas that cannot run as wanted, with why.
         let mut failed = vec![];
@@ -536,6 +560,8 @@ impl Runtime {
                 }
             }
         }
+        // A first container made the bridge anew, with a random address.
+        self.pin_bridge_mac().await;
         match self.list_owned().await {
             Ok(list) => self.observe(&list),
             Err(e) => self.podman_unreachable(&e),
