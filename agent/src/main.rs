@@ -410,16 +410,19 @@ async fn watchdog() {
     }
 }
 
-/// Every second: repair containers and run due health checks; a change is
+/// Every second (more often while a new replica waits for its first
+/// passing check): repair containers and run due health checks; a change is
 /// reported at once (it moves DNS on every node).
 async fn container_ticks(rec: Arc<Mutex<Reconciler>>, report_now: Arc<tokio::sync::Notify>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        if rec.lock().await.tick().await {
-            report_now.notify_one();
-        }
+        let wait = {
+            let mut rec = rec.lock().await;
+            if rec.tick().await {
+                report_now.notify_one();
+            }
+            rec.tick_interval()
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -362,6 +362,11 @@ impl Reconciler {
         changed || applied_moved || self.served_domains() != served_before
     }
 
+    /// When to call [`Reconciler::tick`] again.
+    pub fn tick_interval(&self) -> std::time::Duration {
+        self.runtime.tick_interval()
+    }
+
     /// Proxy nodes: the domains berth-proxy serves, as of the config it was
     /// last seen serving. None on workers.
     fn served_domains(&self) -> Option<Vec<String>> {

@@ -16,7 +16,8 @@ pub struct RolloutPolicy {
     pub max_surge: u32,
     /// Healthy, routed replicas that may be missing at one time.
     pub max_unavailable: u32,
-    /// Seconds a replica without a health check must run to count as healthy.
+    /// Seconds a new replica must stay healthy (no check: running) and routed
+    /// before it counts as ready and an old one is taken out.
     pub min_ready_secs: u32,
     /// Seconds between taking an old replica out of every route and stopping it.
     pub drain_secs: u32,
@@ -132,14 +133,17 @@ pub struct ReleaseInfo {
     pub number: u64,
     /// The spec it runs (secret values never included).
     pub spec: ServiceSpec,
-    /// The image by digest, once a node has reported it.
+    /// The ID of the image its replicas run (`sha256:...`, Podman's image
+    /// ID, i.e. the config digest; not a registry manifest digest), once a
+    /// node has reported it.
     pub image_digest: Option<String>,
     /// Unix seconds.
     pub created_at: i64,
-    /// `admin`, `webhook`, or `rollback of N`.
+    /// Who made it (`admin` for every release today).
     pub created_by: String,
     pub state: ReleaseState,
-    /// Why it failed, or what it was for (`scale`, `rollback to 3`).
+    /// Why it failed, or what it was for (`scale 2 → 3`, `rollback to 3`,
+    /// `no container changes`).
     pub reason: Option<String>,
     pub finished_at: Option<i64>,
     /// Whether it needed new containers (a scale alone does not).
@@ -156,9 +160,10 @@ pub enum StepStage {
     StoppingOld,
     /// The new replica is created and starting.
     Starting,
-    /// Its health check passes (or it ran for min_ready).
+    /// Its health check passes (no check: it runs), not yet loaded everywhere.
     Healthy,
-    /// Every online node's DNS and every online proxy has loaded it.
+    /// Every online node's DNS and every online proxy has loaded it; it stays
+    /// here until it has been healthy for min_ready.
     Routed,
     /// The old replica is out of every route and drains.
     Draining,

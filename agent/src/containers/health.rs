@@ -13,8 +13,11 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Until the first pass a replica is checked this often (so a new replica
-/// enters DNS quickly), then every [`HEALTH_INTERVAL`].
-pub const FIRST_PASS_INTERVAL: Duration = Duration::from_millis(500);
+/// enters DNS, and a rollout moves on, quickly), then every
+/// [`HEALTH_INTERVAL`].
+pub const FIRST_PASS_INTERVAL: Duration = Duration::from_millis(200);
+/// ...but only for this long: one that never passes is not worth the haste.
+pub const FIRST_PASS_WINDOW: Duration = Duration::from_secs(60);
 
 /// The check a replica has.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +71,8 @@ pub struct Tracker {
     /// Podman's verdict), as opposed to not checked yet.
     failing: bool,
     next_due: Instant,
+    /// When it began (a new container gets a new tracker).
+    since: Instant,
 }
 
 impl Default for Tracker {
@@ -78,6 +83,7 @@ impl Default for Tracker {
             failures: 0,
             failing: false,
             next_due: Instant::now(),
+            since: Instant::now(),
         }
     }
 }
@@ -85,6 +91,11 @@ impl Default for Tracker {
 impl Tracker {
     pub fn due(&self, now: Instant) -> bool {
         now >= self.next_due
+    }
+
+    /// New and not passed yet: checked every [`FIRST_PASS_INTERVAL`].
+    pub fn awaiting_first_pass(&self, now: Instant) -> bool {
+        !self.passed_once && now.duration_since(self.since) < FIRST_PASS_WINDOW
     }
 
     /// Its checks fail: unhealthy for a reason, not merely unchecked.
@@ -116,10 +127,10 @@ impl Tracker {
             }
         }
         self.next_due = now
-            + if self.passed_once {
-                HEALTH_INTERVAL
-            } else {
+            + if self.awaiting_first_pass(now) {
                 FIRST_PASS_INTERVAL
+            } else {
+                HEALTH_INTERVAL
             };
         before != self.healthy
     }
@@ -283,6 +294,23 @@ mod tests {
         t.record(Outcome::Verdict { healthy: true }, now);
         assert!(t.healthy);
         assert!(!t.due(now + FIRST_PASS_INTERVAL));
+    }
+
+    #[test]
+    fn one_that_never_passes_is_polled_fast_only_for_the_window() {
+        let mut t = Tracker::default();
+        let start = Instant::now();
+        assert!(t.awaiting_first_pass(start));
+        t.record(Outcome::Fail, start);
+        assert!(t.due(start + FIRST_PASS_INTERVAL));
+        let late = start + FIRST_PASS_WINDOW;
+        assert!(!t.awaiting_first_pass(late));
+        t.record(Outcome::Fail, late);
+        assert!(
+            !t.due(late + FIRST_PASS_INTERVAL),
+            "past the window: the normal interval"
+        );
+        assert!(t.due(late + HEALTH_INTERVAL));
     }
 
     #[tokio::test]

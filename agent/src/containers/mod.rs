@@ -269,6 +269,22 @@ impl Runtime {
         before != self.statuses()
     }
 
+    /// How soon [`Runtime::tick`] should run again: often while a new
+    /// replica waits for its first passing check (a rollout waits on it),
+    /// else once a second.
+    pub fn tick_interval(&self) -> Duration {
+        let now = Instant::now();
+        if self
+            .replicas
+            .values()
+            .any(|r| r.container_id.is_some() && r.health.awaiting_first_pass(now))
+        {
+            health::FIRST_PASS_INTERVAL
+        } else {
+            Duration::from_secs(1)
+        }
+    }
+
     /// Replicas autoheal is working on.
     fn healing(&self) -> BTreeSet<String> {
         self.heals

@@ -90,11 +90,12 @@ fn age(t: i64) -> u64 {
     (now - t).max(0) as u64
 }
 
-/// `IMAGE@sha256:0123456789ab`: the image and the first 12 hex digits of
-/// the image ID the release's replicas ran, once a node reported it.
+/// `IMAGE (0123456789ab)`: the image and the short ID (12 hex digits, as
+/// `podman images` shows it) of what the release's replicas ran, once a
+/// node reported it.
 fn image_with_digest(image: &str, digest: Option<&str>) -> String {
     match digest.and_then(|d| d.split_once(':')) {
-        Some((algo, hex)) => format!("{image}@{algo}:{}", &hex[..hex.len().min(12)]),
+        Some((_, hex)) => format!("{image} ({})", &hex[..hex.len().min(12)]),
         None => image.to_string(),
     }
 }

@@ -257,7 +257,9 @@ pub fn stages(
             (None, Some(_)) => StepStage::Waiting,
             (None, None) => StepStage::Waiting,
             (Some(n), _) if !n.healthy => StepStage::Starting,
-            (Some(n), _) if !n.ready(now_ms, min_ready_ms) => StepStage::Healthy,
+            (Some(n), _) if !n.available() => StepStage::Healthy,
+            // Serving, and staying healthy for min_ready before it counts.
+            (Some(n), None) if !n.ready(now_ms, min_ready_ms) => StepStage::Routed,
             (Some(_), Some(o)) if o.phase == Phase::Active => StepStage::Routed,
             (Some(_), Some(_)) => StepStage::Draining,
             (Some(_), None) => StepStage::Done,
