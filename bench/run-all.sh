@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Builds Berth in release mode and runs the four benchmarks in order:
-# bench-convergence, bench-cp-scale, bench-agent-idle, bench-services. They print figures;
+# Builds Berth in release mode and runs the five benchmarks in order:
+# bench-convergence, bench-cp-scale, bench-agent-idle, bench-services, bench-rollout. They print figures;
 # none of them asserts on timing. Each cleans up what it made (labs 90/91,
 # the control plane it started, temporary directories), also on Ctrl-C.
-# bench-services needs Podman (scripts/podman-setup.sh).
+# bench-services and bench-rollout need Podman (scripts/podman-setup.sh);
+# bench-rollout also Pebble (scripts/install-deps.sh installs both).
 #
 # Needs root (the labs build network namespaces) and wireguard-go.
 # Extra flags per benchmark: CONVERGENCE_ARGS, CP_SCALE_ARGS, AGENT_IDLE_ARGS, SERVICES_ARGS,
+# ROLLOUT_ARGS,
 # e.g.  CP_SCALE_ARGS="--agents 500" bench/run-all.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -44,10 +46,12 @@ run bench-cp-scale ${CP_SCALE_ARGS:-}
 run bench-agent-idle ${AGENT_IDLE_ARGS:-}
 # shellcheck disable=SC2086
 run bench-services ${SERVICES_ARGS:-}
+# shellcheck disable=SC2086
+run bench-rollout ${ROLLOUT_ARGS:-}
 
 echo
 if [ ${#failed[@]} -gt 0 ]; then
     echo "run-all.sh: failed: ${failed[*]}" >&2
     exit 1
 fi
-echo "run-all.sh: all four benchmarks ran"
+echo "run-all.sh: all five benchmarks ran"
