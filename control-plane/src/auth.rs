@@ -17,6 +17,17 @@ pub fn hash_admin_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.trim().as_bytes()))
 }
 
+/// Whether `given` is the admin token.
+pub fn is_admin_token(state: &AppState, given: &str) -> bool {
+    // Compare digests so the comparison time says nothing about the token.
+    let a = hash_admin_token(given);
+    a.len() == state.admin_token_hash.len()
+        && a.bytes()
+            .zip(state.admin_token_hash.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
 /// Checks `Authorization: Bearer <admin token>`.
 fn require_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     let given = headers
@@ -24,14 +35,7 @@ fn require_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| ApiErr::unauthorized("authorization", "authorization: missing admin bearer token"))?;
-    // Compare digests so the comparison time says nothing about the token.
-    let a = hash_admin_token(given);
-    let ok = a.len() == state.admin_token_hash.len()
-        && a.bytes()
-            .zip(state.admin_token_hash.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0;
-    if ok {
+    if is_admin_token(state, given) {
         Ok(())
     } else {
         Err(ApiErr::unauthorized(

@@ -17,6 +17,7 @@ use berth_protocol::{DesiredState, DnsService, NodeSelf, Peer, Role};
 use ipnet::Ipv4Net;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use x25519_dalek::StaticSecret;
 
 /// The whole fleet as the store had it at one cluster revision: nodes,
@@ -38,6 +39,8 @@ pub struct FleetView {
     /// view must reuse one result (and a wake-up of N long-polls then
     /// seals once per proxy, not once per poll).
     pub sealed_keys: std::sync::Mutex<HashMap<(String, String), String>>,
+    /// The fleet registry, whose per-node credentials each document carries.
+    pub registry: Option<Arc<crate::registry::Registry>>,
 }
 
 /// The proxy part of the store at one revision.
@@ -94,11 +97,17 @@ impl FleetView {
             peer_json,
             routes: Routes::default(),
             sealed_keys: Default::default(),
+            registry: None,
         }
     }
 
     pub fn with_routes(mut self, routes: Routes) -> FleetView {
         self.routes = routes;
+        self
+    }
+
+    pub fn with_registry(mut self, registry: Option<Arc<crate::registry::Registry>>) -> FleetView {
+        self.registry = registry;
         self
     }
 
@@ -239,6 +248,11 @@ fn without_peers(
         dns: dns_records(fleet),
         proxy: proxy(fleet, me, cp_key),
         upgrade_to: me.target_version.clone(),
+        registry: fleet.registry.as_ref().map(|r| berth_protocol::api::RegistryAccess {
+            host: r.host.clone(),
+            username: me.name.clone(),
+            password: r.node_password(&me.id),
+        }),
     })
 }
 

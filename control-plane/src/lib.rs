@@ -9,6 +9,7 @@ pub mod auth;
 pub mod desired;
 pub mod error;
 pub mod placement;
+pub mod registry;
 pub mod rollout;
 pub mod server;
 pub mod state;
@@ -32,6 +33,8 @@ pub struct ServeConfig {
     pub acme: Option<acme::AcmeConfig>,
     /// Signed agent builds served to nodes (default: DATA_DIR/releases).
     pub releases_dir: Option<PathBuf>,
+    /// Run the fleet registry; None: no registry.
+    pub registry: Option<registry::RegistryConfig>,
 }
 
 /// A started control plane: its state and the address it listens on.
@@ -77,6 +80,10 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
         let host = cfg.sans.first().cloned().unwrap_or_else(|| addr.ip().to_string());
         format!("https://{host}:{}", addr.port())
     });
+    let registry = match &cfg.registry {
+        Some(r) => Some(start_registry(r, &cfg, &store, &tls, &advertise_url).await?),
+        None => None,
+    };
     let state = state::AppState::new(
         store.clone(),
         state::StateParts {
@@ -91,6 +98,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
                 .releases_dir
                 .clone()
                 .unwrap_or_else(|| cfg.data_dir.join("releases")),
+            registry,
         },
     )
     .await?;
@@ -113,6 +121,46 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
         ca_file,
         task,
     })
+}
+
+/// Starts the fleet registry with the server's own certificate; its token
+/// endpoint is this control plane's `/v1/registry/token`. The secret node
+/// passwords derive from is kept in the store, so every replica agrees.
+async fn start_registry(
+    r: &registry::RegistryConfig,
+    cfg: &ServeConfig,
+    store: &store::Store,
+    tls: &tls::Tls,
+    advertise_url: &str,
+) -> anyhow::Result<registry::Registry> {
+    let made = hex::encode(rand::random::<[u8; 32]>());
+    let secret = store.setting_insert_if_absent("registry_secret", &made).await?;
+    let secret: [u8; 32] = hex::decode(secret.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .context("the stored registry_secret is not 32 bytes of hex")?;
+    let host = advertise_url
+        .split_once("://")
+        .map_or(advertise_url, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    // Without the port: an IPv6 literal keeps its brackets.
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    };
+    registry::start(
+        r,
+        registry::Setup {
+            data_dir: &cfg.data_dir,
+            chain_pem: &tls.chain_pem,
+            key_pem: &tls.key_pem,
+            advertise_host: host,
+            realm: format!("{}/v1/registry/token", advertise_url.trim_end_matches('/')),
+            secret,
+        },
+    )
 }
 
 /// The admin bearer token: made on first start and written 0600 to

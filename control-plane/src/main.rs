@@ -3,6 +3,7 @@
 //! SIGTERM or Ctrl-C. Everything else lives in the library.
 
 use berth_control_plane::acme::AcmeConfig;
+use berth_control_plane::registry::RegistryConfig;
 use berth_control_plane::{start, store::nodes::Pools, tls::OwnCert, ServeConfig};
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -86,9 +87,49 @@ struct Serve {
     /// (default: DATA_DIR/releases).
     #[arg(long)]
     releases_dir: Option<PathBuf>,
+    /// Where the fleet registry listens (default: --listen's address, port 5000).
+    #[arg(long)]
+    registry_listen: Option<std::net::SocketAddr>,
+    /// The Distribution registry executable (Debian's docker-registry). When
+    /// neither this nor --registry-listen is given and it is not installed,
+    /// the control plane runs without a registry (and says so).
+    #[arg(long)]
+    registry_bin: Option<PathBuf>,
+    /// A YAML file with the registry's `storage:` section, e.g. S3, instead
+    /// of DATA_DIR/registry/storage (see docs/builds.md).
+    #[arg(long)]
+    registry_storage_config: Option<PathBuf>,
+    /// Run no fleet registry.
+    #[arg(long, conflicts_with_all = ["registry_listen", "registry_bin", "registry_storage_config"])]
+    no_registry: bool,
     /// Log format: text or json.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+}
+
+/// The registry to run, if any: off with --no-registry, and off (with a
+/// warning) when docker-registry is not installed and no registry flag asks
+/// for it; a flag that asks for it makes a missing binary an error.
+fn registry_config(s: &Serve) -> Option<RegistryConfig> {
+    const DEFAULT_BIN: &str = "/usr/bin/docker-registry";
+    if s.no_registry {
+        return None;
+    }
+    let asked = s.registry_listen.is_some() || s.registry_bin.is_some() || s.registry_storage_config.is_some();
+    let binary = s.registry_bin.clone().unwrap_or_else(|| DEFAULT_BIN.into());
+    if !asked && !binary.exists() {
+        tracing::warn!(
+            "{DEFAULT_BIN} is not installed: no fleet registry (apt install docker-registry, or pass --no-registry)"
+        );
+        return None;
+    }
+    Some(RegistryConfig {
+        listen: s
+            .registry_listen
+            .unwrap_or_else(|| std::net::SocketAddr::new(s.listen.ip(), 5000)),
+        binary,
+        storage_config: s.registry_storage_config.clone(),
+    })
 }
 
 #[tokio::main]
@@ -107,6 +148,7 @@ async fn main() {
         .database
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}", s.data_dir.join("cp.db").display()));
+    let registry = registry_config(&s);
     let cfg = ServeConfig {
         data_dir: s.data_dir,
         database,
@@ -133,6 +175,7 @@ async fn main() {
             ..AcmeConfig::new(s.acme_directory)
         }),
         releases_dir: s.releases_dir,
+        registry,
     };
     let started = match start(cfg).await {
         Ok(s) => s,

@@ -29,6 +29,8 @@ pub struct AppState {
     pub acme_orders: std::sync::atomic::AtomicU64,
     /// Wakes the rollout driver (a node reported; its replicas may have moved on).
     pub rollout_wake: tokio::sync::Notify,
+    /// The fleet registry, unless started without one.
+    pub registry: Option<Arc<crate::registry::Registry>>,
     revision: watch::Sender<i64>,
     fleet_view: Mutex<Arc<FleetView>>,
 }
@@ -45,6 +47,7 @@ pub struct StateParts {
     pub advertise_url: String,
     pub offline_after_secs: i64,
     pub releases_dir: std::path::PathBuf,
+    pub registry: Option<crate::registry::Registry>,
 }
 
 impl AppState {
@@ -58,6 +61,7 @@ impl AppState {
             advertise_url,
             offline_after_secs,
             releases_dir,
+            registry,
         } = parts;
         let rev = store.revision().await?;
         let (tx, _) = watch::channel(rev);
@@ -74,6 +78,7 @@ impl AppState {
             acme_wake: tokio::sync::Notify::new(),
             acme_orders: Default::default(),
             rollout_wake: tokio::sync::Notify::new(),
+            registry: registry.map(Arc::new),
             revision: tx,
             fleet_view: Mutex::new(Arc::new(FleetView {
                 revision: -1,
@@ -132,7 +137,8 @@ impl AppState {
         *cached = Arc::new(
             FleetView::new(revision, nodes, services, replicas)
                 .with_routes(routes)
-                .with_releases(releases),
+                .with_releases(releases)
+                .with_registry(self.registry.clone()),
         );
         Ok(cached.clone())
     }

@@ -14,6 +14,10 @@ pub struct Tls {
     /// The trust anchor agents pin: PEM and SHA-256 of its DER.
     pub ca_pem: String,
     pub ca_hash: String,
+    /// The server chain and its key as PEM, for the fleet registry, which
+    /// serves the same names with the same certificate.
+    pub chain_pem: String,
+    pub key_pem: String,
 }
 
 pub struct OwnCert {
@@ -98,12 +102,16 @@ pub fn generated(data_dir: &Path, sans: &[String]) -> anyhow::Result<Tls> {
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     let leaf_key = KeyPair::generate()?;
     let leaf = params.signed_by(&leaf_key, &issuer, &ca_key)?;
+    let chain_pem = format!("{}{}", leaf.pem(), pem_encode(&ca_der));
     let chain = vec![leaf.der().clone(), ca_der.clone()];
+    let key_pem = leaf_key.serialize_pem();
     let key = PrivateKeyDer::try_from(leaf_key.serialize_der()).map_err(|e| anyhow!("{e}"))?;
     Ok(Tls {
         server_config: server_config(chain, key)?,
         ca_hash: berth_protocol::token::ca_hash(&ca_der),
         ca_pem,
+        chain_pem,
+        key_pem,
     })
 }
 
@@ -123,10 +131,13 @@ pub fn own(c: &OwnCert) -> anyhow::Result<Tls> {
             .ok_or_else(|| anyhow!("--tls-cert: no certificate"))?,
     };
     let ca_pem = pem_encode(&anchor);
+    let chain_pem: String = chain.iter().map(|c| pem_encode(c)).collect();
     Ok(Tls {
         server_config: server_config(chain, key)?,
         ca_hash: berth_protocol::token::ca_hash(&anchor),
         ca_pem,
+        chain_pem,
+        key_pem: String::from_utf8_lossy(&key_pem).into_owned(),
     })
 }
 

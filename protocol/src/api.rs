@@ -121,6 +121,20 @@ pub struct DesiredState {
     /// starts `update.sh` when it runs another one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade_to: Option<String>,
+    /// The fleet registry and this node's pull-only credentials, when the
+    /// control plane runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistryAccess>,
+}
+
+/// Where the fleet registry is and how this node logs in to it. The
+/// registry serves a certificate of the control plane's CA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryAccess {
+    /// `HOST:PORT`, the prefix of image references stored there.
+    pub host: String,
+    pub username: String,
+    pub password: String,
 }
 
 /// A service name and its replicas, as DNS answers them.

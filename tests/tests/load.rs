@@ -105,8 +105,11 @@ async fn the_load_generator_sees_successes_and_failures() {
         assert!(c.rate() >= 18.0, "{c}");
     }
 
-    // The replicas stopped under load: both clients record failures (the
-    // agent restarts the containers soon, so look while it does).
+    // The replicas stopped under load: both clients record failures. n1's
+    // agent is killed first, or it would start them again within a second
+    // (faster than the proxy gives up on a request).
+    let n1 = lab.node("n1").unwrap().index;
+    lab.kill_agent(n1).unwrap();
     let load = Load::start(&lab, &load_spec).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = load.summary();

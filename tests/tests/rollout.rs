@@ -288,6 +288,45 @@ async fn rolling_deploys_lose_no_request() {
         at(StepStage::StoppingOld).is_some() && at(StepStage::StoppingOld) < at(StepStage::Starting),
         "the old replica stopped before the new one started: {times:?}"
     );
+
+    // (h) Autoheal: a demo replica whose page goes missing (its HTTP check
+    // answers 404) is restarted, which does not bring the file back, then
+    // recreated from the image, and is healthy again. The load starts once
+    // the control plane shows it unhealthy (out of DNS and the proxies;
+    // before that its requests fail, as any broken replica's do): from then
+    // on, autoheal costs no request.
+    let info = admin.show_service("demo").await.unwrap();
+    let sick = info.replicas[0].clone();
+    let container = format!("berth-{}", sick.replica);
+    let out = rig
+        .lab
+        .podman(&sick.node, &["exec", &container, "rm", "/www/index.html"])
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let replica =
+        |info: &berth_protocol::service::ServiceInfo| info.replicas.iter().find(|r| r.replica == sick.replica).cloned();
+    let deadline = Instant::now() + SETTLE;
+    while replica(&admin.show_service("demo").await.unwrap()).is_some_and(|r| r.healthy) {
+        assert!(Instant::now() < deadline, "{} never became unhealthy", sick.replica);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let load = rig.load();
+    let (mut restarted, mut recreated) = (false, false);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let r = replica(&admin.show_service("demo").await.unwrap()).expect("the replica stays");
+        assert!(!r.gave_up, "autoheal gave up: {r:?}");
+        restarted |= r.restarts > sick.restarts && r.recreates == sick.recreates;
+        recreated |= r.recreates > sick.recreates;
+        if recreated && r.healthy {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not healed within 180 s: {r:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    rig.no_failures("(h) autoheal", load);
+    assert!(restarted, "it was recreated without being restarted first");
 }
 
 fn slow_with(base: &ServiceSpec, version: &str) -> ServiceSpec {

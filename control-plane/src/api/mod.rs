@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod nodes;
+pub mod registry;
 pub mod releases;
 pub mod routes;
 pub mod services;
@@ -68,6 +69,7 @@ fn public() -> Router<SharedState> {
         .route("/v1/ca.pem", get(ca_pem))
         .route("/v1/register", post(agent::register))
         .merge(releases::routes())
+        .merge(registry::routes())
 }
 
 async fn ca_pem(State(s): State<SharedState>) -> impl IntoResponse {

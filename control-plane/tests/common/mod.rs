@@ -361,6 +361,24 @@ impl Cp {
         admin_token: Option<&str>,
         acme: Option<berth_control_plane::acme::AcmeConfig>,
     ) -> Cp {
+        Cp::start_full(data_dir, database, admin_token, acme, None).await
+    }
+
+    /// Starts on `db` with the fleet registry (the real docker-registry).
+    pub async fn start_with_registry(db: &Db, registry: berth_control_plane::registry::RegistryConfig) -> Cp {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cp = Cp::start_full(dir.path(), &db.url, None, None, Some(registry)).await;
+        cp._dir = Some(dir);
+        cp
+    }
+
+    pub async fn start_full(
+        data_dir: &Path,
+        database: &str,
+        admin_token: Option<&str>,
+        acme: Option<berth_control_plane::acme::AcmeConfig>,
+        registry: Option<berth_control_plane::registry::RegistryConfig>,
+    ) -> Cp {
         init();
         let started = start(ServeConfig {
             data_dir: data_dir.to_path_buf(),
@@ -373,6 +391,7 @@ impl Cp {
             offline_after_secs: 30,
             acme,
             releases_dir: None,
+            registry,
         })
         .await
         .unwrap();

@@ -1,0 +1,109 @@
+//! `GET /v1/registry/token`: the fleet registry's token endpoint (see
+//! [`crate::registry::token`]). Callers prove who they are with HTTP Basic:
+//! `admin` with the admin token, or a node's name with the registry password
+//! in its desired state. Podman and Docker come here by themselves, told
+//! to by the registry's 401 challenge.
+
+use crate::auth::is_admin_token;
+use crate::error::{ApiErr, ApiResult};
+use crate::registry::token::{self, Access, Caller};
+use crate::state::SharedState;
+use crate::store::now;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+
+pub fn routes() -> Router<SharedState> {
+    Router::new().route("/v1/registry/token", get(issue))
+}
+
+async fn issue(State(s): State<SharedState>, headers: HeaderMap, RawQuery(query): RawQuery) -> ApiResult<Response> {
+    let Some(registry) = s.registry.clone() else {
+        return Err(ApiErr::not_found(
+            "path",
+            "path: this control plane runs no registry (started with --no-registry, or docker-registry is not installed)",
+        ));
+    };
+    let caller = match caller(&s, &headers).await {
+        Ok(c) => c,
+        Err(e) => {
+            // Ask for Basic credentials, as `docker login` expects.
+            let mut r = e.into_response();
+            r.headers_mut().insert(
+                "www-authenticate",
+                HeaderValue::from_static("Basic realm=\"berth registry\""),
+            );
+            return Ok(r);
+        }
+    };
+    let mut asked: Vec<Access> = vec![];
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*key {
+            "service" if value != token::SERVICE => {
+                return Err(ApiErr::invalid(
+                    "service",
+                    format!("service: {value:?} is not this registry ({})", token::SERVICE),
+                ))
+            }
+            // Repeated, and one value may hold several, space-separated.
+            "scope" => {
+                for one in value.split(' ').filter(|x| !x.is_empty()) {
+                    let a = Access::parse(one).map_err(|e| ApiErr::invalid("scope", e))?;
+                    if !asked.contains(&a) {
+                        asked.push(a);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    // What was asked and may not be had is left out, not refused: the
+    // registry then answers the request itself with 401 insufficient_scope.
+    let granted = caller.grant(&asked);
+    let jwt = registry
+        .signer
+        .sign(&caller.subject(), &granted, now())
+        .map_err(ApiErr::internal)?;
+    Ok(Json(serde_json::json!({
+        "token": jwt,
+        "access_token": jwt,
+        "expires_in": token::TTL_SECS,
+    }))
+    .into_response())
+}
+
+/// Who the Basic credentials name: the admin, or a node that is still in
+/// the fleet with its own password. The same 401 for every failure.
+async fn caller(s: &SharedState, headers: &HeaderMap) -> ApiResult<Caller> {
+    let refused = || ApiErr::unauthorized("authorization", "authorization: unknown user or wrong password");
+    let basic = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .ok_or_else(|| {
+            ApiErr::unauthorized(
+                "authorization",
+                "authorization: anonymous access is refused; log in (berth registry login)",
+            )
+        })?;
+    let decoded = STANDARD.decode(basic.trim()).map_err(|_| refused())?;
+    let decoded = String::from_utf8(decoded).map_err(|_| refused())?;
+    let (user, password) = decoded.split_once(':').ok_or_else(refused)?;
+    if user == "admin" {
+        return if is_admin_token(s, password) {
+            Ok(Caller::Admin)
+        } else {
+            Err(refused())
+        };
+    }
+    let registry = s.registry.as_ref().ok_or_else(refused)?;
+    let nodes = s.store.list_nodes().await.map_err(ApiErr::internal)?;
+    match nodes.iter().find(|n| n.name == user) {
+        Some(n) if registry.check_node_password(&n.id, password) => Ok(Caller::Node { name: n.name.clone() }),
+        _ => Err(refused()),
+    }
+}

@@ -1,0 +1,184 @@
+//! The fleet registry: the real docker-registry run by the control plane,
+//! real Podman pushing and pulling through it. Who may do what is decided
+//! by the control plane's token endpoint: the admin pushes and pulls, a node
+//! pulls with the credentials in its desired state, nobody else gets in.
+
+#[macro_use]
+mod common;
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use berth_control_plane::registry::RegistryConfig;
+use berth_protocol::ErrorCode;
+use common::*;
+use reqwest::{Method, StatusCode};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+const TEST_IMAGE: &str = "localhost/berth-test/busybox:latest";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `podman` with its own storage under `store` (pulls land there, not in
+/// the host's store).
+fn podman_in(store: &Path) -> Command {
+    let mut cmd = Command::new("podman");
+    cmd.arg("--root")
+        .arg(store.join("root"))
+        .arg("--runroot")
+        .arg(store.join("run"))
+        .args(["--storage-driver", "vfs"]);
+    cmd
+}
+
+/// `podman pull` into `store`, trusting the control plane's CA (in `certs`).
+fn pull(store: &Path, certs: &Path, creds: Option<&str>, image: &str) -> Output {
+    let mut cmd = podman_in(store);
+    cmd.args(["pull", "--quiet", "--cert-dir"]).arg(certs);
+    if let Some(c) = creds {
+        cmd.args(["--creds", c]);
+    }
+    cmd.arg(image).output().expect("run podman")
+}
+
+/// `podman push` from the host's store (where the test image is).
+fn push_from_host(certs: &Path, creds: &str, to: &str) -> Output {
+    Command::new("podman")
+        .args(["push", "--quiet", "--cert-dir"])
+        .arg(certs)
+        .args(["--creds", creds, TEST_IMAGE, to])
+        .output()
+        .expect("run podman")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The claims of a JWT (not verified: the registry does that).
+fn claims(jwt: &str) -> serde_json::Value {
+    let part = jwt.split('.').nth(1).unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
+}
+
+async fn token(cp: &Cp, creds: Option<(&str, &str)>, scope: &str) -> Reply {
+    let mut req = cp.http.get(format!(
+        "{}/v1/registry/token?service=berth-registry&scope={scope}",
+        cp.url
+    ));
+    if let Some((u, p)) = creds {
+        req = req.header(
+            "authorization",
+            format!("Basic {}", STANDARD.encode(format!("{u}:{p}"))),
+        );
+    }
+    Reply::from(req.send().await.unwrap()).await
+}
+
+on_both_stores!(nodes_pull_admins_push_and_nobody_else_gets_in);
+
+async fn nodes_pull_admins_push_and_nobody_else_gets_in(db: &Db) {
+    if !Path::new(REGISTRY_BIN).exists() {
+        assert!(std::env::var_os("CI").is_none(), "{REGISTRY_BIN} is missing under CI");
+        eprintln!("skipped: {REGISTRY_BIN} is not installed");
+        return;
+    }
+    let port = free_port();
+    let cp = Cp::start_with_registry(
+        db,
+        RegistryConfig {
+            listen: format!("127.0.0.1:{port}").parse().unwrap(),
+            binary: REGISTRY_BIN.into(),
+            storage_config: None,
+        },
+    )
+    .await;
+    let n1 = cp.join_sealed("n1", false).await;
+    let d: berth_protocol::DesiredState = cp.desired(&n1.agent, 0, 1).await.json();
+    let access = d.registry.expect("the desired state names the registry");
+    let host = format!("127.0.0.1:{port}");
+    assert_eq!(access.host, host);
+    assert_eq!(access.username, "n1");
+
+    // Podman trusts the control plane's CA for the registry's host.
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(&cp.started.ca_file, certs.join("ca.crt")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the registry never listened on {host}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The token endpoint: anonymous and wrong passwords are refused with
+    // the same code; a node asking for push gets pull only.
+    let anon = token(&cp, None, "repository:demo:pull").await;
+    anon.coded(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, Some("authorization"));
+    let wrong = token(&cp, Some(("n1", "00ff")), "repository:demo:pull").await;
+    wrong.coded(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, Some("authorization"));
+    let not_admin = token(&cp, Some(("admin", &access.password)), "repository:demo:pull").await;
+    not_admin.coded(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, Some("authorization"));
+    let t = token(&cp, Some(("n1", &access.password)), "repository:demo:pull,push").await;
+    assert_eq!(t.status, StatusCode::OK, "{}", t.body);
+    let c = claims(t.json::<serde_json::Value>()["token"].as_str().unwrap());
+    assert_eq!(c["sub"], "node:n1");
+    assert_eq!(
+        c["access"],
+        serde_json::json!([{"type": "repository", "name": "demo", "actions": ["pull"]}])
+    );
+    let bad = token(&cp, Some(("admin", &cp.admin_token)), "repository").await;
+    bad.coded(StatusCode::BAD_REQUEST, ErrorCode::InvalidField, Some("scope"));
+
+    let image = format!("{host}/berth-test/busybox:v1");
+    // Nobody pushes anonymously, a node cannot push, the admin can.
+    let out = Command::new("podman")
+        .args(["push", "--quiet", "--cert-dir"])
+        .arg(&certs)
+        .args([TEST_IMAGE, &image])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "an anonymous push went through: {}", text(&out));
+    let out = push_from_host(&certs, &format!("n1:{}", access.password), &image);
+    assert!(!out.status.success(), "a node pushed: {}", text(&out));
+    let out = push_from_host(&certs, &format!("admin:{}", cp.admin_token), &image);
+    assert!(out.status.success(), "the admin's push failed: {}", text(&out));
+
+    // Pulls: anonymous refused, the node's credentials work.
+    let store = work.path().join("store");
+    let node_creds = format!("n1:{}", access.password);
+    let out = pull(&store, &certs, None, &image);
+    assert!(!out.status.success(), "an anonymous pull went through: {}", text(&out));
+    let out = pull(&store, &certs, Some(&node_creds), &image);
+    assert!(out.status.success(), "the node's pull failed: {}", text(&out));
+    let out = podman_in(&store).args(["image", "exists", &image]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "the pulled image is not in the store: {}",
+        text(&out)
+    );
+
+    // A removed node's credentials are dead.
+    let r = Reply::from(cp.admin(Method::DELETE, "/v1/nodes/n1").send().await.unwrap()).await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let gone = token(&cp, Some(("n1", &access.password)), "repository:demo:pull").await;
+    gone.coded(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, Some("authorization"));
+    let store2 = work.path().join("store2");
+    let out = pull(&store2, &certs, Some(&node_creds), &image);
+    assert!(!out.status.success(), "a removed node pulled: {}", text(&out));
+    for s in [&store, &store2] {
+        let _ = podman_in(s).args(["system", "reset", "--force"]).output();
+    }
+}
