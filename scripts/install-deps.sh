@@ -22,12 +22,18 @@ have debootstrap || need+=(debootstrap)  # the fresh-server installer test
 have shellcheck || need+=(shellcheck)
 have strip || need+=(binutils)
 have systemd-analyze || need+=(systemd)
+have docker-registry || need+=(docker-registry)  # the fleet registry the control plane runs
 
 if [ "${#need[@]}" -gt 0 ]; then
     echo "installing: ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+fi
+# The package's own service would hold port 5000 with Debian's config; the
+# control plane runs the registry itself.
+if [ -d /run/systemd/system ] && systemctl is-enabled --quiet docker-registry 2>/dev/null; then
+    systemctl disable --now docker-registry >&2 || true
 fi
 
 if ! have cargo; then

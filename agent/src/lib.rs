@@ -12,6 +12,7 @@ pub mod mesh;
 pub mod podman;
 pub mod proxy;
 pub mod reconcile;
+pub mod registry;
 pub mod upgrade;
 
 /// This build's version: `BERTH_VERSION` at build time (release builds), else the crate version.

@@ -79,6 +79,10 @@ struct Args {
     /// Where the upstream resolvers (for names outside the zone) are read from.
     #[arg(long, default_value = "/etc/resolv.conf")]
     resolv_conf: PathBuf,
+    /// Where Podman looks for registry CAs: the agent writes the control
+    /// plane's CA there for the fleet registry's host.
+    #[arg(long, default_value = "/etc/containers/certs.d")]
+    containers_certs_dir: PathBuf,
     /// berth-proxy binary, run on proxy nodes. Default: next to this binary, else from PATH.
     #[arg(long)]
     proxy_binary: Option<PathBuf>,
@@ -276,6 +280,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         resolv_conf: args.resolv_conf.clone(),
         dns_port: args.dns_port,
+        certs_dir: args.containers_certs_dir.clone(),
         berth_proxy: reg.proxy.then(|| BerthProxySettings {
             binary: args.proxy_binary.clone().unwrap_or_else(default_proxy_binary),
             dir: args.data_dir.join("proxy"),

@@ -26,6 +26,8 @@ pub struct Settings {
     pub dns_port: u16,
     /// Set on proxy nodes: run berth-proxy.
     pub berth_proxy: Option<BerthProxySettings>,
+    /// Where Podman looks for registries' CAs (`HOST:PORT/ca.crt`).
+    pub certs_dir: PathBuf,
 }
 
 pub struct Reconciler {
@@ -211,6 +213,15 @@ impl Reconciler {
             }
         }
         self.ensure_dns(subnet).await?;
+        if let Some(r) = &d.registry {
+            let ca = self.settings.data_dir.join("ca.pem");
+            let trusted =
+                std::fs::read(&ca).and_then(|pem| crate::registry::trust(&self.settings.certs_dir, &r.host, &pem));
+            if let Err(e) = trusted {
+                tracing::warn!(registry = %r.host, error = %e, "cannot make Podman trust the fleet registry's CA");
+            }
+        }
+        self.runtime.set_registry(d.registry.clone());
         // A container that cannot run is that replica's error (reported per
         // replica and retried every tick), not a failure of the whole document.
         self.containers_error = match self.runtime.apply(subnet, &d.containers).await {

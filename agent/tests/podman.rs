@@ -263,7 +263,7 @@ async fn errors_name_the_missing_image() {
 
     // Nothing listens on port 1 of loopback: the pull fails and says why.
     let reference = "127.0.0.1:1/berth-test/missing:1";
-    let err = env.podman.pull(reference, false).await.unwrap_err();
+    let err = env.podman.pull(reference, false, None).await.unwrap_err();
     assert!(matches!(err, Error::Pull { .. }), "{err:?}");
     assert!(err.to_string().contains(reference), "{err}");
     println!("{err}");

@@ -62,6 +62,23 @@ pub enum Command {
     /// Signed agent builds that nodes install and upgrade to (offline; no control plane needed).
     #[command(subcommand)]
     Release(ReleaseCmd),
+    /// The fleet registry the control plane runs.
+    #[command(subcommand)]
+    Registry(RegistryCmd),
+}
+
+#[derive(Subcommand)]
+pub enum RegistryCmd {
+    /// Prints the registry's HOST:PORT (images are HOST:PORT/NAME:TAG).
+    Show,
+    /// Lets this machine's Podman (or Docker) push and pull as the admin:
+    /// trusts the control plane's CA for the registry's host and logs in
+    /// with the admin token.
+    Login {
+        /// Configure Docker instead of Podman.
+        #[arg(long)]
+        docker: bool,
+    },
 }
 
 #[derive(Subcommand)]

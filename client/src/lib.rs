@@ -241,6 +241,16 @@ impl AdminClient {
         self.post("/v1/routes/tcp", spec).await
     }
 
+    /// Where the fleet registry is (404 `not_found` when none runs).
+    pub async fn registry_info(&self) -> Result<berth_protocol::api::RegistryInfo> {
+        self.get("/v1/registry").await
+    }
+
+    /// The admin token, which is also the admin's registry password.
+    pub fn admin_token(&self) -> &str {
+        &self.token
+    }
+
     pub async fn list_tcp_routes(&self) -> Result<Vec<TcpRouteSpec>> {
         self.get("/v1/routes/tcp").await
     }

@@ -97,6 +97,56 @@ impl Lab {
         Ok(AdminClient::new(&self.client_config())?)
     }
 
+    /// The fleet registry's `HOST:PORT`: the control plane runs it on its
+    /// own address, port 5000 (when docker-registry is installed).
+    pub fn registry_host(&self) -> String {
+        format!("{}:5000", self.net.host_ip())
+    }
+
+    /// The test image as stored in the fleet registry.
+    pub fn registry_test_image(&self) -> String {
+        format!("{}/berth-test/busybox:latest", self.registry_host())
+    }
+
+    /// Pushes the test image from node `node`'s storage into the fleet
+    /// registry (as the admin, trusting the control plane's CA), retrying
+    /// while the registry starts. Returns its reference there.
+    pub fn push_test_image(&self, node: &str) -> anyhow::Result<String> {
+        let cfg = self.client_config();
+        let certs = self.state.dir.join("registry-certs");
+        std::fs::create_dir_all(&certs)?;
+        std::fs::copy(&cfg.ca_file, certs.join("ca.crt")).context("copying the control plane's CA")?;
+        let token = std::fs::read_to_string(&cfg.admin_token_file).context("reading the admin token")?;
+        let creds = format!("admin:{}", token.trim());
+        let to = self.registry_test_image();
+        let certs = certs.display().to_string();
+        let args = [
+            "push",
+            "--quiet",
+            "--cert-dir",
+            &certs,
+            "--creds",
+            &creds,
+            podman::TEST_IMAGE,
+            &to,
+        ];
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.podman(node, &args)?;
+            if out.status.success() {
+                return Ok(to);
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "pushing {} to {to} failed: {}",
+                    podman::TEST_IMAGE,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     /// Writes the state file (`lab.json`), which `berth lab down` reads.
     pub fn save(&self) -> anyhow::Result<()> {
         std::fs::write(self.state.dir.join("lab.json"), serde_json::to_vec_pretty(&self.state)?)?;
@@ -475,10 +525,28 @@ impl Lab {
         let known: Vec<(u16, Option<u32>)> = self.state.nodes.iter().map(|n| (n.index, n.podman_pid)).collect();
         first.note(teardown_podmans(self.state.id, &self.state.dir, &known));
         first.note(self.net.destroy());
+        remove_registry_trust(&self.net);
         remove_files(&self.state.dir, keep_logs, &mut first);
         first.into_result()
     }
 }
+
+/// The agents made Podman trust the lab's CA for its registry's host (in
+/// the host's `/etc/containers/certs.d`): the lab takes that back.
+fn remove_registry_trust(net: &LabNet) {
+    let dir = Path::new(REGISTRY_CERTS_DIR).join(format!("{}:5000", net.host_ip()));
+    if dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            eprintln!("warning: removing {}: {e}", dir.display());
+        }
+        // And the directory itself when the agents made it for nothing else.
+        let _ = std::fs::remove_dir(REGISTRY_CERTS_DIR);
+    }
+}
+
+/// Where the lab's agents (with the default `--containers-certs-dir`) put
+/// the fleet registry's CA.
+const REGISTRY_CERTS_DIR: &str = "/etc/containers/certs.d";
 
 /// Tears down the Podman of every node in `known` and of every `n<i>-podman`
 /// directory in `dir`, in parallel. Needs the node namespaces: call before
@@ -560,6 +628,7 @@ pub fn destroy_by_id(id: u8, dir: &Path, keep_logs: bool) -> anyhow::Result<()> 
             let known: Vec<(u16, Option<u32>)> = net.nodes().into_iter().map(|i| (i, None)).collect();
             first.note(teardown_podmans(id, dir, &known));
             first.note(net.destroy());
+            remove_registry_trust(&net);
             remove_files(dir, keep_logs, &mut first);
             first.into_result()
         }

@@ -137,6 +137,13 @@ pub struct RegistryAccess {
     pub password: String,
 }
 
+/// `GET /v1/registry`: where the fleet registry is (admin).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryInfo {
+    /// `HOST:PORT`: push to and pull from `HOST:PORT/NAME:TAG`.
+    pub host: String,
+}
+
 /// A service name and its replicas, as DNS answers them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DnsService {

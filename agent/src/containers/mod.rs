@@ -129,6 +129,8 @@ pub struct Runtime {
     /// The bridge's MAC was found pinned (see `bridge`) since it last
     /// may have been made anew.
     bridge_pinned: bool,
+    /// The fleet registry and this node's credentials (desired state).
+    registry: Option<berth_protocol::api::RegistryAccess>,
 }
 
 impl Runtime {
@@ -146,7 +148,13 @@ impl Runtime {
             heals: Arc::default(),
             podman_error_logged: false,
             bridge_pinned: false,
+            registry: None,
         }
+    }
+
+    /// The fleet registry's host and this node's credentials for it.
+    pub fn set_registry(&mut self, access: Option<berth_protocol::api::RegistryAccess>) {
+        self.registry = access;
     }
 
     /// Makes Podman run exactly `desired` on this node's `subnet`.
@@ -597,8 +605,9 @@ impl Runtime {
         if self.podman.image_exists(image).await? {
             return Ok(());
         }
-        tracing::info!(%image, "pulling");
-        self.podman.pull(image, true).await?;
+        let auth = crate::registry::credentials_for(self.registry.as_ref(), image).map(crate::registry::auth_header);
+        tracing::info!(%image, with_credentials = auth.is_some(), "pulling");
+        self.podman.pull(image, true, auth).await?;
         Ok(())
     }
 

@@ -141,16 +141,18 @@ impl Podman {
         }
     }
 
-    /// Pulls an image. `tls_verify = false` allows a plain-HTTP registry (the
-    /// lab's). The progress stream is consumed; an error line fails the call.
-    pub async fn pull(&self, reference: &str, tls_verify: bool) -> Result<()> {
+    /// Pulls an image. `tls_verify = false` allows a plain-HTTP registry.
+    /// `auth`: an `X-Registry-Auth` value (see [`crate::registry::auth_header`]).
+    /// The progress stream is consumed; an error line fails the call.
+    pub async fn pull(&self, reference: &str, tls_verify: bool, auth: Option<String>) -> Result<()> {
         let path = format!(
             "{API}/images/pull?reference={}&tlsVerify={tls_verify}&quiet=false",
             encode(reference, b"")
         );
         let what = format!("POST {path}");
+        let headers: Vec<(&str, String)> = auth.into_iter().map(|a| ("x-registry-auth", a)).collect();
         let fut = async {
-            let mut resp = transport::send(&self.socket, Method::POST, &path, None).await?;
+            let mut resp = transport::send_with(&self.socket, Method::POST, &path, None, &headers).await?;
             if !resp.status().is_success() {
                 let data = transport::read_all(resp.body_mut(), &what).await?;
                 return Err(Response {

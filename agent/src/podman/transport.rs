@@ -47,6 +47,17 @@ pub(crate) async fn send(
     path: &str,
     body: Option<Vec<u8>>,
 ) -> Result<Response<Incoming>, Error> {
+    send_with(socket, method, path, body, &[]).await
+}
+
+/// [`send`] with extra request headers.
+pub(crate) async fn send_with(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    headers: &[(&str, String)],
+) -> Result<Response<Incoming>, Error> {
     let stream = UnixStream::connect(socket).await.map_err(|e| Error::Connect {
         socket: socket.to_path_buf(),
         source: e,
@@ -67,6 +78,9 @@ pub(crate) async fn send(
         .header(hyper::header::HOST, "podman");
     if body.is_some() {
         req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    for (name, value) in headers {
+        req = req.header(*name, value);
     }
     let req = req
         .body(FullBody::new(body.unwrap_or_default()))

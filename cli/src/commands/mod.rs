@@ -3,6 +3,7 @@
 mod domain;
 mod lab;
 mod nodes;
+mod registry;
 mod release;
 mod rollout;
 mod service;
@@ -29,6 +30,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Domain(d) => domain::run(&api()?, d).await?,
         Command::Route(RouteCmd::Tcp(t)) => domain::run_tcp(&api()?, t).await?,
         Command::Release(r) => release::run(r)?,
+        Command::Registry(r) => registry::run(&api()?, &cfg.ca_file, r).await?,
         Command::Lab { args } => return lab::run(&args),
     }
     Ok(0)

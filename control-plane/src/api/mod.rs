@@ -46,12 +46,18 @@ pub fn router(state: SharedState) -> Router {
     // a whole: an unknown path stays a 404 and a wrong method a 405 for
     // everyone, as they are for the other routes.
     let admin_only = from_fn_with_state(state.clone(), admin_only);
-    let admin = [tokens::routes(), nodes::routes(), services::routes(), routes::routes()]
-        .into_iter()
-        .flatten()
-        .fold(Router::new(), |r, (path, methods)| {
-            r.route(path, methods.route_layer(admin_only.clone()))
-        });
+    let admin = [
+        tokens::routes(),
+        nodes::routes(),
+        services::routes(),
+        routes::routes(),
+        registry::admin_routes(),
+    ]
+    .into_iter()
+    .flatten()
+    .fold(Router::new(), |r, (path, methods)| {
+        r.route(path, methods.route_layer(admin_only.clone()))
+    });
     Router::new()
         .merge(public())
         .merge(agent::routes())

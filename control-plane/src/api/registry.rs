@@ -21,13 +21,29 @@ pub fn routes() -> Router<SharedState> {
     Router::new().route("/v1/registry/token", get(issue))
 }
 
-async fn issue(State(s): State<SharedState>, headers: HeaderMap, RawQuery(query): RawQuery) -> ApiResult<Response> {
-    let Some(registry) = s.registry.clone() else {
-        return Err(ApiErr::not_found(
+/// Behind the admin check: where the registry is.
+pub fn admin_routes() -> super::AdminRoutes {
+    vec![("/v1/registry", get(info))]
+}
+
+async fn info(State(s): State<SharedState>) -> ApiResult<Json<berth_protocol::api::RegistryInfo>> {
+    let registry = running(&s)?;
+    Ok(Json(berth_protocol::api::RegistryInfo {
+        host: registry.host.clone(),
+    }))
+}
+
+fn running(s: &SharedState) -> ApiResult<std::sync::Arc<crate::registry::Registry>> {
+    s.registry.clone().ok_or_else(|| {
+        ApiErr::not_found(
             "path",
             "path: this control plane runs no registry (started with --no-registry, or docker-registry is not installed)",
-        ));
-    };
+        )
+    })
+}
+
+async fn issue(State(s): State<SharedState>, headers: HeaderMap, RawQuery(query): RawQuery) -> ApiResult<Response> {
+    let registry = running(&s)?;
     let caller = match caller(&s, &headers).await {
         Ok(c) => c,
         Err(e) => {

@@ -127,6 +127,14 @@ async fn run(cmd: LabCmd) -> anyhow::Result<i32> {
                 ..LabSpec::new(sel.id, &dir, nodes)
             };
             let mut l = LabGuard::up(&spec).await?.into_lab();
+            let first_worker = l.state.nodes.iter().find(|n| !n.proxy).map(|n| n.name.clone());
+            let registry = registry_running(&l);
+            if let (true, Some(n)) = (registry, first_worker) {
+                match l.push_test_image(&n) {
+                    Ok(image) => println!("lab {}: pushed the test image to the fleet registry as {image}", sel.id),
+                    Err(e) => eprintln!("warning: {e:#}"),
+                }
+            }
             if !no_demo {
                 demo::deploy(&l, nodes).await;
                 if let Some(proxy) = l.state.nodes.iter().find(|n| n.proxy).map(|n| n.name.clone()) {
@@ -195,11 +203,23 @@ async fn run(cmd: LabCmd) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// The shell line that points `berth` at the lab's control plane.
+/// Whether the lab's control plane runs the fleet registry (it does when
+/// docker-registry is installed).
+fn registry_running(lab: &Lab) -> bool {
+    lab.state.dir.join("cp/registry/config.yml").exists()
+}
+
+/// The shell line that points `berth` at the lab's control plane, and
+/// names the fleet registry (for `FROM` lines) when it runs.
 fn exports(lab: &Lab) -> String {
     let t = lab.client_config();
+    let registry = if registry_running(lab) {
+        format!(" BERTH_REGISTRY={}", lab.registry_host())
+    } else {
+        String::new()
+    };
     format!(
-        "export BERTH_URL={} BERTH_ADMIN_TOKEN_FILE={} BERTH_CA_FILE={}",
+        "export BERTH_URL={} BERTH_ADMIN_TOKEN_FILE={} BERTH_CA_FILE={}{registry}",
         t.url,
         t.admin_token_file.display(),
         t.ca_file.display()

@@ -1,0 +1,60 @@
+//! `berth registry show|login`: the fleet registry from an admin's machine.
+
+use crate::args::RegistryCmd;
+use anyhow::{bail, Context};
+use berth_client::AdminClient;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+pub async fn run(api: &AdminClient, ca_file: &Path, cmd: RegistryCmd) -> anyhow::Result<()> {
+    let host = api.registry_info().await?.host;
+    match cmd {
+        RegistryCmd::Show => println!("{host}"),
+        RegistryCmd::Login { docker } => {
+            let tool = if docker { "docker" } else { "podman" };
+            let ca = std::fs::read(ca_file).with_context(|| format!("--ca-file {}", ca_file.display()))?;
+            let file = trust(&host, &ca, docker)?;
+            println!("trusting the control plane's CA for {host}: {}", file.display());
+            let mut child = Command::new(tool)
+                .args(["login", "--username", "admin", "--password-stdin", &host])
+                .stdin(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("running `{tool} login` (is {tool} installed?)"))?;
+            child
+                .stdin
+                .take()
+                .context("the login's stdin")?
+                .write_all(format!("{}\n", api.admin_token()).as_bytes())?;
+            let status = child.wait()?;
+            if !status.success() {
+                bail!("`{tool} login {host}` failed ({status})");
+            }
+            println!("push with: {tool} push IMAGE {host}/NAME:TAG");
+        }
+    }
+    Ok(())
+}
+
+/// Writes the CA where the tool looks for `host`'s: Docker's system
+/// directory, or Podman's (the system one as root, else the user's).
+fn trust(host: &str, ca: &[u8], docker: bool) -> anyhow::Result<PathBuf> {
+    let mut roots = vec![];
+    if docker {
+        roots.push(PathBuf::from("/etc/docker/certs.d"));
+    } else {
+        roots.push(PathBuf::from("/etc/containers/certs.d"));
+        if let Some(home) = std::env::var_os("HOME") {
+            roots.push(Path::new(&home).join(".config/containers/certs.d"));
+        }
+    }
+    let mut last = None;
+    for root in roots {
+        let dir = root.join(host);
+        match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join("ca.crt"), ca)) {
+            Ok(()) => return Ok(dir.join("ca.crt")),
+            Err(e) => last = Some(format!("{}: {e}", dir.display())),
+        }
+    }
+    bail!("cannot write the registry's CA: {}", last.unwrap_or_default())
+}

@@ -1,0 +1,104 @@
+//! End-to-end: the fleet registry on a lab. The test image is pushed into
+//! the registry the control plane runs; a service of that image runs on
+//! both nodes, each of which pulls it over the network with its own
+//! credentials, trusting the control plane's CA.
+
+use berth_tests::*;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+const SETTLE: Duration = Duration::from_secs(90);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_pull_a_service_image_from_the_fleet_registry() {
+    if !Path::new("/usr/bin/docker-registry").exists() {
+        assert!(std::env::var_os("CI").is_none(), "docker-registry is missing under CI");
+        eprintln!("skipped: docker-registry is not installed");
+        return;
+    }
+    let lab = lab_up(211, 2).await;
+    let image = lab.push_test_image("n1").unwrap();
+    assert_eq!(image, format!("{}/berth-test/busybox:latest", lab.registry_host()));
+    for n in ["n1", "n2"] {
+        let out = lab.podman(n, &["image", "exists", &image]).unwrap();
+        assert!(!out.status.success(), "{n} has {image} before the deploy");
+    }
+
+    let admin = lab.admin().unwrap();
+    let mut spec = demo::web_service("reg", 2);
+    spec.image = image.clone();
+    admin.deploy_service(&spec).await.unwrap();
+    let info = demo::wait_healthy(&admin, "reg", 2, SETTLE, |_| {}).await.unwrap();
+    let mut nodes: Vec<&str> = info.replicas.iter().map(|r| r.node.as_str()).collect();
+    nodes.sort();
+    assert_eq!(nodes, ["n1", "n2"], "{info:?}");
+
+    // Each node pulled it (the push went from n1's storage under another
+    // name, so n1 pulled too), and trusts the CA for the registry's host.
+    for n in ["n1", "n2"] {
+        let out = lab.podman(n, &["image", "exists", &image]).unwrap();
+        assert!(out.status.success(), "{n} did not pull {image}");
+    }
+    let ca = std::fs::read(lab.client_config().ca_file).unwrap();
+    let trusted = std::fs::read(format!("/etc/containers/certs.d/{}/ca.crt", lab.registry_host())).unwrap();
+    assert_eq!(trusted, ca);
+
+    // And it serves: a container on n2 reaches both replicas by name.
+    let out = lab
+        .run_container("n2", &["wget", "-qO-", "http://reg.internal:8080/"])
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The admin's machine (this host): `berth registry show` names the
+    // registry, `berth registry login` lets plain `podman pull` in.
+    let out = berth(&lab, &["registry", "show"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), lab.registry_host());
+    let store = tempfile::tempdir().unwrap();
+    let pull = || {
+        Command::new("podman")
+            .arg("--root")
+            .arg(store.path().join("root"))
+            .arg("--runroot")
+            .arg(store.path().join("run"))
+            .args(["--storage-driver", "vfs", "pull", "--quiet", &image])
+            .output()
+            .unwrap()
+    };
+    let out = berth(&lab, &["registry", "login"]);
+    let logged_in = out.status.success();
+    let pulled = pull();
+    let _ = Command::new("podman").args(["logout", &lab.registry_host()]).output();
+    assert!(logged_in, "{}", text(&out));
+    assert!(pulled.status.success(), "pull after login: {}", text(&pulled));
+    let out = pull();
+    assert!(!out.status.success(), "pulled after logout: {}", text(&out));
+    let _ = Command::new("podman")
+        .arg("--root")
+        .arg(store.path().join("root"))
+        .arg("--runroot")
+        .arg(store.path().join("run"))
+        .args(["--storage-driver", "vfs", "system", "reset", "--force"])
+        .output();
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs the `berth` CLI against the lab's control plane.
+fn berth(lab: &LabGuard, args: &[&str]) -> Output {
+    let target = lab.client_config();
+    Command::new(default_bin_dir().join("berth"))
+        .args(args)
+        .env("BERTH_URL", &target.url)
+        .env("BERTH_ADMIN_TOKEN_FILE", &target.admin_token_file)
+        .env("BERTH_CA_FILE", &target.ca_file)
+        .output()
+        .expect("run berth")
+}
