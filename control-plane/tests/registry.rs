@@ -49,14 +49,29 @@ fn pull(store: &Path, certs: &Path, creds: Option<&str>, image: &str) -> Output 
     cmd.arg(image).output().expect("run podman")
 }
 
-/// `podman push` from the host's store (where the test image is).
-fn push_from_host(certs: &Path, creds: &str, to: &str) -> Output {
-    Command::new("podman")
-        .args(["push", "--quiet", "--cert-dir"])
-        .arg(certs)
-        .args(["--creds", creds, TEST_IMAGE, to])
+/// `podman push` of the test image from `store` (made there by
+/// scripts/make-test-image.sh: the host's store is left alone).
+fn push(store: &Path, certs: &Path, creds: Option<&str>, to: &str) -> Output {
+    let mut cmd = podman_in(store);
+    cmd.args(["push", "--quiet", "--cert-dir"]).arg(certs);
+    if let Some(c) = creds {
+        cmd.args(["--creds", c]);
+    }
+    cmd.args([TEST_IMAGE, to]).output().expect("run podman")
+}
+
+fn make_test_image(store: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-test-image.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg("--root")
+        .arg(store.join("root"))
+        .arg("--runroot")
+        .arg(store.join("run"))
+        .args(["--storage-driver", "vfs"])
         .output()
-        .expect("run podman")
+        .expect("run make-test-image.sh");
+    assert!(out.status.success(), "make-test-image.sh: {}", text(&out));
 }
 
 fn text(o: &Output) -> String {
@@ -144,21 +159,18 @@ async fn nodes_pull_admins_push_and_nobody_else_gets_in(db: &Db) {
 
     let image = format!("{host}/berth-test/busybox:v1");
     // Nobody pushes anonymously, a node cannot push, the admin can.
-    let out = Command::new("podman")
-        .args(["push", "--quiet", "--cert-dir"])
-        .arg(&certs)
-        .args([TEST_IMAGE, &image])
-        .output()
-        .unwrap();
+    let source = work.path().join("source");
+    make_test_image(&source);
+    let node_creds = format!("n1:{}", access.password);
+    let out = push(&source, &certs, None, &image);
     assert!(!out.status.success(), "an anonymous push went through: {}", text(&out));
-    let out = push_from_host(&certs, &format!("n1:{}", access.password), &image);
+    let out = push(&source, &certs, Some(&node_creds), &image);
     assert!(!out.status.success(), "a node pushed: {}", text(&out));
-    let out = push_from_host(&certs, &format!("admin:{}", cp.admin_token), &image);
+    let out = push(&source, &certs, Some(&format!("admin:{}", cp.admin_token)), &image);
     assert!(out.status.success(), "the admin's push failed: {}", text(&out));
 
     // Pulls: anonymous refused, the node's credentials work.
     let store = work.path().join("store");
-    let node_creds = format!("n1:{}", access.password);
     let out = pull(&store, &certs, None, &image);
     assert!(!out.status.success(), "an anonymous pull went through: {}", text(&out));
     let out = pull(&store, &certs, Some(&node_creds), &image);
@@ -178,7 +190,7 @@ async fn nodes_pull_admins_push_and_nobody_else_gets_in(db: &Db) {
     let store2 = work.path().join("store2");
     let out = pull(&store2, &certs, Some(&node_creds), &image);
     assert!(!out.status.success(), "a removed node pulled: {}", text(&out));
-    for s in [&store, &store2] {
+    for s in [&source, &store, &store2] {
         let _ = podman_in(s).args(["system", "reset", "--force"]).output();
     }
 }
