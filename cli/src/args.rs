@@ -65,6 +65,18 @@ pub enum Command {
     /// The fleet registry the control plane runs.
     #[command(subcommand)]
     Registry(RegistryCmd),
+    /// Images in the fleet registry.
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Subcommand)]
+pub enum ImageCmd {
+    /// Every tag: repository, tag, digest, size, and the releases using it.
+    List {
+        /// Only the images SERVICE's releases use.
+        service: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]

@@ -246,6 +246,18 @@ impl AdminClient {
         self.get("/v1/registry").await
     }
 
+    /// The fleet registry's tags, with the releases using each; only those
+    /// of `service`'s releases when given.
+    pub async fn list_images(&self, service: Option<&str>) -> Result<Vec<berth_protocol::api::ImageInfo>> {
+        match service {
+            Some(s) => {
+                let s: String = form_urlencoded::byte_serialize(s.as_bytes()).collect();
+                self.get(&format!("/v1/images?service={s}")).await
+            }
+            None => self.get("/v1/images").await,
+        }
+    }
+
     /// The admin token, which is also the admin's registry password.
     pub fn admin_token(&self) -> &str {
         &self.token

@@ -158,6 +158,7 @@ async fn start_registry(
             key_pem: &tls.key_pem,
             advertise_host: host,
             realm: format!("{}/v1/registry/token", advertise_url.trim_end_matches('/')),
+            ca_pem: &tls.ca_pem,
             secret,
         },
     )

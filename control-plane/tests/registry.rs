@@ -121,6 +121,8 @@ async fn nodes_pull_admins_push_and_nobody_else_gets_in(db: &Db) {
     )
     .await;
     let n1 = cp.join_sealed("n1", false).await;
+    // Online (a service can be placed on it).
+    cp.report(&n1.agent, &berth_protocol::StatusReport::default()).await;
     let d: berth_protocol::DesiredState = cp.desired(&n1.agent, 0, 1).await.json();
     let access = d.registry.expect("the desired state names the registry");
     let host = format!("127.0.0.1:{port}");
@@ -168,6 +170,42 @@ async fn nodes_pull_admins_push_and_nobody_else_gets_in(db: &Db) {
     assert!(!out.status.success(), "a node pushed: {}", text(&out));
     let out = push(&source, &certs, Some(&format!("admin:{}", cp.admin_token)), &image);
     assert!(out.status.success(), "the admin's push failed: {}", text(&out));
+
+    // What the registry holds, with the releases that use it.
+    let r = Reply::from(
+        cp.admin(Method::POST, "/v1/services")
+            .json(&serde_json::json!({"name": "web", "image": image, "replicas": 1, "port": 8080}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = Reply::from(cp.admin(Method::GET, "/v1/images").send().await.unwrap()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let list: Vec<berth_protocol::api::ImageInfo> = r.json();
+    assert_eq!(list.len(), 1, "{list:?}");
+    let i = &list[0];
+    assert_eq!((i.repository.as_str(), i.tag.as_str()), ("berth-test/busybox", "v1"));
+    assert_eq!(i.reference, image);
+    assert!(i.digest.starts_with("sha256:") && i.digest.len() == 71, "{i:?}");
+    assert!(
+        i.size.is_some_and(|s| s > 100_000),
+        "the busybox layer is in the size: {i:?}"
+    );
+    assert_eq!(
+        i.releases,
+        vec![berth_protocol::api::ReleaseRef {
+            service: "web".into(),
+            number: 1
+        }]
+    );
+    let r = Reply::from(cp.admin(Method::GET, "/v1/images?service=web").send().await.unwrap()).await;
+    assert_eq!(r.json::<Vec<berth_protocol::api::ImageInfo>>().len(), 1);
+    let r = Reply::from(cp.admin(Method::GET, "/v1/images?service=nope").send().await.unwrap()).await;
+    r.coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("service"));
+    let r = Reply::from(cp.http.get(format!("{}/v1/images", cp.url)).send().await.unwrap()).await;
+    r.coded(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, Some("authorization"));
 
     // Pulls: anonymous refused, the node's credentials work.
     let store = work.path().join("store");

@@ -144,6 +144,28 @@ pub struct RegistryInfo {
     pub host: String,
 }
 
+/// `GET /v1/images[?service=S]`: one tag in the fleet registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub repository: String,
+    pub tag: String,
+    /// `HOST:PORT/REPOSITORY:TAG`, as a service's `image`.
+    pub reference: String,
+    /// The manifest's digest (`sha256:...`).
+    pub digest: String,
+    /// Config and layers, compressed; none for a multi-platform index.
+    pub size: Option<u64>,
+    /// The releases whose image is this tag or this digest.
+    pub releases: Vec<ReleaseRef>,
+}
+
+/// A release of a service, by number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRef {
+    pub service: String,
+    pub number: u64,
+}
+
 /// A service name and its replicas, as DNS answers them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DnsService {

@@ -85,6 +85,8 @@ pub enum ErrorCode {
     Internal,
     /// 503: no free mesh address or container subnet left in the pool.
     PoolExhausted,
+    /// 502: the fleet registry did not answer as it should (`registry`).
+    RegistryUnavailable,
     /// Never sent: what a client reads for a code newer than itself, or for
     /// an error body without one.
     #[default]
@@ -111,6 +113,7 @@ impl ErrorCode {
             ErrorCode::UnknownRelease => "unknown_release",
             ErrorCode::Internal => "internal",
             ErrorCode::PoolExhausted => "pool_exhausted",
+            ErrorCode::RegistryUnavailable => "registry_unavailable",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -198,6 +201,7 @@ mod tests {
             UnknownRelease,
             Internal,
             PoolExhausted,
+            RegistryUnavailable,
             Unknown,
         ] {
             assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());

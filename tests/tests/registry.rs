@@ -55,6 +55,17 @@ async fn nodes_pull_a_service_image_from_the_fleet_registry() {
     let out = berth(&lab, &["registry", "show"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), lab.registry_host());
+    let out = berth(&lab, &["image", "list", "reg"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with("berth-test/busybox "))
+        .unwrap_or_else(|| panic!("the image is not listed:\n{listed}"));
+    assert!(
+        row.contains(" latest ") && row.contains("sha256:") && row.ends_with("reg#1"),
+        "{row}"
+    );
     let store = tempfile::tempdir().unwrap();
     let pull = || {
         Command::new("podman")

@@ -31,6 +31,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Route(RouteCmd::Tcp(t)) => domain::run_tcp(&api()?, t).await?,
         Command::Release(r) => release::run(r)?,
         Command::Registry(r) => registry::run(&api()?, &cfg.ca_file, r).await?,
+        Command::Image(i) => registry::run_image(&api()?, i).await?,
         Command::Lab { args } => return lab::run(&args),
     }
     Ok(0)

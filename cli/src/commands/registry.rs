@@ -1,6 +1,7 @@
-//! `berth registry show|login`: the fleet registry from an admin's machine.
+//! `berth registry show|login` and `berth image list`: the fleet registry
+//! from an admin's machine.
 
-use crate::args::RegistryCmd;
+use crate::args::{ImageCmd, RegistryCmd};
 use anyhow::{bail, Context};
 use berth_client::AdminClient;
 use std::io::Write;
@@ -34,6 +35,49 @@ pub async fn run(api: &AdminClient, ca_file: &Path, cmd: RegistryCmd) -> anyhow:
         }
     }
     Ok(())
+}
+
+pub async fn run_image(api: &AdminClient, cmd: ImageCmd) -> anyhow::Result<()> {
+    match cmd {
+        ImageCmd::List { service } => {
+            let list = api.list_images(service.as_deref()).await?;
+            println!(
+                "{:<30} {:<16} {:<19} {:>9}  RELEASES",
+                "REPOSITORY", "TAG", "DIGEST", "SIZE"
+            );
+            for i in list {
+                let digest = i.digest.split_once(':').map_or(i.digest.as_str(), |(_, h)| h);
+                let releases: Vec<String> = i
+                    .releases
+                    .iter()
+                    .map(|r| format!("{}#{}", r.service, r.number))
+                    .collect();
+                println!(
+                    "{:<30} {:<16} {:<19} {:>9}  {}",
+                    i.repository,
+                    i.tag,
+                    format!("sha256:{}", &digest[..digest.len().min(12)]),
+                    i.size.map(size).unwrap_or_else(|| "-".into()),
+                    if releases.is_empty() {
+                        "-".into()
+                    } else {
+                        releases.join(" ")
+                    }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bytes as people read them.
+fn size(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GB", b as f64 / f64::from(1u32 << 30)),
+        b if b >= 1 << 20 => format!("{:.1} MB", b as f64 / f64::from(1u32 << 20)),
+        b if b >= 1 << 10 => format!("{:.1} kB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
 }
 
 /// Writes the CA where the tool looks for `host`'s: Docker's system

@@ -23,7 +23,76 @@ pub fn routes() -> Router<SharedState> {
 
 /// Behind the admin check: where the registry is.
 pub fn admin_routes() -> super::AdminRoutes {
-    vec![("/v1/registry", get(info))]
+    vec![("/v1/registry", get(info)), ("/v1/images", get(images))]
+}
+
+#[derive(serde::Deserialize)]
+struct ImagesQuery {
+    service: Option<String>,
+}
+
+/// What the registry holds, tag by tag, with the releases that use each
+/// (by tag or by digest); with `service`, only what that service's
+/// releases use.
+async fn images(
+    State(s): State<SharedState>,
+    q: Result<axum::extract::Query<ImagesQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Vec<berth_protocol::api::ImageInfo>>> {
+    let axum::extract::Query(q) = q.map_err(|e| ApiErr::invalid("query", format!("query: {}", e.body_text())))?;
+    let registry = running(&s)?;
+    let services = s.store.list_services().await.map_err(ApiErr::internal)?;
+    if let Some(name) = &q.service {
+        if !services.iter().any(|x| &x.name == name) {
+            return Err(ApiErr::not_found("service", format!("service: no service {name:?}")));
+        }
+    }
+    let mut releases = vec![];
+    for svc in &services {
+        releases.extend(s.store.list_releases(&svc.name).await.map_err(ApiErr::internal)?);
+    }
+    let unreachable = |e: anyhow::Error| {
+        ApiErr::new(
+            axum::http::StatusCode::BAD_GATEWAY,
+            berth_protocol::ErrorCode::RegistryUnavailable,
+            format!("registry: {e:#}"),
+        )
+        .on("registry")
+    };
+    let client = &registry.client;
+    let mut out = vec![];
+    for repository in client.repositories(&registry.signer).await.map_err(unreachable)? {
+        for tag in client.tags(&registry.signer, &repository).await.map_err(unreachable)? {
+            let m = client
+                .manifest(&registry.signer, &repository, &tag)
+                .await
+                .map_err(unreachable)?;
+            let reference = format!("{}/{repository}:{tag}", registry.host);
+            let by_digest = format!("{}/{repository}@{}", registry.host, m.digest);
+            let used: Vec<berth_protocol::api::ReleaseRef> = releases
+                .iter()
+                .filter(|r| r.spec.image == reference || r.spec.image == by_digest)
+                .map(|r| berth_protocol::api::ReleaseRef {
+                    service: r.service.clone(),
+                    number: r.number,
+                })
+                .collect();
+            if q.service
+                .as_ref()
+                .is_some_and(|name| !used.iter().any(|u| &u.service == name))
+            {
+                continue;
+            }
+            out.push(berth_protocol::api::ImageInfo {
+                repository: repository.clone(),
+                tag,
+                reference,
+                digest: m.digest,
+                size: m.size,
+                releases: used,
+            });
+        }
+    }
+    Ok(Json(out))
 }
 
 async fn info(State(s): State<SharedState>) -> ApiResult<Json<berth_protocol::api::RegistryInfo>> {

@@ -5,6 +5,7 @@
 //! so who may pull or push is decided here: nodes pull with credentials of
 //! their own (dead once the node is removed), the admin does everything.
 
+pub mod client;
 pub mod token;
 
 use anyhow::Context;
@@ -32,6 +33,8 @@ pub struct Registry {
     pub signer: token::Signer,
     /// Node registry passwords are derived from it (see [`Registry::node_password`]).
     secret: ring::hmac::Key,
+    /// The control plane's own way in, for listing what is stored.
+    pub client: client::RegistryClient,
 }
 
 impl std::fmt::Debug for Registry {
@@ -90,6 +93,8 @@ pub struct Setup<'a> {
     pub advertise_host: &'a str,
     /// The token endpoint's URL.
     pub realm: String,
+    /// The control plane's CA (PEM), which the registry's certificate chains to.
+    pub ca_pem: &'a str,
     /// Shared by the control-plane replicas (from the store).
     pub secret: [u8; 32],
 }
@@ -124,10 +129,12 @@ pub fn start(cfg: &RegistryConfig, setup: Setup<'_>) -> anyhow::Result<Registry>
         files.dir.join("registry.pid"),
     ));
     tracing::info!(%host, listen = %cfg.listen, "fleet registry started");
+    let client = client::RegistryClient::new(&host, cfg.listen, setup.ca_pem)?;
     Ok(Registry {
         host,
         signer,
         secret: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &setup.secret),
+        client,
     })
 }
 
@@ -233,10 +240,13 @@ mod tests {
 
     #[test]
     fn node_passwords_are_per_node_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::tls::generated(dir.path(), &[]).unwrap().ca_pem;
         let r = Registry {
             host: "cp:5000".into(),
-            signer: token::Signer::load_or_create(tempfile::tempdir().unwrap().path()).unwrap(),
+            signer: token::Signer::load_or_create(dir.path()).unwrap(),
             secret: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[7; 32]),
+            client: client::RegistryClient::new("cp:5000", "127.0.0.1:5000".parse().unwrap(), &ca).unwrap(),
         };
         let p1 = r.node_password("id-1");
         assert_eq!(p1, r.node_password("id-1"), "stable");
