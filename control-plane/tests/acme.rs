@@ -14,7 +14,7 @@ use berth_control_plane::acme::AcmeConfig;
 use berth_protocol::proxy::{AlpnChallenge, Http01Challenge};
 use berth_protocol::routes::{CertState, DomainInfo};
 use berth_protocol::{DesiredState, StatusReport};
-use common::{Cp, Db, Reply, SealedNode};
+use common::{free_port, Cp, Db, Reply, SealedNode};
 use reqwest::{Method, StatusCode};
 use sqlx::Row;
 use std::net::SocketAddr;
@@ -40,14 +40,6 @@ struct Pebble {
     port: u16,
     mgmt_port: u16,
     ca_file: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Pebble {

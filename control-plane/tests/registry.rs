@@ -19,14 +19,6 @@ use std::time::{Duration, Instant};
 const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 const TEST_IMAGE: &str = "localhost/berth-test/busybox:latest";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `podman` with its own storage under `store` (pulls land there, not in
 /// the host's store).
 fn podman_in(store: &Path) -> Command {

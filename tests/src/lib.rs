@@ -148,6 +148,19 @@ pub fn wireguard_go_pids(lab: &Lab, node: &str) -> anyhow::Result<Vec<u32>> {
     berth_lab::net::ns_program_pids(&lab.net.node_ns(lab.node(node)?.index), "wireguard-go")
 }
 
+/// Runs the `berth` CLI (beside the lab's binaries) against the lab's
+/// control plane.
+pub fn berth(lab: &Lab, args: &[&str]) -> std::process::Output {
+    let target = lab.client_config();
+    std::process::Command::new(default_bin_dir().join("berth"))
+        .args(args)
+        .env("BERTH_URL", &target.url)
+        .env("BERTH_ADMIN_TOKEN_FILE", &target.admin_token_file)
+        .env("BERTH_CA_FILE", &target.ca_file)
+        .output()
+        .expect("run berth")
+}
+
 #[cfg(test)]
 mod ping_tests {
     use super::parse_ping_output;

@@ -407,18 +407,6 @@ async fn https_through_the_proxy_with_an_acme_certificate() {
     assert!(status.starts_with("200"), "{status}");
 }
 
-/// Runs the `berth` CLI against the lab's control plane.
-fn berth(lab: &LabGuard, args: &[&str]) -> std::process::Output {
-    let target = lab.client_config();
-    Command::new(default_bin_dir().join("berth"))
-        .args(args)
-        .env("BERTH_URL", &target.url)
-        .env("BERTH_ADMIN_TOKEN_FILE", &target.admin_token_file)
-        .env("BERTH_CA_FILE", &target.ca_file)
-        .output()
-        .expect("run berth")
-}
-
 /// The row of `domain` in `berth domain list`, split on whitespace.
 fn domain_list_row(lab: &LabGuard, domain: &str) -> Vec<String> {
     let out = berth(lab, &["domain", "list"]);

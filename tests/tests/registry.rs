@@ -97,15 +97,3 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
-
-/// Runs the `berth` CLI against the lab's control plane.
-fn berth(lab: &LabGuard, args: &[&str]) -> Output {
-    let target = lab.client_config();
-    Command::new(default_bin_dir().join("berth"))
-        .args(args)
-        .env("BERTH_URL", &target.url)
-        .env("BERTH_ADMIN_TOKEN_FILE", &target.admin_token_file)
-        .env("BERTH_CA_FILE", &target.ca_file)
-        .output()
-        .expect("run berth")
-}

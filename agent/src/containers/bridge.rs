@@ -10,10 +10,9 @@
 //! container left, so re-checking after each pass that creates any is enough.
 
 use super::create_spec::mac_for;
-use anyhow::{bail, Context};
+use crate::mesh::ip;
+use anyhow::Context;
 use std::net::Ipv4Addr;
-use std::process::Stdio;
-use tokio::process::Command;
 
 /// Gives `bridge` the MAC of `gateway` unless it has it. `Ok(false)` when
 /// there is no such bridge (yet: netavark makes it with the first container).
@@ -36,22 +35,4 @@ pub async fn pin_mac(bridge: &str, gateway: Ipv4Addr) -> anyhow::Result<bool> {
         tracing::info!(%bridge, from = %have, to = %want, "pinned the bridge's MAC address");
     }
     Ok(true)
-}
-
-async fn ip(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .context("running `ip`")?;
-    if !out.status.success() {
-        bail!(
-            "`ip {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -432,7 +432,7 @@ fn handshake_age(last: Option<SystemTime>, now: SystemTime) -> Option<u64> {
 }
 
 /// Runs `ip` with `args`, returning stdout; a failure carries stderr.
-async fn ip(args: &[&str]) -> anyhow::Result<String> {
+pub(crate) async fn ip(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("ip")
         .args(args)
         .stdin(Stdio::null())

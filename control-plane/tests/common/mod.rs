@@ -48,6 +48,15 @@ macro_rules! on_both_stores {
 
 pub const POSTGRES_ENV: &str = "BERTH_TEST_POSTGRES";
 
+/// A TCP port free on loopback right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn now() -> i64 {
     berth_control_plane::store::now()
 }
