@@ -574,6 +574,13 @@ async fn dns_01_through_the_hook_without_any_proxy(db: &Db) {
     // base64url of a SHA-256 digest, no padding.
     assert_eq!(present[2].len(), 43, "{calls}");
     assert_eq!(lines[1], lines[0].replacen("present", "cleanup", 1), "{calls}");
+    // The server writes its log line after answering the hook's cleanup
+    // call: give it a moment to reach the file.
+    let removed = "Removed DNS-01 TXT challenge for Host \"_acme-challenge.dns.example.com.\"";
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !dns.log().contains(removed) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let srv = dns.log();
     assert!(
         srv.contains("Added DNS-01 TXT challenge for Host \"_acme-challenge.dns.example.com.\""),
