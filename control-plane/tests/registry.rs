@@ -44,12 +44,17 @@ fn pull(store: &Path, certs: &Path, creds: Option<&str>, image: &str) -> Output 
 /// `podman push` of the test image from `store` (made there by
 /// scripts/make-test-image.sh: the host's store is left alone).
 fn push(store: &Path, certs: &Path, creds: Option<&str>, to: &str) -> Output {
+    push_image(store, certs, creds, TEST_IMAGE, to)
+}
+
+/// `podman push` of `image` from `store`.
+fn push_image(store: &Path, certs: &Path, creds: Option<&str>, image: &str, to: &str) -> Output {
     let mut cmd = podman_in(store);
     cmd.args(["push", "--quiet", "--cert-dir"]).arg(certs);
     if let Some(c) = creds {
         cmd.args(["--creds", c]);
     }
-    cmd.args([TEST_IMAGE, to]).output().expect("run podman")
+    cmd.args([image, to]).output().expect("run podman")
 }
 
 fn make_test_image(store: &Path) {
@@ -64,6 +69,16 @@ fn make_test_image(store: &Path) {
         .output()
         .expect("run make-test-image.sh");
     assert!(out.status.success(), "make-test-image.sh: {}", text(&out));
+}
+
+/// `(image, digest)` of an image pinned in the registry at `host`, which
+/// must be `HOST/berth-test/busybox@sha256:…`.
+fn pinned_image(image: &str, host: &str) -> (String, String) {
+    let digest = image
+        .strip_prefix(&format!("{host}/berth-test/busybox@"))
+        .unwrap_or_else(|| panic!("not pinned to a digest: {image}"));
+    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{image}");
+    (image.to_string(), digest.to_string())
 }
 
 fn text(o: &Output) -> String {
@@ -173,6 +188,12 @@ async fn nodes_pull_admins_push_and_nobody_else_gets_in(db: &Db) {
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    // Deployed by the digest the tag named (every node runs the same bits).
+    let info: berth_protocol::service::ServiceInfo = r.json();
+    let (pinned, first_digest) = pinned_image(&info.spec.image, &host);
+    let d: berth_protocol::DesiredState = cp.desired(&n1.agent, 0, 1).await.json();
+    assert_eq!(d.containers.len(), 1, "{d:?}");
+    assert_eq!(d.containers[0].image, pinned);
     let r = Reply::from(cp.admin(Method::GET, "/v1/images").send().await.unwrap()).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let list: Vec<berth_protocol::api::ImageInfo> = r.json();
@@ -192,8 +213,68 @@ async fn nodes_pull_admins_push_and_nobody_else_gets_in(db: &Db) {
             number: 1
         }]
     );
+    assert_eq!(i.digest, first_digest);
     let r = Reply::from(cp.admin(Method::GET, "/v1/images?service=web").send().await.unwrap()).await;
     assert_eq!(r.json::<Vec<berth_protocol::api::ImageInfo>>().len(), 1);
+
+    // Another image pushed to the same tag: nothing changes until the next
+    // deploy, which pins the new digest.
+    let other = work.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("marker"), "second image\n").unwrap();
+    let tarball = work.path().join("other.tar");
+    let out = Command::new("tar")
+        .arg("-C")
+        .arg(&other)
+        .arg("-cf")
+        .arg(&tarball)
+        .arg("marker")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = podman_in(&source)
+        .arg("import")
+        .arg(&tarball)
+        .arg("localhost/other:1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "podman import: {}", text(&out));
+    let admin_creds = format!("admin:{}", cp.admin_token);
+    let out = push_image(&source, &certs, Some(&admin_creds), "localhost/other:1", &image);
+    assert!(out.status.success(), "the second push failed: {}", text(&out));
+    let d: berth_protocol::DesiredState = cp.desired(&n1.agent, 0, 1).await.json();
+    assert_eq!(d.containers[0].image, pinned, "a push moved a running service");
+    let r = Reply::from(
+        cp.admin(Method::POST, "/v1/services")
+            .json(&serde_json::json!({"name": "web", "image": image, "replicas": 1, "port": 8080}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let info: berth_protocol::service::ServiceInfo = r.json();
+    let (repinned, second_digest) = pinned_image(&info.spec.image, &host);
+    assert_ne!(second_digest, first_digest, "{repinned}");
+    let r = Reply::from(cp.admin(Method::GET, "/v1/images?service=web").send().await.unwrap()).await;
+    let list: Vec<berth_protocol::api::ImageInfo> = r.json();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0].digest, second_digest);
+    assert_eq!(list[0].releases.last().map(|r| r.number), Some(2), "{list:?}");
+
+    // A tag the registry does not have is refused, naming the field;
+    // nothing is stored.
+    let r = Reply::from(
+        cp.admin(Method::POST, "/v1/services")
+            .json(&serde_json::json!({"name": "web", "image": format!("{host}/berth-test/busybox:nope"), "replicas": 1, "port": 8080}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    r.coded(StatusCode::BAD_REQUEST, ErrorCode::InvalidField, Some("image"));
+    let r = Reply::from(cp.admin(Method::GET, "/v1/services/web/releases").send().await.unwrap()).await;
+    assert_eq!(r.json::<Vec<serde_json::Value>>().len(), 2, "{}", r.body);
     let r = Reply::from(cp.admin(Method::GET, "/v1/images?service=nope").send().await.unwrap()).await;
     r.coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("service"));
     let r = Reply::from(cp.http.get(format!("{}/v1/images", cp.url)).send().await.unwrap()).await;

@@ -34,11 +34,17 @@ async fn nodes_pull_a_service_image_from_the_fleet_registry() {
     nodes.sort();
     assert_eq!(nodes, ["n1", "n2"], "{info:?}");
 
+    // The release runs the image by the digest the tag named at the deploy.
+    let pinned = &info.spec.image;
+    let digest = pinned
+        .strip_prefix(&format!("{}/berth-test/busybox@", lab.registry_host()))
+        .unwrap_or_else(|| panic!("not pinned to a digest: {pinned}"));
+    assert!(digest.starts_with("sha256:"), "{pinned}");
     // Each node pulled it (the push went from n1's storage under another
     // name, so n1 pulled too), and trusts the CA for the registry's host.
     for n in ["n1", "n2"] {
-        let out = lab.podman(n, &["image", "exists", &image]).unwrap();
-        assert!(out.status.success(), "{n} did not pull {image}");
+        let out = lab.podman(n, &["image", "exists", pinned]).unwrap();
+        assert!(out.status.success(), "{n} did not pull {pinned}");
     }
     let ca = std::fs::read(lab.client_config().ca_file).unwrap();
     let trusted = std::fs::read(format!("/etc/containers/certs.d/{}/ca.crt", lab.registry_host())).unwrap();

@@ -109,14 +109,45 @@ async fn release(
     stored_info(s, &spec.name).await
 }
 
+/// An image of the fleet registry named by tag is deployed by the digest
+/// the tag names now: every node runs the same bits, and a later push to
+/// the tag changes nothing until the next deploy (or `apply`).
+async fn pin_image(s: &SharedState, spec: &mut ServiceSpec) -> ApiResult<()> {
+    let Some(registry) = &s.registry else {
+        return Ok(());
+    };
+    let Some((repository, tag)) = registry.tagged(&spec.image) else {
+        return Ok(());
+    };
+    match registry.client.digest(&registry.signer, &repository, &tag).await {
+        Ok(Some(digest)) => {
+            spec.image = format!("{}/{repository}@{digest}", registry.host);
+            Ok(())
+        }
+        Ok(None) => Err(ApiErr::invalid(
+            "image",
+            format!(
+                "image: the fleet registry has no {repository}:{tag} (push it first; `berth registry login` lets podman push)"
+            ),
+        )),
+        Err(e) => Err(ApiErr::new(
+            axum::http::StatusCode::BAD_GATEWAY,
+            ErrorCode::RegistryUnavailable,
+            format!("registry: {e:#}"),
+        )
+        .on("registry")),
+    }
+}
+
 async fn deploy_service(
     State(s): State<SharedState>,
     q: Result<Query<DeployQuery>, QueryRejection>,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<ServiceInfo>> {
     let Query(q) = q.map_err(|e| ApiErr::invalid("query", format!("query: {}", e.body_text())))?;
-    let spec: ServiceSpec = parse_json(&body(raw)?)?;
+    let mut spec: ServiceSpec = parse_json(&body(raw)?)?;
     spec.validate()?;
+    pin_image(&s, &mut spec).await?;
     let stored = s.store.get_service(&spec.name).await?;
     // A deploy without secrets keeps the ones stored; the same secrets
     // again are no change (sealing is randomised, so compare them open).

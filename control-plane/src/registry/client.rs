@@ -56,6 +56,15 @@ impl RegistryClient {
     }
 
     async fn get(&self, signer: &Signer, path: &str, access: Access, head: bool) -> anyhow::Result<reqwest::Response> {
+        let resp = self.send(signer, path, access, head).await?;
+        if !resp.status().is_success() {
+            bail!("the fleet registry: GET {path}: {}", resp.status());
+        }
+        Ok(resp)
+    }
+
+    /// One request with a token for `access`, whatever the answer.
+    async fn send(&self, signer: &Signer, path: &str, access: Access, head: bool) -> anyhow::Result<reqwest::Response> {
         let token = signer.sign("control-plane", &[access], crate::store::now())?;
         let url = format!("{}{path}", self.base);
         let req = if head {
@@ -69,10 +78,27 @@ impl RegistryClient {
             .send()
             .await
             .with_context(|| format!("the fleet registry: GET {path}"))?;
-        if !resp.status().is_success() {
-            bail!("the fleet registry: GET {path}: {}", resp.status());
-        }
         Ok(resp)
+    }
+
+    /// The digest of the manifest `tag` names now, or None when the
+    /// registry has no such repository or tag.
+    pub async fn digest(&self, signer: &Signer, repository: &str, tag: &str) -> anyhow::Result<Option<String>> {
+        let path = format!("/v2/{repository}/manifests/{tag}");
+        let resp = self.send(signer, &path, pull(repository), true).await?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !resp.status().is_success() {
+            bail!("the fleet registry: HEAD {path}: {}", resp.status());
+        }
+        let digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .filter(|d| d.starts_with("sha256:"))
+            .with_context(|| format!("the fleet registry: HEAD {path}: no Docker-Content-Digest"))?;
+        Ok(Some(digest.to_string()))
     }
 
     pub async fn repositories(&self, signer: &Signer) -> anyhow::Result<Vec<String>> {

@@ -52,6 +52,24 @@ impl Registry {
         hex::encode(ring::hmac::sign(&self.secret, format!("node:{node_id}").as_bytes()).as_ref())
     }
 
+    /// `(repository, tag)` when `image` names an image of this registry by
+    /// tag (`HOST/REPO[:TAG]`, the tag `latest` when left out); None for
+    /// other registries and for references already pinned to a digest.
+    pub fn tagged(&self, image: &str) -> Option<(String, String)> {
+        let rest = image.strip_prefix(&self.host)?.strip_prefix('/')?;
+        if rest.contains('@') || rest.is_empty() {
+            return None;
+        }
+        let name_start = rest.rfind('/').map_or(0, |i| i + 1);
+        Some(match rest[name_start..].rfind(':') {
+            Some(i) => (
+                rest[..name_start + i].to_string(),
+                rest[name_start + i + 1..].to_string(),
+            ),
+            None => (rest.to_string(), "latest".to_string()),
+        })
+    }
+
     /// Whether `password` is node `node_id`'s, in constant time.
     pub fn check_node_password(&self, node_id: &str, password: &str) -> bool {
         let Ok(given) = hex::decode(password) else {
@@ -238,16 +256,36 @@ async fn stop_leftover(pid_file: &Path) {
 mod tests {
     use super::*;
 
+    fn registry(dir: &Path) -> Registry {
+        let ca = crate::tls::generated(dir, &[]).unwrap().ca_pem;
+        Registry {
+            host: "cp:5000".into(),
+            signer: token::Signer::load_or_create(dir).unwrap(),
+            secret: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[7; 32]),
+            client: client::RegistryClient::new("cp:5000", "127.0.0.1:5000".parse().unwrap(), &ca).unwrap(),
+        }
+    }
+
+    #[test]
+    fn tagged_references_of_this_registry_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry(dir.path());
+        let t = |a: &str, b: &str| Some((a.to_string(), b.to_string()));
+        assert_eq!(r.tagged("cp:5000/web:v1"), t("web", "v1"));
+        assert_eq!(r.tagged("cp:5000/team/web"), t("team/web", "latest"));
+        assert_eq!(r.tagged("cp:5000/a/b/web:1.2"), t("a/b/web", "1.2"));
+        assert_eq!(r.tagged("cp:5000/web@sha256:00"), None, "already pinned");
+        assert_eq!(r.tagged("cp:5000/web:v1@sha256:00"), None, "already pinned");
+        assert_eq!(r.tagged("cp:50001/web:v1"), None, "another port");
+        assert_eq!(r.tagged("docker.io/web:v1"), None);
+        assert_eq!(r.tagged("web:v1"), None);
+        assert_eq!(r.tagged("cp:5000/"), None);
+    }
+
     #[test]
     fn node_passwords_are_per_node_and_checked() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = crate::tls::generated(dir.path(), &[]).unwrap().ca_pem;
-        let r = Registry {
-            host: "cp:5000".into(),
-            signer: token::Signer::load_or_create(dir.path()).unwrap(),
-            secret: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[7; 32]),
-            client: client::RegistryClient::new("cp:5000", "127.0.0.1:5000".parse().unwrap(), &ca).unwrap(),
-        };
+        let r = registry(dir.path());
         let p1 = r.node_password("id-1");
         assert_eq!(p1, r.node_password("id-1"), "stable");
         assert_ne!(p1, r.node_password("id-2"));
