@@ -77,6 +77,17 @@ pub enum ImageCmd {
         /// Only the images SERVICE's releases use.
         service: Option<String>,
     },
+    /// Deletes the images no service needs any more, then runs the
+    /// registry's garbage collection (the registry stops for it, briefly).
+    /// Kept: the images of each service's last N releases and of every
+    /// release a replica runs; images pushed but never deployed are left
+    /// alone. The control plane also does this on a schedule.
+    Prune {
+        /// Releases kept per service (default: the control plane's
+        /// --image-retention, 10).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        keep: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]

@@ -258,6 +258,15 @@ impl AdminClient {
         }
     }
 
+    /// Retention now (keeping `keep` releases per service, or the control
+    /// plane's `--image-retention`), then garbage collection.
+    pub async fn prune_images(&self, keep: Option<u64>) -> Result<berth_protocol::api::PruneReport> {
+        match keep {
+            Some(k) => self.post(&format!("/v1/images/prune?keep={k}"), &()).await,
+            None => self.post("/v1/images/prune", &()).await,
+        }
+    }
+
     /// The admin token, which is also the admin's registry password.
     pub fn admin_token(&self) -> &str {
         &self.token

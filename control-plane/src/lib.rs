@@ -107,6 +107,9 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
     }
     tokio::spawn(prune_nonces(store.clone()));
     tokio::spawn(rollout::drive(state.clone()));
+    if let Some(every) = state.registry.as_ref().and_then(|r| r.prune_every) {
+        tokio::spawn(prune_registry(state.clone(), every));
+    }
     if let Some(a) = cfg.acme.clone() {
         tracing::info!(directory = %a.directory, challenge = a.challenge.as_str(), "ACME enabled");
         acme::spawn(state.clone(), a);
@@ -199,6 +202,20 @@ async fn prune_nonces(store: store::Store) {
         tick.tick().await;
         if let Err(e) = store.prune_nonces(store::now()).await {
             tracing::warn!(error = %e, "pruning nonces failed");
+        }
+    }
+}
+
+/// Retention and garbage collection of the fleet registry, every `every`.
+async fn prune_registry(state: state::SharedState, every: std::time::Duration) {
+    let Some(registry) = state.registry.clone() else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        match registry::prune::run(&registry, &state.store, registry.retention).await {
+            Ok(r) => tracing::info!(deleted = r.deleted.len(), gc = %r.garbage_collection, "registry pruned"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "registry prune failed; trying again next time"),
         }
     }
 }

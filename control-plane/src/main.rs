@@ -99,6 +99,15 @@ struct Serve {
     /// of DATA_DIR/registry/storage (see docs/builds.md).
     #[arg(long)]
     registry_storage_config: Option<PathBuf>,
+    /// Images kept per service by retention: those of its last N releases
+    /// (plus whatever replicas run). Older images are deleted by the
+    /// scheduled prune and by `berth image prune`.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    image_retention: u64,
+    /// How often retention and the registry's garbage collection run, in
+    /// hours; 0: only when asked (`berth image prune`).
+    #[arg(long, default_value_t = 24)]
+    registry_prune_hours: u64,
     /// Run no fleet registry.
     #[arg(long, conflicts_with_all = ["registry_listen", "registry_bin", "registry_storage_config"])]
     no_registry: bool,
@@ -129,6 +138,9 @@ fn registry_config(s: &Serve) -> Option<RegistryConfig> {
             .unwrap_or_else(|| std::net::SocketAddr::new(s.listen.ip(), 5000)),
         binary,
         storage_config: s.registry_storage_config.clone(),
+        retention: s.image_retention as usize,
+        prune_every: (s.registry_prune_hours > 0)
+            .then(|| std::time::Duration::from_secs(s.registry_prune_hours * 3600)),
     })
 }
 

@@ -124,6 +124,8 @@ async fn nodes_pull_admins_push_and_nobody_else_gets_in(db: &Db) {
             listen: format!("127.0.0.1:{port}").parse().unwrap(),
             binary: REGISTRY_BIN.into(),
             storage_config: None,
+            retention: 10,
+            prune_every: None,
         },
     )
     .await;
@@ -275,6 +277,65 @@ async fn nodes_pull_admins_push_and_nobody_else_gets_in(db: &Db) {
     r.coded(StatusCode::BAD_REQUEST, ErrorCode::InvalidField, Some("image"));
     let r = Reply::from(cp.admin(Method::GET, "/v1/services/web/releases").send().await.unwrap()).await;
     assert_eq!(r.json::<Vec<serde_json::Value>>().len(), 2, "{}", r.body);
+
+    // Retention: a service with no replicas and two releases of two
+    // images; keeping one release deletes the older image (its tag goes
+    // with it), leaves an image pushed but never deployed, and the
+    // garbage collection runs with the registry back up after it.
+    let a = format!("{host}/pr:a");
+    let b = format!("{host}/pr:b");
+    let spare = format!("{host}/pr:spare");
+    for (from, to) in [
+        (TEST_IMAGE, &a),
+        ("localhost/other:1", &b),
+        ("localhost/other:1", &spare),
+    ] {
+        let out = push_image(&source, &certs, Some(&admin_creds), from, to);
+        assert!(out.status.success(), "push {to}: {}", text(&out));
+    }
+    let mut pinned_pr = vec![];
+    for image in [&a, &b] {
+        let r = Reply::from(
+            cp.admin(Method::POST, "/v1/services")
+                .json(&serde_json::json!({"name": "pr", "image": image, "replicas": 0, "port": 8080}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        pinned_pr.push(r.json::<berth_protocol::service::ServiceInfo>().spec.image);
+    }
+    let r = Reply::from(cp.admin(Method::POST, "/v1/images/prune?keep=0").send().await.unwrap()).await;
+    r.coded(StatusCode::BAD_REQUEST, ErrorCode::InvalidField, Some("keep"));
+    let r = Reply::from(cp.admin(Method::POST, "/v1/images/prune?keep=1").send().await.unwrap()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let report: berth_protocol::api::PruneReport = r.json();
+    let a_digest = pinned_pr[0].rsplit_once('@').unwrap().1;
+    let pr_deleted: Vec<&berth_protocol::api::PrunedImage> =
+        report.deleted.iter().filter(|d| d.repository == "pr").collect();
+    assert_eq!(pr_deleted.len(), 1, "{report:?}");
+    assert_eq!(pr_deleted[0].digest, a_digest);
+    assert_eq!(pr_deleted[0].tags, ["a"]);
+    assert!(
+        report.garbage_collection.contains("eligible for deletion"),
+        "{report:?}"
+    );
+    let admin_store = work.path().join("admin-store");
+    let out = pull(&admin_store, &certs, Some(&admin_creds), &pinned_pr[0]);
+    assert!(!out.status.success(), "the pruned image is still there: {}", text(&out));
+    for image in [&pinned_pr[1], &spare] {
+        let out = pull(&admin_store, &certs, Some(&admin_creds), image);
+        assert!(out.status.success(), "{image} went: {}", text(&out));
+    }
+    let r = Reply::from(cp.admin(Method::GET, "/v1/images?service=pr").send().await.unwrap()).await;
+    let tags: Vec<String> = r
+        .json::<Vec<berth_protocol::api::ImageInfo>>()
+        .into_iter()
+        .map(|i| i.tag)
+        .collect();
+    // spare names the same digest as b, so release 2 uses it too; a is gone.
+    assert_eq!(tags, ["b", "spare"], "what pr's releases use");
     let r = Reply::from(cp.admin(Method::GET, "/v1/images?service=nope").send().await.unwrap()).await;
     r.coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("service"));
     let r = Reply::from(cp.http.get(format!("{}/v1/images", cp.url)).send().await.unwrap()).await;

@@ -159,6 +159,26 @@ pub struct ImageInfo {
     pub releases: Vec<ReleaseRef>,
 }
 
+/// `POST /v1/images/prune[?keep=N]`: what retention deleted, and the
+/// garbage collection's summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PruneReport {
+    /// Releases kept per service.
+    pub keep: usize,
+    pub deleted: Vec<PrunedImage>,
+    /// The registry's own summary (`N blobs marked, M blobs and K
+    /// manifests eligible for deletion`).
+    pub garbage_collection: String,
+}
+
+/// A manifest deleted by retention, with the tags that named it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrunedImage {
+    pub repository: String,
+    pub digest: String,
+    pub tags: Vec<String>,
+}
+
 /// A release of a service, by number.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReleaseRef {

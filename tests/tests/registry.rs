@@ -86,9 +86,24 @@ async fn nodes_pull_a_service_image_from_the_fleet_registry() {
     let out = berth(&lab, &["registry", "login"]);
     let logged_in = out.status.success();
     let pulled = pull();
+    // `berth image prune`: reg's only release keeps its image, and the
+    // registry is back after its garbage collection.
+    let pruned = berth(&lab, &["image", "prune", "--keep", "1"]);
+    let pulled_after_prune = pull();
     let _ = Command::new("podman").args(["logout", &lab.registry_host()]).output();
     assert!(logged_in, "{}", text(&out));
     assert!(pulled.status.success(), "pull after login: {}", text(&pulled));
+    assert!(pruned.status.success(), "{}", text(&pruned));
+    let report = String::from_utf8_lossy(&pruned.stdout);
+    assert!(
+        report.contains("0 image(s) deleted") && report.contains("eligible for deletion"),
+        "{report}"
+    );
+    assert!(
+        pulled_after_prune.status.success(),
+        "pull after prune: {}",
+        text(&pulled_after_prune)
+    );
     let out = pull();
     assert!(!out.status.success(), "pulled after logout: {}", text(&out));
     // The store goes with its temporary directory (vfs: plain files).

@@ -66,6 +66,24 @@ pub async fn run_image(api: &AdminClient, cmd: ImageCmd) -> anyhow::Result<()> {
                 );
             }
         }
+        ImageCmd::Prune { keep } => {
+            eprintln!("pruning the fleet registry (retention, then garbage collection)...");
+            let report = api.prune_images(keep).await?;
+            for d in &report.deleted {
+                let tags = if d.tags.is_empty() {
+                    "(untagged)".to_string()
+                } else {
+                    d.tags.join(", ")
+                };
+                println!("deleted {}@{}  {tags}", d.repository, d.digest);
+            }
+            println!(
+                "{} image(s) deleted, keeping {} release(s) per service; garbage collection: {}",
+                report.deleted.len(),
+                report.keep,
+                report.garbage_collection
+            );
+        }
     }
     Ok(())
 }

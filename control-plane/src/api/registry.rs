@@ -23,7 +23,44 @@ pub fn routes() -> Router<SharedState> {
 
 /// Behind the admin check: where the registry is.
 pub fn admin_routes() -> super::AdminRoutes {
-    vec![("/v1/registry", get(info)), ("/v1/images", get(images))]
+    vec![
+        ("/v1/registry", get(info)),
+        ("/v1/images", get(images)),
+        ("/v1/images/prune", axum::routing::post(prune)),
+    ]
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PruneQuery {
+    keep: Option<usize>,
+}
+
+/// Retention now, then garbage collection (see [`crate::registry::prune`]).
+async fn prune(
+    State(s): State<SharedState>,
+    q: Result<axum::extract::Query<PruneQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<berth_protocol::api::PruneReport>> {
+    let axum::extract::Query(q) = q.map_err(|e| ApiErr::invalid("query", format!("query: {}", e.body_text())))?;
+    let registry = running(&s)?;
+    let keep = q.keep.unwrap_or(registry.retention);
+    if keep == 0 {
+        return Err(ApiErr::invalid(
+            "keep",
+            "keep: must be at least 1 (the current release's image is always needed)",
+        ));
+    }
+    let report = crate::registry::prune::run(&registry, &s.store, keep)
+        .await
+        .map_err(|e| {
+            ApiErr::new(
+                axum::http::StatusCode::BAD_GATEWAY,
+                berth_protocol::ErrorCode::RegistryUnavailable,
+                format!("registry: {e:#}"),
+            )
+            .on("registry")
+        })?;
+    Ok(Json(report))
 }
 
 #[derive(serde::Deserialize)]

@@ -81,6 +81,29 @@ impl RegistryClient {
         Ok(resp)
     }
 
+    /// Deletes the manifest `digest` of `repository` and every tag naming
+    /// it; one already gone is no error.
+    pub async fn delete_manifest(&self, signer: &Signer, repository: &str, digest: &str) -> anyhow::Result<()> {
+        let access = Access {
+            kind: "repository".into(),
+            name: repository.into(),
+            actions: vec!["delete".into()],
+        };
+        let path = format!("/v2/{repository}/manifests/{digest}");
+        let token = signer.sign("control-plane", &[access], crate::store::now())?;
+        let resp = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .with_context(|| format!("the fleet registry: DELETE {path}"))?;
+        if !resp.status().is_success() && resp.status() != reqwest::StatusCode::NOT_FOUND {
+            bail!("the fleet registry: DELETE {path}: {}", resp.status());
+        }
+        Ok(())
+    }
+
     /// The digest of the manifest `tag` names now, or None when the
     /// registry has no such repository or tag.
     pub async fn digest(&self, signer: &Signer, repository: &str, tag: &str) -> anyhow::Result<Option<String>> {

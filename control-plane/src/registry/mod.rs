@@ -6,6 +6,7 @@
 //! their own (dead once the node is removed), the admin does everything.
 
 pub mod client;
+pub mod prune;
 pub mod token;
 
 use anyhow::Context;
@@ -24,6 +25,10 @@ pub struct RegistryConfig {
     pub binary: PathBuf,
     /// A `storage:` section (YAML) to use instead of the data dir, e.g. S3.
     pub storage_config: Option<PathBuf>,
+    /// Releases whose images each service keeps (see [`prune`]).
+    pub retention: usize,
+    /// How often retention and garbage collection run; None: on request only.
+    pub prune_every: Option<Duration>,
 }
 
 /// What the rest of the control plane knows of the running registry.
@@ -35,7 +40,16 @@ pub struct Registry {
     secret: ring::hmac::Key,
     /// The control plane's own way in, for listing what is stored.
     pub client: client::RegistryClient,
+    /// Asks the supervisor to run garbage collection (see [`Registry::collect_garbage`]).
+    gc: tokio::sync::mpsc::Sender<GcRequest>,
+    /// One prune at a time.
+    pub prune_lock: tokio::sync::Mutex<()>,
+    /// Releases whose images each service keeps.
+    pub retention: usize,
+    pub prune_every: Option<Duration>,
 }
+
+type GcRequest = tokio::sync::oneshot::Sender<anyhow::Result<String>>;
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -68,6 +82,19 @@ impl Registry {
             ),
             None => (rest.to_string(), "latest".to_string()),
         })
+    }
+
+    /// Runs the registry's garbage collection: the registry is stopped
+    /// for it (collecting while a push runs could delete the blobs being
+    /// pushed) and started again. Returns its summary line.
+    pub async fn collect_garbage(&self) -> anyhow::Result<String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.gc
+            .send(tx)
+            .await
+            .map_err(|_| anyhow::anyhow!("the registry supervisor has stopped"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the registry supervisor has stopped"))?
     }
 
     /// Whether `password` is node `node_id`'s, in constant time.
@@ -141,10 +168,13 @@ pub fn start(cfg: &RegistryConfig, setup: Setup<'_>) -> anyhow::Result<Registry>
     let config = config_yaml(cfg.listen, &files, &storage, &setup.realm, &http_secret);
     std::fs::write(&files.config, config)?;
     let host = format!("{}:{}", setup.advertise_host, cfg.listen.port());
+    let (gc, gc_rx) = tokio::sync::mpsc::channel(1);
     tokio::spawn(supervise(
         cfg.binary.clone(),
         files.config.clone(),
         files.dir.join("registry.pid"),
+        gc_rx,
+        cfg.listen,
     ));
     tracing::info!(%host, listen = %cfg.listen, "fleet registry started");
     let client = client::RegistryClient::new(&host, cfg.listen, setup.ca_pem)?;
@@ -153,6 +183,10 @@ pub fn start(cfg: &RegistryConfig, setup: Setup<'_>) -> anyhow::Result<Registry>
         signer,
         secret: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &setup.secret),
         client,
+        gc,
+        prune_lock: Default::default(),
+        retention: cfg.retention,
+        prune_every: cfg.prune_every,
     })
 }
 
@@ -183,8 +217,16 @@ fn config_yaml(listen: SocketAddr, files: &Files, storage: &str, realm: &str, ht
 /// Runs `docker-registry serve CONFIG` until the control plane exits,
 /// starting it again (after a pause) whenever it stops; its log lines go to
 /// the control plane's log.
-async fn supervise(binary: PathBuf, config: PathBuf, pid_file: PathBuf) {
+async fn supervise(
+    binary: PathBuf,
+    config: PathBuf,
+    pid_file: PathBuf,
+    mut gc: tokio::sync::mpsc::Receiver<GcRequest>,
+    listen: SocketAddr,
+) {
     stop_leftover(&pid_file).await;
+    // A collection's answer, sent once the registry serves again.
+    let mut answer: Option<(GcRequest, anyhow::Result<String>)> = None;
     loop {
         let mut cmd = Command::new(&binary);
         cmd.arg("serve")
@@ -215,15 +257,81 @@ async fn supervise(binary: PathBuf, config: PathBuf, pid_file: PathBuf) {
                         }
                     });
                 }
-                match child.wait().await {
-                    Ok(status) => tracing::warn!(%status, "the fleet registry exited; starting it again"),
-                    Err(e) => tracing::warn!(error = %e, "waiting for the fleet registry"),
+                if let Some((reply, result)) = answer.take() {
+                    wait_listening(listen).await;
+                    let _ = reply.send(result);
+                }
+                tokio::select! {
+                    waited = child.wait() => match waited {
+                        Ok(status) => tracing::warn!(%status, "the fleet registry exited; starting it again"),
+                        Err(e) => tracing::warn!(error = %e, "waiting for the fleet registry"),
+                    },
+                    Some(reply) = gc.recv() => {
+                        if let Some(pid) = child.id() {
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid as i32),
+                                nix::sys::signal::Signal::SIGTERM,
+                            );
+                        }
+                        if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+                            let _ = child.kill().await;
+                        }
+                        answer = Some((reply, garbage_collect(&binary, &config).await));
+                        // Straight back up: pulls wait only for the collection.
+                        continue;
+                    }
                 }
             }
-            Err(e) => tracing::error!(binary = %binary.display(), error = %e, "cannot start the fleet registry"),
+            Err(e) => {
+                tracing::error!(binary = %binary.display(), error = %e, "cannot start the fleet registry");
+                if let Some((reply, result)) = answer.take() {
+                    let _ =
+                        reply.send(result.and_then(|_| Err(anyhow::anyhow!("the registry did not start again: {e}"))));
+                }
+            }
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+}
+
+/// Until something accepts connections on `listen` (at most 10 s).
+async fn wait_listening(listen: SocketAddr) {
+    let addr = if listen.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), listen.port())
+    } else {
+        listen
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `docker-registry garbage-collect CONFIG` (not `-m`: deleting untagged
+/// manifests breaks multi-platform images in 2.8); the registry must be
+/// stopped. Returns the summary line it ends with.
+async fn garbage_collect(binary: &Path, config: &Path) -> anyhow::Result<String> {
+    let started = std::time::Instant::now();
+    let out = Command::new(binary)
+        .arg("garbage-collect")
+        .arg(config)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("running {} garbage-collect", binary.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        anyhow::bail!("garbage-collect failed ({}): {}", out.status, text.trim());
+    }
+    let summary = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("eligible for deletion"))
+        .unwrap_or("done")
+        .trim()
+        .to_string();
+    tracing::info!(%summary, took_ms = started.elapsed().as_millis() as u64, "fleet registry garbage collected");
+    Ok(summary)
 }
 
 /// A registry left running by a control plane that was SIGKILLed (the
@@ -263,6 +371,10 @@ mod tests {
             signer: token::Signer::load_or_create(dir).unwrap(),
             secret: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[7; 32]),
             client: client::RegistryClient::new("cp:5000", "127.0.0.1:5000".parse().unwrap(), &ca).unwrap(),
+            gc: tokio::sync::mpsc::channel(1).0,
+            prune_lock: Default::default(),
+            retention: 10,
+            prune_every: None,
         }
     }
 
