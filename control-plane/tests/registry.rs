@@ -149,6 +149,12 @@ async fn nodes_pull_admins_push_and_nobody_else_gets_in(db: &Db) {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // Pruning an empty registry is no error.
+    let r = Reply::from(cp.admin(Method::POST, "/v1/images/prune").send().await.unwrap()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let report: berth_protocol::api::PruneReport = r.json();
+    assert_eq!((report.keep, report.deleted.len()), (10, 0), "{report:?}");
+
     // The token endpoint: anonymous and wrong passwords are refused with
     // the same code; a node asking for push gets pull only.
     let anon = token(&cp, None, "repository:demo:pull").await;

@@ -61,7 +61,13 @@ pub async fn run(
             tags: d.tags,
         });
     }
-    let garbage_collection = registry.collect_garbage().await?;
+    // An empty registry has no repositories directory yet, and
+    // garbage-collect fails on that: there is nothing to collect anyway.
+    let garbage_collection = if stored.is_empty() {
+        "nothing stored".to_string()
+    } else {
+        registry.collect_garbage().await?
+    };
     Ok(berth_protocol::api::PruneReport {
         keep,
         deleted,
