@@ -5,5 +5,6 @@
 
 pub mod args;
 pub mod commands;
+pub mod context;
 pub mod output;
 pub mod release;

@@ -6,6 +6,7 @@ pub mod acme;
 pub mod alloc;
 pub mod api;
 pub mod auth;
+pub mod builds;
 pub mod desired;
 pub mod error;
 pub mod placement;
@@ -35,6 +36,7 @@ pub struct ServeConfig {
     pub releases_dir: Option<PathBuf>,
     /// Run the fleet registry; None: no registry.
     pub registry: Option<registry::RegistryConfig>,
+    pub builds: builds::BuildsConfig,
 }
 
 /// A started control plane: its state and the address it listens on.
@@ -99,6 +101,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
                 .clone()
                 .unwrap_or_else(|| cfg.data_dir.join("releases")),
             registry,
+            builds: builds::Builds::new(&cfg.data_dir, cfg.builds.clone())?,
         },
     )
     .await?;
@@ -107,6 +110,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
     }
     tokio::spawn(prune_nonces(store.clone()));
     tokio::spawn(rollout::drive(state.clone()));
+    tokio::spawn(api::builds::sweep(state.clone()));
     if let Some(every) = state.registry.as_ref().and_then(|r| r.prune_every) {
         tokio::spawn(prune_registry(state.clone(), every));
     }

@@ -108,6 +108,10 @@ struct Serve {
     /// hours; 0: only when asked (`berth image prune`).
     #[arg(long, default_value_t = 24)]
     registry_prune_hours: u64,
+    /// Largest build context accepted (`berth service deploy --build`), in
+    /// MiB; a larger upload is refused with 413.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    max_build_context_mib: u64,
     /// Run no fleet registry.
     #[arg(long, conflicts_with_all = ["registry_listen", "registry_bin", "registry_storage_config"])]
     no_registry: bool,
@@ -188,6 +192,9 @@ async fn main() {
         }),
         releases_dir: s.releases_dir,
         registry,
+        builds: berth_control_plane::builds::BuildsConfig {
+            max_context_bytes: s.max_build_context_mib << 20,
+        },
     };
     let started = match start(cfg).await {
         Ok(s) => s,

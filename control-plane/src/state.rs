@@ -31,6 +31,8 @@ pub struct AppState {
     pub rollout_wake: tokio::sync::Notify,
     /// The fleet registry, unless started without one.
     pub registry: Option<Arc<crate::registry::Registry>>,
+    /// Build contexts, logs and the builder nodes that are ready.
+    pub builds: crate::builds::Builds,
     revision: watch::Sender<i64>,
     fleet_view: Mutex<Arc<FleetView>>,
 }
@@ -48,6 +50,7 @@ pub struct StateParts {
     pub offline_after_secs: i64,
     pub releases_dir: std::path::PathBuf,
     pub registry: Option<crate::registry::Registry>,
+    pub builds: crate::builds::Builds,
 }
 
 impl AppState {
@@ -62,6 +65,7 @@ impl AppState {
             offline_after_secs,
             releases_dir,
             registry,
+            builds,
         } = parts;
         let rev = store.revision().await?;
         let (tx, _) = watch::channel(rev);
@@ -79,6 +83,7 @@ impl AppState {
             acme_orders: Default::default(),
             rollout_wake: tokio::sync::Notify::new(),
             registry: registry.map(Arc::new),
+            builds,
             revision: tx,
             fleet_view: Mutex::new(Arc::new(FleetView {
                 revision: -1,

@@ -87,6 +87,9 @@ pub enum ErrorCode {
     PoolExhausted,
     /// 502: the fleet registry did not answer as it should (`registry`).
     RegistryUnavailable,
+    /// 503: no builder node is ready for the build: none of the right
+    /// architecture asked for work in the last minute (`builder`).
+    NoBuilder,
     /// Never sent: what a client reads for a code newer than itself, or for
     /// an error body without one.
     #[default]
@@ -114,6 +117,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::PoolExhausted => "pool_exhausted",
             ErrorCode::RegistryUnavailable => "registry_unavailable",
+            ErrorCode::NoBuilder => "no_builder",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -202,6 +206,7 @@ mod tests {
             Internal,
             PoolExhausted,
             RegistryUnavailable,
+            NoBuilder,
             Unknown,
         ] {
             assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());

@@ -3,6 +3,7 @@
 //! then [`service`], [`routes`], [`proxy`]; [`error`] is every failed call's body.
 
 pub mod api;
+pub mod build;
 pub mod error;
 pub mod keyfile;
 pub mod names;

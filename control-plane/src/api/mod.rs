@@ -6,6 +6,7 @@
 //! well-formed values.
 
 pub mod agent;
+pub mod builds;
 pub mod nodes;
 pub mod registry;
 pub mod releases;
@@ -52,6 +53,7 @@ pub fn router(state: SharedState) -> Router {
         services::routes(),
         routes::routes(),
         registry::admin_routes(),
+        builds::admin_routes(),
     ]
     .into_iter()
     .flatten()
@@ -61,6 +63,7 @@ pub fn router(state: SharedState) -> Router {
     Router::new()
         .merge(public())
         .merge(agent::routes())
+        .merge(builds::agent_routes())
         .merge(admin)
         .fallback(|| async { ApiErr::not_found("path", "path: no such API endpoint") })
         .layer(DefaultBodyLimit::max(MAX_BODY))

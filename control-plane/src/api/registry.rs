@@ -223,6 +223,18 @@ async fn caller(s: &SharedState, headers: &HeaderMap) -> ApiResult<Caller> {
         };
     }
     let registry = s.registry.as_ref().ok_or_else(refused)?;
+    if let Some(id) = user.strip_prefix("build.").and_then(|n| n.parse::<u64>().ok()) {
+        if !registry.check_build_password(id, password) {
+            return Err(refused());
+        }
+        return match s.store.get_build(id).await.map_err(ApiErr::internal)? {
+            Some(b) if b.state == berth_protocol::build::BuildState::Running => Ok(Caller::Build {
+                id,
+                repository: b.service,
+            }),
+            _ => Err(refused()),
+        };
+    }
     let nodes = s.store.list_nodes().await.map_err(ApiErr::internal)?;
     match nodes.iter().find(|n| n.name == user) {
         Some(n) if registry.check_node_password(&n.id, password) => Ok(Caller::Node { name: n.name.clone() }),

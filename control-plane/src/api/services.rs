@@ -98,6 +98,17 @@ async fn release(
     secrets: SecretsUpdate,
     origin: Origin,
 ) -> ApiResult<Json<ServiceInfo>> {
+    make_release(s, spec, secrets, origin).await?;
+    stored_info(s, &spec.name).await
+}
+
+/// [`release`] without the answer: the release's number.
+pub(super) async fn make_release(
+    s: &SharedState,
+    spec: &ServiceSpec,
+    secrets: SecretsUpdate,
+    origin: Origin,
+) -> ApiResult<u64> {
     let (rev, number) = s
         .store
         .deploy_service(spec, &secrets, s.offline_after_secs, &origin)
@@ -106,7 +117,14 @@ async fn release(
     tracing::info!(service = %spec.name, release = number, replicas = spec.replicas, revision = rev, "release made");
     s.revision_moved(rev).await;
     s.rollout_wake.notify_one();
-    stored_info(s, &spec.name).await
+    Ok(number)
+}
+
+/// Secrets sealed to the control plane's key, as a service stores them.
+pub(super) fn seal_secrets(s: &SharedState, secrets: &BTreeMap<String, String>) -> ApiResult<String> {
+    let plain = serde_json::to_vec(secrets).map_err(ApiErr::internal)?;
+    let cp_public = x25519_dalek::PublicKey::from(&s.secrets_key);
+    Ok(berth_protocol::seal::seal(&cp_public, &plain))
 }
 
 /// An image of the fleet registry named by tag is deployed by the digest
@@ -157,9 +175,7 @@ async fn deploy_service(
     let secrets = if spec.secrets.is_empty() || same {
         SecretsUpdate::Keep
     } else {
-        let plain = serde_json::to_vec(&spec.secrets).map_err(ApiErr::internal)?;
-        let cp_public = x25519_dalek::PublicKey::from(&s.secrets_key);
-        SecretsUpdate::Set(berth_protocol::seal::seal(&cp_public, &plain))
+        SecretsUpdate::Set(seal_secrets(&s, &spec.secrets)?)
     };
     let origin = Origin {
         created_by: "admin".into(),

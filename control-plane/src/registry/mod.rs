@@ -97,6 +97,23 @@ impl Registry {
             .map_err(|_| anyhow::anyhow!("the registry supervisor has stopped"))?
     }
 
+    /// The registry user of build `id`: a dot cannot be in a node name.
+    pub fn build_user(id: u64) -> String {
+        format!("build.{id}")
+    }
+
+    /// Build `id`'s registry password, good while the build runs.
+    pub fn build_password(&self, id: u64) -> String {
+        hex::encode(ring::hmac::sign(&self.secret, format!("build:{id}").as_bytes()).as_ref())
+    }
+
+    pub fn check_build_password(&self, id: u64, password: &str) -> bool {
+        let Ok(given) = hex::decode(password) else {
+            return false;
+        };
+        ring::hmac::verify(&self.secret, format!("build:{id}").as_bytes(), &given).is_ok()
+    }
+
     /// Whether `password` is node `node_id`'s, in constant time.
     pub fn check_node_password(&self, node_id: &str, password: &str) -> bool {
         let Ok(given) = hex::decode(password) else {

@@ -59,6 +59,9 @@ pub enum Caller {
     Admin,
     /// A node's own credentials: pull only.
     Node { name: String },
+    /// A running build's credentials: push (and pull) on its service's
+    /// repository, pull on the others (base images).
+    Build { id: u64, repository: String },
 }
 
 impl Caller {
@@ -66,6 +69,7 @@ impl Caller {
         match self {
             Caller::Admin => "admin".into(),
             Caller::Node { name } => format!("node:{name}"),
+            Caller::Build { id, .. } => format!("build:{id}"),
         }
     }
 
@@ -78,10 +82,16 @@ impl Caller {
             .filter_map(|a| {
                 let actions: Vec<String> = match self {
                     Caller::Admin => a.actions.clone(),
-                    Caller::Node { .. } if a.kind == "repository" => {
+                    Caller::Build { repository, .. } if a.kind == "repository" && &a.name == repository => a
+                        .actions
+                        .iter()
+                        .filter(|x| *x == "pull" || *x == "push")
+                        .cloned()
+                        .collect(),
+                    Caller::Node { .. } | Caller::Build { .. } if a.kind == "repository" => {
                         a.actions.iter().filter(|x| *x == "pull").cloned().collect()
                     }
-                    Caller::Node { .. } => vec![],
+                    Caller::Node { .. } | Caller::Build { .. } => vec![],
                 };
                 (!actions.is_empty()).then(|| Access { actions, ..a.clone() })
             })
@@ -246,5 +256,30 @@ mod tests {
         let mut forged = sig.clone();
         forged[0] ^= 1;
         assert!(key.verify(input.as_bytes(), &forged).is_err());
+    }
+
+    #[test]
+    fn a_build_pushes_only_to_its_own_repository() {
+        let b = Caller::Build {
+            id: 7,
+            repository: "site".into(),
+        };
+        let asked = [
+            Access::parse("repository:site:pull,push").unwrap(),
+            Access::parse("repository:base:pull,push").unwrap(),
+            Access::parse("repository:site-other:push").unwrap(),
+            Access::parse("registry:catalog:*").unwrap(),
+        ];
+        let got = b.grant(&asked);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(
+            (got[0].name.as_str(), got[0].actions.as_slice()),
+            ("site", &["pull".to_string(), "push".to_string()][..])
+        );
+        assert_eq!(
+            (got[1].name.as_str(), got[1].actions.as_slice()),
+            ("base", &["pull".to_string()][..])
+        );
+        assert_eq!(b.subject(), "build:7");
     }
 }

@@ -1,5 +1,6 @@
 //! The store: one code path (sqlx `Any`) for SQLite and PostgreSQL.
 
+pub mod builds;
 pub mod nodes;
 pub mod releases;
 pub mod routes;

@@ -401,6 +401,7 @@ impl Cp {
             acme,
             releases_dir: None,
             registry,
+            builds: Default::default(),
         })
         .await
         .unwrap();

@@ -1,0 +1,602 @@
+//! Builds (see [`crate::builds`]). The admin creates one (`POST /v1/builds`:
+//! validated before anything is uploaded), uploads its context
+//! (`PUT /v1/builds/ID/context`, streamed to disk, 413 past the limit),
+//! follows its log and may cancel it. A builder node claims it by
+//! long-polling `/v1/agent/builds/next`, fetches the context, posts its log
+//! and reports the result; a success is released by digest at once.
+
+use super::{body, services, AdminRoutes};
+use crate::auth::require_node;
+use crate::builds::{any_ready, may_take};
+use crate::error::{parse_json, ApiErr, ApiResult};
+use crate::registry::Registry;
+use crate::state::SharedState;
+use crate::store::builds::BuildRow;
+use crate::store::now;
+use crate::store::releases::Origin;
+use crate::store::services::SecretsUpdate;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use berth_protocol::build::{
+    BuildDone, BuildInfo, BuildJob, BuildLogAck, BuildRequest, BuildState, BuilderQuery, DEFAULT_TIMEOUT_SECS,
+    MAX_TIMEOUT_SECS,
+};
+use berth_protocol::{ErrorCode, RegistryAccess, Role};
+use futures_util::StreamExt;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+
+pub fn admin_routes() -> AdminRoutes {
+    vec![
+        ("/v1/builds", post(create).get(list)),
+        ("/v1/builds/{id}", get(show)),
+        (
+            "/v1/builds/{id}/context",
+            put(upload).layer(DefaultBodyLimit::disable()),
+        ),
+        ("/v1/builds/{id}/logs", get(logs)),
+        ("/v1/builds/{id}/cancel", post(cancel)),
+    ]
+}
+
+/// The node-signed routes.
+pub fn agent_routes() -> Router<SharedState> {
+    Router::new()
+        .route("/v1/agent/builds/next", get(next))
+        .route("/v1/agent/builds/{id}/context", get(context))
+        .route("/v1/agent/builds/{id}/log", post(log))
+        .route("/v1/agent/builds/{id}/done", post(done))
+}
+
+fn registry(s: &SharedState) -> ApiResult<std::sync::Arc<Registry>> {
+    s.registry.clone().ok_or_else(|| {
+        ApiErr::conflict(
+            ErrorCode::Conflict,
+            "registry: builds push to the fleet registry, and this control plane runs none",
+        )
+        .on("registry")
+    })
+}
+
+fn no_such_build(id: u64) -> ApiErr {
+    ApiErr::not_found("id", format!("id: no build {id}"))
+}
+
+async fn build(s: &SharedState, id: u64) -> ApiResult<BuildRow> {
+    s.store.get_build(id).await?.ok_or_else(|| no_such_build(id))
+}
+
+async fn info(s: &SharedState, b: &BuildRow) -> ApiResult<BuildInfo> {
+    let node = match &b.node_id {
+        Some(id) => Some(crate::store::nodes::name_of(&s.store.list_nodes().await?, id)),
+        None => None,
+    };
+    Ok(BuildInfo {
+        id: b.id,
+        service: b.service.clone(),
+        state: b.state,
+        dockerfile: b.request.dockerfile.clone(),
+        created_by: b.created_by.clone(),
+        created_at: b.created_at,
+        started_at: b.started_at,
+        finished_at: b.finished_at,
+        node,
+        context_bytes: b.context_bytes,
+        image: b.image.clone(),
+        release: b.release,
+        error: b.error.clone(),
+        timeout_secs: b.timeout_secs,
+    })
+}
+
+/// The tag a build pushes: `HOST/SERVICE:build-ID`.
+fn tag(registry: &Registry, service: &str, id: u64) -> String {
+    format!("{}/{service}:build-{id}", registry.host)
+}
+
+fn validate(req: &BuildRequest, registry: &Registry) -> ApiResult<()> {
+    if !req.spec.image.is_empty() {
+        return Err(ApiErr::invalid(
+            "spec.image",
+            "spec.image: leave it empty for a build (the build makes the image)",
+        ));
+    }
+    let mut planned = req.spec.clone();
+    planned.image = tag(registry, &req.spec.name, 1);
+    planned.validate()?;
+    let d = &req.dockerfile;
+    if d.is_empty() || d.starts_with('/') || d.split('/').any(|p| p == "..") || d.contains('\0') {
+        return Err(ApiErr::invalid(
+            "dockerfile",
+            format!("dockerfile: {d:?} must be a path inside the context"),
+        ));
+    }
+    for k in req.build_args.keys() {
+        if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(ApiErr::invalid(
+                "build_args",
+                format!("build_args: {k:?} is not a valid argument name"),
+            ));
+        }
+    }
+    if let Some(t) = &req.target {
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) {
+            return Err(ApiErr::invalid("target", format!("target: {t:?} is not a stage name")));
+        }
+    }
+    if let Some(t) = req.timeout_secs {
+        if t == 0 || t > MAX_TIMEOUT_SECS {
+            return Err(ApiErr::invalid(
+                "timeout_secs",
+                format!("timeout_secs: must be 1-{MAX_TIMEOUT_SECS}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn create(State(s): State<SharedState>, raw: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let mut req: BuildRequest = parse_json(&body(raw)?)?;
+    let registry = registry(&s)?;
+    validate(&req, &registry)?;
+    let builders = s.builds.builders();
+    let now_i = Instant::now();
+    let arch = match &req.arch {
+        Some(a) => a.clone(),
+        None if any_ready(&builders, "amd64", now_i) => "amd64".into(),
+        None => builders
+            .values()
+            .find(|b| any_ready(&builders, &b.arch, now_i))
+            .map(|b| b.arch.clone())
+            .unwrap_or_else(|| "amd64".into()),
+    };
+    if !any_ready(&builders, &arch, now_i) {
+        return Err(ApiErr::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::NoBuilder,
+            format!("builder: no {arch} builder node is ready (a worker builds unless started with --no-builds; is one online?)"),
+        )
+        .on("builder"));
+    }
+    let sealed = if req.spec.secrets.is_empty() {
+        None
+    } else {
+        Some(services::seal_secrets(&s, &req.spec.secrets)?)
+    };
+    req.spec.secrets.clear();
+    let timeout = req.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
+    let id = s
+        .store
+        .create_build(&req, sealed.as_deref(), &arch, "admin", timeout)
+        .await
+        .map_err(ApiErr::internal)?;
+    tracing::info!(build = id, service = %req.spec.name, %arch, "build created");
+    let row = build(&s, id).await?;
+    Ok((StatusCode::CREATED, Json(info(&s, &row).await?)).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    service: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list(
+    State(s): State<SharedState>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<BuildInfo>>> {
+    let Query(q) = q.map_err(|e| ApiErr::invalid("query", format!("query: {}", e.body_text())))?;
+    let rows = s
+        .store
+        .list_builds(q.service.as_deref(), q.limit.unwrap_or(50).min(1000))
+        .await?;
+    let mut out = vec![];
+    for r in &rows {
+        out.push(info(&s, r).await?);
+    }
+    Ok(Json(out))
+}
+
+async fn show(State(s): State<SharedState>, Path(id): Path<u64>) -> ApiResult<Json<BuildInfo>> {
+    let row = build(&s, id).await?;
+    Ok(Json(info(&s, &row).await?))
+}
+
+/// Ends a build: its row, its context file, and everyone waiting is told.
+async fn end(
+    s: &SharedState,
+    id: u64,
+    state: BuildState,
+    error: Option<&str>,
+    image: Option<&str>,
+    release: Option<u64>,
+) -> ApiResult<bool> {
+    let ended = s.store.finish_build(id, state, error, image, release).await?;
+    if ended {
+        let _ = std::fs::remove_file(s.builds.context_path(id));
+        let _ = std::fs::remove_file(s.builds.context_path(id).with_extension("part"));
+        tracing::info!(
+            build = id,
+            state = state.as_str(),
+            error = error.unwrap_or(""),
+            "build ended"
+        );
+        if let Some(e) = error {
+            let _ = s
+                .builds
+                .append_log(id, format!("\nbuild {id} {}: {e}\n", state.as_str()).as_bytes());
+        }
+    }
+    s.builds.notify();
+    Ok(ended)
+}
+
+fn too_large(limit: u64) -> ApiErr {
+    ApiErr::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::BodyTooLarge,
+        format!(
+            "body: the build context is larger than the control plane accepts ({} MiB, --max-build-context-mib); exclude files with .dockerignore",
+            limit >> 20
+        ),
+    )
+    .on("body")
+}
+
+/// The context, streamed to `ID.tar.part` and renamed once whole.
+async fn upload(
+    State(s): State<SharedState>,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<BuildInfo>> {
+    let row = build(&s, id).await?;
+    if row.state != BuildState::Uploading {
+        return Err(ApiErr::conflict(
+            ErrorCode::Conflict,
+            format!(
+                "id: build {id} is {}, its context is already uploaded",
+                row.state.as_str()
+            ),
+        )
+        .on("id"));
+    }
+    let limit = s.builds.config.max_context_bytes;
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let refuse = |e: ApiErr| async {
+        end(&s, id, BuildState::Failed, Some(&e.message), None, None).await?;
+        Err::<Json<BuildInfo>, ApiErr>(e)
+    };
+    if declared.is_some_and(|n| n > limit) {
+        return refuse(too_large(limit)).await;
+    }
+    let part = s.builds.context_path(id).with_extension("part");
+    let mut file = tokio::fs::File::create(&part).await.map_err(ApiErr::internal)?;
+    let mut stream = body.into_data_stream();
+    let mut bytes = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => return refuse(ApiErr::invalid("body", format!("body: the upload broke off: {e}"))).await,
+        };
+        bytes += chunk.len() as u64;
+        if bytes > limit {
+            drop(file);
+            return refuse(too_large(limit)).await;
+        }
+        file.write_all(&chunk).await.map_err(ApiErr::internal)?;
+    }
+    file.sync_all().await.map_err(ApiErr::internal)?;
+    drop(file);
+    std::fs::rename(&part, s.builds.context_path(id)).map_err(ApiErr::internal)?;
+    if !s.store.build_uploaded(id, bytes).await? {
+        let _ = std::fs::remove_file(s.builds.context_path(id));
+        return Err(ApiErr::conflict(
+            ErrorCode::Conflict,
+            format!("id: build {id} was ended during the upload"),
+        )
+        .on("id"));
+    }
+    let _ = s.builds.append_log(
+        id,
+        format!("context: {bytes} bytes received; waiting for a builder\n").as_bytes(),
+    );
+    let row = build(&s, id).await?;
+    Ok(Json(info(&s, &row).await?))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+/// The log as text; with `follow`, kept open until the build ends.
+async fn logs(
+    State(s): State<SharedState>,
+    Path(id): Path<u64>,
+    q: Result<Query<LogsQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q.map_err(|e| ApiErr::invalid("query", format!("query: {}", e.body_text())))?;
+    build(&s, id).await?;
+    let (mut tx, rx) = tokio::io::duplex(64 * 1024);
+    let path = s.builds.log_path(id);
+    tokio::spawn(async move {
+        let mut changes = s.builds.subscribe();
+        let mut offset = 0u64;
+        loop {
+            // Subscribed before reading: a chunk written after the read
+            // marks the channel changed.
+            changes.borrow_and_update();
+            let over = s
+                .store
+                .get_build(id)
+                .await
+                .ok()
+                .flatten()
+                .is_none_or(|b| b.state.is_final());
+            if let Ok(data) = tokio::fs::read(&path).await {
+                if (data.len() as u64) > offset {
+                    if tx.write_all(&data[offset as usize..]).await.is_err() {
+                        return; // the reader left
+                    }
+                    offset = data.len() as u64;
+                }
+            }
+            if over || !q.follow {
+                return;
+            }
+            // Another replica's change moves no local signal: look again now and then.
+            let _ = tokio::time::timeout(Duration::from_secs(2), changes.changed()).await;
+        }
+    });
+    Ok((
+        [("content-type", "text/plain; charset=utf-8")],
+        Body::from_stream(tokio_util::io::ReaderStream::new(rx)),
+    )
+        .into_response())
+}
+
+async fn cancel(State(s): State<SharedState>, Path(id): Path<u64>) -> ApiResult<Json<BuildInfo>> {
+    let row = build(&s, id).await?;
+    if !end(
+        &s,
+        id,
+        BuildState::Cancelled,
+        Some("cancelled by the admin"),
+        None,
+        None,
+    )
+    .await?
+    {
+        return Err(ApiErr::conflict(
+            ErrorCode::Conflict,
+            format!("id: build {id} is already {}", row.state.as_str()),
+        )
+        .on("id"));
+    }
+    let row = build(&s, id).await?;
+    Ok(Json(info(&s, &row).await?))
+}
+
+/// Ends builds past their time (counted from their creation).
+pub async fn sweep(s: SharedState) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let Ok(open) = s.store.unfinished_builds().await else {
+            continue;
+        };
+        for b in open {
+            if now() >= b.created_at + b.timeout_secs as i64 {
+                let why = format!("timed out after {} s", b.timeout_secs);
+                if let Err(e) = end(&s, b.id, BuildState::Failed, Some(&why), None, None).await {
+                    tracing::warn!(build = b.id, error = %e.message, "ending a timed-out build failed");
+                }
+            }
+        }
+    }
+}
+
+async fn builder_node(
+    s: &SharedState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult<crate::store::nodes::NodeRow> {
+    let node = require_node(s, method, uri, headers, body).await?;
+    if node.role != Role::Worker {
+        return Err(ApiErr::invalid("role", "role: proxy nodes do not build"));
+    }
+    Ok(node)
+}
+
+/// The build `node` runs, or why it may not touch it.
+async fn owned(s: &SharedState, node_id: &str, id: u64) -> ApiResult<BuildRow> {
+    let b = build(s, id).await?;
+    if b.node_id.as_deref() != Some(node_id) {
+        return Err(no_such_build(id));
+    }
+    Ok(b)
+}
+
+/// Long-poll for work: a build of this node's architecture it may take
+/// (see [`may_take`]), or 204 after `wait` seconds.
+async fn next(
+    State(s): State<SharedState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    q: Result<Query<BuilderQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let node = builder_node(&s, &method, &uri, &headers, b"").await?;
+    let Query(q) = q.map_err(|e| ApiErr::invalid("query", format!("query: {}", e.body_text())))?;
+    if q.arch.is_empty() || !q.arch.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(ApiErr::invalid(
+            "arch",
+            format!("arch: {:?} is not an architecture", q.arch),
+        ));
+    }
+    let registry = registry(&s)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait.unwrap_or(25).min(super::MAX_WAIT_SECS));
+    let mut changes = s.builds.subscribe();
+    loop {
+        changes.borrow_and_update();
+        s.builds.seen(&node.id, &q.arch, q.preferred, true);
+        if may_take(&s.builds.builders(), &node.id, Instant::now()) {
+            if let Some(b) = s.store.claim_build(&node.id, &q.arch).await? {
+                s.builds.seen(&node.id, &q.arch, q.preferred, false);
+                s.builds.notify();
+                let _ = s
+                    .builds
+                    .append_log(b.id, format!("builder: {}\n", node.name).as_bytes());
+                tracing::info!(build = b.id, node = %node.name, "build claimed");
+                let job = BuildJob {
+                    id: b.id,
+                    dockerfile: b.request.dockerfile.clone(),
+                    build_args: b.request.build_args.clone(),
+                    target: b.request.target.clone(),
+                    tag: tag(&registry, &b.service, b.id),
+                    registry: RegistryAccess {
+                        host: registry.host.clone(),
+                        username: Registry::build_user(b.id),
+                        password: registry.build_password(b.id),
+                    },
+                    timeout_secs: b.timeout_secs,
+                };
+                return Ok(Json(job).into_response());
+            }
+        }
+        // Woken by a new build; also now and then, for builds queued on
+        // another replica and for a --builder node that went busy.
+        let tick = tokio::time::Instant::now() + Duration::from_secs(2);
+        if tokio::time::timeout_at(tick.min(deadline), changes.changed())
+            .await
+            .is_err()
+            && tokio::time::Instant::now() >= deadline
+        {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+    }
+}
+
+async fn context(
+    State(s): State<SharedState>,
+    Path(id): Path<u64>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let node = builder_node(&s, &method, &uri, &headers, b"").await?;
+    let b = owned(&s, &node.id, id).await?;
+    if b.state != BuildState::Running {
+        return Err(ApiErr::conflict(ErrorCode::Conflict, format!("id: build {id} is {}", b.state.as_str())).on("id"));
+    }
+    let file = tokio::fs::File::open(s.builds.context_path(id))
+        .await
+        .map_err(ApiErr::internal)?;
+    Ok((
+        [("content-type", "application/x-tar")],
+        Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+    )
+        .into_response())
+}
+
+async fn log(
+    State(s): State<SharedState>,
+    Path(id): Path<u64>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<BuildLogAck>> {
+    let raw = body(raw)?;
+    let node = builder_node(&s, &method, &uri, &headers, &raw).await?;
+    let b = owned(&s, &node.id, id).await?;
+    if b.state == BuildState::Running {
+        s.builds.append_log(id, &raw).map_err(ApiErr::internal)?;
+    }
+    Ok(Json(BuildLogAck {
+        stop: b.state != BuildState::Running,
+    }))
+}
+
+/// The builder's result. A success is pinned to the digest the registry
+/// has for the pushed tag and released at once.
+async fn done(
+    State(s): State<SharedState>,
+    Path(id): Path<u64>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<BuildInfo>> {
+    let raw = body(raw)?;
+    let node = builder_node(&s, &method, &uri, &headers, &raw).await?;
+    let report: BuildDone = parse_json(&raw)?;
+    let b = owned(&s, &node.id, id).await?;
+    if b.state == BuildState::Running {
+        match report.error {
+            Some(e) => {
+                end(&s, id, BuildState::Failed, Some(&e), None, None).await?;
+            }
+            None => {
+                if let Err(e) = release(&s, &b).await {
+                    end(&s, id, BuildState::Failed, Some(&e), None, None).await?;
+                }
+            }
+        }
+    }
+    let row = build(&s, id).await?;
+    Ok(Json(info(&s, &row).await?))
+}
+
+/// Pins the pushed tag to its digest and releases the service with it.
+async fn release(s: &SharedState, b: &BuildRow) -> Result<(), String> {
+    let registry = registry(s).map_err(|e| e.message)?;
+    let tag = format!("build-{}", b.id);
+    let digest = match registry.client.digest(&registry.signer, &b.service, &tag).await {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            return Err(format!(
+                "the builder reported success, but the registry has no {}:{tag}",
+                b.service
+            ))
+        }
+        Err(e) => return Err(format!("registry: {e:#}")),
+    };
+    let image = format!("{}/{}@{digest}", registry.host, b.service);
+    let mut spec = b.request.spec.clone();
+    spec.image = image.clone();
+    let secrets = match &b.secrets_sealed {
+        Some(sealed) => SecretsUpdate::Set(sealed.clone()),
+        None => SecretsUpdate::Keep,
+    };
+    let origin = Origin {
+        created_by: format!("build {}", b.id),
+        reason: None,
+        force: b.request.force,
+    };
+    let number = services::make_release(s, &spec, secrets, origin)
+        .await
+        .map_err(|e| format!("deploy: {}", e.message))?;
+    let _ = s.builds.append_log(
+        b.id,
+        format!("pushed {image}\nrelease {number} of {} made\n", b.service).as_bytes(),
+    );
+    end(s, b.id, BuildState::Succeeded, None, Some(&image), Some(number))
+        .await
+        .map_err(|e| e.message)?;
+    Ok(())
+}

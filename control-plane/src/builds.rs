@@ -1,0 +1,194 @@
+//! Builds on the control plane's side: where contexts and logs are kept,
+//! which builder nodes are ready, and the sweep that ends builds past
+//! their time. The API is in `api/builds.rs`, the rows in `store/builds.rs`.
+//!
+//! Builder nodes are known by asking: a worker that builds long-polls
+//! `/v1/agent/builds/next` with its architecture, so the nodes seen there in
+//! the last minute are the ones a build can go to. A node started with
+//! `--no-builds` never asks.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long a builder counts as ready after it last asked for work.
+pub const BUILDER_SEEN: Duration = Duration::from_secs(60);
+
+/// `--build-*` settings.
+#[derive(Debug, Clone)]
+pub struct BuildsConfig {
+    /// Largest context accepted (413 above it).
+    pub max_context_bytes: u64,
+}
+
+impl Default for BuildsConfig {
+    fn default() -> Self {
+        BuildsConfig {
+            max_context_bytes: 1 << 30,
+        }
+    }
+}
+
+/// A builder node as last seen asking for work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Builder {
+    pub arch: String,
+    /// Started with `--builder`.
+    pub preferred: bool,
+    /// Waiting in a long-poll now (not building).
+    pub idle: bool,
+    pub seen: Instant,
+}
+
+pub struct Builds {
+    pub dir: PathBuf,
+    pub config: BuildsConfig,
+    builders: Mutex<HashMap<String, Builder>>,
+    /// Bumped on every change to any build (state, log): long-polls and
+    /// log followers wait on it and look again.
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Builds {
+    pub fn new(data_dir: &Path, config: BuildsConfig) -> std::io::Result<Builds> {
+        let dir = data_dir.join("builds");
+        std::fs::create_dir_all(&dir)?;
+        Ok(Builds {
+            dir,
+            config,
+            builders: Mutex::new(HashMap::new()),
+            changed: tokio::sync::watch::channel(0).0,
+        })
+    }
+
+    pub fn context_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{id}.tar"))
+    }
+
+    pub fn log_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{id}.log"))
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    pub fn notify(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Records that `node_id` asks for work (`idle`) or stopped waiting.
+    pub fn seen(&self, node_id: &str, arch: &str, preferred: bool, idle: bool) {
+        let mut b = self.builders.lock().unwrap_or_else(|e| e.into_inner());
+        b.insert(
+            node_id.to_string(),
+            Builder {
+                arch: arch.to_string(),
+                preferred,
+                idle,
+                seen: Instant::now(),
+            },
+        );
+    }
+
+    /// Forgets a node (removed from the fleet).
+    pub fn forget(&self, node_id: &str) {
+        self.builders.lock().unwrap_or_else(|e| e.into_inner()).remove(node_id);
+    }
+
+    pub fn builders(&self) -> HashMap<String, Builder> {
+        self.builders.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Appends a chunk to a build's log.
+    pub fn append_log(&self, id: u64, chunk: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(id))?;
+        f.write_all(chunk)?;
+        self.notify();
+        Ok(())
+    }
+
+    /// The last `n` lines of a build's log.
+    pub fn log_tail(&self, id: u64, n: usize) -> Vec<String> {
+        let data = std::fs::read(self.log_path(id)).unwrap_or_default();
+        let text = String::from_utf8_lossy(&data);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..]
+            .iter()
+            .map(|l| l.to_string())
+            .collect()
+    }
+}
+
+/// Whether any builder of `arch` is ready: one asked within [`BUILDER_SEEN`].
+pub fn any_ready(builders: &HashMap<String, Builder>, arch: &str, now: Instant) -> bool {
+    builders
+        .values()
+        .any(|b| b.arch == arch && now.duration_since(b.seen) < BUILDER_SEEN)
+}
+
+/// Whether node `me` may take a queued build of its architecture now: a
+/// `--builder` node always; another only while no `--builder` node of that
+/// architecture is ready and waiting for work (it would take it at once).
+pub fn may_take(builders: &HashMap<String, Builder>, me: &str, now: Instant) -> bool {
+    let Some(mine) = builders.get(me) else {
+        return false;
+    };
+    mine.preferred
+        || !builders.iter().any(|(id, b)| {
+            id != me && b.preferred && b.idle && b.arch == mine.arch && now.duration_since(b.seen) < BUILDER_SEEN
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn builder(arch: &str, preferred: bool, idle: bool, ago: u64, now: Instant) -> Builder {
+        Builder {
+            arch: arch.into(),
+            preferred,
+            idle,
+            seen: now - Duration::from_secs(ago),
+        }
+    }
+
+    #[test]
+    fn builder_nodes_are_preferred_while_they_wait_for_work() {
+        let now = Instant::now() + Duration::from_secs(600);
+        let mut b = HashMap::new();
+        b.insert("plain".to_string(), builder("amd64", false, true, 0, now));
+        // Nobody preferred: the plain worker takes it.
+        assert!(may_take(&b, "plain", now));
+        b.insert("fast".to_string(), builder("amd64", true, true, 1, now));
+        assert!(may_take(&b, "fast", now));
+        assert!(!may_take(&b, "plain", now), "a waiting --builder node goes first");
+        // The builder node is busy: the plain worker may take the next one.
+        b.get_mut("fast").unwrap().idle = false;
+        assert!(may_take(&b, "plain", now));
+        // A preferred node of another architecture changes nothing.
+        b.insert("arm".to_string(), builder("arm64", true, true, 0, now));
+        assert!(may_take(&b, "plain", now));
+        // One not seen for long is not ready.
+        b.insert("stale".to_string(), builder("amd64", true, true, 120, now));
+        assert!(may_take(&b, "plain", now));
+        assert!(!may_take(&b, "unknown", now), "a node that never asked takes nothing");
+    }
+
+    #[test]
+    fn readiness_is_per_architecture_and_expires() {
+        let now = Instant::now() + Duration::from_secs(600);
+        let mut b = HashMap::new();
+        assert!(!any_ready(&b, "amd64", now));
+        b.insert("a".to_string(), builder("amd64", false, false, 30, now));
+        assert!(any_ready(&b, "amd64", now));
+        assert!(!any_ready(&b, "arm64", now));
+        b.insert("a".to_string(), builder("amd64", false, false, 61, now));
+        assert!(!any_ready(&b, "amd64", now));
+    }
+}

@@ -1,0 +1,188 @@
+//! Builds: a service's image built from an uploaded context on a builder
+//! node, pushed to the fleet registry and deployed by digest (docs/builds.md).
+//! The admin creates a build (`POST /v1/builds`), uploads its context
+//! (`PUT /v1/builds/ID/context`) and follows its log; a builder node claims
+//! it (`GET /v1/agent/builds/next`), posts its log and reports the result.
+
+use crate::service::ServiceSpec;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Default bound on one build, in seconds.
+pub const DEFAULT_TIMEOUT_SECS: u32 = 30 * 60;
+/// Longest a build may be allowed to take.
+pub const MAX_TIMEOUT_SECS: u32 = 24 * 3600;
+
+/// `POST /v1/builds`: what to build and how to deploy it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildRequest {
+    /// The service as deployed once the image is built; its `image` is left
+    /// empty (the build makes it).
+    pub spec: ServiceSpec,
+    /// The Dockerfile's path inside the context, `/`-separated.
+    pub dockerfile: String,
+    #[serde(default)]
+    pub build_args: BTreeMap<String, String>,
+    /// The stage to build (`--target`).
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Seconds the build may take [default: 1800].
+    #[serde(default)]
+    pub timeout_secs: Option<u32>,
+    /// Replace a rollout in progress instead of queueing behind it.
+    #[serde(default)]
+    pub force: bool,
+    /// Architecture to build for (`amd64`, `arm64`); default: `amd64` when
+    /// a builder of it is ready, else that of a ready builder.
+    #[serde(default)]
+    pub arch: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildState {
+    /// Made; its context is not uploaded yet.
+    Uploading,
+    /// Waiting for a builder node.
+    Queued,
+    /// A builder builds and pushes it.
+    Running,
+    /// Built, pushed and released.
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl BuildState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildState::Uploading => "uploading",
+            BuildState::Queued => "queued",
+            BuildState::Running => "running",
+            BuildState::Succeeded => "succeeded",
+            BuildState::Failed => "failed",
+            BuildState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BuildState> {
+        Some(match s {
+            "uploading" => BuildState::Uploading,
+            "queued" => BuildState::Queued,
+            "running" => BuildState::Running,
+            "succeeded" => BuildState::Succeeded,
+            "failed" => BuildState::Failed,
+            "cancelled" => BuildState::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// Whether the build is over (nothing changes it any more).
+    pub fn is_final(self) -> bool {
+        matches!(self, BuildState::Succeeded | BuildState::Failed | BuildState::Cancelled)
+    }
+}
+
+/// A build as `berth build list|show` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildInfo {
+    pub id: u64,
+    pub service: String,
+    pub state: BuildState,
+    pub dockerfile: String,
+    /// Who started it (`admin`).
+    pub created_by: String,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    /// The builder node, once one took it.
+    pub node: Option<String>,
+    /// Bytes of the uploaded context.
+    pub context_bytes: Option<u64>,
+    /// `HOST:PORT/SERVICE@sha256:...`, once pushed.
+    pub image: Option<String>,
+    /// The release deployed with the image.
+    pub release: Option<u64>,
+    /// Why it failed or was cancelled.
+    pub error: Option<String>,
+    pub timeout_secs: u32,
+}
+
+/// `GET /v1/agent/builds/next`: who asks. A node started with `--no-builds`
+/// never asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuilderQuery {
+    /// `amd64`, `arm64`, ... (Go's names, as image platforms use).
+    pub arch: String,
+    /// Started with `--builder`: preferred for builds.
+    #[serde(default)]
+    pub preferred: bool,
+    /// Seconds to wait for a build [default 25].
+    #[serde(default)]
+    pub wait: Option<u64>,
+}
+
+/// A build a builder node has claimed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildJob {
+    pub id: u64,
+    pub dockerfile: String,
+    pub build_args: BTreeMap<String, String>,
+    pub target: Option<String>,
+    /// `HOST:PORT/SERVICE:build-ID`: what to tag and push.
+    pub tag: String,
+    /// Credentials for the fleet registry: push on the service's
+    /// repository, pull on the rest; valid while the build runs.
+    pub registry: crate::api::RegistryAccess,
+    pub timeout_secs: u32,
+}
+
+/// `POST /v1/agent/builds/ID/log`'s answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildLogAck {
+    /// The build was cancelled or timed out: stop it.
+    pub stop: bool,
+}
+
+/// `POST /v1/agent/builds/ID/done`: how it ended on the builder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildDone {
+    /// None: built and pushed as the job's tag.
+    pub error: Option<String>,
+}
+
+/// The platform name of this machine's architecture (`amd64`, `arm64`, ...).
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip_and_finality() {
+        for s in [
+            BuildState::Uploading,
+            BuildState::Queued,
+            BuildState::Running,
+            BuildState::Succeeded,
+            BuildState::Failed,
+            BuildState::Cancelled,
+        ] {
+            assert_eq!(BuildState::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        assert!(BuildState::Failed.is_final() && !BuildState::Running.is_final());
+        assert_eq!(BuildState::parse("done"), None);
+    }
+}
