@@ -132,7 +132,7 @@ async fn desired_state(
     q: Result<Query<DesiredQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
     let node = require_node(&s, &method, &uri, &headers, b"").await?;
-    let Query(q) = q.map_err(|e| ApiErr::invalid("query", format!("query: {}", e.body_text())))?;
+    let q = super::query(q)?;
     let after = q.after.unwrap_or(0);
     let wait = Duration::from_secs(q.wait.unwrap_or(25).min(MAX_WAIT_SECS));
     let deadline = tokio::time::Instant::now() + wait;

@@ -29,7 +29,7 @@ use berth_protocol::build::{
 use berth_protocol::{ErrorCode, RegistryAccess, Role};
 use futures_util::StreamExt;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 pub fn admin_routes() -> AdminRoutes {
     vec![
@@ -191,7 +191,7 @@ async fn list(
     State(s): State<SharedState>,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<BuildInfo>>> {
-    let Query(q) = q.map_err(|e| ApiErr::invalid("query", format!("query: {}", e.body_text())))?;
+    let q = super::query(q)?;
     let rows = s
         .store
         .list_builds(q.service.as_deref(), q.limit.unwrap_or(50).min(1000))
@@ -327,7 +327,7 @@ async fn logs(
     Path(id): Path<u64>,
     q: Result<Query<LogsQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
-    let Query(q) = q.map_err(|e| ApiErr::invalid("query", format!("query: {}", e.body_text())))?;
+    let q = super::query(q)?;
     build(&s, id).await?;
     let (mut tx, rx) = tokio::io::duplex(64 * 1024);
     let path = s.builds.log_path(id);
@@ -345,12 +345,13 @@ async fn logs(
                 .ok()
                 .flatten()
                 .is_none_or(|b| b.state.is_final());
-            if let Ok(data) = tokio::fs::read(&path).await {
-                if (data.len() as u64) > offset {
-                    if tx.write_all(&data[offset as usize..]).await.is_err() {
-                        return; // the reader left
+            // Only what was appended since the last look is read.
+            if let Ok(mut file) = tokio::fs::File::open(&path).await {
+                if file.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
+                    match tokio::io::copy(&mut file, &mut tx).await {
+                        Ok(n) => offset += n,
+                        Err(_) => return, // the reader left
                     }
-                    offset = data.len() as u64;
                 }
             }
             if over || !q.follow {
@@ -422,10 +423,19 @@ async fn builder_node(
     Ok(node)
 }
 
-/// The build `node` runs, or why it may not touch it.
-async fn owned(s: &SharedState, node_id: &str, id: u64) -> ApiResult<BuildRow> {
+/// Build `id`, for the signed request of the node that claimed it; any
+/// other node is told there is no such build.
+async fn owned(
+    s: &SharedState,
+    id: u64,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult<BuildRow> {
+    let node = builder_node(s, method, uri, headers, body).await?;
     let b = build(s, id).await?;
-    if b.node_id.as_deref() != Some(node_id) {
+    if b.node_id.as_deref() != Some(node.id.as_str()) {
         return Err(no_such_build(id));
     }
     Ok(b)
@@ -441,7 +451,7 @@ async fn next(
     q: Result<Query<BuilderQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
     let node = builder_node(&s, &method, &uri, &headers, b"").await?;
-    let Query(q) = q.map_err(|e| ApiErr::invalid("query", format!("query: {}", e.body_text())))?;
+    let q = super::query(q)?;
     if q.arch.is_empty() || !q.arch.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(ApiErr::invalid(
             "arch",
@@ -498,8 +508,7 @@ async fn context(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let node = builder_node(&s, &method, &uri, &headers, b"").await?;
-    let b = owned(&s, &node.id, id).await?;
+    let b = owned(&s, id, &method, &uri, &headers, b"").await?;
     if b.state != BuildState::Running {
         return Err(ApiErr::conflict(ErrorCode::Conflict, format!("id: build {id} is {}", b.state.as_str())).on("id"));
     }
@@ -522,8 +531,7 @@ async fn log(
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<BuildLogAck>> {
     let raw = body(raw)?;
-    let node = builder_node(&s, &method, &uri, &headers, &raw).await?;
-    let b = owned(&s, &node.id, id).await?;
+    let b = owned(&s, id, &method, &uri, &headers, &raw).await?;
     if b.state == BuildState::Running {
         s.builds.append_log(id, &raw).map_err(ApiErr::internal)?;
     }
@@ -543,9 +551,8 @@ async fn done(
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<BuildInfo>> {
     let raw = body(raw)?;
-    let node = builder_node(&s, &method, &uri, &headers, &raw).await?;
+    let b = owned(&s, id, &method, &uri, &headers, &raw).await?;
     let report: BuildDone = parse_json(&raw)?;
-    let b = owned(&s, &node.id, id).await?;
     if b.state == BuildState::Running {
         match report.error {
             Some(e) => {

@@ -85,6 +85,12 @@ async fn ca_pem(State(s): State<SharedState>) -> impl IntoResponse {
     ([("content-type", "application/x-pem-file")], s.ca_pem.clone())
 }
 
+/// The query, or why it does not parse (400 on `query`).
+pub(crate) fn query<T>(q: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>) -> ApiResult<T> {
+    q.map(|axum::extract::Query(q)| q)
+        .map_err(|e| ApiErr::invalid("query", format!("query: {}", e.body_text())))
+}
+
 /// The request body, or why it could not be read (too large: 413).
 pub(crate) fn body(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
     b.map_err(|e| {

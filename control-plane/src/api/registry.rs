@@ -41,7 +41,7 @@ async fn prune(
     State(s): State<SharedState>,
     q: Result<axum::extract::Query<PruneQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<berth_protocol::api::PruneReport>> {
-    let axum::extract::Query(q) = q.map_err(|e| ApiErr::invalid("query", format!("query: {}", e.body_text())))?;
+    let q = super::query(q)?;
     let registry = running(&s)?;
     let keep = q.keep.unwrap_or(registry.retention);
     if keep == 0 {
@@ -75,7 +75,7 @@ async fn images(
     State(s): State<SharedState>,
     q: Result<axum::extract::Query<ImagesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Vec<berth_protocol::api::ImageInfo>>> {
-    let axum::extract::Query(q) = q.map_err(|e| ApiErr::invalid("query", format!("query: {}", e.body_text())))?;
+    let q = super::query(q)?;
     let registry = running(&s)?;
     let services = s.store.list_services().await.map_err(ApiErr::internal)?;
     if let Some(name) = &q.service {

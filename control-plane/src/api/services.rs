@@ -162,7 +162,7 @@ async fn deploy_service(
     q: Result<Query<DeployQuery>, QueryRejection>,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<ServiceInfo>> {
-    let Query(q) = q.map_err(|e| ApiErr::invalid("query", format!("query: {}", e.body_text())))?;
+    let q = super::query(q)?;
     let mut spec: ServiceSpec = parse_json(&body(raw)?)?;
     spec.validate()?;
     pin_image(&s, &mut spec).await?;
