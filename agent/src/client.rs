@@ -2,6 +2,7 @@
 //! CA and signs every request with the node's Ed25519 key.
 
 use anyhow::{anyhow, bail, Context};
+use berth_protocol::build::{BuildDone, BuildJob, BuildLogAck, BuilderQuery};
 use berth_protocol::signing::{self, HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use berth_protocol::token::{ca_hash, JoinToken};
 use berth_protocol::{ApiError, DesiredState, RegisterRequest, RegisterResponse, StatusReport};
@@ -101,6 +102,17 @@ impl Client {
     }
 
     fn signed(&self, method: Method, path_and_query: &str, body: Vec<u8>) -> anyhow::Result<reqwest::RequestBuilder> {
+        self.signed_as(method, path_and_query, body, "application/json")
+    }
+
+    /// A signed request whose body (if any) is of `content_type`.
+    fn signed_as(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> anyhow::Result<reqwest::RequestBuilder> {
         let url = self.base.join(path_and_query)?;
         let pq = match url.query() {
             Some(q) => format!("{}?{}", url.path(), q),
@@ -117,7 +129,7 @@ impl Client {
             req = req.header(HEADER_NODE, &self.node_id);
         }
         if !body.is_empty() {
-            req = req.header("content-type", "application/json").body(body);
+            req = req.header("content-type", content_type).body(body);
         }
         Ok(req)
     }
@@ -159,6 +171,85 @@ impl Client {
         let resp = self
             .signed(Method::POST, "/v1/agent/status", serde_json::to_vec(report)?)?
             .timeout(Duration::from_secs(15))
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            return Err(refused(resp).await.into());
+        }
+        Ok(())
+    }
+
+    /// Long-polls for a build this node may take; None after `q.wait`.
+    pub async fn next_build(&self, q: &BuilderQuery) -> anyhow::Result<Option<BuildJob>> {
+        let wait = q.wait.unwrap_or(25);
+        let resp = self
+            .signed(
+                Method::GET,
+                &format!(
+                    "/v1/agent/builds/next?arch={}&preferred={}&wait={wait}",
+                    q.arch, q.preferred
+                ),
+                vec![],
+            )?
+            .timeout(Duration::from_secs(wait + 15))
+            .send()
+            .await?;
+        match resp.status() {
+            StatusCode::NO_CONTENT => Ok(None),
+            s if s.is_success() => Ok(Some(resp.json().await?)),
+            _ => Err(refused(resp).await.into()),
+        }
+    }
+
+    /// Downloads build `id`'s context into `dest`, streamed; returns its size.
+    pub async fn build_context(&self, id: u64, dest: &Path) -> anyhow::Result<u64> {
+        use tokio::io::AsyncWriteExt;
+        let mut resp = self
+            .signed(Method::GET, &format!("/v1/agent/builds/{id}/context"), vec![])?
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            return Err(refused(resp).await.into());
+        }
+        let mut file = tokio::fs::File::create(dest)
+            .await
+            .with_context(|| format!("creating {}", dest.display()))?;
+        let mut n = 0u64;
+        while let Some(chunk) = resp.chunk().await.context("downloading the build context")? {
+            file.write_all(&chunk).await?;
+            n += chunk.len() as u64;
+        }
+        file.flush().await?;
+        Ok(n)
+    }
+
+    /// Appends to build `id`'s log; the answer says whether to stop.
+    pub async fn build_log(&self, id: u64, chunk: Vec<u8>) -> anyhow::Result<BuildLogAck> {
+        let resp = self
+            .signed_as(
+                Method::POST,
+                &format!("/v1/agent/builds/{id}/log"),
+                chunk,
+                "application/octet-stream",
+            )?
+            .timeout(Duration::from_secs(15))
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            return Err(refused(resp).await.into());
+        }
+        Ok(resp.json().await?)
+    }
+
+    /// Reports how build `id` ended on this node.
+    pub async fn build_done(&self, id: u64, done: &BuildDone) -> anyhow::Result<()> {
+        let resp = self
+            .signed(
+                Method::POST,
+                &format!("/v1/agent/builds/{id}/done"),
+                serde_json::to_vec(done)?,
+            )?
+            .timeout(Duration::from_secs(60))
             .send()
             .await?;
         if !resp.status().is_success() {

@@ -3,6 +3,7 @@
 //! [`reconcile`], which applies a desired state through each reconciler in turn:
 //! [`mesh`], [`firewall`], [`dns`], [`containers`] (on [`podman`]) and [`proxy`].
 
+pub mod build;
 pub mod client;
 pub mod containers;
 pub mod dns;

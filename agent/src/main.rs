@@ -114,6 +114,17 @@ struct Args {
     /// autoheal off.
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     autoheal_after: u64,
+    /// Workers: take no image builds (by default every worker may build).
+    #[arg(long, conflicts_with = "builder")]
+    no_builds: bool,
+    /// Workers: preferred for image builds; other workers build only while
+    /// no --builder node of the architecture is free.
+    #[arg(long)]
+    builder: bool,
+    /// How this node builds images: auto (Podman's builder; BuildKit is not
+    /// supported yet) or podman.
+    #[arg(long, default_value = "auto", value_parser = berth_agent::build::Engine::parse)]
+    build_engine: berth_agent::build::Engine,
     /// Log format: text, json, or journald (default: journald under systemd, else text).
     #[arg(long, value_parser = ["text", "json", "journald"])]
     log_format: Option<String>,
@@ -327,6 +338,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ));
     tokio::spawn(container_ticks(rec.clone(), report_now));
     tokio::spawn(watchdog());
+    if reg.proxy {
+        if args.builder {
+            tracing::warn!("--builder: proxy nodes do not build; ignored");
+        }
+    } else if !args.no_builds {
+        let berth_agent::build::Engine::Podman = args.build_engine;
+        tokio::spawn(berth_agent::build::run(
+            client.clone(),
+            berth_agent::build::BuilderSettings {
+                podman: berth_agent::podman::Podman::new(&args.podman_socket),
+                work_dir: args.data_dir.join("builds"),
+                arch: berth_protocol::build::host_arch().to_string(),
+                preferred: args.builder,
+            },
+        ));
+    }
     sync_loop(client, reporter, rec).await
 }
 

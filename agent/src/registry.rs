@@ -35,6 +35,15 @@ pub fn auth_header(access: &RegistryAccess) -> String {
     URL_SAFE.encode(json.to_string())
 }
 
+/// The libpod build API's `X-Registry-Config`: URL-safe base64 of
+/// `{HOST: {"username", "password"}}`, the credentials `FROM` pulls use.
+pub fn config_header(access: &RegistryAccess) -> String {
+    let json = serde_json::json!({
+        access.host.clone(): { "username": access.username, "password": access.password }
+    });
+    URL_SAFE.encode(json.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,6 +72,16 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&URL_SAFE.decode(&h).unwrap()).unwrap();
         assert_eq!(json, serde_json::json!({"username": "n1", "password": "s3cret"}));
         assert!(!h.contains('+') && !h.contains('/'));
+    }
+
+    #[test]
+    fn the_config_header_maps_the_host_to_credentials() {
+        let h = config_header(&access());
+        let json: serde_json::Value = serde_json::from_slice(&URL_SAFE.decode(&h).unwrap()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"198.18.9.1:5000": {"username": "n1", "password": "s3cret"}})
+        );
     }
 
     #[test]

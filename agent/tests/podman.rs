@@ -375,3 +375,100 @@ async fn stop_signal_stop_timeout_restart_and_log_tail() {
     let err = env.podman.logs_tail("no-such-container", 20, 300).await.unwrap_err();
     assert!(err.is_not_found(), "{err:?}");
 }
+
+/// Packs `files` (name, contents) as a build context tar in `dir`.
+fn context_tar(dir: &std::path::Path, files: &[(&str, &str)]) -> std::path::PathBuf {
+    let ctx = dir.join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    for (name, text) in files {
+        std::fs::write(ctx.join(name), text).unwrap();
+    }
+    let tar = dir.join("ctx.tar");
+    let st = Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&ctx)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    tar
+}
+
+/// Runs a build, returning its result and everything it printed.
+async fn build(
+    env: &Env,
+    p: &berth_agent::podman::BuildParams,
+    tar: &std::path::Path,
+) -> (Result<String, Error>, String) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(16);
+    let collect = tokio::spawn(async move {
+        let mut out = String::new();
+        while let Some(s) = rx.recv().await {
+            out.push_str(&s);
+        }
+        out
+    });
+    let r = env.podman.build(p, tar, tx).await;
+    (r, collect.await.unwrap())
+}
+
+#[tokio::test]
+async fn builds_stream_their_steps_and_a_failing_step_is_named() {
+    let env = Env::start().await;
+    let tar = context_tar(
+        env.dir.path(),
+        &[
+            (
+                "Dockerfile.web",
+                &format!("FROM {IMAGE}\nARG GREETING\nCOPY hello.txt /hello.txt\nRUN cat /hello.txt && echo \"arg=$GREETING\"\n"),
+            ),
+            ("hello.txt", "hello from the context\n"),
+            ("Dockerfile.bad", &format!("FROM {IMAGE}\nRUN echo going-down && exit 4\n")),
+        ],
+    );
+    let mut p = berth_agent::podman::BuildParams {
+        dockerfile: "Dockerfile.web".into(),
+        tag: "localhost/berth-test/built:1".into(),
+        ..Default::default()
+    };
+    p.build_args.insert("GREETING".into(), "hi there".into());
+    let (r, out) = build(&env, &p, &tar).await;
+    let id = r.unwrap_or_else(|e| panic!("{e}\n{out}"));
+    for want in [
+        "STEP 1/4: FROM",
+        "STEP 3/4: COPY hello.txt",
+        "hello from the context",
+        "arg=hi there",
+    ] {
+        assert!(out.contains(want), "no {want:?} in:\n{out}");
+    }
+    assert!(out.contains(&id), "the image id {id} is not the last line:\n{out}");
+    assert!(env.podman.image_exists("localhost/berth-test/built:1").await.unwrap());
+
+    p.dockerfile = "Dockerfile.bad".into();
+    p.tag = "localhost/berth-test/built:2".into();
+    let (r, out) = build(&env, &p, &tar).await;
+    assert!(out.contains("going-down"), "{out}");
+    match r {
+        Err(Error::Build { message }) => {
+            assert!(message.contains(r#"STEP "RUN echo going-down && exit 4""#), "{message}");
+            assert!(message.contains("exit status 4"), "{message}");
+        }
+        other => panic!("not a build error: {other:?}"),
+    }
+    assert!(!env.podman.image_exists("localhost/berth-test/built:2").await.unwrap());
+
+    // A context that is not there fails before Podman is asked.
+    let err = env
+        .podman
+        .build(
+            &p,
+            &env.dir.path().join("none.tar"),
+            tokio::sync::mpsc::channel::<String>(1).0,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Context { .. }), "{err:?}");
+}

@@ -68,6 +68,9 @@ pub enum Command {
     /// Images in the fleet registry.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Image builds (`berth service deploy NAME --build DIR` starts one).
+    #[command(subcommand)]
+    Build(BuildCmd),
 }
 
 #[derive(Subcommand)]
@@ -278,8 +281,10 @@ pub struct DeployArgs {
     /// Service name (a DNS label): reachable as NAME.internal.
     pub name: String,
     /// Image reference, e.g. localhost/demo/web:1.
-    #[arg(long)]
-    pub image: String,
+    #[arg(long, required_unless_present = "build", conflicts_with = "build")]
+    pub image: Option<String>,
+    #[command(flatten)]
+    pub build: BuildArgs,
     #[arg(long, default_value_t = 1)]
     pub replicas: u32,
     /// Port the service listens on inside its containers.
@@ -322,6 +327,53 @@ pub struct DeployArgs {
     pub rollout: RolloutArgs,
     #[command(flatten)]
     pub wait: WaitArgs,
+}
+
+/// `deploy --build`: the image is built on the fleet from a local directory
+/// (docs/builds.md).
+#[derive(Args, Clone, Default)]
+pub struct BuildArgs {
+    /// Build the image from this directory (the build context; honours
+    /// .containerignore / .dockerignore), push it to the fleet registry and
+    /// deploy it by digest.
+    #[arg(long, value_name = "DIR")]
+    pub build: Option<PathBuf>,
+    /// The Dockerfile [default: DIR/Containerfile, else DIR/Dockerfile].
+    #[arg(long, value_name = "PATH", requires = "build")]
+    pub dockerfile: Option<PathBuf>,
+    /// Build argument KEY=VALUE (repeatable; ARG in the Dockerfile). Not
+    /// for secrets: build arguments stay in the image's history.
+    #[arg(long = "build-arg", value_parser = key_value, requires = "build")]
+    pub build_args: Vec<(String, String)>,
+    /// The stage of a multi-stage Dockerfile to build.
+    #[arg(long, requires = "build")]
+    pub target: Option<String>,
+    /// Seconds the build may take [default: 1800].
+    #[arg(long, value_name = "SECS", requires = "build")]
+    pub build_timeout: Option<u32>,
+}
+
+#[derive(Subcommand)]
+pub enum BuildCmd {
+    /// Builds, newest first: service, state, builder node, image.
+    List {
+        /// Only SERVICE's builds.
+        service: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// One build: state, times, builder, image, release, error.
+    Show { id: u64 },
+    /// A build's log.
+    Logs {
+        id: u64,
+        /// Keep following until the build ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Stops a build (Podman stops once its running step ends).
+    Cancel { id: u64 },
 }
 
 /// How a new release replaces the old replicas (docs/services.md).

@@ -151,14 +151,18 @@ pub fn wireguard_go_pids(lab: &Lab, node: &str) -> anyhow::Result<Vec<u32>> {
 /// Runs the `berth` CLI (beside the lab's binaries) against the lab's
 /// control plane.
 pub fn berth(lab: &Lab, args: &[&str]) -> std::process::Output {
+    berth_command(lab, args).output().expect("run berth")
+}
+
+/// The `berth` command line [`berth`] runs, to spawn it instead.
+pub fn berth_command(lab: &Lab, args: &[&str]) -> Command {
     let target = lab.client_config();
-    std::process::Command::new(default_bin_dir().join("berth"))
-        .args(args)
+    let mut cmd = Command::new(default_bin_dir().join("berth"));
+    cmd.args(args)
         .env("BERTH_URL", &target.url)
         .env("BERTH_ADMIN_TOKEN_FILE", &target.admin_token_file)
-        .env("BERTH_CA_FILE", &target.ca_file)
-        .output()
-        .expect("run berth")
+        .env("BERTH_CA_FILE", &target.ca_file);
+    cmd
 }
 
 #[cfg(test)]

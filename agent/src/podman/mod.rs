@@ -17,11 +17,13 @@
 //!   name fails the create. `restart` takes its timeout as `timeout` (libpod)
 //!   and kills at once without it.
 
+mod build;
 mod inspect;
 pub mod logs;
 mod spec;
 mod transport;
 
+pub use build::BuildParams;
 pub use inspect::{
     ContainerDetails, ContainerState, ContainerSummary, Health, HealthCheckRun, HealthStatus, NetworkAttachment,
 };
@@ -63,6 +65,13 @@ pub enum Error {
     Api { status: u16, message: String },
     #[error("pulling {reference}: {message}")]
     Pull { reference: String, message: String },
+    /// A build step failed; Podman's message names the step and its exit status.
+    #[error("{message}")]
+    Build { message: String },
+    #[error("pushing {name}: {message}")]
+    Push { name: String, message: String },
+    #[error("reading the build context {path}: {source}")]
+    Context { path: PathBuf, source: std::io::Error },
     #[error("network {name} exists with subnet {existing}, not {wanted}")]
     NetworkMismatch {
         name: String,
@@ -162,32 +171,16 @@ impl Podman {
                 .error());
             }
             // One JSON object per line: {"stream": ...}, {"images": [...], "id": ...} or {"error": ...}.
-            let mut buf = Vec::new();
             let mut error = None;
             let mut pulled = false;
-            let mut scan = |line: &[u8]| {
-                if let Ok(v) = serde_json::from_slice::<Value>(line) {
-                    if let Some(e) = v["error"].as_str().filter(|e| !e.is_empty()) {
-                        error = Some(e.to_string());
-                    }
-                    if v["id"].as_str().is_some_and(|id| !id.is_empty()) {
-                        pulled = true;
-                    }
+            let mut lines = transport::JsonLines::new(resp.body_mut(), &what);
+            while let Some(v) = lines.next().await? {
+                if let Some(e) = v["error"].as_str().filter(|e| !e.is_empty()) {
+                    error = Some(e.to_string());
                 }
-            };
-            while let Some(chunk) = transport::next_chunk(resp.body_mut()).await {
-                let chunk = chunk.map_err(|e| Error::Http {
-                    what: what.clone(),
-                    source: e,
-                })?;
-                buf.extend_from_slice(&chunk);
-                while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=nl).collect();
-                    scan(&line);
+                if v["id"].as_str().is_some_and(|id| !id.is_empty()) {
+                    pulled = true;
                 }
-            }
-            if !buf.is_empty() {
-                scan(&buf);
             }
             match error {
                 Some(message) => Err(Error::Pull {

@@ -13,29 +13,61 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::UnixStream;
 
-/// A request body sent in one piece.
-pub(crate) struct FullBody(Option<Bytes>);
+/// A request body: sent in one piece, or streamed from a channel (a build
+/// context read from disk, which may be gigabytes).
+pub(crate) enum ReqBody {
+    Full(Option<Bytes>),
+    Stream(tokio::sync::mpsc::Receiver<Bytes>),
+}
 
-impl FullBody {
+impl ReqBody {
     pub(crate) fn new(data: Vec<u8>) -> Self {
-        FullBody(if data.is_empty() { None } else { Some(Bytes::from(data)) })
+        ReqBody::Full(if data.is_empty() { None } else { Some(Bytes::from(data)) })
+    }
+
+    /// Streams `file` in chunks, read by a task of its own.
+    pub(crate) fn file(mut file: tokio::fs::File) -> Self {
+        use tokio::io::AsyncReadExt;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                match file.read(&mut buf).await {
+                    // A read error ends the body early; Podman then fails
+                    // the request on the short tar.
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        ReqBody::Stream(rx)
     }
 }
 
-impl Body for FullBody {
+impl Body for ReqBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Poll::Ready(self.0.take().map(|b| Ok(Frame::data(b))))
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            ReqBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ReqBody::Stream(rx) => rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.is_none()
+        matches!(self, ReqBody::Full(None))
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.0.as_ref().map_or(0, |b| b.len() as u64))
+        match self {
+            ReqBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ReqBody::Stream(_) => SizeHint::default(),
+        }
     }
 }
 
@@ -47,15 +79,16 @@ pub(crate) async fn send(
     path: &str,
     body: Option<Vec<u8>>,
 ) -> Result<Response<Incoming>, Error> {
-    send_with(socket, method, path, body, &[]).await
+    send_with(socket, method, path, body.map(ReqBody::new), &[]).await
 }
 
-/// [`send`] with extra request headers.
+/// [`send`] with extra request headers; a body is JSON unless they say
+/// otherwise.
 pub(crate) async fn send_with(
     socket: &Path,
     method: Method,
     path: &str,
-    body: Option<Vec<u8>>,
+    body: Option<ReqBody>,
     headers: &[(&str, String)],
 ) -> Result<Response<Incoming>, Error> {
     let stream = UnixStream::connect(socket).await.map_err(|e| Error::Connect {
@@ -76,14 +109,14 @@ pub(crate) async fn send_with(
         .method(&method)
         .uri(path)
         .header(hyper::header::HOST, "podman");
-    if body.is_some() {
+    if body.is_some() && !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("content-type")) {
         req = req.header(hyper::header::CONTENT_TYPE, "application/json");
     }
     for (name, value) in headers {
         req = req.header(*name, value);
     }
     let req = req
-        .body(FullBody::new(body.unwrap_or_default()))
+        .body(body.unwrap_or(ReqBody::Full(None)))
         .map_err(|e| Error::Decode(format!("building request {method} {path}: {e}")))?;
     sender.send_request(req).await.map_err(|e| Error::Http {
         what: format!("{method} {path}"),
@@ -118,6 +151,53 @@ pub(crate) async fn read_all(body: &mut Incoming, what: &str) -> Result<Vec<u8>,
         out.extend_from_slice(&chunk);
     }
     Ok(out)
+}
+
+/// The JSON objects of a newline-delimited stream, as they come (how
+/// Podman reports pulls, pushes and builds); lines that are not JSON are
+/// skipped.
+pub(crate) struct JsonLines<'a> {
+    body: &'a mut Incoming,
+    what: &'a str,
+    buf: Vec<u8>,
+    ended: bool,
+}
+
+impl<'a> JsonLines<'a> {
+    pub(crate) fn new(body: &'a mut Incoming, what: &'a str) -> Self {
+        JsonLines {
+            body,
+            what,
+            buf: Vec::new(),
+            ended: false,
+        }
+    }
+
+    pub(crate) async fn next(&mut self) -> Result<Option<serde_json::Value>, Error> {
+        loop {
+            let line: Vec<u8> = match self.buf.iter().position(|b| *b == b'\n') {
+                Some(nl) => self.buf.drain(..=nl).collect(),
+                None if self.ended && self.buf.is_empty() => return Ok(None),
+                None if self.ended => std::mem::take(&mut self.buf),
+                None => {
+                    match next_chunk(self.body).await {
+                        None => self.ended = true,
+                        Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
+                        Some(Err(e)) => {
+                            return Err(Error::Http {
+                                what: self.what.to_string(),
+                                source: e,
+                            })
+                        }
+                    }
+                    continue;
+                }
+            };
+            if let Ok(v) = serde_json::from_slice(&line) {
+                return Ok(Some(v));
+            }
+        }
+    }
 }
 
 /// A whole request: status and body, bounded by `timeout`.

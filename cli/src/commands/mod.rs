@@ -1,5 +1,6 @@
 //! One module per command group; [`run`] dispatches a parsed command line.
 
+mod build;
 mod domain;
 mod lab;
 mod nodes;
@@ -32,6 +33,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Release(r) => release::run(r)?,
         Command::Registry(r) => registry::run(&api()?, &cfg.ca_file, r).await?,
         Command::Image(i) => registry::run_image(&api()?, i).await?,
+        Command::Build(b) => return build::run(&api()?, b).await,
         Command::Lab { args } => return lab::run(&args),
     }
     Ok(0)

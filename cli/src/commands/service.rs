@@ -14,7 +14,11 @@ pub async fn run(api: &AdminClient, cmd: ServiceCmd) -> anyhow::Result<i32> {
     match cmd {
         ServiceCmd::Deploy(a) => {
             let wait = a.wait;
+            let build = a.build.clone();
             let spec = spec_of(*a);
+            if build.build.is_some() {
+                return super::build::deploy(api, build, spec, wait).await;
+            }
             spec.validate().map_err(anyhow::Error::msg)?;
             let info = api.deploy_service_forced(&spec, wait.force).await?;
             return started(api, &info, wait).await;
@@ -41,7 +45,7 @@ pub async fn run(api: &AdminClient, cmd: ServiceCmd) -> anyhow::Result<i32> {
 }
 
 /// After a change: the plan, then (unless detached) the rollout's progress.
-async fn started(api: &AdminClient, info: &ServiceInfo, wait: WaitArgs) -> anyhow::Result<i32> {
+pub(super) async fn started(api: &AdminClient, info: &ServiceInfo, wait: WaitArgs) -> anyhow::Result<i32> {
     rollout::print_plan(info);
     let Some(r) = &info.rollout else {
         print_service(info);
@@ -57,7 +61,7 @@ async fn started(api: &AdminClient, info: &ServiceInfo, wait: WaitArgs) -> anyho
 fn spec_of(a: DeployArgs) -> ServiceSpec {
     ServiceSpec {
         name: a.name,
-        image: a.image,
+        image: a.image.unwrap_or_default(),
         replicas: a.replicas,
         port: a.port,
         env: a.env.into_iter().collect(),

@@ -1,0 +1,227 @@
+//! The builder: on workers (unless `--no-builds`), long-polls the control
+//! plane for builds, one at a time. For each it downloads the context,
+//! builds it with Podman's builder (libpod build API), streams the output
+//! to the build's log, pushes the image to the fleet registry with the
+//! build's own credentials and reports the result; the control plane then
+//! pins the digest and releases the service (docs/builds.md).
+
+use crate::client::{Client, Refused};
+use crate::podman::{BuildParams, Podman};
+use crate::registry;
+use berth_protocol::build::{BuildDone, BuildJob, BuilderQuery};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Output is posted to the log at least this often while there is some...
+const LOG_EVERY: Duration = Duration::from_millis(250);
+/// ...or as soon as this much is waiting.
+const LOG_CHUNK: usize = 32 * 1024;
+/// With no output, the log is still posted to (empty) this often, to learn
+/// of a cancel.
+const STOP_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Which builder runs the builds (`--build-engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Podman,
+}
+
+impl Engine {
+    /// `auto` is Podman's builder: BuildKit support is not built (BuildKit
+    /// is not packaged for Debian, so it could not be tested here).
+    pub fn parse(s: &str) -> Result<Engine, String> {
+        match s {
+            "auto" | "podman" => Ok(Engine::Podman),
+            "buildkit" => Err("--build-engine buildkit: not supported yet; use podman (docs/builds.md)".into()),
+            other => Err(format!("--build-engine {other:?}: expected auto, buildkit or podman")),
+        }
+    }
+}
+
+pub struct BuilderSettings {
+    pub podman: Podman,
+    /// Where contexts are kept while they build.
+    pub work_dir: PathBuf,
+    pub arch: String,
+    /// Started with `--builder`.
+    pub preferred: bool,
+}
+
+/// Takes and runs builds until the process ends.
+pub async fn run(client: Arc<Client>, s: BuilderSettings) {
+    let query = BuilderQuery {
+        arch: s.arch.clone(),
+        preferred: s.preferred,
+        wait: Some(25),
+    };
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match client.next_build(&query).await {
+            Ok(Some(job)) => {
+                backoff = Duration::from_secs(1);
+                tracing::info!(build = job.id, tag = %job.tag, "building");
+                let done = BuildDone {
+                    error: build(&client, &s, &job).await.err(),
+                };
+                match &done.error {
+                    None => tracing::info!(build = job.id, "built and pushed"),
+                    Some(e) => tracing::warn!(build = job.id, error = %e, "build failed"),
+                }
+                report(&client, job.id, &done).await;
+            }
+            Ok(None) => backoff = Duration::from_secs(1),
+            Err(e) => {
+                // A control plane without a registry (409) or one that is
+                // down: ask again later.
+                let status = e.downcast_ref::<Refused>().map(|r| r.status.as_u16());
+                tracing::debug!(error = %format!("{e:#}"), ?status, "asking for builds failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Reports the result, retrying while the control plane is unreachable
+/// (a lost report would leave the build running until it times out).
+async fn report(client: &Client, id: u64, done: &BuildDone) {
+    for attempt in 0..10u32 {
+        match client.build_done(id, done).await {
+            Ok(()) => return,
+            Err(e) => {
+                if e.downcast_ref::<Refused>().is_some() {
+                    tracing::warn!(build = id, error = %format!("{e:#}"), "the control plane refused the build's result");
+                    return;
+                }
+                tracing::debug!(build = id, attempt, error = %format!("{e:#}"), "reporting the build failed");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+/// Why a build ended early, as its log and the control plane see it.
+async fn build(client: &Client, s: &BuilderSettings, job: &BuildJob) -> Result<(), String> {
+    std::fs::create_dir_all(&s.work_dir).map_err(|e| format!("builder: {}: {e}", s.work_dir.display()))?;
+    let context = s.work_dir.join(format!("build-{}.tar", job.id));
+    let mut log = Log::new(client, job.id);
+    let result = run_build(client, s, job, &context, &mut log).await;
+    let _ = std::fs::remove_file(&context);
+    // The control plane ends the log with the error.
+    log.flush().await;
+    result
+}
+
+async fn run_build(
+    client: &Client,
+    s: &BuilderSettings,
+    job: &BuildJob,
+    context: &std::path::Path,
+    log: &mut Log<'_>,
+) -> Result<(), String> {
+    let bytes = client
+        .build_context(job.id, context)
+        .await
+        .map_err(|e| format!("fetching the context: {e:#}"))?;
+    log.push(&format!("context: {bytes} bytes\n"));
+    let params = BuildParams {
+        dockerfile: job.dockerfile.clone(),
+        tag: job.tag.clone(),
+        build_args: job.build_args.clone(),
+        target: job.target.clone(),
+        registry_config: Some(registry::config_header(&job.registry)),
+    };
+    let (tx, mut rx) = mpsc::channel::<String>(256);
+    let building = s.podman.build(&params, context, tx);
+    tokio::pin!(building);
+    let deadline = tokio::time::sleep(Duration::from_secs(job.timeout_secs.into()));
+    tokio::pin!(deadline);
+    let mut tick = tokio::time::interval(LOG_EVERY);
+    let built = loop {
+        tokio::select! {
+            r = &mut building => break r,
+            Some(text) = rx.recv() => {
+                log.push(&text);
+                if log.pending() >= LOG_CHUNK && log.flush().await {
+                    return Err("cancelled".into());
+                }
+            }
+            _ = tick.tick() => {
+                if log.due() && log.flush().await {
+                    return Err("cancelled".into());
+                }
+            }
+            _ = &mut deadline => return Err(format!("timed out after {} s", job.timeout_secs)),
+        }
+    };
+    while let Ok(text) = rx.try_recv() {
+        log.push(&text);
+    }
+    built.map_err(|e| e.to_string())?;
+    log.push(&format!("pushing {}\n", job.tag));
+    if log.flush().await {
+        return Err("cancelled".into());
+    }
+    s.podman
+        .push(&job.tag, &registry::auth_header(&job.registry))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The build's log as posted to the control plane: output is batched
+/// (every [`LOG_EVERY`] or [`LOG_CHUNK`] bytes); each post's answer says
+/// whether the build was cancelled or timed out there.
+struct Log<'a> {
+    client: &'a Client,
+    id: u64,
+    buf: Vec<u8>,
+    last_post: tokio::time::Instant,
+}
+
+impl<'a> Log<'a> {
+    fn new(client: &'a Client, id: u64) -> Self {
+        Log {
+            client,
+            id,
+            buf: Vec::new(),
+            last_post: tokio::time::Instant::now(),
+        }
+    }
+
+    fn push(&mut self, text: &str) {
+        self.buf.extend_from_slice(text.as_bytes());
+    }
+
+    fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Output waits, or the control plane was not asked for a while.
+    fn due(&self) -> bool {
+        !self.buf.is_empty() || self.last_post.elapsed() >= STOP_CHECK_EVERY
+    }
+
+    /// Posts what waits; true when the build is to stop. A post that fails
+    /// keeps its text for the next one.
+    async fn flush(&mut self) -> bool {
+        self.last_post = tokio::time::Instant::now();
+        match self.client.build_log(self.id, self.buf.clone()).await {
+            Ok(ack) => {
+                self.buf.clear();
+                ack.stop
+            }
+            Err(e) => {
+                // Refused: the build is not this node's any more.
+                if e.downcast_ref::<Refused>().is_some() {
+                    self.buf.clear();
+                    return true;
+                }
+                tracing::debug!(build = self.id, error = %format!("{e:#}"), "posting the build log failed");
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! `berth build ...` and `berth service deploy NAME --build DIR`: pack the
+//! context, upload it, follow the build's log, then the rollout of the
+//! release it makes.
+
+use super::service::started;
+use crate::args::{BuildArgs, BuildCmd, WaitArgs};
+use crate::context;
+use berth_client::AdminClient;
+use berth_protocol::build::{BuildInfo, BuildRequest, BuildState};
+use berth_protocol::service::ServiceSpec;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+/// The CLI packs at most this much (the control plane's default limit;
+/// one configured lower answers 413).
+const MAX_CONTEXT_BYTES: u64 = 1 << 30;
+
+pub async fn run(api: &AdminClient, cmd: BuildCmd) -> anyhow::Result<i32> {
+    match cmd {
+        BuildCmd::List { service, limit } => print_builds(&api.list_builds(service.as_deref(), limit).await?),
+        BuildCmd::Show { id } => print_build(&api.get_build(id).await?),
+        BuildCmd::Logs { id, follow } => {
+            api.build_logs(id, follow, write_out).await?;
+            if follow {
+                let b = api.get_build(id).await?;
+                println!("build {id} {}", b.state.as_str());
+                return Ok(if b.state == BuildState::Succeeded { 0 } else { 1 });
+            }
+        }
+        BuildCmd::Cancel { id } => {
+            let b = api.cancel_build(id).await?;
+            println!("build {id} {}", b.state.as_str());
+        }
+    }
+    Ok(0)
+}
+
+fn write_out(chunk: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(chunk);
+    let _ = out.flush();
+}
+
+/// A context packed into a temporary file, removed when dropped.
+struct Packed(PathBuf);
+
+impl Drop for Packed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `service deploy NAME --build DIR`: `spec` without an image.
+pub async fn deploy(api: &AdminClient, b: BuildArgs, spec: ServiceSpec, wait: WaitArgs) -> anyhow::Result<i32> {
+    let dir = b.build.expect("deploy --build without a directory");
+    // Everything is checked before anything is packed or uploaded.
+    let mut planned = spec.clone();
+    planned.image = format!("registry.invalid/{}:build", spec.name);
+    planned.validate().map_err(anyhow::Error::msg)?;
+    let dockerfile = context::find_dockerfile(&dir, b.dockerfile.as_deref())?;
+    let name = spec.name.clone();
+    let req = BuildRequest {
+        spec,
+        dockerfile: dockerfile.clone(),
+        build_args: b.build_args.into_iter().collect(),
+        target: b.target,
+        timeout_secs: b.build_timeout,
+        force: wait.force,
+        arch: None,
+    };
+
+    let tar = Packed(std::env::temp_dir().join(format!("berth-context-{}.tar", std::process::id())));
+    let file = std::fs::File::create(&tar.0)?;
+    let packed = context::pack(&dir, &dockerfile, MAX_CONTEXT_BYTES, std::io::BufWriter::new(file))?;
+    println!(
+        "context {}: {} files, {} (Dockerfile {dockerfile})",
+        dir.display(),
+        packed.files,
+        human_bytes(packed.bytes)
+    );
+    let build = api.create_build(&req).await?;
+    let id = build.id;
+    println!("build {id} of {name}: uploading");
+    if let Err(e) = api.upload_build_context(id, &tar.0).await {
+        // A refused upload already failed the build; a broken one must not
+        // leave it waiting.
+        let _ = api.cancel_build(id).await;
+        return Err(e.into());
+    }
+    drop(tar);
+
+    tokio::select! {
+        r = api.build_logs(id, true, write_out) => r?,
+        _ = tokio::signal::ctrl_c() => return interrupted(api, id).await,
+    }
+    let b = api.get_build(id).await?;
+    match (b.state, b.release) {
+        (BuildState::Succeeded, Some(release)) => {
+            println!(
+                "build {id} succeeded: {} (release {release})",
+                b.image.as_deref().unwrap_or("")
+            );
+            let info = api.show_service(&name).await?;
+            started(api, &info, wait).await
+        }
+        // The log ended with the reason.
+        (state, _) => {
+            eprintln!("build {id} {}; nothing was deployed", state.as_str());
+            Ok(1)
+        }
+    }
+}
+
+/// Ctrl-C while a build runs: on a terminal, asks whether to cancel it;
+/// otherwise (a script's SIGINT) cancels it.
+async fn interrupted(api: &AdminClient, id: u64) -> anyhow::Result<i32> {
+    let cancel = if std::io::stdin().is_terminal() {
+        eprint!("\ncancel the build? [y/N] ");
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        let read = tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut answer).map(|_| answer));
+        matches!(read.await, Ok(Ok(a)) if a.trim().eq_ignore_ascii_case("y") || a.trim().eq_ignore_ascii_case("yes"))
+    } else {
+        true
+    };
+    if cancel {
+        match api.cancel_build(id).await {
+            Ok(b) => eprintln!("build {id} {}", b.state.as_str()),
+            Err(e) => eprintln!("build {id}: {e}"),
+        }
+    } else {
+        eprintln!("build {id} goes on; follow it with `berth build logs {id} -f`");
+    }
+    Ok(130)
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+fn print_builds(builds: &[BuildInfo]) {
+    println!(
+        "{:<6} {:<20} {:<10} {:<12} {:<10} IMAGE",
+        "ID", "SERVICE", "STATE", "NODE", "RELEASE"
+    );
+    for b in builds {
+        println!(
+            "{:<6} {:<20} {:<10} {:<12} {:<10} {}",
+            b.id,
+            b.service,
+            b.state.as_str(),
+            b.node.as_deref().unwrap_or("-"),
+            b.release.map_or("-".into(), |r| r.to_string()),
+            b.image.as_deref().or(b.error.as_deref()).unwrap_or("-")
+        );
+    }
+}
+
+fn print_build(b: &BuildInfo) {
+    println!("build {} of {}: {}", b.id, b.service, b.state.as_str());
+    println!("  dockerfile: {}", b.dockerfile);
+    println!("  started by: {}", b.created_by);
+    if let Some(n) = &b.node {
+        println!("  builder:    {n}");
+    }
+    if let Some(n) = b.context_bytes {
+        println!("  context:    {}", human_bytes(n));
+    }
+    if let (Some(s), Some(f)) = (b.started_at, b.finished_at) {
+        println!("  took:       {} s", (f - s).max(0));
+    }
+    if let Some(i) = &b.image {
+        println!("  image:      {i}");
+    }
+    if let Some(r) = b.release {
+        println!("  release:    {r}");
+    }
+    if let Some(e) = &b.error {
+        println!("  error:      {e}");
+    }
+    println!("  timeout:    {} s", b.timeout_secs);
+}

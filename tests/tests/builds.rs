@@ -1,0 +1,255 @@
+//! End-to-end: image builds on a lab (two workers, a proxy, Pebble, the
+//! fleet registry). `berth service deploy site --build DIR` packs a
+//! directory whose Dockerfile starts `FROM` the test image in the fleet
+//! registry; a worker builds it with Podman's builder, pushes it, and the
+//! release runs it by digest on both workers. Cases, in order: the first
+//! build serves by name and over HTTPS; a second build rolls out under load
+//! with no failed request; a failing `RUN` changes nothing; a cancel stops
+//! a running build.
+
+use berth_client::AdminClient;
+use berth_protocol::build::BuildState;
+use berth_protocol::routes::DomainSpec;
+use berth_tests::load::{Load, LoadSpec};
+use berth_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const SETTLE: Duration = Duration::from_secs(90);
+const DOMAIN: &str = "site.example.com";
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A build context: a Dockerfile from the fleet registry's test image and
+/// an index.html saying `page`.
+fn context(dir: &Path, registry: &str, page: &str, extra: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        format!("FROM {registry}/berth-test/busybox:latest\nCOPY index.html /www/index.html\n{extra}"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("index.html"), page).unwrap();
+    // Ignored: never reaches the builder.
+    std::fs::write(dir.join(".dockerignore"), "secret.txt\n").unwrap();
+    std::fs::write(dir.join("secret.txt"), "not for the image").unwrap();
+    dir.to_path_buf()
+}
+
+/// `berth service deploy site --build DIR` with two spread replicas.
+fn deploy_site(lab: &Lab, dir: &Path) -> Output {
+    let mut cmd = deploy_command(lab, dir);
+    tokio::task::block_in_place(|| cmd.output().expect("run berth"))
+}
+
+fn deploy_command(lab: &Lab, dir: &Path) -> Command {
+    berth_command(
+        lab,
+        &[
+            "service",
+            "deploy",
+            "site",
+            "--build",
+            dir.to_str().unwrap(),
+            "--replicas",
+            "2",
+            "--port",
+            "8080",
+            "--health-http",
+            "/",
+            "--min-ready",
+            "1",
+            "--drain",
+            "2",
+        ],
+    )
+}
+
+/// One HTTPS request for `DOMAIN` through the proxy at `ip`: status and body.
+fn fetch(ip: &str, root: &Path) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "-w", "\n%{http_code}", "--max-time", "20", "--cacert"])
+        .arg(root)
+        .args(["--resolve", &format!("{DOMAIN}:443:{ip}")])
+        .arg(format!("https://{DOMAIN}/"))
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().to_string(), body.to_string())
+}
+
+async fn current_release(admin: &AdminClient) -> u64 {
+    admin.show_service("site").await.unwrap().rollout.unwrap().release
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_is_built_on_the_fleet_and_deployed_by_digest() {
+    if !Path::new("/usr/bin/docker-registry").exists() {
+        assert!(std::env::var_os("CI").is_none(), "docker-registry is missing under CI");
+        eprintln!("skipped: docker-registry is not installed");
+        return;
+    }
+    let mut lab = lab_up(212, 2).await;
+    let proxy = lab.add_node(true).await.unwrap();
+    lab.wait_converged(SETTLE).await.unwrap();
+    lab.push_test_image("n1").unwrap();
+    let registry = lab.registry_host();
+    let admin = lab.admin().unwrap();
+    let work = lab.state.dir.join("contexts");
+
+    // Case 1: the first build. Its replicas run on both workers, by digest;
+    // n2 pulled the image from the registry (n1 built it).
+    let out = deploy_site(&lab, &context(&work.join("v1"), &registry, "site v1\n", ""));
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    for step in ["STEP 1/2: FROM", "STEP 2/2: COPY index.html", "release 1 complete"] {
+        assert!(log.contains(step), "no {step:?} in:\n{log}");
+    }
+    let info = admin.show_service("site").await.unwrap();
+    let image = info.spec.image.clone();
+    assert!(
+        image.starts_with(&format!("{registry}/site@sha256:")),
+        "not pinned to a digest: {image}"
+    );
+    let mut nodes: Vec<&str> = info.replicas.iter().map(|r| r.node.as_str()).collect();
+    nodes.sort();
+    assert_eq!(nodes, ["n1", "n2"], "{info:?}");
+    let builds = admin.list_builds(Some("site"), 10).await.unwrap();
+    assert_eq!(builds.len(), 1, "{builds:?}");
+    let b = &builds[0];
+    assert_eq!(b.state, BuildState::Succeeded, "{b:?}");
+    assert_eq!(b.image.as_deref(), Some(image.as_str()));
+    assert_eq!(b.release, Some(1));
+    let builder = b.node.clone().unwrap();
+    let other = if builder == "n1" { "n2" } else { "n1" };
+    let out = lab.podman(other, &["image", "exists", &image]).unwrap();
+    assert!(out.status.success(), "{other} did not pull {image}");
+    // The ignored file never reached the image.
+    let out = lab
+        .run_container(other, &["wget", "-qO-", "http://site.internal:8080/secret.txt"])
+        .unwrap();
+    assert!(!out.status.success(), "secret.txt is in the image: {}", text(&out));
+
+    // By name from a container on a third node, and over HTTPS through the proxy.
+    let out = lab
+        .run_container(&proxy, &["wget", "-qO-", "http://site.internal:8080/"])
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "site v1\n", "{}", text(&out));
+    lab.start_pebble(&proxy).await.unwrap();
+    lab.wait_converged(SETTLE).await.unwrap();
+    admin
+        .add_domain(&DomainSpec {
+            domain: DOMAIN.into(),
+            service: "site".into(),
+            port: 8080,
+            passthrough: false,
+        })
+        .await
+        .unwrap();
+    demo::wait_cert(&admin, DOMAIN, SETTLE).await.unwrap();
+    let root = lab.state.dir.join("pebble-root.pem");
+    let pebble = lab.state.pebble.clone().unwrap();
+    std::fs::write(&root, pebble.issuing_root().await.unwrap()).unwrap();
+    let proxy_ip = lab.net.node_ip(lab.node(&proxy).unwrap().index).to_string();
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let (code, body) = fetch(&proxy_ip, &root);
+        if code == "200" {
+            assert_eq!(body, "site v1\n");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy does not serve the site: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Case 2: a second build with a changed file rolls out under load
+    // without a failed request.
+    let mut spec = LoadSpec::new(&proxy, &root, "n2");
+    spec.domain = DOMAIN.into();
+    spec.service = "site".into();
+    let load = Load::start(&lab, &spec).unwrap();
+    let out = deploy_site(&lab, &context(&work.join("v2"), &registry, "site v2\n", ""));
+    let s = load.stop();
+    println!("second build under load:\n{s}");
+    assert!(out.status.success(), "{}", text(&out));
+    s.assert_no_failures();
+    s.assert_ok_at_least(20);
+    assert_eq!(fetch(&proxy_ip, &root), ("200".to_string(), "site v2\n".to_string()));
+    let good = current_release(&admin).await;
+    assert_eq!(good, 2);
+
+    // Case 3: a failing RUN: the CLI exits 1 naming the step and its exit
+    // status; the running release is untouched.
+    let bad = context(
+        &work.join("bad"),
+        &registry,
+        "site v3\n",
+        "RUN echo about-to-fail && exit 3\n",
+    );
+    let out = deploy_site(&lab, &bad);
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("about-to-fail"), "the step's output is missing:\n{log}");
+    assert!(
+        log.contains(r#"STEP "RUN echo about-to-fail && exit 3""#) && log.contains("exit status 3"),
+        "the failing step is not named:\n{log}"
+    );
+    let failed = &admin.list_builds(Some("site"), 1).await.unwrap()[0];
+    assert_eq!(failed.state, BuildState::Failed, "{failed:?}");
+    assert!(
+        failed.error.as_deref().unwrap_or("").contains("exit status 3"),
+        "{failed:?}"
+    );
+    assert_eq!(failed.release, None);
+    assert_eq!(current_release(&admin).await, good);
+    assert_eq!(fetch(&proxy_ip, &root), ("200".to_string(), "site v2\n".to_string()));
+    // `berth build logs` shows the same log later.
+    let out = berth(&lab, &["build", "logs", &failed.id.to_string()]);
+    assert!(text(&out).contains("about-to-fail"), "{}", text(&out));
+
+    // Case 4: `berth build cancel` stops a running build; nothing is
+    // released, and the builder takes the next build.
+    let slow = context(
+        &work.join("slow"),
+        &registry,
+        "site v4\n",
+        "RUN sleep 5\nRUN echo second-step-ran\n",
+    );
+    let child = deploy_command(&lab, &slow)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let b = admin.list_builds(Some("site"), 1).await.unwrap().remove(0);
+        if b.state == BuildState::Running && b.id > failed.id {
+            admin.cancel_build(b.id).await.unwrap();
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slow build never ran: {b:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deploying = tokio::task::block_in_place(|| child.wait_with_output().unwrap());
+    let log = text(&deploying);
+    assert_eq!(deploying.status.code(), Some(1), "{log}");
+    assert!(log.contains("cancelled"), "{log}");
+    assert!(!log.contains("second-step-ran"), "{log}");
+    let cancelled = &admin.list_builds(Some("site"), 1).await.unwrap()[0];
+    assert_eq!(cancelled.state, BuildState::Cancelled, "{cancelled:?}");
+    assert_eq!(current_release(&admin).await, good);
+    let out = deploy_site(&lab, &context(&work.join("v5"), &registry, "site v5\n", ""));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(fetch(&proxy_ip, &root), ("200".to_string(), "site v5\n".to_string()));
+}
