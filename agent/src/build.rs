@@ -9,6 +9,7 @@ use crate::client::{Client, Refused};
 use crate::podman::{BuildParams, Podman};
 use crate::registry;
 use berth_protocol::build::{BuildDone, BuildJob, BuilderQuery};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +43,8 @@ impl Engine {
 
 pub struct BuilderSettings {
     pub podman: Podman,
+    /// Opens the build secrets sealed to this node.
+    pub sealing: x25519_dalek::StaticSecret,
     /// Where contexts are kept while they build.
     pub work_dir: PathBuf,
     pub arch: String,
@@ -56,6 +59,8 @@ pub async fn run(client: Arc<Client>, s: BuilderSettings) {
         preferred: s.preferred,
         wait: Some(25),
     };
+    // Contexts left by a build that an agent restart cut off.
+    let _ = std::fs::remove_dir_all(&s.work_dir);
     let mut backoff = Duration::from_secs(1);
     loop {
         match client.next_build(&query).await {
@@ -106,8 +111,9 @@ async fn report(client: &Client, id: u64, done: &BuildDone) {
 async fn build(client: &Client, s: &BuilderSettings, job: &BuildJob) -> Result<(), String> {
     std::fs::create_dir_all(&s.work_dir).map_err(|e| format!("builder: {}: {e}", s.work_dir.display()))?;
     let context = s.work_dir.join(format!("build-{}.tar", job.id));
-    let mut log = Log::new(client, job.id);
-    let result = run_build(client, s, job, &context, &mut log).await;
+    let secrets = open_secrets(&s.sealing, job)?;
+    let mut log = Log::new(client, job.id, &secrets);
+    let result = run_build(client, s, job, secrets, &context, &mut log).await;
     let _ = std::fs::remove_file(&context);
     // The control plane ends the log with the error.
     log.flush().await;
@@ -118,6 +124,7 @@ async fn run_build(
     client: &Client,
     s: &BuilderSettings,
     job: &BuildJob,
+    secrets: BTreeMap<String, String>,
     context: &std::path::Path,
     log: &mut Log<'_>,
 ) -> Result<(), String> {
@@ -132,6 +139,7 @@ async fn run_build(
         build_args: job.build_args.clone(),
         target: job.target.clone(),
         registry_config: Some(registry::config_header(&job.registry)),
+        secrets,
     };
     let (tx, mut rx) = mpsc::channel::<String>(256);
     let building = s.podman.build(&params, context, tx);
@@ -171,28 +179,44 @@ async fn run_build(
     Ok(())
 }
 
+fn open_secrets(sealing: &x25519_dalek::StaticSecret, job: &BuildJob) -> Result<BTreeMap<String, String>, String> {
+    let Some(sealed) = &job.sealed_secrets else {
+        return Ok(BTreeMap::new());
+    };
+    let plain = berth_protocol::seal::open(sealing, sealed)
+        .map_err(|e| format!("build secrets: cannot be opened with this node's key: {e}"))?;
+    serde_json::from_slice(&plain).map_err(|e| format!("build secrets: not a JSON map: {e}"))
+}
+
+/// Secret values shorter than this are not masked in the log (masking
+/// "1" would garble every line).
+const MASK_MIN: usize = 4;
+
 /// The build's log as posted to the control plane: output is batched
-/// (every [`LOG_EVERY`] or [`LOG_CHUNK`] bytes); each post's answer says
-/// whether the build was cancelled or timed out there.
+/// (every [`LOG_EVERY`] or [`LOG_CHUNK`] bytes), with every secret value a
+/// step prints replaced by `[secret NAME]`; each post's answer says whether
+/// the build was cancelled or timed out there.
 struct Log<'a> {
     client: &'a Client,
     id: u64,
     buf: Vec<u8>,
     last_post: tokio::time::Instant,
+    masks: Vec<(String, String)>,
 }
 
 impl<'a> Log<'a> {
-    fn new(client: &'a Client, id: u64) -> Self {
+    fn new(client: &'a Client, id: u64, secrets: &BTreeMap<String, String>) -> Self {
         Log {
             client,
             id,
             buf: Vec::new(),
             last_post: tokio::time::Instant::now(),
+            masks: masks(secrets),
         }
     }
 
     fn push(&mut self, text: &str) {
-        self.buf.extend_from_slice(text.as_bytes());
+        self.buf.extend_from_slice(mask(&self.masks, text).as_bytes());
     }
 
     fn pending(&self) -> usize {
@@ -223,5 +247,56 @@ impl<'a> Log<'a> {
                 false
             }
         }
+    }
+}
+
+/// (value, replacement) pairs, longest value first (a secret that contains
+/// another is masked whole).
+fn masks(secrets: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    let mut m: Vec<(String, String)> = secrets
+        .iter()
+        .filter(|(_, v)| v.len() >= MASK_MIN)
+        .map(|(k, v)| (v.clone(), format!("[secret {k}]")))
+        .collect();
+    m.sort_by_key(|(v, _)| std::cmp::Reverse(v.len()));
+    m
+}
+
+fn mask(masks: &[(String, String)], text: &str) -> String {
+    let mut out = text.to_string();
+    for (value, with) in masks {
+        if out.contains(value.as_str()) {
+            out = out.replace(value.as_str(), with);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_values_are_masked_in_the_log() {
+        let secrets: BTreeMap<String, String> = [
+            ("TOKEN".to_string(), "abcd1234".to_string()),
+            ("LONG".to_string(), "xxabcd1234yy".to_string()),
+            ("PIN".to_string(), "42".to_string()),
+        ]
+        .into();
+        let m = masks(&secrets);
+        assert_eq!(
+            mask(&m, "t=abcd1234 l=xxabcd1234yy n=42\n"),
+            "t=[secret TOKEN] l=[secret LONG] n=42\n"
+        );
+        assert_eq!(mask(&m, "nothing here"), "nothing here");
+    }
+
+    #[test]
+    fn only_podman_is_an_engine_today() {
+        assert_eq!(Engine::parse("auto"), Ok(Engine::Podman));
+        assert_eq!(Engine::parse("podman"), Ok(Engine::Podman));
+        assert!(Engine::parse("buildkit").unwrap_err().contains("--build-engine"));
+        assert!(Engine::parse("kaniko").unwrap_err().contains("kaniko"));
     }
 }

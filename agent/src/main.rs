@@ -348,6 +348,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             client.clone(),
             berth_agent::build::BuilderSettings {
                 podman: berth_agent::podman::Podman::new(&args.podman_socket),
+                sealing: id.sealing.clone(),
                 work_dir: args.data_dir.join("builds"),
                 arch: berth_protocol::build::host_arch().to_string(),
                 preferred: args.builder,

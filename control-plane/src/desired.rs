@@ -144,7 +144,7 @@ fn endpoint(from: &NodeRow, to: &NodeRow) -> Option<SocketAddr> {
 }
 
 /// Reseals a service's secrets (sealed to the control plane) to one node.
-fn reseal(cp_key: &StaticSecret, sealed: &str, node_key: Option<&str>) -> Option<String> {
+pub(crate) fn reseal(cp_key: &StaticSecret, sealed: &str, node_key: Option<&str>) -> Option<String> {
     let plain = berth_protocol::seal::open(cp_key, sealed).ok()?;
     let node_key = berth_protocol::seal::parse_public("sealing_key", node_key?).ok()?;
     Some(berth_protocol::seal::seal(&node_key, &plain))

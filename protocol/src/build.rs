@@ -137,6 +137,10 @@ pub struct BuildJob {
     /// repository, pull on the rest; valid while the build runs.
     pub registry: crate::api::RegistryAccess,
     pub timeout_secs: u32,
+    /// The service's secrets (a JSON map), sealed to the builder's key:
+    /// `RUN --mount=type=secret,id=NAME` reads them as /run/secrets/NAME.
+    #[serde(default)]
+    pub sealed_secrets: Option<String>,
 }
 
 /// `POST /v1/agent/builds/ID/log`'s answer.

@@ -5,7 +5,8 @@
 //! release runs it by digest on both workers. Cases, in order: the first
 //! build serves by name and over HTTPS; a second build rolls out under load
 //! with no failed request; a failing `RUN` changes nothing; a cancel stops
-//! a running build.
+//! a running build; a build secret is usable in `RUN` and found nowhere
+//! after it.
 
 use berth_client::AdminClient;
 use berth_protocol::build::BuildState;
@@ -249,7 +250,54 @@ async fn a_directory_is_built_on_the_fleet_and_deployed_by_digest() {
     let cancelled = &admin.list_builds(Some("site"), 1).await.unwrap()[0];
     assert_eq!(cancelled.state, BuildState::Cancelled, "{cancelled:?}");
     assert_eq!(current_release(&admin).await, good);
-    let out = deploy_site(&lab, &context(&work.join("v5"), &registry, "site v5\n", ""));
-    assert!(out.status.success(), "{}", text(&out));
+
+    // Case 5: a build secret is usable in RUN and absent from the image's
+    // history, its layers' files and the build log. The step prints it
+    // (masked in the log) and stores only its hash.
+    let secret = format!("tok-{}-c0ffee", std::process::id());
+    let v5 = context(
+        &work.join("v5"),
+        &registry,
+        "site v5\n",
+        "RUN --mount=type=secret,id=TOKEN sha256sum /run/secrets/TOKEN | cut -d' ' -f1 > /www/token.sha && cat /run/secrets/TOKEN\n",
+    );
+    let mut cmd = deploy_command(&lab, &v5);
+    cmd.args(["--secret", &format!("TOKEN={secret}")]);
+    let out = tokio::task::block_in_place(|| cmd.output().unwrap());
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(!log.contains(&secret), "the secret is in the build's output:\n{log}");
+    assert!(log.contains("[secret TOKEN]"), "{log}");
     assert_eq!(fetch(&proxy_ip, &root), ("200".to_string(), "site v5\n".to_string()));
+    let hash = lab
+        .run_container("n2", &["wget", "-qO-", "http://site.internal:8080/token.sha"])
+        .unwrap();
+    let want = Command::new("sh")
+        .arg("-c")
+        .arg(format!("printf %s '{secret}' | sha256sum | cut -d' ' -f1"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&hash.stdout),
+        String::from_utf8_lossy(&want.stdout)
+    );
+    let b = admin.list_builds(Some("site"), 1).await.unwrap().remove(0);
+    assert_eq!(b.state, BuildState::Succeeded, "{b:?}");
+    let image = b.image.unwrap();
+    let node = b.node.unwrap();
+    let history = lab.podman(&node, &["history", "--no-trunc", &image]).unwrap();
+    assert!(history.status.success(), "{}", text(&history));
+    assert!(!text(&history).contains(&secret), "{}", text(&history));
+    let saved = lab.podman(&node, &["save", &image]).unwrap();
+    assert!(
+        saved.status.success() && saved.stdout.len() > 100_000,
+        "{}",
+        String::from_utf8_lossy(&saved.stderr)
+    );
+    assert!(
+        !saved.stdout.windows(secret.len()).any(|w| w == secret.as_bytes()),
+        "the secret is in the image's layers"
+    );
+    let out = berth(&lab, &["build", "logs", &b.id.to_string()]);
+    assert!(out.status.success() && !text(&out).contains(&secret), "{}", text(&out));
 }

@@ -7,6 +7,9 @@
 //! - Closing the connection cancels the build once the running step ends.
 //! - Registry credentials for `FROM` pulls come in `X-Registry-Config`
 //!   (host → credentials), the push's in `X-Registry-Auth`.
+//! - Secrets (`RUN --mount=type=secret,id=NAME`) travel as files at the top
+//!   of the context tar, named in `secrets=["id=NAME,src=FILE"]`; Podman
+//!   moves them out of the context before the build, so no `COPY` sees them.
 
 use super::transport::{self, encode, ReqBody};
 use super::{Error, Podman, Result, API};
@@ -27,6 +30,43 @@ pub struct BuildParams {
     /// `X-Registry-Config`: credentials for base images, see
     /// [`crate::registry::config_header`].
     pub registry_config: Option<String>,
+    /// Build secrets, NAME → value.
+    pub secrets: BTreeMap<String, String>,
+}
+
+/// The tar entries that carry `secrets` ahead of the context (no end
+/// blocks: the context's tar follows), and the `secrets` parameter.
+fn secret_entries(secrets: &BTreeMap<String, String>) -> (Vec<u8>, Vec<String>) {
+    let mut tar = Vec::new();
+    let mut param = Vec::new();
+    for (i, (name, value)) in secrets.iter().enumerate() {
+        let file = format!(".berth-build-secret-{i}");
+        tar.extend_from_slice(&tar_header(&file, value.len() as u64));
+        tar.extend_from_slice(value.as_bytes());
+        tar.resize(tar.len().next_multiple_of(512), 0);
+        param.push(format!("id={name},src={file}"));
+    }
+    (tar, param)
+}
+
+/// A ustar header of a regular file, mode 0600, owned by root.
+fn tar_header(name: &str, size: u64) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    let put = |h: &mut [u8; 512], at: usize, len: usize, v: &[u8]| {
+        h[at..at + v.len().min(len)].copy_from_slice(&v[..v.len().min(len)])
+    };
+    put(&mut h, 0, 100, name.as_bytes());
+    put(&mut h, 100, 8, b"0000600\0");
+    put(&mut h, 108, 8, b"0000000\0");
+    put(&mut h, 116, 8, b"0000000\0");
+    put(&mut h, 124, 12, format!("{size:011o}\0").as_bytes());
+    put(&mut h, 136, 12, b"00000000000\0");
+    h[156] = b'0';
+    put(&mut h, 257, 8, b"ustar\x0000");
+    h[148..156].fill(b' ');
+    let sum: u32 = h.iter().map(|b| *b as u32).sum();
+    put(&mut h, 148, 8, format!("{sum:06o}\0 ").as_bytes());
+    h
 }
 
 impl Podman {
@@ -48,6 +88,11 @@ impl Podman {
         if let Some(t) = &p.target {
             path.push_str(&format!("&target={}", encode(t, b"")));
         }
+        let (prefix, secrets) = secret_entries(&p.secrets);
+        if !secrets.is_empty() {
+            let json = serde_json::to_string(&secrets).map_err(|e| Error::Decode(e.to_string()))?;
+            path.push_str(&format!("&secrets={}", encode(&json, b"")));
+        }
         let what = "POST /libpod/build".to_string();
         let file = tokio::fs::File::open(context).await.map_err(|e| Error::Context {
             path: context.to_path_buf(),
@@ -57,8 +102,14 @@ impl Podman {
         if let Some(c) = &p.registry_config {
             headers.push(("x-registry-config", c.clone()));
         }
-        let mut resp =
-            transport::send_with(&self.socket, Method::POST, &path, Some(ReqBody::file(file)), &headers).await?;
+        let mut resp = transport::send_with(
+            &self.socket,
+            Method::POST,
+            &path,
+            Some(ReqBody::file(prefix, file)),
+            &headers,
+        )
+        .await?;
         if !resp.status().is_success() {
             let data = transport::read_all(resp.body_mut(), &what).await?;
             return Err(super::Response {
@@ -108,5 +159,61 @@ impl Podman {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn secret_entries_lead_a_tar_that_tar_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\n").unwrap();
+        let ctx = dir.path().join("ctx.tar");
+        let st = Command::new("tar")
+            .arg("-cf")
+            .arg(&ctx)
+            .arg("-C")
+            .arg(dir.path())
+            .arg("Dockerfile")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let secrets: BTreeMap<String, String> =
+            [("TOKEN".into(), "s3cret".into()), ("EMPTY".into(), String::new())].into();
+        let (mut tar, param) = secret_entries(&secrets);
+        assert_eq!(
+            param,
+            [
+                "id=EMPTY,src=.berth-build-secret-0",
+                "id=TOKEN,src=.berth-build-secret-1"
+            ]
+        );
+        tar.extend_from_slice(&std::fs::read(&ctx).unwrap());
+        let whole = dir.path().join("whole.tar");
+        std::fs::write(&whole, &tar).unwrap();
+        let out = Command::new("tar").arg("-tvf").arg(&whole).output().unwrap();
+        let list = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let names: Vec<&str> = list.lines().map(|l| l.rsplit(' ').next().unwrap()).collect();
+        assert_eq!(
+            names,
+            [".berth-build-secret-0", ".berth-build-secret-1", "Dockerfile"],
+            "{list}"
+        );
+        assert!(
+            list.lines()
+                .all(|l| !l.contains(".berth-build-secret") || l.starts_with("-rw-------")),
+            "{list}"
+        );
+        let out = Command::new("tar")
+            .arg("-xOf")
+            .arg(&whole)
+            .arg(".berth-build-secret-1")
+            .output()
+            .unwrap();
+        assert_eq!(out.stdout, b"s3cret");
     }
 }

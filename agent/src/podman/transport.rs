@@ -25,11 +25,14 @@ impl ReqBody {
         ReqBody::Full(if data.is_empty() { None } else { Some(Bytes::from(data)) })
     }
 
-    /// Streams `file` in chunks, read by a task of its own.
-    pub(crate) fn file(mut file: tokio::fs::File) -> Self {
+    /// Streams `prefix`, then `file` in chunks read by a task of its own.
+    pub(crate) fn file(prefix: Vec<u8>, mut file: tokio::fs::File) -> Self {
         use tokio::io::AsyncReadExt;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
+            if !prefix.is_empty() && tx.send(Bytes::from(prefix)).await.is_err() {
+                return;
+            }
             let mut buf = vec![0u8; 256 * 1024];
             loop {
                 match file.read(&mut buf).await {

@@ -472,6 +472,13 @@ async fn next(
                     .builds
                     .append_log(b.id, format!("builder: {}\n", node.name).as_bytes());
                 tracing::info!(build = b.id, node = %node.name, "build claimed");
+                // The secrets the release will have: the build's own, else the service's.
+                let sealed = match &b.secrets_sealed {
+                    Some(x) => Some(x.clone()),
+                    None => s.store.get_service(&b.service).await?.and_then(|r| r.secrets_sealed),
+                };
+                let sealed_secrets =
+                    sealed.and_then(|x| crate::desired::reseal(&s.secrets_key, &x, node.sealing_key.as_deref()));
                 let job = BuildJob {
                     id: b.id,
                     dockerfile: b.request.dockerfile.clone(),
@@ -484,6 +491,7 @@ async fn next(
                         password: registry.build_password(b.id),
                     },
                     timeout_secs: b.timeout_secs,
+                    sealed_secrets,
                 };
                 return Ok(Json(job).into_response());
             }
