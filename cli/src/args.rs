@@ -277,11 +277,12 @@ pub fn volume(s: &str) -> Result<Volume, String> {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").args(["build", "git"])))]
 pub struct DeployArgs {
     /// Service name (a DNS label): reachable as NAME.internal.
     pub name: String,
     /// Image reference, e.g. localhost/demo/web:1.
-    #[arg(long, required_unless_present = "build", conflicts_with = "build")]
+    #[arg(long, required_unless_present = "source", conflicts_with = "source")]
     pub image: Option<String>,
     #[command(flatten)]
     pub build: BuildArgs,
@@ -329,28 +330,46 @@ pub struct DeployArgs {
     pub wait: WaitArgs,
 }
 
-/// `deploy --build`: the image is built on the fleet from a local directory
-/// (docs/builds.md).
+/// `deploy --build` / `--git`: the image is built on the fleet from a local
+/// directory or a git repository (docs/builds.md).
 #[derive(Args, Clone, Default)]
+#[group(skip)]
 pub struct BuildArgs {
     /// Build the image from this directory (the build context; honours
     /// .containerignore / .dockerignore), push it to the fleet registry and
     /// deploy it by digest.
     #[arg(long, value_name = "DIR")]
     pub build: Option<PathBuf>,
-    /// The Dockerfile [default: DIR/Containerfile, else DIR/Dockerfile].
-    #[arg(long, value_name = "PATH", requires = "build")]
+    /// Build the image from this git repository (https://, git://, ssh://
+    /// or file:// URL), cloned by the builder node.
+    #[arg(long, value_name = "URL", conflicts_with = "build")]
+    pub git: Option<String>,
+    /// With --git: the branch, tag or commit [default: the default branch].
+    #[arg(long = "ref", value_name = "REF", requires = "git")]
+    pub git_ref: Option<String>,
+    /// With --git: the build context's directory in the repository [default: its root].
+    #[arg(long, value_name = "SUBDIR", requires = "git")]
+    pub context: Option<String>,
+    /// The Dockerfile [default: Containerfile, else Dockerfile, in the context].
+    #[arg(long, value_name = "PATH", requires = "source")]
     pub dockerfile: Option<PathBuf>,
     /// Build argument KEY=VALUE (repeatable; ARG in the Dockerfile). Not
-    /// for secrets: build arguments stay in the image's history.
-    #[arg(long = "build-arg", value_parser = key_value, requires = "build")]
+    /// for secrets: build arguments stay in the image's history. A
+    /// service's --secret is mounted in `RUN --mount=type=secret,id=KEY`.
+    #[arg(long = "build-arg", value_parser = key_value, requires = "source")]
     pub build_args: Vec<(String, String)>,
     /// The stage of a multi-stage Dockerfile to build.
-    #[arg(long, requires = "build")]
+    #[arg(long, requires = "source")]
     pub target: Option<String>,
     /// Seconds the build may take [default: 1800].
-    #[arg(long, value_name = "SECS", requires = "build")]
+    #[arg(long, value_name = "SECS", requires = "source")]
     pub build_timeout: Option<u32>,
+}
+
+impl BuildArgs {
+    pub fn is_build(&self) -> bool {
+        self.build.is_some() || self.git.is_some()
+    }
 }
 
 #[derive(Subcommand)]

@@ -37,6 +37,70 @@ pub struct BuildRequest {
     /// a builder of it is ready, else that of a ready builder.
     #[serde(default)]
     pub arch: Option<String>,
+    /// Build from this repository (cloned by the builder) instead of an
+    /// uploaded context. `dockerfile` may then be empty: Containerfile,
+    /// else Dockerfile, in the context directory.
+    #[serde(default)]
+    pub git: Option<GitSource>,
+}
+
+/// A git repository to build from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitSource {
+    /// `https://`, `http://`, `git://`, `ssh://` or `file://` URL.
+    pub url: String,
+    /// Branch, tag or commit [default: the default branch].
+    #[serde(default, rename = "ref")]
+    pub reference: Option<String>,
+    /// The build context inside the repository [default: its root].
+    #[serde(default)]
+    pub context: Option<String>,
+}
+
+impl GitSource {
+    /// Checks the URL, ref and context as the builder will use them.
+    pub fn validate(&self) -> Result<(), crate::FieldError> {
+        let u = &self.url;
+        let schemes = ["https://", "http://", "git://", "ssh://", "file://"];
+        if !schemes.iter().any(|s| u.starts_with(s) && u.len() > s.len())
+            || u.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(crate::FieldError::new(
+                "git.url",
+                format_args!("{u:?} is not a https://, http://, git://, ssh:// or file:// URL"),
+            ));
+        }
+        if let Some(r) = &self.reference {
+            // Never an option to git, never a path outside refs.
+            if r.is_empty()
+                || r.starts_with('-')
+                || r.contains("..")
+                || !r.bytes().all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b))
+            {
+                return Err(crate::FieldError::new(
+                    "git.ref",
+                    format_args!("{r:?} is not a branch, tag or commit"),
+                ));
+            }
+        }
+        if let Some(c) = &self.context {
+            if c.starts_with('/') || c.split('/').any(|p| p == "..") || c.contains('\0') {
+                return Err(crate::FieldError::new(
+                    "git.context",
+                    format_args!("{c:?} must be a directory inside the repository"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A full commit ID, which a shallow clone of a branch cannot fetch.
+    pub fn is_commit(&self) -> bool {
+        self.reference
+            .as_deref()
+            .is_some_and(|r| r.len() == 40 && r.bytes().all(|b| b.is_ascii_hexdigit()))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +171,12 @@ pub struct BuildInfo {
     /// Why it failed or was cancelled.
     pub error: Option<String>,
     pub timeout_secs: u32,
+    /// The repository (`URL#REF`), for a git build.
+    #[serde(default)]
+    pub git: Option<String>,
+    /// The commit built, for a git build.
+    #[serde(default)]
+    pub commit: Option<String>,
 }
 
 /// `GET /v1/agent/builds/next`: who asks. A node started with `--no-builds`
@@ -136,6 +206,9 @@ pub struct BuildJob {
     /// Credentials for the fleet registry: push on the service's
     /// repository, pull on the rest; valid while the build runs.
     pub registry: crate::api::RegistryAccess,
+    /// Clone this instead of fetching an uploaded context.
+    #[serde(default)]
+    pub git: Option<GitSource>,
     pub timeout_secs: u32,
     /// The service's secrets (a JSON map), sealed to the builder's key:
     /// `RUN --mount=type=secret,id=NAME` reads them as /run/secrets/NAME.
@@ -156,6 +229,9 @@ pub struct BuildLogAck {
 pub struct BuildDone {
     /// None: built and pushed as the job's tag.
     pub error: Option<String>,
+    /// The commit a git build built.
+    #[serde(default)]
+    pub commit: Option<String>,
 }
 
 /// The platform name of this machine's architecture (`amd64`, `arm64`, ...).
@@ -172,6 +248,35 @@ pub fn host_arch() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn git_sources_are_checked() {
+        let ok = |url: &str, r: Option<&str>, c: Option<&str>| GitSource {
+            url: url.into(),
+            reference: r.map(String::from),
+            context: c.map(String::from),
+        };
+        ok("https://example.com/a/b.git", Some("main"), Some("web"))
+            .validate()
+            .unwrap();
+        ok("git://198.18.1.11/site.git", Some("v1.2/rc-1"), None)
+            .validate()
+            .unwrap();
+        for (bad, field) in [
+            (ok("example.com/a.git", None, None), "git.url"),
+            (ok("https://", None, None), "git.url"),
+            (ok("https://x/a b", None, None), "git.url"),
+            (ok("https://x/a", Some("--upload-pack=sh"), None), "git.ref"),
+            (ok("https://x/a", Some("a..b"), None), "git.ref"),
+            (ok("https://x/a", Some(""), None), "git.ref"),
+            (ok("https://x/a", None, Some("../up")), "git.context"),
+            (ok("https://x/a", None, Some("/abs")), "git.context"),
+        ] {
+            assert_eq!(bad.validate().unwrap_err().field, field, "{bad:?}");
+        }
+        assert!(ok("https://x/a", Some(&"a".repeat(40)), None).is_commit());
+        assert!(!ok("https://x/a", Some("main"), None).is_commit());
+    }
 
     #[test]
     fn states_round_trip_and_finality() {

@@ -6,7 +6,7 @@
 //! build serves by name and over HTTPS; a second build rolls out under load
 //! with no failed request; a failing `RUN` changes nothing; a cancel stops
 //! a running build; a build secret is usable in `RUN` and found nowhere
-//! after it.
+//! after it; a git build clones from `git daemon` in a lab namespace.
 
 use berth_client::AdminClient;
 use berth_protocol::build::BuildState;
@@ -300,4 +300,83 @@ async fn a_directory_is_built_on_the_fleet_and_deployed_by_digest() {
     );
     let out = berth(&lab, &["build", "logs", &b.id.to_string()]);
     assert!(out.status.success() && !text(&out).contains(&secret), "{}", text(&out));
+
+    // Case 6: a git build, from `git daemon` in the proxy node's namespace;
+    // the context is a subdirectory, the Dockerfile found there, the commit
+    // recorded.
+    let repo = work.join("repo");
+    context(&repo.join("web"), &registry, "site from git\n", "");
+    let git = |args: &[&str]| {
+        let o = Command::new("git")
+            .args(args)
+            .current_dir(&repo)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "git {args:?}: {}", text(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    git(&["init", "-q", "-b", "main"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "site"]);
+    let commit = git(&["rev-parse", "HEAD"]);
+    let index = lab.node(&proxy).unwrap().index;
+    let mut daemon = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.net.node_ns(index),
+            "git",
+            "daemon",
+            "--reuseaddr",
+            "--export-all",
+        ])
+        .arg(format!("--listen={proxy_ip}"))
+        .arg(format!("--base-path={}", work.display()))
+        .arg(&work)
+        .spawn()
+        .unwrap();
+    let url = format!("git://{proxy_ip}/repo");
+    let mut cmd = berth_command(
+        &lab,
+        &[
+            "service",
+            "deploy",
+            "site",
+            "--git",
+            &url,
+            "--ref",
+            "main",
+            "--context",
+            "web",
+        ],
+    );
+    cmd.args([
+        "--replicas",
+        "2",
+        "--port",
+        "8080",
+        "--health-http",
+        "/",
+        "--min-ready",
+        "1",
+        "--drain",
+        "2",
+    ]);
+    let out = tokio::task::block_in_place(|| cmd.output().unwrap());
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains(&format!("commit {commit}")), "{log}");
+    let b = admin.list_builds(Some("site"), 1).await.unwrap().remove(0);
+    assert_eq!(b.commit.as_deref(), Some(commit.as_str()), "{b:?}");
+    assert_eq!(b.git.as_deref(), Some(format!("{url}#main").as_str()));
+    assert_eq!(
+        fetch(&proxy_ip, &root),
+        ("200".to_string(), "site from git\n".to_string())
+    );
 }

@@ -6,7 +6,7 @@ use super::service::started;
 use crate::args::{BuildArgs, BuildCmd, WaitArgs};
 use crate::context;
 use berth_client::AdminClient;
-use berth_protocol::build::{BuildInfo, BuildRequest, BuildState};
+use berth_protocol::build::{BuildInfo, BuildRequest, BuildState, GitSource};
 use berth_protocol::service::ServiceSpec;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -50,14 +50,28 @@ impl Drop for Packed {
     }
 }
 
-/// `service deploy NAME --build DIR`: `spec` without an image.
+/// `service deploy NAME --build DIR | --git URL`: `spec` without an image.
 pub async fn deploy(api: &AdminClient, b: BuildArgs, spec: ServiceSpec, wait: WaitArgs) -> anyhow::Result<i32> {
-    let dir = b.build.expect("deploy --build without a directory");
     // Everything is checked before anything is packed or uploaded.
     let mut planned = spec.clone();
     planned.image = format!("registry.invalid/{}:build", spec.name);
     planned.validate().map_err(anyhow::Error::msg)?;
-    let dockerfile = context::find_dockerfile(&dir, b.dockerfile.as_deref())?;
+    let git = b.git.map(|url| GitSource {
+        url,
+        reference: b.git_ref,
+        context: b.context,
+    });
+    if let Some(g) = &git {
+        g.validate()
+            .map_err(|e| anyhow::anyhow!("--{}", e.message.replacen("git.url", "git", 1)))?;
+    }
+    let dir = b.build;
+    let dockerfile = match (&dir, &b.dockerfile) {
+        (Some(dir), explicit) => context::find_dockerfile(dir, explicit.as_deref())?,
+        // The builder looks inside the repository.
+        (None, Some(d)) => d.to_string_lossy().into_owned(),
+        (None, None) => String::new(),
+    };
     let name = spec.name.clone();
     let req = BuildRequest {
         spec,
@@ -67,27 +81,39 @@ pub async fn deploy(api: &AdminClient, b: BuildArgs, spec: ServiceSpec, wait: Wa
         timeout_secs: b.build_timeout,
         force: wait.force,
         arch: None,
+        git,
     };
-
-    let tar = Packed(std::env::temp_dir().join(format!("berth-context-{}.tar", std::process::id())));
-    let file = std::fs::File::create(&tar.0)?;
-    let packed = context::pack(&dir, &dockerfile, MAX_CONTEXT_BYTES, std::io::BufWriter::new(file))?;
-    println!(
-        "context {}: {} files, {} (Dockerfile {dockerfile})",
-        dir.display(),
-        packed.files,
-        human_bytes(packed.bytes)
-    );
-    let build = api.create_build(&req).await?;
-    let id = build.id;
-    println!("build {id} of {name}: uploading");
-    if let Err(e) = api.upload_build_context(id, &tar.0).await {
-        // A refused upload already failed the build; a broken one must not
-        // leave it waiting.
-        let _ = api.cancel_build(id).await;
-        return Err(e.into());
-    }
-    drop(tar);
+    let id = match &dir {
+        Some(dir) => {
+            let tar = Packed(std::env::temp_dir().join(format!("berth-context-{}.tar", std::process::id())));
+            let file = std::fs::File::create(&tar.0)?;
+            let packed = context::pack(dir, &dockerfile, MAX_CONTEXT_BYTES, std::io::BufWriter::new(file))?;
+            println!(
+                "context {}: {} files, {} (Dockerfile {dockerfile})",
+                dir.display(),
+                packed.files,
+                human_bytes(packed.bytes)
+            );
+            let build = api.create_build(&req).await?;
+            println!("build {} of {name}: uploading", build.id);
+            if let Err(e) = api.upload_build_context(build.id, &tar.0).await {
+                // A refused upload already failed the build; a broken one must not
+                // leave it waiting.
+                let _ = api.cancel_build(build.id).await;
+                return Err(e.into());
+            }
+            build.id
+        }
+        None => {
+            let build = api.create_build(&req).await?;
+            println!(
+                "build {} of {name}: from {}",
+                build.id,
+                build.git.as_deref().unwrap_or("git")
+            );
+            build.id
+        }
+    };
 
     tokio::select! {
         r = api.build_logs(id, true, write_out) => r?,
@@ -163,6 +189,12 @@ fn print_builds(builds: &[BuildInfo]) {
 fn print_build(b: &BuildInfo) {
     println!("build {} of {}: {}", b.id, b.service, b.state.as_str());
     println!("  dockerfile: {}", b.dockerfile);
+    if let Some(g) = &b.git {
+        println!("  git:        {g}");
+    }
+    if let Some(c) = &b.commit {
+        println!("  commit:     {c}");
+    }
     println!("  started by: {}", b.created_by);
     if let Some(n) = &b.node {
         println!("  builder:    {n}");

@@ -16,7 +16,7 @@ pub async fn run(api: &AdminClient, cmd: ServiceCmd) -> anyhow::Result<i32> {
             let wait = a.wait;
             let build = a.build.clone();
             let spec = spec_of(*a);
-            if build.build.is_some() {
+            if build.is_build() {
                 return super::build::deploy(api, build, spec, wait).await;
             }
             spec.validate().map_err(anyhow::Error::msg)?;

@@ -91,6 +91,11 @@ async fn info(s: &SharedState, b: &BuildRow) -> ApiResult<BuildInfo> {
         release: b.release,
         error: b.error.clone(),
         timeout_secs: b.timeout_secs,
+        git: b.request.git.as_ref().map(|g| match &g.reference {
+            Some(r) => format!("{}#{r}", g.url),
+            None => g.url.clone(),
+        }),
+        commit: b.commit.clone(),
     })
 }
 
@@ -109,8 +114,13 @@ fn validate(req: &BuildRequest, registry: &Registry) -> ApiResult<()> {
     let mut planned = req.spec.clone();
     planned.image = tag(registry, &req.spec.name, 1);
     planned.validate()?;
+    if let Some(g) = &req.git {
+        g.validate()?;
+    }
     let d = &req.dockerfile;
-    if d.is_empty() || d.starts_with('/') || d.split('/').any(|p| p == "..") || d.contains('\0') {
+    // A git build may leave it to the builder (Containerfile, else Dockerfile).
+    let left_to_builder = d.is_empty() && req.git.is_some();
+    if !left_to_builder && (d.is_empty() || d.starts_with('/') || d.split('/').any(|p| p == "..") || d.contains('\0')) {
         return Err(ApiErr::invalid(
             "dockerfile",
             format!("dockerfile: {d:?} must be a path inside the context"),
@@ -492,6 +502,7 @@ async fn next(
                     },
                     timeout_secs: b.timeout_secs,
                     sealed_secrets,
+                    git: b.request.git.clone(),
                 };
                 return Ok(Json(job).into_response());
             }
@@ -562,6 +573,12 @@ async fn done(
     let b = owned(&s, id, &method, &uri, &headers, &raw).await?;
     let report: BuildDone = parse_json(&raw)?;
     if b.state == BuildState::Running {
+        if let Some(c) = report.commit.as_deref().filter(|_| b.request.git.is_some()) {
+            if c.len() != 40 || !c.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ApiErr::invalid("commit", format!("commit: {c:?} is not a commit ID")));
+            }
+            s.store.set_build_commit(id, c).await?;
+        }
         match report.error {
             Some(e) => {
                 end(&s, id, BuildState::Failed, Some(&e), None, None).await?;

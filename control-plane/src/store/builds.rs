@@ -25,10 +25,11 @@ pub struct BuildRow {
     pub release: Option<u64>,
     pub error: Option<String>,
     pub timeout_secs: u32,
+    pub commit: Option<String>,
 }
 
 const COLUMNS: &str = "id, service, state, request_json, secrets_sealed, arch, created_by, created_at, \
-     started_at, finished_at, node_id, context_bytes, image, release_number, error, timeout_secs";
+     started_at, finished_at, node_id, context_bytes, image, release_number, error, timeout_secs, git_commit";
 
 fn row(r: &sqlx::any::AnyRow) -> sqlx::Result<BuildRow> {
     let state: String = r.get(2);
@@ -50,11 +51,13 @@ fn row(r: &sqlx::any::AnyRow) -> sqlx::Result<BuildRow> {
         release: r.get::<Option<i64>, _>(13).map(|n| n as u64),
         error: r.get(14),
         timeout_secs: r.get::<i64, _>(15) as u32,
+        commit: r.get(16),
     })
 }
 
 impl Store {
-    /// Stores a new build in state `uploading`; returns its ID.
+    /// Stores a new build, `uploading` (or `queued` for a git build, which
+    /// has nothing to upload); returns its ID.
     pub async fn create_build(
         &self,
         request: &BuildRequest,
@@ -73,10 +76,11 @@ impl Store {
                 .get(0);
             let res = sqlx::query(
                 "INSERT INTO builds (id, service, state, request_json, secrets_sealed, arch, created_by, created_at, timeout_secs) \
-                 VALUES ($1, $2, 'uploading', $3, $4, $5, $6, $7, $8)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             )
             .bind(next)
             .bind(&request.spec.name)
+            .bind(if request.git.is_some() { "queued" } else { "uploading" })
             .bind(&json)
             .bind(secrets_sealed)
             .bind(arch)
@@ -188,6 +192,16 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    /// Records the commit a running git build built.
+    pub async fn set_build_commit(&self, id: u64, commit: &str) -> sqlx::Result<()> {
+        sqlx::query("UPDATE builds SET git_commit = $2 WHERE id = $1 AND state = 'running'")
+            .bind(id as i64)
+            .bind(commit)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Builds not over yet, for the timeout sweep.

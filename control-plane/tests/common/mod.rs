@@ -381,12 +381,35 @@ impl Cp {
         cp
     }
 
+    /// Starts on `db` with the fleet registry and these build settings.
+    pub async fn start_with_builds(
+        db: &Db,
+        registry: berth_control_plane::registry::RegistryConfig,
+        builds: berth_control_plane::builds::BuildsConfig,
+    ) -> Cp {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cp = Cp::start_all(dir.path(), &db.url, None, None, Some(registry), builds).await;
+        cp._dir = Some(dir);
+        cp
+    }
+
     pub async fn start_full(
         data_dir: &Path,
         database: &str,
         admin_token: Option<&str>,
         acme: Option<berth_control_plane::acme::AcmeConfig>,
         registry: Option<berth_control_plane::registry::RegistryConfig>,
+    ) -> Cp {
+        Cp::start_all(data_dir, database, admin_token, acme, registry, Default::default()).await
+    }
+
+    async fn start_all(
+        data_dir: &Path,
+        database: &str,
+        admin_token: Option<&str>,
+        acme: Option<berth_control_plane::acme::AcmeConfig>,
+        registry: Option<berth_control_plane::registry::RegistryConfig>,
+        builds: berth_control_plane::builds::BuildsConfig,
     ) -> Cp {
         init();
         let started = start(ServeConfig {
@@ -401,7 +424,7 @@ impl Cp {
             acme,
             releases_dir: None,
             registry,
-            builds: Default::default(),
+            builds,
         })
         .await
         .unwrap();

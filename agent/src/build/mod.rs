@@ -5,6 +5,8 @@
 //! build's own credentials and reports the result; the control plane then
 //! pins the digest and releases the service (docs/builds.md).
 
+mod git;
+
 use crate::client::{Client, Refused};
 use crate::podman::{BuildParams, Podman};
 use crate::registry;
@@ -67,9 +69,9 @@ pub async fn run(client: Arc<Client>, s: BuilderSettings) {
             Ok(Some(job)) => {
                 backoff = Duration::from_secs(1);
                 tracing::info!(build = job.id, tag = %job.tag, "building");
-                let done = BuildDone {
-                    error: build(&client, &s, &job).await.err(),
-                };
+                let mut commit = None;
+                let error = build(&client, &s, &job, &mut commit).await.err();
+                let done = BuildDone { error, commit };
                 match &done.error {
                     None => tracing::info!(build = job.id, "built and pushed"),
                     Some(e) => tracing::warn!(build = job.id, error = %e, "build failed"),
@@ -107,13 +109,19 @@ async fn report(client: &Client, id: u64, done: &BuildDone) {
     }
 }
 
-/// Why a build ended early, as its log and the control plane see it.
-async fn build(client: &Client, s: &BuilderSettings, job: &BuildJob) -> Result<(), String> {
+/// Why a build ended early, as its log and the control plane see it. A
+/// git build sets `commit` once it is checked out.
+async fn build(
+    client: &Client,
+    s: &BuilderSettings,
+    job: &BuildJob,
+    commit: &mut Option<String>,
+) -> Result<(), String> {
     std::fs::create_dir_all(&s.work_dir).map_err(|e| format!("builder: {}: {e}", s.work_dir.display()))?;
     let context = s.work_dir.join(format!("build-{}.tar", job.id));
     let secrets = open_secrets(&s.sealing, job)?;
     let mut log = Log::new(client, job.id, &secrets);
-    let result = run_build(client, s, job, secrets, &context, &mut log).await;
+    let result = run_build(client, s, job, secrets, &context, &mut log, commit).await;
     let _ = std::fs::remove_file(&context);
     // The control plane ends the log with the error.
     log.flush().await;
@@ -127,14 +135,49 @@ async fn run_build(
     secrets: BTreeMap<String, String>,
     context: &std::path::Path,
     log: &mut Log<'_>,
+    built_commit: &mut Option<String>,
 ) -> Result<(), String> {
-    let bytes = client
-        .build_context(job.id, context)
-        .await
-        .map_err(|e| format!("fetching the context: {e:#}"))?;
-    log.push(&format!("context: {bytes} bytes\n"));
+    let dockerfile = match &job.git {
+        None => {
+            let bytes = client
+                .build_context(job.id, context)
+                .await
+                .map_err(|e| format!("fetching the context: {e:#}"))?;
+            log.push(&format!("context: {bytes} bytes\n"));
+            job.dockerfile.clone()
+        }
+        Some(src) => {
+            let checkout = s.work_dir.join(format!("build-{}-git", job.id));
+            let _ = std::fs::remove_dir_all(&checkout);
+            log.push(&format!(
+                "cloning {}{}\n",
+                src.url,
+                src.reference.as_deref().map(|r| format!(" at {r}")).unwrap_or_default()
+            ));
+            log.flush().await;
+            let mut out = String::new();
+            let cloned = tokio::time::timeout(
+                Duration::from_secs(job.timeout_secs.into()),
+                git::checkout(src, &checkout, &mut out),
+            )
+            .await;
+            log.push(&out);
+            let result = async {
+                let commit = cloned.map_err(|_| format!("timed out after {} s", job.timeout_secs))??;
+                log.push(&format!("commit {commit}\n"));
+                let (ctx, dockerfile) = git::context_and_dockerfile(&checkout, src, &job.dockerfile)?;
+                git::pack(&ctx, context).await?;
+                Ok::<_, String>((commit, dockerfile))
+            }
+            .await;
+            let _ = std::fs::remove_dir_all(&checkout);
+            let (commit, dockerfile) = result?;
+            *built_commit = Some(commit);
+            dockerfile
+        }
+    };
     let params = BuildParams {
-        dockerfile: job.dockerfile.clone(),
+        dockerfile,
         tag: job.tag.clone(),
         build_args: job.build_args.clone(),
         target: job.target.clone(),

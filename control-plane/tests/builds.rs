@@ -1,0 +1,834 @@
+//! Builds through the API: the admin creates a build and uploads its
+//! context, a node acting as builder claims it (`/v1/agent/builds/next`),
+//! fetches the context, posts its log and reports the result; the control
+//! plane checks the real docker-registry for the pushed tag before it
+//! releases anything. The tests play the builder node with signed requests
+//! (and push with real Podman where an image is needed).
+
+#[macro_use]
+mod common;
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use berth_control_plane::builds::BuildsConfig;
+use berth_control_plane::registry::RegistryConfig;
+use berth_protocol::build::{BuildInfo, BuildJob, BuildLogAck, BuildState, DEFAULT_TIMEOUT_SECS, MAX_TIMEOUT_SECS};
+use berth_protocol::ErrorCode;
+use common::*;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+
+/// Whether the registry binary is here (a skip elsewhere, a failure under CI).
+fn have_registry() -> bool {
+    if Path::new(REGISTRY_BIN).exists() {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "{REGISTRY_BIN} is missing under CI");
+    eprintln!("skipped: {REGISTRY_BIN} is not installed");
+    false
+}
+
+/// A control plane with the fleet registry on a port of its own, once the
+/// registry listens; returns it with the registry's `HOST:PORT`.
+async fn start(db: &Db, builds: BuildsConfig) -> (Cp, String) {
+    let port = free_port();
+    let cp = Cp::start_with_builds(
+        db,
+        RegistryConfig {
+            listen: format!("127.0.0.1:{port}").parse().unwrap(),
+            binary: REGISTRY_BIN.into(),
+            storage_config: None,
+            retention: 10,
+            prune_every: None,
+        },
+        builds,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "the registry never listened on port {port}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (cp, format!("127.0.0.1:{port}"))
+}
+
+/// A build request for service `name` (no replicas: a release needs no node).
+fn request(name: &str) -> Value {
+    json!({
+        "spec": {"name": name, "image": "", "replicas": 0, "port": 8080},
+        "dockerfile": "Dockerfile",
+    })
+}
+
+async fn create(cp: &Cp, req: &Value) -> Reply {
+    Reply::from(cp.admin(Method::POST, "/v1/builds").json(req).send().await.unwrap()).await
+}
+
+/// Creates a build that a builder is (about to be) ready for: a long-poll
+/// just started may not have reached the control plane yet, and a refusal
+/// stores nothing, so a 503 is tried again for a while.
+async fn create_ready(cp: &Cp, req: &Value) -> BuildInfo {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = create(cp, req).await;
+        if r.status == StatusCode::SERVICE_UNAVAILABLE && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        return r.json();
+    }
+}
+
+async fn list(cp: &Cp) -> Vec<BuildInfo> {
+    Reply::from(cp.admin(Method::GET, "/v1/builds").send().await.unwrap())
+        .await
+        .json()
+}
+
+async fn show(cp: &Cp, id: u64) -> BuildInfo {
+    Reply::from(cp.admin(Method::GET, &format!("/v1/builds/{id}")).send().await.unwrap())
+        .await
+        .json()
+}
+
+/// The upload is sent on a connection of its own (`Connection: close`): a
+/// refused upload is answered before its body is read, without telling the
+/// client the connection is done, so a pooled connection would be reused
+/// after the server dropped it (the next request then fails).
+async fn upload(cp: &Cp, id: u64, body: impl Into<reqwest::Body>) -> Reply {
+    Reply::from(
+        cp.admin(Method::PUT, &format!("/v1/builds/{id}/context"))
+            .header("content-type", "application/x-tar")
+            .header("connection", "close")
+            .body(body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+async fn cancel(cp: &Cp, id: u64) -> Reply {
+    Reply::from(
+        cp.admin(Method::POST, &format!("/v1/builds/{id}/cancel"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+async fn logs(cp: &Cp, id: u64) -> String {
+    let r = Reply::from(
+        cp.admin(Method::GET, &format!("/v1/builds/{id}/logs"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    r.body
+}
+
+/// A signed request of `agent`, answered.
+async fn agent(cp: &Cp, agent: &Agent, method: Method, path: &str, body: Vec<u8>) -> Reply {
+    Reply::from(cp.signed(agent, method, path, body).send().await.unwrap()).await
+}
+
+/// `agent`'s long-poll for a build of `arch`, running on its own.
+fn poll(cp: &Cp, agent: &Agent, arch: &str, wait: u64) -> tokio::task::JoinHandle<Reply> {
+    let req = cp.signed(
+        agent,
+        Method::GET,
+        &format!("/v1/agent/builds/next?arch={arch}&wait={wait}"),
+        vec![],
+    );
+    tokio::spawn(async move { Reply::from(req.send().await.unwrap()).await })
+}
+
+/// One look for work that does not wait: the node counts as a ready
+/// builder of `arch` afterwards. Nothing must be queued for it.
+async fn ready(cp: &Cp, a: &Agent, arch: &str) {
+    let r = agent(
+        cp,
+        a,
+        Method::GET,
+        &format!("/v1/agent/builds/next?arch={arch}&wait=0"),
+        vec![],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+}
+
+/// The job of a long-poll that must have found one.
+async fn job(poll: tokio::task::JoinHandle<Reply>) -> BuildJob {
+    let r = tokio::time::timeout(Duration::from_secs(30), poll)
+        .await
+        .expect("the long-poll never answered")
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    r.json()
+}
+
+async fn log(cp: &Cp, a: &Agent, id: u64, chunk: &[u8]) -> BuildLogAck {
+    agent(
+        cp,
+        a,
+        Method::POST,
+        &format!("/v1/agent/builds/{id}/log"),
+        chunk.to_vec(),
+    )
+    .await
+    .json()
+}
+
+async fn done(cp: &Cp, a: &Agent, id: u64, error: Option<&str>) -> BuildInfo {
+    let body = serde_json::to_vec(&json!({ "error": error })).unwrap();
+    agent(cp, a, Method::POST, &format!("/v1/agent/builds/{id}/done"), body)
+        .await
+        .json()
+}
+
+/// A registered worker node.
+async fn worker(cp: &Cp, name: &str) -> Agent {
+    let mut a = Agent::new(name);
+    cp.join(&mut a).await;
+    a
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A real (small) tar of a context: a Dockerfile and a file it copies.
+fn context_tar() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\nCOPY hello /hello\n").unwrap();
+    std::fs::write(dir.path().join("hello"), "hello from a build context\n").unwrap();
+    let out = Command::new("tar")
+        .arg("-C")
+        .arg(dir.path())
+        .args(["-cf", "-", "Dockerfile", "hello"])
+        .output()
+        .expect("run tar");
+    assert!(out.status.success(), "tar: {}", text(&out));
+    assert!(!out.stdout.is_empty());
+    out.stdout
+}
+
+/// What the registry's token endpoint answers these Basic credentials.
+async fn registry_token(cp: &Cp, user: &str, password: &str, scope: &str) -> Reply {
+    Reply::from(
+        cp.http
+            .get(format!(
+                "{}/v1/registry/token?service=berth-registry&scope={scope}",
+                cp.url
+            ))
+            .header(
+                "authorization",
+                format!("Basic {}", STANDARD.encode(format!("{user}:{password}"))),
+            )
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// The `access` claim of a registry token (not verified: the registry does that).
+fn access_of(r: &Reply) -> Value {
+    let v: Value = r.json();
+    let jwt = v["token"].as_str().unwrap();
+    let claims: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(jwt.split('.').nth(1).unwrap()).unwrap()).unwrap();
+    claims["access"].clone()
+}
+
+on_both_stores!(
+    without_a_registry_there_are_no_builds,
+    a_build_request_is_validated_before_anything_is_stored,
+    a_build_needs_a_ready_builder_of_its_architecture,
+    a_builder_claims_fetches_logs_and_is_cancelled,
+    an_oversized_context_is_refused_and_fails_the_build,
+    a_build_is_released_only_once_its_image_is_in_the_registry,
+);
+
+async fn without_a_registry_there_are_no_builds(db: &Db) {
+    // Nowhere to push: refused, naming it, whoever asks for work.
+    let cp = Cp::start(db).await;
+    let r = create(&cp, &request("web")).await;
+    r.coded(StatusCode::CONFLICT, ErrorCode::Conflict, Some("registry"));
+    assert_eq!(list(&cp).await, vec![]);
+    let n1 = worker(&cp, "n1").await;
+    let r = agent(&cp, &n1, Method::GET, "/v1/agent/builds/next?arch=amd64&wait=0", vec![]).await;
+    r.coded(StatusCode::CONFLICT, ErrorCode::Conflict, Some("registry"));
+    let r = create(&cp, &request("web")).await;
+    r.coded(StatusCode::CONFLICT, ErrorCode::Conflict, Some("registry"));
+}
+
+async fn a_build_request_is_validated_before_anything_is_stored(db: &Db) {
+    if !have_registry() {
+        return;
+    }
+    let (cp, _host) = start(db, BuildsConfig::default()).await;
+    // Refusals are about the request, whether or not a builder is ready.
+    let mut cases: Vec<(Value, &str)> = vec![];
+    let mut with = |edit: &dyn Fn(&mut Value), field: &'static str| {
+        let mut req = request("web");
+        edit(&mut req);
+        cases.push((req, field));
+    };
+    with(&|r| r["spec"]["image"] = json!("busybox:latest"), "spec.image");
+    for bad in ["", "/abs/Dockerfile", "../x", "sub/../../Dockerfile", "a\0b"] {
+        with(&move |r| r["dockerfile"] = json!(bad), "dockerfile");
+    }
+    for bad in ["BAD-NAME", "", "a b", "é"] {
+        with(&move |r| r["build_args"] = json!({ bad: "1" }), "build_args");
+    }
+    for bad in ["", "bad stage", "stage/1"] {
+        with(&move |r| r["target"] = json!(bad), "target");
+    }
+    for bad in [0, MAX_TIMEOUT_SECS + 1] {
+        with(&move |r| r["timeout_secs"] = json!(bad), "timeout_secs");
+    }
+    // Not JSON of a build request at all.
+    with(&|r| r["surprise"] = json!(true), "body");
+    for (req, field) in &cases {
+        let r = create(&cp, req).await;
+        r.coded(StatusCode::BAD_REQUEST, ErrorCode::InvalidField, Some(field));
+    }
+    // The service spec is validated as it will be deployed: some field is named.
+    let mut req = request("web");
+    req["spec"]["name"] = json!("Not A Name");
+    let r = create(&cp, &req).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    let err: berth_protocol::ApiError = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(err.code, ErrorCode::InvalidField, "{}", r.body);
+    assert!(err.field.is_some(), "no field named: {}", r.body);
+
+    // The admin only.
+    let r = Reply::from(
+        cp.http
+            .post(format!("{}/v1/builds", cp.url))
+            .json(&request("web"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    r.coded(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, Some("authorization"));
+
+    // Nothing was stored; there is no build 1 to show, upload, follow or cancel.
+    assert_eq!(list(&cp).await, vec![]);
+    let r = Reply::from(cp.admin(Method::GET, "/v1/builds/1").send().await.unwrap()).await;
+    r.coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("id"));
+    let r = upload(&cp, 1, context_tar()).await;
+    r.coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("id"));
+    let r = Reply::from(cp.admin(Method::GET, "/v1/builds/1/logs").send().await.unwrap()).await;
+    r.coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("id"));
+    cancel(&cp, 1)
+        .await
+        .coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("id"));
+    assert_eq!(list(&cp).await, vec![]);
+}
+
+async fn a_build_needs_a_ready_builder_of_its_architecture(db: &Db) {
+    if !have_registry() {
+        return;
+    }
+    let (cp, _host) = start(db, BuildsConfig::default()).await;
+    // No node asks for work: nobody could build it.
+    let r = create(&cp, &request("web")).await;
+    r.coded(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::NoBuilder, Some("builder"));
+    assert_eq!(list(&cp).await, vec![], "a refused build was stored");
+
+    // Who may ask: a signed worker, with an architecture's name.
+    let arm = worker(&cp, "arm").await;
+    let r = Reply::from(
+        cp.http
+            .get(format!("{}/v1/agent/builds/next?arch=amd64&wait=0", cp.url))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    for bad in ["", "x86-64", "amd64%2F1"] {
+        let r = agent(
+            &cp,
+            &arm,
+            Method::GET,
+            &format!("/v1/agent/builds/next?arch={bad}&wait=0"),
+            vec![],
+        )
+        .await;
+        r.coded(StatusCode::BAD_REQUEST, ErrorCode::InvalidField, Some("arch"));
+    }
+    let edge = cp.join_sealed("edge", true).await;
+    let r = agent(
+        &cp,
+        &edge.agent,
+        Method::GET,
+        "/v1/agent/builds/next?arch=amd64&wait=0",
+        vec![],
+    )
+    .await;
+    r.coded(StatusCode::BAD_REQUEST, ErrorCode::InvalidField, Some("role"));
+    // Neither the refused asks nor a proxy made anyone a builder.
+    let r = create(&cp, &request("web")).await;
+    r.coded(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::NoBuilder, Some("builder"));
+
+    // An arm64 builder only: an amd64 build is refused, one that names no
+    // architecture goes to arm64.
+    ready(&cp, &arm, "arm64").await;
+    let mut amd = request("web");
+    amd["arch"] = json!("amd64");
+    create(&cp, &amd)
+        .await
+        .coded(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::NoBuilder, Some("builder"));
+    let r = create(&cp, &request("web")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let b: BuildInfo = r.json();
+    assert_eq!(list(&cp).await.len(), 1);
+    let r = upload(&cp, b.id, context_tar()).await;
+    assert_eq!(r.json::<BuildInfo>().state, BuildState::Queued);
+    // An amd64 builder is not given it; the arm64 one is.
+    let x86 = worker(&cp, "x86").await;
+    let r = tokio::time::timeout(Duration::from_secs(10), poll(&cp, &x86, "amd64", 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+    let j = job(poll(&cp, &arm, "arm64", 5)).await;
+    assert_eq!(j.id, b.id);
+    let b = show(&cp, b.id).await;
+    assert_eq!((b.state, b.node.as_deref()), (BuildState::Running, Some("arm")));
+}
+
+async fn a_builder_claims_fetches_logs_and_is_cancelled(db: &Db) {
+    if !have_registry() {
+        return;
+    }
+    let (cp, host) = start(db, BuildsConfig::default()).await;
+    let n1 = worker(&cp, "n1").await;
+    let n2 = worker(&cp, "n2").await;
+
+    // n1 waits for work, as a builder does.
+    let waiting = poll(&cp, &n1, "amd64", 30);
+    let mut req = request("web");
+    req["build_args"] = json!({"VERSION": "1.2", "_x9": ""});
+    req["target"] = json!("final-stage.1");
+    req["timeout_secs"] = json!(600);
+    let b = create_ready(&cp, &req).await;
+    assert_eq!(b.service, "web");
+    assert_eq!(b.state, BuildState::Uploading);
+    assert_eq!(b.dockerfile, "Dockerfile");
+    assert_eq!(b.created_by, "admin");
+    assert_eq!(b.timeout_secs, 600);
+    assert_eq!(
+        (
+            &b.node,
+            b.context_bytes,
+            &b.image,
+            b.release,
+            &b.error,
+            b.started_at,
+            b.finished_at
+        ),
+        (&None, None, &None, None, &None, None, None),
+        "{b:?}"
+    );
+    assert_eq!(list(&cp).await, vec![b.clone()]);
+    assert_eq!(show(&cp, b.id).await, b);
+    let id = b.id;
+    // Not claimed yet: it is no node's build.
+    let r = agent(&cp, &n1, Method::GET, &format!("/v1/agent/builds/{id}/context"), vec![]).await;
+    r.coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("id"));
+
+    // The context: queued once whole, and n1 (woken) claims it.
+    let tar = context_tar();
+    let r = upload(&cp, id, tar.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let up: BuildInfo = r.json();
+    assert!(matches!(up.state, BuildState::Queued | BuildState::Running), "{up:?}");
+    assert_eq!(up.context_bytes, Some(tar.len() as u64));
+    let j = job(waiting).await;
+    assert_eq!(j.id, id);
+    assert_eq!(j.tag, format!("{host}/web:build-{id}"));
+    assert_eq!(j.dockerfile, "Dockerfile");
+    assert_eq!(j.target.as_deref(), Some("final-stage.1"));
+    assert_eq!(
+        j.build_args,
+        std::collections::BTreeMap::from([
+            ("VERSION".to_string(), "1.2".to_string()),
+            ("_x9".to_string(), String::new())
+        ])
+    );
+    assert_eq!(j.timeout_secs, 600);
+    assert_eq!(j.registry.host, host);
+    assert_eq!(j.registry.username, format!("build.{id}"));
+    assert!(!j.registry.password.is_empty());
+    let b = show(&cp, id).await;
+    assert_eq!(b.state, BuildState::Running);
+    assert_eq!(b.node.as_deref(), Some("n1"));
+    assert!(b.started_at.is_some() && b.finished_at.is_none(), "{b:?}");
+    // Uploaded already: a second upload is refused.
+    upload(&cp, id, tar.clone())
+        .await
+        .coded(StatusCode::CONFLICT, ErrorCode::Conflict, Some("id"));
+    // Nothing else is queued: another look for work finds none.
+    let r = agent(&cp, &n2, Method::GET, "/v1/agent/builds/next?arch=amd64&wait=0", vec![]).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+
+    // The job's credentials: push and pull on the service's repository,
+    // pull only on the others.
+    let (user, password) = (&j.registry.username, &j.registry.password);
+    let t = registry_token(&cp, user, password, "repository:web:pull,push").await;
+    assert_eq!(
+        access_of(&t),
+        json!([{"type": "repository", "name": "web", "actions": ["pull", "push"]}])
+    );
+    let t = registry_token(&cp, user, password, "repository:other:pull,push").await;
+    assert_eq!(
+        access_of(&t),
+        json!([{"type": "repository", "name": "other", "actions": ["pull"]}])
+    );
+    registry_token(&cp, user, "00ff", "repository:web:pull").await.coded(
+        StatusCode::UNAUTHORIZED,
+        ErrorCode::Unauthorized,
+        Some("authorization"),
+    );
+
+    // The context is exactly what was uploaded.
+    let resp = cp
+        .signed(&n1, Method::GET, &format!("/v1/agent/builds/{id}/context"), vec![])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "application/x-tar");
+    assert_eq!(resp.bytes().await.unwrap().to_vec(), tar);
+
+    // Another node is told there is no such build, whatever it asks.
+    for (method, path, body) in [
+        (Method::GET, "context", vec![]),
+        (Method::POST, "log", b"intruder\n".to_vec()),
+        (Method::POST, "done", br#"{"error":null}"#.to_vec()),
+    ] {
+        let r = agent(&cp, &n2, method, &format!("/v1/agent/builds/{id}/{path}"), body).await;
+        r.coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("id"));
+    }
+    assert_eq!(show(&cp, id).await.state, BuildState::Running);
+
+    // The log: appended as posted, followed until the build ends.
+    let follow = {
+        let req = cp.admin(Method::GET, &format!("/v1/builds/{id}/logs?follow=true"));
+        tokio::spawn(async move { Reply::from(req.send().await.unwrap()).await })
+    };
+    let first = b"STEP 1/2: FROM scratch\n";
+    let second = b"STEP 2/2: COPY hello /hello\n\xe2\x9c\x93\n";
+    assert_eq!(log(&cp, &n1, id, first).await, BuildLogAck { stop: false });
+    assert_eq!(log(&cp, &n1, id, second).await, BuildLogAck { stop: false });
+    let both = format!("{}{}", String::from_utf8_lossy(first), String::from_utf8_lossy(second));
+    let text = logs(&cp, id).await;
+    assert!(text.ends_with(&both), "{text:?}");
+    assert!(!text.contains("intruder"), "{text:?}");
+    assert!(!follow.is_finished(), "the follower left a running build");
+
+    // Cancelled: final, and the builder is told to stop.
+    let r = cancel(&cp, id).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let b: BuildInfo = r.json();
+    assert_eq!(b.state, BuildState::Cancelled);
+    assert!(b.error.is_some() && b.finished_at.is_some(), "{b:?}");
+    assert_eq!(show(&cp, id).await, b);
+    let followed = tokio::time::timeout(Duration::from_secs(15), follow)
+        .await
+        .expect("the log follower did not end with the build")
+        .unwrap();
+    assert_eq!(followed.status, StatusCode::OK, "{}", followed.body);
+    assert!(followed.body.contains(&both), "{:?}", followed.body);
+    assert_eq!(log(&cp, &n1, id, b"too late\n").await, BuildLogAck { stop: true });
+    assert!(!logs(&cp, id).await.contains("too late"));
+    let r = agent(&cp, &n1, Method::GET, &format!("/v1/agent/builds/{id}/context"), vec![]).await;
+    r.coded(StatusCode::CONFLICT, ErrorCode::Conflict, Some("id"));
+    // Its credentials died with it.
+    registry_token(&cp, user, password, "repository:web:pull").await.coded(
+        StatusCode::UNAUTHORIZED,
+        ErrorCode::Unauthorized,
+        Some("authorization"),
+    );
+    // A late report changes nothing; nor does a second cancel.
+    assert_eq!(done(&cp, &n1, id, None).await, b);
+    cancel(&cp, id)
+        .await
+        .coded(StatusCode::CONFLICT, ErrorCode::Conflict, Some("id"));
+    assert_eq!(show(&cp, id).await, b);
+    let r = Reply::from(cp.admin(Method::GET, "/v1/services/web").send().await.unwrap()).await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "a cancelled build deployed: {}",
+        r.body
+    );
+}
+
+async fn an_oversized_context_is_refused_and_fails_the_build(db: &Db) {
+    if !have_registry() {
+        return;
+    }
+    const LIMIT: u64 = 4096;
+    let (cp, _host) = start(
+        db,
+        BuildsConfig {
+            max_context_bytes: LIMIT,
+        },
+    )
+    .await;
+    let n1 = worker(&cp, "n1").await;
+    ready(&cp, &n1, "amd64").await;
+
+    // Declared too large (Content-Length): refused before reading it.
+    let b = create_ready(&cp, &request("web")).await;
+    let r = upload(&cp, b.id, vec![7u8; LIMIT as usize + 1]).await;
+    r.coded(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::BodyTooLarge, Some("body"));
+    let failed = show(&cp, b.id).await;
+    assert_eq!(failed.state, BuildState::Failed, "{failed:?}");
+    assert!(failed.error.is_some() && failed.finished_at.is_some(), "{failed:?}");
+    assert_eq!(failed.context_bytes, None);
+    // Over: no second try, no cancel.
+    upload(&cp, b.id, vec![1u8; 10])
+        .await
+        .coded(StatusCode::CONFLICT, ErrorCode::Conflict, Some("id"));
+    cancel(&cp, b.id)
+        .await
+        .coded(StatusCode::CONFLICT, ErrorCode::Conflict, Some("id"));
+
+    // Streamed with no length: refused once past the limit.
+    let b = create_ready(&cp, &request("web")).await;
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..8).map(|_| Ok(vec![9u8; 1024])).collect();
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let r = upload(&cp, b.id, body).await;
+    r.coded(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::BodyTooLarge, Some("body"));
+    assert_eq!(show(&cp, b.id).await.state, BuildState::Failed);
+
+    // Nothing of them is handed to a builder.
+    ready(&cp, &n1, "amd64").await;
+
+    // Exactly the limit is accepted, streamed or not.
+    let b = create_ready(&cp, &request("web")).await;
+    let r = upload(&cp, b.id, vec![3u8; LIMIT as usize]).await;
+    let b = r.json::<BuildInfo>();
+    assert_eq!((b.state, b.context_bytes), (BuildState::Queued, Some(LIMIT)));
+    let c = create_ready(&cp, &request("web")).await;
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..4).map(|_| Ok(vec![4u8; 1024])).collect();
+    let r = upload(
+        &cp,
+        c.id,
+        reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)),
+    )
+    .await;
+    let c = r.json::<BuildInfo>();
+    assert_eq!((c.state, c.context_bytes), (BuildState::Queued, Some(LIMIT)));
+    let states: Vec<BuildState> = list(&cp).await.into_iter().map(|b| b.state).collect();
+    assert_eq!(
+        states,
+        [
+            BuildState::Queued,
+            BuildState::Queued,
+            BuildState::Failed,
+            BuildState::Failed
+        ],
+        "newest first"
+    );
+}
+
+/// `podman` with its own storage under `store` (vfs: plain files, removed
+/// with the temporary directory; the host's store is left alone).
+fn podman_in(store: &Path) -> Command {
+    let mut cmd = Command::new("podman");
+    cmd.arg("--root")
+        .arg(store.join("root"))
+        .arg("--runroot")
+        .arg(store.join("run"))
+        .args(["--storage-driver", "vfs"]);
+    cmd
+}
+
+fn have_podman() -> bool {
+    if Command::new("podman")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "podman is missing under CI");
+    eprintln!("skipped (the push): podman is not installed");
+    false
+}
+
+async fn a_build_is_released_only_once_its_image_is_in_the_registry(db: &Db) {
+    if !have_registry() {
+        return;
+    }
+    let (cp, host) = start(db, BuildsConfig::default()).await;
+    let n1 = worker(&cp, "n1").await;
+    let n2 = worker(&cp, "n2").await;
+    ready(&cp, &n1, "amd64").await;
+
+    // Claimed by n1; returns its job.
+    let claimed = |req: Value| {
+        let cp = &cp;
+        let n1 = &n1;
+        async move {
+            let b = create_ready(cp, &req).await;
+            assert_eq!(b.timeout_secs, DEFAULT_TIMEOUT_SECS);
+            let r = upload(cp, b.id, context_tar()).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+            let j = job(poll(cp, n1, "amd64", 10)).await;
+            assert_eq!(j.id, b.id);
+            j
+        }
+    };
+
+    // "Success" with nothing pushed: the registry has no such tag, so the
+    // build failed and nothing was released.
+    let j = claimed(request("web")).await;
+    let b = done(&cp, &n1, j.id, None).await;
+    assert_eq!(b.state, BuildState::Failed, "{b:?}");
+    assert!(b.error.is_some() && b.finished_at.is_some(), "{b:?}");
+    assert_eq!((&b.image, b.release), (&None, None));
+    assert_eq!(show(&cp, j.id).await, b);
+    assert_eq!(log(&cp, &n1, j.id, b"more\n").await, BuildLogAck { stop: true });
+    let r = Reply::from(cp.admin(Method::GET, "/v1/services/web").send().await.unwrap()).await;
+    r.coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("name"));
+
+    // A failure the builder reports is kept as it said it.
+    let j = claimed(request("web")).await;
+    let b = done(&cp, &n1, j.id, Some("STEP 2/2: exit status 1")).await;
+    assert_eq!(b.state, BuildState::Failed);
+    assert_eq!(b.error.as_deref(), Some("STEP 2/2: exit status 1"));
+    assert_eq!((&b.image, b.release), (&None, None));
+    // A report must be one.
+    let j = claimed(request("web")).await;
+    for bad in [&b"not json"[..], br#"{"error": null, "extra": 1}"#] {
+        let r = agent(
+            &cp,
+            &n1,
+            Method::POST,
+            &format!("/v1/agent/builds/{}/done", j.id),
+            bad.to_vec(),
+        )
+        .await;
+        r.coded(StatusCode::BAD_REQUEST, ErrorCode::InvalidField, Some("body"));
+    }
+    assert_eq!(show(&cp, j.id).await.state, BuildState::Running);
+    cancel(&cp, j.id).await.json::<BuildInfo>();
+
+    if !have_podman() {
+        return;
+    }
+    // A real push with the job's credentials, then done: released by digest.
+    let mut req = request("web");
+    req["spec"]["env"] = json!({"GREETING": "hi"});
+    let j = claimed(req).await;
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(&cp.started.ca_file, certs.join("ca.crt")).unwrap();
+    let store = work.path().join("store");
+    let rootfs = work.path().join("rootfs");
+    std::fs::create_dir_all(&rootfs).unwrap();
+    std::fs::write(rootfs.join("hello"), format!("built by build {}\n", j.id)).unwrap();
+    let tarball = work.path().join("image.tar");
+    let out = Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&tarball)
+        .arg("hello")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tar: {}", text(&out));
+    let out = podman_in(&store)
+        .arg("import")
+        .arg(&tarball)
+        .arg("localhost/built:1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "podman import: {}", text(&out));
+    let creds = format!("{}:{}", j.registry.username, j.registry.password);
+    let push = |to: &str| {
+        podman_in(&store)
+            .args(["push", "--quiet", "--cert-dir"])
+            .arg(&certs)
+            .args(["--creds", &creds, "localhost/built:1", to])
+            .output()
+            .unwrap()
+    };
+    // Not to another service's repository...
+    let out = push(&format!("{host}/other:build-{}", j.id));
+    assert!(
+        !out.status.success(),
+        "a build pushed to another repository: {}",
+        text(&out)
+    );
+    // ...but to its own tag.
+    let out = push(&j.tag);
+    assert!(out.status.success(), "the build's push failed: {}", text(&out));
+    // A node that did not claim it cannot report it.
+    let r = agent(
+        &cp,
+        &n2,
+        Method::POST,
+        &format!("/v1/agent/builds/{}/done", j.id),
+        br#"{"error":null}"#.to_vec(),
+    )
+    .await;
+    r.coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("id"));
+    let b = done(&cp, &n1, j.id, None).await;
+    assert_eq!(b.state, BuildState::Succeeded, "{b:?}");
+    assert_eq!(b.error, None);
+    let image = b.image.clone().expect("a succeeded build names its image");
+    let digest = image
+        .strip_prefix(&format!("{host}/web@"))
+        .unwrap_or_else(|| panic!("not pinned to a digest: {image}"));
+    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{image}");
+    assert_eq!(b.release, Some(1));
+    assert_eq!(show(&cp, j.id).await, b);
+    // The service runs that digest, with the spec the build was given.
+    let svc = show_service(&cp, "web").await;
+    assert_eq!(svc.spec.image, image);
+    assert_eq!(svc.spec.env.get("GREETING").map(String::as_str), Some("hi"));
+    let rels = releases_of(&cp, "web").await;
+    assert_eq!(rels.len(), 1, "{rels:?}");
+    assert_eq!((rels[0].number, rels[0].spec.image.as_str()), (1, image.as_str()));
+    // Over: its credentials are dead, a repeated report changes nothing.
+    registry_token(&cp, &j.registry.username, &j.registry.password, "repository:web:pull")
+        .await
+        .coded(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, Some("authorization"));
+    assert_eq!(done(&cp, &n1, j.id, None).await, b);
+    assert_eq!(releases_of(&cp, "web").await.len(), 1);
+    assert_eq!(log(&cp, &n1, j.id, b"after\n").await, BuildLogAck { stop: true });
+    let states: Vec<BuildState> = list(&cp).await.into_iter().map(|b| b.state).collect();
+    assert_eq!(
+        states,
+        [
+            BuildState::Succeeded,
+            BuildState::Cancelled,
+            BuildState::Failed,
+            BuildState::Failed
+        ]
+    );
+}
