@@ -45,12 +45,35 @@ pub struct Builds {
     pub dir: PathBuf,
     pub config: BuildsConfig,
     builders: Mutex<HashMap<String, Builder>>,
+    /// Builds whose context is being received (one upload at a time each).
+    uploading: Mutex<std::collections::HashSet<u64>>,
     /// Bumped on every change to any build (state, log): long-polls and
     /// log followers wait on it and look again.
     changed: tokio::sync::watch::Sender<u64>,
 }
 
+/// Holds build `id`'s upload slot until dropped.
+pub struct UploadSlot<'a> {
+    builds: &'a Builds,
+    id: u64,
+}
+
+impl Drop for UploadSlot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut u) = self.builds.uploading.lock() {
+            u.remove(&self.id);
+        }
+    }
+}
+
 impl Builds {
+    /// The right to receive build `id`'s context; None while another
+    /// upload of it runs (two would write the same file).
+    pub fn upload_slot(&self, id: u64) -> Option<UploadSlot<'_>> {
+        let mut u = self.uploading.lock().ok()?;
+        u.insert(id).then_some(UploadSlot { builds: self, id })
+    }
+
     pub fn new(data_dir: &Path, config: BuildsConfig) -> std::io::Result<Builds> {
         let dir = data_dir.join("builds");
         std::fs::create_dir_all(&dir)?;
@@ -58,6 +81,7 @@ impl Builds {
             dir,
             config,
             builders: Mutex::new(HashMap::new()),
+            uploading: Mutex::new(Default::default()),
             changed: tokio::sync::watch::channel(0).0,
         })
     }

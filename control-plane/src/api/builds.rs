@@ -72,11 +72,13 @@ async fn build(s: &SharedState, id: u64) -> ApiResult<BuildRow> {
 }
 
 async fn info(s: &SharedState, b: &BuildRow) -> ApiResult<BuildInfo> {
-    let node = match &b.node_id {
-        Some(id) => Some(crate::store::nodes::name_of(&s.store.list_nodes().await?, id)),
-        None => None,
-    };
-    Ok(BuildInfo {
+    Ok(info_of(&s.store.list_nodes().await?, b))
+}
+
+/// `b` as shown, its builder named from `nodes`.
+fn info_of(nodes: &[crate::store::nodes::NodeRow], b: &BuildRow) -> BuildInfo {
+    let node = b.node_id.as_deref().map(|id| crate::store::nodes::name_of(nodes, id));
+    BuildInfo {
         id: b.id,
         service: b.service.clone(),
         state: b.state,
@@ -96,7 +98,7 @@ async fn info(s: &SharedState, b: &BuildRow) -> ApiResult<BuildInfo> {
             None => g.url.clone(),
         }),
         commit: b.commit.clone(),
-    })
+    }
 }
 
 /// The tag a build pushes: `HOST/SERVICE:build-ID`.
@@ -154,6 +156,9 @@ async fn create(State(s): State<SharedState>, raw: Result<Bytes, BytesRejection>
     let mut req: BuildRequest = parse_json(&body(raw)?)?;
     let registry = registry(&s)?;
     validate(&req, &registry)?;
+    if let Some(a) = &req.arch {
+        check_arch(a)?;
+    }
     let builders = s.builds.builders();
     let now_i = Instant::now();
     let arch = match &req.arch {
@@ -206,11 +211,8 @@ async fn list(
         .store
         .list_builds(q.service.as_deref(), q.limit.unwrap_or(50).min(1000))
         .await?;
-    let mut out = vec![];
-    for r in &rows {
-        out.push(info(&s, r).await?);
-    }
-    Ok(Json(out))
+    let nodes = s.store.list_nodes().await?;
+    Ok(Json(rows.iter().map(|r| info_of(&nodes, r)).collect()))
 }
 
 async fn show(State(s): State<SharedState>, Path(id): Path<u64>) -> ApiResult<Json<BuildInfo>> {
@@ -259,14 +261,31 @@ fn too_large(limit: u64) -> ApiErr {
     .on("body")
 }
 
-/// The context, streamed to `ID.tar.part` and renamed once whole.
-async fn upload(
-    State(s): State<SharedState>,
-    Path(id): Path<u64>,
-    headers: HeaderMap,
-    body: Body,
-) -> ApiResult<Json<BuildInfo>> {
+/// The context, streamed to `ID.tar.part` and renamed once whole. A
+/// refusal closes the connection: the rest of the body is never read, so
+/// the connection cannot carry another request.
+async fn upload(State(s): State<SharedState>, Path(id): Path<u64>, headers: HeaderMap, body: Body) -> Response {
+    match receive(&s, id, &headers, body).await {
+        Ok(info) => info.into_response(),
+        Err(e) => {
+            let mut r = e.into_response();
+            r.headers_mut()
+                .insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+            r
+        }
+    }
+}
+
+async fn receive(s: &SharedState, id: u64, headers: &HeaderMap, body: Body) -> ApiResult<Json<BuildInfo>> {
+    let s = s.clone();
     let row = build(&s, id).await?;
+    let Some(_slot) = s.builds.upload_slot(id) else {
+        return Err(ApiErr::conflict(
+            ErrorCode::Conflict,
+            format!("id: build {id}'s context is being uploaded by another request"),
+        )
+        .on("id"));
+    };
     if row.state != BuildState::Uploading {
         return Err(ApiErr::conflict(
             ErrorCode::Conflict,
@@ -419,6 +438,13 @@ pub async fn sweep(s: SharedState) {
     }
 }
 
+fn check_arch(arch: &str) -> ApiResult<()> {
+    if arch.is_empty() || arch.len() > 32 || !arch.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(ApiErr::invalid("arch", format!("arch: {arch:?} is not an architecture")));
+    }
+    Ok(())
+}
+
 async fn builder_node(
     s: &SharedState,
     method: &Method,
@@ -462,12 +488,7 @@ async fn next(
 ) -> ApiResult<Response> {
     let node = builder_node(&s, &method, &uri, &headers, b"").await?;
     let q = super::query(q)?;
-    if q.arch.is_empty() || !q.arch.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return Err(ApiErr::invalid(
-            "arch",
-            format!("arch: {:?} is not an architecture", q.arch),
-        ));
-    }
+    check_arch(&q.arch)?;
     let registry = registry(&s)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait.unwrap_or(25).min(super::MAX_WAIT_SECS));
     let mut changes = s.builds.subscribe();
