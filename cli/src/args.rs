@@ -456,6 +456,26 @@ pub enum ServiceCmd {
     Status { name: String },
     /// Remove a service and all its containers.
     Remove { name: String },
+    /// Build and deploy the service on every push to a branch of a git
+    /// repository: prints the webhook URL and secret to give the
+    /// repository's host (GitHub, Gitea, Forgejo). Linking again makes a
+    /// new secret.
+    Link {
+        name: String,
+        /// The repository, as the builder clones it (https://, git://, ssh://).
+        #[arg(long, value_name = "URL")]
+        git: String,
+        #[arg(long, default_value = "main")]
+        branch: String,
+        /// The build context's directory in the repository [default: its root].
+        #[arg(long, value_name = "SUBDIR")]
+        context: Option<String>,
+        /// The Dockerfile in the context [default: Containerfile, else Dockerfile].
+        #[arg(long, value_name = "PATH")]
+        dockerfile: Option<String>,
+    },
+    /// Stop building the service on pushes.
+    Unlink { name: String },
 }
 
 #[cfg(test)]

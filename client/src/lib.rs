@@ -3,7 +3,7 @@
 //! one method per endpoint, request and response types from `berth_protocol`,
 //! and errors as [`Error`], whose API variant carries the stable error code.
 
-use berth_protocol::build::{BuildInfo, BuildRequest};
+use berth_protocol::build::{BuildInfo, BuildRequest, GitLink, GitLinkInfo};
 use berth_protocol::release::{ReleaseInfo, RollbackRequest};
 use berth_protocol::routes::{DomainInfo, DomainSpec, TcpRouteSpec};
 use berth_protocol::service::{ScaleRequest, ServiceInfo, ServiceSpec};
@@ -282,6 +282,11 @@ impl AdminClient {
         }
     }
 
+    /// The control plane's URL, as configured.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
     /// The admin token, which is also the admin's registry password.
     pub fn admin_token(&self) -> &str {
         &self.token
@@ -316,6 +321,19 @@ impl AdminClient {
             .await
             .map_err(|e| self.unreachable(e))?;
         self.decode(resp, &path).await
+    }
+
+    /// Links service `name` to a repository's branch; the answer carries
+    /// the webhook secret, shown this once.
+    pub async fn link_service(&self, name: &str, link: &GitLink) -> Result<GitLinkInfo> {
+        self.call(Method::PUT, &format!("/v1/services/{name}/link"), Some(link))
+            .await
+    }
+
+    pub async fn unlink_service(&self, name: &str) -> Result<()> {
+        self.delete::<Removed<String>>(&format!("/v1/services/{name}/link"))
+            .await
+            .map(drop)
     }
 
     pub async fn get_build(&self, id: u64) -> Result<BuildInfo> {

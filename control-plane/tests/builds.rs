@@ -305,8 +305,14 @@ async fn a_build_request_is_validated_before_anything_is_stored(db: &Db) {
         with(&move |r| r["arch"] = json!(bad), "arch");
     }
     with(&|r| r["git"] = json!({"url": "example.com/a.git"}), "git.url");
-    with(&|r| r["git"] = json!({"url": "https://x/a", "ref": "--upload-pack=sh"}), "git.ref");
-    with(&|r| r["git"] = json!({"url": "https://x/a", "context": "../up"}), "git.context");
+    with(
+        &|r| r["git"] = json!({"url": "https://x/a", "ref": "--upload-pack=sh"}),
+        "git.ref",
+    );
+    with(
+        &|r| r["git"] = json!({"url": "https://x/a", "context": "../up"}),
+        "git.context",
+    );
     // Not JSON of a build request at all.
     with(&|r| r["surprise"] = json!(true), "body");
     for (req, field) in &cases {

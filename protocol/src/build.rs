@@ -216,6 +216,43 @@ pub struct BuildJob {
     pub sealed_secrets: Option<String>,
 }
 
+/// `PUT /v1/services/NAME/link`: build and deploy the service on every
+/// push to `branch` of `url` (the push webhook, `POST /v1/hooks/github`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitLink {
+    pub url: String,
+    pub branch: String,
+    #[serde(default)]
+    pub context: Option<String>,
+    #[serde(default)]
+    pub dockerfile: Option<String>,
+}
+
+/// A service's link as shown; `secret` only in the answer that made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GitLinkInfo {
+    pub service: String,
+    pub link: GitLink,
+    /// The webhook's HMAC-SHA256 secret, shown once.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Where the repository's host sends pushes: `/v1/hooks/github`.
+    pub hook_path: String,
+}
+
+/// The webhook's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookOutcome {
+    /// `building`, `duplicate` (this delivery was acted on before),
+    /// `ignored` (no linked service for the repository and branch) or
+    /// `pong` (the host's test delivery).
+    pub status: String,
+    /// The builds the delivery started.
+    #[serde(default)]
+    pub builds: Vec<u64>,
+}
+
 /// `POST /v1/agent/builds/ID/log`'s answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildLogAck {

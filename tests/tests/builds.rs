@@ -367,8 +367,6 @@ async fn a_directory_is_built_on_the_fleet_and_deployed_by_digest() {
         "2",
     ]);
     let out = tokio::task::block_in_place(|| cmd.output().unwrap());
-    let _ = daemon.kill();
-    let _ = daemon.wait();
     let log = text(&out);
     assert!(out.status.success(), "{log}");
     assert!(log.contains(&format!("commit {commit}")), "{log}");
@@ -379,4 +377,119 @@ async fn a_directory_is_built_on_the_fleet_and_deployed_by_digest() {
         fetch(&proxy_ip, &root),
         ("200".to_string(), "site from git\n".to_string())
     );
+
+    // Case 7: the push webhook. `berth service link` prints the secret; a
+    // badly signed delivery gets 401 and builds nothing, a signed one
+    // builds and deploys the pushed commit, its redelivery builds nothing,
+    // a push to another branch is ignored.
+    let out = berth(
+        &lab,
+        &[
+            "service",
+            "link",
+            "site",
+            "--git",
+            &url,
+            "--branch",
+            "main",
+            "--context",
+            "web",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let secret = text(&out)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("secret: ").map(String::from))
+        .unwrap_or_else(|| panic!("no secret in:\n{}", text(&out)));
+    std::fs::write(repo.join("web/index.html"), "site from a push\n").unwrap();
+    git(&["commit", "-q", "-am", "push"]);
+    let pushed = git(&["rev-parse", "HEAD"]);
+    let payload = |branch: &str| {
+        serde_json::json!({"ref": format!("refs/heads/{branch}"), "after": pushed, "repository": {"clone_url": url}})
+            .to_string()
+    };
+    let cfg = lab.client_config();
+    let post = |body: &str, signature: &str, delivery: &str| {
+        let sig = format!("X-Hub-Signature-256: {signature}");
+        let id = format!("X-GitHub-Delivery: {delivery}");
+        let o = Command::new("curl")
+            .args(["-sS", "-w", "\n%{http_code}", "--cacert"])
+            .arg(&cfg.ca_file)
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "-H",
+                "X-GitHub-Event: push",
+                "-H",
+                &sig,
+                "-H",
+                &id,
+            ])
+            .args(["--data-binary", body])
+            .arg(format!("{}/v1/hooks/github", cfg.url))
+            .output()
+            .unwrap();
+        let t = String::from_utf8_lossy(&o.stdout).to_string();
+        let (body, code) = t.rsplit_once('\n').unwrap_or(("", &t));
+        (code.trim().to_string(), body.to_string())
+    };
+    let sign = |body: &str| {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+        format!(
+            "sha256={}",
+            hex::encode(ring::hmac::sign(&key, body.as_bytes()).as_ref())
+        )
+    };
+    let before = admin.list_builds(Some("site"), 100).await.unwrap().len();
+    let main = payload("main");
+    let (code, body) = tokio::task::block_in_place(|| post(&main, &sign("tampered"), "d-1"));
+    assert_eq!(code, "401", "{body}");
+    assert!(body.contains(r#""field":"signature""#), "{body}");
+    assert_eq!(
+        admin.list_builds(Some("site"), 100).await.unwrap().len(),
+        before,
+        "a badly signed delivery built"
+    );
+    let (code, body) = tokio::task::block_in_place(|| post(&main, &sign(&main), "d-1"));
+    assert_eq!(code, "202", "{body}");
+    let outcome: berth_protocol::build::HookOutcome = serde_json::from_str(&body).unwrap();
+    assert_eq!(outcome.status, "building");
+    let [id] = outcome.builds[..] else { panic!("{body}") };
+    let (code, body) = tokio::task::block_in_place(|| post(&main, &sign(&main), "d-1"));
+    assert_eq!(
+        (code.as_str(), body.contains(r#""status":"duplicate""#)),
+        ("200", true),
+        "{body}"
+    );
+    let other = payload("other");
+    let (code, body) = tokio::task::block_in_place(|| post(&other, &sign(&other), "d-2"));
+    assert_eq!(
+        (code.as_str(), body.contains(r#""status":"ignored""#)),
+        ("202", true),
+        "{body}"
+    );
+    let deadline = Instant::now() + SETTLE;
+    let b = loop {
+        let b = admin.get_build(id).await.unwrap();
+        if b.state.is_final() {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "the pushed build never ended: {b:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(b.state, BuildState::Succeeded, "{b:?}");
+    assert_eq!(b.commit.as_deref(), Some(pushed.as_str()));
+    assert!(b.created_by.starts_with("push "), "{b:?}");
+    assert_eq!(
+        admin.list_builds(Some("site"), 100).await.unwrap().len(),
+        before + 1,
+        "the redelivery or the other branch built"
+    );
+    let deadline = Instant::now() + SETTLE;
+    while fetch(&proxy_ip, &root).1 != "site from a push\n" {
+        assert!(Instant::now() < deadline, "the pushed commit was not deployed");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
 }

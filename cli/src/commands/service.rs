@@ -36,6 +36,33 @@ pub async fn run(api: &AdminClient, cmd: ServiceCmd) -> anyhow::Result<i32> {
             let info = api.rollback_service(&name, &req).await?;
             return started(api, &info, wait).await;
         }
+        ServiceCmd::Link {
+            name,
+            git,
+            branch,
+            context,
+            dockerfile,
+        } => {
+            let link = berth_protocol::build::GitLink {
+                url: git,
+                branch,
+                context,
+                dockerfile,
+            };
+            let info = api.link_service(&name, &link).await?;
+            println!(
+                "{name} builds and deploys every push to {} of {}",
+                info.link.branch, info.link.url
+            );
+            println!("Add a webhook to the repository (push events, content type application/json):");
+            println!("  URL:    {}{}", api.base_url(), info.hook_path);
+            println!("  secret: {}", info.secret.unwrap_or_default());
+            println!("The secret is shown only now; `berth service link` again makes a new one.");
+        }
+        ServiceCmd::Unlink { name } => {
+            api.unlink_service(&name).await?;
+            println!("{name} no longer builds on pushes");
+        }
         ServiceCmd::Remove { name } => {
             api.remove_service(&name).await?;
             println!("removed service {name}");

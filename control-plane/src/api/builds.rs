@@ -153,8 +153,14 @@ fn validate(req: &BuildRequest, registry: &Registry) -> ApiResult<()> {
 }
 
 async fn create(State(s): State<SharedState>, raw: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
-    let mut req: BuildRequest = parse_json(&body(raw)?)?;
-    let registry = registry(&s)?;
+    let req: BuildRequest = parse_json(&body(raw)?)?;
+    let row = start(&s, req, "admin").await?;
+    Ok((StatusCode::CREATED, Json(info(&s, &row).await?)).into_response())
+}
+
+/// Validates and stores a build (also made by push webhooks).
+pub(super) async fn start(s: &SharedState, mut req: BuildRequest, created_by: &str) -> ApiResult<BuildRow> {
+    let registry = registry(s)?;
     validate(&req, &registry)?;
     if let Some(a) = &req.arch {
         check_arch(a)?;
@@ -181,18 +187,20 @@ async fn create(State(s): State<SharedState>, raw: Result<Bytes, BytesRejection>
     let sealed = if req.spec.secrets.is_empty() {
         None
     } else {
-        Some(services::seal_secrets(&s, &req.spec.secrets)?)
+        Some(services::seal_secrets(s, &req.spec.secrets)?)
     };
     req.spec.secrets.clear();
     let timeout = req.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
     let id = s
         .store
-        .create_build(&req, sealed.as_deref(), &arch, "admin", timeout)
+        .create_build(&req, sealed.as_deref(), &arch, created_by, timeout)
         .await
         .map_err(ApiErr::internal)?;
-    tracing::info!(build = id, service = %req.spec.name, %arch, "build created");
-    let row = build(&s, id).await?;
-    Ok((StatusCode::CREATED, Json(info(&s, &row).await?)).into_response())
+    tracing::info!(build = id, service = %req.spec.name, %arch, %created_by, "build created");
+    if req.git.is_some() {
+        s.builds.notify();
+    }
+    build(s, id).await
 }
 
 #[derive(serde::Deserialize)]
@@ -269,8 +277,10 @@ async fn upload(State(s): State<SharedState>, Path(id): Path<u64>, headers: Head
         Ok(info) => info.into_response(),
         Err(e) => {
             let mut r = e.into_response();
-            r.headers_mut()
-                .insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+            r.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
             r
         }
     }
@@ -440,7 +450,10 @@ pub async fn sweep(s: SharedState) {
 
 fn check_arch(arch: &str) -> ApiResult<()> {
     if arch.is_empty() || arch.len() > 32 || !arch.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return Err(ApiErr::invalid("arch", format!("arch: {arch:?} is not an architecture")));
+        return Err(ApiErr::invalid(
+            "arch",
+            format!("arch: {arch:?} is not an architecture"),
+        ));
     }
     Ok(())
 }

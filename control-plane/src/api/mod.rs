@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod builds;
+pub mod hooks;
 pub mod nodes;
 pub mod registry;
 pub mod releases;
@@ -54,6 +55,7 @@ pub fn router(state: SharedState) -> Router {
         routes::routes(),
         registry::admin_routes(),
         builds::admin_routes(),
+        hooks::admin_routes(),
     ]
     .into_iter()
     .flatten()
@@ -79,6 +81,7 @@ fn public() -> Router<SharedState> {
         .route("/v1/register", post(agent::register))
         .merge(releases::routes())
         .merge(registry::routes())
+        .merge(hooks::routes())
 }
 
 async fn ca_pem(State(s): State<SharedState>) -> impl IntoResponse {
