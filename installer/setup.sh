@@ -175,6 +175,8 @@ step "installing packages"
 if [ $PKG = apt ]; then
     want=(ca-certificates curl openssl iproute2 nftables wireguard-tools podman runc)
     $KERNEL_WG || want+=(wireguard-go)
+    # Workers build images: Podman's builder, and git for git builds.
+    $PROXY || want+=(git tar)
     missing=()
     for p in "${want[@]}"; do
         dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -191,6 +193,7 @@ if [ $PKG = apt ]; then
 else
     want=(ca-certificates curl openssl iproute nftables wireguard-tools podman crun)
     $KERNEL_WG || want+=(wireguard-go)
+    $PROXY || want+=(git tar)
     $CGROUP_V1 && want+=(runc)
     missing=()
     for p in "${want[@]}"; do
