@@ -492,4 +492,22 @@ async fn a_directory_is_built_on_the_fleet_and_deployed_by_digest() {
     }
     let _ = daemon.kill();
     let _ = daemon.wait();
+
+    // Case 8: `berth apply -f` with a build table (its dir relative to the
+    // file); `berth service unlink` ends the link.
+    let out = berth(&lab, &["service", "unlink", "site"]);
+    assert!(out.status.success(), "{}", text(&out));
+    context(&work.join("v6"), &registry, "site from apply\n", "");
+    let file = work.join("site.toml");
+    std::fs::write(
+        &file,
+        "name = \"site\"\nreplicas = 2\nport = 8080\nhealth_http = \"/\"\n[build]\ndir = \"v6\"\n",
+    )
+    .unwrap();
+    let out = berth(&lab, &["apply", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        fetch(&proxy_ip, &root),
+        ("200".to_string(), "site from apply\n".to_string())
+    );
 }

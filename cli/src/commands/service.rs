@@ -2,13 +2,14 @@
 //! and `berth apply -f`.
 
 use super::rollout;
-use crate::args::{DeployArgs, ServiceCmd, WaitArgs};
+use crate::args::{BuildArgs, DeployArgs, ServiceCmd, WaitArgs};
 use crate::output::{print_service, print_services};
 use berth_client::AdminClient;
 use berth_protocol::release::{ReleaseInfo, RollbackRequest, RolloutPolicy};
 use berth_protocol::service::ServiceInfo;
 use berth_protocol::service::ServiceSpec;
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 pub async fn run(api: &AdminClient, cmd: ServiceCmd) -> anyhow::Result<i32> {
     match cmd {
@@ -154,9 +155,17 @@ fn print_history(list: &[ReleaseInfo]) {
 /// each rollout followed to its end before the next (unless detached).
 pub async fn apply(api: &AdminClient, file: &Path, wait: WaitArgs) -> anyhow::Result<i32> {
     let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    for spec in parse_service_file(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))? {
-        let info = api.deploy_service_forced(&spec, wait.force).await?;
-        let code = started(api, &info, wait).await?;
+    let entries = parse_service_file(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    // A build's dir is relative to the file.
+    let base = file.parent().unwrap_or(Path::new("."));
+    for (spec, build) in entries {
+        let code = match build {
+            Some(b) => super::build::deploy(api, b.into_args(base), spec, wait).await?,
+            None => {
+                let info = api.deploy_service_forced(&spec, wait.force).await?;
+                started(api, &info, wait).await?
+            }
+        };
         if code != 0 {
             return Ok(code);
         }
@@ -164,21 +173,86 @@ pub async fn apply(api: &AdminClient, file: &Path, wait: WaitArgs) -> anyhow::Re
     Ok(0)
 }
 
-/// A service file: one service at the top level, or several as [[service]].
-pub fn parse_service_file(text: &str) -> Result<Vec<ServiceSpec>, String> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Many {
-        service: Vec<ServiceSpec>,
+/// A service file's `[build]` table (`[service.build]` under `[[service]]`):
+/// the image is built, as `deploy --build DIR` or `--git URL` builds it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildTable {
+    /// The context directory, relative to the file.
+    pub dir: Option<PathBuf>,
+    pub git: Option<String>,
+    #[serde(rename = "ref")]
+    pub git_ref: Option<String>,
+    /// With `git`: the context's directory in the repository.
+    pub context: Option<String>,
+    pub dockerfile: Option<PathBuf>,
+    #[serde(default)]
+    pub args: BTreeMap<String, String>,
+    pub target: Option<String>,
+    pub timeout: Option<u32>,
+}
+
+impl BuildTable {
+    fn into_args(self, base: &Path) -> BuildArgs {
+        // A Dockerfile beside a directory build is relative to the file too;
+        // in a git build it is a path in the repository.
+        let from_file = self.git.is_none();
+        BuildArgs {
+            build: self.dir.map(|d| base.join(d)),
+            git: self.git,
+            git_ref: self.git_ref,
+            context: self.context,
+            dockerfile: self.dockerfile.map(|d| if from_file { base.join(d) } else { d }),
+            build_args: self.args.into_iter().collect(),
+            target: self.target,
+            build_timeout: self.timeout,
+        }
     }
-    let specs = match toml::from_str::<Many>(text) {
-        Ok(m) => m.service,
-        Err(_) => vec![toml::from_str::<ServiceSpec>(text).map_err(|e| e.to_string())?],
+}
+
+/// A service file: one service at the top level, or several as
+/// [[service]]; each may have a `build` table instead of an `image`.
+pub fn parse_service_file(text: &str) -> Result<Vec<(ServiceSpec, Option<BuildTable>)>, String> {
+    let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
+    let tables: Vec<toml::Table> = match doc.get("service") {
+        Some(toml::Value::Array(items)) if doc.len() == 1 => items
+            .iter()
+            .map(|v| v.as_table().cloned().ok_or("service: each [[service]] must be a table"))
+            .collect::<Result<_, _>>()?,
+        _ => vec![doc],
     };
-    for s in &specs {
-        s.validate()?;
+    let mut out = vec![];
+    for mut t in tables {
+        let build = match t.remove("build") {
+            None => None,
+            Some(b) => {
+                let b: BuildTable = b
+                    .try_into()
+                    .map_err(|e: toml::de::Error| format!("build: {}", e.message()))?;
+                if b.dir.is_some() == b.git.is_some() {
+                    return Err("build: give exactly one of dir and git".into());
+                }
+                if t.contains_key("image") {
+                    return Err("image: a service with a build table gets its image from the build".into());
+                }
+                t.insert("image".into(), toml::Value::String(String::new()));
+                Some(b)
+            }
+        };
+        let spec: ServiceSpec = toml::Value::Table(t)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string())?;
+        match &build {
+            Some(_) => {
+                let mut planned = spec.clone();
+                planned.image = format!("registry.invalid/{}:build", spec.name);
+                planned.validate()?;
+            }
+            None => spec.validate()?,
+        }
+        out.push((spec, build));
     }
-    Ok(specs)
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -192,14 +266,46 @@ mod tests {
         )
         .unwrap();
         assert_eq!(one.len(), 1);
-        assert_eq!(one[0].replicas, 2);
-        assert_eq!(one[0].env["MODE"], "x");
+        assert_eq!(one[0].0.replicas, 2);
+        assert_eq!(one[0].0.env["MODE"], "x");
+        assert_eq!(one[0].1, None);
         let many =
             parse_service_file("[[service]]\nname = \"a\"\nimage = \"x\"\n[[service]]\nname = \"b\"\nimage = \"y\"\n")
                 .unwrap();
-        assert_eq!(many.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(many.iter().map(|s| s.0.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
         let err = parse_service_file("name = \"Web\"\nimage = \"x\"\n").unwrap_err();
         assert!(err.starts_with("name:"), "{err}");
         assert!(parse_service_file("name = \"web\"\nimage = \"x\"\nreplica = 2\n").is_err());
+    }
+
+    #[test]
+    fn build_tables() {
+        let one = parse_service_file("name = \"site\"\nport = 8080\n[build]\ndir = \"site\"\nargs = { V = \"1\" }\n")
+            .unwrap();
+        let (spec, build) = &one[0];
+        assert_eq!(spec.image, "");
+        let b = build.clone().unwrap();
+        assert_eq!(b.dir.as_deref(), Some(std::path::Path::new("site")));
+        assert_eq!(b.args["V"], "1");
+        let args = b.into_args(std::path::Path::new("/srv/app"));
+        assert_eq!(args.build.as_deref(), Some(std::path::Path::new("/srv/app/site")));
+
+        let many = parse_service_file(
+            "[[service]]\nname = \"a\"\nimage = \"x\"\n[[service]]\nname = \"b\"\n[service.build]\ngit = \"https://x/y.git\"\nref = \"main\"\n",
+        )
+        .unwrap();
+        assert_eq!(many[1].1.as_ref().unwrap().git_ref.as_deref(), Some("main"));
+        assert!(many[0].1.is_none());
+
+        for (bad, starts) in [
+            ("name = \"s\"\nimage = \"x\"\n[build]\ndir = \".\"\n", "image:"),
+            ("name = \"s\"\n[build]\n", "build:"),
+            ("name = \"s\"\n[build]\ndir = \".\"\ngit = \"https://x\"\n", "build:"),
+            ("name = \"s\"\n[build]\ndir = \".\"\nflavour = 1\n", "build:"),
+            ("name = \"S\"\n[build]\ndir = \".\"\n", "name:"),
+        ] {
+            let err = parse_service_file(bad).unwrap_err();
+            assert!(err.starts_with(starts), "{bad:?}: {err}");
+        }
     }
 }
