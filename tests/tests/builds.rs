@@ -87,6 +87,19 @@ fn fetch(ip: &str, root: &Path) -> (String, String) {
     (code.trim().to_string(), body.to_string())
 }
 
+/// Waits until the newest build of site, newer than `after`, runs; its ID.
+async fn wait_running(admin: &AdminClient, after: u64) -> u64 {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let b = admin.list_builds(Some("site"), 1).await.unwrap().remove(0);
+        if b.state == BuildState::Running && b.id > after {
+            return b.id;
+        }
+        assert!(Instant::now() < deadline, "the slow build never ran: {b:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn current_release(admin: &AdminClient) -> u64 {
     admin.show_service("site").await.unwrap().rollout.unwrap().release
 }
@@ -232,16 +245,9 @@ async fn a_directory_is_built_on_the_fleet_and_deployed_by_digest() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let b = admin.list_builds(Some("site"), 1).await.unwrap().remove(0);
-        if b.state == BuildState::Running && b.id > failed.id {
-            admin.cancel_build(b.id).await.unwrap();
-            break;
-        }
-        assert!(Instant::now() < deadline, "the slow build never ran: {b:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let running = wait_running(&admin, failed.id).await;
+    let out = berth(&lab, &["build", "cancel", &running.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
     let deploying = tokio::task::block_in_place(|| child.wait_with_output().unwrap());
     let log = text(&deploying);
     assert_eq!(deploying.status.code(), Some(1), "{log}");
@@ -249,6 +255,24 @@ async fn a_directory_is_built_on_the_fleet_and_deployed_by_digest() {
     assert!(!log.contains("second-step-ran"), "{log}");
     let cancelled = &admin.list_builds(Some("site"), 1).await.unwrap()[0];
     assert_eq!(cancelled.state, BuildState::Cancelled, "{cancelled:?}");
+    assert_eq!(current_release(&admin).await, good);
+    // Ctrl-C (SIGINT) during `deploy --build`, not on a terminal, cancels
+    // the build and exits 130.
+    let child = deploy_command(&lab, &slow)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let running = wait_running(&admin, cancelled.id).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let interrupted = tokio::task::block_in_place(|| child.wait_with_output().unwrap());
+    assert_eq!(interrupted.status.code(), Some(130), "{}", text(&interrupted));
+    assert_eq!(admin.get_build(running).await.unwrap().state, BuildState::Cancelled);
     assert_eq!(current_release(&admin).await, good);
 
     // Case 5: a build secret is usable in RUN and absent from the image's

@@ -632,7 +632,17 @@ async fn done(
 async fn release(s: &SharedState, b: &BuildRow) -> Result<(), String> {
     let registry = registry(s).map_err(|e| e.message)?;
     let tag = format!("build-{}", b.id);
-    let digest = match registry.client.digest(&registry.signer, &b.service, &tag).await {
+    // A registry that blinks (restarting for garbage collection) is asked
+    // again before the pushed build is failed.
+    let mut looked = registry.client.digest(&registry.signer, &b.service, &tag).await;
+    for _ in 0..5 {
+        if looked.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        looked = registry.client.digest(&registry.signer, &b.service, &tag).await;
+    }
+    let digest = match looked {
         Ok(Some(d)) => d,
         Ok(None) => {
             return Err(format!(
