@@ -397,6 +397,19 @@ async fn a_directory_is_built_on_the_fleet_and_deployed_by_digest() {
     let b = admin.list_builds(Some("site"), 1).await.unwrap().remove(0);
     assert_eq!(b.commit.as_deref(), Some(commit.as_str()), "{b:?}");
     assert_eq!(b.git.as_deref(), Some(format!("{url}#main").as_str()));
+    // Pushed as build-ID and as git-COMMIT, one digest.
+    let images = admin.list_images(None).await.unwrap();
+    let digest_of = |tag: &str| {
+        images
+            .iter()
+            .find(|i| i.repository == "site" && i.tag == tag)
+            .map(|i| i.digest.clone())
+            .unwrap_or_else(|| panic!("no site:{tag} in {images:?}"))
+    };
+    assert_eq!(
+        digest_of(&format!("git-{}", &commit[..12])),
+        digest_of(&format!("build-{}", b.id))
+    );
     assert_eq!(
         fetch(&proxy_ip, &root),
         ("200".to_string(), "site from git\n".to_string())

@@ -215,10 +215,17 @@ async fn run_build(
     if log.flush().await {
         return Err("cancelled".into());
     }
-    s.podman
-        .push(&job.tag, &registry::auth_header(&job.registry))
-        .await
-        .map_err(|e| e.to_string())?;
+    let auth = registry::auth_header(&job.registry);
+    s.podman.push(&job.tag, &auth).await.map_err(|e| e.to_string())?;
+    // A git build is also tagged with its commit (the layers are there
+    // already: this push sends a manifest).
+    if let (Some(commit), Some((repo, _))) = (built_commit.as_deref(), job.tag.rsplit_once(':')) {
+        let tag = format!("git-{}", &commit[..commit.len().min(12)]);
+        s.podman.tag(&job.tag, repo, &tag).await.map_err(|e| e.to_string())?;
+        let name = format!("{repo}:{tag}");
+        log.push(&format!("pushing {name}\n"));
+        s.podman.push(&name, &auth).await.map_err(|e| e.to_string())?;
+    }
     Ok(())
 }
 

@@ -136,6 +136,28 @@ impl Podman {
         }
     }
 
+    /// Names local image `name` also `repo:tag`.
+    pub async fn tag(&self, name: &str, repo: &str, tag: &str) -> Result<()> {
+        let path = format!(
+            "{API}/images/{}/tag?repo={}&tag={}",
+            encode(name, b"/:"),
+            encode(repo, b"/:"),
+            encode(tag, b"")
+        );
+        let (status, data) = transport::call(
+            &self.socket,
+            Method::POST,
+            &path,
+            None,
+            std::time::Duration::from_secs(60),
+        )
+        .await?;
+        if !status.is_success() {
+            return Err(super::Response { status, data }.error());
+        }
+        Ok(())
+    }
+
     /// Pushes local image `name` to its registry; `auth` is an
     /// `X-Registry-Auth` value.
     pub async fn push(&self, name: &str, auth: &str) -> Result<()> {
