@@ -45,6 +45,10 @@ pub struct Builds {
     pub dir: PathBuf,
     pub config: BuildsConfig,
     builders: Mutex<HashMap<String, Builder>>,
+    /// Held while a build is ended by a cancel, a timeout or its builder's
+    /// result: a release is made only for a build still running, and a
+    /// cancel cannot land between the release and its record.
+    pub ending: tokio::sync::Mutex<()>,
     /// Builds whose context is being received (one upload at a time each).
     uploading: Mutex<std::collections::HashSet<u64>>,
     /// Bumped on every change to any build (state, log): long-polls and
@@ -81,6 +85,7 @@ impl Builds {
             dir,
             config,
             builders: Mutex::new(HashMap::new()),
+            ending: tokio::sync::Mutex::new(()),
             uploading: Mutex::new(Default::default()),
             changed: tokio::sync::watch::channel(0).0,
         })

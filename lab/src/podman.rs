@@ -322,6 +322,7 @@ impl NodePodman {
         } else {
             vec![]
         };
+        let ids = container_ids(&self.dir);
         if ns_exists && has_storage {
             first.note(self.cleanup_call(&["rm", "--all", "--force", "--time", "0"]));
             first.note(self.cleanup_call(&["network", "rm", "--force", &self.network]));
@@ -331,7 +332,7 @@ impl NodePodman {
             pids.push(p);
         }
         first.note(process::stop_all(&pids, STOP_GRACE));
-        for p in leftover_pids(&self.dir) {
+        for p in leftover_pids(&self.dir, &ids) {
             first.note(process::kill9(p));
         }
         for ns in container_nss {
@@ -535,14 +536,21 @@ fn service_pids(socket: &Path) -> Vec<u32> {
 /// arguments name the storage) and the containers themselves (found by the
 /// cgroup Podman made for each container id in that storage). Only needed
 /// when Podman could not remove them.
-fn leftover_pids(dir: &Path) -> Vec<u32> {
-    let ids: Vec<String> = std::fs::read_dir(dir.join("podman/root/overlay-containers"))
+/// The IDs of the containers in the node's storage.
+fn container_ids(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir.join("podman/root/overlay-containers"))
         .map(|rd| {
             rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
                 .filter(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Processes left from the node's containers `ids` (taken before Podman
+/// removed them: a container stopped half-way, its conmon gone, keeps its
+/// processes after `podman rm`) and their conmons.
+fn leftover_pids(dir: &Path, ids: &[String]) -> Vec<u32> {
     let Some(dir) = absolute(dir) else {
         return vec![];
     };

@@ -498,6 +498,13 @@ async fn a_directory_is_built_on_the_fleet_and_deployed_by_digest() {
         ("200", true),
         "{body}"
     );
+    // The same signed body under a new delivery ID is a replay.
+    let (code, body) = tokio::task::block_in_place(|| post(&main, &sign(&main), "d-3"));
+    assert_eq!(
+        (code.as_str(), body.contains(r#""status":"duplicate""#)),
+        ("200", true),
+        "{body}"
+    );
     let other = payload("other");
     let (code, body) = tokio::task::block_in_place(|| post(&other, &sign(&other), "d-2"));
     assert_eq!(

@@ -56,17 +56,28 @@ pub fn context_and_dockerfile(
     given: &str,
 ) -> Result<(std::path::PathBuf, String), String> {
     let sub = src.context.as_deref().unwrap_or("");
-    let ctx = checkout.join(sub);
-    if !ctx.is_dir() {
-        return Err(format!("git.context: {sub:?} is not a directory of the repository"));
-    }
+    let root = checkout.canonicalize().map_err(|e| format!("the checkout: {e}"))?;
+    // Symlinks are resolved and must stay inside the repository: a link to
+    // a host directory or file would be packed or read otherwise.
+    let ctx = match checkout.join(sub).canonicalize() {
+        Ok(c) if c.is_dir() && c.starts_with(&root) => c,
+        Ok(c) if c.is_dir() => return Err(format!("git.context: {sub:?} links outside the repository")),
+        _ => return Err(format!("git.context: {sub:?} is not a directory of the repository")),
+    };
+    let inside = |name: &str| {
+        let p = ctx.join(name);
+        let plain = std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file());
+        plain && p.canonicalize().is_ok_and(|c| c.starts_with(&ctx))
+    };
     if !given.is_empty() {
-        if !ctx.join(given).is_file() {
-            return Err(format!("dockerfile: {given:?} is not in the context {sub:?}"));
+        if !inside(given) {
+            return Err(format!(
+                "dockerfile: {given:?} is not a file in the context {sub:?} (symlinks are not followed)"
+            ));
         }
         return Ok((ctx, given.to_string()));
     }
-    match DOCKERFILE_NAMES.iter().find(|n| ctx.join(n).is_file()) {
+    match DOCKERFILE_NAMES.iter().find(|n| inside(n)) {
         Some(n) => Ok((ctx, n.to_string())),
         None => Err(format!(
             "dockerfile: none in the context {:?} of the repository (looked for {})",
@@ -190,6 +201,20 @@ mod tests {
         assert!(context_and_dockerfile(&dir, &src(None), "Nope")
             .unwrap_err()
             .starts_with("dockerfile:"));
+
+        // Links out of the repository are refused.
+        std::os::unix::fs::symlink("/etc", dir.join("out")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.join("web/Linked")).unwrap();
+        let mut out_ctx = src(None);
+        out_ctx.context = Some("out".into());
+        assert!(context_and_dockerfile(&dir, &out_ctx, "")
+            .unwrap_err()
+            .contains("outside"));
+        assert!(context_and_dockerfile(&dir, &src(None), "Linked")
+            .unwrap_err()
+            .starts_with("dockerfile:"));
+        std::fs::remove_file(dir.join("out")).unwrap();
+        std::fs::remove_file(dir.join("web/Linked")).unwrap();
 
         let tar = tmp.path().join("ctx.tar");
         pack(&dir, &tar).await.unwrap();

@@ -123,9 +123,10 @@ async fn build(
     let mut log = Log::new(client, job.id, &secrets);
     let result = run_build(client, s, job, secrets, &context, &mut log, commit).await;
     let _ = std::fs::remove_file(&context);
-    // The control plane ends the log with the error.
+    // The control plane ends the log with the error, which may quote a
+    // step's output.
     log.flush().await;
-    result
+    result.map_err(|e| mask(&log.masks, &e))
 }
 
 async fn run_build(
@@ -266,7 +267,7 @@ impl<'a> Log<'a> {
     }
 
     fn push(&mut self, text: &str) {
-        self.buf.extend_from_slice(mask(&self.masks, text).as_bytes());
+        self.buf.extend_from_slice(text.as_bytes());
     }
 
     fn pending(&self) -> usize {
@@ -282,7 +283,9 @@ impl<'a> Log<'a> {
     /// keeps its text for the next one.
     async fn flush(&mut self) -> bool {
         self.last_post = tokio::time::Instant::now();
-        match self.client.build_log(self.id, self.buf.clone()).await {
+        // Masked as a whole: a value may come split over two pieces.
+        let text = mask(&self.masks, &String::from_utf8_lossy(&self.buf)).into_bytes();
+        match self.client.build_log(self.id, text).await {
             Ok(ack) => {
                 self.buf.clear();
                 ack.stop

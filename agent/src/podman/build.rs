@@ -39,8 +39,11 @@ pub struct BuildParams {
 fn secret_entries(secrets: &BTreeMap<String, String>) -> (Vec<u8>, Vec<String>) {
     let mut tar = Vec::new();
     let mut param = Vec::new();
+    // Unguessable: a context entry of the same name (a symlink, say) would
+    // replace the secret's entry and make Podman read what it points to.
+    let nonce = hex::encode(rand::random::<[u8; 16]>());
     for (i, (name, value)) in secrets.iter().enumerate() {
-        let file = format!(".berth-build-secret-{i}");
+        let file = format!(".berth-build-secret-{nonce}-{i}");
         tar.extend_from_slice(&tar_header(&file, value.len() as u64));
         tar.extend_from_slice(value.as_bytes());
         tar.resize(tar.len().next_multiple_of(512), 0);
@@ -206,13 +209,17 @@ mod tests {
         let secrets: BTreeMap<String, String> =
             [("TOKEN".into(), "s3cret".into()), ("EMPTY".into(), String::new())].into();
         let (mut tar, param) = secret_entries(&secrets);
-        assert_eq!(
-            param,
-            [
-                "id=EMPTY,src=.berth-build-secret-0",
-                "id=TOKEN,src=.berth-build-secret-1"
-            ]
+        let file = |p: &str| p.split_once(",src=").unwrap().1.to_string();
+        let (f0, f1) = (file(&param[0]), file(&param[1]));
+        assert!(
+            param[0].starts_with("id=EMPTY,src=.berth-build-secret-") && f0.ends_with("-0"),
+            "{param:?}"
         );
+        assert!(
+            param[1].starts_with("id=TOKEN,src=.berth-build-secret-") && f1.ends_with("-1"),
+            "{param:?}"
+        );
+        assert_ne!(secret_entries(&secrets).1, param, "the names are not random");
         tar.extend_from_slice(&std::fs::read(&ctx).unwrap());
         let whole = dir.path().join("whole.tar");
         std::fs::write(&whole, &tar).unwrap();
@@ -220,22 +227,13 @@ mod tests {
         let list = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let names: Vec<&str> = list.lines().map(|l| l.rsplit(' ').next().unwrap()).collect();
-        assert_eq!(
-            names,
-            [".berth-build-secret-0", ".berth-build-secret-1", "Dockerfile"],
-            "{list}"
-        );
+        assert_eq!(names, [f0.as_str(), f1.as_str(), "Dockerfile"], "{list}");
         assert!(
             list.lines()
                 .all(|l| !l.contains(".berth-build-secret") || l.starts_with("-rw-------")),
             "{list}"
         );
-        let out = Command::new("tar")
-            .arg("-xOf")
-            .arg(&whole)
-            .arg(".berth-build-secret-1")
-            .output()
-            .unwrap();
+        let out = Command::new("tar").arg("-xOf").arg(&whole).arg(&f1).output().unwrap();
         assert_eq!(out.stdout, b"s3cret");
     }
 }

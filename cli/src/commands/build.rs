@@ -9,7 +9,6 @@ use berth_client::AdminClient;
 use berth_protocol::build::{BuildInfo, BuildRequest, BuildState, GitSource};
 use berth_protocol::service::ServiceSpec;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
 
 /// The CLI packs at most this much (the control plane's default limit;
 /// one configured lower answers 413).
@@ -39,15 +38,6 @@ fn write_out(chunk: &[u8]) {
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(chunk);
     let _ = out.flush();
-}
-
-/// A context packed into a temporary file, removed when dropped.
-struct Packed(PathBuf);
-
-impl Drop for Packed {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// `service deploy NAME --build DIR | --git URL`: `spec` without an image.
@@ -83,42 +73,53 @@ pub async fn deploy(api: &AdminClient, b: BuildArgs, spec: ServiceSpec, wait: Wa
         arch: None,
         git,
     };
-    let id = match &dir {
+    // Packed into a private temporary file, removed when it drops.
+    let tar = match &dir {
         Some(dir) => {
-            let tar = Packed(std::env::temp_dir().join(format!("berth-context-{}.tar", std::process::id())));
-            let file = std::fs::File::create(&tar.0)?;
-            let packed = context::pack(dir, &dockerfile, MAX_CONTEXT_BYTES, std::io::BufWriter::new(file))?;
+            let mut file = tempfile::Builder::new()
+                .prefix("berth-context-")
+                .suffix(".tar")
+                .tempfile()?;
+            let packed = context::pack(
+                dir,
+                &dockerfile,
+                MAX_CONTEXT_BYTES,
+                std::io::BufWriter::new(file.as_file_mut()),
+            )?;
             println!(
                 "context {}: {} files, {} (Dockerfile {dockerfile})",
                 dir.display(),
                 packed.files,
                 human_bytes(packed.bytes)
             );
-            let build = api.create_build(&req).await?;
-            println!("build {} of {name}: uploading", build.id);
-            if let Err(e) = api.upload_build_context(build.id, &tar.0).await {
-                // A refused upload already failed the build; a broken one must not
-                // leave it waiting.
-                let _ = api.cancel_build(build.id).await;
-                return Err(e.into());
-            }
-            build.id
+            Some(file)
         }
-        None => {
-            let build = api.create_build(&req).await?;
-            println!(
-                "build {} of {name}: from {}",
-                build.id,
-                build.git.as_deref().unwrap_or("git")
-            );
-            build.id
-        }
+        None => None,
     };
-
+    let build = api.create_build(&req).await?;
+    let id = build.id;
+    match &build.git {
+        Some(g) => println!("build {id} of {name}: from {g}"),
+        None => println!("build {id} of {name}: uploading"),
+    }
+    // Ctrl-C from here on is about this build, during the upload too.
+    let run = async {
+        if let Some(tar) = &tar {
+            if let Err(e) = api.upload_build_context(id, tar.path()).await {
+                // A refused upload already failed the build; a broken one
+                // must not leave it waiting.
+                let _ = api.cancel_build(id).await;
+                return Err(anyhow::Error::from(e));
+            }
+        }
+        api.build_logs(id, true, write_out).await?;
+        Ok(())
+    };
     tokio::select! {
-        r = api.build_logs(id, true, write_out) => r?,
+        r = run => r?,
         _ = tokio::signal::ctrl_c() => return interrupted(api, id).await,
     }
+    drop(tar);
     let b = api.get_build(id).await?;
     match (b.state, b.release) {
         (BuildState::Succeeded, Some(release)) => {

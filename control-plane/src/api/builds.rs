@@ -336,8 +336,8 @@ async fn receive(s: &SharedState, id: u64, headers: &HeaderMap, body: Body) -> A
     }
     file.sync_all().await.map_err(ApiErr::internal)?;
     drop(file);
-    std::fs::rename(&part, s.builds.context_path(id)).map_err(ApiErr::internal)?;
-    if !s.store.build_uploaded(id, bytes).await? {
+    let renamed = std::fs::rename(&part, s.builds.context_path(id));
+    if renamed.is_err() || !s.store.build_uploaded(id, bytes).await? {
         let _ = std::fs::remove_file(s.builds.context_path(id));
         return Err(ApiErr::conflict(
             ErrorCode::Conflict,
@@ -408,6 +408,7 @@ async fn logs(
 }
 
 async fn cancel(State(s): State<SharedState>, Path(id): Path<u64>) -> ApiResult<Json<BuildInfo>> {
+    let ending = s.builds.ending.lock().await;
     let row = build(&s, id).await?;
     if !end(
         &s,
@@ -425,6 +426,7 @@ async fn cancel(State(s): State<SharedState>, Path(id): Path<u64>) -> ApiResult<
         )
         .on("id"));
     }
+    drop(ending);
     let row = build(&s, id).await?;
     Ok(Json(info(&s, &row).await?))
 }
@@ -440,6 +442,7 @@ pub async fn sweep(s: SharedState) {
         for b in open {
             if now() >= b.created_at + b.timeout_secs as i64 {
                 let why = format!("timed out after {} s", b.timeout_secs);
+                let _ending = s.builds.ending.lock().await;
                 if let Err(e) = end(&s, b.id, BuildState::Failed, Some(&why), None, None).await {
                     tracing::warn!(build = b.id, error = %e.message, "ending a timed-out build failed");
                 }
@@ -503,6 +506,22 @@ async fn next(
     let q = super::query(q)?;
     check_arch(&q.arch)?;
     let registry = registry(&s)?;
+    // A node asks only while idle: a build still running on it was cut off
+    // (its agent restarted) and would otherwise wait for its timeout.
+    for b in s.store.unfinished_builds().await? {
+        if b.state == BuildState::Running && b.node_id.as_deref() == Some(node.id.as_str()) {
+            let _ending = s.builds.ending.lock().await;
+            end(
+                &s,
+                b.id,
+                BuildState::Failed,
+                Some("the builder stopped during the build (its agent restarted)"),
+                None,
+                None,
+            )
+            .await?;
+        }
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait.unwrap_or(25).min(super::MAX_WAIT_SECS));
     let mut changes = s.builds.subscribe();
     loop {
@@ -604,8 +623,12 @@ async fn done(
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<BuildInfo>> {
     let raw = body(raw)?;
-    let b = owned(&s, id, &method, &uri, &headers, &raw).await?;
+    owned(&s, id, &method, &uri, &headers, &raw).await?;
     let report: BuildDone = parse_json(&raw)?;
+    let ending = s.builds.ending.lock().await;
+    // Looked at again under the lock: a cancel, a timeout or a repeated
+    // report may have ended it meanwhile.
+    let b = build(&s, id).await?;
     if b.state == BuildState::Running {
         if let Some(c) = report.commit.as_deref().filter(|_| b.request.git.is_some()) {
             if c.len() != 40 || !c.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -624,6 +647,7 @@ async fn done(
             }
         }
     }
+    drop(ending);
     let row = build(&s, id).await?;
     Ok(Json(info(&s, &row).await?))
 }

@@ -240,13 +240,26 @@ async fn hook(
             format!("after: {:?} is not a commit ID", push.after),
         ));
     }
-    if let Some(d) = &delivery {
-        if !s.store.claim_delivery(d).await? {
-            let builds = s.store.delivery(d).await?.unwrap_or_default();
+    // Claimed by delivery ID and by the body's hash: the ID is not signed,
+    // so a signed body posted again under a new ID (a replay, which would
+    // deploy an old commit again) is a duplicate too.
+    let body_key = format!(
+        "sha256:{}",
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, &raw))
+    );
+    let mut claimed: Vec<String> = vec![];
+    for key in delivery.iter().chain(std::iter::once(&body_key)) {
+        if !s.store.claim_delivery(key).await? {
+            for k in &claimed {
+                let _ = s.store.forget_delivery(k).await;
+            }
+            let builds = s.store.delivery(key).await?.unwrap_or_default();
             return Ok(outcome(StatusCode::OK, "duplicate", builds));
         }
+        claimed.push(key.clone());
     }
     let mut builds = vec![];
+    let mut errors: Vec<ApiErr> = vec![];
     for l in targets {
         let made = async {
             let svc = s
@@ -276,18 +289,25 @@ async fn hook(
         .await;
         match made {
             Ok(b) => builds.push(b.id),
-            Err(e) if builds.is_empty() => {
-                // Nothing built: a redelivery may try again.
-                if let Some(d) = &delivery {
-                    let _ = s.store.forget_delivery(d).await;
-                }
-                return Err(e);
+            Err(e) => {
+                tracing::warn!(service = %l.service, error = %e.message, "webhook build not started");
+                errors.push(e);
             }
-            Err(e) => tracing::warn!(service = %l.service, error = %e.message, "webhook build not started"),
         }
     }
-    if let Some(d) = &delivery {
-        s.store.set_delivery_builds(d, &builds).await?;
+    if builds.is_empty() {
+        // Nothing built: a redelivery may try again.
+        for k in &claimed {
+            let _ = s.store.forget_delivery(k).await;
+        }
+        let first = errors
+            .iter()
+            .position(|e| e.code == berth_protocol::ErrorCode::NoBuilder)
+            .unwrap_or(0);
+        return Err(errors.swap_remove(first));
+    }
+    for k in &claimed {
+        s.store.set_delivery_builds(k, &builds).await?;
     }
     tracing::info!(commit = %push.after, %branch, ?builds, "push webhook: building");
     Ok(outcome(StatusCode::ACCEPTED, "building", builds))

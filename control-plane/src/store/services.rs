@@ -234,7 +234,9 @@ impl Store {
         if gone == 0 {
             return Ok(RemoveService::NotFound);
         }
-        for table in ["replicas", "releases"] {
+        // Its git link goes too: a later service of the name must not
+        // inherit the repository and the webhook secret.
+        for table in ["replicas", "releases", "git_links"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE service = $1"))
                 .bind(name)
                 .execute(&mut *tx)
