@@ -14,11 +14,12 @@ use berth_control_plane::builds::BuildsConfig;
 use berth_control_plane::registry::RegistryConfig;
 use berth_protocol::build::{BuildInfo, BuildJob, BuildLogAck, BuildState, DEFAULT_TIMEOUT_SECS, MAX_TIMEOUT_SECS};
 use berth_protocol::ErrorCode;
+use common::podman::{import_one_file_image, podman_in, text};
 use common::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
@@ -200,14 +201,6 @@ async fn worker(cp: &Cp, name: &str) -> Agent {
     let mut a = Agent::new(name);
     cp.join(&mut a).await;
     a
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// A real (small) tar of a context: a Dockerfile and a file it copies.
@@ -665,18 +658,6 @@ async fn an_oversized_context_is_refused_and_fails_the_build(db: &Db) {
     );
 }
 
-/// `podman` with its own storage under `store` (vfs: plain files, removed
-/// with the temporary directory; the host's store is left alone).
-fn podman_in(store: &Path) -> Command {
-    let mut cmd = Command::new("podman");
-    cmd.arg("--root")
-        .arg(store.join("root"))
-        .arg("--runroot")
-        .arg(store.join("run"))
-        .args(["--storage-driver", "vfs"]);
-    cmd
-}
-
 fn have_podman() -> bool {
     if Command::new("podman")
         .arg("--version")
@@ -760,26 +741,13 @@ async fn a_build_is_released_only_once_its_image_is_in_the_registry(db: &Db) {
     std::fs::create_dir_all(&certs).unwrap();
     std::fs::copy(&cp.started.ca_file, certs.join("ca.crt")).unwrap();
     let store = work.path().join("store");
-    let rootfs = work.path().join("rootfs");
-    std::fs::create_dir_all(&rootfs).unwrap();
-    std::fs::write(rootfs.join("hello"), format!("built by build {}\n", j.id)).unwrap();
-    let tarball = work.path().join("image.tar");
-    let out = Command::new("tar")
-        .arg("-C")
-        .arg(&rootfs)
-        .arg("-cf")
-        .arg(&tarball)
-        .arg("hello")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "tar: {}", text(&out));
-    let out = podman_in(&store)
-        .arg("import")
-        .arg(&tarball)
-        .arg("localhost/built:1")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "podman import: {}", text(&out));
+    import_one_file_image(
+        &store,
+        work.path(),
+        "localhost/built:1",
+        "hello",
+        &format!("built by build {}\n", j.id),
+    );
     let creds = format!("{}:{}", j.registry.username, j.registry.password);
     let push = |to: &str| {
         podman_in(&store)

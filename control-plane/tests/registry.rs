@@ -10,6 +10,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use berth_control_plane::registry::RegistryConfig;
 use berth_protocol::ErrorCode;
+use common::podman::{import_one_file_image, podman_in, text};
 use common::*;
 use reqwest::{Method, StatusCode};
 use std::path::Path;
@@ -18,18 +19,6 @@ use std::time::{Duration, Instant};
 
 const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 const TEST_IMAGE: &str = "localhost/berth-test/busybox:latest";
-
-/// `podman` with its own storage under `store` (pulls land there, not in
-/// the host's store).
-fn podman_in(store: &Path) -> Command {
-    let mut cmd = Command::new("podman");
-    cmd.arg("--root")
-        .arg(store.join("root"))
-        .arg("--runroot")
-        .arg(store.join("run"))
-        .args(["--storage-driver", "vfs"]);
-    cmd
-}
 
 /// `podman pull` into `store`, trusting the control plane's CA (in `certs`).
 fn pull(store: &Path, certs: &Path, creds: Option<&str>, image: &str) -> Output {
@@ -79,14 +68,6 @@ fn pinned_image(image: &str, host: &str) -> (String, String) {
         .unwrap_or_else(|| panic!("not pinned to a digest: {image}"));
     assert!(digest.starts_with("sha256:") && digest.len() == 71, "{image}");
     (image.to_string(), digest.to_string())
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// The claims of a JWT (not verified: the registry does that).
@@ -227,26 +208,7 @@ async fn nodes_pull_admins_push_and_nobody_else_gets_in(db: &Db) {
 
     // Another image pushed to the same tag: nothing changes until the next
     // deploy, which pins the new digest.
-    let other = work.path().join("other");
-    std::fs::create_dir_all(&other).unwrap();
-    std::fs::write(other.join("marker"), "second image\n").unwrap();
-    let tarball = work.path().join("other.tar");
-    let out = Command::new("tar")
-        .arg("-C")
-        .arg(&other)
-        .arg("-cf")
-        .arg(&tarball)
-        .arg("marker")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let out = podman_in(&source)
-        .arg("import")
-        .arg(&tarball)
-        .arg("localhost/other:1")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "podman import: {}", text(&out));
+    import_one_file_image(&source, work.path(), "localhost/other:1", "marker", "second image\n");
     let admin_creds = format!("admin:{}", cp.admin_token);
     let out = push_image(&source, &certs, Some(&admin_creds), "localhost/other:1", &image);
     assert!(out.status.success(), "the second push failed: {}", text(&out));

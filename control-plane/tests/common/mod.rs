@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod podman;
+
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use berth_control_plane::store::nodes::{NewNode, Pools};
 use berth_control_plane::{start, ServeConfig, Started};
