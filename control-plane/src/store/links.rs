@@ -1,7 +1,7 @@
 //! Git links (a service built from a repository's branch on every push)
 //! and the webhook deliveries already acted on.
 
-use super::{is_unique_violation, now, Store};
+use super::{inserted, now, Store};
 use sqlx::Row;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,16 +85,13 @@ impl Store {
     /// Claims `delivery` (before acting on it, so two copies arriving at
     /// once build once); false if it was claimed before.
     pub async fn claim_delivery(&self, delivery: &str) -> sqlx::Result<bool> {
-        let res = sqlx::query("INSERT INTO hook_deliveries (delivery, builds, received_at) VALUES ($1, '[]', $2)")
-            .bind(delivery)
-            .bind(now())
-            .execute(&self.pool)
-            .await;
-        match res {
-            Ok(_) => Ok(true),
-            Err(e) if is_unique_violation(&e) => Ok(false),
-            Err(e) => Err(e),
-        }
+        inserted(
+            sqlx::query("INSERT INTO hook_deliveries (delivery, builds, received_at) VALUES ($1, '[]', $2)")
+                .bind(delivery)
+                .bind(now())
+                .execute(&self.pool)
+                .await,
+        )
     }
 
     pub async fn set_delivery_builds(&self, delivery: &str, builds: &[u64]) -> sqlx::Result<()> {

@@ -101,17 +101,14 @@ impl Store {
 
     /// Records a request nonce; `false` if it was seen before (a replay).
     pub async fn record_nonce(&self, node_id: &str, nonce: &str, expires_at: i64) -> sqlx::Result<bool> {
-        let res = sqlx::query("INSERT INTO nonces (node_id, nonce, expires_at) VALUES ($1, $2, $3)")
-            .bind(node_id)
-            .bind(nonce)
-            .bind(expires_at)
-            .execute(&self.pool)
-            .await;
-        match res {
-            Ok(_) => Ok(true),
-            Err(e) if is_unique_violation(&e) => Ok(false),
-            Err(e) => Err(e),
-        }
+        inserted(
+            sqlx::query("INSERT INTO nonces (node_id, nonce, expires_at) VALUES ($1, $2, $3)")
+                .bind(node_id)
+                .bind(nonce)
+                .bind(expires_at)
+                .execute(&self.pool)
+                .await,
+        )
     }
 
     pub async fn prune_nonces(&self, now: i64) -> sqlx::Result<u64> {
@@ -148,6 +145,15 @@ pub async fn bump_all(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> sqlx::Result
 
 pub fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+/// An INSERT's outcome as "was it new": false when the key was taken.
+pub fn inserted<T>(res: sqlx::Result<T>) -> sqlx::Result<bool> {
+    match res {
+        Ok(_) => Ok(true),
+        Err(e) if is_unique_violation(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// An error that may wrap a store error (so [`retry`] can tell whether the
