@@ -19,6 +19,19 @@ use std::time::{Duration, Instant};
 
 const SETTLE: Duration = Duration::from_secs(90);
 const DOMAIN: &str = "site.example.com";
+/// The site's spec on every deploy: two spread replicas, health on `/`.
+const SITE_FLAGS: &[&str] = &[
+    "--replicas",
+    "2",
+    "--port",
+    "8080",
+    "--health-http",
+    "/",
+    "--min-ready",
+    "1",
+    "--drain",
+    "2",
+];
 
 fn text(o: &Output) -> String {
     format!(
@@ -51,26 +64,9 @@ fn deploy_site(lab: &Lab, dir: &Path) -> Output {
 }
 
 fn deploy_command(lab: &Lab, dir: &Path) -> Command {
-    berth_command(
-        lab,
-        &[
-            "service",
-            "deploy",
-            "site",
-            "--build",
-            dir.to_str().unwrap(),
-            "--replicas",
-            "2",
-            "--port",
-            "8080",
-            "--health-http",
-            "/",
-            "--min-ready",
-            "1",
-            "--drain",
-            "2",
-        ],
-    )
+    let mut cmd = berth_command(lab, &["service", "deploy", "site", "--build", dir.to_str().unwrap()]);
+    cmd.args(SITE_FLAGS);
+    cmd
 }
 
 /// One HTTPS request for `DOMAIN` through the proxy at `ip`: status and body.
@@ -378,18 +374,7 @@ async fn a_directory_is_built_on_the_fleet_and_deployed_by_digest() {
             "web",
         ],
     );
-    cmd.args([
-        "--replicas",
-        "2",
-        "--port",
-        "8080",
-        "--health-http",
-        "/",
-        "--min-ready",
-        "1",
-        "--drain",
-        "2",
-    ]);
+    cmd.args(SITE_FLAGS);
     let out = tokio::task::block_in_place(|| cmd.output().unwrap());
     let log = text(&out);
     assert!(out.status.success(), "{log}");
