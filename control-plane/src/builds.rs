@@ -25,7 +25,7 @@ pub struct BuildsConfig {
 impl Default for BuildsConfig {
     fn default() -> Self {
         BuildsConfig {
-            max_context_bytes: 1 << 30,
+            max_context_bytes: berth_protocol::build::DEFAULT_MAX_CONTEXT_MIB << 20,
         }
     }
 }

@@ -110,7 +110,7 @@ struct Serve {
     registry_prune_hours: u64,
     /// Largest build context accepted (`berth service deploy --build`), in
     /// MiB; a larger upload is refused with 413.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = berth_protocol::build::DEFAULT_MAX_CONTEXT_MIB, value_parser = clap::value_parser!(u64).range(1..))]
     max_build_context_mib: u64,
     /// Run no fleet registry.
     #[arg(long, conflicts_with_all = ["registry_listen", "registry_bin", "registry_storage_config"])]

@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 
 /// Default bound on one build, in seconds.
 pub const DEFAULT_TIMEOUT_SECS: u32 = 30 * 60;
+/// The control plane's default bound on an uploaded context
+/// (`--max-build-context-mib`), which the CLI also packs at most.
+pub const DEFAULT_MAX_CONTEXT_MIB: u64 = 1024;
 /// Longest a build may be allowed to take.
 pub const MAX_TIMEOUT_SECS: u32 = 24 * 3600;
 
@@ -42,6 +45,17 @@ pub struct BuildRequest {
     /// else Dockerfile, in the context directory.
     #[serde(default)]
     pub git: Option<GitSource>,
+}
+
+/// Whether `p` is a `/`-separated path that stays inside its root: not
+/// absolute, no `..`, no NUL (empty is the root itself).
+pub fn stays_inside(p: &str) -> bool {
+    !p.starts_with('/') && !p.split('/').any(|c| c == "..") && !p.contains('\0')
+}
+
+/// Whether `s` is a full commit ID (40 hex digits).
+pub fn is_commit_id(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// A git repository to build from.
@@ -85,7 +99,7 @@ impl GitSource {
             }
         }
         if let Some(c) = &self.context {
-            if c.starts_with('/') || c.split('/').any(|p| p == "..") || c.contains('\0') {
+            if !stays_inside(c) {
                 return Err(crate::FieldError::new(
                     "git.context",
                     format_args!("{c:?} must be a directory inside the repository"),
@@ -97,9 +111,7 @@ impl GitSource {
 
     /// A full commit ID, which a shallow clone of a branch cannot fetch.
     pub fn is_commit(&self) -> bool {
-        self.reference
-            .as_deref()
-            .is_some_and(|r| r.len() == 40 && r.bytes().all(|b| b.is_ascii_hexdigit()))
+        self.reference.as_deref().is_some_and(is_commit_id)
     }
 }
 

@@ -12,7 +12,7 @@ use std::io::{IsTerminal, Write};
 
 /// The CLI packs at most this much (the control plane's default limit;
 /// one configured lower answers 413).
-const MAX_CONTEXT_BYTES: u64 = 1 << 30;
+const MAX_CONTEXT_BYTES: u64 = berth_protocol::build::DEFAULT_MAX_CONTEXT_MIB << 20;
 
 pub async fn run(api: &AdminClient, cmd: BuildCmd) -> anyhow::Result<i32> {
     match cmd {

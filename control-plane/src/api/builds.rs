@@ -23,8 +23,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use berth_protocol::build::{
-    BuildDone, BuildInfo, BuildJob, BuildLogAck, BuildRequest, BuildState, BuilderQuery, DEFAULT_TIMEOUT_SECS,
-    MAX_TIMEOUT_SECS,
+    is_commit_id, stays_inside, BuildDone, BuildInfo, BuildJob, BuildLogAck, BuildRequest, BuildState, BuilderQuery,
+    DEFAULT_TIMEOUT_SECS, MAX_TIMEOUT_SECS,
 };
 use berth_protocol::{ErrorCode, RegistryAccess, Role};
 use futures_util::StreamExt;
@@ -122,7 +122,7 @@ fn validate(req: &BuildRequest, registry: &Registry) -> ApiResult<()> {
     let d = &req.dockerfile;
     // A git build may leave it to the builder (Containerfile, else Dockerfile).
     let left_to_builder = d.is_empty() && req.git.is_some();
-    if !left_to_builder && (d.is_empty() || d.starts_with('/') || d.split('/').any(|p| p == "..") || d.contains('\0')) {
+    if !left_to_builder && (d.is_empty() || !stays_inside(d)) {
         return Err(ApiErr::invalid(
             "dockerfile",
             format!("dockerfile: {d:?} must be a path inside the context"),
@@ -631,7 +631,7 @@ async fn done(
     let b = build(&s, id).await?;
     if b.state == BuildState::Running {
         if let Some(c) = report.commit.as_deref().filter(|_| b.request.git.is_some()) {
-            if c.len() != 40 || !c.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if !is_commit_id(c) {
                 return Err(ApiErr::invalid("commit", format!("commit: {c:?} is not a commit ID")));
             }
             s.store.set_build_commit(id, c).await?;

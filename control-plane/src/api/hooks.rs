@@ -18,7 +18,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
 use axum::{Json, Router};
-use berth_protocol::build::{BuildRequest, GitLink, GitLinkInfo, GitSource, HookOutcome};
+use berth_protocol::build::{is_commit_id, stays_inside, BuildRequest, GitLink, GitLinkInfo, GitSource, HookOutcome};
 use berth_protocol::Removed;
 
 pub const HOOK_PATH: &str = "/v1/hooks/github";
@@ -76,7 +76,7 @@ async fn link(
         )
     })?;
     if let Some(d) = &l.dockerfile {
-        if d.is_empty() || d.starts_with('/') || d.split('/').any(|p| p == "..") {
+        if d.is_empty() || !stays_inside(d) {
             return Err(ApiErr::invalid(
                 "dockerfile",
                 format!("dockerfile: {d:?} must be a path inside the context"),
@@ -234,7 +234,7 @@ async fn hook(
     if event != "push" || targets.is_empty() || push.after.bytes().all(|b| b == b'0') {
         return Ok(outcome(StatusCode::ACCEPTED, "ignored", vec![]));
     }
-    if push.after.len() != 40 || !push.after.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !is_commit_id(&push.after) {
         return Err(ApiErr::invalid(
             "after",
             format!("after: {:?} is not a commit ID", push.after),
