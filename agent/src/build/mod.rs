@@ -119,7 +119,8 @@ async fn build(
 ) -> Result<(), String> {
     std::fs::create_dir_all(&s.work_dir).map_err(|e| format!("builder: {}: {e}", s.work_dir.display()))?;
     let context = s.work_dir.join(format!("build-{}.tar", job.id));
-    let secrets = open_secrets(&s.sealing, job)?;
+    let secrets = crate::containers::open_secret_map(&s.sealing, job.sealed_secrets.as_deref())
+        .map_err(|e| format!("build secrets: {e}"))?;
     let mut log = Log::new(client, job.id, &secrets);
     let result = run_build(client, s, job, secrets, &context, &mut log, commit).await;
     let _ = std::fs::remove_file(&context);
@@ -228,15 +229,6 @@ async fn run_build(
         s.podman.push(&name, &auth).await.map_err(|e| e.to_string())?;
     }
     Ok(())
-}
-
-fn open_secrets(sealing: &x25519_dalek::StaticSecret, job: &BuildJob) -> Result<BTreeMap<String, String>, String> {
-    let Some(sealed) = &job.sealed_secrets else {
-        return Ok(BTreeMap::new());
-    };
-    let plain = berth_protocol::seal::open(sealing, sealed)
-        .map_err(|e| format!("build secrets: cannot be opened with this node's key: {e}"))?;
-    serde_json::from_slice(&plain).map_err(|e| format!("build secrets: not a JSON map: {e}"))
 }
 
 /// Secret values shorter than this are not masked in the log (masking

@@ -952,10 +952,19 @@ async fn stop_and_remove(podman: &Podman, id: &str, timeout: Option<u32>) -> Res
 }
 
 fn open_secrets(sealing: &StaticSecret, c: &ContainerDesired) -> Result<BTreeMap<String, String>, String> {
-    let Some(sealed) = &c.sealed_secrets else {
+    open_secret_map(sealing, c.sealed_secrets.as_deref()).map_err(|e| format!("secrets: {e}"))
+}
+
+/// A service's secrets (a JSON map) sealed to this node; none when absent.
+/// Also the builder's, for build secrets.
+pub(crate) fn open_secret_map(
+    sealing: &StaticSecret,
+    sealed: Option<&str>,
+) -> Result<BTreeMap<String, String>, String> {
+    let Some(sealed) = sealed else {
         return Ok(BTreeMap::new());
     };
     let plain = berth_protocol::seal::open(sealing, sealed)
-        .map_err(|e| format!("secrets: cannot be opened with this node's key: {e}"))?;
-    serde_json::from_slice(&plain).map_err(|e| format!("secrets: not a JSON map: {e}"))
+        .map_err(|e| format!("cannot be opened with this node's key: {e}"))?;
+    serde_json::from_slice(&plain).map_err(|e| format!("not a JSON map: {e}"))
 }
