@@ -175,8 +175,9 @@ step "installing packages"
 if [ $PKG = apt ]; then
     want=(ca-certificates curl openssl iproute2 nftables wireguard-tools podman runc)
     $KERNEL_WG || want+=(wireguard-go)
-    # Workers build images: Podman's builder, and git for git builds.
-    $PROXY || want+=(git tar)
+    # Workers build images: Podman's builder, git (and ssh for deploy keys)
+    # for git builds.
+    $PROXY || want+=(git tar openssh-client)
     missing=()
     for p in "${want[@]}"; do
         dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -193,7 +194,7 @@ if [ $PKG = apt ]; then
 else
     want=(ca-certificates curl openssl iproute nftables wireguard-tools podman crun)
     $KERNEL_WG || want+=(wireguard-go)
-    $PROXY || want+=(git tar)
+    $PROXY || want+=(git tar openssh-clients)
     $CGROUP_V1 && want+=(runc)
     missing=()
     for p in "${want[@]}"; do

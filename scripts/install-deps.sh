@@ -22,6 +22,9 @@ have debootstrap || need+=(debootstrap)  # the fresh-server installer test
 have shellcheck || need+=(shellcheck)
 have strip || need+=(binutils)
 have systemd-analyze || need+=(systemd)
+have git || need+=(git)              # git builds
+have ssh || need+=(openssh-client)   # git builds over ssh
+have busybox || need+=(busybox)      # test servers (httpd)
 have docker-registry || need+=(docker-registry)  # the fleet registry the control plane runs
 
 if [ "${#need[@]}" -gt 0 ]; then

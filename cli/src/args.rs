@@ -330,6 +330,23 @@ pub struct DeployArgs {
     pub wait: WaitArgs,
 }
 
+/// How the builder signs in to a private repository (docs/builds.md).
+#[derive(Args, Clone, Default)]
+#[group(skip)]
+pub struct GitAuthArgs {
+    /// With --git: a file holding the builder's credential for a private
+    /// repository: for https:// a token (TOKEN, or USER:TOKEN where the
+    /// host wants a user), for ssh a deploy key (OpenSSH private key). The
+    /// control plane keeps it sealed and never shows it.
+    #[arg(long, value_name = "FILE", requires = "git")]
+    pub git_credential: Option<PathBuf>,
+    /// With an ssh --git URL: a file of the host's keys as known_hosts
+    /// lines (`ssh-keyscan HOST`). Without it the builder's
+    /// /etc/ssh/ssh_known_hosts must know the host.
+    #[arg(long, value_name = "FILE", requires = "git")]
+    pub git_known_hosts: Option<PathBuf>,
+}
+
 /// `deploy --build` / `--git`: the image is built on the fleet from a local
 /// directory or a git repository (docs/builds.md).
 #[derive(Args, Clone, Default)]
@@ -341,7 +358,7 @@ pub struct BuildArgs {
     #[arg(long, value_name = "DIR")]
     pub build: Option<PathBuf>,
     /// Build the image from this git repository (https://, git://, ssh://
-    /// or file:// URL), cloned by the builder node.
+    /// or file:// URL, or USER@HOST:PATH), cloned by the builder node.
     #[arg(long, value_name = "URL", conflicts_with = "build")]
     pub git: Option<String>,
     /// With --git: the branch, tag or commit [default: the default branch].
@@ -350,6 +367,8 @@ pub struct BuildArgs {
     /// With --git: the build context's directory in the repository [default: its root].
     #[arg(long, value_name = "SUBDIR", requires = "git")]
     pub context: Option<String>,
+    #[command(flatten)]
+    pub auth: GitAuthArgs,
     /// The Dockerfile [default: Containerfile, else Dockerfile, in the context].
     #[arg(long, value_name = "PATH", requires = "source")]
     pub dockerfile: Option<PathBuf>,
@@ -462,7 +481,7 @@ pub enum ServiceCmd {
     /// new secret.
     Link {
         name: String,
-        /// The repository, as the builder clones it (https://, git://, ssh://).
+        /// The repository, as the builder clones it (https://, git://, ssh://, USER@HOST:PATH).
         #[arg(long, value_name = "URL")]
         git: String,
         #[arg(long, default_value = "main")]
@@ -473,6 +492,8 @@ pub enum ServiceCmd {
         /// The Dockerfile in the context [default: Containerfile, else Dockerfile].
         #[arg(long, value_name = "PATH")]
         dockerfile: Option<String>,
+        #[command(flatten)]
+        auth: GitAuthArgs,
     },
     /// Stop building the service on pushes.
     Unlink { name: String },

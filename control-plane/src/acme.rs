@@ -312,7 +312,6 @@ impl Acme {
             return Ok(a.clone());
         }
         let setting = account_setting(&self.cfg.directory);
-        let cp_public = x25519_dalek::PublicKey::from(&self.state.secrets_key);
         let account = match self.state.store.setting(&setting).await? {
             Some(sealed) => self.restore(&sealed).await?,
             None => {
@@ -331,7 +330,7 @@ impl Acme {
                     )
                     .await
                     .with_context(|| format!("creating an ACME account at {}", self.cfg.directory))?;
-                let sealed = berth_protocol::seal::seal(&cp_public, &serde_json::to_vec(&creds)?);
+                let sealed = self.state.seal_for_store(&serde_json::to_vec(&creds)?);
                 let stored = self.state.store.setting_insert_if_absent(&setting, &sealed).await?;
                 if stored == sealed {
                     tracing::info!(directory = %self.cfg.directory, id = %account.id(), "ACME: account created");
@@ -385,8 +384,7 @@ impl Acme {
             .await
             .context("downloading the certificate")?;
         let (not_before, not_after) = validity(&chain)?;
-        let cp_public = x25519_dalek::PublicKey::from(&self.state.secrets_key);
-        let sealed = berth_protocol::seal::seal(&cp_public, key.serialize_pem().as_bytes());
+        let sealed = self.state.seal_for_store(key.serialize_pem().as_bytes());
         Ok(self
             .state
             .store

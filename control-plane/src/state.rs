@@ -92,6 +92,11 @@ impl AppState {
         }))
     }
 
+    /// `plain` sealed to the control plane's key, as the store keeps secrets.
+    pub fn seal_for_store(&self, plain: &[u8]) -> String {
+        berth_protocol::seal::seal(&x25519_dalek::PublicKey::from(&self.secrets_key), plain)
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<i64> {
         self.revision.subscribe()
     }

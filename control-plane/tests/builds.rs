@@ -254,6 +254,7 @@ on_both_stores!(
     a_builder_claims_fetches_logs_and_is_cancelled,
     an_oversized_context_is_refused_and_fails_the_build,
     a_build_is_released_only_once_its_image_is_in_the_registry,
+    a_git_credential_is_kept_sealed_and_reaches_only_the_builder,
 );
 
 async fn without_a_registry_there_are_no_builds(db: &Db) {
@@ -811,4 +812,144 @@ async fn a_build_is_released_only_once_its_image_is_in_the_registry(db: &Db) {
             BuildState::Failed
         ]
     );
+}
+
+/// HMAC-SHA256 of `body` under `secret`, as GitHub signs a delivery.
+fn hub_signature(secret: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    format!("sha256={}", hex::encode(ring::hmac::sign(&key, body).as_ref()))
+}
+
+async fn a_git_credential_is_kept_sealed_and_reaches_only_the_builder(db: &Db) {
+    if !have_registry() {
+        return;
+    }
+    let (cp, _host) = start(db, BuildsConfig::default()).await;
+    let n1 = cp.join_sealed("n1", false).await;
+    let opened = |sealed: &Option<String>| {
+        let sealed = sealed.as_deref().expect("the job has a sealed credential");
+        String::from_utf8(berth_protocol::seal::open(&n1.seal, sealed).unwrap()).unwrap()
+    };
+    let token = "ghp_tokenthatmustnotleak42";
+    let git_request = |git: Value| {
+        let mut req = request("web");
+        req["dockerfile"] = json!("");
+        req["git"] = git;
+        req
+    };
+
+    // Refused before anything is stored, naming the field.
+    for (git, field) in [
+        (
+            json!({"url": "https://h/app.git", "credential_sealed": "AAAA"}),
+            "git.credential_sealed",
+        ),
+        (json!({"url": "git://h/app.git", "credential": token}), "git.credential"),
+        (json!({"url": format!("https://ci:{token}@h/app.git")}), "git.url"),
+        (
+            json!({"url": "https://h/app.git", "known_hosts": "h ssh-ed25519 AAAA"}),
+            "git.known_hosts",
+        ),
+    ] {
+        let r = create(&cp, &git_request(git)).await;
+        r.coded(StatusCode::BAD_REQUEST, ErrorCode::InvalidField, Some(field));
+        assert!(!r.body.contains(token), "{}", r.body);
+    }
+    assert_eq!(list(&cp).await, vec![]);
+
+    // A token: never shown, stored sealed, opened by the builder only.
+    ready(&cp, &n1.agent, "amd64").await;
+    let waiting = poll(&cp, &n1.agent, "amd64", 30);
+    let b = create_ready(
+        &cp,
+        &git_request(json!({"url": "https://h/app.git", "ref": "main", "credential": format!("{token}\n")})),
+    )
+    .await;
+    let j = job(waiting).await;
+    assert_eq!(j.id, b.id);
+    let g = j.git.clone().unwrap();
+    assert_eq!((g.credential, opened(&g.credential_sealed)), (None, token.to_string()));
+    let shown = Reply::from(cp.admin(Method::GET, "/v1/builds").send().await.unwrap()).await;
+    assert!(
+        !shown.body.contains(token) && !shown.body.contains("credential"),
+        "{}",
+        shown.body
+    );
+    let stored = cp.store().get_build(b.id).await.unwrap().unwrap();
+    let json = serde_json::to_string(&stored.request).unwrap();
+    assert!(!json.contains(token) && json.contains("credential_sealed"), "{json}");
+    done(&cp, &n1.agent, j.id, Some("stop here")).await;
+
+    // A link with a deploy key: a push builds with it.
+    let r = Reply::from(
+        cp.admin(Method::POST, "/v1/services")
+            .json(&json!({"name": "web", "image": "localhost/web:1", "replicas": 0}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let key = "-----BEGIN OPENSSH PRIVATE KEY-----\nc2VjcmV0LWtleS1ieXRlcw==\n-----END OPENSSH PRIVATE KEY-----\n";
+    let hosts = "[git.example]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA\n";
+    let url = "ssh://git@git.example:2222/org/web.git";
+    let link = |body: Value| cp.admin(Method::PUT, "/v1/services/web/link").json(&body).send();
+    let r = Reply::from(
+        link(json!({"url": url, "branch": "main", "credential": "token"}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    r.coded(StatusCode::BAD_REQUEST, ErrorCode::InvalidField, Some("credential"));
+    let r = Reply::from(
+        link(json!({"url": url, "branch": "main", "credential": key, "known_hosts": hosts}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(!r.body.contains("c2VjcmV0"), "{}", r.body);
+    let made: berth_protocol::build::GitLinkInfo = r.json();
+    assert!(made.has_credential);
+    assert_eq!(made.link.known_hosts.as_deref(), Some(hosts));
+    let shown = Reply::from(cp.admin(Method::GET, "/v1/services/web/link").send().await.unwrap()).await;
+    assert!(!shown.body.contains("c2VjcmV0"), "{}", shown.body);
+    assert!(shown.json::<berth_protocol::build::GitLinkInfo>().has_credential);
+
+    let waiting = poll(&cp, &n1.agent, "amd64", 30);
+    let commit = "c".repeat(40);
+    let push = serde_json::to_vec(&json!({
+        "ref": "refs/heads/main",
+        "after": commit,
+        "repository": {"ssh_url": url},
+    }))
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = Reply::from(
+            cp.http
+                .post(format!("{}/v1/hooks/github", cp.url))
+                .header("x-github-event", "push")
+                .header(
+                    "x-hub-signature-256",
+                    hub_signature(made.secret.as_deref().unwrap(), &push),
+                )
+                .body(push.clone())
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        // The long-poll may not have made n1 a ready builder yet.
+        if r.status != StatusCode::SERVICE_UNAVAILABLE || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let j = job(waiting).await;
+    let g = j.git.clone().unwrap();
+    assert_eq!(g.reference.as_deref(), Some(commit.as_str()));
+    assert_eq!(opened(&g.credential_sealed), key.trim());
+    assert_eq!(g.known_hosts.as_deref(), Some(hosts));
 }

@@ -70,20 +70,101 @@ pub struct GitSource {
     /// The build context inside the repository [default: its root].
     #[serde(default)]
     pub context: Option<String>,
+    /// How the builder signs in, for a private repository: with an
+    /// `https://` URL a token (`TOKEN`, or `USER:TOKEN` where the host
+    /// wants a user), with ssh a deploy key (an OpenSSH private key). Sent
+    /// by the admin once: the control plane keeps it sealed
+    /// (`credential_sealed`) and never shows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    /// `credential`, sealed: to the control plane's key in the store, to
+    /// the builder's key in a job. Set by the control plane only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_sealed: Option<String>,
+    /// For ssh: the host's keys as `known_hosts` lines (`ssh-keyscan HOST`).
+    /// Without them the builder's /etc/ssh/ssh_known_hosts must know the
+    /// host: an unknown host key is never accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_hosts: Option<String>,
+}
+
+/// How a git URL is fetched, which decides the credential it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GitTransport {
+    /// `https://`, `http://`: a token.
+    Http,
+    /// `ssh://` or scp-like `USER@HOST:PATH`: a deploy key.
+    Ssh,
+    /// `git://`, `file://`: no credential.
+    Plain,
+}
+
+/// Longest credential or known_hosts text taken.
+const MAX_CREDENTIAL_BYTES: usize = 64 * 1024;
+
+/// Whether `u` is an scp-like ssh address, `USER@HOST:PATH` (what GitHub
+/// shows as the SSH URL).
+fn is_scp_like(u: &str) -> bool {
+    let Some((user_host, path)) = u.split_once(':') else {
+        return false;
+    };
+    let Some((user, host)) = user_host.split_once('@') else {
+        return false;
+    };
+    let word = |w: &str| !w.is_empty() && w.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    word(user) && word(host) && !user.starts_with('-') && !path.is_empty() && !path.starts_with('-')
 }
 
 impl GitSource {
+    /// A source of `url` at `reference`, without credentials.
+    pub fn new(url: &str, reference: Option<&str>, context: Option<&str>) -> GitSource {
+        GitSource {
+            url: url.into(),
+            reference: reference.map(String::from),
+            context: context.map(String::from),
+            credential: None,
+            credential_sealed: None,
+            known_hosts: None,
+        }
+    }
+
+    pub fn transport(&self) -> GitTransport {
+        let u = &self.url;
+        if u.starts_with("https://") || u.starts_with("http://") {
+            GitTransport::Http
+        } else if u.starts_with("ssh://") || is_scp_like(u) {
+            GitTransport::Ssh
+        } else {
+            GitTransport::Plain
+        }
+    }
+
     /// Checks the URL, ref and context as the builder will use them.
     pub fn validate(&self) -> Result<(), crate::FieldError> {
         let u = &self.url;
         let schemes = ["https://", "http://", "git://", "ssh://", "file://"];
-        if !schemes.iter().any(|s| u.starts_with(s) && u.len() > s.len())
+        if !(schemes.iter().any(|s| u.starts_with(s) && u.len() > s.len()) || is_scp_like(u))
             || u.chars().any(|c| c.is_whitespace() || c.is_control())
         {
             return Err(crate::FieldError::new(
                 "git.url",
-                format_args!("{u:?} is not a https://, http://, git://, ssh:// or file:// URL"),
+                format_args!("{u:?} is not a https://, http://, git://, ssh:// or file:// URL, or USER@HOST:PATH"),
             ));
+        }
+        // A password in the URL would be stored and shown with the build.
+        if self.transport() == GitTransport::Http {
+            let authority = u
+                .split_once("://")
+                .map_or("", |(_, r)| r.split('/').next().unwrap_or(""));
+            if authority
+                .split_once('@')
+                .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+            {
+                return Err(crate::FieldError::new(
+                    "git.url",
+                    "has a password in it: give the token as the credential (--git-credential), which is kept sealed",
+                ));
+            }
         }
         if let Some(r) = &self.reference {
             // Never an option to git, never a path outside refs.
@@ -104,6 +185,49 @@ impl GitSource {
                     "git.context",
                     format_args!("{c:?} must be a directory inside the repository"),
                 ));
+            }
+        }
+        self.validate_credentials()
+    }
+
+    fn validate_credentials(&self) -> Result<(), crate::FieldError> {
+        let transport = self.transport();
+        if let Some(c) = &self.credential {
+            let bad = |why: &str| Err(crate::FieldError::new("git.credential", why));
+            match transport {
+                GitTransport::Plain => return bad("git:// and file:// URLs take no credential"),
+                _ if c.trim().is_empty() => return bad("is empty"),
+                _ if c.len() > MAX_CREDENTIAL_BYTES => return bad("is longer than 64 KiB"),
+                GitTransport::Http if c.trim().chars().any(|ch| ch.is_whitespace() || ch.is_control()) => {
+                    return bad("must be one token (TOKEN or USER:TOKEN) for an https:// URL")
+                }
+                GitTransport::Ssh if !c.contains("PRIVATE KEY-----") => {
+                    return bad("must be an OpenSSH private key (a deploy key) for an ssh URL")
+                }
+                _ => {}
+            }
+        }
+        if let Some(k) = &self.known_hosts {
+            let bad = |why: String| Err(crate::FieldError::new("git.known_hosts", why));
+            if transport != GitTransport::Ssh {
+                return bad("only an ssh URL takes known_hosts".into());
+            }
+            if k.len() > MAX_CREDENTIAL_BYTES {
+                return bad("is longer than 64 KiB".into());
+            }
+            let lines: Vec<&str> = k
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .collect();
+            if lines.is_empty() {
+                return bad("has no host key lines (`ssh-keyscan HOST` prints them)".into());
+            }
+            if let Some(l) = lines
+                .iter()
+                .find(|l| l.split_whitespace().count() < 3 || l.chars().any(|c| c.is_control() && c != '\t'))
+            {
+                return bad(format!("{l:?} is not a known_hosts line (HOST KEYTYPE KEY)"));
             }
         }
         Ok(())
@@ -239,6 +363,11 @@ pub struct GitLink {
     pub context: Option<String>,
     #[serde(default)]
     pub dockerfile: Option<String>,
+    /// As [`GitSource::credential`]; never shown back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_hosts: Option<String>,
 }
 
 /// A service's link as shown; `secret` only in the answer that made it.
@@ -246,6 +375,9 @@ pub struct GitLink {
 pub struct GitLinkInfo {
     pub service: String,
     pub link: GitLink,
+    /// The link has a credential (kept sealed, never shown).
+    #[serde(default)]
+    pub has_credential: bool,
     /// The webhook's HMAC-SHA256 secret, shown once.
     #[serde(default)]
     pub secret: Option<String>,
@@ -300,11 +432,7 @@ mod tests {
 
     #[test]
     fn git_sources_are_checked() {
-        let ok = |url: &str, r: Option<&str>, c: Option<&str>| GitSource {
-            url: url.into(),
-            reference: r.map(String::from),
-            context: c.map(String::from),
-        };
+        let ok = GitSource::new;
         ok("https://example.com/a/b.git", Some("main"), Some("web"))
             .validate()
             .unwrap();
@@ -325,6 +453,53 @@ mod tests {
         }
         assert!(ok("https://x/a", Some(&"a".repeat(40)), None).is_commit());
         assert!(!ok("https://x/a", Some("main"), None).is_commit());
+    }
+
+    #[test]
+    fn git_credentials_are_checked() {
+        let with = |url: &str, cred: Option<&str>, hosts: Option<&str>| GitSource {
+            credential: cred.map(String::from),
+            known_hosts: hosts.map(String::from),
+            ..GitSource::new(url, None, None)
+        };
+        let key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn\n-----END OPENSSH PRIVATE KEY-----\n";
+        let hosts = "# scanned\n[127.0.0.1]:2222 ssh-ed25519 AAAAC3Nza\n";
+        assert_eq!(
+            with("git@github.com:org/app.git", None, None).transport(),
+            GitTransport::Ssh
+        );
+        assert_eq!(with("ssh://git@h/app.git", None, None).transport(), GitTransport::Ssh);
+        assert_eq!(with("https://h/app.git", None, None).transport(), GitTransport::Http);
+        assert_eq!(with("git://h/app.git", None, None).transport(), GitTransport::Plain);
+        with("https://h/app.git", Some("ghp_abc"), None).validate().unwrap();
+        with("https://h/app.git", Some("ci:ghp_abc\n"), None)
+            .validate()
+            .unwrap();
+        with("git@github.com:org/app.git", Some(key), Some(hosts))
+            .validate()
+            .unwrap();
+        with("ssh://git@h:2222/app.git", Some(key), None).validate().unwrap();
+        for (bad, field) in [
+            (with("https://u:pw@h/app.git", None, None), "git.url"),
+            (with("-oProxyCommand=x@h:p", None, None), "git.url"),
+            (with("git://h/app.git", Some("tok"), None), "git.credential"),
+            (with("https://h/app.git", Some("two words"), None), "git.credential"),
+            (with("https://h/app.git", Some("  "), None), "git.credential"),
+            (with("ssh://h/app.git", Some("not-a-key"), None), "git.credential"),
+            (with("https://h/app.git", None, Some(hosts)), "git.known_hosts"),
+            (
+                with("ssh://h/app.git", None, Some("# only a comment\n")),
+                "git.known_hosts",
+            ),
+            (
+                with("ssh://h/app.git", None, Some("h ssh-ed25519\n")),
+                "git.known_hosts",
+            ),
+        ] {
+            assert_eq!(bad.validate().unwrap_err().field, field, "{bad:?}");
+        }
+        // A user without a password is no secret: allowed.
+        with("https://ci@h/app.git", None, None).validate().unwrap();
     }
 
     #[test]

@@ -120,6 +120,17 @@ impl Drop for ContinuousPing {
     }
 }
 
+/// A server a test started (`git daemon`, busybox httpd): killed when the
+/// test ends, passed or not, so none outlives its namespace.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Public keys of the WireGuard peers configured on a lab node, sorted
 /// (wireguard-go lists them in no fixed order).
 pub fn wg_peers(lab: &Lab, node: &str) -> anyhow::Result<Vec<String>> {

@@ -344,21 +344,23 @@ async fn a_directory_is_built_on_the_fleet_and_deployed_by_digest() {
     git(&["commit", "-q", "-m", "site"]);
     let commit = git(&["rev-parse", "HEAD"]);
     let index = lab.node(&proxy).unwrap().index;
-    let mut daemon = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.net.node_ns(index),
-            "git",
-            "daemon",
-            "--reuseaddr",
-            "--export-all",
-        ])
-        .arg(format!("--listen={proxy_ip}"))
-        .arg(format!("--base-path={}", work.display()))
-        .arg(&work)
-        .spawn()
-        .unwrap();
+    let daemon = KillOnDrop(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.net.node_ns(index),
+                "git",
+                "daemon",
+                "--reuseaddr",
+                "--export-all",
+            ])
+            .arg(format!("--listen={proxy_ip}"))
+            .arg(format!("--base-path={}", work.display()))
+            .arg(&work)
+            .spawn()
+            .unwrap(),
+    );
     let url = format!("git://{proxy_ip}/repo");
     let mut cmd = berth_command(
         &lab,
@@ -399,6 +401,73 @@ async fn a_directory_is_built_on_the_fleet_and_deployed_by_digest() {
         fetch(&proxy_ip, &root),
         ("200".to_string(), "site from git\n".to_string())
     );
+
+    // Case 6b: a private repository over http, behind basic auth (busybox
+    // httpd running `git http-backend` in the proxy node's namespace): the
+    // token from --git-credential signs the builder in and shows nowhere.
+    let token = "tok-private-repo-0451";
+    let www = work.join("www");
+    std::fs::create_dir_all(www.join("cgi-bin")).unwrap();
+    let cgi = www.join("cgi-bin/git");
+    std::fs::write(
+        &cgi,
+        format!(
+            "#!/bin/sh\nGIT_PROJECT_ROOT='{}' GIT_HTTP_EXPORT_ALL=1 exec git http-backend\n",
+            work.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cgi, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(work.join("httpd.conf"), format!("/cgi-bin:ci:{token}\n")).unwrap();
+    std::fs::write(work.join("token"), format!("ci:{token}\n")).unwrap();
+    let httpd = KillOnDrop(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.net.node_ns(index),
+                "busybox",
+                "httpd",
+                "-f",
+                "-r",
+                "git",
+            ])
+            .arg("-p")
+            .arg(format!("{proxy_ip}:8099"))
+            .arg("-h")
+            .arg(&www)
+            .arg("-c")
+            .arg(work.join("httpd.conf"))
+            .spawn()
+            .unwrap(),
+    );
+    let private_url = format!("http://{proxy_ip}:8099/cgi-bin/git/repo");
+    let deploy_private = |credential: Option<&Path>| {
+        let mut cmd = berth_command(
+            &lab,
+            &["service", "deploy", "site", "--git", &private_url, "--context", "web"],
+        );
+        if let Some(c) = credential {
+            cmd.arg("--git-credential").arg(c);
+        }
+        cmd.args(SITE_FLAGS);
+        tokio::task::block_in_place(|| cmd.output().unwrap())
+    };
+    let out = deploy_private(None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("could not read Username"), "{}", text(&out));
+    let out = deploy_private(Some(&work.join("token")));
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains(&format!("commit {commit}")) && !log.contains(token),
+        "{log}"
+    );
+    let b = admin.list_builds(Some("site"), 1).await.unwrap().remove(0);
+    assert_eq!(b.commit.as_deref(), Some(commit.as_str()), "{b:?}");
+    let out = berth(&lab, &["build", "show", &b.id.to_string()]);
+    assert!(out.status.success() && !text(&out).contains(token), "{}", text(&out));
+    drop(httpd);
 
     // Case 7: the push webhook. `berth service link` prints the secret; a
     // badly signed delivery gets 401 and builds nothing, a signed one
@@ -519,8 +588,7 @@ async fn a_directory_is_built_on_the_fleet_and_deployed_by_digest() {
         assert!(Instant::now() < deadline, "the pushed commit was not deployed");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    drop(daemon);
 
     // Case 8: `berth apply -f` with a build table (its dir relative to the
     // file); `berth service unlink` ends the link.

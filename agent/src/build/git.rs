@@ -2,17 +2,115 @@
 //! prompting) into its work dir and packs the context directory as the tar
 //! Podman's build API takes.
 
-use berth_protocol::build::GitSource;
+use berth_protocol::build::{GitSource, GitTransport};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use tokio::process::Command;
 
 /// The files looked for when a git build names no Dockerfile, in order.
 const DOCKERFILE_NAMES: &[&str] = &["Containerfile", "Dockerfile"];
 
+/// How git signs in to the repository: environment for every git run.
+/// A token goes to a credential helper through the environment (never the
+/// command line or the URL, which other users and logs see), scoped to the
+/// repository's origin; a deploy key is a 0600 file in the build's own
+/// directory, used by ssh with host keys checked strictly.
+#[derive(Debug, Default)]
+pub struct GitAuth {
+    env: Vec<(String, String)>,
+}
+
+/// The username sent with a bare token: GitHub, Gitea and Forgejo take any
+/// non-empty name with a token; GitLab wants `USER:TOKEN` in the credential.
+const TOKEN_USER: &str = "x-access-token";
+
+/// Prints the credential from the environment when git asks for it.
+const CREDENTIAL_HELPER: &str =
+    "!f() { test \"$1\" = get && printf 'username=%s\\npassword=%s\\n' \"$BERTH_GIT_USER\" \"$BERTH_GIT_PASSWORD\"; }; f";
+
+impl GitAuth {
+    /// Prepares the sign-in for `src` with `credential` (the opened
+    /// `credential_sealed`); ssh's files go in `dir` (made 0700), which the
+    /// caller removes after the clone.
+    pub fn new(src: &GitSource, credential: Option<&str>, dir: &Path) -> Result<GitAuth, String> {
+        let mut env = vec![];
+        match src.transport() {
+            GitTransport::Http => {
+                if let Some(c) = credential {
+                    let c = c.trim();
+                    let (user, password) = c.split_once(':').unwrap_or((TOKEN_USER, c));
+                    let origin = origin(&src.url).ok_or("git.url: has no host")?;
+                    let config = [
+                        // Empty first: forget the helpers configured on the builder.
+                        ("credential.helper".to_string(), String::new()),
+                        (format!("credential.{origin}.helper"), CREDENTIAL_HELPER.to_string()),
+                    ];
+                    env.push(("GIT_CONFIG_COUNT".into(), config.len().to_string()));
+                    for (i, (k, v)) in config.into_iter().enumerate() {
+                        env.push((format!("GIT_CONFIG_KEY_{i}"), k));
+                        env.push((format!("GIT_CONFIG_VALUE_{i}"), v));
+                    }
+                    env.push(("BERTH_GIT_USER".into(), user.to_string()));
+                    env.push(("BERTH_GIT_PASSWORD".into(), password.to_string()));
+                }
+            }
+            GitTransport::Ssh => {
+                let d = dir
+                    .to_str()
+                    .filter(|d| !d.contains('\''))
+                    .ok_or("the work dir's path cannot be quoted")?;
+                std::fs::create_dir_all(dir).map_err(|e| format!("{d}: {e}"))?;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(|e| format!("{d}: {e}"))?;
+                // Never a prompt, never an unknown host key accepted.
+                let mut cmd = "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes".to_string();
+                let private = |name: &str, text: &str| -> Result<String, String> {
+                    let path = dir.join(name);
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&path)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    // ssh refuses a key file without its final newline.
+                    f.write_all(format!("{}\n", text.trim_end()).as_bytes())
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    Ok(format!("{d}/{name}"))
+                };
+                if let Some(key) = credential {
+                    let key = private("deploy-key", key)?;
+                    cmd.push_str(&format!(" -i '{key}' -o IdentitiesOnly=yes -o IdentityAgent=none"));
+                }
+                match &src.known_hosts {
+                    Some(hosts) => {
+                        let hosts = private("known_hosts", hosts)?;
+                        cmd.push_str(&format!(" -o UserKnownHostsFile='{hosts}'"));
+                    }
+                    // The builder's /etc/ssh/ssh_known_hosts only.
+                    None => cmd.push_str(" -o UserKnownHostsFile=/dev/null"),
+                }
+                env.push(("GIT_SSH_COMMAND".into(), cmd));
+            }
+            GitTransport::Plain => {}
+        }
+        Ok(GitAuth { env })
+    }
+}
+
+/// `SCHEME://HOST[:PORT]` of an http(s) URL, without any user.
+fn origin(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    (!host.is_empty()).then(|| format!("{scheme}://{host}"))
+}
+
 /// Runs `git ARGS`, appending what it printed to `out`.
-async fn git(args: &[&str], out: &mut String) -> Result<(), String> {
+async fn git(args: &[&str], auth: &GitAuth, out: &mut String) -> Result<(), String> {
     let o = Command::new("git")
         .args(args)
+        .envs(auth.env.iter().map(|(k, v)| (k, v)))
         .env("GIT_TERMINAL_PROMPT", "0")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -33,18 +131,25 @@ async fn git(args: &[&str], out: &mut String) -> Result<(), String> {
 
 /// Clones `src` into `dir` at its ref; returns the commit. A branch or tag
 /// is cloned shallow; a full commit ID needs the whole history.
-pub async fn checkout(src: &GitSource, dir: &Path, out: &mut String) -> Result<String, String> {
+pub async fn checkout(src: &GitSource, auth: &GitAuth, dir: &Path, out: &mut String) -> Result<String, String> {
     let d = dir.to_str().ok_or("the work dir is not UTF-8")?;
     match src.reference.as_deref() {
         Some(commit) if src.is_commit() => {
-            git(&["clone", "-q", "--no-checkout", "--", &src.url, d], out).await?;
-            git(&["-C", d, "checkout", "-q", commit], out).await?;
+            git(&["clone", "-q", "--no-checkout", "--", &src.url, d], auth, out).await?;
+            git(&["-C", d, "checkout", "-q", commit], auth, out).await?;
         }
-        Some(r) => git(&["clone", "-q", "--depth", "1", "--branch", r, "--", &src.url, d], out).await?,
-        None => git(&["clone", "-q", "--depth", "1", "--", &src.url, d], out).await?,
+        Some(r) => {
+            git(
+                &["clone", "-q", "--depth", "1", "--branch", r, "--", &src.url, d],
+                auth,
+                out,
+            )
+            .await?
+        }
+        None => git(&["clone", "-q", "--depth", "1", "--", &src.url, d], auth, out).await?,
     }
     let mut rev = String::new();
-    git(&["-C", d, "rev-parse", "HEAD"], &mut rev).await?;
+    git(&["-C", d, "rev-parse", "HEAD"], auth, &mut rev).await?;
     Ok(rev.trim().to_string())
 }
 
@@ -165,11 +270,7 @@ mod tests {
         std::fs::create_dir(&origin).unwrap();
         let (first, second) = repo(&origin);
         let url = format!("file://{}", origin.display());
-        let src = |r: Option<&str>| GitSource {
-            url: url.clone(),
-            reference: r.map(String::from),
-            context: Some("web".into()),
-        };
+        let src = |r: Option<&str>| GitSource::new(&url, r, Some("web"));
         for (i, (r, want, page)) in [
             (None, &second, "two"),
             (Some("main"), &second, "two"),
@@ -181,7 +282,7 @@ mod tests {
         {
             let dir = tmp.path().join(format!("co{i}"));
             let mut out = String::new();
-            let commit = checkout(&src(r), &dir, &mut out).await.unwrap();
+            let commit = checkout(&src(r), &GitAuth::default(), &dir, &mut out).await.unwrap();
             assert_eq!(&commit, want, "{r:?}");
             let (ctx, dockerfile) = context_and_dockerfile(&dir, &src(r), "").unwrap();
             assert_eq!(dockerfile, "Containerfile");
@@ -189,9 +290,14 @@ mod tests {
         }
 
         let mut out = String::new();
-        let err = checkout(&src(Some("nope")), &tmp.path().join("bad"), &mut out)
-            .await
-            .unwrap_err();
+        let err = checkout(
+            &src(Some("nope")),
+            &GitAuth::default(),
+            &tmp.path().join("bad"),
+            &mut out,
+        )
+        .await
+        .unwrap_err();
         assert!(err.starts_with("git clone"), "{err}");
         let dir = tmp.path().join("co0");
         let mut root = src(None);

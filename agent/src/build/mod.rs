@@ -5,7 +5,7 @@
 //! build's own credentials and reports the result; the control plane then
 //! pins the digest and releases the service (docs/builds.md).
 
-mod git;
+pub mod git;
 
 use crate::client::{Client, Refused};
 use crate::podman::{BuildParams, Podman};
@@ -121,8 +121,26 @@ async fn build(
     let context = s.work_dir.join(format!("build-{}.tar", job.id));
     let secrets = crate::containers::open_secret_map(&s.sealing, job.sealed_secrets.as_deref())
         .map_err(|e| format!("build secrets: {e}"))?;
-    let mut log = Log::new(client, job.id, &secrets);
-    let result = run_build(client, s, job, secrets, &context, &mut log, commit).await;
+    let credential = match job.git.as_ref().and_then(|g| g.credential_sealed.as_deref()) {
+        Some(sealed) => Some(
+            berth_protocol::seal::open(&s.sealing, sealed)
+                .ok()
+                .and_then(|c| String::from_utf8(c).ok())
+                .ok_or("git.credential: cannot be opened with this node's key")?,
+        ),
+        None => None,
+    };
+    // The log never shows a credential either (a token, or its USER:TOKEN's token).
+    let mut masked = secrets.clone();
+    if let Some(c) = &credential {
+        masked.insert("git.credential".into(), c.trim().to_string());
+        if let Some((_, token)) = c.trim().split_once(':') {
+            masked.insert("git.credential token".into(), token.to_string());
+        }
+    }
+    let mut log = Log::new(client, job.id, &masked);
+    let opened = Opened { secrets, credential };
+    let result = run_build(client, s, job, opened, &context, &mut log, commit).await;
     let _ = std::fs::remove_file(&context);
     // The control plane ends the log with the error, which may quote a
     // step's output.
@@ -130,11 +148,19 @@ async fn build(
     result.map_err(|e| mask(&log.masks, &e))
 }
 
+/// What the job's sealed fields opened to.
+struct Opened {
+    /// Mounted with `RUN --mount=type=secret,id=NAME`.
+    secrets: BTreeMap<String, String>,
+    /// The git credential: for the clone only, never in the build.
+    credential: Option<String>,
+}
+
 async fn run_build(
     client: &Client,
     s: &BuilderSettings,
     job: &BuildJob,
-    secrets: BTreeMap<String, String>,
+    opened: Opened,
     context: &std::path::Path,
     log: &mut Log<'_>,
     built_commit: &mut Option<String>,
@@ -158,11 +184,18 @@ async fn run_build(
             ));
             log.flush().await;
             let mut out = String::new();
-            let cloned = tokio::time::timeout(
-                Duration::from_secs(job.timeout_secs.into()),
-                git::checkout(src, &checkout, &mut out),
-            )
-            .await;
+            let auth_dir = s.work_dir.join(format!("build-{}-auth", job.id));
+            let cloned = match git::GitAuth::new(src, opened.credential.as_deref(), &auth_dir) {
+                Ok(auth) => {
+                    tokio::time::timeout(
+                        Duration::from_secs(job.timeout_secs.into()),
+                        git::checkout(src, &auth, &checkout, &mut out),
+                    )
+                    .await
+                }
+                Err(e) => Ok(Err(e)),
+            };
+            let _ = std::fs::remove_dir_all(&auth_dir);
             log.push(&out);
             let result = async {
                 let commit = cloned.map_err(|_| format!("timed out after {} s", job.timeout_secs))??;
@@ -184,7 +217,7 @@ async fn run_build(
         build_args: job.build_args.clone(),
         target: job.target.clone(),
         registry_config: Some(registry::config_header(&job.registry)),
-        secrets,
+        secrets: opened.secrets,
     };
     let (tx, mut rx) = mpsc::channel::<String>(256);
     let building = s.podman.build(&params, context, tx);

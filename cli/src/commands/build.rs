@@ -3,7 +3,7 @@
 //! release it makes.
 
 use super::service::started;
-use crate::args::{BuildArgs, BuildCmd, WaitArgs};
+use crate::args::{BuildArgs, BuildCmd, GitAuthArgs, WaitArgs};
 use crate::context;
 use berth_client::AdminClient;
 use berth_protocol::build::{BuildInfo, BuildRequest, BuildState, GitSource};
@@ -40,21 +40,54 @@ fn write_out(chunk: &[u8]) {
     let _ = out.flush();
 }
 
+/// The contents of `--git-credential` and `--git-known-hosts`.
+pub fn read_git_auth(a: &GitAuthArgs) -> anyhow::Result<(Option<String>, Option<String>)> {
+    let read = |flag: &str, p: &Option<std::path::PathBuf>| -> anyhow::Result<Option<String>> {
+        p.as_ref()
+            .map(|p| {
+                std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("--{flag} {}: cannot read it: {e}", p.display()))
+            })
+            .transpose()
+    };
+    Ok((
+        read("git-credential", &a.git_credential)?,
+        read("git-known-hosts", &a.git_known_hosts)?,
+    ))
+}
+
+/// A git source's error as the flag that was given: `--ref: ...`.
+pub fn git_flag_error(e: &berth_protocol::FieldError) -> String {
+    let flag = match e.field.as_str() {
+        "git.url" => "git",
+        "git.ref" => "ref",
+        "git.context" => "context",
+        "git.credential" => "git-credential",
+        "git.known_hosts" => "git-known-hosts",
+        other => other,
+    };
+    let why = e.message.strip_prefix(e.field.as_str()).unwrap_or(&e.message);
+    format!("--{flag}{why}")
+}
+
 /// `service deploy NAME --build DIR | --git URL`: `spec` without an image.
 pub async fn deploy(api: &AdminClient, b: BuildArgs, spec: ServiceSpec, wait: WaitArgs) -> anyhow::Result<i32> {
     // Everything is checked before anything is packed or uploaded.
     let mut planned = spec.clone();
     planned.image = format!("registry.invalid/{}:build", spec.name);
     planned.validate().map_err(anyhow::Error::msg)?;
-    let git = b.git.map(|url| GitSource {
-        url,
-        reference: b.git_ref,
-        context: b.context,
-    });
-    if let Some(g) = &git {
-        g.validate()
-            .map_err(|e| anyhow::anyhow!("--{}", e.message.replacen("git.url", "git", 1)))?;
-    }
+    let git = match b.git {
+        Some(url) => {
+            let (credential, known_hosts) = read_git_auth(&b.auth)?;
+            let g = GitSource {
+                credential,
+                known_hosts,
+                ..GitSource::new(&url, b.git_ref.as_deref(), b.context.as_deref())
+            };
+            g.validate().map_err(|e| anyhow::anyhow!(git_flag_error(&e)))?;
+            Some(g)
+        }
+        None => None,
+    };
     let dir = b.build;
     let dockerfile = match (&dir, &b.dockerfile) {
         (Some(dir), explicit) => context::find_dockerfile(dir, explicit.as_deref())?,

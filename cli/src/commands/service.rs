@@ -43,12 +43,16 @@ pub async fn run(api: &AdminClient, cmd: ServiceCmd) -> anyhow::Result<i32> {
             branch,
             context,
             dockerfile,
+            auth,
         } => {
+            let (credential, known_hosts) = super::build::read_git_auth(&auth)?;
             let link = berth_protocol::build::GitLink {
                 url: git,
                 branch,
                 context,
                 dockerfile,
+                credential,
+                known_hosts,
             };
             let info = api.link_service(&name, &link).await?;
             println!(
@@ -190,6 +194,10 @@ pub struct BuildTable {
     pub args: BTreeMap<String, String>,
     pub target: Option<String>,
     pub timeout: Option<u32>,
+    /// With `git`: files (relative to the service file) holding the
+    /// builder's credential and the ssh host's known_hosts lines.
+    pub credential_file: Option<PathBuf>,
+    pub known_hosts_file: Option<PathBuf>,
 }
 
 impl BuildTable {
@@ -206,6 +214,10 @@ impl BuildTable {
             build_args: self.args.into_iter().collect(),
             target: self.target,
             build_timeout: self.timeout,
+            auth: crate::args::GitAuthArgs {
+                git_credential: self.credential_file.map(|f| base.join(f)),
+                git_known_hosts: self.known_hosts_file.map(|f| base.join(f)),
+            },
         }
     }
 }
@@ -231,6 +243,9 @@ pub fn parse_service_file(text: &str) -> Result<Vec<(ServiceSpec, Option<BuildTa
                     .map_err(|e: toml::de::Error| format!("build: {}", e.message()))?;
                 if b.dir.is_some() == b.git.is_some() {
                     return Err("build: give exactly one of dir and git".into());
+                }
+                if b.git.is_none() && (b.credential_file.is_some() || b.known_hosts_file.is_some()) {
+                    return Err("build: credential_file and known_hosts_file go with git".into());
                 }
                 if t.contains_key("image") {
                     return Err("image: a service with a build table gets its image from the build".into());
@@ -295,6 +310,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(many[1].1.as_ref().unwrap().git_ref.as_deref(), Some("main"));
+        let private = parse_service_file(
+            "name = \"p\"\n[build]\ngit = \"git@h:o/p.git\"\ncredential_file = \"keys/deploy\"\nknown_hosts_file = \"kh\"\n",
+        )
+        .unwrap();
+        let args = private[0]
+            .1
+            .clone()
+            .unwrap()
+            .into_args(std::path::Path::new("/srv/app"));
+        assert_eq!(
+            args.auth.git_credential.as_deref(),
+            Some(std::path::Path::new("/srv/app/keys/deploy"))
+        );
+        assert_eq!(
+            args.auth.git_known_hosts.as_deref(),
+            Some(std::path::Path::new("/srv/app/kh"))
+        );
         assert!(many[0].1.is_none());
 
         for (bad, starts) in [
@@ -302,6 +334,10 @@ mod tests {
             ("name = \"s\"\n[build]\n", "build:"),
             ("name = \"s\"\n[build]\ndir = \".\"\ngit = \"https://x\"\n", "build:"),
             ("name = \"s\"\n[build]\ndir = \".\"\nflavour = 1\n", "build:"),
+            (
+                "name = \"s\"\n[build]\ndir = \".\"\ncredential_file = \"t\"\n",
+                "build:",
+            ),
             ("name = \"S\"\n[build]\ndir = \".\"\n", "name:"),
         ] {
             let err = parse_service_file(bad).unwrap_err();

@@ -154,6 +154,12 @@ fn validate(req: &BuildRequest, registry: &Registry) -> ApiResult<()> {
 
 async fn create(State(s): State<SharedState>, raw: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
     let req: BuildRequest = parse_json(&body(raw)?)?;
+    if req.git.as_ref().is_some_and(|g| g.credential_sealed.is_some()) {
+        return Err(ApiErr::invalid(
+            "git.credential_sealed",
+            "git.credential_sealed: set by the control plane; give the token or key as git.credential",
+        ));
+    }
     let row = start(&s, req, "admin").await?;
     Ok((StatusCode::CREATED, Json(info(&s, &row).await?)).into_response())
 }
@@ -190,6 +196,12 @@ pub(super) async fn start(s: &SharedState, mut req: BuildRequest, created_by: &s
         Some(services::seal_secrets(s, &req.spec.secrets)?)
     };
     req.spec.secrets.clear();
+    // The credential is stored sealed only (the request is kept as JSON).
+    if let Some(g) = &mut req.git {
+        if let Some(c) = g.credential.take() {
+            g.credential_sealed = Some(s.seal_for_store(c.trim().as_bytes()));
+        }
+    }
     let timeout = req.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
     let id = s
         .store
@@ -555,7 +567,12 @@ async fn next(
                     },
                     timeout_secs: b.timeout_secs,
                     sealed_secrets,
-                    git: b.request.git.clone(),
+                    git: b.request.git.clone().map(|mut g| {
+                        g.credential_sealed = g
+                            .credential_sealed
+                            .and_then(|c| crate::desired::reseal(&s.secrets_key, &c, node.sealing_key.as_deref()));
+                        g
+                    }),
                 };
                 return Ok(Json(job).into_response());
             }

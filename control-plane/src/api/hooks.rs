@@ -40,7 +40,10 @@ fn info(l: &LinkRow, secret: Option<String>) -> GitLinkInfo {
             branch: l.branch.clone(),
             context: l.context.clone(),
             dockerfile: l.dockerfile.clone(),
+            credential: None,
+            known_hosts: l.known_hosts.clone(),
         },
+        has_credential: l.credential_sealed.is_some(),
         secret,
         hook_path: HOOK_PATH.into(),
     }
@@ -59,9 +62,9 @@ async fn link(
         ));
     }
     GitSource {
-        url: l.url.clone(),
-        reference: Some(l.branch.clone()),
-        context: l.context.clone(),
+        credential: l.credential.clone(),
+        known_hosts: l.known_hosts.clone(),
+        ..GitSource::new(&l.url, Some(&l.branch), l.context.as_deref())
     }
     .validate()
     .map_err(|e| {
@@ -84,14 +87,15 @@ async fn link(
         }
     }
     let secret = hex::encode(rand::random::<[u8; 24]>());
-    let cp_public = x25519_dalek::PublicKey::from(&s.secrets_key);
     let row = LinkRow {
         service: name,
         url: l.url,
         branch: l.branch,
         context: l.context,
         dockerfile: l.dockerfile,
-        secret_sealed: berth_protocol::seal::seal(&cp_public, secret.as_bytes()),
+        secret_sealed: s.seal_for_store(secret.as_bytes()),
+        credential_sealed: l.credential.map(|c| s.seal_for_store(c.trim().as_bytes())),
+        known_hosts: l.known_hosts,
     };
     s.store.set_link(&row).await?;
     tracing::info!(service = %row.service, url = %row.url, branch = %row.branch, "service linked to git");
@@ -278,9 +282,9 @@ async fn hook(
                 force: false,
                 arch: None,
                 git: Some(GitSource {
-                    url: l.url.clone(),
-                    reference: Some(push.after.clone()),
-                    context: l.context.clone(),
+                    credential_sealed: l.credential_sealed.clone(),
+                    known_hosts: l.known_hosts.clone(),
+                    ..GitSource::new(&l.url, Some(&push.after), l.context.as_deref())
                 }),
             };
             let by = format!("push {} to {branch}", &push.after[..12]);

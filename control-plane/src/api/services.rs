@@ -123,8 +123,7 @@ pub(super) async fn make_release(
 /// Secrets sealed to the control plane's key, as a service stores them.
 pub(super) fn seal_secrets(s: &SharedState, secrets: &BTreeMap<String, String>) -> ApiResult<String> {
     let plain = serde_json::to_vec(secrets).map_err(ApiErr::internal)?;
-    let cp_public = x25519_dalek::PublicKey::from(&s.secrets_key);
-    Ok(berth_protocol::seal::seal(&cp_public, &plain))
+    Ok(s.seal_for_store(&plain))
 }
 
 /// An image of the fleet registry named by tag is deployed by the digest

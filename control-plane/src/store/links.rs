@@ -12,9 +12,12 @@ pub struct LinkRow {
     pub context: Option<String>,
     pub dockerfile: Option<String>,
     pub secret_sealed: String,
+    /// The builder's credential for the repository, sealed to the control plane's key.
+    pub credential_sealed: Option<String>,
+    pub known_hosts: Option<String>,
 }
 
-const COLUMNS: &str = "service, url, branch, context, dockerfile, secret_sealed";
+const COLUMNS: &str = "service, url, branch, context, dockerfile, secret_sealed, credential_sealed, known_hosts";
 
 fn row(r: &sqlx::any::AnyRow) -> LinkRow {
     LinkRow {
@@ -24,6 +27,8 @@ fn row(r: &sqlx::any::AnyRow) -> LinkRow {
         context: r.get(3),
         dockerfile: r.get(4),
         secret_sealed: r.get(5),
+        credential_sealed: r.get(6),
+        known_hosts: r.get(7),
     }
 }
 
@@ -36,8 +41,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         sqlx::query(
-            "INSERT INTO git_links (service, url, branch, context, dockerfile, secret_sealed, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO git_links (service, url, branch, context, dockerfile, secret_sealed, credential_sealed, \
+             known_hosts, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&l.service)
         .bind(&l.url)
@@ -45,6 +50,8 @@ impl Store {
         .bind(&l.context)
         .bind(&l.dockerfile)
         .bind(&l.secret_sealed)
+        .bind(&l.credential_sealed)
+        .bind(&l.known_hosts)
         .bind(now())
         .execute(&mut *tx)
         .await?;
