@@ -795,6 +795,16 @@ async fn a_build_is_released_only_once_its_image_is_in_the_registry(db: &Db) {
     let rels = releases_of(&cp, "web").await;
     assert_eq!(rels.len(), 1, "{rels:?}");
     assert_eq!((rels[0].number, rels[0].spec.image.as_str()), (1, image.as_str()));
+    // Tagged web:1 (SERVICE:RELEASE) as well as web:build-ID, one digest.
+    let images: Vec<berth_protocol::api::ImageInfo> =
+        Reply::from(cp.admin(Method::GET, "/v1/images?service=web").send().await.unwrap())
+            .await
+            .json();
+    let mut tags: Vec<(&str, &str)> = images.iter().map(|i| (i.tag.as_str(), i.digest.as_str())).collect();
+    tags.sort();
+    let build_tag = format!("build-{}", j.id);
+    assert_eq!(tags, [("1", digest), (build_tag.as_str(), digest)], "{images:?}");
+    assert!(logs(&cp, j.id).await.contains(&format!("tagged {host}/web:1")));
     // Over: its credentials are dead, a repeated report changes nothing.
     registry_token(&cp, &j.registry.username, &j.registry.password, "repository:web:pull")
         .await

@@ -104,6 +104,41 @@ impl RegistryClient {
         Ok(())
     }
 
+    /// Tags the manifest `digest` of `repository` as `tag` too (moving
+    /// `tag` if it named another): the manifest is fetched and put back
+    /// under the new name, byte for byte, so its digest stays.
+    pub async fn add_tag(&self, signer: &Signer, repository: &str, digest: &str, tag: &str) -> anyhow::Result<()> {
+        let from = format!("/v2/{repository}/manifests/{digest}");
+        let resp = self.get(signer, &from, pull(repository), false).await?;
+        let media_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .with_context(|| format!("the fleet registry: GET {from}: no Content-Type"))?
+            .to_string();
+        let manifest = resp.bytes().await?;
+        let access = Access {
+            kind: "repository".into(),
+            name: repository.into(),
+            actions: vec!["pull".into(), "push".into()],
+        };
+        let to = format!("/v2/{repository}/manifests/{tag}");
+        let token = signer.sign("control-plane", &[access], crate::store::now())?;
+        let resp = self
+            .http
+            .put(format!("{}{to}", self.base))
+            .bearer_auth(token)
+            .header("content-type", media_type)
+            .body(manifest)
+            .send()
+            .await
+            .with_context(|| format!("the fleet registry: PUT {to}"))?;
+        if !resp.status().is_success() {
+            bail!("the fleet registry: PUT {to}: {}", resp.status());
+        }
+        Ok(())
+    }
+
     /// The digest of the manifest `tag` names now, or None when the
     /// registry has no such repository or tag.
     pub async fn digest(&self, signer: &Signer, repository: &str, tag: &str) -> anyhow::Result<Option<String>> {
