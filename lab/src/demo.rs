@@ -3,7 +3,7 @@
 //! tests and benchmarks start from, and waiting for replicas to be healthy
 //! and for domains to be served.
 
-use crate::{Lab, TEST_IMAGE};
+use crate::Lab;
 use anyhow::{bail, Context};
 use berth_client::AdminClient;
 use berth_protocol::routes::{CertState, DomainInfo, DomainSpec};
@@ -17,12 +17,12 @@ pub const WEB_PORT: u16 = 8080;
 /// How long `lab up` waits for the demo service to be running and healthy.
 const DEMO_WAIT: Duration = Duration::from_secs(30);
 
-/// `replicas` of the test image's web server on port 8080, health-checked
-/// over HTTP on `/`, placed anywhere.
-pub fn web_service(name: &str, replicas: u32) -> ServiceSpec {
+/// `replicas` of the test image's web server on port 8080 (the image from
+/// the lab's fleet registry), health-checked over HTTP on `/`, placed anywhere.
+pub fn web_service(lab: &Lab, name: &str, replicas: u32) -> ServiceSpec {
     ServiceSpec {
         name: name.into(),
-        image: TEST_IMAGE.into(),
+        image: lab.test_image(),
         replicas,
         port: Some(WEB_PORT),
         health_http: Some("/".into()),
@@ -67,7 +67,7 @@ pub async fn wait_healthy(
 /// stays up either way.
 pub async fn deploy(lab: &Lab, workers: u16) {
     let id = lab.state.id;
-    let spec = web_service("demo", u32::from(workers.min(2)));
+    let spec = web_service(lab, "demo", u32::from(workers.min(2)));
     let admin = match lab.admin() {
         Ok(a) => a,
         Err(e) => {

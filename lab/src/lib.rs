@@ -103,23 +103,46 @@ impl Lab {
         format!("{}:5000", self.net.host_ip())
     }
 
-    /// The test image as stored in the fleet registry.
-    pub fn registry_test_image(&self) -> String {
-        format!("{}/berth-test/busybox:latest", self.registry_host())
+    /// The test image in the fleet registry, as services and `lab run`
+    /// containers name it: `HOST:PORT/berth-test/busybox:latest`.
+    pub fn test_image(&self) -> String {
+        format!("{}/{}:latest", self.registry_host(), podman::TEST_REPOSITORY)
     }
 
-    /// Pushes the test image from node `node`'s storage into the fleet
-    /// registry (as the admin, trusting the control plane's CA), retrying
-    /// while the registry starts. Returns its reference there.
-    pub fn push_test_image(&self, node: &str) -> anyhow::Result<String> {
+    /// The admin's registry credentials (`admin:TOKEN`) and a directory
+    /// with the control plane's CA as `ca.crt`, for `podman --creds
+    /// --cert-dir`.
+    pub fn registry_login(&self) -> anyhow::Result<(String, PathBuf)> {
         let cfg = self.client_config();
         let certs = self.state.dir.join("registry-certs");
         std::fs::create_dir_all(&certs)?;
         std::fs::copy(&cfg.ca_file, certs.join("ca.crt")).context("copying the control plane's CA")?;
         let token = std::fs::read_to_string(&cfg.admin_token_file).context("reading the admin token")?;
-        let creds = format!("admin:{}", token.trim());
-        let to = self.registry_test_image();
+        Ok((format!("admin:{}", token.trim()), certs))
+    }
+
+    /// Builds the test image in the lab's image store and pushes it to the
+    /// fleet registry, which the nodes pull it from.
+    async fn seed_registry(&self) -> anyhow::Result<()> {
+        if !Path::new(REGISTRY_BIN).exists() {
+            anyhow::bail!(
+                "{REGISTRY_BIN} is not installed: the lab's nodes pull their test image from the fleet \
+                 registry (apt-get install docker-registry, or run scripts/install-deps.sh)"
+            );
+        }
+        podman::ImageStore::new(&self.state.dir).import_test_image(&self.state.bin_dir.join(podman::WS_ECHO_BIN))?;
+        self.push_test_image_as(podman::TEST_REPOSITORY).await?;
+        Ok(())
+    }
+
+    /// Pushes the test image from the lab's image store into the fleet
+    /// registry as `REPOSITORY:latest` (as the admin), retrying while the
+    /// registry starts. Returns its reference there.
+    pub async fn push_test_image_as(&self, repository: &str) -> anyhow::Result<String> {
+        let (creds, certs) = self.registry_login()?;
+        let to = format!("{}/{repository}:latest", self.registry_host());
         let certs = certs.display().to_string();
+        let store = podman::ImageStore::new(&self.state.dir);
         let args = [
             "push",
             "--quiet",
@@ -132,18 +155,13 @@ impl Lab {
         ];
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let out = self.podman(node, &args)?;
-            if out.status.success() {
-                return Ok(to);
+            match store.podman(&args) {
+                Ok(_) => return Ok(to),
+                Err(e) if std::time::Instant::now() > deadline => {
+                    return Err(e.context(format!("pushing the test image to {to}")))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
             }
-            if std::time::Instant::now() > deadline {
-                anyhow::bail!(
-                    "pushing {} to {to} failed: {}",
-                    podman::TEST_IMAGE,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(500));
         }
     }
 
@@ -197,6 +215,7 @@ impl Lab {
         };
         lab.save()?;
         lab.start_cp().await?;
+        lab.seed_registry().await?;
         Ok(lab)
     }
 
@@ -296,6 +315,7 @@ impl Lab {
         let addrs = p.network_addrs()?;
         let ip = podman::run_ip(&addrs)?.to_string();
         let dns = addrs.gateway.to_string();
+        let image = self.test_image();
         let mut args = vec![
             "run",
             "--rm",
@@ -307,7 +327,7 @@ impl Lab {
             &dns,
             "--dns-search",
             podman::ZONE,
-            podman::TEST_IMAGE,
+            &image,
         ];
         args.extend_from_slice(cmd);
         Ok(p.command(&args))
@@ -357,9 +377,11 @@ impl Lab {
         let pid = p.start()?;
         self.node_mut(index)?.podman_pid = Some(pid);
         self.save()?;
-        // The import only needs the storage: it runs while the service starts.
-        p.import_test_image(&self.state.bin_dir.join(podman::WS_ECHO_BIN))?;
-        p.wait_ready(pid).await
+        p.wait_ready(pid).await?;
+        // From the fleet registry, over the node's link: `lab run`
+        // containers need it even while the control plane is down.
+        let (creds, certs) = self.registry_login()?;
+        p.pull(&self.test_image(), &creds, &certs)
     }
 
     /// Starts (or restarts) the agent of node `index`.
@@ -547,6 +569,8 @@ fn remove_registry_trust(net: &LabNet) {
 /// Where the lab's agents (with the default `--containers-certs-dir`) put
 /// the fleet registry's CA.
 const REGISTRY_CERTS_DIR: &str = "/etc/containers/certs.d";
+/// The Distribution registry the lab's control plane runs.
+const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 
 /// Tears down the Podman of every node in `known` and of every `n<i>-podman`
 /// directory in `dir`, in parallel. Needs the node namespaces: call before

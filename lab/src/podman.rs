@@ -27,8 +27,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::process;
 
-/// The image every node gets (built by scripts/make-test-image.sh).
+/// The test image as scripts/make-test-image.sh names it in the lab's
+/// image store; nodes get it from the fleet registry (`Lab::test_image`).
 pub const TEST_IMAGE: &str = "localhost/berth-test/busybox:latest";
+/// Its repository in the fleet registry.
+pub const TEST_REPOSITORY: &str = "berth-test/busybox";
 /// Linux bridge of every node's Podman network (inside the node's namespace,
 /// so the same name on every node is fine).
 pub const BRIDGE: &str = "berth-br0";
@@ -232,10 +235,74 @@ impl NodePodman {
         }
     }
 
-    /// Imports the test image into this node's storage with the embedded
-    /// scripts/make-test-image.sh (nothing is done if it is already there),
-    /// with `ws_echo` (a berth-ws-echo binary) in it.
-    /// Storage only: runs in the host's namespaces.
+    /// Pulls `image` into the node's storage from the node's namespace (over
+    /// its link, as the agent pulls), signed in with `creds` and trusting
+    /// the CA in `cert_dir`.
+    pub fn pull(&self, image: &str, creds: &str, cert_dir: &Path) -> Result<()> {
+        let certs = cert_dir.display().to_string();
+        self.check(&["pull", "--quiet", "--cert-dir", &certs, "--creds", creds, image])?;
+        Ok(())
+    }
+}
+
+/// The lab's own image storage, in the host's namespaces (`vfs`: nothing
+/// is mounted): the test image is built here once per lab and pushed to
+/// the fleet registry, which every node pulls it from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageStore {
+    /// `<lab dir>/images`.
+    pub dir: PathBuf,
+}
+
+impl ImageStore {
+    pub fn new(lab_dir: &Path) -> ImageStore {
+        ImageStore {
+            dir: lab_dir.join("images"),
+        }
+    }
+
+    pub fn flags(&self) -> Vec<String> {
+        let p = |s: &str| self.dir.join(s).display().to_string();
+        [
+            "--root",
+            &p("root"),
+            "--runroot",
+            &p("runroot"),
+            "--storage-driver",
+            "vfs",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--runtime",
+            "runc",
+            "--events-backend",
+            "file",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// `podman <flags> args...`, waited for; fails unless it exits 0.
+    pub fn podman(&self, args: &[&str]) -> Result<Output> {
+        let out = Command::new("podman")
+            .args(self.flags())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running `podman {}` on the lab's image store", args.join(" ")))?;
+        if !out.status.success() {
+            bail!(
+                "`podman {}` on the lab's image store failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(out)
+    }
+
+    /// Imports the test image with the embedded scripts/make-test-image.sh
+    /// (nothing is done if it is already there), with `ws_echo` (a
+    /// berth-ws-echo binary) in it.
     pub fn import_test_image(&self, ws_echo: &Path) -> Result<()> {
         let mut child = Command::new("bash")
             .args(["-s", "--", "--ws-echo"])
@@ -256,15 +323,16 @@ impl NodePodman {
         let out = child.wait_with_output().context("waiting for make-test-image.sh")?;
         if !out.status.success() {
             bail!(
-                "importing {TEST_IMAGE} into the Podman storage of {} failed ({}): {}",
-                self.who(),
+                "importing {TEST_IMAGE} into the lab's image store failed ({}): {}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
         Ok(())
     }
+}
 
+impl NodePodman {
     /// True if the node's Podman network exists (the agent creates it).
     pub fn network_exists(&self) -> bool {
         self.output(&["network", "exists", &self.network])

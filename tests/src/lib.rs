@@ -3,7 +3,7 @@
 //! crate; tests get its items from here too.
 
 use anyhow::bail;
-pub use berth_lab::{default_bin_dir, demo, Lab, LabGuard, LabSpec, TEST_IMAGE};
+pub use berth_lab::{default_bin_dir, demo, Lab, LabGuard, LabSpec};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 

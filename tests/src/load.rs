@@ -30,7 +30,7 @@
 //! # }
 //! ```
 
-use crate::{demo, Lab, TEST_IMAGE};
+use crate::{demo, Lab};
 use anyhow::{bail, Context};
 use berth_lab::podman::{self, NodePodman};
 use std::fmt;
@@ -728,6 +728,7 @@ impl DnsLoad {
             target.step_cs().to_string(),
             target.timeout.as_secs().max(1).to_string(),
         );
+        let image = lab.test_image();
         let mut child = p
             .command(&[
                 "run",
@@ -742,7 +743,7 @@ impl DnsLoad {
                 &gateway,
                 "--dns-search",
                 podman::ZONE,
-                TEST_IMAGE,
+                &image,
                 "sh",
                 "-c",
                 DNS_CLIENT,

@@ -110,7 +110,6 @@ async fn a_directory_is_built_on_the_fleet_and_deployed_by_digest() {
     let mut lab = lab_up(212, 2).await;
     let proxy = lab.add_node(true).await.unwrap();
     lab.wait_converged(SETTLE).await.unwrap();
-    lab.push_test_image("n1").unwrap();
     let registry = lab.registry_host();
     let admin = lab.admin().unwrap();
     let work = lab.state.dir.join("contexts");

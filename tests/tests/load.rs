@@ -47,7 +47,7 @@ async fn the_load_generator_sees_successes_and_failures() {
     let admin = lab.admin().unwrap();
     let spec = ServiceSpec {
         nodes: vec!["n1".into()],
-        ..demo::web_service("demo", 2)
+        ..demo::web_service(&lab, "demo", 2)
     };
     admin.deploy_service(&spec).await.unwrap();
     demo::wait_healthy(&admin, "demo", 2, SETTLE, |_| {}).await.unwrap();

@@ -18,11 +18,11 @@ use tokio_tungstenite::tungstenite::Message;
 
 const SETTLE: Duration = Duration::from_secs(60);
 
-fn web() -> ServiceSpec {
+fn web(lab: &Lab) -> ServiceSpec {
     ServiceSpec {
         health_http: Some("/index.html".into()),
         nodes: vec!["n1".into(), "n2".into()],
-        ..demo::web_service("web", 2)
+        ..demo::web_service(lab, "web", 2)
     }
 }
 
@@ -197,7 +197,7 @@ async fn https_through_the_proxy_with_an_acme_certificate() {
     lab.start_pebble(&proxy).await.unwrap();
     lab.wait_converged(SETTLE).await.unwrap();
     let admin = lab.admin().unwrap();
-    admin.deploy_service(&web()).await.unwrap();
+    admin.deploy_service(&web(&lab)).await.unwrap();
     let proxy_ip = lab.net.node_ip(lab.node(&proxy).unwrap().index).to_string();
 
     // HTTP-01, answered by berth-proxy on port 80. ws.example.com goes to
@@ -464,7 +464,7 @@ async fn a_domain_is_served_when_every_proxy_serves_it() {
     let admin = lab.admin().unwrap();
     let web = ServiceSpec {
         nodes: vec!["n1".into()],
-        ..demo::web_service("web", 1)
+        ..demo::web_service(&lab, "web", 1)
     };
     admin.deploy_service(&web).await.unwrap();
     demo::wait_healthy(&admin, "web", 1, SETTLE, |_| {}).await.unwrap();

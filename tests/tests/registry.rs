@@ -18,15 +18,17 @@ async fn nodes_pull_a_service_image_from_the_fleet_registry() {
         return;
     }
     let lab = lab_up(211, 2).await;
-    let image = lab.push_test_image("n1").unwrap();
-    assert_eq!(image, format!("{}/berth-test/busybox:latest", lab.registry_host()));
+    // The test image under a repository of its own: every node pulled
+    // berth-test/busybox at its start, but none has this name yet.
+    let image = lab.push_test_image_as("berth-test/reg").await.unwrap();
+    assert_eq!(image, format!("{}/berth-test/reg:latest", lab.registry_host()));
     for n in ["n1", "n2"] {
         let out = lab.podman(n, &["image", "exists", &image]).unwrap();
         assert!(!out.status.success(), "{n} has {image} before the deploy");
     }
 
     let admin = lab.admin().unwrap();
-    let mut spec = demo::web_service("reg", 2);
+    let mut spec = demo::web_service(&lab, "reg", 2);
     spec.image = image.clone();
     admin.deploy_service(&spec).await.unwrap();
     let info = demo::wait_healthy(&admin, "reg", 2, SETTLE, |_| {}).await.unwrap();
@@ -37,11 +39,10 @@ async fn nodes_pull_a_service_image_from_the_fleet_registry() {
     // The release runs the image by the digest the tag named at the deploy.
     let pinned = &info.spec.image;
     let digest = pinned
-        .strip_prefix(&format!("{}/berth-test/busybox@", lab.registry_host()))
+        .strip_prefix(&format!("{}/berth-test/reg@", lab.registry_host()))
         .unwrap_or_else(|| panic!("not pinned to a digest: {pinned}"));
     assert!(digest.starts_with("sha256:"), "{pinned}");
-    // Each node pulled it (the push went from n1's storage under another
-    // name, so n1 pulled too), and trusts the CA for the registry's host.
+    // Each node's agent pulled it, and trusts the CA for the registry's host.
     for n in ["n1", "n2"] {
         let out = lab.podman(n, &["image", "exists", pinned]).unwrap();
         assert!(out.status.success(), "{n} did not pull {pinned}");
@@ -66,7 +67,7 @@ async fn nodes_pull_a_service_image_from_the_fleet_registry() {
     let listed = String::from_utf8_lossy(&out.stdout).to_string();
     let row = listed
         .lines()
-        .find(|l| l.starts_with("berth-test/busybox "))
+        .find(|l| l.starts_with("berth-test/reg "))
         .unwrap_or_else(|| panic!("the image is not listed:\n{listed}"));
     assert!(
         row.contains(" latest ") && row.contains("sha256:") && row.ends_with("reg#1"),

@@ -18,8 +18,8 @@ const SETTLE: Duration = Duration::from_secs(90);
 const ROLLOUT: Duration = Duration::from_secs(120);
 
 /// The demo as these cases change it: two replicas, spread, health on `/`.
-fn demo_spec(version: &str) -> ServiceSpec {
-    let mut s = demo::web_service("demo", 2);
+fn demo_spec(lab: &Lab, version: &str) -> ServiceSpec {
+    let mut s = demo::web_service(lab, "demo", 2);
     s.env.insert("VERSION".into(), version.into());
     s.rollout.drain_secs = 2;
     s.rollout.min_ready_secs = 1;
@@ -94,7 +94,7 @@ impl Rig {
         lab.start_pebble(&proxy).await.unwrap();
         lab.wait_converged(SETTLE).await.unwrap();
         let admin = lab.admin().unwrap();
-        let first = deploy(&admin, &demo_spec("1")).await;
+        let first = deploy(&admin, &demo_spec(&lab, "1")).await;
         assert_eq!(wait_release(&admin, "demo", first).await.state, ReleaseState::Complete);
         admin
             .add_domain(&DomainSpec {
@@ -144,7 +144,7 @@ async fn rolling_deploys_lose_no_request() {
 
     // (a) An app that takes 4 s to start listening: new before old, 0 failures.
     let load = rig.load();
-    let mut slow = demo_spec("2");
+    let mut slow = demo_spec(&rig.lab, "2");
     slow.command = Some("sleep 4; exec /bin/serve".into());
     let n = deploy(&admin, &slow).await;
     let r = wait_release(&admin, "demo", n).await;
@@ -168,7 +168,7 @@ async fn rolling_deploys_lose_no_request() {
     // (b) A health check that never passes: the release fails with the
     // reason, the old one keeps serving, history says failed.
     let load = rig.load();
-    let mut bad = demo_spec("3");
+    let mut bad = demo_spec(&rig.lab, "3");
     bad.health_http = Some("/nope".into());
     bad.rollout.timeout_secs = 8;
     let n_bad = deploy(&admin, &bad).await;
@@ -188,7 +188,7 @@ async fn rolling_deploys_lose_no_request() {
 
     // (c) A crash-looping command: the same, with its exit code and output.
     let load = rig.load();
-    let mut crash = demo_spec("4");
+    let mut crash = demo_spec(&rig.lab, "4");
     crash.command = Some("echo crashing on purpose; exit 3".into());
     let n_crash = deploy(&admin, &crash).await;
     let r = wait_release(&admin, "demo", n_crash).await;
@@ -256,7 +256,7 @@ async fn rolling_deploys_lose_no_request() {
     let root = rig.root.clone();
     let slow_request = std::thread::spawn(move || fetch(&ip, &root, "/cgi-bin/slow"));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut quick = demo_spec("7");
+    let mut quick = demo_spec(&rig.lab, "7");
     quick.rollout.drain_secs = 5;
     let n_g = deploy(&admin, &quick).await;
     let r = wait_release(&admin, "demo", n_g).await;
@@ -267,7 +267,7 @@ async fn rolling_deploys_lose_no_request() {
 
     // (f) A service with a volume is stop-first, as its plan says.
     let load = rig.load();
-    let mut vol = demo::web_service("vol", 1);
+    let mut vol = demo::web_service(&rig.lab, "vol", 1);
     vol.volumes.push(Volume {
         name: "data".into(),
         path: "/data".into(),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 const SETTLE: Duration = Duration::from_secs(40);
 
-fn web(replicas: u32, nodes: &[&str], secret: &str) -> ServiceSpec {
+fn web(lab: &Lab, replicas: u32, nodes: &[&str], secret: &str) -> ServiceSpec {
     ServiceSpec {
         env: BTreeMap::from([("GREETING".to_string(), "hello-from-berth".to_string())]),
         secrets: BTreeMap::from([("API_KEY".to_string(), secret.to_string())]),
@@ -18,7 +18,7 @@ fn web(replicas: u32, nodes: &[&str], secret: &str) -> ServiceSpec {
         memory: Some(64 << 20),
         health_http: Some("/index.html".into()),
         nodes: nodes.iter().map(|s| s.to_string()).collect(),
-        ..demo::web_service("web", replicas)
+        ..demo::web_service(lab, "web", replicas)
     }
 }
 
@@ -132,7 +132,10 @@ async fn service_lifecycle_dns_health_and_secrets() {
     let secret = secret_value();
 
     // Two replicas pinned to n1 and n2; n3 only looks them up.
-    let deployed = admin.deploy_service(&web(2, &["n1", "n2"], &secret)).await.unwrap();
+    let deployed = admin
+        .deploy_service(&web(&lab, 2, &["n1", "n2"], &secret))
+        .await
+        .unwrap();
     let info = wait_running(&lab, "web", 2).await;
     let mut nodes: Vec<&str> = info.replicas.iter().map(|r| r.node.as_str()).collect();
     nodes.sort();
@@ -261,14 +264,14 @@ async fn service_lifecycle_dns_health_and_secrets() {
     resolve_until(&lab, "n3", "web.internal", Ok(ips(&info))).await;
 
     // Bad requests change nothing.
-    let mut bad = web(2, &["n9"], "x");
+    let mut bad = web(&lab, 2, &["n9"], "x");
     assert!(admin
         .deploy_service(&bad)
         .await
         .unwrap_err()
         .to_string()
         .contains("nodes"));
-    bad = web(2, &[], "x");
+    bad = web(&lab, 2, &[], "x");
     bad.port = Some(0);
     assert!(admin
         .deploy_service(&bad)
@@ -292,7 +295,10 @@ async fn service_lifecycle_dns_health_and_secrets() {
 async fn containers_and_dns_outlive_the_agent_and_the_control_plane() {
     let mut lab = lab_up(206, 3).await;
     let admin = lab.admin().unwrap();
-    admin.deploy_service(&web(2, &["n1", "n2"], "unused")).await.unwrap();
+    admin
+        .deploy_service(&web(&lab, 2, &["n1", "n2"], "unused"))
+        .await
+        .unwrap();
     let info = wait_running(&lab, "web", 2).await;
     resolve_until(&lab, "n3", "web.internal", Ok(ips(&info))).await;
     let before = containers(&lab, "n1");

@@ -731,7 +731,7 @@ async fn distribution(lab: &LabGuard, args: &Args, creds: &Creds, registry: &str
 async fn run(args: &Args) -> anyhow::Result<(BuildFigures, PullFigures)> {
     let lab = berth_bench::lab_up(args.id, &args.dir, 2, args.keep_logs).await?;
     lab.wait_converged(SETTLE).await?;
-    let base = lab.push_test_image("n1")?;
+    let base = lab.test_image();
     let registry = lab.registry_host();
     let creds = Creds::of(&lab)?;
     // Both workers have the base image under its registry name, so neither

@@ -24,7 +24,7 @@
 use anyhow::{bail, Context};
 use berth_bench::{init_tls, print_summary, until_interrupted};
 use berth_client::AdminClient;
-use berth_lab::{demo, LabGuard};
+use berth_lab::{demo, Lab, LabGuard};
 use berth_protocol::release::{ReleaseState, RolloutInfo, RolloutStep, StepStage};
 use berth_protocol::routes::DomainSpec;
 use berth_protocol::service::ServiceSpec;
@@ -74,8 +74,8 @@ struct Args {
     verbose: bool,
 }
 
-fn spec(args: &Args, version: u32) -> ServiceSpec {
-    let mut s = demo::web_service("demo", args.replicas);
+fn spec(lab: &Lab, args: &Args, version: u32) -> ServiceSpec {
+    let mut s = demo::web_service(lab, "demo", args.replicas);
     s.command = Some("sleep 1; exec /bin/serve".into());
     s.env.insert("VERSION".into(), version.to_string());
     s.rollout.drain_secs = args.drain;
@@ -168,7 +168,7 @@ async fn rig(args: &Args) -> anyhow::Result<(LabGuard, String, PathBuf)> {
     lab.wait_converged(SETTLE).await?;
     let admin = lab.admin()?;
     println!("deploying release 1 ({} replicas) and a domain ...", args.replicas);
-    let first = admin.deploy_service(&spec(args, 0)).await?;
+    let first = admin.deploy_service(&spec(&lab, args, 0)).await?;
     let n = first.rollout.context("the deploy made no rollout")?.release;
     let r = wait_release(&admin, n).await?;
     if r.state != ReleaseState::Complete {
@@ -213,7 +213,7 @@ async fn run(args: &Args) -> anyhow::Result<Figures> {
         }
         let load = Load::start(&lab, &LoadSpec::new(&proxy, &root, "n2"))?;
         let (t0, t0_ms) = (Instant::now(), now_ms());
-        let info = admin.deploy_service(&spec(args, round)).await?;
+        let info = admin.deploy_service(&spec(&lab, args, round)).await?;
         let release = info.rollout.context("the deploy made no rollout")?.release;
         let r = wait_release(&admin, release).await?;
         let complete = t0.elapsed();

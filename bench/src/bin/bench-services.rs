@@ -47,11 +47,11 @@ struct Args {
     keep_logs: bool,
 }
 
-fn spec(name: &str, replicas: u32, nodes: &[&str]) -> ServiceSpec {
+fn spec(lab: &Lab, name: &str, replicas: u32, nodes: &[&str]) -> ServiceSpec {
     ServiceSpec {
         health_http: Some("/index.html".into()),
         nodes: nodes.iter().map(|s| s.to_string()).collect(),
-        ..berth_lab::demo::web_service(name, replicas)
+        ..berth_lab::demo::web_service(lab, name, replicas)
     }
 }
 
@@ -116,7 +116,7 @@ async fn run(args: &Args) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Idle)
     for round in 1..=args.rounds {
         let name = "bench";
         let t0 = Instant::now();
-        admin.deploy_service(&spec(name, 2, &[])).await?;
+        admin.deploy_service(&spec(&lab, name, 2, &[])).await?;
         let mut t_healthy = None;
         let deadline = t0 + Duration::from_secs(60);
         let done = loop {
@@ -154,7 +154,9 @@ async fn run(args: &Args) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Idle)
     }
 
     println!("deploying {} replicas on n1 ...", args.containers);
-    admin.deploy_service(&spec("idle", args.containers, &["n1"])).await?;
+    admin
+        .deploy_service(&spec(&lab, "idle", args.containers, &["n1"]))
+        .await?;
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let info = admin.show_service("idle").await?;

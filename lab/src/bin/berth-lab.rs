@@ -127,14 +127,11 @@ async fn run(cmd: LabCmd) -> anyhow::Result<i32> {
                 ..LabSpec::new(sel.id, &dir, nodes)
             };
             let mut l = LabGuard::up(&spec).await?.into_lab();
-            let first_worker = l.state.nodes.iter().find(|n| !n.proxy).map(|n| n.name.clone());
-            let registry = registry_running(&l);
-            if let (true, Some(n)) = (registry, first_worker) {
-                match l.push_test_image(&n) {
-                    Ok(image) => println!("lab {}: pushed the test image to the fleet registry as {image}", sel.id),
-                    Err(e) => eprintln!("warning: {e:#}"),
-                }
-            }
+            println!(
+                "lab {}: the test image is {} in the fleet registry; every node pulled it from there",
+                sel.id,
+                l.test_image()
+            );
             if !no_demo {
                 demo::deploy(&l, nodes).await;
                 if let Some(proxy) = l.state.nodes.iter().find(|n| n.proxy).map(|n| n.name.clone()) {
@@ -203,21 +200,11 @@ async fn run(cmd: LabCmd) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// Whether the lab's control plane runs the fleet registry (it does when
-/// docker-registry is installed).
-fn registry_running(lab: &Lab) -> bool {
-    lab.state.dir.join("cp/registry/config.yml").exists()
-}
-
-/// The shell line that points `berth` at the lab's control plane, and
-/// names the fleet registry (for `FROM` lines) when it runs.
+/// The shell line that points `berth` at the lab's control plane and
+/// names the fleet registry (for `FROM` lines).
 fn exports(lab: &Lab) -> String {
     let t = lab.client_config();
-    let registry = if registry_running(lab) {
-        format!(" BERTH_REGISTRY={}", lab.registry_host())
-    } else {
-        String::new()
-    };
+    let registry = format!(" BERTH_REGISTRY={}", lab.registry_host());
     format!(
         "export BERTH_URL={} BERTH_ADMIN_TOKEN_FILE={} BERTH_CA_FILE={}{registry}",
         t.url,
