@@ -383,6 +383,16 @@ pub struct BuildArgs {
     /// Seconds the build may take [default: 1800].
     #[arg(long, value_name = "SECS", requires = "source")]
     pub build_timeout: Option<u32>,
+    /// Build for these platforms (comma-separated: linux/amd64,linux/arm64),
+    /// each on a builder node of its architecture, and deploy them as one
+    /// manifest list [default: the builder's own].
+    #[arg(
+        long = "platform",
+        value_name = "OS/ARCH",
+        value_delimiter = ',',
+        requires = "source"
+    )]
+    pub platforms: Vec<String>,
 }
 
 impl BuildArgs {

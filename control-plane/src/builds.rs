@@ -51,10 +51,17 @@ pub struct Builds {
     pub ending: tokio::sync::Mutex<()>,
     /// Builds whose context is being received (one upload at a time each).
     uploading: Mutex<std::collections::HashSet<u64>>,
+    /// Each platform build's last line so far, not yet in its
+    /// multi-platform build's log.
+    partial: Mutex<HashMap<u64, PartialLine>>,
     /// Bumped on every change to any build (state, log): long-polls and
     /// log followers wait on it and look again.
     changed: tokio::sync::watch::Sender<u64>,
 }
+
+/// A platform build's unended line: (its multi-platform build, the
+/// prefix, the bytes so far).
+type PartialLine = (u64, String, Vec<u8>);
 
 /// Holds build `id`'s upload slot until dropped.
 pub struct UploadSlot<'a> {
@@ -87,6 +94,7 @@ impl Builds {
             builders: Mutex::new(HashMap::new()),
             ending: tokio::sync::Mutex::new(()),
             uploading: Mutex::new(Default::default()),
+            partial: Mutex::new(Default::default()),
             changed: tokio::sync::watch::channel(0).0,
         })
     }
@@ -97,6 +105,39 @@ impl Builds {
 
     pub fn log_path(&self, id: u64) -> PathBuf {
         self.dir.join(format!("{id}.log"))
+    }
+
+    /// Appends platform build `id`'s log chunk to its multi-platform
+    /// build `parent`'s log, whole lines only, each after `prefix`: a line
+    /// split over two chunks waits for its end, so the platforms' lines
+    /// never mix.
+    pub fn append_platform_log(&self, id: u64, parent: u64, prefix: &str, chunk: &[u8]) -> std::io::Result<()> {
+        let lines = {
+            let mut partial = self.partial.lock().unwrap_or_else(|e| e.into_inner());
+            let held = partial
+                .entry(id)
+                .or_insert_with(|| (parent, prefix.to_string(), vec![]));
+            held.2.extend_from_slice(chunk);
+            match held.2.iter().rposition(|&b| b == b'\n') {
+                Some(end) => {
+                    let rest = held.2.split_off(end + 1);
+                    prefix_lines(prefix, &std::mem::replace(&mut held.2, rest))
+                }
+                None => return Ok(()),
+            }
+        };
+        self.append_log(parent, &lines)
+    }
+
+    /// A platform build ended: what is left of its last line goes to its
+    /// multi-platform build's log.
+    pub fn flush_platform_log(&self, id: u64) {
+        let held = self.partial.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        if let Some((parent, prefix, rest)) = held.filter(|h| !h.2.is_empty()) {
+            let mut lines = prefix_lines(&prefix, &rest);
+            lines.push(b'\n');
+            let _ = self.append_log(parent, &lines);
+        }
     }
 
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -174,9 +215,35 @@ pub fn may_take(builders: &HashMap<String, Builder>, me: &str, now: Instant) -> 
         })
 }
 
+/// `text` with `prefix` before each of its lines.
+fn prefix_lines(prefix: &str, text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() + prefix.len());
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        out.extend_from_slice(prefix.as_bytes());
+        out.extend_from_slice(line);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn platform_logs_meet_line_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Builds::new(dir.path(), BuildsConfig::default()).unwrap();
+        b.append_platform_log(2, 1, "[a] ", b"one\ntw").unwrap();
+        b.append_platform_log(3, 1, "[b] ", b"other\n").unwrap();
+        b.append_platform_log(2, 1, "[a] ", b"").unwrap();
+        b.append_platform_log(2, 1, "[a] ", b"o\nthree\nfo").unwrap();
+        b.append_platform_log(3, 1, "[b] ", b"unended").unwrap();
+        b.flush_platform_log(2);
+        b.flush_platform_log(3);
+        b.flush_platform_log(3);
+        let log = std::fs::read_to_string(b.log_path(1)).unwrap();
+        assert_eq!(log, "[a] one\n[b] other\n[a] two\n[a] three\n[a] fo\n[b] unended\n");
+    }
 
     fn builder(arch: &str, preferred: bool, idle: bool, ago: u64, now: Instant) -> Builder {
         Builder {

@@ -255,6 +255,7 @@ on_both_stores!(
     an_oversized_context_is_refused_and_fails_the_build,
     a_build_is_released_only_once_its_image_is_in_the_registry,
     a_git_credential_is_kept_sealed_and_reaches_only_the_builder,
+    a_multi_platform_build_is_built_per_architecture_and_released_as_one_list,
 );
 
 async fn without_a_registry_there_are_no_builds(db: &Db) {
@@ -962,4 +963,174 @@ async fn a_git_credential_is_kept_sealed_and_reaches_only_the_builder(db: &Db) {
     assert_eq!(g.reference.as_deref(), Some(commit.as_str()));
     assert_eq!(opened(&g.credential_sealed), key.trim());
     assert_eq!(g.known_hosts.as_deref(), Some(hosts));
+}
+
+/// A multi-platform build. This machine has amd64 only: the arm64 builder
+/// is played by a second signed node asking with `arch=arm64` (as every
+/// builder in this file is played), and both platforms' pushes are the
+/// same real image; the control plane's side (parts, claims, logs, the
+/// manifest list in the real registry, the release) is what is tested.
+async fn a_multi_platform_build_is_built_per_architecture_and_released_as_one_list(db: &Db) {
+    if !have_registry() || !have_podman() {
+        return;
+    }
+    let (cp, host) = start(db, BuildsConfig::default()).await;
+    let amd = worker(&cp, "n1").await;
+    let arm = worker(&cp, "n2").await;
+    let multi = |platforms: Value| {
+        let mut req = request("web");
+        req["platforms"] = platforms;
+        req
+    };
+    let two = json!(["linux/amd64", "linux/arm64"]);
+
+    // Refused before anything is stored.
+    let mut both = multi(two.clone());
+    both["arch"] = json!("amd64");
+    for (req, field) in [
+        (both, "platforms"),
+        (multi(json!(["linux/amd64", "linux/amd64"])), "platforms"),
+        (multi(json!(["windows/amd64"])), "platforms"),
+    ] {
+        create(&cp, &req)
+            .await
+            .coded(StatusCode::BAD_REQUEST, ErrorCode::InvalidField, Some(field));
+    }
+    ready(&cp, &amd, "amd64").await;
+    let r = create(&cp, &multi(two.clone())).await;
+    r.coded(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::NoBuilder, Some("builder"));
+    assert!(r.body.contains("no arm64 builder"), "{}", r.body);
+    assert_eq!(list(&cp).await, vec![]);
+    ready(&cp, &arm, "arm64").await;
+
+    // The build and a part per platform; the context goes to the build.
+    let b = create_ready(&cp, &multi(two.clone())).await;
+    assert_eq!(b.platforms, ["linux/amd64", "linux/arm64"]);
+    let parts: Vec<BuildInfo> = list(&cp).await.into_iter().filter(|p| p.parent == Some(b.id)).collect();
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    assert_eq!(
+        parts.iter().map(|p| p.platforms[0].as_str()).collect::<Vec<_>>(),
+        ["linux/arm64", "linux/amd64"]
+    );
+    let r = upload(&cp, parts[0].id, context_tar()).await;
+    r.coded(StatusCode::CONFLICT, ErrorCode::Conflict, Some("id"));
+    let tar = context_tar();
+    let r = upload(&cp, b.id, tar.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let ja = job(poll(&cp, &amd, "amd64", 10)).await;
+    let jr = job(poll(&cp, &arm, "arm64", 10)).await;
+    assert_eq!(
+        (ja.platform.as_deref(), jr.platform.as_deref()),
+        (Some("linux/amd64"), Some("linux/arm64"))
+    );
+    assert_eq!(ja.tag, format!("{host}/web:build-{}", ja.id));
+    assert_eq!(show(&cp, b.id).await.state, BuildState::Running);
+    // Each builder fetches the build's context.
+    let r = agent(
+        &cp,
+        &arm,
+        Method::GET,
+        &format!("/v1/agent/builds/{}/context", jr.id),
+        vec![],
+    )
+    .await;
+    assert_eq!((r.status, r.body.len()), (StatusCode::OK, tar.len()));
+    // Their logs meet in the build's, each line marked with its platform.
+    log(&cp, &arm, jr.id, b"STEP 1/2: FROM scr").await;
+    log(&cp, &amd, ja.id, b"STEP 1/2\n").await;
+    log(&cp, &arm, jr.id, b"atch\nSTEP 2/2\n").await;
+    let merged = logs(&cp, b.id).await;
+    for line in [
+        "[linux/arm64] STEP 1/2: FROM scratch\n",
+        "[linux/amd64] STEP 1/2\n",
+        "[linux/arm64] STEP 2/2\n",
+    ] {
+        assert!(merged.contains(line), "{line:?} not in:\n{merged}");
+    }
+
+    // Both push (the same real image, as each builder would its own).
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(&cp.started.ca_file, certs.join("ca.crt")).unwrap();
+    let store = work.path().join("store");
+    import_one_file_image(&store, work.path(), "localhost/built:1", "hello", "multi\n");
+    for j in [&ja, &jr] {
+        let creds = format!("{}:{}", j.registry.username, j.registry.password);
+        let out = podman_in(&store)
+            .args(["push", "--quiet", "--cert-dir"])
+            .arg(&certs)
+            .args(["--creds", &creds, "localhost/built:1", &j.tag])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "push: {}", text(&out));
+    }
+    // One platform done: that part succeeded, the build still runs.
+    let pa = done(&cp, &amd, ja.id, None).await;
+    assert_eq!((pa.state, pa.release), (BuildState::Succeeded, None), "{pa:?}");
+    assert_eq!(show(&cp, b.id).await.state, BuildState::Running);
+    let pr = done(&cp, &arm, jr.id, None).await;
+    assert_eq!(pr.state, BuildState::Succeeded, "{pr:?}");
+    let whole = show(&cp, b.id).await;
+    assert_eq!(
+        (whole.state, whole.release),
+        (BuildState::Succeeded, Some(1)),
+        "{whole:?}"
+    );
+    let image = whole.image.clone().unwrap();
+    assert_eq!(show_service(&cp, "web").await.spec.image, image);
+
+    // The release runs a manifest list of both platforms' manifests.
+    let digest = image.strip_prefix(&format!("{host}/web@")).unwrap();
+    let token: Value = registry_token(&cp, "admin", &cp.admin_token, "repository:web:pull")
+        .await
+        .json();
+    let r = Reply::from(
+        cp.http
+            .get(format!("https://{host}/v2/web/manifests/{digest}"))
+            .bearer_auth(token["token"].as_str().unwrap())
+            .header(
+                "accept",
+                "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json",
+            )
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let list: Value = r.json();
+    let entries: Vec<(String, String)> = list["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["platform"]["architecture"].as_str().unwrap().to_string(),
+                m["digest"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let part_digest = |p: &BuildInfo| p.image.as_deref().unwrap().rsplit_once('@').unwrap().1.to_string();
+    // In the order the platforms were asked for.
+    assert_eq!(
+        entries,
+        [
+            ("amd64".to_string(), part_digest(&pa)),
+            ("arm64".to_string(), part_digest(&pr))
+        ]
+    );
+
+    // A platform that fails fails the build and cancels the other.
+    let b = create_ready(&cp, &multi(two)).await;
+    upload(&cp, b.id, context_tar()).await;
+    let ja = job(poll(&cp, &amd, "amd64", 10)).await;
+    let jr = job(poll(&cp, &arm, "arm64", 10)).await;
+    done(&cp, &arm, jr.id, Some("STEP 2/2: exit status 1")).await;
+    let whole = show(&cp, b.id).await;
+    assert_eq!(whole.state, BuildState::Failed);
+    assert_eq!(whole.error.as_deref(), Some("linux/arm64: STEP 2/2: exit status 1"));
+    assert_eq!(show(&cp, ja.id).await.state, BuildState::Cancelled);
+    assert_eq!(log(&cp, &amd, ja.id, b"late\n").await, BuildLogAck { stop: true });
+    assert_eq!(releases_of(&cp, "web").await.len(), 1);
 }

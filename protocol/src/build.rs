@@ -40,11 +40,30 @@ pub struct BuildRequest {
     /// a builder of it is ready, else that of a ready builder.
     #[serde(default)]
     pub arch: Option<String>,
+    /// Build for each of these platforms (`linux/amd64`, `linux/arm64`),
+    /// each on a builder of its architecture, and deploy them as one
+    /// manifest list. Not with `arch`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<String>,
     /// Build from this repository (cloned by the builder) instead of an
     /// uploaded context. `dockerfile` may then be empty: Containerfile,
     /// else Dockerfile, in the context directory.
     #[serde(default)]
     pub git: Option<GitSource>,
+}
+
+/// The architecture of a platform `linux/ARCH[/VARIANT]` (`amd64` for
+/// `linux/amd64`), which picks its builder.
+pub fn platform_arch(p: &str) -> Result<&str, crate::FieldError> {
+    let word = |w: &str| !w.is_empty() && w.len() <= 32 && w.bytes().all(|b| b.is_ascii_alphanumeric());
+    let mut parts = p.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("linux"), Some(arch), variant, None) if word(arch) && variant.is_none_or(word) => Ok(arch),
+        _ => Err(crate::FieldError::new(
+            "platforms",
+            format_args!("{p:?} is not a platform like linux/amd64 or linux/arm64/v8"),
+        )),
+    }
 }
 
 /// Whether `p` is a `/`-separated path that stays inside its root: not
@@ -313,6 +332,12 @@ pub struct BuildInfo {
     /// The commit built, for a git build.
     #[serde(default)]
     pub commit: Option<String>,
+    /// A multi-platform build's platforms; a part's own one.
+    #[serde(default)]
+    pub platforms: Vec<String>,
+    /// For one platform of a multi-platform build: that build.
+    #[serde(default)]
+    pub parent: Option<u64>,
 }
 
 /// `GET /v1/agent/builds/next`: who asks. A node started with `--no-builds`
@@ -346,6 +371,11 @@ pub struct BuildJob {
     #[serde(default)]
     pub git: Option<GitSource>,
     pub timeout_secs: u32,
+    /// Set for one platform of a multi-platform build (`linux/arm64`):
+    /// built for it, and left to the control plane to list in the
+    /// manifest list (and to tag with the commit).
+    #[serde(default)]
+    pub platform: Option<String>,
     /// The service's secrets (a JSON map), sealed to the builder's key:
     /// `RUN --mount=type=secret,id=NAME` reads them as /run/secrets/NAME.
     #[serde(default)]
@@ -453,6 +483,15 @@ mod tests {
         }
         assert!(ok("https://x/a", Some(&"a".repeat(40)), None).is_commit());
         assert!(!ok("https://x/a", Some("main"), None).is_commit());
+    }
+
+    #[test]
+    fn platforms_name_their_architecture() {
+        assert_eq!(platform_arch("linux/amd64").unwrap(), "amd64");
+        assert_eq!(platform_arch("linux/arm64/v8").unwrap(), "arm64");
+        for bad in ["amd64", "linux/", "windows/amd64", "linux/arm64/v8/x", "linux/a-b", ""] {
+            assert_eq!(platform_arch(bad).unwrap_err().field, "platforms", "{bad}");
+        }
     }
 
     #[test]

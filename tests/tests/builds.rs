@@ -606,4 +606,56 @@ async fn a_directory_is_built_on_the_fleet_and_deployed_by_digest() {
         fetch(&proxy_ip, &root),
         ("200".to_string(), "site from apply\n".to_string())
     );
+
+    // Case 9: a multi-platform build with the one platform this machine
+    // has (linux/amd64; arm64 needs an arm64 builder, which cannot run
+    // here): a part builds it, the control plane pushes a manifest list of
+    // it, and both workers pull that list and run its amd64 image.
+    let v7 = work.join("v7");
+    context(&v7, &registry, "site for linux/amd64\n", "");
+    let mut cmd = berth_command(
+        &lab,
+        &[
+            "service",
+            "deploy",
+            "site",
+            "--build",
+            v7.to_str().unwrap(),
+            "--platform",
+            "linux/amd64",
+        ],
+    );
+    cmd.args(SITE_FLAGS);
+    let out = tokio::task::block_in_place(|| cmd.output().unwrap());
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("[linux/amd64] STEP 1/2") && log.contains("manifest list sha256:"),
+        "{log}"
+    );
+    let b = admin
+        .list_builds(Some("site"), 2)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| b.parent.is_none())
+        .unwrap();
+    assert_eq!(
+        (b.platforms.as_slice(), b.state),
+        (&["linux/amd64".to_string()][..], BuildState::Succeeded)
+    );
+    let images = admin.list_images(None).await.unwrap();
+    let list = images
+        .iter()
+        .find(|i| i.repository == "site" && i.tag == format!("build-{}", b.id))
+        .unwrap_or_else(|| panic!("no site:build-{} in {images:?}", b.id));
+    assert_eq!(list.size, None, "not a manifest list: {list:?}");
+    assert_eq!(
+        b.image.as_deref(),
+        Some(format!("{registry}/site@{}", list.digest).as_str())
+    );
+    assert_eq!(
+        fetch(&proxy_ip, &root),
+        ("200".to_string(), "site for linux/amd64\n".to_string())
+    );
 }

@@ -216,6 +216,7 @@ async fn run_build(
         tag: job.tag.clone(),
         build_args: job.build_args.clone(),
         target: job.target.clone(),
+        platform: job.platform.clone(),
         registry_config: Some(registry::config_header(&job.registry)),
         secrets: opened.secrets,
     };
@@ -253,8 +254,10 @@ async fn run_build(
     let auth = registry::auth_header(&job.registry);
     s.podman.push(&job.tag, &auth).await.map_err(|e| e.to_string())?;
     // A git build is also tagged with its commit (the layers are there
-    // already: this push sends a manifest).
-    if let (Some(commit), Some((repo, _))) = (built_commit.as_deref(), job.tag.rsplit_once(':')) {
+    // already: this push sends a manifest). One platform of several is
+    // not: the control plane tags their manifest list.
+    let commit = built_commit.as_deref().filter(|_| job.platform.is_none());
+    if let (Some(commit), Some((repo, _))) = (commit, job.tag.rsplit_once(':')) {
         let tag = format!("git-{}", &commit[..commit.len().min(12)]);
         s.podman.tag(&job.tag, repo, &tag).await.map_err(|e| e.to_string())?;
         let name = format!("{repo}:{tag}");

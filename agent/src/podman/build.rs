@@ -27,6 +27,8 @@ pub struct BuildParams {
     pub tag: String,
     pub build_args: BTreeMap<String, String>,
     pub target: Option<String>,
+    /// `linux/arm64`: build for this platform (base images of it are pulled).
+    pub platform: Option<String>,
     /// `X-Registry-Config`: credentials for base images, see
     /// [`crate::registry::config_header`].
     pub registry_config: Option<String>,
@@ -87,6 +89,9 @@ impl Podman {
         if !p.build_args.is_empty() {
             let json = serde_json::to_string(&p.build_args).map_err(|e| Error::Decode(e.to_string()))?;
             path.push_str(&format!("&buildargs={}", encode(&json, b"")));
+        }
+        if let Some(pl) = &p.platform {
+            path.push_str(&format!("&platform={}", encode(pl, b"")));
         }
         if let Some(t) = &p.target {
             path.push_str(&format!("&target={}", encode(t, b"")));

@@ -104,6 +104,7 @@ pub async fn deploy(api: &AdminClient, b: BuildArgs, spec: ServiceSpec, wait: Wa
         timeout_secs: b.build_timeout,
         force: wait.force,
         arch: None,
+        platforms: b.platforms,
         git,
     };
     // Packed into a private temporary file, removed when it drops.
@@ -213,7 +214,11 @@ fn print_builds(builds: &[BuildInfo]) {
             b.id,
             b.service,
             b.state.as_str(),
-            b.node.as_deref().unwrap_or("-"),
+            match (&b.node, b.parent) {
+                (Some(n), _) => n.clone(),
+                (None, None) if b.platforms.len() > 1 => format!("{} platforms", b.platforms.len()),
+                _ => "-".into(),
+            },
             b.release.map_or("-".into(), |r| r.to_string()),
             b.image.as_deref().or(b.error.as_deref()).unwrap_or("-")
         );
@@ -230,6 +235,12 @@ fn print_build(b: &BuildInfo) {
         println!("  commit:     {c}");
     }
     println!("  started by: {}", b.created_by);
+    if !b.platforms.is_empty() {
+        println!("  platforms:  {}", b.platforms.join(", "));
+    }
+    if let Some(p) = b.parent {
+        println!("  part of:    build {p}");
+    }
     if let Some(n) = &b.node {
         println!("  builder:    {n}");
     }

@@ -198,6 +198,9 @@ pub struct BuildTable {
     /// builder's credential and the ssh host's known_hosts lines.
     pub credential_file: Option<PathBuf>,
     pub known_hosts_file: Option<PathBuf>,
+    /// `["linux/amd64", "linux/arm64"]`: one manifest list.
+    #[serde(default)]
+    pub platforms: Vec<String>,
 }
 
 impl BuildTable {
@@ -214,6 +217,7 @@ impl BuildTable {
             build_args: self.args.into_iter().collect(),
             target: self.target,
             build_timeout: self.timeout,
+            platforms: self.platforms,
             auth: crate::args::GitAuthArgs {
                 git_credential: self.credential_file.map(|f| base.join(f)),
                 git_known_hosts: self.known_hosts_file.map(|f| base.join(f)),

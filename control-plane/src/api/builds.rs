@@ -23,8 +23,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use berth_protocol::build::{
-    is_commit_id, stays_inside, BuildDone, BuildInfo, BuildJob, BuildLogAck, BuildRequest, BuildState, BuilderQuery,
-    DEFAULT_TIMEOUT_SECS, MAX_TIMEOUT_SECS,
+    is_commit_id, platform_arch, stays_inside, BuildDone, BuildInfo, BuildJob, BuildLogAck, BuildRequest, BuildState,
+    BuilderQuery, DEFAULT_TIMEOUT_SECS, MAX_TIMEOUT_SECS,
 };
 use berth_protocol::{ErrorCode, RegistryAccess, Role};
 use futures_util::StreamExt;
@@ -98,8 +98,14 @@ fn info_of(nodes: &[crate::store::nodes::NodeRow], b: &BuildRow) -> BuildInfo {
             None => g.url.clone(),
         }),
         commit: b.commit.clone(),
+        platforms: b.request.platforms.clone(),
+        parent: b.parent,
     }
 }
+
+/// The architecture of a multi-platform build's own row: no builder has it,
+/// so only its parts (one per platform) are claimed.
+const MULTI_ARCH: &str = "multi";
 
 /// The tag a build pushes: `HOST/SERVICE:build-ID`.
 fn tag(registry: &Registry, service: &str, id: u64) -> String {
@@ -118,6 +124,23 @@ fn validate(req: &BuildRequest, registry: &Registry) -> ApiResult<()> {
     planned.validate()?;
     if let Some(g) = &req.git {
         g.validate()?;
+    }
+    if !req.platforms.is_empty() {
+        if req.arch.is_some() {
+            return Err(ApiErr::invalid(
+                "platforms",
+                "platforms: give platforms or arch, not both",
+            ));
+        }
+        let mut archs = std::collections::BTreeSet::new();
+        for p in &req.platforms {
+            if !archs.insert(platform_arch(p)?) {
+                return Err(ApiErr::invalid(
+                    "platforms",
+                    format!("platforms: {p:?}: two platforms of one architecture"),
+                ));
+            }
+        }
     }
     let d = &req.dockerfile;
     // A git build may leave it to the builder (Containerfile, else Dockerfile).
@@ -173,16 +196,25 @@ pub(super) async fn start(s: &SharedState, mut req: BuildRequest, created_by: &s
     }
     let builders = s.builds.builders();
     let now_i = Instant::now();
-    let arch = match &req.arch {
-        Some(a) => a.clone(),
-        None if any_ready(&builders, "amd64", now_i) => "amd64".into(),
-        None => builders
-            .values()
-            .find(|b| any_ready(&builders, &b.arch, now_i))
-            .map(|b| b.arch.clone())
-            .unwrap_or_else(|| "amd64".into()),
+    // One builder per platform of a multi-platform build, each of its own
+    // architecture; else one of the asked (or a ready) architecture.
+    let archs: Vec<String> = if !req.platforms.is_empty() {
+        req.platforms
+            .iter()
+            .map(|p| platform_arch(p).map(String::from))
+            .collect::<Result<_, _>>()?
+    } else {
+        vec![match &req.arch {
+            Some(a) => a.clone(),
+            None if any_ready(&builders, "amd64", now_i) => "amd64".into(),
+            None => builders
+                .values()
+                .find(|b| any_ready(&builders, &b.arch, now_i))
+                .map(|b| b.arch.clone())
+                .unwrap_or_else(|| "amd64".into()),
+        }]
     };
-    if !any_ready(&builders, &arch, now_i) {
+    if let Some(arch) = archs.iter().find(|a| !any_ready(&builders, a, now_i)) {
         return Err(ApiErr::new(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::NoBuilder,
@@ -203,12 +235,32 @@ pub(super) async fn start(s: &SharedState, mut req: BuildRequest, created_by: &s
         }
     }
     let timeout = req.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
+    let multi = !req.platforms.is_empty();
+    let arch = if multi { MULTI_ARCH } else { archs[0].as_str() };
     let id = s
         .store
-        .create_build(&req, sealed.as_deref(), &arch, created_by, timeout)
+        .create_build(&req, sealed.as_deref(), arch, created_by, timeout, None)
         .await
         .map_err(ApiErr::internal)?;
     tracing::info!(build = id, service = %req.spec.name, %arch, %created_by, "build created");
+    if multi {
+        // A part per platform, with that platform alone.
+        for (platform, arch) in req.platforms.iter().zip(&archs) {
+            let part = BuildRequest {
+                platforms: vec![platform.clone()],
+                arch: Some(arch.clone()),
+                ..req.clone()
+            };
+            let part_id = s
+                .store
+                .create_build(&part, sealed.as_deref(), arch, created_by, timeout, Some(id))
+                .await
+                .map_err(ApiErr::internal)?;
+            let _ = s
+                .builds
+                .append_log(id, format!("{platform}: build {part_id}\n").as_bytes());
+        }
+    }
     if req.git.is_some() {
         s.builds.notify();
     }
@@ -241,6 +293,9 @@ async fn show(State(s): State<SharedState>, Path(id): Path<u64>) -> ApiResult<Js
 }
 
 /// Ends a build: its row, its context file, and everyone waiting is told.
+/// A multi-platform build ends with each of its platforms: one that fails
+/// (or is cut off) fails the whole, and the whole ending early cancels
+/// the platforms still building.
 async fn end(
     s: &SharedState,
     id: u64,
@@ -249,7 +304,41 @@ async fn end(
     image: Option<&str>,
     release: Option<u64>,
 ) -> ApiResult<bool> {
+    let ended = end_one(s, id, state, error, image, release).await?;
+    if !ended || state == BuildState::Succeeded {
+        return Ok(ended);
+    }
+    let Some(b) = s.store.get_build(id).await? else {
+        return Ok(ended);
+    };
+    if let Some(parent) = b.parent {
+        let platform = b.request.platforms.first().map(String::as_str).unwrap_or("?");
+        let why = format!("{platform}: {}", error.unwrap_or(state.as_str()));
+        end_one(s, parent, BuildState::Failed, Some(&why), None, None).await?;
+    }
+    let group = b.parent.unwrap_or(b.id);
+    for part in s.store.build_parts(group).await? {
+        if !part.state.is_final() {
+            let why = format!(
+                "build {group} {}",
+                if b.parent.is_some() { "failed" } else { state.as_str() }
+            );
+            end_one(s, part.id, BuildState::Cancelled, Some(&why), None, None).await?;
+        }
+    }
+    Ok(ended)
+}
+
+async fn end_one(
+    s: &SharedState,
+    id: u64,
+    state: BuildState,
+    error: Option<&str>,
+    image: Option<&str>,
+    release: Option<u64>,
+) -> ApiResult<bool> {
     let ended = s.store.finish_build(id, state, error, image, release).await?;
+    s.builds.flush_platform_log(id);
     if ended {
         let _ = std::fs::remove_file(s.builds.context_path(id));
         let _ = std::fs::remove_file(s.builds.context_path(id).with_extension("part"));
@@ -308,6 +397,13 @@ async fn receive(s: &SharedState, id: u64, headers: &HeaderMap, body: Body) -> A
         )
         .on("id"));
     };
+    if let Some(parent) = row.parent {
+        return Err(ApiErr::conflict(
+            ErrorCode::Conflict,
+            format!("id: build {id} is one platform of build {parent}: upload build {parent}'s context"),
+        )
+        .on("id"));
+    }
     if row.state != BuildState::Uploading {
         return Err(ApiErr::conflict(
             ErrorCode::Conflict,
@@ -356,6 +452,10 @@ async fn receive(s: &SharedState, id: u64, headers: &HeaderMap, body: Body) -> A
             format!("id: build {id} was ended during the upload"),
         )
         .on("id"));
+    }
+    // A multi-platform build's platforms build from its context.
+    for part in s.store.build_parts(id).await? {
+        s.store.build_uploaded(part.id, bytes).await?;
     }
     let _ = s.builds.append_log(
         id,
@@ -421,6 +521,8 @@ async fn logs(
 
 async fn cancel(State(s): State<SharedState>, Path(id): Path<u64>) -> ApiResult<Json<BuildInfo>> {
     let ending = s.builds.ending.lock().await;
+    // One platform of a multi-platform build cancels the whole.
+    let id = build(&s, id).await?.parent.unwrap_or(id);
     let row = build(&s, id).await?;
     if !end(
         &s,
@@ -541,6 +643,9 @@ async fn next(
         s.builds.seen(&node.id, &q.arch, q.preferred, true);
         if may_take(&s.builds.builders(), &node.id, Instant::now()) {
             if let Some(b) = s.store.claim_build(&node.id, &q.arch).await? {
+                if let Some(parent) = b.parent {
+                    s.store.parent_started(parent).await?;
+                }
                 s.builds.seen(&node.id, &q.arch, q.preferred, false);
                 s.builds.notify();
                 let _ = s
@@ -566,6 +671,7 @@ async fn next(
                         password: registry.build_password(b.id),
                     },
                     timeout_secs: b.timeout_secs,
+                    platform: b.parent.and(b.request.platforms.first().cloned()),
                     sealed_secrets,
                     git: b.request.git.clone().map(|mut g| {
                         g.credential_sealed = g
@@ -601,7 +707,7 @@ async fn context(
     if b.state != BuildState::Running {
         return Err(ApiErr::conflict(ErrorCode::Conflict, format!("id: build {id} is {}", b.state.as_str())).on("id"));
     }
-    let file = tokio::fs::File::open(s.builds.context_path(id))
+    let file = tokio::fs::File::open(s.builds.context_path(b.parent.unwrap_or(id)))
         .await
         .map_err(ApiErr::internal)?;
     Ok((
@@ -623,6 +729,13 @@ async fn log(
     let b = owned(&s, id, &method, &uri, &headers, &raw).await?;
     if b.state == BuildState::Running {
         s.builds.append_log(id, &raw).map_err(ApiErr::internal)?;
+        // The multi-platform build's log has every platform's, line by line.
+        if let Some(parent) = b.parent {
+            let platform = b.request.platforms.first().map(String::as_str).unwrap_or("?");
+            s.builds
+                .append_platform_log(id, parent, &format!("[{platform}] "), &raw)
+                .map_err(ApiErr::internal)?;
+        }
     }
     Ok(Json(BuildLogAck {
         stop: b.state != BuildState::Running,
@@ -652,14 +765,23 @@ async fn done(
                 return Err(ApiErr::invalid("commit", format!("commit: {c:?} is not a commit ID")));
             }
             s.store.set_build_commit(id, c).await?;
+            if let Some(parent) = b.parent {
+                s.store.set_build_commit(parent, c).await?;
+            }
         }
-        match report.error {
-            Some(e) => {
+        match (report.error, b.parent) {
+            (Some(e), _) => {
                 end(&s, id, BuildState::Failed, Some(&e), None, None).await?;
             }
-            None => {
+            (None, None) => {
                 if let Err(e) = release(&s, &b).await {
                     end(&s, id, BuildState::Failed, Some(&e), None, None).await?;
+                }
+            }
+            (None, Some(parent)) => {
+                if let Err(e) = platform_done(&s, &b, parent).await {
+                    end(&s, id, BuildState::Failed, Some(&e), None, None).await?;
+                    end(&s, parent, BuildState::Failed, Some(&e), None, None).await?;
                 }
             }
         }
@@ -669,9 +791,8 @@ async fn done(
     Ok(Json(info(&s, &row).await?))
 }
 
-/// Pins the pushed tag to its digest and releases the service with it.
-async fn release(s: &SharedState, b: &BuildRow) -> Result<(), String> {
-    let registry = registry(s).map_err(|e| e.message)?;
+/// The digest build `b`'s tag (`build-ID`) names in the registry.
+async fn pushed_digest(registry: &Registry, b: &BuildRow) -> Result<String, String> {
     let tag = format!("build-{}", b.id);
     // A registry that blinks (restarting for garbage collection) is asked
     // again before the pushed build is failed.
@@ -683,16 +804,104 @@ async fn release(s: &SharedState, b: &BuildRow) -> Result<(), String> {
         tokio::time::sleep(Duration::from_secs(1)).await;
         looked = registry.client.digest(&registry.signer, &b.service, &tag).await;
     }
-    let digest = match looked {
-        Ok(Some(d)) => d,
-        Ok(None) => {
-            return Err(format!(
-                "the builder reported success, but the registry has no {}:{tag}",
-                b.service
-            ))
+    match looked {
+        Ok(Some(d)) => Ok(d),
+        Ok(None) => Err(format!(
+            "the builder reported success, but the registry has no {}:{tag}",
+            b.service
+        )),
+        Err(e) => Err(format!("registry: {e:#}")),
+    }
+}
+
+/// One platform of multi-platform build `parent` is pushed: it ends
+/// `succeeded` with its digest, and the last one lists them all in a
+/// manifest list (`SERVICE:build-PARENT`), which is released.
+async fn platform_done(s: &SharedState, b: &BuildRow, parent: u64) -> Result<(), String> {
+    let registry = registry(s).map_err(|e| e.message)?;
+    let digest = pushed_digest(&registry, b).await?;
+    let image = format!("{}/{}@{digest}", registry.host, b.service);
+    end(s, b.id, BuildState::Succeeded, None, Some(&image), None)
+        .await
+        .map_err(|e| e.message)?;
+    let parts = s.store.build_parts(parent).await.map_err(|e| e.to_string())?;
+    let whole = build(s, parent).await.map_err(|e| e.message)?;
+    if whole.state.is_final() || !parts.iter().all(|p| p.state == BuildState::Succeeded) {
+        return Ok(());
+    }
+    let mut manifests = vec![];
+    let mut list_type = OCI_INDEX;
+    for p in &parts {
+        let d = p
+            .image
+            .as_deref()
+            .and_then(|i| i.rsplit_once('@'))
+            .map(|(_, d)| d)
+            .unwrap_or("");
+        let (media_type, bytes) = registry
+            .client
+            .manifest_raw(&registry.signer, &b.service, d)
+            .await
+            .map_err(|e| format!("registry: {e:#}"))?;
+        if media_type.starts_with("application/vnd.docker.") {
+            list_type = DOCKER_MANIFEST_LIST;
         }
-        Err(e) => return Err(format!("registry: {e:#}")),
-    };
+        let platform = p.request.platforms.first().map(String::as_str).unwrap_or("");
+        manifests.push(serde_json::json!({
+            "mediaType": media_type,
+            "digest": d,
+            "size": bytes.len(),
+            "platform": platform_json(platform),
+        }));
+    }
+    let list = serde_json::json!({"schemaVersion": 2, "mediaType": list_type, "manifests": manifests});
+    let list_digest = registry
+        .client
+        .put_manifest(
+            &registry.signer,
+            &b.service,
+            &format!("build-{parent}"),
+            list_type,
+            serde_json::to_vec(&list).map_err(|e| e.to_string())?.into(),
+        )
+        .await
+        .map_err(|e| format!("registry: pushing the manifest list: {e:#}"))?;
+    let _ = s.builds.append_log(
+        parent,
+        format!("manifest list {list_digest}: {}\n", whole.request.platforms.join(", ")).as_bytes(),
+    );
+    // The commit tag names the list (each builder left it to us).
+    if let Some(c) = &whole.commit {
+        let tag = format!("git-{}", &c[..c.len().min(12)]);
+        if let Err(e) = registry
+            .client
+            .add_tag(&registry.signer, &b.service, &list_digest, &tag)
+            .await
+        {
+            tracing::warn!(build = parent, error = %format!("{e:#}"), "tagging the manifest list with its commit failed");
+        }
+    }
+    release(s, &whole).await
+}
+
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// `linux/arm64/v8` as a manifest list entry's `platform`.
+fn platform_json(platform: &str) -> serde_json::Value {
+    let mut parts = platform.split('/');
+    let os = parts.next().unwrap_or("linux");
+    let arch = parts.next().unwrap_or("");
+    match parts.next() {
+        Some(v) => serde_json::json!({"os": os, "architecture": arch, "variant": v}),
+        None => serde_json::json!({"os": os, "architecture": arch}),
+    }
+}
+
+/// Pins the pushed tag to its digest and releases the service with it.
+async fn release(s: &SharedState, b: &BuildRow) -> Result<(), String> {
+    let registry = registry(s).map_err(|e| e.message)?;
+    let digest = pushed_digest(&registry, b).await?;
     let image = format!("{}/{}@{digest}", registry.host, b.service);
     let mut spec = b.request.spec.clone();
     spec.image = image.clone();

@@ -281,6 +281,7 @@ async fn hook(
                 timeout_secs: None,
                 force: false,
                 arch: None,
+                platforms: vec![],
                 git: Some(GitSource {
                     credential_sealed: l.credential_sealed.clone(),
                     known_hosts: l.known_hosts.clone(),

@@ -104,38 +104,68 @@ impl RegistryClient {
         Ok(())
     }
 
-    /// Tags the manifest `digest` of `repository` as `tag` too (moving
-    /// `tag` if it named another): the manifest is fetched and put back
-    /// under the new name, byte for byte, so its digest stays.
-    pub async fn add_tag(&self, signer: &Signer, repository: &str, digest: &str, tag: &str) -> anyhow::Result<()> {
-        let from = format!("/v2/{repository}/manifests/{digest}");
-        let resp = self.get(signer, &from, pull(repository), false).await?;
+    /// The manifest `reference` (a tag or digest) names, as stored: its
+    /// media type and its bytes.
+    pub async fn manifest_raw(
+        &self,
+        signer: &Signer,
+        repository: &str,
+        reference: &str,
+    ) -> anyhow::Result<(String, bytes::Bytes)> {
+        let path = format!("/v2/{repository}/manifests/{reference}");
+        let resp = self.get(signer, &path, pull(repository), false).await?;
         let media_type = resp
             .headers()
             .get("content-type")
             .and_then(|v| v.to_str().ok())
-            .with_context(|| format!("the fleet registry: GET {from}: no Content-Type"))?
+            .with_context(|| format!("the fleet registry: GET {path}: no Content-Type"))?
             .to_string();
-        let manifest = resp.bytes().await?;
+        Ok((media_type, resp.bytes().await?))
+    }
+
+    /// Puts `manifest` under `tag` of `repository` (moving `tag` if it
+    /// named another); returns its digest.
+    pub async fn put_manifest(
+        &self,
+        signer: &Signer,
+        repository: &str,
+        tag: &str,
+        media_type: &str,
+        manifest: bytes::Bytes,
+    ) -> anyhow::Result<String> {
         let access = Access {
             kind: "repository".into(),
             name: repository.into(),
             actions: vec!["pull".into(), "push".into()],
         };
-        let to = format!("/v2/{repository}/manifests/{tag}");
+        let path = format!("/v2/{repository}/manifests/{tag}");
         let token = signer.sign("control-plane", &[access], crate::store::now())?;
         let resp = self
             .http
-            .put(format!("{}{to}", self.base))
+            .put(format!("{}{path}", self.base))
             .bearer_auth(token)
             .header("content-type", media_type)
             .body(manifest)
             .send()
             .await
-            .with_context(|| format!("the fleet registry: PUT {to}"))?;
+            .with_context(|| format!("the fleet registry: PUT {path}"))?;
         if !resp.status().is_success() {
-            bail!("the fleet registry: PUT {to}: {}", resp.status());
+            bail!("the fleet registry: PUT {path}: {}", resp.status());
         }
+        let digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .with_context(|| format!("the fleet registry: PUT {path}: no Docker-Content-Digest"))?;
+        Ok(digest.to_string())
+    }
+
+    /// Tags the manifest `digest` of `repository` as `tag` too: put back
+    /// under the new name byte for byte, so its digest stays.
+    pub async fn add_tag(&self, signer: &Signer, repository: &str, digest: &str, tag: &str) -> anyhow::Result<()> {
+        let (media_type, manifest) = self.manifest_raw(signer, repository, digest).await?;
+        self.put_manifest(signer, repository, tag, &media_type, manifest)
+            .await?;
         Ok(())
     }
 

@@ -26,10 +26,12 @@ pub struct BuildRow {
     pub error: Option<String>,
     pub timeout_secs: u32,
     pub commit: Option<String>,
+    /// The multi-platform build this is one platform of.
+    pub parent: Option<u64>,
 }
 
 const COLUMNS: &str = "id, service, state, request_json, secrets_sealed, arch, created_by, created_at, \
-     started_at, finished_at, node_id, context_bytes, image, release_number, error, timeout_secs, git_commit";
+     started_at, finished_at, node_id, context_bytes, image, release_number, error, timeout_secs, git_commit, parent_id";
 
 fn row(r: &sqlx::any::AnyRow) -> sqlx::Result<BuildRow> {
     let state: String = r.get(2);
@@ -52,12 +54,14 @@ fn row(r: &sqlx::any::AnyRow) -> sqlx::Result<BuildRow> {
         error: r.get(14),
         timeout_secs: r.get::<i64, _>(15) as u32,
         commit: r.get(16),
+        parent: r.get::<Option<i64>, _>(17).map(|p| p as u64),
     })
 }
 
 impl Store {
     /// Stores a new build, `uploading` (or `queued` for a git build, which
-    /// has nothing to upload); returns its ID.
+    /// has nothing to upload), one platform of `parent` if given; returns
+    /// its ID.
     pub async fn create_build(
         &self,
         request: &BuildRequest,
@@ -65,6 +69,7 @@ impl Store {
         arch: &str,
         created_by: &str,
         timeout_secs: u32,
+        parent: Option<u64>,
     ) -> anyhow::Result<u64> {
         let json = serde_json::to_string(request)?;
         // IDs are small and sequential (people type them); a concurrent
@@ -75,8 +80,8 @@ impl Store {
                 .await?
                 .get(0);
             let res = sqlx::query(
-                "INSERT INTO builds (id, service, state, request_json, secrets_sealed, arch, created_by, created_at, timeout_secs) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                "INSERT INTO builds (id, service, state, request_json, secrets_sealed, arch, created_by, created_at, \
+                 timeout_secs, parent_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             )
             .bind(next)
             .bind(&request.spec.name)
@@ -87,6 +92,7 @@ impl Store {
             .bind(created_by)
             .bind(now())
             .bind(timeout_secs as i64)
+            .bind(parent.map(|p| p as i64))
             .execute(&self.pool)
             .await;
             match res {
@@ -199,6 +205,30 @@ impl Store {
         sqlx::query("UPDATE builds SET git_commit = $2 WHERE id = $1 AND state = 'running'")
             .bind(id as i64)
             .bind(commit)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The platforms of multi-platform build `parent`, in order.
+    pub async fn build_parts(&self, parent: u64) -> sqlx::Result<Vec<BuildRow>> {
+        sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM builds WHERE parent_id = $1 ORDER BY id"
+        ))
+        .bind(parent as i64)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(row)
+        .collect()
+    }
+
+    /// A multi-platform build is `running` once a builder took one of its
+    /// platforms (nothing claims the build itself).
+    pub async fn parent_started(&self, id: u64) -> sqlx::Result<()> {
+        sqlx::query("UPDATE builds SET state = 'running', started_at = $2 WHERE id = $1 AND state = 'queued'")
+            .bind(id as i64)
+            .bind(now())
             .execute(&self.pool)
             .await?;
         Ok(())
