@@ -63,6 +63,11 @@ fn registry(s: &SharedState) -> ApiResult<std::sync::Arc<Registry>> {
     })
 }
 
+/// 409 on `id`: the build is not in a state for this.
+fn id_conflict(message: String) -> ApiErr {
+    ApiErr::conflict(ErrorCode::Conflict, message).on("id")
+}
+
 fn no_such_build(id: u64) -> ApiErr {
     ApiErr::not_found("id", format!("id: no build {id}"))
 }
@@ -391,28 +396,20 @@ async fn receive(s: &SharedState, id: u64, headers: &HeaderMap, body: Body) -> A
     let s = s.clone();
     let row = build(&s, id).await?;
     let Some(_slot) = s.builds.upload_slot(id) else {
-        return Err(ApiErr::conflict(
-            ErrorCode::Conflict,
-            format!("id: build {id}'s context is being uploaded by another request"),
-        )
-        .on("id"));
+        return Err(id_conflict(format!(
+            "id: build {id}'s context is being uploaded by another request"
+        )));
     };
     if let Some(parent) = row.parent {
-        return Err(ApiErr::conflict(
-            ErrorCode::Conflict,
-            format!("id: build {id} is one platform of build {parent}: upload build {parent}'s context"),
-        )
-        .on("id"));
+        return Err(id_conflict(format!(
+            "id: build {id} is one platform of build {parent}: upload build {parent}'s context"
+        )));
     }
     if row.state != BuildState::Uploading {
-        return Err(ApiErr::conflict(
-            ErrorCode::Conflict,
-            format!(
-                "id: build {id} is {}, its context is already uploaded",
-                row.state.as_str()
-            ),
-        )
-        .on("id"));
+        return Err(id_conflict(format!(
+            "id: build {id} is {}, its context is already uploaded",
+            row.state.as_str()
+        )));
     }
     let limit = s.builds.config.max_context_bytes;
     let declared = headers
@@ -447,11 +444,7 @@ async fn receive(s: &SharedState, id: u64, headers: &HeaderMap, body: Body) -> A
     let renamed = std::fs::rename(&part, s.builds.context_path(id));
     if renamed.is_err() || !s.store.build_uploaded(id, bytes).await? {
         let _ = std::fs::remove_file(s.builds.context_path(id));
-        return Err(ApiErr::conflict(
-            ErrorCode::Conflict,
-            format!("id: build {id} was ended during the upload"),
-        )
-        .on("id"));
+        return Err(id_conflict(format!("id: build {id} was ended during the upload")));
     }
     // A multi-platform build's platforms build from its context.
     for part in s.store.build_parts(id).await? {
@@ -534,11 +527,7 @@ async fn cancel(State(s): State<SharedState>, Path(id): Path<u64>) -> ApiResult<
     )
     .await?
     {
-        return Err(ApiErr::conflict(
-            ErrorCode::Conflict,
-            format!("id: build {id} is already {}", row.state.as_str()),
-        )
-        .on("id"));
+        return Err(id_conflict(format!("id: build {id} is already {}", row.state.as_str())));
     }
     drop(ending);
     let row = build(&s, id).await?;
@@ -705,7 +694,7 @@ async fn context(
 ) -> ApiResult<Response> {
     let b = owned(&s, id, &method, &uri, &headers, b"").await?;
     if b.state != BuildState::Running {
-        return Err(ApiErr::conflict(ErrorCode::Conflict, format!("id: build {id} is {}", b.state.as_str())).on("id"));
+        return Err(id_conflict(format!("id: build {id} is {}", b.state.as_str())));
     }
     let file = tokio::fs::File::open(s.builds.context_path(b.parent.unwrap_or(id)))
         .await
