@@ -360,7 +360,22 @@ async fn stop_signal_stop_timeout_restart_and_log_tail() {
     );
 
     // Stop sends SIGUSR1: the trap runs and the container exits 0 long
-    // before its timeout.
+    // before its timeout. Once the restarted shell has set its trap (it
+    // prints "ready" after): before, PID 1 would ignore the signal.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env
+        .podman
+        .logs_tail(&id, 20, 300)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|l| *l == "ready")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "the restarted container never got ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let t = Instant::now();
     env.podman.stop(&id, 20).await.unwrap();
     let took = t.elapsed();
