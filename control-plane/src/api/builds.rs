@@ -906,22 +906,9 @@ async fn release(s: &SharedState, b: &BuildRow) -> Result<(), String> {
     let number = services::make_release(s, &spec, secrets, origin)
         .await
         .map_err(|e| format!("deploy: {}", e.message))?;
-    // Also tagged SERVICE:RELEASE, for people and other tools; the
-    // release itself runs the digest, so a failed tag changes nothing.
-    let tagged = match registry
-        .client
-        .add_tag(&registry.signer, &b.service, &digest, &number.to_string())
-        .await
-    {
-        Ok(()) => format!("tagged {}/{}:{number}\n", registry.host, b.service),
-        Err(e) => {
-            tracing::warn!(build = b.id, error = %format!("{e:#}"), "tagging the release's image failed");
-            format!("tagging {}:{number} failed: {e:#}\n", b.service)
-        }
-    };
     let _ = s.builds.append_log(
         b.id,
-        format!("pushed {image}\nrelease {number} of {} made\n{tagged}", b.service).as_bytes(),
+        format!("pushed {image}\nrelease {number} of {} made\n", b.service).as_bytes(),
     );
     end(s, b.id, BuildState::Succeeded, None, Some(&image), Some(number))
         .await

@@ -117,7 +117,30 @@ pub(super) async fn make_release(
     tracing::info!(service = %spec.name, release = number, replicas = spec.replicas, revision = rev, "release made");
     s.revision_moved(rev).await;
     s.rollout_wake.notify_one();
+    tag_release(s, spec, number).await;
     Ok(number)
+}
+
+/// A release of the service's own image in the fleet registry
+/// (`HOST/SERVICE@DIGEST`: a build's, or a rollback to one) is also
+/// tagged `SERVICE:RELEASE`, for people and other tools. The release runs
+/// the digest, so a failed tag changes nothing.
+async fn tag_release(s: &SharedState, spec: &ServiceSpec, number: u64) {
+    let Some(registry) = &s.registry else {
+        return;
+    };
+    let own = format!("{}/{}@", registry.host, spec.name);
+    let Some(digest) = spec.image.strip_prefix(&own) else {
+        return;
+    };
+    let tag = number.to_string();
+    if let Err(e) = registry
+        .client
+        .add_tag(&registry.signer, &spec.name, digest, &tag)
+        .await
+    {
+        tracing::warn!(service = %spec.name, release = number, error = %format!("{e:#}"), "tagging the release's image failed");
+    }
 }
 
 /// Secrets sealed to the control plane's key, as a service stores them.
