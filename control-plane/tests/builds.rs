@@ -1136,7 +1136,7 @@ async fn a_multi_platform_build_is_built_per_architecture_and_released_as_one_li
     );
 
     // A platform that fails fails the build and cancels the other.
-    let b = create_ready(&cp, &multi(two)).await;
+    let b = create_ready(&cp, &multi(two.clone())).await;
     upload(&cp, b.id, context_tar()).await;
     let ja = job(poll(&cp, &amd, "amd64", 10)).await;
     let jr = job(poll(&cp, &arm, "arm64", 10)).await;
@@ -1147,4 +1147,46 @@ async fn a_multi_platform_build_is_built_per_architecture_and_released_as_one_li
     assert_eq!(show(&cp, ja.id).await.state, BuildState::Cancelled);
     assert_eq!(log(&cp, &amd, ja.id, b"late\n").await, BuildLogAck { stop: true });
     assert_eq!(releases_of(&cp, "web").await.len(), 1);
+
+    // Retention with keep 1 after a second multi-platform release (of
+    // another image): the first list goes, and its platforms' manifest
+    // with it (nothing a release ran names that); the second stays whole.
+    let first_list = digest.to_string();
+    let first_platform = part_digest(&pa);
+    let b = create_ready(&cp, &multi(two)).await;
+    upload(&cp, b.id, context_tar()).await;
+    let ja = job(poll(&cp, &amd, "amd64", 10)).await;
+    let jr = job(poll(&cp, &arm, "arm64", 10)).await;
+    let store2 = work.path().join("store2");
+    import_one_file_image(&store2, work.path(), "localhost/built:2", "hello", "multi, second\n");
+    for j in [&ja, &jr] {
+        let creds = format!("{}:{}", j.registry.username, j.registry.password);
+        let out = podman_in(&store2)
+            .args(["push", "--quiet", "--cert-dir"])
+            .arg(&certs)
+            .args(["--creds", &creds, "localhost/built:2", &j.tag])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "push: {}", text(&out));
+    }
+    done(&cp, &amd, ja.id, None).await;
+    let second = done(&cp, &arm, jr.id, None).await;
+    assert_eq!(show(&cp, b.id).await.release, Some(2), "{second:?}");
+    let r = Reply::from(cp.admin(Method::POST, "/v1/images/prune?keep=1").send().await.unwrap()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let report: berth_protocol::api::PruneReport = r.json();
+    let mut deleted: Vec<&str> = report.deleted.iter().map(|d| d.digest.as_str()).collect();
+    deleted.sort();
+    let mut want = [first_list.as_str(), first_platform.as_str()];
+    want.sort();
+    assert_eq!(deleted, want, "{report:?}");
+    let images: Vec<berth_protocol::api::ImageInfo> =
+        Reply::from(cp.admin(Method::GET, "/v1/images").send().await.unwrap())
+            .await
+            .json();
+    let second_platform = part_digest(&second);
+    assert!(
+        images.iter().any(|i| i.digest == second_platform) && !images.iter().any(|i| i.digest == first_platform),
+        "{images:?}"
+    );
 }

@@ -48,7 +48,40 @@ pub async fn run(
         }
         tags.insert(repo, named);
     }
-    let doomed = plan(&registry.host, &releases, &in_use, keep, &tags);
+    let mut doomed = plan(&registry.host, &releases, &in_use, keep, &tags);
+    // A manifest list's platforms (a multi-platform build's parts) are
+    // named by nothing a release ran: they go with their list, unless a
+    // kept list names them too.
+    let mut doomed_platforms = vec![];
+    let mut kept_platforms = BTreeSet::new();
+    let doomed_keys: BTreeSet<(String, String)> = doomed
+        .iter()
+        .map(|d| (d.repository.clone(), d.digest.clone()))
+        .collect();
+    let mut looked = BTreeSet::new();
+    for r in &releases {
+        let Some((repo, digest)) = pinned(&registry.host, &r.spec.image) else {
+            continue;
+        };
+        if !stored.contains(&repo) || !looked.insert((repo.clone(), digest.clone())) {
+            continue;
+        }
+        let Ok((media_type, body)) = client.manifest_raw(&registry.signer, &repo, &digest).await else {
+            continue; // gone already
+        };
+        for child in list_entries(&media_type, &body) {
+            if doomed_keys.contains(&(repo.clone(), digest.clone())) {
+                doomed_platforms.push((repo.clone(), child));
+            } else {
+                kept_platforms.insert((repo.clone(), child));
+            }
+        }
+    }
+    // A platform manifest some kept release runs itself stays; one
+    // doomed already is not doomed twice.
+    kept_platforms.extend(looked.difference(&doomed_keys).cloned());
+    doomed_platforms.retain(|k| !doomed_keys.contains(k));
+    doomed.extend(platforms_of(&doomed_platforms, &kept_platforms, &tags));
     let mut deleted = vec![];
     for d in doomed.into_iter().filter(|d| stored.contains(&d.repository)) {
         client
@@ -73,6 +106,60 @@ pub async fn run(
         deleted,
         garbage_collection,
     })
+}
+
+/// `(repository, digest)` of an image of the registry at `host` pinned by digest.
+fn pinned(host: &str, image: &str) -> Option<(String, String)> {
+    match parse(host, image)? {
+        (repo, Ref::Digest(d)) => Some((repo, d)),
+        _ => None,
+    }
+}
+
+/// The manifests a manifest list (OCI index, Docker list) names; none for
+/// an image manifest.
+fn list_entries(media_type: &str, body: &[u8]) -> Vec<String> {
+    if !(media_type.contains("index") || media_type.contains("manifest.list")) {
+        return vec![];
+    }
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    v["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["digest"].as_str().map(String::from))
+        .collect()
+}
+
+/// The platforms' manifests of doomed lists, as doomed too: each unless a
+/// kept list names it, once, with the tags naming it now.
+pub fn platforms_of(
+    doomed_platforms: &[(String, String)],
+    kept_platforms: &BTreeSet<(String, String)>,
+    tags: &HashMap<String, Vec<(String, String)>>,
+) -> Vec<Doomed> {
+    let mut out: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for key in doomed_platforms.iter().filter(|k| !kept_platforms.contains(*k)) {
+        let (repo, digest) = key;
+        out.entry(key.clone()).or_insert_with(|| {
+            let mut named: Vec<String> = tags
+                .get(repo)
+                .into_iter()
+                .flatten()
+                .filter(|(_, d)| d == digest)
+                .map(|(t, _)| t.clone())
+                .collect();
+            named.sort();
+            named
+        });
+    }
+    out.into_iter()
+        .map(|((repository, digest), tags)| Doomed {
+            repository,
+            digest,
+            tags,
+        })
+        .collect()
 }
 
 /// A reference in the registry at `host`: `(repository, Tag|Digest)`.
@@ -196,6 +283,35 @@ mod tests {
     }
 
     const H: &str = "cp:5000";
+
+    #[test]
+    fn a_doomed_lists_platforms_go_unless_a_kept_list_names_them() {
+        let k = |r: &str, d: &str| (r.to_string(), d.to_string());
+        let doomed = [k("web", "sha256:a1"), k("web", "sha256:shared"), k("web", "sha256:a1")];
+        let kept = BTreeSet::from([k("web", "sha256:shared")]);
+        let tags = HashMap::from([(
+            "web".to_string(),
+            vec![k("build-3", "sha256:a1"), k("build-9", "sha256:shared")],
+        )]);
+        assert_eq!(
+            platforms_of(&doomed, &kept, &tags),
+            [Doomed {
+                repository: "web".into(),
+                digest: "sha256:a1".into(),
+                tags: vec!["build-3".into()],
+            }]
+        );
+        let index = br#"{"manifests":[{"digest":"sha256:a1"},{"digest":"sha256:b2"}]}"#;
+        assert_eq!(
+            list_entries("application/vnd.oci.image.index.v1+json", index),
+            ["sha256:a1", "sha256:b2"]
+        );
+        assert_eq!(
+            list_entries("application/vnd.docker.distribution.manifest.list.v2+json", index).len(),
+            2
+        );
+        assert!(list_entries("application/vnd.oci.image.manifest.v1+json", index).is_empty());
+    }
 
     #[test]
     fn keeps_the_last_releases_and_those_running() {
