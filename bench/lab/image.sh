@@ -4,7 +4,7 @@
 # pull from the lab's fleet registry it does now, ROUNDS times each.
 # Prints figures; asserts nothing.
 #
-#   target/debug/berth-lab up --nodes 1 --id 7 --dir /tmp/berth-lab-7 --no-demo
+#   target/debug/berth-lab up --nodes 2 --id 7 --dir /tmp/berth-lab-7 --no-demo
 #   bench/lab/image.sh [LAB_ID] [LAB_DIR] [ROUNDS]
 #   target/debug/berth-lab down --id 7 --dir /tmp/berth-lab-7
 set -euo pipefail
