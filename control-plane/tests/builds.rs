@@ -1189,4 +1189,40 @@ async fn a_multi_platform_build_is_built_per_architecture_and_released_as_one_li
         images.iter().any(|i| i.digest == second_platform) && !images.iter().any(|i| i.digest == first_platform),
         "{images:?}"
     );
+
+    // A git build whose platforms cloned different commits (the branch
+    // moved between the clones) fails instead of listing both.
+    let mut req = multi(json!(["linux/amd64", "linux/arm64"]));
+    req["dockerfile"] = json!("");
+    req["git"] = json!({"url": "https://git.example/app.git", "ref": "main"});
+    let b = create_ready(&cp, &req).await;
+    let ja = job(poll(&cp, &amd, "amd64", 10)).await;
+    let jr = job(poll(&cp, &arm, "arm64", 10)).await;
+    let creds = format!("{}:{}", ja.registry.username, ja.registry.password);
+    let out = podman_in(&store2)
+        .args(["push", "--quiet", "--cert-dir"])
+        .arg(&certs)
+        .args(["--creds", &creds, "localhost/built:2", &ja.tag])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "push: {}", text(&out));
+    let report = |j: &BuildJob, commit: String| {
+        (
+            format!("/v1/agent/builds/{}/done", j.id),
+            serde_json::to_vec(&json!({"error": null, "commit": commit})).unwrap(),
+        )
+    };
+    let (path, body) = report(&ja, "a".repeat(40));
+    let r: BuildInfo = agent(&cp, &amd, Method::POST, &path, body).await.json();
+    assert_eq!(r.state, BuildState::Succeeded, "{r:?}");
+    let (path, body) = report(&jr, "b".repeat(40));
+    let r: BuildInfo = agent(&cp, &arm, Method::POST, &path, body).await.json();
+    assert_eq!(r.state, BuildState::Failed, "{r:?}");
+    let whole = show(&cp, b.id).await;
+    assert_eq!(whole.state, BuildState::Failed);
+    assert!(
+        whole.error.as_deref().is_some_and(|e| e.contains("different commits")),
+        "{whole:?}"
+    );
+    assert_eq!(releases_of(&cp, "web").await.len(), 2);
 }

@@ -171,12 +171,10 @@ impl GitSource {
             ));
         }
         // A password in the URL would be stored and shown with the build.
-        if self.transport() == GitTransport::Http {
-            let authority = u
-                .split_once("://")
-                .map_or("", |(_, r)| r.split('/').next().unwrap_or(""));
+        if let Some((_, rest)) = u.split_once("://") {
+            let authority = rest.split('/').next().unwrap_or("");
             if authority
-                .split_once('@')
+                .rsplit_once('@')
                 .is_some_and(|(userinfo, _)| userinfo.contains(':'))
             {
                 return Err(crate::FieldError::new(
@@ -520,6 +518,7 @@ mod tests {
         with("ssh://git@h:2222/app.git", Some(key), None).validate().unwrap();
         for (bad, field) in [
             (with("https://u:pw@h/app.git", None, None), "git.url"),
+            (with("ssh://git:pw@h/app.git", None, None), "git.url"),
             (with("-oProxyCommand=x@h:p", None, None), "git.url"),
             (with("git://h/app.git", Some("tok"), None), "git.credential"),
             (with("https://h/app.git", Some("two words"), None), "git.credential"),

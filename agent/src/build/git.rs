@@ -11,13 +11,16 @@ use tokio::process::Command;
 /// The files looked for when a git build names no Dockerfile, in order.
 const DOCKERFILE_NAMES: &[&str] = &["Containerfile", "Dockerfile"];
 
-/// How git signs in to the repository: environment for every git run.
-/// A token goes to a credential helper through the environment (never the
-/// command line or the URL, which other users and logs see), scoped to the
-/// repository's origin; a deploy key is a 0600 file in the build's own
-/// directory, used by ssh with host keys checked strictly.
+/// How git signs in to the repository: options and environment for every
+/// git run. A token goes to a credential helper through the environment
+/// (never the command line or the URL, which other users and logs see),
+/// the helper scoped to the repository's origin; a deploy key is a 0600
+/// file in the build's own directory, used by ssh with host keys checked
+/// strictly.
 #[derive(Debug, Default)]
 pub struct GitAuth {
+    /// `-c NAME=VALUE` before the subcommand (no secret in them).
+    args: Vec<String>,
     env: Vec<(String, String)>,
 }
 
@@ -35,22 +38,16 @@ impl GitAuth {
     /// caller removes after the clone.
     pub fn new(src: &GitSource, credential: Option<&str>, dir: &Path) -> Result<GitAuth, String> {
         let mut env = vec![];
+        let mut args = vec![];
         match src.transport() {
             GitTransport::Http => {
                 if let Some(c) = credential {
                     let c = c.trim();
                     let (user, password) = c.split_once(':').unwrap_or((TOKEN_USER, c));
                     let origin = origin(&src.url).ok_or("git.url: has no host")?;
-                    let config = [
-                        // Empty first: forget the helpers configured on the builder.
-                        ("credential.helper".to_string(), String::new()),
-                        (format!("credential.{origin}.helper"), CREDENTIAL_HELPER.to_string()),
-                    ];
-                    env.push(("GIT_CONFIG_COUNT".into(), config.len().to_string()));
-                    for (i, (k, v)) in config.into_iter().enumerate() {
-                        env.push((format!("GIT_CONFIG_KEY_{i}"), k));
-                        env.push((format!("GIT_CONFIG_VALUE_{i}"), v));
-                    }
+                    // Empty first: forget the helpers configured on the builder.
+                    args.extend(["-c".into(), "credential.helper=".into()]);
+                    args.extend(["-c".into(), format!("credential.{origin}.helper={CREDENTIAL_HELPER}")]);
                     env.push(("BERTH_GIT_USER".into(), user.to_string()));
                     env.push(("BERTH_GIT_PASSWORD".into(), password.to_string()));
                 }
@@ -94,7 +91,7 @@ impl GitAuth {
             }
             GitTransport::Plain => {}
         }
-        Ok(GitAuth { env })
+        Ok(GitAuth { args, env })
     }
 }
 
@@ -109,6 +106,7 @@ fn origin(url: &str) -> Option<String> {
 /// Runs `git ARGS`, appending what it printed to `out`.
 async fn git(args: &[&str], auth: &GitAuth, out: &mut String) -> Result<(), String> {
     let o = Command::new("git")
+        .args(&auth.args)
         .args(args)
         .envs(auth.env.iter().map(|(k, v)| (k, v)))
         .env("GIT_TERMINAL_PROMPT", "0")

@@ -555,7 +555,8 @@ pub async fn sweep(s: SharedState) {
 }
 
 fn check_arch(arch: &str) -> ApiResult<()> {
-    if arch.is_empty() || arch.len() > 32 || !arch.bytes().all(|b| b.is_ascii_alphanumeric()) {
+    // `multi` names a multi-platform build's own row, which nothing claims.
+    if arch.is_empty() || arch.len() > 32 || !arch.bytes().all(|b| b.is_ascii_alphanumeric()) || arch == MULTI_ARCH {
         return Err(ApiErr::invalid(
             "arch",
             format!("arch: {arch:?} is not an architecture"),
@@ -648,6 +649,22 @@ async fn next(
                 };
                 let sealed_secrets =
                     sealed.and_then(|x| crate::desired::reseal(&s.secrets_key, &x, node.sealing_key.as_deref()));
+                let mut git = b.request.git.clone();
+                if let Some(g) = &mut git {
+                    if let Some(c) = g.credential_sealed.take() {
+                        g.credential_sealed = crate::desired::reseal(&s.secrets_key, &c, node.sealing_key.as_deref());
+                        // Cloning without it would fail with git's own, vaguer words.
+                        if g.credential_sealed.is_none() {
+                            let _ending = s.builds.ending.lock().await;
+                            let why = format!(
+                                "git.credential: builder {} has no sealing key to receive it (upgrade its agent)",
+                                node.name
+                            );
+                            end(&s, b.id, BuildState::Failed, Some(&why), None, None).await?;
+                            continue;
+                        }
+                    }
+                }
                 let job = BuildJob {
                     id: b.id,
                     dockerfile: b.request.dockerfile.clone(),
@@ -662,12 +679,7 @@ async fn next(
                     timeout_secs: b.timeout_secs,
                     platform: b.parent.and(b.request.platforms.first().cloned()),
                     sealed_secrets,
-                    git: b.request.git.clone().map(|mut g| {
-                        g.credential_sealed = g
-                            .credential_sealed
-                            .and_then(|c| crate::desired::reseal(&s.secrets_key, &c, node.sealing_key.as_deref()));
-                        g
-                    }),
+                    git,
                 };
                 return Ok(Json(job).into_response());
             }
@@ -749,16 +761,27 @@ async fn done(
     // report may have ended it meanwhile.
     let b = build(&s, id).await?;
     if b.state == BuildState::Running {
+        let mut error = report.error;
         if let Some(c) = report.commit.as_deref().filter(|_| b.request.git.is_some()) {
             if !is_commit_id(c) {
                 return Err(ApiErr::invalid("commit", format!("commit: {c:?} is not a commit ID")));
             }
             s.store.set_build_commit(id, c).await?;
             if let Some(parent) = b.parent {
-                s.store.set_build_commit(parent, c).await?;
+                // Each platform cloned the ref itself: a push in between
+                // would put two commits in one list.
+                match build(&s, parent).await?.commit {
+                    Some(first) if first != c => {
+                        error.get_or_insert(format!(
+                            "commit: the platforms built different commits ({first}, {c}): the ref moved during the \
+                             build; build a commit (--ref COMMIT) or try again"
+                        ));
+                    }
+                    _ => s.store.set_build_commit(parent, c).await?,
+                }
             }
         }
-        match (report.error, b.parent) {
+        match (error, b.parent) {
             (Some(e), _) => {
                 end(&s, id, BuildState::Failed, Some(&e), None, None).await?;
             }
@@ -831,7 +854,8 @@ async fn platform_done(s: &SharedState, b: &BuildRow, parent: u64) -> Result<(),
             .client
             .manifest_raw(&registry.signer, &b.service, d)
             .await
-            .map_err(|e| format!("registry: {e:#}"))?;
+            .map_err(|e| format!("registry: {e:#}"))?
+            .ok_or_else(|| format!("registry: {}@{d} is gone", b.service))?;
         if media_type.starts_with("application/vnd.docker.") {
             list_type = DOCKER_MANIFEST_LIST;
         }

@@ -134,12 +134,14 @@ async fn tag_release(s: &SharedState, spec: &ServiceSpec, number: u64) {
         return;
     };
     let tag = number.to_string();
-    if let Err(e) = registry
-        .client
-        .add_tag(&registry.signer, &spec.name, digest, &tag)
-        .await
-    {
-        tracing::warn!(service = %spec.name, release = number, error = %format!("{e:#}"), "tagging the release's image failed");
+    // Bounded: a registry that hangs must not hold the deploy (or a build's end) for long.
+    let tagging = registry.client.add_tag(&registry.signer, &spec.name, digest, &tag);
+    match tokio::time::timeout(std::time::Duration::from_secs(5), tagging).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(service = %spec.name, release = number, error = %format!("{e:#}"), "tagging the release's image failed")
+        }
+        Err(_) => tracing::warn!(service = %spec.name, release = number, "tagging the release's image timed out"),
     }
 }
 

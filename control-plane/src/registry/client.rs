@@ -105,22 +105,28 @@ impl RegistryClient {
     }
 
     /// The manifest `reference` (a tag or digest) names, as stored: its
-    /// media type and its bytes.
+    /// media type and its bytes; None when the registry has none.
     pub async fn manifest_raw(
         &self,
         signer: &Signer,
         repository: &str,
         reference: &str,
-    ) -> anyhow::Result<(String, bytes::Bytes)> {
+    ) -> anyhow::Result<Option<(String, bytes::Bytes)>> {
         let path = format!("/v2/{repository}/manifests/{reference}");
-        let resp = self.get(signer, &path, pull(repository), false).await?;
+        let resp = self.send(signer, &path, pull(repository), false).await?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !resp.status().is_success() {
+            bail!("the fleet registry: GET {path}: {}", resp.status());
+        }
         let media_type = resp
             .headers()
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .with_context(|| format!("the fleet registry: GET {path}: no Content-Type"))?
             .to_string();
-        Ok((media_type, resp.bytes().await?))
+        Ok(Some((media_type, resp.bytes().await?)))
     }
 
     /// Puts `manifest` under `tag` of `repository` (moving `tag` if it
@@ -163,7 +169,10 @@ impl RegistryClient {
     /// Tags the manifest `digest` of `repository` as `tag` too: put back
     /// under the new name byte for byte, so its digest stays.
     pub async fn add_tag(&self, signer: &Signer, repository: &str, digest: &str, tag: &str) -> anyhow::Result<()> {
-        let (media_type, manifest) = self.manifest_raw(signer, repository, digest).await?;
+        let (media_type, manifest) = self
+            .manifest_raw(signer, repository, digest)
+            .await?
+            .with_context(|| format!("the fleet registry has no {repository}@{digest}"))?;
         self.put_manifest(signer, repository, tag, &media_type, manifest)
             .await?;
         Ok(())

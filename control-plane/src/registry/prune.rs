@@ -66,7 +66,9 @@ pub async fn run(
         if !stored.contains(&repo) || !looked.insert((repo.clone(), digest.clone())) {
             continue;
         }
-        let Ok((media_type, body)) = client.manifest_raw(&registry.signer, &repo, &digest).await else {
+        // Any other failure stops the prune: a list not read could lose
+        // a platform, or leave its platforms behind for good.
+        let Some((media_type, body)) = client.manifest_raw(&registry.signer, &repo, &digest).await? else {
             continue; // gone already
         };
         for child in list_entries(&media_type, &body) {
@@ -77,8 +79,10 @@ pub async fn run(
             }
         }
     }
-    // A platform manifest some kept release runs itself stays; one
-    // doomed already is not doomed twice.
+    // A kept list's platform stays, even one a doomed release ran itself;
+    // so does one a kept release runs itself; and one doomed already is
+    // not doomed twice.
+    doomed.retain(|d| !kept_platforms.contains(&(d.repository.clone(), d.digest.clone())));
     kept_platforms.extend(looked.difference(&doomed_keys).cloned());
     doomed_platforms.retain(|k| !doomed_keys.contains(k));
     doomed.extend(platforms_of(&doomed_platforms, &kept_platforms, &tags));
