@@ -121,10 +121,14 @@ struct Args {
     /// no --builder node of the architecture is free.
     #[arg(long)]
     builder: bool,
-    /// How this node builds images: auto (Podman's builder; BuildKit is not
-    /// supported yet) or podman.
-    #[arg(long, default_value = "auto", value_parser = berth_agent::build::Engine::parse)]
-    build_engine: berth_agent::build::Engine,
+    /// How this node builds images: auto (BuildKit when `buildctl` is
+    /// installed and buildkitd answers at --buildkit-addr, else Podman's
+    /// builder), buildkit or podman.
+    #[arg(long, default_value = "auto", value_parser = berth_agent::build::EngineChoice::parse)]
+    build_engine: berth_agent::build::EngineChoice,
+    /// The buildkitd that `buildctl` talks to.
+    #[arg(long, default_value = berth_agent::build::buildkit::DEFAULT_ADDR)]
+    buildkit_addr: String,
     /// Log format: text, json, or journald (default: journald under systemd, else text).
     #[arg(long, value_parser = ["text", "json", "journald"])]
     log_format: Option<String>,
@@ -343,17 +347,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tracing::warn!("--builder: proxy nodes do not build; ignored");
         }
     } else if !args.no_builds {
-        let berth_agent::build::Engine::Podman = args.build_engine;
-        tokio::spawn(berth_agent::build::run(
-            client.clone(),
-            berth_agent::build::BuilderSettings {
-                podman: berth_agent::podman::Podman::new(&args.podman_socket),
-                sealing: id.sealing.clone(),
-                work_dir: args.data_dir.join("builds"),
-                arch: berth_protocol::build::host_arch().to_string(),
-                preferred: args.builder,
-            },
-        ));
+        // A builder that cannot build is left out; the node runs on.
+        match args.build_engine.resolve(&args.buildkit_addr).await {
+            Ok(engine) => {
+                tracing::info!(?engine, "builds enabled");
+                tokio::spawn(berth_agent::build::run(
+                    client.clone(),
+                    berth_agent::build::BuilderSettings {
+                        engine,
+                        podman: berth_agent::podman::Podman::new(&args.podman_socket),
+                        sealing: id.sealing.clone(),
+                        work_dir: args.data_dir.join("builds"),
+                        arch: berth_protocol::build::host_arch().to_string(),
+                        preferred: args.builder,
+                    },
+                ));
+            }
+            Err(e) => tracing::error!(error = %e, "this node does not build"),
+        }
     }
     sync_loop(client, reporter, rec).await
 }

@@ -284,7 +284,8 @@ async fn nodes_pull_admins_push_and_nobody_else_gets_in(db: &Db) {
         report.deleted.iter().filter(|d| d.repository == "pr").collect();
     assert_eq!(pr_deleted.len(), 1, "{report:?}");
     assert_eq!(pr_deleted[0].digest, a_digest);
-    assert_eq!(pr_deleted[0].tags, ["a"]);
+    // Release 1 of pr ran pr's own image, so it was tagged pr:1 too.
+    assert_eq!(pr_deleted[0].tags, ["1", "a"]);
     assert!(
         report.garbage_collection.contains("eligible for deletion"),
         "{report:?}"
@@ -297,13 +298,15 @@ async fn nodes_pull_admins_push_and_nobody_else_gets_in(db: &Db) {
         assert!(out.status.success(), "{image} went: {}", text(&out));
     }
     let r = Reply::from(cp.admin(Method::GET, "/v1/images?service=pr").send().await.unwrap()).await;
-    let tags: Vec<String> = r
+    let mut tags: Vec<String> = r
         .json::<Vec<berth_protocol::api::ImageInfo>>()
         .into_iter()
         .map(|i| i.tag)
         .collect();
-    // spare names the same digest as b, so release 2 uses it too; a is gone.
-    assert_eq!(tags, ["b", "spare"], "what pr's releases use");
+    tags.sort();
+    // spare names the same digest as b, so release 2 uses it too (and
+    // tags it pr:2); a is gone, with pr:1.
+    assert_eq!(tags, ["2", "b", "spare"], "what pr's releases use");
     let r = Reply::from(cp.admin(Method::GET, "/v1/images?service=nope").send().await.unwrap()).await;
     r.coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("service"));
     let r = Reply::from(cp.http.get(format!("{}/v1/images", cp.url)).send().await.unwrap()).await;

@@ -1,10 +1,12 @@
 //! The builder: on workers (unless `--no-builds`), long-polls the control
 //! plane for builds, one at a time. For each it downloads the context,
-//! builds it with Podman's builder (libpod build API), streams the output
-//! to the build's log, pushes the image to the fleet registry with the
-//! build's own credentials and reports the result; the control plane then
-//! pins the digest and releases the service (docs/builds.md).
+//! builds it with Podman's builder (libpod build API) or BuildKit
+//! (`buildkit.rs`), streams the output to the build's log, pushes the
+//! image to the fleet registry with the build's own credentials and
+//! reports the result; the control plane then pins the digest and
+//! releases the service (docs/builds.md).
 
+pub mod buildkit;
 pub mod git;
 
 use crate::client::{Client, Refused};
@@ -25,25 +27,56 @@ const LOG_CHUNK: usize = 32 * 1024;
 /// of a cancel.
 const STOP_CHECK_EVERY: Duration = Duration::from_secs(2);
 
-/// Which builder runs the builds (`--build-engine`).
+/// `--build-engine`, as asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
+pub enum EngineChoice {
+    /// BuildKit when `buildctl` is installed and buildkitd answers, else Podman.
+    Auto,
     Podman,
+    BuildKit,
 }
 
-impl Engine {
-    /// `auto` is Podman's builder: BuildKit support is not built (BuildKit
-    /// is not packaged for Debian, so it could not be tested here).
-    pub fn parse(s: &str) -> Result<Engine, String> {
+impl EngineChoice {
+    pub fn parse(s: &str) -> Result<EngineChoice, String> {
         match s {
-            "auto" | "podman" => Ok(Engine::Podman),
-            "buildkit" => Err("--build-engine buildkit: not supported yet; use podman (docs/builds.md)".into()),
+            "auto" => Ok(EngineChoice::Auto),
+            "podman" => Ok(EngineChoice::Podman),
+            "buildkit" => Ok(EngineChoice::BuildKit),
             other => Err(format!("--build-engine {other:?}: expected auto, buildkit or podman")),
+        }
+    }
+
+    /// The engine builds run with: for `buildkit`, buildkitd at `addr`
+    /// must answer (an error says why not); `auto` falls back to Podman.
+    pub async fn resolve(self, addr: &str) -> Result<Engine, String> {
+        match self {
+            EngineChoice::Podman => Ok(Engine::Podman),
+            EngineChoice::BuildKit => buildkit::available(addr)
+                .await
+                .map(|()| Engine::BuildKit(addr.to_string()))
+                .map_err(|e| format!("--build-engine buildkit: {e}")),
+            EngineChoice::Auto => Ok(match buildkit::available(addr).await {
+                Ok(()) => Engine::BuildKit(addr.to_string()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no BuildKit: building with Podman");
+                    Engine::Podman
+                }
+            }),
         }
     }
 }
 
+/// Which builder runs the builds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Engine {
+    /// Podman's builder, through the node's Podman service.
+    Podman,
+    /// BuildKit through `buildctl`, at this buildkitd address.
+    BuildKit(String),
+}
+
 pub struct BuilderSettings {
+    pub engine: Engine,
     pub podman: Podman,
     /// Opens the build secrets sealed to this node.
     pub sealing: x25519_dalek::StaticSecret,
@@ -220,8 +253,31 @@ async fn run_build(
         registry_config: Some(registry::config_header(&job.registry)),
         secrets: opened.secrets,
     };
+    // A git build is also tagged with its commit (the layers are there
+    // already: this push sends a manifest). One platform of several is
+    // not: the control plane tags their manifest list.
+    let commit_tag = built_commit
+        .as_deref()
+        .filter(|_| job.platform.is_none())
+        .zip(job.tag.rsplit_once(':'))
+        .map(|(c, (repo, _))| (repo.to_string(), format!("git-{}", &c[..c.len().min(12)])));
     let (tx, mut rx) = mpsc::channel::<String>(256);
-    let building = s.podman.build(&params, context, tx);
+    let kit_dir = s.work_dir.join(format!("build-{}-buildkit", job.id));
+    let building = async {
+        match &s.engine {
+            Engine::Podman => s
+                .podman
+                .build(&params, context, tx)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Engine::BuildKit(addr) => {
+                let mut names = vec![job.tag.clone()];
+                names.extend(commit_tag.iter().map(|(repo, tag)| format!("{repo}:{tag}")));
+                buildkit::build(addr, &params, &job.registry, &names, context, &kit_dir, tx).await
+            }
+        }
+    };
     tokio::pin!(building);
     let deadline = tokio::time::sleep(Duration::from_secs(job.timeout_secs.into()));
     tokio::pin!(deadline);
@@ -246,20 +302,19 @@ async fn run_build(
     while let Ok(text) = rx.try_recv() {
         log.push(&text);
     }
-    built.map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&kit_dir);
+    built?;
+    if let Engine::BuildKit(_) = s.engine {
+        return Ok(()); // pushed by buildctl, with the commit tag
+    }
     log.push(&format!("pushing {}\n", job.tag));
     if log.flush().await {
         return Err("cancelled".into());
     }
     let auth = registry::auth_header(&job.registry);
     s.podman.push(&job.tag, &auth).await.map_err(|e| e.to_string())?;
-    // A git build is also tagged with its commit (the layers are there
-    // already: this push sends a manifest). One platform of several is
-    // not: the control plane tags their manifest list.
-    let commit = built_commit.as_deref().filter(|_| job.platform.is_none());
-    if let (Some(commit), Some((repo, _))) = (commit, job.tag.rsplit_once(':')) {
-        let tag = format!("git-{}", &commit[..commit.len().min(12)]);
-        s.podman.tag(&job.tag, repo, &tag).await.map_err(|e| e.to_string())?;
+    if let Some((repo, tag)) = &commit_tag {
+        s.podman.tag(&job.tag, repo, tag).await.map_err(|e| e.to_string())?;
         let name = format!("{repo}:{tag}");
         log.push(&format!("pushing {name}\n"));
         s.podman.push(&name, &auth).await.map_err(|e| e.to_string())?;
@@ -375,9 +430,9 @@ mod tests {
 
     #[test]
     fn only_podman_is_an_engine_today() {
-        assert_eq!(Engine::parse("auto"), Ok(Engine::Podman));
-        assert_eq!(Engine::parse("podman"), Ok(Engine::Podman));
-        assert!(Engine::parse("buildkit").unwrap_err().contains("--build-engine"));
-        assert!(Engine::parse("kaniko").unwrap_err().contains("kaniko"));
+        assert_eq!(EngineChoice::parse("auto"), Ok(EngineChoice::Auto));
+        assert_eq!(EngineChoice::parse("podman"), Ok(EngineChoice::Podman));
+        assert_eq!(EngineChoice::parse("buildkit"), Ok(EngineChoice::BuildKit));
+        assert!(EngineChoice::parse("kaniko").unwrap_err().contains("kaniko"));
     }
 }
