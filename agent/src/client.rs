@@ -13,10 +13,15 @@ use std::time::Duration;
 
 pub struct Client {
     http: reqwest::Client,
+    /// For the WebSockets of `berth logs` and `berth exec`.
+    tls: std::sync::Arc<rustls::ClientConfig>,
     base: reqwest::Url,
     key: SigningKey,
     node_id: String,
 }
+
+/// A stream's WebSocket to the control plane.
+pub type StreamSocket = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 /// Outcome of one long-poll.
 pub enum Poll {
@@ -47,6 +52,20 @@ fn http_client(ca_pem: &[u8]) -> anyhow::Result<reqwest::Client> {
         .use_rustls_tls()
         .connect_timeout(Duration::from_secs(5))
         .build()?)
+}
+
+fn tls_config(ca_pem: &[u8]) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.context("the pinned CA is not a PEM certificate")?)?;
+    }
+    let cfg =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Ok(std::sync::Arc::new(cfg))
 }
 
 /// First contact: fetches the control plane's CA and accepts it only if its
@@ -95,6 +114,7 @@ impl Client {
         let pem = std::fs::read(ca_pem_path).with_context(|| format!("reading {}", ca_pem_path.display()))?;
         Ok(Client {
             http: http_client(&pem)?,
+            tls: tls_config(&pem)?,
             base: reqwest::Url::parse(url).with_context(|| format!("--url {url:?}"))?,
             key,
             node_id,
@@ -256,5 +276,56 @@ impl Client {
             return Err(refused(resp).await.into());
         }
         Ok(())
+    }
+
+    /// Long-polls for streams to open (`berth logs`, `berth exec`).
+    pub async fn next_streams(&self, wait_secs: u64) -> anyhow::Result<Vec<berth_protocol::stream::StreamJob>> {
+        let resp = self
+            .signed(Method::GET, &format!("/v1/agent/streams/next?wait={wait_secs}"), vec![])?
+            .timeout(Duration::from_secs(wait_secs + 15))
+            .send()
+            .await?;
+        match resp.status() {
+            StatusCode::NO_CONTENT => Ok(vec![]),
+            s if s.is_success() => Ok(resp.json::<berth_protocol::stream::StreamJobs>().await?.jobs),
+            _ => Err(refused(resp).await.into()),
+        }
+    }
+
+    /// Opens the WebSocket of stream `id`, signed like any request (its
+    /// body, empty, is what the signature covers).
+    pub async fn stream_socket(&self, id: &str) -> anyhow::Result<StreamSocket> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::HeaderValue;
+        let path = format!("/v1/agent/streams/{id}");
+        let mut url = self.base.join(&path)?;
+        let host = match url.host_str() {
+            Some(h) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+            None => bail!("--url has no host"),
+        };
+        let port = url.port_or_known_default().unwrap_or(443);
+        url.set_scheme("wss").map_err(|_| anyhow!("--url: not an https URL"))?;
+        let h = signing::sign(&self.key, "GET", &path, &[], now());
+        let mut req = url.as_str().into_client_request()?;
+        let headers = req.headers_mut();
+        headers.insert(HEADER_NODE, HeaderValue::from_str(&self.node_id)?);
+        headers.insert(HEADER_TIMESTAMP, HeaderValue::from_str(&h.timestamp)?);
+        headers.insert(HEADER_NONCE, HeaderValue::from_str(&h.nonce)?);
+        headers.insert(HEADER_SIGNATURE, HeaderValue::from_str(&h.signature)?);
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect((host.as_str(), port)),
+        )
+        .await
+        .context("connecting to the control plane: timed out")??;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::try_from(host.clone())?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await?;
+        let (ws, _) = tokio::time::timeout(Duration::from_secs(15), tokio_tungstenite::client_async(req, tls))
+            .await
+            .context("opening the stream: timed out")??;
+        Ok(ws)
     }
 }

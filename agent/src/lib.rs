@@ -14,6 +14,7 @@ pub mod podman;
 pub mod proxy;
 pub mod reconcile;
 pub mod registry;
+pub mod streams;
 pub mod upgrade;
 
 /// This build's version: `BERTH_VERSION` at build time (release builds), else the crate version.

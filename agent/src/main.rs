@@ -342,6 +342,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ));
     tokio::spawn(container_ticks(rec.clone(), report_now));
     tokio::spawn(watchdog());
+    tokio::spawn(berth_agent::streams::run(
+        client.clone(),
+        berth_agent::podman::Podman::new(&args.podman_socket),
+    ));
     if reg.proxy {
         if args.builder {
             tracing::warn!("--builder: proxy nodes do not build; ignored");

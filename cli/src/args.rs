@@ -71,6 +71,52 @@ pub enum Command {
     /// Image builds (`berth service deploy NAME --build DIR` starts one).
     #[command(subcommand)]
     Build(BuildCmd),
+    /// A service's log: every replica's stdout and stderr, merged as they
+    /// come, each line after its replica's name.
+    Logs(LogsArgs),
+    /// Run a command in a replica: `berth exec web -- ls /`, or `berth exec
+    /// -it web/web-3 -- sh` for a shell. Exits with the command's code.
+    Exec(ExecArgs),
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    /// The service.
+    pub service: String,
+    /// Keep following, taking in the replicas a rollout starts (Ctrl-C ends).
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Only lines newer than this: a duration back from now (90s, 10m, 2h, 1d) or Unix seconds.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only the last N lines of each replica, before following.
+    #[arg(long, value_name = "N")]
+    pub tail: Option<u32>,
+    /// Only this replica (e.g. web-3).
+    #[arg(long)]
+    pub replica: Option<String>,
+    /// Show when each line was written.
+    #[arg(long)]
+    pub timestamps: bool,
+    /// One JSON object per line: replica, stream, ts, line (or notice).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct ExecArgs {
+    /// Keep stdin open and send it to the command.
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Give the command a terminal (stdin must be one): raw mode, window
+    /// size, Ctrl-C to the remote process.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// SERVICE, or SERVICE/REPLICA; without a replica, the first running one.
+    pub target: String,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub cmd: Vec<String>,
 }
 
 #[derive(Subcommand)]

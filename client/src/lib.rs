@@ -3,6 +3,9 @@
 //! one method per endpoint, request and response types from `berth_protocol`,
 //! and errors as [`Error`], whose API variant carries the stable error code.
 
+mod streams;
+pub use streams::{ExecQuery, ExecSocket, LogsQuery};
+
 use berth_protocol::build::{BuildInfo, BuildRequest, GitLink, GitLinkInfo};
 use berth_protocol::release::{ReleaseInfo, RollbackRequest};
 use berth_protocol::routes::{DomainInfo, DomainSpec, TcpRouteSpec};
@@ -68,6 +71,8 @@ pub struct AdminClient {
     http: reqwest::Client,
     base: String,
     token: String,
+    /// The control plane's CA, for the exec WebSocket.
+    ca_pem: Vec<u8>,
 }
 
 impl AdminClient {
@@ -79,6 +84,7 @@ impl AdminClient {
                 cfg.ca_file.display()
             ))
         })?;
+        let ca_pem = ca.clone();
         let ca = reqwest::Certificate::from_pem(&ca)
             .map_err(|e| Error::Config(format!("--ca-file: not a PEM certificate: {e}")))?;
         let http = reqwest::Client::builder()
@@ -93,6 +99,7 @@ impl AdminClient {
             http,
             base: cfg.url.trim_end_matches('/').to_string(),
             token: token.trim().to_string(),
+            ca_pem,
         })
     }
 

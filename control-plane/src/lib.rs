@@ -15,6 +15,7 @@ pub mod rollout;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod streams;
 pub mod tls;
 
 use anyhow::Context;
@@ -37,6 +38,8 @@ pub struct ServeConfig {
     /// Run the fleet registry; None: no registry.
     pub registry: Option<registry::RegistryConfig>,
     pub builds: builds::BuildsConfig,
+    /// Limits on `berth logs` and `berth exec` streams.
+    pub streams: streams::StreamLimits,
 }
 
 /// A started control plane: its state and the address it listens on.
@@ -102,6 +105,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
                 .unwrap_or_else(|| cfg.data_dir.join("releases")),
             registry,
             builds: builds::Builds::new(&cfg.data_dir, cfg.builds.clone())?,
+            streams: streams::Streams::new(cfg.streams.clone()),
         },
     )
     .await?;

@@ -112,6 +112,17 @@ struct Serve {
     /// MiB; a larger upload is refused with 413.
     #[arg(long, default_value_t = berth_protocol::build::DEFAULT_MAX_CONTEXT_MIB, value_parser = clap::value_parser!(u64).range(1..))]
     max_build_context_mib: u64,
+    /// Live `berth logs` and `berth exec` streams one node may carry at once;
+    /// one more is refused with 429 too_many_streams.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    max_streams_per_node: u64,
+    /// Live streams the admin may hold at once, over all nodes.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    max_streams_per_admin: u64,
+    /// A `berth logs` reader that takes nothing for this many seconds has
+    /// its stream cut (the control plane holds no more than a small buffer).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    stream_stall_secs: u64,
     /// Run no fleet registry.
     #[arg(long, conflicts_with_all = ["registry_listen", "registry_bin", "registry_storage_config"])]
     no_registry: bool,
@@ -194,6 +205,12 @@ async fn main() {
         registry,
         builds: berth_control_plane::builds::BuildsConfig {
             max_context_bytes: s.max_build_context_mib << 20,
+        },
+        streams: berth_control_plane::streams::StreamLimits {
+            per_node: s.max_streams_per_node as usize,
+            per_admin: s.max_streams_per_admin as usize,
+            stall_timeout: std::time::Duration::from_secs(s.stream_stall_secs),
+            ..Default::default()
         },
     };
     let started = match start(cfg).await {

@@ -33,6 +33,8 @@ pub struct AppState {
     pub registry: Option<Arc<crate::registry::Registry>>,
     /// Build contexts, logs and the builder nodes that are ready.
     pub builds: crate::builds::Builds,
+    /// Live log and exec streams (not stored).
+    pub streams: Arc<crate::streams::Streams>,
     revision: watch::Sender<i64>,
     fleet_view: Mutex<Arc<FleetView>>,
 }
@@ -51,6 +53,7 @@ pub struct StateParts {
     pub releases_dir: std::path::PathBuf,
     pub registry: Option<crate::registry::Registry>,
     pub builds: crate::builds::Builds,
+    pub streams: Arc<crate::streams::Streams>,
 }
 
 impl AppState {
@@ -66,6 +69,7 @@ impl AppState {
             releases_dir,
             registry,
             builds,
+            streams,
         } = parts;
         let rev = store.revision().await?;
         let (tx, _) = watch::channel(rev);
@@ -84,6 +88,7 @@ impl AppState {
             rollout_wake: tokio::sync::Notify::new(),
             registry: registry.map(Arc::new),
             builds,
+            streams,
             revision: tx,
             fleet_view: Mutex::new(Arc::new(FleetView {
                 revision: -1,

@@ -90,6 +90,12 @@ pub enum ErrorCode {
     /// 503: no builder node is ready for the build: none of the right
     /// architecture asked for work in the last minute (`builder`).
     NoBuilder,
+    /// 429: the node or the admin has as many live streams (`berth logs`,
+    /// `berth exec`) as allowed; one must end first (`streams`).
+    TooManyStreams,
+    /// 504: the replica's node is offline, or did not open the stream it
+    /// was asked for in time (`node`).
+    NodeUnreachable,
     /// Never sent: what a client reads for a code newer than itself, or for
     /// an error body without one.
     #[default]
@@ -118,6 +124,8 @@ impl ErrorCode {
             ErrorCode::PoolExhausted => "pool_exhausted",
             ErrorCode::RegistryUnavailable => "registry_unavailable",
             ErrorCode::NoBuilder => "no_builder",
+            ErrorCode::TooManyStreams => "too_many_streams",
+            ErrorCode::NodeUnreachable => "node_unreachable",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -207,6 +215,8 @@ mod tests {
             PoolExhausted,
             RegistryUnavailable,
             NoBuilder,
+            TooManyStreams,
+            NodeUnreachable,
             Unknown,
         ] {
             assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());

@@ -13,6 +13,7 @@ pub mod routes;
 pub mod seal;
 pub mod service;
 pub mod signing;
+pub mod stream;
 pub mod token;
 
 pub use api::*;

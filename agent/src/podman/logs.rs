@@ -27,6 +27,44 @@ fn demux(data: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Splits a multiplexed stream into its frames as the bytes come, in
+/// pieces of any size: `push` returns every (stream, payload) completed.
+/// A stream that does not start like a frame is raw terminal output, all
+/// of it stdout.
+#[derive(Default)]
+pub struct Demuxer {
+    buf: Vec<u8>,
+    raw: Option<bool>,
+}
+
+impl Demuxer {
+    pub fn push(&mut self, data: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        self.buf.extend_from_slice(data);
+        if self.raw.is_none() {
+            if self.buf.len() < 4 {
+                return vec![];
+            }
+            self.raw = Some(self.buf[0] > 2 || self.buf[1..4] != [0, 0, 0]);
+        }
+        if self.raw == Some(true) {
+            return vec![(1, std::mem::take(&mut self.buf))];
+        }
+        let mut out = vec![];
+        let mut at = 0;
+        while self.buf.len() - at >= 8 {
+            let h = &self.buf[at..at + 8];
+            let len = u32::from_be_bytes([h[4], h[5], h[6], h[7]]) as usize;
+            if self.buf.len() - at - 8 < len {
+                break;
+            }
+            out.push((h[0], self.buf[at + 8..at + 8 + len].to_vec()));
+            at += 8 + len;
+        }
+        self.buf.drain(..at);
+        out
+    }
+}
+
 /// Cuts `line` to at most `max` bytes (on a character boundary), marking the cut.
 pub fn truncate(mut line: String, max: usize) -> String {
     if line.len() > max {
@@ -113,6 +151,35 @@ mod tests {
         cut.truncate(8 + 6);
         data.extend(cut);
         assert_eq!(last_lines(&data, 20, 300), ["first", "second"]);
+    }
+
+    #[test]
+    fn the_demuxer_takes_frames_in_any_pieces() {
+        let mut data = frame(1, "hello\n");
+        data.extend(frame(2, "oops\n"));
+        data.extend(frame(1, ""));
+        for cut in 0..data.len() {
+            let mut d = Demuxer::default();
+            let mut got = d.push(&data[..cut]);
+            got.extend(d.push(&data[cut..]));
+            let got: Vec<(u8, String)> = got
+                .into_iter()
+                .map(|(s, p)| (s, String::from_utf8(p).unwrap()))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    (1, "hello\n".to_string()),
+                    (2, "oops\n".to_string()),
+                    (1, String::new())
+                ],
+                "cut at {cut}"
+            );
+        }
+        let mut raw = Demuxer::default();
+        assert_eq!(raw.push(b"$ "), vec![]);
+        assert_eq!(raw.push(b"ls\r\n"), vec![(1, b"$ ls\r\n".to_vec())]);
+        assert_eq!(raw.push(b"x"), vec![(1, b"x".to_vec())]);
     }
 
     #[test]

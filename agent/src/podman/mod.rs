@@ -18,12 +18,14 @@
 //!   and kills at once without it.
 
 mod build;
+mod exec;
 mod inspect;
 pub mod logs;
 mod spec;
 mod transport;
 
 pub use build::BuildParams;
+pub use exec::{next_chunk, ExecState};
 pub use inspect::{
     ContainerDetails, ContainerState, ContainerSummary, Health, HealthCheckRun, HealthStatus, NetworkAttachment,
 };

@@ -3,6 +3,7 @@
 mod build;
 mod domain;
 mod lab;
+mod logs;
 mod nodes;
 mod registry;
 mod release;
@@ -35,6 +36,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Image(i) => registry::run_image(&api()?, i).await?,
         Command::Build(b) => return build::run(&api()?, b).await,
         Command::Lab { args } => return lab::run(&args),
+        Command::Logs(l) => logs::logs(&api()?, l).await?,
+        Command::Exec(e) => return logs::exec(&api()?, e).await,
     }
     Ok(0)
 }

@@ -13,6 +13,7 @@ pub mod registry;
 pub mod releases;
 pub mod routes;
 pub mod services;
+pub mod streams;
 pub mod tokens;
 
 use crate::auth::admin_only;
@@ -56,6 +57,7 @@ pub fn router(state: SharedState) -> Router {
         registry::admin_routes(),
         builds::admin_routes(),
         hooks::admin_routes(),
+        streams::admin_routes(),
     ]
     .into_iter()
     .flatten()
@@ -66,6 +68,7 @@ pub fn router(state: SharedState) -> Router {
         .merge(public())
         .merge(agent::routes())
         .merge(builds::agent_routes())
+        .merge(streams::agent_routes())
         .merge(admin)
         .fallback(|| async { ApiErr::not_found("path", "path: no such API endpoint") })
         .layer(DefaultBodyLimit::max(MAX_BODY))

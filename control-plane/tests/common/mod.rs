@@ -427,6 +427,7 @@ impl Cp {
             releases_dir: None,
             registry,
             builds,
+            streams: Default::default(),
         })
         .await
         .unwrap();
