@@ -6,7 +6,7 @@
 use crate::client::{Client, StreamSocket};
 use crate::containers::create_spec::container_name;
 use crate::podman::logs::Demuxer;
-use crate::podman::{next_chunk, Podman};
+use crate::podman::{next_chunk, ContainerState, Podman};
 use berth_protocol::stream::{ExecControl, ExecRequest, LogLine, LogsRequest, StreamJob, StreamKind, EXEC_STDERR};
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
@@ -153,14 +153,27 @@ async fn notice(ws: &mut StreamSocket, replica: &str, what: String) {
 async fn logs(podman: &Podman, replica: &str, req: &LogsRequest, ws: &mut StreamSocket) {
     let name = container_name(replica);
     let deadline = tokio::time::Instant::now() + if req.follow { WAIT_FOR_CONTAINER } else { Duration::ZERO };
-    let mut resp = loop {
-        match podman.logs_stream(&name, req.follow, req.since, req.tail).await {
-            Ok(r) => break r,
-            Err(e) if e.is_not_found() && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(250)).await
+    // A new replica's container may not exist or run yet, and following a
+    // container that does not run ends at once: wait for it to start.
+    while req.follow && tokio::time::Instant::now() < deadline {
+        match podman.inspect(&name).await {
+            Ok(c)
+                if matches!(
+                    c.state,
+                    ContainerState::Running | ContainerState::Exited | ContainerState::Stopped
+                ) =>
+            {
+                break
             }
-            Err(e) => return notice(ws, replica, format!("no log: {e}")).await,
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(_) => break,
         }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut resp = match podman.logs_stream(&name, req.follow, req.since, req.tail).await {
+        Ok(r) => r,
+        Err(e) => return notice(ws, replica, format!("no log: {e}")).await,
     };
     let mut lines = LineBatcher::new(replica);
     loop {
