@@ -77,6 +77,25 @@ pub enum Command {
     /// Run a command in a replica: `berth exec web -- ls /`, or `berth exec
     /// -it web/web-3 -- sh` for a shell. Exits with the command's code.
     Exec(ExecArgs),
+    /// What happened, in order: deploys, rollout steps, releases, health
+    /// changes, restarts, nodes, certificates, builds, execs, upgrades.
+    Events(EventsArgs),
+}
+
+#[derive(Args)]
+pub struct EventsArgs {
+    /// Keep following (Ctrl-C ends).
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Only this service's events.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Start with the last N events.
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub tail: u32,
+    /// One JSON object per event: id, at_ms, kind, service, node, message.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

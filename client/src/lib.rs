@@ -4,7 +4,7 @@
 //! and errors as [`Error`], whose API variant carries the stable error code.
 
 mod streams;
-pub use streams::{ExecQuery, ExecSocket, LogsQuery};
+pub use streams::{EventsQuery, ExecQuery, ExecSocket, LogsQuery};
 
 use berth_protocol::build::{BuildInfo, BuildRequest, GitLink, GitLinkInfo};
 use berth_protocol::release::{ReleaseInfo, RollbackRequest};

@@ -2,6 +2,7 @@
 //! exec WebSocket (docs/logs.md).
 
 use super::{AdminClient, Error, Result};
+use berth_protocol::event::Event;
 use berth_protocol::stream::LogLine;
 use berth_protocol::ApiError;
 use std::sync::Arc;
@@ -15,6 +16,16 @@ pub struct LogsQuery {
     pub since: Option<String>,
     pub tail: Option<u32>,
     pub replica: Option<String>,
+}
+
+/// What `berth events` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct EventsQuery {
+    pub follow: bool,
+    pub service: Option<String>,
+    /// Without `after`: the last N events (the control plane's default: 50).
+    pub tail: Option<u32>,
+    pub after: Option<i64>,
 }
 
 /// What `berth exec` runs.
@@ -37,7 +48,7 @@ fn encode(v: &str) -> String {
 impl AdminClient {
     /// Service `name`'s log, each line passed to `each` as it comes; with
     /// `follow`, until the admin stops reading (drops the future).
-    pub async fn service_logs(&self, name: &str, q: &LogsQuery, mut each: impl FnMut(LogLine)) -> Result<()> {
+    pub async fn service_logs(&self, name: &str, q: &LogsQuery, each: impl FnMut(LogLine)) -> Result<()> {
         let mut path = format!("/v1/services/{}/logs?follow={}", encode(name), q.follow);
         if let Some(s) = &q.since {
             path.push_str(&format!("&since={}", encode(s)));
@@ -48,6 +59,27 @@ impl AdminClient {
         if let Some(r) = &q.replica {
             path.push_str(&format!("&replica={}", encode(r)));
         }
+        self.ndjson(&path, each).await
+    }
+
+    /// The event stream (`berth events`), each event passed to `each`; with
+    /// `follow`, until the caller drops the future.
+    pub async fn events(&self, q: &EventsQuery, each: impl FnMut(Event)) -> Result<()> {
+        let mut path = format!("/v1/events?follow={}", q.follow);
+        if let Some(s) = &q.service {
+            path.push_str(&format!("&service={}", encode(s)));
+        }
+        if let Some(t) = q.tail {
+            path.push_str(&format!("&tail={t}"));
+        }
+        if let Some(a) = q.after {
+            path.push_str(&format!("&after={a}"));
+        }
+        self.ndjson(&path, each).await
+    }
+
+    /// A streamed NDJSON answer, each line decoded and passed to `each`.
+    async fn ndjson<T: serde::de::DeserializeOwned>(&self, path: &str, mut each: impl FnMut(T)) -> Result<()> {
         let resp = self
             .http
             .get(format!("{}{path}", self.base))
@@ -67,12 +99,12 @@ impl AdminClient {
             while let Some(nl) = buf[start..].iter().position(|b| *b == b'\n') {
                 let line = &buf[start..start + nl];
                 start += nl + 1;
-                match serde_json::from_slice::<LogLine>(line) {
-                    Ok(l) => each(l),
+                match serde_json::from_slice::<T>(line) {
+                    Ok(v) => each(v),
                     Err(e) => {
                         return Err(Error::Decode {
-                            path,
-                            reason: format!("a log line is not JSON: {e}"),
+                            path: path.to_string(),
+                            reason: format!("a line is not the JSON expected: {e}"),
                         })
                     }
                 }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod builds;
 pub mod desired;
 pub mod error;
+pub mod events;
 pub mod placement;
 pub mod registry;
 pub mod rollout;
@@ -40,6 +41,8 @@ pub struct ServeConfig {
     pub builds: builds::BuildsConfig,
     /// Limits on `berth logs` and `berth exec` streams.
     pub streams: streams::StreamLimits,
+    /// The event stream's retention and webhook.
+    pub events: events::EventsConfig,
 }
 
 /// A started control plane: its state and the address it listens on.
@@ -113,6 +116,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
         tokio::spawn(state::follow_other_replicas(state.clone(), cfg.database.clone()));
     }
     tokio::spawn(prune_nonces(store.clone()));
+    events::spawn(state.clone(), cfg.events.clone());
     tokio::spawn(rollout::drive(state.clone()));
     tokio::spawn(api::builds::sweep(state.clone()));
     if let Some(every) = state.registry.as_ref().and_then(|r| r.prune_every) {

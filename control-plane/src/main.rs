@@ -123,6 +123,16 @@ struct Serve {
     /// its stream cut (the control plane holds no more than a small buffer).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     stream_stall_secs: u64,
+    /// Events kept for `berth events`; older ones are deleted.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    event_retention: u64,
+    /// POST every new event here, as a JSON array, signed with HMAC-SHA256
+    /// in the X-Berth-Signature-256 header (`sha256=HEX`).
+    #[arg(long, value_name = "URL", requires = "events_webhook_secret_file")]
+    events_webhook: Option<String>,
+    /// The webhook's HMAC key (the file's bytes, trailing newline dropped).
+    #[arg(long, value_name = "FILE")]
+    events_webhook_secret_file: Option<PathBuf>,
     /// Run no fleet registry.
     #[arg(long, conflicts_with_all = ["registry_listen", "registry_bin", "registry_storage_config"])]
     no_registry: bool,
@@ -176,6 +186,29 @@ async fn main() {
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}", s.data_dir.join("cp.db").display()));
     let registry = registry_config(&s);
+    let webhook_secret = match &s.events_webhook_secret_file {
+        Some(f) => match std::fs::read_to_string(f) {
+            Ok(k) if !k.trim().is_empty() => k.trim_end().as_bytes().to_vec(),
+            Ok(_) => {
+                eprintln!(
+                    "berth-control-plane: --events-webhook-secret-file {}: empty",
+                    f.display()
+                );
+                std::process::exit(2);
+            }
+            Err(e) => {
+                eprintln!("berth-control-plane: --events-webhook-secret-file {}: {e}", f.display());
+                std::process::exit(2);
+            }
+        },
+        None => vec![],
+    };
+    if let Some(url) = &s.events_webhook {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            eprintln!("berth-control-plane: --events-webhook {url:?}: not an http:// or https:// URL");
+            std::process::exit(2);
+        }
+    }
     let cfg = ServeConfig {
         data_dir: s.data_dir,
         database,
@@ -211,6 +244,11 @@ async fn main() {
             per_admin: s.max_streams_per_admin as usize,
             stall_timeout: std::time::Duration::from_secs(s.stream_stall_secs),
             ..Default::default()
+        },
+        events: berth_control_plane::events::EventsConfig {
+            retention: s.event_retention,
+            webhook: s.events_webhook,
+            webhook_secret,
         },
     };
     let started = match start(cfg).await {

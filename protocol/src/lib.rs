@@ -5,6 +5,7 @@
 pub mod api;
 pub mod build;
 pub mod error;
+pub mod event;
 pub mod keyfile;
 pub mod names;
 pub mod proxy;

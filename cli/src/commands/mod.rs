@@ -2,6 +2,7 @@
 
 mod build;
 mod domain;
+mod events;
 mod lab;
 mod logs;
 mod nodes;
@@ -38,6 +39,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Lab { args } => return lab::run(&args),
         Command::Logs(l) => logs::logs(&api()?, l).await?,
         Command::Exec(e) => return logs::exec(&api()?, e).await,
+        Command::Events(e) => events::run(&api()?, e).await?,
     }
     Ok(0)
 }

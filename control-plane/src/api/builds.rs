@@ -26,6 +26,7 @@ use berth_protocol::build::{
     is_commit_id, platform_arch, stays_inside, BuildDone, BuildInfo, BuildJob, BuildLogAck, BuildRequest, BuildState,
     BuilderQuery, DEFAULT_TIMEOUT_SECS, MAX_TIMEOUT_SECS,
 };
+use berth_protocol::event::EventKind;
 use berth_protocol::{ErrorCode, RegistryAccess, Role};
 use futures_util::StreamExt;
 use std::time::{Duration, Instant};
@@ -248,6 +249,18 @@ pub(super) async fn start(s: &SharedState, mut req: BuildRequest, created_by: &s
         .await
         .map_err(ApiErr::internal)?;
     tracing::info!(build = id, service = %req.spec.name, %arch, %created_by, "build created");
+    let source = match &req.git {
+        Some(g) => format!("{} {}", g.url, g.reference.as_deref().unwrap_or("HEAD")),
+        None => "an uploaded directory".to_string(),
+    };
+    s.store
+        .record_event(
+            EventKind::Build,
+            Some(&req.spec.name),
+            None,
+            &format!("build {id} started from {source} (by {created_by})"),
+        )
+        .await?;
     if multi {
         // A part per platform, with that platform alone.
         for (platform, arch) in req.platforms.iter().zip(&archs) {
@@ -353,6 +366,18 @@ async fn end_one(
             error = error.unwrap_or(""),
             "build ended"
         );
+        if let Some(b) = s.store.get_build(id).await? {
+            let mut message = format!("build {id} {}", state.as_str());
+            if let Some(r) = release {
+                message.push_str(&format!(", release {r}"));
+            }
+            if let Some(e) = error {
+                message.push_str(&format!(": {e}"));
+            }
+            s.store
+                .record_event(EventKind::Build, Some(&b.service), None, &message)
+                .await?;
+        }
         if let Some(e) = error {
             let _ = s
                 .builds

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod builds;
+pub mod events;
 pub mod hooks;
 pub mod nodes;
 pub mod registry;
@@ -58,6 +59,7 @@ pub fn router(state: SharedState) -> Router {
         builds::admin_routes(),
         hooks::admin_routes(),
         streams::admin_routes(),
+        events::routes(),
     ]
     .into_iter()
     .flatten()

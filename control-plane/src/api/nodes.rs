@@ -12,6 +12,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::Json;
+use berth_protocol::event::EventKind;
 use berth_protocol::names::{valid_version, validate_dns_label};
 use berth_protocol::{ErrorCode, NodeInfo, PeerStatusNamed, Removed, Revision, UpgradeRequest, UpgradeStarted};
 use std::collections::HashMap;
@@ -121,6 +122,10 @@ async fn upgrade_nodes(
             UpgradeError::Store(e) => ApiErr::internal(e),
         })?;
     tracing::info!(version = %rollout.version, canary = %rollout.canary, "upgrade started");
+    let message = format!("upgrade to {} asked, canary {} first", rollout.version, rollout.canary);
+    s.store
+        .record_event(EventKind::Upgrade, None, Some(&rollout.canary), &message)
+        .await?;
     s.revision_moved(rev).await;
     Ok(Json(UpgradeStarted {
         version: rollout.version,

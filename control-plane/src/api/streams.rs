@@ -18,6 +18,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use berth_protocol::event::EventKind;
 use berth_protocol::stream::{
     ExecControl, ExecRequest, LogLine, LogsRequest, StreamJobs, StreamKind, MAX_EXEC_CMD_BYTES,
 };
@@ -446,6 +447,15 @@ async fn exec(
     // Who, when, where and what; never the output.
     tracing::info!(target: "berth::audit", service = %name, replica = %replica.name, node = %node.name,
         cmd = ?req.cmd, tty = req.tty, "exec");
+    let message = format!(
+        "exec in {} by admin{}: {}",
+        replica.name,
+        if req.tty { " (terminal)" } else { "" },
+        serde_json::to_string(&req.cmd).unwrap_or_default()
+    );
+    s.store
+        .record_event(EventKind::Exec, Some(&name), Some(&node.name), &message)
+        .await?;
     let mut ticket = s
         .streams
         .open(&node.id, &replica.name, StreamKind::Exec(req))

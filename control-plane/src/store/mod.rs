@@ -1,6 +1,7 @@
 //! The store: one code path (sqlx `Any`) for SQLite and PostgreSQL.
 
 pub mod builds;
+pub mod events;
 pub mod links;
 pub mod nodes;
 pub mod releases;

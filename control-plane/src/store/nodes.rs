@@ -3,6 +3,7 @@
 
 use super::{bump_all, now, retry, Store, StoreFailure};
 use crate::alloc;
+use berth_protocol::event::EventKind;
 use berth_protocol::{Role, StatusReport, TokenState};
 use ipnet::Ipv4Net;
 use sqlx::any::AnyRow;
@@ -237,6 +238,12 @@ impl Store {
         .bind(&new.sealing_key)
         .execute(&mut *tx)
         .await?;
+        let message = format!(
+            "{} joined as a {} ({mesh_ip}, subnet {subnet})",
+            new.name,
+            token.role.as_str()
+        );
+        super::events::record(&mut tx, EventKind::Node, None, Some(&new.name), &message).await?;
         let rev = bump_all(&mut tx).await?;
         tx.commit().await?;
         let node = self.get_node(&id).await?.ok_or(sqlx::Error::RowNotFound)?;
@@ -261,6 +268,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             super::releases::refill_after_node_removal(&mut tx, offline_after).await?;
+            super::events::record(&mut tx, EventKind::Node, None, Some(name), &format!("{name} removed")).await?;
             let rev = bump_all(&mut tx).await?;
             tx.commit().await?;
             Ok(Some(rev))

@@ -6,8 +6,9 @@ use super::services::{
     all_replicas, drain_replica, node_facts, now_ms, remove_replica, start_replica, DeployError, NodeFacts, Phase,
     ReplicaRow, SecretsUpdate,
 };
-use super::{bump_all, now, retry, Store};
+use super::{bump_all, events, now, retry, Store};
 use crate::rollout::machine::{self, Action, Rollout};
+use berth_protocol::event::EventKind;
 use berth_protocol::release::{ReleaseInfo, ReleaseState, RolloutInfo, RolloutStep, StepStage};
 use berth_protocol::service::ServiceSpec;
 use sqlx::any::AnyRow;
@@ -137,6 +138,13 @@ async fn set_state(
     reason: Option<&str>,
 ) -> sqlx::Result<()> {
     let finished = state.is_final().then(now);
+    if state.is_final() {
+        let message = match reason {
+            Some(r) => format!("release {number} {}: {r}", state.as_str()),
+            None => format!("release {number} {}", state.as_str()),
+        };
+        events::record(tx, EventKind::Release, Some(service), None, &message).await?;
+    }
     sqlx::query(
         "UPDATE releases SET state = $1, reason = COALESCE($2, reason), finished_at = COALESCE($3, finished_at) \
          WHERE service = $4 AND number = $5",
@@ -279,6 +287,18 @@ impl Store {
         .bind(&origin.created_by)
         .bind(&origin.reason)
         .execute(&mut *tx)
+        .await?;
+        let what = match &origin.reason {
+            Some(r) => format!("release {number}: {r}"),
+            None => format!("release {number}: {} × {}", spec.replicas, spec.image),
+        };
+        events::record(
+            &mut tx,
+            EventKind::Deploy,
+            Some(&spec.name),
+            None,
+            &format!("{what} (by {})", origin.created_by),
+        )
         .await?;
         // Whatever waited in the queue is overtaken by this one.
         let superseded = format!("superseded by release {number} before it started");
@@ -460,6 +480,8 @@ impl Store {
                                     .execute(&mut *tx)
                                     .await?;
                                 tracing::info!(%service, release = rel.number, back_to = target, "rolled back");
+                                let message = format!("release {} rolled back to release {target}", rel.number);
+                                events::record(&mut tx, EventKind::Release, Some(service), None, &message).await?;
                             } else {
                                 if let Some(prev) = rel.from_release {
                                     if rel.reason.as_deref().is_some_and(|r| r.starts_with("rollback to")) {
@@ -501,6 +523,15 @@ impl Store {
                     let stages = machine::stages(&m, &machine_view(&after, &nodes), now_ms);
                     merge_steps(&rel.steps, &stages, &after, &nodes, out.finished, now_ms)
                 };
+                for st in &steps {
+                    let before = rel.steps.iter().find(|b| b.slot == st.slot);
+                    if before.is_none_or(|b| b.stage != st.stage || b.new_replica != st.new_replica) {
+                        let who = st.new_replica.as_deref().or(st.old_replica.as_deref()).unwrap_or("-");
+                        let message = format!("release {} slot {}: {who} {}", rel.number, st.slot, st.stage.as_str());
+                        events::record(&mut tx, EventKind::Rollout, Some(service), st.node.as_deref(), &message)
+                            .await?;
+                    }
+                }
                 if steps != rel.steps {
                     sqlx::query("UPDATE releases SET steps_json = $1 WHERE service = $2 AND number = $3")
                         .bind(serde_json::to_string(&steps)?)

@@ -4,6 +4,7 @@
 
 use super::{now, retry, Store, StoreFailure};
 use crate::acme::ChallengeKind;
+use berth_protocol::event::EventKind;
 use berth_protocol::routes::{CertState, DomainInfo, DomainSpec, TcpRouteSpec};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
@@ -504,6 +505,10 @@ impl Store {
                 .bind(domain)
                 .execute(&mut *tx)
                 .await?;
+            if n == 1 {
+                let message = format!("{domain}: certificate issued, valid until {not_after} (Unix seconds)");
+                super::events::record(&mut tx, EventKind::Certificate, None, None, &message).await?;
+            }
             let rev = bump_proxies(&mut tx).await?;
             tx.commit().await?;
             Ok((n == 1).then_some(rev))
@@ -519,14 +524,18 @@ impl Store {
         failures: i64,
         retry_at: i64,
     ) -> sqlx::Result<()> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query("UPDATE domains SET last_error = $1, failures = $2, next_attempt_at = $3 WHERE domain = $4")
             .bind(error)
             .bind(failures)
             .bind(retry_at)
             .bind(domain)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(())
+        let message =
+            format!("{domain}: certificate order failed ({failures} in a row; next try at {retry_at}): {error}");
+        super::events::record(&mut tx, EventKind::Certificate, None, None, &message).await?;
+        tx.commit().await
     }
 }
 

@@ -1,8 +1,9 @@
 //! Services and replicas: deploy, scale, remove, and the health reported by nodes.
 
-use super::{bump_all, now, retry, Store, StoreFailure};
+use super::{bump_all, events, now, retry, Store, StoreFailure};
 use crate::placement::{self, Candidate};
 pub use crate::rollout::machine::Phase;
+use berth_protocol::event::EventKind;
 use berth_protocol::service::{ContainerStatus, ServiceSpec};
 use berth_protocol::FieldError;
 use ipnet::Ipv4Net;
@@ -287,6 +288,16 @@ impl Store {
             None
         };
         let now_ms = now_ms();
+        let node_name: Option<String> = sqlx::query("SELECT name FROM nodes WHERE id = $1")
+            .bind(node_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|row| row.get(0));
+        for (r, st, t) in &changed {
+            for (kind, message) in replica_events(r, st, t.as_deref()) {
+                events::record(&mut tx, kind, Some(&r.service), node_name.as_deref(), &message).await?;
+            }
+        }
         for (r, st, t) in changed {
             let (since, health_rev) = match (st.healthy, r.healthy) {
                 (true, false) => (Some(now_ms), rev),
@@ -336,6 +347,37 @@ impl Store {
         tx.commit().await?;
         Ok(rev)
     }
+}
+
+/// What a status report says happened to a replica, for the event stream.
+fn replica_events(r: &ReplicaRow, st: &ContainerStatus, trouble: Option<&str>) -> Vec<(EventKind, String)> {
+    let mut out = vec![];
+    let name = &r.name;
+    match (r.healthy, st.healthy) {
+        (false, true) => out.push((EventKind::Health, format!("{name} healthy"))),
+        (true, false) => out.push((
+            EventKind::Health,
+            format!("{name} unhealthy: {}", trouble.unwrap_or("no reason given")),
+        )),
+        _ => {}
+    }
+    if st.restarts > r.restarts {
+        out.push((
+            EventKind::Restart,
+            format!("{name} restarted ({} restarts)", st.restarts),
+        ));
+    }
+    if st.recreates > r.recreates {
+        out.push((
+            EventKind::Restart,
+            format!("{name} made anew by autoheal ({} times)", st.recreates),
+        ));
+    }
+    if st.gave_up && !r.gave_up {
+        let why = st.error.as_deref().unwrap_or("no reason given");
+        out.push((EventKind::Restart, format!("autoheal gave up on {name}: {why}")));
+    }
+    out
 }
 
 /// A node as placement and the rollout driver see it.

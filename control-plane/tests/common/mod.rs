@@ -390,7 +390,16 @@ impl Cp {
         builds: berth_control_plane::builds::BuildsConfig,
     ) -> Cp {
         let dir = tempfile::tempdir().unwrap();
-        let mut cp = Cp::start_all(dir.path(), &db.url, None, None, Some(registry), builds).await;
+        let mut cp = Cp::start_all(
+            dir.path(),
+            &db.url,
+            None,
+            None,
+            Some(registry),
+            builds,
+            Default::default(),
+        )
+        .await;
         cp._dir = Some(dir);
         cp
     }
@@ -402,9 +411,27 @@ impl Cp {
         acme: Option<berth_control_plane::acme::AcmeConfig>,
         registry: Option<berth_control_plane::registry::RegistryConfig>,
     ) -> Cp {
-        Cp::start_all(data_dir, database, admin_token, acme, registry, Default::default()).await
+        Cp::start_all(
+            data_dir,
+            database,
+            admin_token,
+            acme,
+            registry,
+            Default::default(),
+            Default::default(),
+        )
+        .await
     }
 
+    /// Starts on `db` with these event-stream settings.
+    pub async fn start_with_events(db: &Db, events: berth_control_plane::events::EventsConfig) -> Cp {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cp = Cp::start_all(dir.path(), &db.url, None, None, None, Default::default(), events).await;
+        cp._dir = Some(dir);
+        cp
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn start_all(
         data_dir: &Path,
         database: &str,
@@ -412,6 +439,7 @@ impl Cp {
         acme: Option<berth_control_plane::acme::AcmeConfig>,
         registry: Option<berth_control_plane::registry::RegistryConfig>,
         builds: berth_control_plane::builds::BuildsConfig,
+        events: berth_control_plane::events::EventsConfig,
     ) -> Cp {
         init();
         let started = start(ServeConfig {
@@ -428,6 +456,7 @@ impl Cp {
             registry,
             builds,
             streams: Default::default(),
+            events,
         })
         .await
         .unwrap();
