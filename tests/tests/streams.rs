@@ -3,10 +3,12 @@
 //! CLI from both nodes, each replica's lines in order with none missing,
 //! and a followed log takes in the replicas a rollout starts. Exec runs
 //! commands with their exit codes, pipes stdin, and drives a shell through
-//! a terminal. A wrong admin token gets nothing, and a reader that takes
+//! a terminal. `berth events -f` sees the rollout's steps and the new
+//! replicas' health. A wrong admin token gets nothing, and a reader that takes
 //! nothing is cut off without the agent's memory growing.
 
 use berth_client::{AdminClient, ClientConfig, ExecQuery, LogsQuery};
+use berth_protocol::event::{Event, EventKind};
 use berth_protocol::service::ServiceSpec;
 use berth_protocol::stream::LogLine;
 use berth_protocol::ErrorCode;
@@ -122,6 +124,25 @@ async fn logs_and_exec_reach_every_replica() {
             }
         })
     };
+    // The event stream, followed from now on.
+    let mut events = berth_command(&lab, &["events", "-f", "--json", "--service", "ticker", "--tail", "0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let got_events = Arc::new(Mutex::new(Vec::<Event>::new()));
+    let events_reader = {
+        let got = got_events.clone();
+        let stdout = events.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                got.lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&line).expect("--json events"));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
     admin.deploy_service(&ticker(&lab, "ticker", "2")).await.unwrap();
     let deadline = Instant::now() + SETTLE;
     let new = loop {
@@ -152,8 +173,29 @@ async fn logs_and_exec_reach_every_replica() {
         "{all:?}"
     );
 
-    // 3. Exec: exit codes, both streams, stdin through a pipe.
+    // The deploy's steps and the new replicas' health changes, as they came.
     demo::wait_healthy(&admin, "ticker", 2, SETTLE, |_| {}).await.unwrap();
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let got = got_events.lock().unwrap().clone();
+        let has = |kind: EventKind, text: &str| got.iter().any(|e| e.kind == kind && e.message.contains(text));
+        let healthy = new.iter().all(|r| has(EventKind::Health, &format!("{r} healthy")));
+        if has(EventKind::Deploy, "release 2")
+            && has(EventKind::Rollout, "done")
+            && has(EventKind::Release, "release 2 complete")
+            && healthy
+        {
+            assert!(got.iter().all(|e| e.service.as_deref() == Some("ticker")), "{got:#?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "berth events -f saw: {got:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = events.kill();
+    let _ = events.wait();
+    events_reader.join().unwrap();
+
+    // 3. Exec: exit codes, both streams, stdin through a pipe.
     let out = berth(&lab, &["exec", "ticker", "--", "hostname"]);
     assert!(out.status.success(), "{out:?}");
     assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty(), "{out:?}");
