@@ -26,6 +26,8 @@ have git || need+=(git)              # git builds
 have ssh || need+=(openssh-client)   # git builds over ssh
 have busybox || need+=(busybox)      # test servers (httpd)
 have docker-registry || need+=(docker-registry)  # the fleet registry the control plane runs
+have prometheus || need+=(prometheus)  # the metrics test scrapes every part of a lab
+have script || need+=(bsdutils)  # the exec test drives a terminal through script(1)
 
 if [ "${#need[@]}" -gt 0 ]; then
     echo "installing: ${need[*]}" >&2
@@ -35,9 +37,12 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 # The package's own service would hold port 5000 with Debian's config; the
 # control plane runs the registry itself.
-if [ -d /run/systemd/system ] && systemctl is-enabled --quiet docker-registry 2>/dev/null; then
-    systemctl disable --now docker-registry >&2 || true
-fi
+# Prometheus's likewise: the tests start their own.
+for unit in docker-registry prometheus prometheus-node-exporter; do
+    if [ -d /run/systemd/system ] && systemctl is-enabled --quiet "$unit" 2>/dev/null; then
+        systemctl disable --now "$unit" >&2 || true
+    fi
+done
 
 if ! have cargo; then
     echo "cargo not found: install a Rust toolchain (https://rustup.rs) and run this again" >&2

@@ -10,6 +10,7 @@ pub mod builds;
 pub mod desired;
 pub mod error;
 pub mod events;
+pub mod metrics;
 pub mod placement;
 pub mod registry;
 pub mod rollout;
@@ -43,6 +44,8 @@ pub struct ServeConfig {
     pub streams: streams::StreamLimits,
     /// The event stream's retention and webhook.
     pub events: events::EventsConfig,
+    /// A token `GET /metrics` takes besides the admin token.
+    pub metrics_token: Option<String>,
 }
 
 /// A started control plane: its state and the address it listens on.
@@ -109,6 +112,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
             registry,
             builds: builds::Builds::new(&cfg.data_dir, cfg.builds.clone())?,
             streams: streams::Streams::new(cfg.streams.clone()),
+            metrics_token_hash: cfg.metrics_token.as_deref().map(auth::hash_admin_token),
         },
     )
     .await?;

@@ -123,6 +123,10 @@ struct Serve {
     /// its stream cut (the control plane holds no more than a small buffer).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     stream_stall_secs: u64,
+    /// A file holding a token `GET /metrics` takes (Bearer), so Prometheus
+    /// needs no admin token; the admin token works too.
+    #[arg(long, value_name = "FILE")]
+    metrics_token_file: Option<PathBuf>,
     /// Events kept for `berth events`; older ones are deleted.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     event_retention: u64,
@@ -209,6 +213,20 @@ async fn main() {
             std::process::exit(2);
         }
     }
+    let metrics_token = match &s.metrics_token_file {
+        Some(f) => match std::fs::read_to_string(f) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+            Ok(_) => {
+                eprintln!("berth-control-plane: --metrics-token-file {}: empty", f.display());
+                std::process::exit(2);
+            }
+            Err(e) => {
+                eprintln!("berth-control-plane: --metrics-token-file {}: {e}", f.display());
+                std::process::exit(2);
+            }
+        },
+        None => None,
+    };
     let cfg = ServeConfig {
         data_dir: s.data_dir,
         database,
@@ -250,6 +268,7 @@ async fn main() {
             webhook: s.events_webhook,
             webhook_secret,
         },
+        metrics_token,
     };
     let started = match start(cfg).await {
         Ok(s) => s,

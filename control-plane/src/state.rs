@@ -35,6 +35,9 @@ pub struct AppState {
     pub builds: crate::builds::Builds,
     /// Live log and exec streams (not stored).
     pub streams: Arc<crate::streams::Streams>,
+    pub metrics: crate::metrics::Metrics,
+    /// SHA-256 (hex) of the token `/metrics` also takes, if one is set.
+    pub metrics_token_hash: Option<String>,
     revision: watch::Sender<i64>,
     fleet_view: Mutex<Arc<FleetView>>,
 }
@@ -54,6 +57,7 @@ pub struct StateParts {
     pub registry: Option<crate::registry::Registry>,
     pub builds: crate::builds::Builds,
     pub streams: Arc<crate::streams::Streams>,
+    pub metrics_token_hash: Option<String>,
 }
 
 impl AppState {
@@ -70,6 +74,7 @@ impl AppState {
             registry,
             builds,
             streams,
+            metrics_token_hash,
         } = parts;
         let rev = store.revision().await?;
         let (tx, _) = watch::channel(rev);
@@ -89,6 +94,8 @@ impl AppState {
             registry: registry.map(Arc::new),
             builds,
             streams,
+            metrics: Default::default(),
+            metrics_token_hash,
             revision: tx,
             fleet_view: Mutex::new(Arc::new(FleetView {
                 revision: -1,
@@ -113,6 +120,7 @@ impl AppState {
     /// Called after a commit that moved the revision: wakes local long-polls
     /// and, on PostgreSQL, the other control-plane replicas.
     pub async fn revision_moved(&self, rev: i64) {
+        self.metrics.revision_moved(rev);
         self.revision.send_if_modified(|cur| {
             let moved = rev > *cur;
             if moved {

@@ -137,6 +137,7 @@ async fn desired_state(
     let wait = Duration::from_secs(q.wait.unwrap_or(25).min(MAX_WAIT_SECS));
     let deadline = tokio::time::Instant::now() + wait;
     let mut rx = s.subscribe();
+    let mut waited = None;
     loop {
         let fleet = s.fleet_view().await?;
         match desired::encode_for_node(&fleet, &node.id, s.pools.mesh, s.pools.subnets, &s.secrets_key) {
@@ -144,9 +145,15 @@ async fn desired_state(
                 return Err(ApiErr::new(StatusCode::GONE, ErrorCode::Gone, "node: removed from the fleet").on("node"))
             }
             Some((rev, json)) if rev > after => {
+                if waited.is_some() {
+                    s.metrics.delivered(rev as i64);
+                }
                 return Ok(([("content-type", "application/json")], json).into_response());
             }
             Some(_) => {}
+        }
+        if waited.is_none() {
+            waited = Some(s.metrics.waiting());
         }
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { break },

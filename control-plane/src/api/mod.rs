@@ -72,7 +72,9 @@ pub fn router(state: SharedState) -> Router {
         .merge(builds::agent_routes())
         .merge(streams::agent_routes())
         .merge(admin)
+        .route("/metrics", get(crate::metrics::serve))
         .fallback(|| async { ApiErr::not_found("path", "path: no such API endpoint") })
+        .layer(from_fn_with_state(state.clone(), crate::metrics::count))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }

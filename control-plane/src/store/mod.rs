@@ -112,6 +112,24 @@ impl Store {
         )
     }
 
+    /// Rows of `table` (`releases` or `builds`) by their `state`, for metrics.
+    pub async fn count_by_state(&self, table: &'static str) -> sqlx::Result<Vec<(String, i64)>> {
+        debug_assert!(matches!(table, "releases" | "builds"));
+        let rows = sqlx::query(&format!(
+            "SELECT state, COUNT(*) FROM {table} GROUP BY state ORDER BY state"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    pub async fn count_rolling_back(&self) -> sqlx::Result<i64> {
+        Ok(sqlx::query("SELECT COUNT(*) FROM releases WHERE rolling_back = 1")
+            .fetch_one(&self.pool)
+            .await?
+            .get(0))
+    }
+
     pub async fn prune_nonces(&self, now: i64) -> sqlx::Result<u64> {
         Ok(sqlx::query("DELETE FROM nonces WHERE expires_at < $1")
             .bind(now)

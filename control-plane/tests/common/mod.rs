@@ -457,6 +457,7 @@ impl Cp {
             builds,
             streams: Default::default(),
             events,
+            metrics_token: Some("metrics-token".into()),
         })
         .await
         .unwrap();
