@@ -10,6 +10,7 @@ pub mod dns;
 pub mod firewall;
 pub mod identity;
 pub mod mesh;
+pub mod metrics;
 pub mod podman;
 pub mod proxy;
 pub mod reconcile;

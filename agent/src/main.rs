@@ -95,6 +95,9 @@ struct Args {
     /// Proxy nodes: Prometheus metrics address (keep it local).
     #[arg(long, default_value = "127.0.0.1:9180")]
     proxy_metrics: String,
+    /// The agent's own Prometheus metrics (docs/monitoring.md); `off` serves none.
+    #[arg(long, default_value = "127.0.0.1:9181")]
+    metrics: String,
     /// Proxy nodes: run berth-proxy as this user, with only CAP_NET_BIND_SERVICE.
     #[arg(long)]
     proxy_user: Option<String>,
@@ -324,8 +327,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         reg.node_id.clone(),
     )?);
     let report_now = Arc::new(tokio::sync::Notify::new());
+    let snapshot = berth_agent::metrics::SharedSnapshot::default();
+    if let Some(d) = &cached {
+        if let Ok(mut s) = snapshot.lock() {
+            s.peer_names(&d.peers);
+        }
+    }
+    match args.metrics.as_str() {
+        "off" => {}
+        addr => match addr.parse() {
+            Ok(addr) => {
+                tokio::spawn(berth_agent::metrics::serve(
+                    addr,
+                    snapshot.clone(),
+                    berth_agent::podman::Podman::new(&args.podman_socket),
+                ));
+            }
+            Err(_) => anyhow::bail!("--metrics {addr:?}: not an address (IP:PORT) or off"),
+        },
+    }
     let reporter = Arc::new(Reporter {
         client: client.clone(),
+        snapshot,
         data_dir: args.data_dir.clone(),
         upgrader: std::sync::Mutex::new(Upgrader::new(args.data_dir.clone(), args.update_script.clone())),
     });
@@ -377,6 +400,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// update.sh waits for.
 struct Reporter {
     client: Arc<Client>,
+    /// What `--metrics` shows.
+    snapshot: berth_agent::metrics::SharedSnapshot,
     data_dir: PathBuf,
     upgrader: std::sync::Mutex<Upgrader>,
 }
@@ -384,6 +409,9 @@ struct Reporter {
 impl Reporter {
     async fn send(&self, mut report: StatusReport) {
         report.upgrade_error = self.upgrader.lock().map(|u| u.error()).unwrap_or_default();
+        if let Ok(mut s) = self.snapshot.lock() {
+            s.reported(&report);
+        }
         match self.client.report(&report).await {
             Ok(()) => {
                 if let Err(e) = upgrade::write_status(&self.data_dir) {
@@ -406,7 +434,12 @@ async fn sync_loop(client: Arc<Client>, reporter: Arc<Reporter>, rec: Arc<Mutex<
                 if let Err(e) = reconcile::save_cache(rec.lock().await.data_dir(), &d) {
                     tracing::warn!(error = %format!("{e:#}"), "caching the desired state failed");
                 }
+                let started = std::time::Instant::now();
                 let res = rec.lock().await.apply(&d).await;
+                berth_agent::metrics::applied(started.elapsed().as_secs_f64());
+                if let Ok(mut s) = reporter.snapshot.lock() {
+                    s.peer_names(&d.peers);
+                }
                 notify(sd_notify::NotifyState::Ready);
                 if let Ok(mut u) = reporter.upgrader.lock() {
                     u.want(d.upgrade_to.as_deref());

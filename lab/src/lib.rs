@@ -58,6 +58,11 @@ pub struct LabNode {
     pub podman_pid: Option<u32>,
 }
 
+/// Where a lab node's agent serves its metrics, on the node's address.
+pub const AGENT_METRICS_PORT: u16 = 9181;
+/// Where a lab proxy node's berth-proxy serves its metrics.
+pub const PROXY_METRICS_PORT: u16 = 9180;
+
 pub struct Lab {
     pub state: LabState,
     pub net: LabNet,
@@ -407,10 +412,14 @@ impl Lab {
             "--bridge".into(),
             podman::BRIDGE.into(),
         ];
+        // Metrics on the node's lab address, where the host can scrape them.
+        let ip = self.net.node_ip(index);
+        args.extend(["--metrics".into(), format!("{ip}:{AGENT_METRICS_PORT}")]);
         if let Some(t) = token {
             args.extend(["--token".into(), t.into()]);
         }
         if node.proxy {
+            args.extend(["--proxy-metrics".into(), format!("{ip}:{PROXY_METRICS_PORT}")]);
             // berth-proxy runs unprivileged, as it would on a real server.
             args.extend(["--proxy".into(), "--proxy-user".into(), "nobody".into()]);
         }

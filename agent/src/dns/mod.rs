@@ -33,6 +33,7 @@ use std::sync::{Arc, RwLock};
 
 use anyhow::bail;
 use hickory_server::net::runtime::TokioTime;
+use hickory_server::proto::op::ResponseCode;
 use hickory_server::proto::rr::{LowerName, Name};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::Catalog;
@@ -190,13 +191,27 @@ impl Handler {
             self.answer_zone(request, response_handle).await
         } else {
             // Also answers malformed requests (FORMERR) and unsupported opcodes.
-            self.forward
+            let info = self
+                .forward
                 .handle_request::<R, TokioTime>(request, response_handle)
-                .await
+                .await;
+            crate::metrics::dns(match info.response_code {
+                ResponseCode::ServFail | ResponseCode::FormErr | ResponseCode::NotImp | ResponseCode::Refused => {
+                    crate::metrics::DnsAnswer::Failed
+                }
+                _ => crate::metrics::DnsAnswer::Forwarded,
+            });
+            info
         }
     }
 
     async fn answer_zone<R: ResponseHandler>(&self, request: &Request, response_handle: R) -> ResponseInfo {
-        zone::answer(&self.shared.zone(), &self.shared.origin, request, response_handle).await
+        let info = zone::answer(&self.shared.zone(), &self.shared.origin, request, response_handle).await;
+        crate::metrics::dns(match info.response_code {
+            ResponseCode::NoError => crate::metrics::DnsAnswer::NoError,
+            ResponseCode::NXDomain => crate::metrics::DnsAnswer::NxDomain,
+            _ => crate::metrics::DnsAnswer::Failed,
+        });
+        info
     }
 }

@@ -97,6 +97,7 @@ pub(super) async fn serve_udp(socket: Arc<UdpSocket>, handler: Arc<Handler>) {
         let request = match Request::from_bytes(packet.to_vec(), src, Protocol::Udp) {
             Ok(request) => request,
             Err(_) => {
+                crate::metrics::dns(crate::metrics::DnsAnswer::Failed);
                 let _ = socket.send_to(&error_reply(packet, ResponseCode::FormErr), src).await;
                 continue;
             }
@@ -108,6 +109,7 @@ pub(super) async fn serve_udp(socket: Arc<UdpSocket>, handler: Arc<Handler>) {
         if handler.in_zone(&request) {
             handler.answer_zone(&request, responder).await;
         } else if forwards.len() >= MAX_FORWARDS {
+            crate::metrics::dns(crate::metrics::DnsAnswer::Failed);
             let _ = socket.send_to(&error_reply(packet, ResponseCode::ServFail), src).await;
         } else {
             let handler = handler.clone();

@@ -353,6 +353,15 @@ impl Podman {
         Ok(logs::last_lines(&r.data, lines, max_line_bytes))
     }
 
+    /// Every container's figures (libpod's `containers/stats`, one sample):
+    /// `Name`, `CPUNano` (CPU time used), `MemUsage`, `NetInput`, `NetOutput`, ….
+    pub async fn stats(&self) -> Result<Vec<Value>> {
+        let path = format!("{API}/containers/stats?stream=false");
+        let r = self.call(Method::GET, &path, None, CALL_TIMEOUT).await?.ok()?;
+        let v: Value = serde_json::from_slice(&r.data).map_err(|e| Error::Decode(e.to_string()))?;
+        Ok(v["Stats"].as_array().cloned().unwrap_or_default())
+    }
+
     /// Removes a container and its anonymous volumes; `force` kills it first
     /// if it runs.
     pub async fn remove(&self, id: &str, force: bool) -> Result<()> {
