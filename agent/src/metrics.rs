@@ -40,6 +40,30 @@ pub fn dns(answer: DnsAnswer) {
     DNS[answer as usize].fetch_add(1, Ordering::Relaxed);
 }
 
+static STREAMS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a live `berth logs` / `berth exec` stream while it lives.
+pub struct StreamOpen(());
+
+impl StreamOpen {
+    pub fn new() -> StreamOpen {
+        STREAMS.fetch_add(1, Ordering::Relaxed);
+        StreamOpen(())
+    }
+}
+
+impl Default for StreamOpen {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        STREAMS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Upper bounds (seconds) of the apply histogram's buckets.
 const APPLY_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
 static APPLY: [AtomicU64; APPLY_BUCKETS.len() + 1] = [const { AtomicU64::new(0) }; APPLY_BUCKETS.len() + 1];
@@ -308,6 +332,13 @@ pub async fn render(snapshot: &SharedSnapshot, podman: &Podman) -> String {
         );
     }
 
+    family(
+        &mut out,
+        "berth_agent_streams_open",
+        "gauge",
+        "Live log and exec streams this agent serves.",
+    );
+    let _ = writeln!(out, "berth_agent_streams_open {}", STREAMS.load(Ordering::Relaxed));
     family(
         &mut out,
         "berth_dns_queries_total",

@@ -43,6 +43,7 @@ pub async fn run(client: Arc<Client>, podman: Podman) {
 }
 
 async fn serve(client: Arc<Client>, podman: Podman, job: StreamJob) {
+    let _open = crate::metrics::StreamOpen::new();
     let mut ws = match client.stream_socket(&job.id).await {
         Ok(ws) => ws,
         Err(e) => {

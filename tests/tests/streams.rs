@@ -3,7 +3,8 @@
 //! CLI from both nodes, each replica's lines in order with none missing,
 //! and a followed log takes in the replicas a rollout starts. Exec runs
 //! commands with their exit codes, pipes stdin, and drives a shell through
-//! a terminal. `berth events -f` sees the rollout's steps and the new
+//! a terminal. Killing the CLI ends the streams on the control plane and
+//! the agents. `berth events -f` sees the rollout's steps and the new
 //! replicas' health. A wrong admin token gets nothing, and a reader that takes
 //! nothing is cut off without the agent's memory growing.
 
@@ -50,6 +51,43 @@ fn assert_consecutive(ticks: &BTreeMap<String, Vec<u64>>) {
             assert_eq!(w[1], w[0] + 1, "{replica}: {} follows {} in {ns:?}", w[1], w[0]);
         }
     }
+}
+
+/// Live streams: the control plane's (`berth_streams_open`), then each
+/// agent's (`berth_agent_streams_open`), read from their metrics.
+fn streams_open(lab: &Lab) -> Vec<u64> {
+    let read = |args: &[&str], metric: &str| -> u64 {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "5"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.lines()
+            .find_map(|l| l.strip_prefix(metric)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {metric} in {text}"))
+    };
+    let cfg = lab.client_config();
+    let token = std::fs::read_to_string(&cfg.admin_token_file).unwrap();
+    let mut out = vec![read(
+        &[
+            "--cacert",
+            cfg.ca_file.to_str().unwrap(),
+            "-H",
+            &format!("Authorization: Bearer {}", token.trim()),
+            &format!("{}/metrics", cfg.url),
+        ],
+        "berth_streams_open",
+    )];
+    for n in &lab.state.nodes {
+        let url = format!(
+            "http://{}:{}/metrics",
+            lab.net.node_ip(n.index),
+            berth_lab::AGENT_METRICS_PORT
+        );
+        out.push(read(&[&url], "berth_agent_streams_open"));
+    }
+    out
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -160,6 +198,19 @@ async fn logs_and_exec_reach_every_replica() {
     let _ = follow.kill();
     let _ = follow.wait();
     reader.join().unwrap();
+    // Killing the CLI ends the streams: the control plane's, and each agent's.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let open = streams_open(&lab);
+        if open.iter().all(|n| *n == 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "streams still open after the CLI was killed: {open:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let all = seen.lock().unwrap().clone();
     let got = ticks(&all);
     assert_consecutive(&got);
