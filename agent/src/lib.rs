@@ -17,6 +17,7 @@ pub mod reconcile;
 pub mod registry;
 pub mod streams;
 pub mod upgrade;
+pub mod usage;
 
 /// This build's version: `BERTH_VERSION` at build time (release builds), else the crate version.
 pub const VERSION: &str = match option_env!("BERTH_VERSION") {

@@ -362,6 +362,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rec.clone(),
         Duration::from_secs(args.heartbeat.max(1)),
         report_now.clone(),
+        berth_agent::podman::Podman::new(&args.podman_socket),
     ));
     tokio::spawn(container_ticks(rec.clone(), report_now));
     tokio::spawn(watchdog());
@@ -512,8 +513,10 @@ async fn heartbeat(
     rec: Arc<Mutex<Reconciler>>,
     every: Duration,
     report_now: Arc<tokio::sync::Notify>,
+    podman: berth_agent::podman::Podman,
 ) {
     let mut tick = tokio::time::interval(every);
+    let mut usage = berth_agent::usage::Sampler::default();
     // The peer list grows with the fleet: send it when the set of peers
     // changed and every PEERS_EVERY-th heartbeat, not every time (nor with
     // apply reports).
@@ -540,6 +543,7 @@ async fn heartbeat(
             report.peers.clear();
         }
         n += 1;
+        usage.fill(&podman, &mut report).await;
         reporter.send(report).await;
     }
 }

@@ -406,6 +406,7 @@ impl Reconciler {
             containers: self.runtime.statuses(),
             upgrade_error: None,
             served_domains: self.served_domains(),
+            usage: None,
         }
     }
 

@@ -30,10 +30,23 @@ fn ago(t: Option<i64>) -> String {
     }
 }
 
+/// Thousandths of a core as a share of one core: `250m` is a quarter.
+fn cpu(millicores: Option<u32>) -> String {
+    millicores.map_or("-".into(), |m| format!("{m}m"))
+}
+
+fn bytes(b: Option<u64>) -> String {
+    match b {
+        None => "-".into(),
+        Some(b) if b >= 1 << 30 => format!("{:.1}Gi", b as f64 / (1u64 << 30) as f64),
+        Some(b) => format!("{:.0}Mi", b as f64 / (1u64 << 20) as f64),
+    }
+}
+
 pub fn print_nodes(nodes: &[NodeInfo]) {
     println!(
-        "{:<16} {:<8} {:<13} {:<16} {:<8} {:<10} {:<9} {:<12} PEERS (handshake age)",
-        "NAME", "ROLE", "MESH IP", "SUBNET", "STATE", "LAST SEEN", "REVISION", "VERSION"
+        "{:<16} {:<8} {:<13} {:<16} {:<8} {:<10} {:<9} {:<12} {:<12} {:<15} PEERS (handshake age)",
+        "NAME", "ROLE", "MESH IP", "SUBNET", "STATE", "LAST SEEN", "REVISION", "VERSION", "CPU", "MEMORY"
     );
     for n in nodes {
         let peers: Vec<String> = n
@@ -49,8 +62,19 @@ pub fn print_nodes(nodes: &[NodeInfo]) {
                 )
             })
             .collect();
+        let (cpu_text, mem_text) = match &n.usage {
+            Some(u) => (
+                format!("{}/{}", cpu(Some(u.cpu_millicores)), u.cores),
+                format!(
+                    "{}/{}",
+                    bytes(Some(u.memory_used_bytes)),
+                    bytes(Some(u.memory_total_bytes))
+                ),
+            ),
+            None => ("-".into(), "-".into()),
+        };
         println!(
-            "{:<16} {:<8} {:<13} {:<16} {:<8} {:<10} {:<9} {:<12} {}",
+            "{:<16} {:<8} {:<13} {:<16} {:<8} {:<10} {:<9} {:<12} {:<12} {:<15} {}",
             n.name,
             n.role.as_str(),
             n.mesh_ip,
@@ -59,6 +83,8 @@ pub fn print_nodes(nodes: &[NodeInfo]) {
             ago(n.last_seen),
             format!("{}/{}", n.applied_revision, n.revision),
             n.agent_version.as_deref().unwrap_or("-"),
+            cpu_text,
+            mem_text,
             peers.join(" ")
         );
         if let Some(e) = &n.error {
@@ -80,8 +106,8 @@ pub fn print_service(info: &ServiceInfo) {
         println!("  current release {c}");
     }
     println!(
-        "  {:<14} {:<12} {:<14} {:<8} {:<10} {:<9} {:<8} {:<8} LAST ERROR",
-        "REPLICA", "NODE", "IP", "RELEASE", "STATE", "HEALTH", "RESTARTS", "PHASE"
+        "  {:<14} {:<12} {:<14} {:<8} {:<10} {:<9} {:<8} {:<8} {:<7} {:<7} LAST ERROR",
+        "REPLICA", "NODE", "IP", "RELEASE", "STATE", "HEALTH", "RESTARTS", "PHASE", "CPU", "MEMORY"
     );
     for r in &info.replicas {
         let health = match (r.healthy, r.gave_up) {
@@ -90,7 +116,7 @@ pub fn print_service(info: &ServiceInfo) {
             _ => "-",
         };
         println!(
-            "  {:<14} {:<12} {:<14} {:<8} {:<10} {:<9} {:<8} {:<8} {}",
+            "  {:<14} {:<12} {:<14} {:<8} {:<10} {:<9} {:<8} {:<8} {:<7} {:<7} {}",
             r.replica,
             r.node,
             r.ip,
@@ -99,6 +125,8 @@ pub fn print_service(info: &ServiceInfo) {
             health,
             r.restarts,
             r.phase,
+            cpu(r.cpu_millicores),
+            bytes(r.memory_bytes),
             r.error.clone().unwrap_or_default()
         );
     }

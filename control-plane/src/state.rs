@@ -36,6 +36,7 @@ pub struct AppState {
     /// Live log and exec streams (not stored).
     pub streams: Arc<crate::streams::Streams>,
     pub metrics: crate::metrics::Metrics,
+    pub usage: std::sync::Mutex<UsageBoard>,
     /// SHA-256 (hex) of the token `/metrics` also takes, if one is set.
     pub metrics_token_hash: Option<String>,
     revision: watch::Sender<i64>,
@@ -43,6 +44,27 @@ pub struct AppState {
 }
 
 pub type SharedState = Arc<AppState>;
+
+/// The CPU and memory nodes last reported with a heartbeat: shown by
+/// `berth nodes list` and `berth service show`, kept in memory only.
+#[derive(Default)]
+pub struct UsageBoard {
+    pub nodes: std::collections::HashMap<String, berth_protocol::NodeUsage>,
+    /// By replica name: (thousandths of a core, memory bytes).
+    pub replicas: std::collections::HashMap<String, (Option<u32>, Option<u64>)>,
+}
+
+impl UsageBoard {
+    /// Takes in a heartbeat's figures; a report without them changes nothing.
+    pub fn report(&mut self, node_id: &str, report: &berth_protocol::StatusReport) {
+        let Some(u) = report.usage else { return };
+        self.nodes.insert(node_id.to_string(), u);
+        for c in &report.containers {
+            self.replicas
+                .insert(c.replica.clone(), (c.cpu_millicores, c.memory_bytes));
+        }
+    }
+}
 
 /// What the server state is made from, besides the store.
 pub struct StateParts {
@@ -95,6 +117,7 @@ impl AppState {
             builds,
             streams,
             metrics: Default::default(),
+            usage: Default::default(),
             metrics_token_hash,
             revision: tx,
             fleet_view: Mutex::new(Arc::new(FleetView {

@@ -170,6 +170,7 @@ async fn register_long_poll_and_report(db: &Db) {
         containers: vec![],
         upgrade_error: None,
         served_domains: None,
+        usage: None,
     };
     let r = Reply::from(
         cp.signed(

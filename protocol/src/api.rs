@@ -238,6 +238,9 @@ pub struct StatusReport {
     /// (or passes through), as of `applied_revision`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served_domains: Option<Vec<String>>,
+    /// The node's CPU and memory; sent with heartbeats only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<NodeUsage>,
 }
 
 /// A node as listed by `berth nodes list`.
@@ -256,6 +259,19 @@ pub struct NodeInfo {
     pub agent_version: Option<String>,
     pub error: Option<String>,
     pub peers: Vec<PeerStatusNamed>,
+    /// The node's CPU and memory, as it last reported them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<NodeUsage>,
+}
+
+/// A node's CPU and memory, measured by its agent between two heartbeats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeUsage {
+    /// CPU in use over all cores, in thousandths of a core.
+    pub cpu_millicores: u32,
+    pub cores: u32,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
 }
 
 /// A peer of a listed node, by name.

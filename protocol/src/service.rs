@@ -278,6 +278,13 @@ pub struct DnsReplica {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerStatus {
     pub replica: String,
+    /// CPU in use, in thousandths of a core (1000: one core), from Podman's
+    /// stats between two heartbeats; sent with heartbeats only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millicores: Option<u32>,
+    /// Memory in use (Podman's stats); sent with heartbeats only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
     pub container_id: Option<String>,
     /// The ID (a sha256 digest of its config) of the image the container
     /// runs, as Podman reports it: the same bits give the same ID on every node.
@@ -309,6 +316,11 @@ pub struct ContainerStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaInfo {
     pub replica: String,
+    /// CPU (thousandths of a core) and memory its node last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millicores: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
     pub node: String,
     pub ip: Ipv4Addr,
     /// What its node last reported ([`ContainerStatus::state`]): Podman's

@@ -2,6 +2,7 @@
 //! the lab's control plane, every agent and the proxy's berth-proxy. Its
 //! targets API shows each of them up, and its queries count the running
 //! replicas right. `promtool check metrics` takes every endpoint's page.
+//! `berth nodes list` and `berth service show` show CPU and memory.
 
 use berth_lab::{AGENT_METRICS_PORT, PROXY_METRICS_PORT};
 use berth_tests::*;
@@ -162,4 +163,41 @@ async fn prometheus_scrapes_every_part_of_the_lab() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    // The same figures in `berth nodes list` and `berth service show`, from
+    // the heartbeats (CPU once two of them came).
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let nodes = admin.list_nodes().await.unwrap();
+        let web = admin.show_service("web").await.unwrap();
+        let nodes_ok = nodes.len() == 3
+            && nodes.iter().all(|n| {
+                n.usage.is_some_and(|u| {
+                    u.cores >= 1 && u.memory_used_bytes > 0 && u.memory_total_bytes >= u.memory_used_bytes
+                })
+            });
+        let replicas_ok = web
+            .replicas
+            .iter()
+            .all(|r| r.memory_bytes.is_some_and(|m| m > 0) && r.cpu_millicores.is_some());
+        if nodes_ok && replicas_ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "usage: {:?} {:?}",
+            nodes.iter().map(|n| n.usage).collect::<Vec<_>>(),
+            web.replicas
+                .iter()
+                .map(|r| (r.cpu_millicores, r.memory_bytes))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let out = berth(&lab, &["service", "show", "web"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("CPU") && text.contains("MEMORY") && text.contains("Mi "),
+        "{text}"
+    );
 }

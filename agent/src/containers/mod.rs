@@ -186,6 +186,8 @@ impl Runtime {
                 let gave_up = r.autoheal.gave_up();
                 ContainerStatus {
                     replica: name.clone(),
+                    cpu_millicores: None,
+                    memory_bytes: None,
                     container_id: r.container_id.clone(),
                     image_id: r.image_id.clone(),
                     state: if r.state.is_empty() {

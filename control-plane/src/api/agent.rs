@@ -175,6 +175,9 @@ async fn status(
     let node = require_node(&s, &method, &uri, &headers, &raw).await?;
     let report: StatusReport = parse_json(&raw)?;
     s.store.record_status(&node.id, &report).await?;
+    if let Ok(mut u) = s.usage.lock() {
+        u.report(&node.id, &report);
+    }
     if let Some(rev) = s.store.advance_rollout(&node.id, &report.agent_version).await? {
         s.revision_moved(rev).await;
     }

@@ -34,9 +34,11 @@ async fn list_nodes(State(s): State<SharedState>) -> ApiResult<Json<Vec<NodeInfo
         .map(|n| (n.wg_public_key.as_str(), n.name.as_str()))
         .collect();
     let now = now();
+    let usage = s.usage.lock().map(|u| u.nodes.clone()).unwrap_or_default();
     let list = nodes
         .iter()
         .map(|n| NodeInfo {
+            usage: usage.get(&n.id).copied(),
             node_id: n.id.clone(),
             name: n.name.clone(),
             role: n.role,

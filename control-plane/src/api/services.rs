@@ -54,6 +54,7 @@ async fn service_info(s: &SharedState, row: &ServiceRow) -> ApiResult<ServiceInf
     let replicas = s.store.list_replicas().await?;
     let secret_names = open_secrets(s, row.secrets_sealed.as_deref()).into_keys().collect();
     let latest = s.store.list_releases(&row.name).await?.into_iter().next();
+    let usage = s.usage.lock().map(|u| u.replicas.clone()).unwrap_or_default();
     Ok(ServiceInfo {
         spec: row.spec.clone(),
         secret_names,
@@ -61,6 +62,8 @@ async fn service_info(s: &SharedState, row: &ServiceRow) -> ApiResult<ServiceInf
             .iter()
             .filter(|r| r.service == row.name)
             .map(|r| ReplicaInfo {
+                cpu_millicores: usage.get(&r.name()).and_then(|u| u.0),
+                memory_bytes: usage.get(&r.name()).and_then(|u| u.1),
                 replica: r.name(),
                 node: name_of(&nodes, &r.node_id),
                 ip: r.ip,
