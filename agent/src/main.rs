@@ -132,6 +132,10 @@ struct Args {
     /// The buildkitd that `buildctl` talks to.
     #[arg(long, default_value = berth_agent::build::buildkit::DEFAULT_ADDR)]
     buildkit_addr: String,
+    /// The file this agent's output goes to, for `berth nodes logs` when the
+    /// agent does not run under systemd (whose journal is read otherwise).
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
     /// Log format: text, json, or journald (default: journald under systemd, else text).
     #[arg(long, value_parser = ["text", "json", "journald"])]
     log_format: Option<String>,
@@ -369,6 +373,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(berth_agent::streams::run(
         client.clone(),
         berth_agent::podman::Podman::new(&args.podman_socket),
+        berth_agent::streams::AgentLog {
+            file: args.log_file.clone(),
+            journal: std::env::var_os("JOURNAL_STREAM").is_some(),
+        },
     ));
     if reg.proxy {
         if args.builder {

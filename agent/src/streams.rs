@@ -11,7 +11,7 @@ use berth_protocol::stream::{ExecControl, ExecRequest, LogLine, LogsRequest, Str
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Largest message sent: lines are batched up to this size.
@@ -22,15 +22,24 @@ const MAX_LINE: usize = 8 * 1024;
 /// How long a followed log waits for a new replica's container to appear.
 const WAIT_FOR_CONTAINER: Duration = Duration::from_secs(60);
 
+/// Where `berth nodes logs` reads the agent's own log from.
+#[derive(Debug, Clone, Default)]
+pub struct AgentLog {
+    /// The file the agent's output goes to (`--log-file`).
+    pub file: Option<std::path::PathBuf>,
+    /// The agent runs under systemd with its log in the journal.
+    pub journal: bool,
+}
+
 /// Takes stream jobs until the agent stops.
-pub async fn run(client: Arc<Client>, podman: Podman) {
+pub async fn run(client: Arc<Client>, podman: Podman, own_log: AgentLog) {
     let mut backoff = Duration::from_millis(250);
     loop {
         match client.next_streams(25).await {
             Ok(jobs) => {
                 backoff = Duration::from_millis(250);
                 for job in jobs {
-                    tokio::spawn(serve(client.clone(), podman.clone(), job));
+                    tokio::spawn(serve(client.clone(), podman.clone(), own_log.clone(), job));
                 }
             }
             Err(e) => {
@@ -42,7 +51,7 @@ pub async fn run(client: Arc<Client>, podman: Podman) {
     }
 }
 
-async fn serve(client: Arc<Client>, podman: Podman, job: StreamJob) {
+async fn serve(client: Arc<Client>, podman: Podman, own_log: AgentLog, job: StreamJob) {
     let _open = crate::metrics::StreamOpen::new();
     let mut ws = match client.stream_socket(&job.id).await {
         Ok(ws) => ws,
@@ -57,6 +66,7 @@ async fn serve(client: Arc<Client>, podman: Podman, job: StreamJob) {
             tracing::info!(replica = %job.replica, cmd = ?req.cmd, "exec");
             exec(&podman, &job.replica, &req, &mut ws).await
         }
+        StreamKind::AgentLog(req) => agent_log(&own_log, &job.replica, &req, &mut ws).await,
     }
     let _ = ws.close(None).await;
 }
@@ -203,6 +213,198 @@ async fn logs(podman: &Podman, replica: &str, req: &LogsRequest, ws: &mut Stream
     send_lines(ws, &rest).await;
 }
 
+/// Most of the log file read for a tail.
+const MAX_TAIL_BYTES: u64 = 4 << 20;
+
+/// `text` without terminal colour codes (`ESC [ … letter`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// One line of the agent's own log as a [`LogLine`]: the time it starts
+/// with (the text format's first field) goes to `ts`.
+fn own_line(label: &str, raw: &str) -> LogLine {
+    let text = strip_ansi(raw.trim_end_matches('\r'));
+    let (ts, line) = match text.trim_start().split_once(' ') {
+        Some((ts, rest)) if ts.len() >= 20 && ts.as_bytes()[0].is_ascii_digit() && ts.contains('T') => {
+            (Some(ts.to_string()), rest.trim_start().to_string())
+        }
+        _ => (None, text.clone()),
+    };
+    LogLine {
+        replica: label.to_string(),
+        stream: Some("stdout".into()),
+        ts,
+        line: Some(crate::podman::logs::truncate(line, MAX_LINE)),
+        notice: None,
+    }
+}
+
+async fn send_own(ws: &mut StreamSocket, label: &str, lines: &[&str], since: Option<&str>) -> bool {
+    let mut out = Vec::new();
+    for l in lines {
+        let line = own_line(label, l);
+        // RFC 3339 times in UTC sort as text.
+        if since.is_some_and(|s| line.ts.as_deref().is_some_and(|t| t < s)) {
+            continue;
+        }
+        if serde_json::to_writer(&mut out, &line).is_ok() {
+            out.push(b'\n');
+        }
+    }
+    send_lines(ws, &out).await
+}
+
+/// RFC 3339 (UTC) of Unix seconds.
+fn rfc3339(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// `berth nodes logs`: the agent's log file (tail, then followed), or the
+/// journal through journalctl.
+async fn agent_log(own: &AgentLog, label: &str, req: &LogsRequest, ws: &mut StreamSocket) {
+    let since = req.since.map(rfc3339);
+    if let Some(path) = &own.file {
+        use tokio::io::AsyncSeekExt;
+        let Ok(mut file) = tokio::fs::File::open(path).await else {
+            return notice(ws, label, format!("no log: cannot open {}", path.display())).await;
+        };
+        let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+        let start = len.saturating_sub(MAX_TAIL_BYTES);
+        let _ = file.seek(std::io::SeekFrom::Start(start)).await;
+        let mut data = Vec::new();
+        let _ = (&mut file).take(MAX_TAIL_BYTES).read_to_end(&mut data).await;
+        let text = String::from_utf8_lossy(&data).into_owned();
+        let mut lines: Vec<&str> = text.split('\n').collect();
+        let partial = lines.pop().unwrap_or_default().to_string();
+        if start > 0 && !lines.is_empty() {
+            lines.remove(0); // begun mid-line
+        }
+        let skip = req.tail.map_or(0, |t| lines.len().saturating_sub(t as usize));
+        if !send_own(ws, label, &lines[skip..], since.as_deref()).await || !req.follow {
+            return;
+        }
+        let mut pos = start + data.len() as u64;
+        let mut rest = partial.into_bytes();
+        loop {
+            tokio::select! {
+                m = ws.next() => match m {
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                    _ => {}
+                },
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    let len = tokio::fs::metadata(path).await.map(|m| m.len()).unwrap_or(0);
+                    if len < pos {
+                        // Truncated or replaced: read it again from the start.
+                        let Ok(f) = tokio::fs::File::open(path).await else { continue };
+                        file = f;
+                        pos = 0;
+                        rest.clear();
+                    }
+                    let mut buf = Vec::new();
+                    if file.seek(std::io::SeekFrom::Start(pos)).await.is_err() {
+                        continue;
+                    }
+                    let _ = (&mut file).take(MAX_TAIL_BYTES).read_to_end(&mut buf).await;
+                    pos += buf.len() as u64;
+                    rest.extend_from_slice(&buf);
+                    if let Some(end) = rest.iter().rposition(|b| *b == b'\n') {
+                        let done: Vec<u8> = rest.drain(..=end).collect();
+                        let text = String::from_utf8_lossy(&done).into_owned();
+                        let lines: Vec<&str> = text.split('\n').filter(|l| !l.is_empty()).collect();
+                        if !send_own(ws, label, &lines, None).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    } else if own.journal {
+        let mut cmd = tokio::process::Command::new("journalctl");
+        cmd.args([
+            "-u",
+            "berth-agent.service",
+            "-o",
+            "short-iso-precise",
+            "--no-pager",
+            "-q",
+        ]);
+        if let Some(t) = req.tail {
+            cmd.arg(format!("--lines={t}"));
+        }
+        if let Some(s) = req.since {
+            cmd.arg(format!("--since=@{s}"));
+        }
+        if req.follow {
+            cmd.arg("--follow");
+        }
+        let mut child = match cmd.stdout(std::process::Stdio::piped()).kill_on_drop(true).spawn() {
+            Ok(c) => c,
+            Err(e) => return notice(ws, label, format!("no log: journalctl: {e}")).await,
+        };
+        let Some(stdout) = child.stdout.take() else { return };
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        loop {
+            tokio::select! {
+                m = ws.next() => match m {
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                    _ => {}
+                },
+                l = lines.next_line() => match l {
+                    Ok(Some(l)) => {
+                        // short-iso-precise: `2026-12-06T23:16:52.123456+0000 host berth-agent[42]: text`.
+                        let text = l.split_once("]: ").map_or(l.as_str(), |(_, t)| t);
+                        let ts = l.split_whitespace().next().unwrap_or_default();
+                        let mut line = own_line(label, text);
+                        line.ts = Some(ts.to_string());
+                        let mut v = serde_json::to_vec(&line).unwrap_or_default();
+                        v.push(b'\n');
+                        if !send_lines(ws, &v).await {
+                            return;
+                        }
+                    }
+                    _ => return,
+                },
+            }
+        }
+    } else {
+        notice(
+            ws,
+            label,
+            "no log: the agent runs outside systemd and without --log-file".to_string(),
+        )
+        .await;
+    }
+}
+
 async fn control(ws: &mut StreamSocket, c: &ExecControl) -> bool {
     ws.send(Message::text(serde_json::to_string(c).unwrap_or_default()))
         .await
@@ -299,6 +501,21 @@ mod tests {
             .filter(|l| !l.is_empty())
             .map(|l| serde_json::from_slice(l).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn the_agents_own_lines_lose_their_colours_and_keep_their_time() {
+        let l = own_line(
+            "n1",
+            "\x1b[2m2026-12-06T23:16:52.123456Z\x1b[0m \x1b[32m INFO\x1b[0m applied revision=7",
+        );
+        assert_eq!(l.ts.as_deref(), Some("2026-12-06T23:16:52.123456Z"));
+        assert_eq!(l.line.as_deref(), Some("INFO applied revision=7"));
+        assert_eq!(l.replica, "n1");
+        assert_eq!(own_line("n1", "plain").line.as_deref(), Some("plain"));
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00");
+        assert_eq!(rfc3339(1_764_720_000), "2025-12-03T00:00:00");
+        assert!(rfc3339(1_764_720_000).as_str() < "2025-12-03T00:00:00.1Z");
     }
 
     #[test]

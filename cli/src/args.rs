@@ -233,6 +233,26 @@ pub enum NodesCmd {
     },
     /// Remove a node; every other node drops it from its peers.
     Remove { name: String },
+    /// A node's agent log: its journal under systemd, else its --log-file.
+    Logs {
+        /// The node.
+        name: String,
+        /// Keep following (Ctrl-C ends).
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only lines newer than this: a duration back from now (90s, 10m, 2h, 1d) or Unix seconds.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only the last N lines, before following.
+        #[arg(long, value_name = "N")]
+        tail: Option<u32>,
+        /// Show when each line was written.
+        #[arg(long)]
+        timestamps: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Upgrade the agents to a signed release: the canary first, every other
     /// node once the canary reports the new version. A node whose upgrade
     /// fails puts its previous binary back and reports why.

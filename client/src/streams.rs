@@ -62,6 +62,18 @@ impl AdminClient {
         self.ndjson(&path, each).await
     }
 
+    /// Node `name`'s agent log (`berth nodes logs`); `q.replica` is ignored.
+    pub async fn node_logs(&self, name: &str, q: &LogsQuery, each: impl FnMut(LogLine)) -> Result<()> {
+        let mut path = format!("/v1/nodes/{}/logs?follow={}", encode(name), q.follow);
+        if let Some(s) = &q.since {
+            path.push_str(&format!("&since={}", encode(s)));
+        }
+        if let Some(t) = q.tail {
+            path.push_str(&format!("&tail={t}"));
+        }
+        self.ndjson(&path, each).await
+    }
+
     /// The event stream (`berth events`), each event passed to `each`; with
     /// `follow`, until the caller drops the future.
     pub async fn events(&self, q: &EventsQuery, each: impl FnMut(Event)) -> Result<()> {

@@ -412,6 +412,8 @@ impl Lab {
             "--bridge".into(),
             podman::BRIDGE.into(),
         ];
+        // Its output goes to this file: `berth nodes logs` reads it.
+        args.extend(["--log-file".into(), self.agent_log(&node.name).display().to_string()]);
         // Metrics on the node's lab address, where the host can scrape them.
         let ip = self.net.node_ip(index);
         args.extend(["--metrics".into(), format!("{ip}:{AGENT_METRICS_PORT}")]);

@@ -33,6 +33,8 @@ pub struct StreamJob {
 pub enum StreamKind {
     Logs(LogsRequest),
     Exec(ExecRequest),
+    /// The agent's own log (`berth nodes logs`); `replica` is the node's name.
+    AgentLog(LogsRequest),
 }
 
 /// A replica's log: the last `tail` lines (all when absent) written since

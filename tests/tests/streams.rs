@@ -3,7 +3,8 @@
 //! CLI from both nodes, each replica's lines in order with none missing,
 //! and a followed log takes in the replicas a rollout starts. Exec runs
 //! commands with their exit codes, pipes stdin, and drives a shell through
-//! a terminal. Killing the CLI ends the streams on the control plane and
+//! a terminal. `berth nodes logs` reads and follows an agent's own log.
+//! Killing the CLI ends the streams on the control plane and
 //! the agents. `berth events -f` sees the rollout's steps and the new
 //! replicas' health. A wrong admin token gets nothing, and a reader that takes
 //! nothing is cut off without the agent's memory growing.
@@ -143,6 +144,20 @@ async fn logs_and_exec_reach_every_replica() {
         assert!(text.contains(&format!("{r} | tick ")), "{text}");
     }
 
+    // The agent's own log, from its --log-file.
+    let out = berth(&lab, &["nodes", "logs", "n1", "--tail", "5", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let own: Vec<LogLine> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (own_lines, own_notices): (Vec<&LogLine>, Vec<&LogLine>) = own.iter().partition(|l| l.line.is_some());
+    assert_eq!(own_lines.len(), 5, "{own:?}");
+    assert!(own_lines.iter().all(|l| l.replica == "n1" && l.ts.is_some()), "{own:?}");
+    assert_eq!(own_notices.len(), 1, "{own:?}");
+    let e = admin.node_logs("n9", &LogsQuery::default(), |_| {}).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotFound), "{e}");
+
     // 2. `-f` through a rollout: the new replicas' lines come in too.
     let mut follow = berth_command(&lab, &["logs", "ticker", "-f", "--json", "--tail", "5"])
         .stdout(Stdio::piped())
@@ -180,6 +195,22 @@ async fn logs_and_exec_reach_every_replica() {
             }
         })
     };
+    // And the agents' own logs, followed: a rollout makes them write.
+    let mut own_follow = berth_command(&lab, &["nodes", "logs", "n2", "-f", "--tail", "0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let own_lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let own_reader = {
+        let got = own_lines.clone();
+        let stdout = own_follow.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                got.lock().unwrap().push(line);
+            }
+        })
+    };
     std::thread::sleep(Duration::from_secs(1));
     admin.deploy_service(&ticker(&lab, "ticker", "2")).await.unwrap();
     let deadline = Instant::now() + SETTLE;
@@ -198,19 +229,6 @@ async fn logs_and_exec_reach_every_replica() {
     let _ = follow.kill();
     let _ = follow.wait();
     reader.join().unwrap();
-    // Killing the CLI ends the streams: the control plane's, and each agent's.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let open = streams_open(&lab);
-        if open.iter().all(|n| *n == 0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "streams still open after the CLI was killed: {open:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     let all = seen.lock().unwrap().clone();
     let got = ticks(&all);
     assert_consecutive(&got);
@@ -245,6 +263,27 @@ async fn logs_and_exec_reach_every_replica() {
     let _ = events.kill();
     let _ = events.wait();
     events_reader.join().unwrap();
+    let _ = own_follow.kill();
+    let _ = own_follow.wait();
+    own_reader.join().unwrap();
+    let own = own_lines.lock().unwrap().clone();
+    assert!(
+        own.iter().any(|l| l.starts_with("n2 | ")),
+        "berth nodes logs n2 -f: {own:?}"
+    );
+    // Killing the CLIs (logs -f, nodes logs -f) ended their streams: the control plane's, and each agent's.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let open = streams_open(&lab);
+        if open.iter().all(|n| *n == 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "streams still open after the CLI was killed: {open:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // 3. Exec: exit codes, both streams, stdin through a pipe.
     let out = berth(&lab, &["exec", "ticker", "--", "hostname"]);

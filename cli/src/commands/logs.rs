@@ -42,23 +42,30 @@ pub async fn logs(api: &AdminClient, a: LogsArgs) -> anyhow::Result<()> {
         tail: a.tail,
         replica: a.replica,
     };
+    print_lines(a.json, a.timestamps, |each| api.service_logs(&a.service, &q, each)).await
+}
+
+/// Prints the lines `read` passes on, as text or JSON.
+pub async fn print_lines<'a, F, Fut>(json: bool, timestamps: bool, read: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Box<dyn FnMut(LogLine) + Send + 'a>) -> Fut,
+    Fut: std::future::Future<Output = berth_client::Result<()>>,
+{
     let tty = std::io::stdout().is_terminal();
-    let mut out = std::io::stdout().lock();
-    let mut failed = None;
-    api.service_logs(&a.service, &q, |l| {
-        if failed.is_some() {
+    let mut closed = false;
+    read(Box::new(move |l: LogLine| {
+        if closed {
             return;
         }
-        let text = if a.json {
+        let text = if json {
             serde_json::to_string(&l).unwrap_or_default()
         } else {
-            render(&l, a.timestamps, tty)
+            render(&l, timestamps, tty)
         };
         // A closed pipe (`| head`) ends the command quietly.
-        if writeln!(out, "{text}").and_then(|_| out.flush()).is_err() {
-            failed = Some(());
-        }
-    })
+        let mut out = std::io::stdout().lock();
+        closed = writeln!(out, "{text}").and_then(|_| out.flush()).is_err();
+    }))
     .await?;
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! `berth nodes list|remove|upgrade`.
+//! `berth nodes list|remove|logs|upgrade`.
 
 use crate::args::NodesCmd;
 use crate::output::{json_or, print_nodes};
@@ -10,6 +10,22 @@ pub async fn run(api: &AdminClient, cmd: NodesCmd) -> anyhow::Result<()> {
         NodesCmd::Remove { name } => {
             let rev = api.remove_node(&name).await?;
             println!("removed node {name} (revision {rev})");
+        }
+        NodesCmd::Logs {
+            name,
+            follow,
+            since,
+            tail,
+            timestamps,
+            json,
+        } => {
+            let q = berth_client::LogsQuery {
+                follow,
+                since,
+                tail,
+                replica: None,
+            };
+            super::logs::print_lines(json, timestamps, |each| api.node_logs(&name, &q, each)).await?;
         }
         NodesCmd::Upgrade { version, canary } => {
             let r = api.upgrade_nodes(&version, canary.as_deref()).await?;

@@ -45,6 +45,7 @@ pub fn admin_routes() -> AdminRoutes {
     vec![
         ("/v1/services/{name}/logs", get(logs)),
         ("/v1/services/{name}/exec", get(exec)),
+        ("/v1/nodes/{name}/logs", get(node_logs)),
     ]
 }
 
@@ -251,6 +252,62 @@ async fn logs(
     if q.follow && q.replica.is_none() {
         tokio::spawn(follow_new_replicas(s.clone(), name, seen, tx, cut));
     }
+    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    }));
+    Ok(([("content-type", "application/x-ndjson")], body).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeLogsQuery {
+    #[serde(default)]
+    follow: bool,
+    since: Option<String>,
+    tail: Option<u32>,
+}
+
+/// The agent's own log of node `name` (`berth nodes logs`), as NDJSON.
+async fn node_logs(
+    State(s): State<SharedState>,
+    Path(name): Path<String>,
+    q: Result<Query<NodeLogsQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let q = super::query(q)?;
+    let since = q
+        .since
+        .as_deref()
+        .map(|v| parse_since(v, crate::store::now()))
+        .transpose()?;
+    if q.tail.is_some_and(|t| t > MAX_TAIL) {
+        return Err(ApiErr::invalid("tail", format!("tail: at most {MAX_TAIL}")));
+    }
+    let nodes = nodes_by_id(&s).await?;
+    let node = nodes
+        .values()
+        .find(|n| n.name == name)
+        .ok_or_else(|| ApiErr::not_found("name", format!("name: no node named {name:?}")))?;
+    if !online(&s, node) {
+        return Err(unreachable(&node.name, "is offline"));
+    }
+    let req = LogsRequest {
+        follow: q.follow,
+        since,
+        tail: q.tail,
+    };
+    let ticket = s
+        .streams
+        .open(&node.id, &node.name, StreamKind::AgentLog(req))
+        .map_err(|e| refused(e, &node.name))?;
+    let (tx, rx) = mpsc::channel::<Bytes>(LOG_BUFFER);
+    tokio::spawn(relay_logs(
+        s.clone(),
+        ticket,
+        node.name.clone(),
+        node.name.clone(),
+        tx,
+        CancellationToken::new(),
+    ));
     let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
     }));
