@@ -169,7 +169,7 @@ async fn start_registry(
         Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
         _ => host,
     };
-    registry::start(
+    let registry = registry::start(
         r,
         registry::Setup {
             data_dir: &cfg.data_dir,
@@ -180,7 +180,18 @@ async fn start_registry(
             ca_pem: &tls.ca_pem,
             secret,
         },
-    )
+    )?;
+    // Serve the API once the registry listens: a deploy right after a
+    // restart resolves its tags there (and got "connection refused" before).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    while tokio::net::TcpStream::connect(r.listen).await.is_err() {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(listen = %r.listen, "the fleet registry does not listen yet; serving without it");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Ok(registry)
 }
 
 /// The admin bearer token: made on first start and written 0600 to
