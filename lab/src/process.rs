@@ -8,9 +8,11 @@
 //! leader, which a freshly spawned child never is.) This keeps the crate free
 //! of `unsafe` (`pre_exec`), which the workspace denies.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -19,6 +21,12 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
+
+/// Daemons this process spawned and has not reaped yet. Only these are ever
+/// passed to `waitpid`: with pid_max at 32768, a stale pid of an exited daemon
+/// is soon reused, and waiting on it could reap another thread's
+/// `Command::output()` child, which then fails with ECHILD.
+static UNREAPED: Mutex<Option<HashSet<u32>>> = Mutex::new(None);
 
 /// How often liveness is polled while waiting for a process to end.
 const POLL: Duration = Duration::from_millis(20);
@@ -85,6 +93,11 @@ pub fn spawn_daemon(
     // Dropping `Child` neither kills nor waits; the process is reaped later by
     // `is_alive` (WNOHANG) if we are still its parent when it exits.
     let pid = child.id();
+    UNREAPED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(HashSet::new)
+        .insert(pid);
     wait_exec(pid, program);
     Ok(pid)
 }
@@ -121,13 +134,24 @@ fn target(pid: u32) -> Option<Pid> {
     }
 }
 
-/// Reaps `pid` if it is an exited child of ours. Returns true if it was reaped.
+/// Reaps `pid` if it is an exited daemon that this process spawned. Returns
+/// true if it was reaped.
 fn reap(pid: Pid) -> bool {
+    let mut unreaped = UNREAPED.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(set) = unreaped.as_mut().filter(|s| s.contains(&(pid.as_raw() as u32))) else {
+        return false;
+    };
     match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
         Ok(nix::sys::wait::WaitStatus::StillAlive) => false,
-        Ok(_) => true,
-        // ECHILD: not our child (or already reaped); nothing to do.
-        Err(_) => false,
+        Ok(_) => {
+            set.remove(&(pid.as_raw() as u32));
+            true
+        }
+        // ECHILD: no longer ours; never wait on it again, /proc decides.
+        Err(_) => {
+            set.remove(&(pid.as_raw() as u32));
+            false
+        }
     }
 }
 
@@ -291,6 +315,22 @@ mod tests {
 
     fn comm(pid: u32) -> String {
         super::comm(pid).unwrap_or_default()
+    }
+
+    #[test]
+    fn is_alive_never_reaps_a_child_it_did_not_spawn() {
+        // A `Command` child of another thread, whose pid might be a reused
+        // daemon pid: checking it must leave its exit status to its owner.
+        let mut child = Command::new("/bin/true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while proc_state(pid) != Some('Z') && Instant::now() < deadline {
+            sleep(POLL);
+        }
+        assert_eq!(proc_state(pid), Some('Z'), "/bin/true exited");
+        assert!(!is_alive(pid), "a zombie is not alive");
+        let status = child.wait().expect("the owner still reaps its child");
+        assert!(status.success());
     }
 
     #[test]
