@@ -268,30 +268,12 @@ async fn send_own(ws: &mut StreamSocket, label: &str, lines: &[&str], since: Opt
     send_lines(ws, &out).await
 }
 
-/// RFC 3339 (UTC) of Unix seconds.
-fn rfc3339(secs: i64) -> String {
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 /// `berth nodes logs`: the agent's log file (tail, then followed), or the
 /// journal through journalctl.
 async fn agent_log(own: &AgentLog, label: &str, req: &LogsRequest, ws: &mut StreamSocket) {
-    let since = req.since.map(rfc3339);
+    let since = req
+        .since
+        .map(|t| berth_protocol::time::Utc::from_secs(t).date_time('T'));
     if let Some(path) = &own.file {
         use tokio::io::AsyncSeekExt;
         let Ok(mut file) = tokio::fs::File::open(path).await else {
@@ -513,9 +495,10 @@ mod tests {
         assert_eq!(l.line.as_deref(), Some("INFO applied revision=7"));
         assert_eq!(l.replica, "n1");
         assert_eq!(own_line("n1", "plain").line.as_deref(), Some("plain"));
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00");
-        assert_eq!(rfc3339(1_764_720_000), "2025-12-03T00:00:00");
-        assert!(rfc3339(1_764_720_000).as_str() < "2025-12-03T00:00:00.1Z");
+        // `since` compares as text with the lines' own stamps.
+        let since = berth_protocol::time::Utc::from_secs(1_764_720_000).date_time('T');
+        assert_eq!(since, "2025-12-03T00:00:00");
+        assert!(since.as_str() < "2025-12-03T00:00:00.1Z");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod seal;
 pub mod service;
 pub mod signing;
 pub mod stream;
+pub mod time;
 pub mod token;
 
 pub use api::*;

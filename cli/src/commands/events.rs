@@ -7,24 +7,8 @@ use std::io::Write;
 
 /// `YYYY-MM-DD HH:MM:SS.mmm` (UTC) of Unix milliseconds.
 fn utc(ms: i64) -> String {
-    let (secs, milli) = (ms.div_euclid(1000), ms.rem_euclid(1000));
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Days to a civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{milli:03}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let t = berth_protocol::time::Utc::from_millis(ms);
+    format!("{}.{:03}", t.date_time(' '), t.milli)
 }
 
 fn render(e: &Event) -> String {

@@ -132,23 +132,7 @@ impl ProxyCounts {
 
 /// Unix seconds as RFC 3339 UTC (`2025-01-31T12:00:00Z`).
 pub fn rfc3339(t: i64) -> String {
-    let (days, secs) = (t.div_euclid(86400), t.rem_euclid(86400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        (secs % 3600) / 60,
-        secs % 60
-    )
+    berth_protocol::time::Utc::from_secs(t).rfc3339()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
