@@ -459,7 +459,7 @@ impl Acme {
                     nodes
                         .into_iter()
                         .filter(|n| n.role == Role::Proxy)
-                        .filter(|n| n.last_seen.is_some_and(|t| now - t <= self.state.offline_after_secs))
+                        .filter(|n| n.online(now, self.state.offline_after_secs))
                         .filter(|n| n.applied_revision < rev)
                         .map(|n| n.name)
                         .collect()

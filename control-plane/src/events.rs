@@ -66,7 +66,7 @@ async fn watch_nodes(state: SharedState) {
         let mut next = HashMap::new();
         for n in nodes {
             let seen = Seen {
-                online: n.last_seen.is_some_and(|t| now - t <= state.offline_after_secs),
+                online: n.online(now, state.offline_after_secs),
                 version: n.agent_version.clone(),
             };
             if let Some(before) = known.as_ref().and_then(|k| k.get(&n.id)) {

@@ -189,7 +189,7 @@ pub async fn serve(State(s): State<SharedState>, headers: HeaderMap) -> ApiResul
         }
     }
     for n in &nodes {
-        let online = n.last_seen.is_some_and(|t| now - t <= s.offline_after_secs);
+        let online = n.online(now, s.offline_after_secs);
         *by_state
             .entry((n.role.as_str(), if online { "online" } else { "offline" }))
             .or_default() += 1;

@@ -44,7 +44,7 @@ async fn list_nodes(State(s): State<SharedState>) -> ApiResult<Json<Vec<NodeInfo
             role: n.role,
             mesh_ip: n.mesh_ip,
             subnet: n.subnet.to_string(),
-            online: n.last_seen.is_some_and(|t| now - t <= s.offline_after_secs),
+            online: n.online(now, s.offline_after_secs),
             last_seen: n.last_seen,
             revision: n.revision as u64,
             applied_revision: n.applied_revision as u64,

@@ -181,8 +181,7 @@ async fn nodes_by_id(s: &SharedState) -> ApiResult<HashMap<String, NodeRow>> {
 }
 
 fn online(s: &SharedState, n: &NodeRow) -> bool {
-    n.last_seen
-        .is_some_and(|t| crate::store::now() - t <= s.offline_after_secs)
+    n.online(crate::store::now(), s.offline_after_secs)
 }
 
 #[derive(Deserialize)]

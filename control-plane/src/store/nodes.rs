@@ -38,7 +38,18 @@ const COLUMNS: &str = "id, name, role, signing_key, wg_public_key, wg_port, priv
 // status_json is left out on purpose: it holds a peer list as long as the
 // fleet, and node rows are read on every signed request and every fleet view.
 
+/// Online: reported within `offline_after` seconds of `now`. The one rule
+/// behind `berth nodes list`, placement, proxy counts and the node watcher.
+pub fn seen_recently(last_seen: Option<i64>, now: i64, offline_after: i64) -> bool {
+    last_seen.is_some_and(|t| now - t <= offline_after)
+}
+
 impl NodeRow {
+    /// See [`seen_recently`].
+    pub fn online(&self, now: i64, offline_after: i64) -> bool {
+        seen_recently(self.last_seen, now, offline_after)
+    }
+
     fn from_row(r: &AnyRow) -> NodeRow {
         let opt = |c: &str| r.get::<Option<String>, _>(c);
         NodeRow {

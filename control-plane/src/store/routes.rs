@@ -107,7 +107,7 @@ impl ProxyCounts {
     pub fn count(proxies: &[ProxySeen], now: i64, offline_after: i64) -> ProxyCounts {
         let mut c = ProxyCounts::default();
         for p in proxies {
-            let online = p.last_seen.is_some_and(|t| now - t <= offline_after);
+            let online = super::nodes::seen_recently(p.last_seen, now, offline_after);
             if !online {
                 continue;
             }

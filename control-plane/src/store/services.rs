@@ -401,9 +401,7 @@ pub async fn node_facts(tx: &mut Transaction<'_, Any>, offline_after: i64) -> sq
         .map(|n| NodeFacts {
             id: n.get("id"),
             name: n.get("name"),
-            online: n
-                .get::<Option<i64>, _>("last_seen")
-                .is_some_and(|t| now - t <= offline_after),
+            online: super::nodes::seen_recently(n.get("last_seen"), now, offline_after),
             worker: n.get::<String, _>("role") == "worker",
             subnet: n.get::<String, _>("subnet").parse().unwrap_or_default(),
             applied_revision: n.get("applied_revision"),
