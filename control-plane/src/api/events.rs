@@ -4,10 +4,10 @@
 use super::AdminRoutes;
 use crate::error::{ApiErr, ApiResult};
 use crate::state::SharedState;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
 use berth_protocol::event::Event;
 use serde::Deserialize;
@@ -93,8 +93,5 @@ async fn events(State(s): State<SharedState>, q: Result<Query<EventsQuery>, Quer
     } else {
         drop(tx);
     }
-    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
-    }));
-    Ok(([("content-type", "application/x-ndjson")], body).into_response())
+    Ok(super::ndjson_response(rx))
 }

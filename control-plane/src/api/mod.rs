@@ -101,6 +101,15 @@ pub(crate) fn query<T>(q: Result<axum::extract::Query<T>, axum::extract::rejecti
         .map_err(|e| ApiErr::invalid("query", format!("query: {}", e.body_text())))
 }
 
+/// A streamed `application/x-ndjson` response: each chunk from `rx` as it
+/// comes, ended when every sender is gone.
+pub(crate) fn ndjson_response(rx: tokio::sync::mpsc::Receiver<Bytes>) -> axum::response::Response {
+    let body = axum::body::Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    }));
+    ([("content-type", "application/x-ndjson")], body).into_response()
+}
+
 /// The request body, or why it could not be read (too large: 413).
 pub(crate) fn body(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
     b.map_err(|e| {

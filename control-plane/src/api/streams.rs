@@ -10,7 +10,7 @@ use crate::state::SharedState;
 use crate::store::nodes::NodeRow;
 use crate::store::services::ReplicaRow;
 use crate::streams::{Refusal, Ticket};
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{rejection::WebSocketUpgradeRejection, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
@@ -148,6 +148,15 @@ fn parse_since(v: &str, now: i64) -> ApiResult<i64> {
     Ok(now - n.saturating_mul(secs))
 }
 
+/// The log window of `?follow&since&tail`, checked.
+fn logs_request(follow: bool, since: Option<&str>, tail: Option<u32>) -> ApiResult<LogsRequest> {
+    let since = since.map(|v| parse_since(v, crate::store::now())).transpose()?;
+    if tail.is_some_and(|t| t > MAX_TAIL) {
+        return Err(ApiErr::invalid("tail", format!("tail: at most {MAX_TAIL}")));
+    }
+    Ok(LogsRequest { follow, since, tail })
+}
+
 /// The service's replicas (only `replica` when named), by name; 404 when
 /// the service or the named replica does not exist.
 async fn replicas_of(s: &SharedState, service: &str, replica: Option<&str>) -> ApiResult<Vec<ReplicaRow>> {
@@ -203,19 +212,7 @@ async fn logs(
     q: Result<Query<LogsQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
     let q = super::query(q)?;
-    let since = q
-        .since
-        .as_deref()
-        .map(|v| parse_since(v, crate::store::now()))
-        .transpose()?;
-    if q.tail.is_some_and(|t| t > MAX_TAIL) {
-        return Err(ApiErr::invalid("tail", format!("tail: at most {MAX_TAIL}")));
-    }
-    let req = LogsRequest {
-        follow: q.follow,
-        since,
-        tail: q.tail,
-    };
+    let req = logs_request(q.follow, q.since.as_deref(), q.tail)?;
     let replicas = replicas_of(&s, &name, q.replica.as_deref()).await?;
     let nodes = nodes_by_id(&s).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(LOG_BUFFER);
@@ -251,10 +248,7 @@ async fn logs(
     if q.follow && q.replica.is_none() {
         tokio::spawn(follow_new_replicas(s.clone(), name, seen, tx, cut));
     }
-    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
-    }));
-    Ok(([("content-type", "application/x-ndjson")], body).into_response())
+    Ok(super::ndjson_response(rx))
 }
 
 #[derive(Deserialize)]
@@ -273,14 +267,7 @@ async fn node_logs(
     q: Result<Query<NodeLogsQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
     let q = super::query(q)?;
-    let since = q
-        .since
-        .as_deref()
-        .map(|v| parse_since(v, crate::store::now()))
-        .transpose()?;
-    if q.tail.is_some_and(|t| t > MAX_TAIL) {
-        return Err(ApiErr::invalid("tail", format!("tail: at most {MAX_TAIL}")));
-    }
+    let req = logs_request(q.follow, q.since.as_deref(), q.tail)?;
     let nodes = nodes_by_id(&s).await?;
     let node = nodes
         .values()
@@ -289,11 +276,6 @@ async fn node_logs(
     if !online(&s, node) {
         return Err(unreachable(&node.name, "is offline"));
     }
-    let req = LogsRequest {
-        follow: q.follow,
-        since,
-        tail: q.tail,
-    };
     let ticket = s
         .streams
         .open(&node.id, &node.name, StreamKind::AgentLog(req))
@@ -307,10 +289,7 @@ async fn node_logs(
         tx,
         CancellationToken::new(),
     ));
-    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
-    }));
-    Ok(([("content-type", "application/x-ndjson")], body).into_response())
+    Ok(super::ndjson_response(rx))
 }
 
 fn ndjson(line: &LogLine) -> Bytes {
