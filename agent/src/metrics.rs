@@ -5,6 +5,7 @@
 //! stats are read at scrape time.
 
 use crate::podman::Podman;
+use berth_protocol::prom::{escape, family, Histogram};
 use berth_protocol::StatusReport;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
@@ -66,17 +67,11 @@ impl Drop for StreamOpen {
 
 /// Upper bounds (seconds) of the apply histogram's buckets.
 const APPLY_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
-static APPLY: [AtomicU64; APPLY_BUCKETS.len() + 1] = [const { AtomicU64::new(0) }; APPLY_BUCKETS.len() + 1];
-static APPLY_SUM_MICROS: AtomicU64 = AtomicU64::new(0);
+static APPLY: Histogram = Histogram::new(&APPLY_BUCKETS);
 
 /// One apply of a desired state took `secs`.
 pub fn applied(secs: f64) {
-    let i = APPLY_BUCKETS
-        .iter()
-        .position(|b| secs <= *b)
-        .unwrap_or(APPLY_BUCKETS.len());
-    APPLY[i].fetch_add(1, Ordering::Relaxed);
-    APPLY_SUM_MICROS.fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
+    APPLY.observe(secs);
 }
 
 /// What the agent last told the control plane, and its peers' names.
@@ -105,15 +100,6 @@ impl Snapshot {
             .map(|p| (p.wg_public_key.clone(), p.name.clone()))
             .collect();
     }
-}
-
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 /// A replica's figures from Podman's stats.
@@ -177,16 +163,7 @@ pub async fn render(snapshot: &SharedSnapshot, podman: &Podman) -> String {
         "histogram",
         "How long applying a desired state took.",
     );
-    let mut cumulative = 0;
-    for (i, b) in APPLY_BUCKETS.iter().enumerate() {
-        cumulative += APPLY[i].load(Ordering::Relaxed);
-        let _ = writeln!(out, "berth_agent_apply_seconds_bucket{{le=\"{b}\"}} {cumulative}");
-    }
-    cumulative += APPLY[APPLY_BUCKETS.len()].load(Ordering::Relaxed);
-    let _ = writeln!(out, "berth_agent_apply_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
-    let sum = APPLY_SUM_MICROS.load(Ordering::Relaxed) as f64 / 1e6;
-    let _ = writeln!(out, "berth_agent_apply_seconds_sum {sum}");
-    let _ = writeln!(out, "berth_agent_apply_seconds_count {cumulative}");
+    APPLY.write(&mut out, "berth_agent_apply_seconds");
 
     family(&mut out, "berth_mesh_peers", "gauge", "WireGuard peers configured.");
     let _ = writeln!(out, "berth_mesh_peers {}", peers.len());

@@ -469,13 +469,7 @@ async fn exec(podman: &Podman, replica: &str, req: &ExecRequest, ws: &mut Stream
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn frame(stream: u8, payload: &str) -> Vec<u8> {
-        let mut f = vec![stream, 0, 0, 0];
-        f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        f.extend_from_slice(payload.as_bytes());
-        f
-    }
+    use crate::podman::logs::tests::frame;
 
     fn parse(ndjson: &[u8]) -> Vec<LogLine> {
         ndjson

@@ -11,47 +11,16 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use berth_protocol::prom::{escape, family, Histogram};
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
 /// Upper bounds (seconds) of the fan-out histogram's buckets.
 const FANOUT_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
-#[derive(Default)]
-struct Histogram {
-    /// Per bucket of [`FANOUT_BUCKETS`], then +Inf.
-    counts: [AtomicU64; FANOUT_BUCKETS.len() + 1],
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    fn observe(&self, secs: f64) {
-        let i = FANOUT_BUCKETS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(FANOUT_BUCKETS.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
-    }
-
-    fn write(&self, out: &mut String, name: &str) {
-        let mut cumulative = 0;
-        for (i, b) in FANOUT_BUCKETS.iter().enumerate() {
-            cumulative += self.counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
-        }
-        cumulative += self.counts[FANOUT_BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {cumulative}");
-    }
-}
-
-#[derive(Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     longpoll_waiters: AtomicI64,
@@ -66,6 +35,17 @@ pub struct Waiting<'a>(&'a Metrics);
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.longpoll_waiters.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Mutex::default(),
+            longpoll_waiters: AtomicI64::default(),
+            fanout: Histogram::new(&FANOUT_BUCKETS),
+            moved: Mutex::default(),
+        }
     }
 }
 
@@ -122,15 +102,6 @@ fn authorized(s: &SharedState, headers: &HeaderMap) -> bool {
     s.metrics_token_hash
         .as_ref()
         .is_some_and(|h| crate::auth::hash_admin_token(given) == *h)
-}
-
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 /// `GET /metrics`, with the metrics token or the admin token.
@@ -284,7 +255,7 @@ pub async fn serve(State(s): State<SharedState>, headers: HeaderMap) -> ApiResul
         );
     }
 
-    let (streams, _) = s.streams.counts("");
+    let streams = s.streams.open_count();
     family(
         &mut out,
         "berth_streams_open",

@@ -156,6 +156,11 @@ impl Streams {
         (inner.admin, inner.per_node.get(node_id).copied().unwrap_or(0))
     }
 
+    /// Live tickets over every node.
+    pub fn open_count(&self) -> usize {
+        self.lock().admin
+    }
+
     /// Forgets a node's queue (it was removed).
     pub fn forget(&self, node_id: &str) {
         let mut inner = self.lock();

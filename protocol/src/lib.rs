@@ -8,6 +8,7 @@ pub mod error;
 pub mod event;
 pub mod keyfile;
 pub mod names;
+pub mod prom;
 pub mod proxy;
 pub mod release;
 pub mod routes;

@@ -98,10 +98,12 @@ pub fn last_lines(data: &[u8], max_lines: usize, max_line_bytes: usize) -> Vec<S
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn frame(stream: u8, payload: &str) -> Vec<u8> {
+    /// One frame of Podman's multiplexed log stream (also used by the
+    /// streams' tests).
+    pub(crate) fn frame(stream: u8, payload: &str) -> Vec<u8> {
         let mut f = vec![stream, 0, 0, 0];
         f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
         f.extend_from_slice(payload.as_bytes());

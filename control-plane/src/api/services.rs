@@ -6,9 +6,9 @@
 use super::{body, AdminRoutes};
 use crate::error::{parse_json, ApiErr, ApiResult};
 use crate::state::SharedState;
-use crate::store::nodes::name_of;
+use crate::store::nodes::{name_of, NodeRow};
 use crate::store::releases::Origin;
-use crate::store::services::{DeployError, RemoveService, SecretsUpdate, ServiceRow};
+use crate::store::services::{DeployError, RemoveService, ReplicaRow, SecretsUpdate, ServiceRow};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -49,32 +49,55 @@ fn open_secrets(s: &SharedState, sealed: Option<&str>) -> BTreeMap<String, Strin
         .unwrap_or_default()
 }
 
+/// What every service's view reads once: nodes, replicas and the usage
+/// figures, so listing many services copies nothing per service.
+struct FleetView {
+    nodes: Vec<NodeRow>,
+    replicas: Vec<ReplicaRow>,
+    usage: std::collections::HashMap<String, (Option<u32>, Option<u64>)>,
+}
+
+impl FleetView {
+    async fn read(s: &SharedState) -> ApiResult<FleetView> {
+        Ok(FleetView {
+            nodes: s.store.list_nodes().await?,
+            replicas: s.store.list_replicas().await?,
+            usage: s.usage.lock().map(|u| u.replicas.clone()).unwrap_or_default(),
+        })
+    }
+}
+
 async fn service_info(s: &SharedState, row: &ServiceRow) -> ApiResult<ServiceInfo> {
-    let nodes = s.store.list_nodes().await?;
-    let replicas = s.store.list_replicas().await?;
+    service_info_in(s, row, &FleetView::read(s).await?).await
+}
+
+async fn service_info_in(s: &SharedState, row: &ServiceRow, fleet: &FleetView) -> ApiResult<ServiceInfo> {
     let secret_names = open_secrets(s, row.secrets_sealed.as_deref()).into_keys().collect();
     let latest = s.store.list_releases(&row.name).await?.into_iter().next();
-    let usage = s.usage.lock().map(|u| u.replicas.clone()).unwrap_or_default();
     Ok(ServiceInfo {
         spec: row.spec.clone(),
         secret_names,
-        replicas: replicas
+        replicas: fleet
+            .replicas
             .iter()
             .filter(|r| r.service == row.name)
-            .map(|r| ReplicaInfo {
-                cpu_millicores: usage.get(&r.name()).and_then(|u| u.0),
-                memory_bytes: usage.get(&r.name()).and_then(|u| u.1),
-                replica: r.name(),
-                node: name_of(&nodes, &r.node_id),
-                ip: r.ip,
-                state: r.state.clone().unwrap_or_else(|| "pending".into()),
-                healthy: r.healthy,
-                restarts: r.restarts,
-                error: r.last_error.clone(),
-                release: r.release,
-                phase: r.phase_str().into(),
-                recreates: r.recreates,
-                gave_up: r.gave_up,
+            .map(|r| {
+                let (cpu_millicores, memory_bytes) = fleet.usage.get(&r.name()).copied().unwrap_or_default();
+                ReplicaInfo {
+                    cpu_millicores,
+                    memory_bytes,
+                    replica: r.name(),
+                    node: name_of(&fleet.nodes, &r.node_id),
+                    ip: r.ip,
+                    state: r.state.clone().unwrap_or_else(|| "pending".into()),
+                    healthy: r.healthy,
+                    restarts: r.restarts,
+                    error: r.last_error.clone(),
+                    release: r.release,
+                    phase: r.phase_str().into(),
+                    recreates: r.recreates,
+                    gave_up: r.gave_up,
+                }
             })
             .collect(),
         current_release: row.current_release,
@@ -213,9 +236,10 @@ async fn deploy_service(
 }
 
 async fn list_services(State(s): State<SharedState>) -> ApiResult<Json<Vec<ServiceInfo>>> {
+    let fleet = FleetView::read(&s).await?;
     let mut out = vec![];
     for row in s.store.list_services().await? {
-        out.push(service_info(&s, &row).await?);
+        out.push(service_info_in(&s, &row, &fleet).await?);
     }
     Ok(Json(out))
 }
