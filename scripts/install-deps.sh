@@ -28,6 +28,8 @@ have busybox || need+=(busybox)      # test servers (httpd)
 have docker-registry || need+=(docker-registry)  # the fleet registry the control plane runs
 have prometheus || need+=(prometheus)  # the metrics test scrapes every part of a lab
 have script || need+=(bsdutils)  # the exec test drives a terminal through script(1)
+have chromium || need+=(chromium)    # the dashboard's browser tests (headless)
+have npm || need+=(npm)              # playwright-core for them (tests/browser)
 
 if [ "${#need[@]}" -gt 0 ]; then
     echo "installing: ${need[*]}" >&2

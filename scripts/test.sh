@@ -24,6 +24,9 @@ export BERTH_TEST_POSTGRES
 
 step "build"
 cargo build --workspace --all-targets --locked
+# The dashboard's browser tests drive Debian's Chromium with playwright-core
+# (pinned in tests/browser/package-lock.json; it downloads no browser).
+npm ci --prefix tests/browser --no-audit --no-fund
 
 step "format and lints"
 cargo fmt --all -- --check

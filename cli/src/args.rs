@@ -566,6 +566,13 @@ pub enum ServiceCmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Replace every replica with a fresh one of the same release spec, by
+    /// the service's rollout policy (a rolling restart; secrets kept).
+    Restart {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// A service's current release and its rollout's progress.
     Status { name: String },
     /// Remove a service and all its containers.

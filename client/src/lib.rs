@@ -223,6 +223,13 @@ impl AdminClient {
         self.post(&format!("/v1/services/{name}/rollback"), req).await
     }
 
+    /// A rolling restart: a new release of the same spec.
+    pub async fn restart_service(&self, name: &str, force: bool) -> Result<ServiceInfo> {
+        let force = if force { "?force=true" } else { "" };
+        self.post(&format!("/v1/services/{name}/restart{force}"), &serde_json::json!({}))
+            .await
+    }
+
     pub async fn list_services(&self) -> Result<Vec<ServiceInfo>> {
         self.get("/v1/services").await
     }

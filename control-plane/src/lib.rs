@@ -7,6 +7,7 @@ pub mod alloc;
 pub mod api;
 pub mod auth;
 pub mod builds;
+pub mod dashboard;
 pub mod desired;
 pub mod error;
 pub mod events;

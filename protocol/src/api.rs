@@ -262,6 +262,9 @@ pub struct NodeInfo {
     /// The node's CPU and memory, as it last reported them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<NodeUsage>,
+    /// The agent version `berth nodes upgrade` asked this node to run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_version: Option<String>,
 }
 
 /// A node's CPU and memory, measured by its agent between two heartbeats.
@@ -300,6 +303,10 @@ pub struct CreatedToken {
     pub expires_at: i64,
     /// A ready-to-paste `berth-agent --url ... --token ...` line.
     pub agent_command: String,
+    /// A ready-to-paste `curl ... setup.sh | sudo bash -s -- --token ...`
+    /// line that installs and joins a fresh server.
+    #[serde(default)]
+    pub setup_command: String,
 }
 
 /// Where a join token is in its life.

@@ -37,6 +37,10 @@ pub async fn run(api: &AdminClient, cmd: ServiceCmd) -> anyhow::Result<i32> {
             let info = api.rollback_service(&name, &req).await?;
             return started(api, &info, wait).await;
         }
+        ServiceCmd::Restart { name, wait } => {
+            let info = api.restart_service(&name, wait.force).await?;
+            return started(api, &info, wait).await;
+        }
         ServiceCmd::Link {
             name,
             git,

@@ -84,6 +84,7 @@ pub fn router(state: SharedState) -> Router {
 fn public() -> Router<SharedState> {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .merge(crate::dashboard::routes())
         .route("/v1/ca.pem", get(ca_pem))
         .route("/v1/register", post(agent::register))
         .merge(releases::routes())

@@ -39,6 +39,7 @@ async fn list_nodes(State(s): State<SharedState>) -> ApiResult<Json<Vec<NodeInfo
         .iter()
         .map(|n| NodeInfo {
             usage: usage.get(&n.id).copied(),
+            target_version: n.target_version.clone(),
             node_id: n.id.clone(),
             name: n.name.clone(),
             role: n.role,

@@ -26,6 +26,7 @@ pub fn routes() -> AdminRoutes {
         ("/v1/services/{name}/scale", post(scale_service)),
         ("/v1/services/{name}/releases", get(list_releases)),
         ("/v1/services/{name}/rollback", post(rollback_service)),
+        ("/v1/services/{name}/restart", post(restart_service)),
     ]
 }
 
@@ -359,4 +360,25 @@ async fn remove_service(State(s): State<SharedState>, Path(name): Path<String>) 
         removed: name,
         revision: rev as u64,
     }))
+}
+
+/// A new release of the same spec: every replica is replaced by the
+/// service's rollout policy (a rolling restart), secrets kept.
+async fn restart_service(
+    State(s): State<SharedState>,
+    Path(name): Path<String>,
+    q: Result<Query<DeployQuery>, QueryRejection>,
+) -> ApiResult<Json<ServiceInfo>> {
+    let q = super::query(q)?;
+    let row = s
+        .store
+        .get_service(&name)
+        .await?
+        .ok_or_else(|| no_such_service(&name))?;
+    let origin = Origin {
+        created_by: "admin".into(),
+        reason: Some("restart".into()),
+        force: q.force,
+    };
+    release(&s, &row.spec, SecretsUpdate::Keep, origin).await
 }

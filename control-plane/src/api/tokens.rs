@@ -40,7 +40,14 @@ async fn create_token(
         "berth-agent --url {} --token {}{proxy} --data-dir /var/lib/berth",
         s.advertise_url, t.token
     );
+    // With a self-made CA (the default), curl needs it: `ca.pem` is
+    // `GET /v1/ca.pem`, as the README's join steps fetch it.
+    let setup_command = format!(
+        "curl -sSL --cacert ca.pem {}/setup.sh | sudo bash -s -- --token {}{proxy}",
+        s.advertise_url, t.token
+    );
     Ok(Json(CreatedToken {
+        setup_command,
         id: t.id,
         token: t.token,
         role: t.role,
