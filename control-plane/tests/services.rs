@@ -419,4 +419,29 @@ async fn rollouts_history_and_rollback(db: &Db) {
     let info = show_service(&cp, "web").await;
     assert_eq!(info.current_release, Some(8));
     assert!(info.replicas.iter().all(|r| r.release == 8), "{:?}", info.replicas);
+
+    // A restart is release 9 of the same spec: every replica is replaced.
+    let before: Vec<String> = info.replicas.iter().map(|r| r.replica.clone()).collect();
+    let r = Reply::from(cp.admin(Method::POST, "/v1/services/web/restart").send().await.unwrap()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let info = settle(&cp, &nodes, "web", 9, &|_| true, 2).await;
+    assert_eq!(info.current_release, Some(9));
+    assert!(
+        info.replicas
+            .iter()
+            .all(|r| r.release == 9 && !before.contains(&r.replica)),
+        "{:?}",
+        info.replicas
+    );
+    let h = releases_of(&cp, "web").await;
+    assert_eq!(h[0].reason.as_deref(), Some("restart"));
+    assert_eq!(h[0].spec, h[1].spec, "the same spec");
+    let r = Reply::from(
+        cp.admin(Method::POST, "/v1/services/nope/restart")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    r.coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("name"));
 }

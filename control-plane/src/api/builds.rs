@@ -951,6 +951,7 @@ async fn release(s: &SharedState, b: &BuildRow) -> Result<(), String> {
         created_by: format!("build {}", b.id),
         reason: None,
         force: b.request.force,
+        restart: false,
     };
     let number = services::make_release(s, &spec, secrets, origin)
         .await

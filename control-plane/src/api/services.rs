@@ -232,6 +232,7 @@ async fn deploy_service(
         created_by: "admin".into(),
         reason: None,
         force: q.force,
+        restart: false,
     };
     release(&s, &spec, secrets, origin).await
 }
@@ -272,6 +273,7 @@ async fn scale_service(
         created_by: "admin".into(),
         reason: None,
         force: false,
+        restart: false,
     };
     release(&s, &spec, SecretsUpdate::Keep, origin).await
 }
@@ -336,6 +338,7 @@ async fn rollback_service(
         created_by: "admin".into(),
         reason: Some(format!("rollback to {}", to.number)),
         force: req.force,
+        restart: false,
     };
     release(&s, &spec, secrets, origin).await
 }
@@ -379,6 +382,7 @@ async fn restart_service(
         created_by: "admin".into(),
         reason: Some("restart".into()),
         force: q.force,
+        restart: true,
     };
     release(&s, &row.spec, SecretsUpdate::Keep, origin).await
 }

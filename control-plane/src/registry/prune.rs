@@ -283,6 +283,7 @@ mod tests {
             rolling_back: false,
             floor: 0,
             steps: vec![],
+            restart: false,
         }
     }
 

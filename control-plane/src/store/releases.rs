@@ -32,10 +32,12 @@ pub struct ReleaseRow {
     pub rolling_back: bool,
     pub floor: u32,
     pub steps: Vec<RolloutStep>,
+    /// Replace every replica even though the spec is the one running.
+    pub restart: bool,
 }
 
 const RELEASE_COLUMNS: &str = "service, number, spec_json, secrets_sealed, image_digest, created_at, created_by, \
-     state, reason, finished_at, rollout, from_release, rolling_back, floor, steps_json";
+     state, reason, finished_at, rollout, from_release, rolling_back, floor, steps_json, restart";
 
 impl ReleaseRow {
     fn from_row(r: &AnyRow) -> ReleaseRow {
@@ -58,6 +60,7 @@ impl ReleaseRow {
                 .get::<Option<String>, _>("steps_json")
                 .and_then(|j| serde_json::from_str(&j).ok())
                 .unwrap_or_default(),
+            restart: r.get::<i64, _>("restart") != 0,
         }
     }
 
@@ -117,6 +120,8 @@ pub struct Origin {
     pub reason: Option<String>,
     /// Replace a rollout in progress instead of queueing behind it.
     pub force: bool,
+    /// Replace every replica, even with the spec unchanged.
+    pub restart: bool,
 }
 
 async fn release_in(tx: &mut Transaction<'_, Any>, service: &str, number: u64) -> sqlx::Result<Option<ReleaseRow>> {
@@ -276,8 +281,8 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO releases (service, number, spec_json, secrets_sealed, created_at, created_by, state, reason) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7)",
+            "INSERT INTO releases (service, number, spec_json, secrets_sealed, created_at, created_by, state, reason, restart) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8)",
         )
         .bind(&spec.name)
         .bind(number as i64)
@@ -286,6 +291,7 @@ impl Store {
         .bind(now)
         .bind(&origin.created_by)
         .bind(&origin.reason)
+        .bind(i64::from(origin.restart))
         .execute(&mut *tx)
         .await?;
         let what = match &origin.reason {
@@ -675,11 +681,12 @@ async fn begin_release(
         .filter(|r| r.service == service)
         .collect();
     let active: Vec<&ReplicaRow> = replicas.iter().filter(|r| r.phase == Phase::Active).collect();
-    let same_containers = cur.as_ref().is_some_and(|c| {
-        !c.spec.needs_new_containers(&rel.spec)
-            && c.secrets_sealed == rel.secrets_sealed
-            && active.iter().all(|r| r.release == c.number || r.release == number)
-    });
+    let same_containers = !rel.restart
+        && cur.as_ref().is_some_and(|c| {
+            !c.spec.needs_new_containers(&rel.spec)
+                && c.secrets_sealed == rel.secrets_sealed
+                && active.iter().all(|r| r.release == c.number || r.release == number)
+        });
     let pinned_elsewhere = |r: &ReplicaRow| {
         !rel.spec.nodes.is_empty()
             && !nodes
