@@ -329,22 +329,7 @@ pub enum TcpCmd {
     Remove { listen: u16 },
 }
 
-/// Parses durations like `90s`, `15m`, `24h`, `7d` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30m, 24h or 7d"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too long"))
-}
+pub use berth_protocol::time::parse_duration;
 
 pub fn key_value(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
