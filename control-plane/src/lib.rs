@@ -15,6 +15,7 @@ pub mod placement;
 pub mod registry;
 pub mod rollout;
 pub mod server;
+pub mod sessions;
 pub mod state;
 pub mod store;
 pub mod streams;
@@ -46,6 +47,8 @@ pub struct ServeConfig {
     pub events: events::EventsConfig,
     /// A token `GET /metrics` takes besides the admin token.
     pub metrics_token: Option<String>,
+    /// Dashboard sessions (`--session-ttl`).
+    pub sessions: sessions::SessionConfig,
 }
 
 /// A started control plane: its state and the address it listens on.
@@ -113,6 +116,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
             builds: builds::Builds::new(&cfg.data_dir, cfg.builds.clone())?,
             streams: streams::Streams::new(cfg.streams.clone()),
             metrics_token_hash: cfg.metrics_token.as_deref().map(auth::hash_admin_token),
+            sessions: cfg.sessions.clone(),
         },
     )
     .await?;
@@ -223,12 +227,17 @@ fn secrets_key(path: &std::path::Path) -> anyhow::Result<x25519_dalek::StaticSec
     ))
 }
 
+/// Drops spent nonces and expired dashboard sessions (an expired session
+/// is refused on lookup anyway; this keeps the tables small).
 async fn prune_nonces(store: store::Store) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
     loop {
         tick.tick().await;
         if let Err(e) = store.prune_nonces(store::now()).await {
             tracing::warn!(error = %e, "pruning nonces failed");
+        }
+        if let Err(e) = store.prune_sessions(store::now()).await {
+            tracing::warn!(error = %e, "pruning expired sessions failed");
         }
     }
 }

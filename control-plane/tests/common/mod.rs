@@ -458,6 +458,7 @@ impl Cp {
             streams: Default::default(),
             events,
             metrics_token: Some("metrics-token".into()),
+            sessions: Default::default(),
         })
         .await
         .unwrap();
