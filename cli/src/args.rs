@@ -80,6 +80,31 @@ pub enum Command {
     /// What happened, in order: deploys, rollout steps, releases, health
     /// changes, restarts, nodes, certificates, builds, execs, upgrades.
     Events(EventsArgs),
+    /// Dashboard users: who may sign in to the web dashboard with a password
+    /// (the admin token signs in too). See docs/dashboard.md.
+    #[command(subcommand)]
+    Users(UsersCmd),
+}
+
+#[derive(Subcommand)]
+pub enum UsersCmd {
+    /// Add a user. Asks for the password twice on the terminal (not shown),
+    /// or reads it once from stdin with --password-stdin. At least 10 characters.
+    Add {
+        /// The user's name: lowercase letters, digits and '-' (not "admin").
+        name: String,
+        /// Read the password from stdin (one line; a trailing newline is dropped).
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Every user and when it was added (never the passwords).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a user; every session it is signed in with ends at once.
+    Remove { name: String },
 }
 
 #[derive(Args)]
