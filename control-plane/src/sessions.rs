@@ -34,7 +34,7 @@ impl Default for SessionConfig {
 /// The sign-in state the control plane keeps in memory.
 pub struct Sessions {
     pub config: SessionConfig,
-    pub limiter: std::sync::Mutex<Limiter>,
+    limiter: std::sync::Mutex<Limiter>,
     /// A hash of no one's password: verified against when the user is
     /// unknown or a token was given, so every sign-in costs one Argon2 run.
     dummy_hash: tokio::sync::OnceCell<String>,
@@ -47,6 +47,11 @@ impl Sessions {
             limiter: Default::default(),
             dummy_hash: Default::default(),
         }
+    }
+
+    /// The limiter, even after a panic elsewhere held its lock.
+    pub fn limiter(&self) -> std::sync::MutexGuard<'_, Limiter> {
+        self.limiter.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub async fn dummy_hash(&self) -> &str {
@@ -87,6 +92,33 @@ impl Limiter {
             return None;
         }
         (q.len() >= MAX_FAILURES).then(|| q[q.len() - MAX_FAILURES] + WINDOW)
+    }
+
+    /// Counts a sign-in against every key before its outcome is known, so
+    /// parallel attempts cannot all pass the check; or, when a key is
+    /// already refused, when the last of them may try again.
+    pub fn attempt(&mut self, keys: &[Key], now: Instant) -> Result<(), Instant> {
+        if let Some(until) = keys.iter().filter_map(|k| self.refused_until(k, now)).max() {
+            return Err(until);
+        }
+        for k in keys {
+            self.failed(k.clone(), now);
+        }
+        Ok(())
+    }
+
+    /// Takes back what [`Limiter::attempt`] counted at `at`: it succeeded.
+    pub fn succeeded(&mut self, keys: &[Key], at: Instant) {
+        for k in keys {
+            if let Some(q) = self.failures.get_mut(k) {
+                if let Some(i) = q.iter().rposition(|t| *t == at) {
+                    q.remove(i);
+                }
+                if q.is_empty() {
+                    self.failures.remove(k);
+                }
+            }
+        }
     }
 
     pub fn failed(&mut self, key: Key, now: Instant) {
@@ -216,6 +248,28 @@ mod tests {
         // All gone after a quiet window.
         assert_eq!(l.refused_until(&ip, t0 + WINDOW * 3), None);
         assert!(l.failures.is_empty());
+    }
+
+    #[test]
+    fn attempts_count_until_they_succeed_so_parallel_ones_cannot_all_pass() {
+        let mut l = Limiter::default();
+        let t0 = Instant::now();
+        let keys = [Key::Ip("192.0.2.1".parse().unwrap()), Key::User("alice".into())];
+        // Five in flight at once: a sixth is refused before any has failed.
+        for i in 0..MAX_FAILURES as u64 {
+            assert_eq!(l.attempt(&keys, t0 + Duration::from_millis(i)), Ok(()));
+        }
+        assert_eq!(l.attempt(&keys, t0 + Duration::from_secs(1)), Err(t0 + WINDOW));
+        // One of them succeeds: it no longer counts, for either key.
+        l.succeeded(&keys, t0 + Duration::from_millis(2));
+        assert_eq!(l.attempt(&keys[1..], t0 + Duration::from_secs(2)), Ok(()));
+        assert!(l.attempt(&keys[..1], t0 + Duration::from_secs(2)).is_ok());
+        assert!(l.attempt(&keys[..1], t0 + Duration::from_secs(3)).is_err());
+        // A success takes back only its own attempt.
+        let other = [Key::User("bob".into())];
+        assert_eq!(l.attempt(&other, t0), Ok(()));
+        l.succeeded(&other, t0);
+        assert!(!l.failures.contains_key(&other[0]));
     }
 
     #[test]

@@ -19,6 +19,7 @@ on_both_stores!(
     expired_sessions_are_refused_and_deleted,
     user_names_and_passwords_are_checked,
     a_cookie_websocket_must_come_from_this_control_planes_origin,
+    parallel_failures_cannot_outrun_the_limit,
 );
 
 const PASSWORD: &str = "correct horse battery";
@@ -435,4 +436,19 @@ async fn a_cookie_websocket_must_come_from_this_control_planes_origin(db: &Db) {
     let bearer = ("authorization", format!("Bearer {}", cp.admin_token));
     let (status, body) = ws(&cp, path, &[bearer]).await.unwrap_err();
     assert_eq!(status, 404, "{body}");
+}
+
+async fn parallel_failures_cannot_outrun_the_limit(db: &Db) {
+    let cp = Cp::start(db).await;
+    add_user(&cp, "alice").await;
+    // Eight at once: each is counted before its password is checked, so
+    // only five get as far as a check.
+    let tries = (0..8).map(|_| sign_in(&cp, serde_json::json!({"user": "alice", "password": "guess guess"})));
+    let mut statuses: Vec<u16> = futures_util::future::join_all(tries)
+        .await
+        .iter()
+        .map(|s| s.reply.status.as_u16())
+        .collect();
+    statuses.sort();
+    assert_eq!(statuses, [401, 401, 401, 401, 401, 429, 429, 429]);
 }

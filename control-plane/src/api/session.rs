@@ -86,11 +86,9 @@ async fn login(
             keys.push(Key::User(user.clone()));
         }
     }
-    let refused_until = {
-        let mut limiter = s.sessions.limiter.lock().unwrap_or_else(|e| e.into_inner());
-        keys.iter().filter_map(|k| limiter.refused_until(k, start)).max()
-    };
-    if let Some(until) = refused_until {
+    // Counted as a failure until it succeeds (see Limiter::attempt).
+    let attempt = s.sessions.limiter().attempt(&keys, start);
+    if let Err(until) = attempt {
         let secs = until.saturating_duration_since(start).as_secs().max(1);
         let at = berth_protocol::time::Utc::from_secs(now() + secs as i64).rfc3339();
         let err = ApiErr::new(
@@ -121,16 +119,11 @@ async fn login(
         }
     };
     let Some(user) = user else {
-        {
-            let mut limiter = s.sessions.limiter.lock().unwrap_or_else(|e| e.into_inner());
-            for k in keys {
-                limiter.failed(k, start);
-            }
-        }
         tokio::time::sleep(FAILURE_PADDING.saturating_sub(start.elapsed())).await;
         return Err(invalid_credentials());
     };
 
+    s.sessions.limiter().succeeded(&keys, start);
     let ttl = s.sessions.config.ttl;
     let (secret, id) = sessions::new_secret();
     let created_at = now();
