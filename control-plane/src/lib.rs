@@ -124,6 +124,11 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
         tokio::spawn(state::follow_other_replicas(state.clone(), cfg.database.clone()));
     }
     tokio::spawn(prune_nonces(store.clone()));
+    // Made now, so the first failed sign-in takes no longer than the others.
+    let warm = state.clone();
+    tokio::spawn(async move {
+        warm.sessions.dummy_hash().await;
+    });
     events::spawn(state.clone(), cfg.events.clone());
     tokio::spawn(rollout::drive(state.clone()));
     tokio::spawn(api::builds::sweep(state.clone()));
