@@ -80,6 +80,31 @@ pub enum Command {
     /// What happened, in order: deploys, rollout steps, releases, health
     /// changes, restarts, nodes, certificates, builds, execs, upgrades.
     Events(EventsArgs),
+    /// Dashboard users: who may sign in to the web dashboard with a password
+    /// (the admin token signs in too). See docs/dashboard.md.
+    #[command(subcommand)]
+    Users(UsersCmd),
+}
+
+#[derive(Subcommand)]
+pub enum UsersCmd {
+    /// Add a user. Asks for the password twice on the terminal (not shown),
+    /// or reads it once from stdin with --password-stdin. At least 10 characters.
+    Add {
+        /// The user's name: lowercase letters, digits and '-' (not "admin").
+        name: String,
+        /// Read the password from stdin (one line; a trailing newline is dropped).
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Every user and when it was added (never the passwords).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a user; every session it is signed in with ends at once.
+    Remove { name: String },
 }
 
 #[derive(Args)]
@@ -329,22 +354,7 @@ pub enum TcpCmd {
     Remove { listen: u16 },
 }
 
-/// Parses durations like `90s`, `15m`, `24h`, `7d` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30m, 24h or 7d"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too long"))
-}
+pub use berth_protocol::time::parse_duration;
 
 pub fn key_value(s: &str) -> Result<(String, String), String> {
     s.split_once('=')

@@ -10,6 +10,7 @@ use berth_protocol::build::{BuildInfo, BuildRequest, GitLink, GitLinkInfo};
 use berth_protocol::release::{ReleaseInfo, RollbackRequest};
 use berth_protocol::routes::{DomainInfo, DomainSpec, TcpRouteSpec};
 use berth_protocol::service::{ScaleRequest, ServiceInfo, ServiceSpec};
+use berth_protocol::user::{CreateUserRequest, UserInfo, UserRemoved};
 use berth_protocol::{
     ApiError, CreateTokenRequest, CreatedToken, ErrorCode, NodeInfo, Removed, Revision, TokenInfo, TokenRevoked,
     UpgradeRequest, UpgradeStarted,
@@ -174,6 +175,25 @@ impl AdminClient {
 
     pub async fn revoke_token(&self, id: &str) -> Result<()> {
         self.delete::<TokenRevoked>(&format!("/v1/tokens/{id}")).await.map(drop)
+    }
+
+    // --- dashboard users ---
+
+    pub async fn add_user(&self, name: &str, password: &str) -> Result<UserInfo> {
+        let body = CreateUserRequest {
+            name: name.to_string(),
+            password: password.to_string(),
+        };
+        self.post("/v1/users", &body).await
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<UserInfo>> {
+        self.get("/v1/users").await
+    }
+
+    /// Removes a user; its sessions end at once.
+    pub async fn remove_user(&self, name: &str) -> Result<UserRemoved> {
+        self.delete(&format!("/v1/users/{name}")).await
     }
 
     // --- nodes ---

@@ -1,16 +1,19 @@
-//! Authentication: admin bearer token for the CLI (checked once for the
-//! whole admin router by [`admin_only`]), Ed25519 request signatures for
-//! agents ([`require_node`], in each node handler: the signature covers the
-//! body).
+//! Authentication: admin bearer token for the CLI or a dashboard session
+//! cookie (checked once for the whole admin router by [`admin_only`]),
+//! Ed25519 request signatures for agents ([`require_node`], in each node
+//! handler: the signature covers the body).
 
 use crate::error::{ApiErr, ApiResult};
+use crate::sessions;
 use crate::state::{AppState, SharedState};
-use crate::store::{nodes::NodeRow, now};
+use crate::store::{nodes::NodeRow, now, users::SessionRow};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::Response;
 use berth_protocol::signing::{self, SignedHeaders, HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
+use berth_protocol::user::CSRF_HEADER;
+use berth_protocol::ErrorCode;
 use sha2::{Digest, Sha256};
 
 pub fn hash_admin_token(token: &str) -> String {
@@ -20,12 +23,7 @@ pub fn hash_admin_token(token: &str) -> String {
 /// Whether `given` is the admin token.
 pub fn is_admin_token(state: &AppState, given: &str) -> bool {
     // Compare digests so the comparison time says nothing about the token.
-    let a = hash_admin_token(given);
-    a.len() == state.admin_token_hash.len()
-        && a.bytes()
-            .zip(state.admin_token_hash.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    sessions::same(&hash_admin_token(given), &state.admin_token_hash)
 }
 
 /// Checks `Authorization: Bearer <admin token>`.
@@ -46,12 +44,78 @@ fn require_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
 }
 
 /// Middleware of every admin route (see [`crate::api::router`]): lets a
-/// request through only with the admin token. It wraps the routes'
+/// request through only with the admin token or, without an
+/// `Authorization` header, a valid session cookie (then with the CSRF and
+/// WebSocket origin checks a browser needs). It wraps the routes'
 /// handlers only, so unknown paths still get their 404 and wrong methods
 /// their 405.
 pub async fn admin_only(State(s): State<SharedState>, req: Request, next: Next) -> ApiResult<Response> {
-    require_admin(&s, req.headers())?;
+    let headers = req.headers();
+    if headers.contains_key("authorization") || sessions::cookie(headers).is_none() {
+        require_admin(&s, headers)?;
+    } else {
+        let session = session_of(&s, headers).await?;
+        check_csrf(req.method(), headers, &session)?;
+        check_websocket_origin(headers, req.uri())?;
+    }
     Ok(next.run(req).await)
+}
+
+/// The live session the request's `berth_session` cookie opens (401 on `cookie` if none).
+pub async fn session_of(state: &AppState, headers: &HeaderMap) -> ApiResult<SessionRow> {
+    let secret =
+        sessions::cookie(headers).ok_or_else(|| ApiErr::unauthorized("cookie", "cookie: no berth_session cookie"))?;
+    state
+        .store
+        .session(&sessions::session_id(secret), now())
+        .await?
+        .ok_or_else(|| ApiErr::unauthorized("cookie", "cookie: the session has ended or expired; sign in again"))
+}
+
+/// A cookie-authenticated request that may change something must carry the
+/// session's CSRF token: another site can make the browser send the
+/// cookie, but cannot read the token.
+pub fn check_csrf(method: &Method, headers: &HeaderMap, session: &SessionRow) -> ApiResult<()> {
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return Ok(());
+    }
+    let given = headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if sessions::same(given, &session.csrf) {
+        return Ok(());
+    }
+    Err(ApiErr::new(
+        StatusCode::FORBIDDEN,
+        ErrorCode::CsrfRequired,
+        format!("{CSRF_HEADER}: missing or not this session's token (see GET /v1/session)"),
+    )
+    .on(CSRF_HEADER))
+}
+
+/// A WebSocket upgrade (a GET, so no CSRF token) authenticated by the cookie
+/// must come from a page of this control plane: browsers send the cookie
+/// with another site's WebSocket too, but tell its Origin.
+fn check_websocket_origin(headers: &HeaderMap, uri: &Uri) -> ApiResult<()> {
+    let upgrade = headers
+        .get("upgrade")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !upgrade {
+        return Ok(());
+    }
+    let host = headers
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()));
+    let origin = headers.get("origin").and_then(|v| v.to_str().ok());
+    match (origin, host) {
+        (Some(o), Some(h)) if sessions::same_origin(o, h) => Ok(()),
+        _ => Err(ApiErr::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::CrossOrigin,
+            "origin: a WebSocket signed in by cookie must come from this control plane's own pages",
+        )
+        .on("origin")),
+    }
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> ApiResult<&'a str> {

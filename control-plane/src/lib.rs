@@ -16,6 +16,7 @@ pub mod placement;
 pub mod registry;
 pub mod rollout;
 pub mod server;
+pub mod sessions;
 pub mod state;
 pub mod store;
 pub mod streams;
@@ -47,6 +48,8 @@ pub struct ServeConfig {
     pub events: events::EventsConfig,
     /// A token `GET /metrics` takes besides the admin token.
     pub metrics_token: Option<String>,
+    /// Dashboard sessions (`--session-ttl`).
+    pub sessions: sessions::SessionConfig,
 }
 
 /// A started control plane: its state and the address it listens on.
@@ -114,6 +117,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
             builds: builds::Builds::new(&cfg.data_dir, cfg.builds.clone())?,
             streams: streams::Streams::new(cfg.streams.clone()),
             metrics_token_hash: cfg.metrics_token.as_deref().map(auth::hash_admin_token),
+            sessions: cfg.sessions.clone(),
         },
     )
     .await?;
@@ -121,6 +125,11 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
         tokio::spawn(state::follow_other_replicas(state.clone(), cfg.database.clone()));
     }
     tokio::spawn(prune_nonces(store.clone()));
+    // Made now, so the first failed sign-in takes no longer than the others.
+    let warm = state.clone();
+    tokio::spawn(async move {
+        warm.sessions.dummy_hash().await;
+    });
     events::spawn(state.clone(), cfg.events.clone());
     tokio::spawn(rollout::drive(state.clone()));
     tokio::spawn(api::builds::sweep(state.clone()));
@@ -224,12 +233,17 @@ fn secrets_key(path: &std::path::Path) -> anyhow::Result<x25519_dalek::StaticSec
     ))
 }
 
+/// Drops spent nonces and expired dashboard sessions (an expired session
+/// is refused on lookup anyway; this keeps the tables small).
 async fn prune_nonces(store: store::Store) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
     loop {
         tick.tick().await;
         if let Err(e) = store.prune_nonces(store::now()).await {
             tracing::warn!(error = %e, "pruning nonces failed");
+        }
+        if let Err(e) = store.prune_sessions(store::now()).await {
+            tracing::warn!(error = %e, "pruning expired sessions failed");
         }
     }
 }

@@ -137,12 +137,25 @@ struct Serve {
     /// The webhook's HMAC key (the file's bytes, trailing newline dropped).
     #[arg(long, value_name = "FILE")]
     events_webhook_secret_file: Option<PathBuf>,
+    /// How long a dashboard sign-in (`POST /v1/session`) lasts: 30m, 12h,
+    /// 7d (1 minute to 30 days). The browser drops the cookie then too.
+    #[arg(long, default_value = "12h", value_parser = session_ttl)]
+    session_ttl: u64,
     /// Run no fleet registry.
     #[arg(long, conflicts_with_all = ["registry_listen", "registry_bin", "registry_storage_config"])]
     no_registry: bool,
     /// Log format: text or json.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+}
+
+/// `--session-ttl`: a duration from one minute to 30 days.
+fn session_ttl(s: &str) -> Result<u64, String> {
+    let secs = berth_protocol::time::parse_duration(s)?;
+    if !(60..=30 * 86_400).contains(&secs) {
+        return Err(format!("{s:?} is outside 1m..30d"));
+    }
+    Ok(secs)
 }
 
 /// The registry to run, if any: off with --no-registry, and off (with a
@@ -269,6 +282,9 @@ async fn main() {
             webhook_secret,
         },
         metrics_token,
+        sessions: berth_control_plane::sessions::SessionConfig {
+            ttl: std::time::Duration::from_secs(s.session_ttl),
+        },
     };
     let started = match start(cfg).await {
         Ok(s) => s,

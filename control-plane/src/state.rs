@@ -39,6 +39,8 @@ pub struct AppState {
     pub usage: std::sync::Mutex<UsageBoard>,
     /// SHA-256 (hex) of the token `/metrics` also takes, if one is set.
     pub metrics_token_hash: Option<String>,
+    /// Dashboard sign-in: session settings and failed-attempt counts.
+    pub sessions: crate::sessions::Sessions,
     revision: watch::Sender<i64>,
     fleet_view: Mutex<Arc<FleetView>>,
 }
@@ -80,6 +82,7 @@ pub struct StateParts {
     pub builds: crate::builds::Builds,
     pub streams: Arc<crate::streams::Streams>,
     pub metrics_token_hash: Option<String>,
+    pub sessions: crate::sessions::SessionConfig,
 }
 
 impl AppState {
@@ -97,6 +100,7 @@ impl AppState {
             builds,
             streams,
             metrics_token_hash,
+            sessions,
         } = parts;
         let rev = store.revision().await?;
         let (tx, _) = watch::channel(rev);
@@ -119,6 +123,7 @@ impl AppState {
             metrics: Default::default(),
             usage: Default::default(),
             metrics_token_hash,
+            sessions: crate::sessions::Sessions::new(sessions),
             revision: tx,
             fleet_view: Mutex::new(Arc::new(FleetView {
                 revision: -1,

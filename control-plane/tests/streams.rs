@@ -14,44 +14,8 @@ use common::*;
 use ed25519_dalek::SigningKey;
 use futures_util::{SinkExt, StreamExt};
 use reqwest::{Method, StatusCode};
-use std::sync::Arc;
 use std::time::Duration;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
-
-/// Opens a WebSocket to `path` with `headers`; the HTTP status on refusal.
-async fn ws(cp: &Cp, path: &str, headers: &[(&'static str, String)]) -> Result<Ws, (u16, String)> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&cp.started.ca_file).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let addr = cp.started.addr;
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from(addr.ip().to_string()).unwrap(), tcp)
-        .await
-        .unwrap();
-    let mut req = format!("wss://{addr}{path}").into_client_request().unwrap();
-    for (k, v) in headers {
-        req.headers_mut().insert(*k, HeaderValue::from_str(v).unwrap());
-    }
-    match tokio_tungstenite::client_async(req, tls).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err((
-            resp.status().as_u16(),
-            String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned(),
-        )),
-        Err(e) => panic!("{path}: {e}"),
-    }
-}
+use tokio_tungstenite::tungstenite::Message;
 
 /// The headers `node_id` signs a GET of `path` with, using `key`.
 fn signed(node_id: &str, key: &SigningKey, path: &str) -> Vec<(&'static str, String)> {

@@ -48,7 +48,8 @@ pub enum ErrorCode {
     /// 401: no or a wrong admin token (`authorization`); a node request
     /// whose signature is missing, malformed, stale, replayed or from an
     /// unknown node (`x-berth-*`); a join token that is malformed, unknown
-    /// or from another control plane (`token`).
+    /// or from another control plane (`token`); a session cookie that is
+    /// unknown, ended or expired (`cookie`).
     Unauthorized,
     /// 401 when registering with it, 409 when revoking it: the join token
     /// was already used.
@@ -96,6 +97,21 @@ pub enum ErrorCode {
     /// 504: the replica's node is offline, or did not open the stream it
     /// was asked for in time (`node`).
     NodeUnreachable,
+    /// 409: a dashboard user of that name already exists (`name`).
+    UserExists,
+    /// 401: a sign-in (`POST /v1/session`) with a wrong password, an
+    /// unknown user or a wrong admin token; one message for all three
+    /// (`credentials`).
+    InvalidCredentials,
+    /// 429: too many failed sign-ins from this address or for this user
+    /// lately; the message says when to try again (`credentials`).
+    TooManyAttempts,
+    /// 403: a request authenticated by the session cookie that changes
+    /// something came without the session's `x-csrf-token`.
+    CsrfRequired,
+    /// 403: a WebSocket authenticated by the session cookie whose `Origin`
+    /// is not this control plane's own `Host` (`origin`).
+    CrossOrigin,
     /// Never sent: what a client reads for a code newer than itself, or for
     /// an error body without one.
     #[default]
@@ -126,6 +142,11 @@ impl ErrorCode {
             ErrorCode::NoBuilder => "no_builder",
             ErrorCode::TooManyStreams => "too_many_streams",
             ErrorCode::NodeUnreachable => "node_unreachable",
+            ErrorCode::UserExists => "user_exists",
+            ErrorCode::InvalidCredentials => "invalid_credentials",
+            ErrorCode::TooManyAttempts => "too_many_attempts",
+            ErrorCode::CsrfRequired => "csrf_required",
+            ErrorCode::CrossOrigin => "cross_origin",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -217,6 +238,11 @@ mod tests {
             NoBuilder,
             TooManyStreams,
             NodeUnreachable,
+            UserExists,
+            InvalidCredentials,
+            TooManyAttempts,
+            CsrfRequired,
+            CrossOrigin,
             Unknown,
         ] {
             assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());

@@ -18,6 +18,7 @@ pub mod signing;
 pub mod stream;
 pub mod time;
 pub mod token;
+pub mod user;
 
 pub use api::*;
 pub use error::{ApiError, ErrorCode, FieldError};

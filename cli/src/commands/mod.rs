@@ -11,6 +11,7 @@ mod release;
 mod rollout;
 mod service;
 mod token;
+mod users;
 
 pub use service::parse_service_file;
 
@@ -40,6 +41,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Logs(l) => logs::logs(&api()?, l).await?,
         Command::Exec(e) => return logs::exec(&api()?, e).await,
         Command::Events(e) => events::run(&api()?, e).await?,
+        Command::Users(u) => users::run(&api()?, u).await?,
     }
     Ok(0)
 }

@@ -1,8 +1,9 @@
 //! HTTP routes, grouped by who may call them: anyone (`public()` here,
 //! [`releases`], and registration in [`agent`]), a registered node signing
 //! its requests (the rest of [`agent`]), or the admin ([`tokens`],
-//! [`nodes`], [`services`], [`routes`], all behind one [`admin_only`]
-//! check). Inputs are validated here, at the edge; the store only sees
+//! [`nodes`], [`services`], [`routes`], [`users`], all behind one
+//! [`admin_only`] check: the admin token or a dashboard session cookie,
+//! which [`session`] hands out). Inputs are validated here, at the edge; the store only sees
 //! well-formed values.
 
 pub mod agent;
@@ -14,8 +15,10 @@ pub mod registry;
 pub mod releases;
 pub mod routes;
 pub mod services;
+pub mod session;
 pub mod streams;
 pub mod tokens;
+pub mod users;
 
 use crate::auth::admin_only;
 use crate::error::{ApiErr, ApiResult};
@@ -23,7 +26,7 @@ use crate::state::SharedState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::middleware::from_fn_with_state;
+use axum::middleware::{from_fn_with_state, map_response};
 use axum::response::IntoResponse;
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
@@ -60,6 +63,7 @@ pub fn router(state: SharedState) -> Router {
         hooks::admin_routes(),
         streams::admin_routes(),
         events::routes(),
+        users::routes(),
     ]
     .into_iter()
     .flatten()
@@ -76,7 +80,18 @@ pub fn router(state: SharedState) -> Router {
         .fallback(|| async { ApiErr::not_found("path", "path: no such API endpoint") })
         .layer(from_fn_with_state(state.clone(), crate::metrics::count))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(map_response(security_headers))
         .with_state(state)
+}
+
+/// On every response: no content sniffing (a JSON error is never run as
+/// a script) and no Referer leaving the dashboard with its URLs.
+async fn security_headers(mut resp: axum::response::Response) -> axum::response::Response {
+    use axum::http::header::{HeaderValue, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS};
+    let h = resp.headers_mut();
+    h.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    resp
 }
 
 /// What anyone may fetch or send: health, the CA, registration (it proves
@@ -90,6 +105,7 @@ fn public() -> Router<SharedState> {
         .merge(releases::routes())
         .merge(registry::routes())
         .merge(hooks::routes())
+        .merge(session::routes())
 }
 
 async fn ca_pem(State(s): State<SharedState>) -> impl IntoResponse {

@@ -9,6 +9,7 @@ pub mod routes;
 pub mod services;
 pub mod tokens;
 pub mod upgrades;
+pub mod users;
 
 use anyhow::Context;
 use sqlx::any::AnyPoolOptions;
