@@ -389,8 +389,16 @@ async fn logs_and_exec_reach_every_replica() {
     let agent = node.agent_pid.unwrap();
     let before = rss_kib(agent);
     let mut stalled = StalledReader::open(&lab, "/v1/services/flood/logs?follow=true").await;
-    tokio::time::sleep(Duration::from_secs(25)).await;
+    // Read nothing until the control plane cuts the stream: its buffers
+    // (socket, channel) fill first, at the flood's pace, which a loaded
+    // machine slows; then the send stalls for --stream-stall-secs.
+    let stall_start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(20)).await;
     let during = rss_kib(agent);
+    while streams_open(&lab)[0] > 0 && stall_start.elapsed() < Duration::from_secs(180) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    eprintln!("stalled reader: cut after {:?}", stall_start.elapsed());
     let (bytes, ended) = stalled.drain(Duration::from_secs(30)).await;
     eprintln!("stalled reader: {bytes} bytes held until the cut; agent RSS {before} KiB before, {during} KiB during");
     assert!(ended, "the stalled stream was not cut ({bytes} bytes read)");
