@@ -27,6 +27,7 @@ async fn the_dashboard_works_in_a_real_browser() {
     let ticker = ServiceSpec {
         name: "ticker".into(),
         image: lab.test_image(),
+        replicas: 1,
         command: Some("i=0; while true; do i=$((i+1)); echo tick-$i; sleep 1; done".into()),
         ..Default::default()
     };
