@@ -561,7 +561,9 @@ function launchPage() {
         throw Object.assign(e, { field: "domain" });
       }
     }
-    watchLaunch(spec.name, info.current_release, domain, status, abort.signal);
+    // Write-only: the values leave the page once sent.
+    form.querySelector('[name="secrets"]').value = "";
+    watchLaunch(spec.name, info.rollout?.release ?? info.current_release, domain, status, abort.signal);
   });
   const root = h("div", {}, h("h1", {}, "Launch a service"), h("section", { class: "card" }, form), status);
   return { root, refresh: () => {}, stop: () => abort.abort() };

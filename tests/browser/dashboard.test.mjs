@@ -134,6 +134,8 @@ test("the launch form deploys a service and follows it until it serves", async (
   await page.fill("#launch-secrets", "API_KEY=s3cret");
   await page.click("#launch-form button[type=submit]");
   await page.waitForSelector('#launch-verdict[data-state="serving"]', { timeout: 120_000 });
+  assert.equal(await page.inputValue("#launch-secrets"), "", "the secret's value left the page once sent");
+  assert.match(await page.locator("#launch-status h2").textContent(), /release 1$/);
   await shot("06-launched-serving");
   // Secrets are write-only: the service page names them, never their values.
   await page.goto(`${URL}/#/services/launched`);
