@@ -10,6 +10,7 @@ use std::fmt;
 /// `error` is for people and may change; `code` and `field` are for
 /// programs and do not.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApiError {
     /// What went wrong, in a sentence that starts with the field it is
     /// about (`"ttl_secs: 5 is outside ..."`) when there is one.
@@ -38,6 +39,7 @@ impl std::error::Error for ApiError {}
 /// Why an API call failed, stable across releases (new codes may be added).
 /// Each is sent with one HTTP status, except where two are listed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// 400: a value is malformed, of the wrong type or out of range, or the

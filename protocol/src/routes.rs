@@ -9,6 +9,7 @@ use std::fmt;
 
 /// A public domain routed to a service (`berth domain add`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DomainSpec {
     /// Fully qualified host name, lowercase, e.g. `app.example.com`.
@@ -24,6 +25,7 @@ pub struct DomainSpec {
 
 /// A TCP port on every proxy forwarded to a service (`berth route tcp add`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TcpRouteSpec {
     pub listen: u16,
@@ -93,6 +95,7 @@ impl TcpRouteSpec {
 
 /// Where a domain's certificate is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum CertState {
     /// None yet (or the last one expired); an order is due or running.
@@ -124,6 +127,7 @@ impl fmt::Display for CertState {
 
 /// A domain as the API lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DomainInfo {
     pub spec: DomainSpec,
     pub cert_state: CertState,
