@@ -9,6 +9,7 @@
 #[macro_use]
 mod common;
 
+use berth_protocol::ErrorCode;
 use common::*;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
@@ -110,7 +111,9 @@ async fn openapi_document_matches_the_router(db: &Db) {
         let url = format!("{}{}", cp.url, fill(path));
         for m in METHODS {
             let method = Method::from_bytes(m.to_uppercase().as_bytes()).unwrap();
-            let r = Reply::from(cp.http.request(method, &url).send().await.unwrap()).await;
+            let resp = cp.http.request(method, &url).send().await.unwrap();
+            let allow = resp.headers().get("allow").map(|v| v.to_str().unwrap().to_string());
+            let r = Reply::from(resp).await;
             if item.get(m).is_some() {
                 assert_ne!(
                     r.status,
@@ -138,6 +141,15 @@ async fn openapi_document_matches_the_router(db: &Db) {
                     "{m} {path} is served but not documented: {}",
                     r.body
                 );
+                r.coded(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    ErrorCode::MethodNotAllowed,
+                    Some("method"),
+                );
+                let allow = allow.unwrap_or_else(|| panic!("{m} {path}: 405 without Allow"));
+                for other in METHODS.iter().filter(|o| item.get(**o).is_some()) {
+                    assert!(allow.contains(&other.to_uppercase()), "{m} {path}: Allow {allow:?}");
+                }
             }
         }
     }

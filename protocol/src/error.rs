@@ -98,6 +98,9 @@ pub enum ErrorCode {
     /// 504: the replica's node is offline, or did not open the stream it
     /// was asked for in time (`node`).
     NodeUnreachable,
+    /// 405: the path exists but not with this method; the `Allow` header
+    /// lists the methods it takes (`method`).
+    MethodNotAllowed,
     /// Never sent: what a client reads for a code newer than itself, or for
     /// an error body without one.
     #[default]
@@ -128,6 +131,7 @@ impl ErrorCode {
             ErrorCode::NoBuilder => "no_builder",
             ErrorCode::TooManyStreams => "too_many_streams",
             ErrorCode::NodeUnreachable => "node_unreachable",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Unknown => "unknown",
         }
     }

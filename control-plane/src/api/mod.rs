@@ -83,11 +83,24 @@ pub fn router(state: SharedState) -> Router {
         .split_for_parts();
     let doc = openapi::Document::new(&openapi::finish(doc));
     router
+        // Both after every route: they apply to the routes there are.
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(|| async { ApiErr::not_found("path", "path: no such API endpoint") })
         .layer(Extension(doc))
         .layer(from_fn_with_state(state.clone(), crate::metrics::count))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// A known path with a method it does not take: an ApiError like every
+/// other refusal (axum's own is an empty body); axum adds `Allow`.
+async fn method_not_allowed(method: axum::http::Method) -> ApiErr {
+    ApiErr::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        berth_protocol::ErrorCode::MethodNotAllowed,
+        format!("method: {method} is not allowed on this path (see the Allow header)"),
+    )
+    .on("method")
 }
 
 /// What anyone may fetch or send: health, the CA, this API's document,

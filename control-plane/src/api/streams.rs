@@ -140,7 +140,8 @@ fn parse_since(v: &str, now: i64) -> ApiResult<i64> {
     if let Ok(t) = v.parse::<i64>() {
         return if t >= 0 { Ok(t) } else { Err(bad()) };
     }
-    let (num, unit) = v.split_at(v.len().saturating_sub(1));
+    // The unit is the last character, which may be more than one byte.
+    let (num, unit) = v.split_at(v.char_indices().last().map_or(0, |(i, _)| i));
     let n: i64 = num.parse().map_err(|_| bad())?;
     let secs = match unit {
         "s" => 1,
@@ -575,7 +576,7 @@ mod tests {
         assert_eq!(parse_since("2h", now).unwrap(), now - 7200);
         assert_eq!(parse_since("1d", now).unwrap(), now - 86400);
         assert_eq!(parse_since("1700000000", now).unwrap(), 1_700_000_000);
-        for bad in ["", "m", "10x", "-5m", "-1", "ten"] {
+        for bad in ["", "m", "10x", "-5m", "-1", "ten", "1\u{80}", "\u{ea}"] {
             let e = parse_since(bad, now).unwrap_err();
             assert_eq!(e.field.as_deref(), Some("since"), "{bad}");
         }
