@@ -28,6 +28,9 @@ have busybox || need+=(busybox)      # test servers (httpd)
 have docker-registry || need+=(docker-registry)  # the fleet registry the control plane runs
 have prometheus || need+=(prometheus)  # the metrics test scrapes every part of a lab
 have script || need+=(bsdutils)  # the exec test drives a terminal through script(1)
+have python3 || need+=(python3)
+# The API fuzz test installs schemathesis into a venv in the clone (scripts/schemathesis.sh).
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 
 if [ "${#need[@]}" -gt 0 ]; then
     echo "installing: ${need[*]}" >&2
