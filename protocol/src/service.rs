@@ -25,12 +25,17 @@ pub struct Volume {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
+    /// A DNS label: the service is found as NAME.internal.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
     pub name: String,
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 255))]
     pub image: String,
     #[serde(default = "one")]
+    #[cfg_attr(feature = "openapi", schema(maximum = 100))] // MAX_REPLICAS
     pub replicas: u32,
     /// The port the service listens on inside its containers.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub port: Option<u16>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -373,6 +378,7 @@ pub struct ServiceInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScaleRequest {
+    #[cfg_attr(feature = "openapi", schema(maximum = 100))] // MAX_REPLICAS
     pub replicas: u32,
 }
 
