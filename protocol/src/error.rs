@@ -24,6 +24,7 @@ pub struct ApiError {
     /// when it is about none in particular.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// More about the failure, as any JSON value, when there is more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<serde_json::Value>,
 }

@@ -37,6 +37,8 @@ async fn schemathesis_finds_no_server_error_and_every_4xx_names_its_field() {
     let out = Command::new("timeout")
         .arg("600")
         .arg(&bin)
+        .arg("--config-file")
+        .arg(root.join("tests/openapi/schemathesis.toml"))
         .args(["run", &format!("{}/v1/openapi.json", cfg.url)])
         .arg("--tls-verify")
         .arg(&cfg.ca_file)
