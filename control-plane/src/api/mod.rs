@@ -3,7 +3,9 @@
 //! its requests (the rest of [`agent`]), or the admin ([`tokens`],
 //! [`nodes`], [`services`], [`routes`], all behind one [`admin_only`]
 //! check). Inputs are validated here, at the edge; the store only sees
-//! well-formed values.
+//! well-formed values. Every route is registered with utoipa-axum's
+//! `routes!`, from its handler's `#[utoipa::path]`, and so is in the
+//! OpenAPI document served at `/v1/openapi.json` ([`openapi`]).
 
 pub mod agent;
 pub mod builds;
@@ -53,8 +55,8 @@ pub type AdminRoutes = Vec<UtoipaMethodRouter<SharedState>>;
 
 pub fn router(state: SharedState) -> Router {
     // The admin check wraps each admin route's handlers (the method
-    // router's route_layer), not the route: an unknown path stays a 404 and a wrong method a 405 for
-    // everyone, as they are for the other routes.
+    // router's route_layer), not the route: an unknown path stays a 404
+    // and a wrong method a 405 for everyone, as for the other routes.
     let admin_only = from_fn_with_state(state.clone(), admin_only);
     let admin = [
         tokens::routes(),
