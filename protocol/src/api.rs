@@ -313,7 +313,8 @@ pub struct PeerStatusNamed {
 pub struct CreateTokenRequest {
     #[serde(default)]
     pub proxy: bool,
-    /// Lifetime in seconds.
+    /// Lifetime in seconds, from a minute to 30 days.
+    #[cfg_attr(feature = "openapi", schema(minimum = 60, maximum = 2592000))]
     pub ttl_secs: u64,
 }
 

@@ -13,9 +13,18 @@ use std::fmt;
 #[serde(deny_unknown_fields)]
 pub struct DomainSpec {
     /// Fully qualified host name, lowercase, e.g. `app.example.com`.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            pattern = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+            max_length = 253
+        )
+    )]
     pub domain: String,
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
     pub service: String,
     /// The service's port inside its containers.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub port: u16,
     /// Pass TLS through by SNI to the service (it terminates TLS itself);
     /// no certificate is ordered.
@@ -28,8 +37,12 @@ pub struct DomainSpec {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TcpRouteSpec {
+    /// Not 80 or 443 (the proxy's own).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub listen: u16,
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
     pub service: String,
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub port: u16,
 }
 

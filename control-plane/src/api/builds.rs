@@ -416,6 +416,22 @@ fn too_large(limit: u64) -> ApiErr {
     request_body(content = Vec<u8>, content_type = "application/x-tar", description = "The build context, a tar archive (gzip allowed)"),
     responses((status = 200, description = "Uploaded; the build is queued", body = BuildInfo)))]
 async fn upload(State(s): State<SharedState>, Path(id): Path<u64>, headers: HeaderMap, body: Body) -> Response {
+    // A small body is read whole first, so that the client has sent it all
+    // when a refusal comes: closing on unread bytes resets the connection,
+    // and the client would see that instead of the answer. A large one
+    // streams, and a refusal cuts it off.
+    let small = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|n| n <= super::MAX_BODY);
+    let body = if small {
+        match axum::body::to_bytes(body, super::MAX_BODY).await {
+            Ok(b) => Body::from(b),
+            Err(e) => return ApiErr::invalid("body", format!("body: the upload broke off: {e}")).into_response(),
+        }
+    } else {
+        body
+    };
     match receive(&s, id, &headers, body).await {
         Ok(info) => info.into_response(),
         Err(e) => {
