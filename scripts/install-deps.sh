@@ -30,6 +30,9 @@ have prometheus || need+=(prometheus)  # the metrics test scrapes every part of 
 have script || need+=(bsdutils)  # the exec test drives a terminal through script(1)
 have chromium || need+=(chromium)    # the dashboard's browser tests (headless)
 have npm || need+=(npm)              # playwright-core for them (tests/browser)
+have python3 || need+=(python3)
+# The API fuzz test installs schemathesis into a venv in the clone (scripts/schemathesis.sh).
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 
 if [ "${#need[@]}" -gt 0 ]; then
     echo "installing: ${need[*]}" >&2

@@ -105,6 +105,8 @@ fn authorized(s: &SharedState, headers: &HeaderMap) -> bool {
 }
 
 /// `GET /metrics`, with the metrics token or the admin token.
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "public", security(("admin" = [])),
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn serve(State(s): State<SharedState>, headers: HeaderMap) -> ApiResult<Response> {
     if !authorized(&s, &headers) {
         return Err(ApiErr::unauthorized(

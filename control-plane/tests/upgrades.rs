@@ -134,7 +134,7 @@ async fn installer_and_release_files_are_served(db: &Db) {
     };
     // No release yet: the scripts still come, and say so when run.
     let r = get("/releases/latest").await;
-    r.error(StatusCode::NOT_FOUND, "no release published");
+    r.error(StatusCode::NOT_FOUND, "release: no release published");
 
     publish(&cp, "1.1.0");
     let setup = get("/setup.sh").await;

@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 /// Role of a node in the fleet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Worker,
@@ -33,6 +34,7 @@ impl Role {
 
 /// Sent once by a new agent, authenticated by a join token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterRequest {
     /// The full join token as printed by `berth token create`.
     pub token: String,
@@ -51,6 +53,7 @@ pub struct RegisterRequest {
     /// Address peers on other networks reach it at. When absent the control
     /// plane uses the source address it saw the registration come from.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub public_ip: Option<IpAddr>,
     /// Whether the agent was started with `--proxy`; must match the token.
     #[serde(default)]
@@ -62,10 +65,12 @@ pub struct RegisterRequest {
 
 /// The answer to a registration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterResponse {
     pub node_id: String,
     pub name: String,
     pub role: Role,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub mesh_ip: Ipv4Addr,
     /// The whole mesh pool, so the agent can route it through the tunnel.
     pub mesh_cidr: String,
@@ -75,23 +80,28 @@ pub struct RegisterResponse {
 
 /// One other node as seen by a node's WireGuard interface.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Peer {
     pub node_id: String,
     pub name: String,
     pub wg_public_key: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub mesh_ip: Ipv4Addr,
     pub subnet: String,
     /// Where to send this peer's packets; chosen per pair of nodes
     /// (private address on a shared network, else public).
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub endpoint: Option<SocketAddr>,
 }
 
 /// The node a desired-state document is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeSelf {
     pub node_id: String,
     pub name: String,
     pub role: Role,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub mesh_ip: Ipv4Addr,
     pub mesh_cidr: String,
     pub subnet: String,
@@ -104,6 +114,7 @@ pub struct NodeSelf {
 /// Everything a node should be running, at one revision. The agent caches it
 /// and brings the data plane up from the cache before talking to the control plane.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DesiredState {
     pub revision: u64,
     pub node: NodeSelf,
@@ -130,6 +141,7 @@ pub struct DesiredState {
 /// Where the fleet registry is and how this node logs in to it. The
 /// registry serves a certificate of the control plane's CA.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegistryAccess {
     /// `HOST:PORT`, the prefix of image references stored there.
     pub host: String,
@@ -139,6 +151,7 @@ pub struct RegistryAccess {
 
 /// `GET /v1/registry`: where the fleet registry is (admin).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegistryInfo {
     /// `HOST:PORT`: push to and pull from `HOST:PORT/NAME:TAG`.
     pub host: String,
@@ -146,6 +159,7 @@ pub struct RegistryInfo {
 
 /// `GET /v1/images[?service=S]`: one tag in the fleet registry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ImageInfo {
     pub repository: String,
     pub tag: String,
@@ -162,6 +176,7 @@ pub struct ImageInfo {
 /// `POST /v1/images/prune[?keep=N]`: what retention deleted, and the
 /// garbage collection's summary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PruneReport {
     /// Releases kept per service.
     pub keep: usize,
@@ -173,6 +188,7 @@ pub struct PruneReport {
 
 /// A manifest deleted by retention, with the tags that named it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PrunedImage {
     pub repository: String,
     pub digest: String,
@@ -181,6 +197,7 @@ pub struct PrunedImage {
 
 /// A release of a service, by number.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ReleaseRef {
     pub service: String,
     pub number: u64,
@@ -188,6 +205,7 @@ pub struct ReleaseRef {
 
 /// A service name and its replicas, as DNS answers them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DnsService {
     pub name: String,
     pub replicas: Vec<crate::service::DnsReplica>,
@@ -195,6 +213,7 @@ pub struct DnsService {
 
 /// Handshake state of one WireGuard peer, as the agent sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PeerStatus {
     pub wg_public_key: String,
     /// Seconds since the last handshake; `None` when there was none.
@@ -205,6 +224,8 @@ pub struct PeerStatus {
 
 /// Query of the desired-state long-poll, `GET /v1/agent/desired?after=N&wait=S`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
 pub struct DesiredQuery {
     /// Answer once the node's revision is past this (default 0: at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -216,6 +237,7 @@ pub struct DesiredQuery {
 
 /// Heartbeat and apply report, posted by the agent.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StatusReport {
     /// Revision of the last desired state applied completely.
     pub applied_revision: u64,
@@ -245,10 +267,12 @@ pub struct StatusReport {
 
 /// A node as listed by `berth nodes list`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeInfo {
     pub node_id: String,
     pub name: String,
     pub role: Role,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub mesh_ip: Ipv4Addr,
     pub subnet: String,
     pub online: bool,
@@ -269,6 +293,7 @@ pub struct NodeInfo {
 
 /// A node's CPU and memory, measured by its agent between two heartbeats.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeUsage {
     /// CPU in use over all cores, in thousandths of a core.
     pub cpu_millicores: u32,
@@ -279,6 +304,7 @@ pub struct NodeUsage {
 
 /// A peer of a listed node, by name.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PeerStatusNamed {
     pub name: String,
     pub handshake_age_secs: Option<u64>,
@@ -286,15 +312,18 @@ pub struct PeerStatusNamed {
 
 /// `POST /v1/tokens`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateTokenRequest {
     #[serde(default)]
     pub proxy: bool,
-    /// Lifetime in seconds.
+    /// Lifetime in seconds, from a minute to 30 days.
+    #[cfg_attr(feature = "openapi", schema(minimum = 60, maximum = 2592000))]
     pub ttl_secs: u64,
 }
 
 /// The answer to `POST /v1/tokens`: the token, shown this once.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreatedToken {
     pub id: String,
     /// The full join token, `berth1.<id>.<secret>.<ca-hash>`.
@@ -311,6 +340,7 @@ pub struct CreatedToken {
 
 /// Where a join token is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum TokenState {
     /// Unused and unexpired: a node may register with it.
@@ -339,6 +369,7 @@ impl fmt::Display for TokenState {
 
 /// A token as `GET /v1/tokens` lists it (never its secret).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenInfo {
     pub id: String,
     pub role: Role,
@@ -350,6 +381,7 @@ pub struct TokenInfo {
 
 /// The answer to `DELETE /v1/tokens/{id}`: `{"revoked": id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenRevoked {
     pub revoked: String,
 }
@@ -358,6 +390,7 @@ pub struct TokenRevoked {
 /// service or domain name (`Removed`), or the TCP route's port (`Removed<u16>`),
 /// and the revision the removal made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Removed<T = String> {
     pub removed: T,
     pub revision: u64,
@@ -366,6 +399,7 @@ pub struct Removed<T = String> {
 /// `{"revision": N}`: the answer to `GET /v1/revision` (the cluster's
 /// revision) and to a status report (the reporting node's revision).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Revision {
     pub revision: u64,
 }
@@ -373,6 +407,7 @@ pub struct Revision {
 /// `POST /v1/nodes/upgrade`: move the fleet to `version`, `canary` first
 /// (default: the first node by name).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct UpgradeRequest {
     pub version: String,
@@ -382,6 +417,7 @@ pub struct UpgradeRequest {
 
 /// The answer to `POST /v1/nodes/upgrade`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UpgradeStarted {
     pub version: String,
     /// The node asked first.

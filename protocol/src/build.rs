@@ -18,6 +18,7 @@ pub const MAX_TIMEOUT_SECS: u32 = 24 * 3600;
 
 /// `POST /v1/builds`: what to build and how to deploy it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BuildRequest {
     /// The service as deployed once the image is built; its `image` is left
@@ -79,6 +80,7 @@ pub fn is_commit_id(s: &str) -> bool {
 
 /// A git repository to build from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GitSource {
     /// `https://`, `http://`, `git://`, `ssh://` or `file://` URL.
@@ -257,6 +259,7 @@ impl GitSource {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum BuildState {
     /// Made; its context is not uploaded yet.
@@ -303,6 +306,7 @@ impl BuildState {
 
 /// A build as `berth build list|show` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BuildInfo {
     pub id: u64,
     pub service: String,
@@ -341,6 +345,8 @@ pub struct BuildInfo {
 /// `GET /v1/agent/builds/next`: who asks. A node started with `--no-builds`
 /// never asks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
 #[serde(deny_unknown_fields)]
 pub struct BuilderQuery {
     /// `amd64`, `arm64`, ... (Go's names, as image platforms use).
@@ -355,6 +361,7 @@ pub struct BuilderQuery {
 
 /// A build a builder node has claimed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BuildJob {
     pub id: u64,
     pub dockerfile: String,
@@ -383,6 +390,7 @@ pub struct BuildJob {
 /// `PUT /v1/services/NAME/link`: build and deploy the service on every
 /// push to `branch` of `url` (the push webhook, `POST /v1/hooks/github`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GitLink {
     pub url: String,
@@ -400,6 +408,7 @@ pub struct GitLink {
 
 /// A service's link as shown; `secret` only in the answer that made it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GitLinkInfo {
     pub service: String,
     pub link: GitLink,
@@ -415,6 +424,7 @@ pub struct GitLinkInfo {
 
 /// The webhook's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HookOutcome {
     /// `building`, `duplicate` (this delivery was acted on before),
     /// `ignored` (no linked service for the repository and branch) or
@@ -427,6 +437,7 @@ pub struct HookOutcome {
 
 /// `POST /v1/agent/builds/ID/log`'s answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BuildLogAck {
     /// The build was cancelled or timed out: stop it.
     pub stop: bool,
@@ -434,6 +445,7 @@ pub struct BuildLogAck {
 
 /// `POST /v1/agent/builds/ID/done`: how it ended on the builder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BuildDone {
     /// None: built and pushed as the job's tag.

@@ -10,6 +10,7 @@ use std::fmt;
 /// `error` is for people and may change; `code` and `field` are for
 /// programs and do not.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApiError {
     /// What went wrong, in a sentence that starts with the field it is
     /// about (`"ttl_secs: 5 is outside ..."`) when there is one.
@@ -23,6 +24,7 @@ pub struct ApiError {
     /// when it is about none in particular.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// More about the failure, as any JSON value, when there is more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<serde_json::Value>,
 }
@@ -38,6 +40,7 @@ impl std::error::Error for ApiError {}
 /// Why an API call failed, stable across releases (new codes may be added).
 /// Each is sent with one HTTP status, except where two are listed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// 400: a value is malformed, of the wrong type or out of range, or the
@@ -112,6 +115,9 @@ pub enum ErrorCode {
     /// 403: a WebSocket authenticated by the session cookie whose `Origin`
     /// is not this control plane's own `Host` (`origin`).
     CrossOrigin,
+    /// 405: the path exists but not with this method; the `Allow` header
+    /// lists the methods it takes (`method`).
+    MethodNotAllowed,
     /// Never sent: what a client reads for a code newer than itself, or for
     /// an error body without one.
     #[default]
@@ -147,6 +153,7 @@ impl ErrorCode {
             ErrorCode::TooManyAttempts => "too_many_attempts",
             ErrorCode::CsrfRequired => "csrf_required",
             ErrorCode::CrossOrigin => "cross_origin",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Unknown => "unknown",
         }
     }

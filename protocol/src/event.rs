@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// What an event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     /// A release was made: deploy, scale, rollback.
@@ -56,6 +57,7 @@ impl EventKind {
 
 /// One event. `id` orders the stream: ask for `after=ID` to go on from it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Event {
     pub id: i64,
     /// Unix milliseconds.

@@ -8,9 +8,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 /// One replica a route may send traffic to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UpstreamDesired {
     pub replica: String,
     pub node: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub ip: Ipv4Addr,
     pub port: u16,
     pub healthy: bool,
@@ -20,6 +22,7 @@ pub struct UpstreamDesired {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HttpRouteDesired {
     pub domain: String,
     pub service: String,
@@ -27,6 +30,7 @@ pub struct HttpRouteDesired {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PassthroughDesired {
     pub domain: String,
     pub service: String,
@@ -34,6 +38,7 @@ pub struct PassthroughDesired {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TcpRouteDesired {
     pub listen: u16,
     pub service: String,
@@ -43,6 +48,7 @@ pub struct TcpRouteDesired {
 /// A certificate for a domain: the chain in clear, the private key sealed
 /// to the proxy node's key ([`crate::seal`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CertDesired {
     pub domain: String,
     pub chain_pem: String,
@@ -52,6 +58,7 @@ pub struct CertDesired {
 /// An ACME HTTP-01 challenge: answer `GET /.well-known/acme-challenge/TOKEN`
 /// with `key_authorization`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Http01Challenge {
     pub token: String,
     pub key_authorization: String,
@@ -61,6 +68,7 @@ pub struct Http01Challenge {
 /// `acme-tls/1` using a self-signed certificate carrying the acmeIdentifier
 /// extension (SHA-256 of `key_authorization`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AlpnChallenge {
     pub domain: String,
     pub key_authorization: String,
@@ -68,6 +76,7 @@ pub struct AlpnChallenge {
 
 /// What a proxy node serves; part of its desired state (None on workers).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProxyDesired {
     #[serde(default)]
     pub http_routes: Vec<HttpRouteDesired>,
@@ -85,7 +94,9 @@ pub struct ProxyDesired {
 
 /// One upstream as berth-proxy sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Upstream {
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub addr: SocketAddr,
     /// On the proxy's own node: preferred.
     pub local: bool,
@@ -109,12 +120,14 @@ pub fn default_weight() -> u32 {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProxyRoute {
     pub domain: String,
     pub upstreams: Vec<Upstream>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProxyTcpRoute {
     pub listen: u16,
     pub upstreams: Vec<Upstream>,
@@ -123,6 +136,7 @@ pub struct ProxyTcpRoute {
 /// A certificate with its key in clear (the config file is 0600, owned by
 /// the proxy's user).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProxyCert {
     pub domain: String,
     pub chain_pem: String,
@@ -140,6 +154,7 @@ impl std::fmt::Debug for ProxyCert {
 /// The file the agent writes for `berth-proxy` (`--config`), replaced
 /// atomically (write + rename); the proxy reloads it when it changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProxyConfig {
     pub revision: u64,
     #[serde(default)]

@@ -10,6 +10,7 @@ use std::fmt;
 /// How a release replaces the replicas of the one before
 /// (`berth service deploy --max-surge ... --drain ...`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct RolloutPolicy {
     /// New replicas started beyond the wanted count at one time.
@@ -73,6 +74,7 @@ impl RolloutPolicy {
 
 /// Where a release is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum ReleaseState {
     /// Waiting for the rollout before it to end.
@@ -128,6 +130,7 @@ impl fmt::Display for ReleaseState {
 
 /// One release as `berth service history` lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ReleaseInfo {
     pub service: String,
     pub number: u64,
@@ -152,6 +155,7 @@ pub struct ReleaseInfo {
 
 /// Where one replacement of a rollout is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum StepStage {
     /// Not begun: waiting for an earlier batch.
@@ -197,6 +201,7 @@ impl fmt::Display for StepStage {
 /// One replacement: a new replica for an old one (either may be absent when
 /// the count changes).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RolloutStep {
     /// The slot (0-based) the two replicas share.
     pub slot: u32,
@@ -212,6 +217,7 @@ pub struct RolloutStep {
 
 /// A rollout as `berth service status` and `deploy` show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RolloutInfo {
     pub service: String,
     /// The release being rolled out.
@@ -231,6 +237,7 @@ pub struct RolloutInfo {
 
 /// `POST /v1/services/{name}/rollback`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RollbackRequest {
     /// The release whose spec to roll out again (default: the complete one
@@ -245,6 +252,8 @@ pub struct RollbackRequest {
 /// Query of `POST /v1/services`: `?force=true` replaces a rollout in
 /// progress instead of queueing behind it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
 pub struct DeployQuery {
     #[serde(default)]
     pub force: bool,

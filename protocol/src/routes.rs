@@ -9,12 +9,22 @@ use std::fmt;
 
 /// A public domain routed to a service (`berth domain add`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DomainSpec {
     /// Fully qualified host name, lowercase, e.g. `app.example.com`.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            pattern = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+            max_length = 253
+        )
+    )]
     pub domain: String,
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
     pub service: String,
     /// The service's port inside its containers.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub port: u16,
     /// Pass TLS through by SNI to the service (it terminates TLS itself);
     /// no certificate is ordered.
@@ -24,10 +34,15 @@ pub struct DomainSpec {
 
 /// A TCP port on every proxy forwarded to a service (`berth route tcp add`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TcpRouteSpec {
+    /// Not 80 or 443 (the proxy's own).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub listen: u16,
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
     pub service: String,
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub port: u16,
 }
 
@@ -93,6 +108,7 @@ impl TcpRouteSpec {
 
 /// Where a domain's certificate is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum CertState {
     /// None yet (or the last one expired); an order is due or running.
@@ -124,6 +140,7 @@ impl fmt::Display for CertState {
 
 /// A domain as the API lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DomainInfo {
     pub spec: DomainSpec,
     pub cert_state: CertState,

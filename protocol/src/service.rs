@@ -13,6 +13,7 @@ fn one() -> u32 {
 
 /// A named volume, kept under the node's data dir and mounted at `path`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Volume {
     pub name: String,
     pub path: String,
@@ -21,14 +22,20 @@ pub struct Volume {
 /// A service as the user describes it (`berth service deploy`, `berth apply -f`).
 /// `Default` is an empty spec (no name, no image, no replicas) to fill in.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
+    /// A DNS label: the service is found as NAME.internal.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
     pub name: String,
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 255))]
     pub image: String,
     #[serde(default = "one")]
+    #[cfg_attr(feature = "openapi", schema(maximum = 100))] // MAX_REPLICAS
     pub replicas: u32,
     /// The port the service listens on inside its containers.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub port: Option<u16>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -241,11 +248,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// One container a node should run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ContainerDesired {
     /// Replica name, `<service>-<ordinal>`; also the container name.
     pub replica: String,
     pub service: String,
     pub image: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub ip: Ipv4Addr,
     pub port: Option<u16>,
     pub env: BTreeMap<String, String>,
@@ -267,15 +276,18 @@ pub struct ContainerDesired {
 
 /// A replica as DNS should know it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DnsReplica {
     pub replica: String,
     pub node: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub ip: Ipv4Addr,
     pub healthy: bool,
 }
 
 /// What a node reports about one of its containers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ContainerStatus {
     pub replica: String,
     /// CPU in use, in thousandths of a core (1000: one core), from Podman's
@@ -314,6 +326,7 @@ pub struct ContainerStatus {
 
 /// A replica as `berth service show` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ReplicaInfo {
     pub replica: String,
     /// CPU (thousandths of a core) and memory its node last reported.
@@ -322,6 +335,7 @@ pub struct ReplicaInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
     pub node: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub ip: Ipv4Addr,
     /// What its node last reported ([`ContainerStatus::state`]): Podman's
     /// state (`running`, `exited`, `created`, ...; open-ended), `missing`,
@@ -346,6 +360,7 @@ pub struct ReplicaInfo {
 
 /// A service as the API returns it: never its secret values.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ServiceInfo {
     /// The spec of the newest release (which may still be rolling out).
     pub spec: ServiceSpec,
@@ -361,7 +376,9 @@ pub struct ServiceInfo {
 
 /// `POST /v1/services/{name}/scale`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScaleRequest {
+    #[cfg_attr(feature = "openapi", schema(maximum = 100))] // MAX_REPLICAS
     pub replicas: u32,
 }
 

@@ -14,12 +14,14 @@ pub const MAX_EXEC_CMD_BYTES: usize = 16 * 1024;
 
 /// The answer of `GET /v1/agent/streams/next` when work is waiting.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StreamJobs {
     pub jobs: Vec<StreamJob>,
 }
 
 /// Work for an agent: stream a replica's log or run a command in it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StreamJob {
     /// 32 hex characters, unguessable; the agent's WebSocket names it.
     pub id: String,
@@ -29,6 +31,7 @@ pub struct StreamJob {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum StreamKind {
     Logs(LogsRequest),
@@ -41,6 +44,7 @@ pub enum StreamKind {
 /// `since` (Unix seconds), then, with `follow`, what comes until the
 /// container stops or the admin leaves.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogsRequest {
     #[serde(default)]
     pub follow: bool,
@@ -53,6 +57,7 @@ pub struct LogsRequest {
 /// A command to run in a replica. With `tty` it gets a terminal of
 /// `rows`×`cols`; with `interactive` its stdin is the admin's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecRequest {
     pub cmd: Vec<String>,
     #[serde(default)]
@@ -69,6 +74,7 @@ pub struct ExecRequest {
 /// object per line (NDJSON). A line with `notice` instead of `line` says
 /// something about the stream (a replica joined or ended, a limit was hit).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogLine {
     pub replica: String,
     /// `stdout` or `stderr`; absent on a notice.
@@ -100,6 +106,7 @@ impl LogLine {
 /// stream (1 stdout, 2 stderr) and the rest its bytes; to the replica, the
 /// whole message is stdin.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ExecControl {
     /// The admin's terminal changed size.

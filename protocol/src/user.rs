@@ -20,6 +20,7 @@ pub const MAX_PASSWORD_BYTES: usize = 1024;
 
 /// `POST /v1/users`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateUserRequest {
     pub name: String,
@@ -28,6 +29,7 @@ pub struct CreateUserRequest {
 
 /// A user as `GET /v1/users` lists it (never its password hash).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UserInfo {
     pub name: String,
     /// Unix seconds.
@@ -36,6 +38,7 @@ pub struct UserInfo {
 
 /// `DELETE /v1/users/NAME`: the user is gone, and so are its sessions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UserRemoved {
     pub removed: String,
     pub sessions_ended: u64,
@@ -43,6 +46,7 @@ pub struct UserRemoved {
 
 /// `POST /v1/session`: `{"token": ADMIN_TOKEN}` or `{"user": NAME, "password": ...}`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -55,6 +59,7 @@ pub struct LoginRequest {
 
 /// A signed-in session, as `POST` and `GET /v1/session` return it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SessionInfo {
     /// The user's name, or `admin` for a sign-in with the admin token.
     pub user: String,

@@ -3,7 +3,7 @@
 //! long-poll and status reports. The signature covers the body, so each
 //! handler checks it ([`require_node`]) once it has the body.
 
-use super::{body, RemoteAddr, MAX_STATUS_BODY, MAX_WAIT_SECS};
+use super::{body, RemoteAddr, Routes, MAX_STATUS_BODY, MAX_WAIT_SECS};
 use crate::auth::{require_node, verify_self_signed};
 use crate::desired;
 use crate::error::{parse_json, ApiErr, ApiResult};
@@ -14,24 +14,24 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use berth_protocol::names::validate_dns_label;
 use berth_protocol::signing::validate_wg_key;
 use berth_protocol::token::JoinToken;
-use berth_protocol::{DesiredQuery, ErrorCode, RegisterRequest, RegisterResponse, Revision, StatusReport, TokenState};
+use berth_protocol::{
+    DesiredQuery, DesiredState, ErrorCode, RegisterRequest, RegisterResponse, Revision, StatusReport, TokenState,
+};
 use std::net::IpAddr;
 use std::time::Duration;
+use utoipa_axum::router::UtoipaMethodRouterExt;
+use utoipa_axum::routes;
 
 /// The node-signed routes.
-pub fn routes() -> Router<SharedState> {
-    Router::new()
-        .route("/v1/agent/desired", get(desired_state))
+pub fn routes() -> Routes {
+    Routes::default()
+        .routes(routes!(desired_state))
         // A report lists every peer (~130 bytes each): room for thousands.
-        .route(
-            "/v1/agent/status",
-            post(status).layer(DefaultBodyLimit::max(MAX_STATUS_BODY)),
-        )
+        .routes(routes!(status).layer(DefaultBodyLimit::max(MAX_STATUS_BODY)))
 }
 
 /// Validates a registration body; every error names its field.
@@ -75,6 +75,15 @@ fn register_error(e: RegisterError) -> ApiErr {
     }
 }
 
+/// Registers a new node with a join token. The request is signed (the
+/// `x-berth-*` headers) with the key it registers, proving possession.
+#[utoipa::path(post, path = "/v1/register", tag = "public", request_body = RegisterRequest,
+    params(
+        ("x-berth-timestamp" = String, Header, description = "Unix seconds"),
+        ("x-berth-nonce" = String, Header, description = "Random, single use"),
+        ("x-berth-signature" = String, Header, description = "Signature with `signing_key`'s private key (see the node signature scheme)"),
+    ),
+    responses((status = 200, description = "The node's identity and addresses", body = RegisterResponse)))]
 pub(super) async fn register(
     State(s): State<SharedState>,
     Extension(RemoteAddr(remote)): Extension<RemoteAddr>,
@@ -124,6 +133,11 @@ pub(super) async fn register(
 
 /// Long-poll: answers at once if the node's revision is past `after`,
 /// otherwise waits until it is (or `wait` seconds pass: 204).
+#[utoipa::path(get, path = "/v1/agent/desired", tag = "agent", params(DesiredQuery),
+    responses(
+        (status = 200, description = "The node's desired state", body = DesiredState),
+        (status = 204, description = "Still at `after` when `wait` ran out"),
+    ))]
 async fn desired_state(
     State(s): State<SharedState>,
     method: Method,
@@ -164,6 +178,8 @@ async fn desired_state(
 }
 
 /// Records a heartbeat; answers with the node's current revision.
+#[utoipa::path(post, path = "/v1/agent/status", tag = "agent", request_body = StatusReport,
+    responses((status = 200, description = "The node's current revision", body = Revision)))]
 async fn status(
     State(s): State<SharedState>,
     method: Method,

@@ -5,7 +5,7 @@
 //! long-polling `/v1/agent/builds/next`, fetches the context, posts its log
 //! and reports the result; a success is released by digest at once.
 
-use super::{body, services, AdminRoutes};
+use super::{body, services, AdminRoutes, Path, Routes};
 use crate::auth::require_node;
 use crate::builds::{any_ready, may_take};
 use crate::error::{parse_json, ApiErr, ApiResult};
@@ -17,11 +17,10 @@ use crate::store::releases::Origin;
 use crate::store::services::SecretsUpdate;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::Json;
 use berth_protocol::build::{
     is_commit_id, platform_arch, stays_inside, BuildDone, BuildInfo, BuildJob, BuildLogAck, BuildRequest, BuildState,
     BuilderQuery, DEFAULT_TIMEOUT_SECS, MAX_TIMEOUT_SECS,
@@ -31,27 +30,26 @@ use berth_protocol::{ErrorCode, RegistryAccess, Role};
 use futures_util::StreamExt;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use utoipa_axum::router::UtoipaMethodRouterExt;
+use utoipa_axum::routes;
 
 pub fn admin_routes() -> AdminRoutes {
     vec![
-        ("/v1/builds", post(create).get(list)),
-        ("/v1/builds/{id}", get(show)),
-        (
-            "/v1/builds/{id}/context",
-            put(upload).layer(DefaultBodyLimit::disable()),
-        ),
-        ("/v1/builds/{id}/logs", get(logs)),
-        ("/v1/builds/{id}/cancel", post(cancel)),
+        routes!(create, list),
+        routes!(show),
+        routes!(upload).layer(DefaultBodyLimit::disable()),
+        routes!(logs),
+        routes!(cancel),
     ]
 }
 
 /// The node-signed routes.
-pub fn agent_routes() -> Router<SharedState> {
-    Router::new()
-        .route("/v1/agent/builds/next", get(next))
-        .route("/v1/agent/builds/{id}/context", get(context))
-        .route("/v1/agent/builds/{id}/log", post(log))
-        .route("/v1/agent/builds/{id}/done", post(done))
+pub fn agent_routes() -> Routes {
+    Routes::default()
+        .routes(routes!(next))
+        .routes(routes!(context))
+        .routes(routes!(log))
+        .routes(routes!(done))
 }
 
 fn registry(s: &SharedState) -> ApiResult<std::sync::Arc<Registry>> {
@@ -181,6 +179,10 @@ fn validate(req: &BuildRequest, registry: &Registry) -> ApiResult<()> {
     Ok(())
 }
 
+/// Creates a build: from a git source (starts at once) or from a context
+/// to upload next (`PUT /v1/builds/{id}/context`).
+#[utoipa::path(post, path = "/v1/builds", tag = "builds", request_body = BuildRequest,
+    responses((status = 201, description = "Created", body = BuildInfo)))]
 async fn create(State(s): State<SharedState>, raw: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
     let req: BuildRequest = parse_json(&body(raw)?)?;
     if req.git.as_ref().is_some_and(|g| g.credential_sealed.is_some()) {
@@ -285,13 +287,16 @@ pub(super) async fn start(s: &SharedState, mut req: BuildRequest, created_by: &s
     build(s, id).await
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     service: Option<String>,
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/v1/builds", tag = "builds", params(ListQuery),
+    responses((status = 200, description = "Builds, newest first", body = Vec<BuildInfo>)))]
 async fn list(
     State(s): State<SharedState>,
     q: Result<Query<ListQuery>, QueryRejection>,
@@ -305,6 +310,9 @@ async fn list(
     Ok(Json(rows.iter().map(|r| info_of(&nodes, r)).collect()))
 }
 
+#[utoipa::path(get, path = "/v1/builds/{id}", operation_id = "show_build", tag = "builds",
+    params(("id" = u64, Path, description = "Build id")),
+    responses((status = 200, description = "The build", body = BuildInfo)))]
 async fn show(State(s): State<SharedState>, Path(id): Path<u64>) -> ApiResult<Json<BuildInfo>> {
     let row = build(&s, id).await?;
     Ok(Json(info(&s, &row).await?))
@@ -403,7 +411,27 @@ fn too_large(limit: u64) -> ApiErr {
 /// The context, streamed to `ID.tar.part` and renamed once whole. A
 /// refusal closes the connection: the rest of the body is never read, so
 /// the connection cannot carry another request.
+#[utoipa::path(put, path = "/v1/builds/{id}/context", tag = "builds",
+    params(("id" = u64, Path, description = "Build id")),
+    request_body(content = Vec<u8>, content_type = "application/x-tar", description = "The build context, a tar archive (gzip allowed)"),
+    responses((status = 200, description = "Uploaded; the build is queued", body = BuildInfo)))]
 async fn upload(State(s): State<SharedState>, Path(id): Path<u64>, headers: HeaderMap, body: Body) -> Response {
+    // A small body is read whole first, so that the client has sent it all
+    // when a refusal comes: closing on unread bytes resets the connection,
+    // and the client would see that instead of the answer. A large one
+    // streams, and a refusal cuts it off.
+    let small = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|n| n <= super::MAX_BODY);
+    let body = if small {
+        match axum::body::to_bytes(body, super::MAX_BODY).await {
+            Ok(b) => Body::from(b),
+            Err(e) => return ApiErr::invalid("body", format!("body: the upload broke off: {e}")).into_response(),
+        }
+    } else {
+        body
+    };
     match receive(&s, id, &headers, body).await {
         Ok(info) => info.into_response(),
         Err(e) => {
@@ -483,7 +511,8 @@ async fn receive(s: &SharedState, id: u64, headers: &HeaderMap, body: Body) -> A
     Ok(Json(info(&s, &row).await?))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct LogsQuery {
     #[serde(default)]
@@ -491,6 +520,9 @@ struct LogsQuery {
 }
 
 /// The log as text; with `follow`, kept open until the build ends.
+#[utoipa::path(get, path = "/v1/builds/{id}/logs", operation_id = "build_logs", tag = "builds",
+    params(("id" = u64, Path, description = "Build id"), LogsQuery),
+    responses((status = 200, description = "The log, streamed", content_type = "text/plain", body = String)))]
 async fn logs(
     State(s): State<SharedState>,
     Path(id): Path<u64>,
@@ -537,6 +569,9 @@ async fn logs(
         .into_response())
 }
 
+#[utoipa::path(post, path = "/v1/builds/{id}/cancel", tag = "builds",
+    params(("id" = u64, Path, description = "Build id")),
+    responses((status = 200, description = "The build, cancelled", body = BuildInfo)))]
 async fn cancel(State(s): State<SharedState>, Path(id): Path<u64>) -> ApiResult<Json<BuildInfo>> {
     let ending = s.builds.ending.lock().await;
     // One platform of a multi-platform build cancels the whole.
@@ -624,6 +659,11 @@ async fn owned(
 
 /// Long-poll for work: a build of this node's architecture it may take
 /// (see [`may_take`]), or 204 after `wait` seconds.
+#[utoipa::path(get, path = "/v1/agent/builds/next", operation_id = "next_build", tag = "agent", params(BuilderQuery),
+    responses(
+        (status = 200, description = "A build to run", body = BuildJob),
+        (status = 204, description = "None within `wait` seconds"),
+    ))]
 async fn next(
     State(s): State<SharedState>,
     method: Method,
@@ -722,6 +762,10 @@ async fn next(
     }
 }
 
+/// The context of a build this node claimed.
+#[utoipa::path(get, path = "/v1/agent/builds/{id}/context", tag = "agent",
+    params(("id" = u64, Path, description = "Build id")),
+    responses((status = 200, description = "The tar archive", content_type = "application/x-tar", body = Vec<u8>)))]
 async fn context(
     State(s): State<SharedState>,
     Path(id): Path<u64>,
@@ -743,6 +787,11 @@ async fn context(
         .into_response())
 }
 
+/// Appends to the log of a build this node claimed.
+#[utoipa::path(post, path = "/v1/agent/builds/{id}/log", tag = "agent",
+    params(("id" = u64, Path, description = "Build id")),
+    request_body(content = String, content_type = "text/plain", description = "Log output"),
+    responses((status = 200, description = "Whether to stop", body = BuildLogAck)))]
 async fn log(
     State(s): State<SharedState>,
     Path(id): Path<u64>,
@@ -770,6 +819,9 @@ async fn log(
 
 /// The builder's result. A success is pinned to the digest the registry
 /// has for the pushed tag and released at once.
+#[utoipa::path(post, path = "/v1/agent/builds/{id}/done", tag = "agent",
+    params(("id" = u64, Path, description = "Build id")), request_body = BuildDone,
+    responses((status = 200, description = "The build, ended", body = BuildInfo)))]
 async fn done(
     State(s): State<SharedState>,
     Path(id): Path<u64>,

@@ -8,10 +8,10 @@ use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::Response;
-use axum::routing::get;
 use berth_protocol::event::Event;
 use serde::Deserialize;
 use std::time::Duration;
+use utoipa_axum::routes;
 
 /// Most events one read takes from the store.
 const PAGE: u32 = 500;
@@ -19,10 +19,11 @@ const PAGE: u32 = 500;
 const FOLLOW_TICK: Duration = Duration::from_millis(500);
 
 pub fn routes() -> AdminRoutes {
-    vec![("/v1/events", get(events))]
+    vec![routes!(events)]
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
     /// Go on after this event's id.
@@ -44,6 +45,10 @@ fn ndjson(events: &[Event]) -> Bytes {
     Bytes::from(out)
 }
 
+/// The event stream: NDJSON, one `Event` per line; with `follow`, the
+/// response stays open and new events come as they happen.
+#[utoipa::path(get, path = "/v1/events", tag = "events", params(EventsQuery),
+    responses((status = 200, description = "Events, one JSON object per line", content_type = "application/x-ndjson", body = Event)))]
 async fn events(State(s): State<SharedState>, q: Result<Query<EventsQuery>, QueryRejection>) -> ApiResult<Response> {
     let q = super::query(q)?;
     if q.tail.is_some_and(|t| t > 10_000) {

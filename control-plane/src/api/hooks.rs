@@ -7,29 +7,29 @@
 //! every service linked to that repository and branch.
 
 use super::builds::start;
-use super::{body, AdminRoutes};
+use super::{body, AdminRoutes, Path, Routes};
 use crate::error::{parse_json, ApiErr, ApiResult};
 use crate::state::SharedState;
 use crate::store::links::LinkRow;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{post, put};
-use axum::{Json, Router};
+use axum::Json;
 use berth_protocol::build::{is_commit_id, stays_inside, BuildRequest, GitLink, GitLinkInfo, GitSource, HookOutcome};
 use berth_protocol::Removed;
+use utoipa_axum::routes;
 
 pub const HOOK_PATH: &str = "/v1/hooks/github";
 
 pub fn admin_routes() -> AdminRoutes {
-    vec![("/v1/services/{name}/link", put(link).get(show).delete(unlink))]
+    vec![routes!(link, show, unlink)]
 }
 
 /// The webhook: anyone may post; the signature proves the sender.
-pub fn routes() -> Router<SharedState> {
-    Router::new().route(HOOK_PATH, post(hook))
+pub fn routes() -> Routes {
+    Routes::default().routes(routes!(hook))
 }
 
 fn info(l: &LinkRow, secret: Option<String>) -> GitLinkInfo {
@@ -49,6 +49,11 @@ fn info(l: &LinkRow, secret: Option<String>) -> GitLinkInfo {
     }
 }
 
+/// Links a service to a repository's branch: a push builds and deploys
+/// it. The answer holds the webhook secret, shown this once.
+#[utoipa::path(put, path = "/v1/services/{name}/link", tag = "builds",
+    params(("name" = String, Path, description = "Service name")), request_body = GitLink,
+    responses((status = 200, description = "The link, with its webhook secret", body = GitLinkInfo)))]
 async fn link(
     State(s): State<SharedState>,
     Path(name): Path<String>,
@@ -106,11 +111,17 @@ fn no_link(name: &str) -> ApiErr {
     ApiErr::not_found("name", format!("name: service {name:?} is not linked to a repository"))
 }
 
+#[utoipa::path(get, path = "/v1/services/{name}/link", operation_id = "show_link", tag = "builds",
+    params(("name" = String, Path, description = "Service name")),
+    responses((status = 200, description = "The link (no secret)", body = GitLinkInfo)))]
 async fn show(State(s): State<SharedState>, Path(name): Path<String>) -> ApiResult<Json<GitLinkInfo>> {
     let l = s.store.get_link(&name).await?.ok_or_else(|| no_link(&name))?;
     Ok(Json(info(&l, None)))
 }
 
+#[utoipa::path(delete, path = "/v1/services/{name}/link", tag = "builds",
+    params(("name" = String, Path, description = "Service name")),
+    responses((status = 200, description = "Unlinked", body = Removed<String>)))]
 async fn unlink(State(s): State<SharedState>, Path(name): Path<String>) -> ApiResult<Json<Removed<String>>> {
     if !s.store.remove_link(&name).await? {
         return Err(no_link(&name));
@@ -171,6 +182,20 @@ fn outcome(status: StatusCode, what: &str, builds: Vec<u64>) -> Response {
         .into_response()
 }
 
+/// The push webhook of GitHub, Gitea and Forgejo. Anyone may post; the
+/// HMAC-SHA256 of the body with a link's secret (`X-Hub-Signature-256:
+/// sha256=HEX`, or `X-Gitea-Signature` / `X-Forgejo-Signature`: HEX)
+/// proves the sender.
+#[utoipa::path(post, path = "/v1/hooks/github", tag = "builds",
+    params(
+        ("x-hub-signature-256" = Option<String>, Header, description = "`sha256=HEX` (GitHub)"),
+        ("x-github-event" = Option<String>, Header, description = "`push` or `ping`"),
+    ),
+    request_body(content = serde_json::Value, description = "The forge's push event"),
+    responses(
+        (status = 200, description = "A ping answered, or a delivery already taken", body = HookOutcome),
+        (status = 202, description = "Builds started, or nothing to build (no link to that repository and branch)", body = HookOutcome),
+    ))]
 async fn hook(
     State(s): State<SharedState>,
     headers: HeaderMap,

@@ -1,31 +1,34 @@
 //! The fleet (admin): list nodes with their health, remove one, upgrade
 //! them all (a canary first), and read the cluster revision.
 
-use super::{body, AdminRoutes};
+use super::{body, AdminRoutes, Path};
 use crate::error::{parse_json, ApiErr, ApiResult};
 use crate::state::SharedState;
 use crate::store::now;
 use crate::store::upgrades::UpgradeError;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
 use axum::Json;
 use berth_protocol::event::EventKind;
 use berth_protocol::names::{valid_version, validate_dns_label};
 use berth_protocol::{ErrorCode, NodeInfo, PeerStatusNamed, Removed, Revision, UpgradeRequest, UpgradeStarted};
 use std::collections::HashMap;
+use utoipa_axum::routes;
 
 pub fn routes() -> AdminRoutes {
     vec![
-        ("/v1/nodes", get(list_nodes)),
-        ("/v1/nodes/upgrade", post(upgrade_nodes)),
-        ("/v1/nodes/{name}", delete(remove_node)),
-        ("/v1/revision", get(revision)),
+        routes!(list_nodes),
+        routes!(upgrade_nodes),
+        routes!(remove_node),
+        routes!(revision),
     ]
 }
 
+/// Every node with its health, revisions, peers and resource use.
+#[utoipa::path(get, path = "/v1/nodes", tag = "nodes",
+    responses((status = 200, description = "The nodes", body = Vec<NodeInfo>)))]
 async fn list_nodes(State(s): State<SharedState>) -> ApiResult<Json<Vec<NodeInfo>>> {
     let nodes = s.store.list_nodes().await?;
     let statuses = s.store.node_statuses().await?;
@@ -70,6 +73,11 @@ async fn list_nodes(State(s): State<SharedState>) -> ApiResult<Json<Vec<NodeInfo
     Ok(Json(list))
 }
 
+/// Removes a node from the fleet: its replicas are placed elsewhere and
+/// the other nodes drop it from their mesh.
+#[utoipa::path(delete, path = "/v1/nodes/{name}", tag = "nodes",
+    params(("name" = String, Path, description = "Node name")),
+    responses((status = 200, description = "Removed", body = Removed<String>)))]
 async fn remove_node(State(s): State<SharedState>, Path(name): Path<String>) -> ApiResult<Json<Removed>> {
     validate_dns_label("name", &name)?;
     let rev = s
@@ -87,6 +95,8 @@ async fn remove_node(State(s): State<SharedState>, Path(name): Path<String>) -> 
 
 /// Starts a rollout: the canary first, every other node once the canary
 /// reports the version.
+#[utoipa::path(post, path = "/v1/nodes/upgrade", tag = "nodes", request_body = UpgradeRequest,
+    responses((status = 200, description = "The rollout started", body = UpgradeStarted)))]
 async fn upgrade_nodes(
     State(s): State<SharedState>,
     raw: Result<Bytes, BytesRejection>,
@@ -138,6 +148,9 @@ async fn upgrade_nodes(
     }))
 }
 
+/// The cluster revision (moves on every change of desired state).
+#[utoipa::path(get, path = "/v1/revision", tag = "nodes",
+    responses((status = 200, description = "The revision", body = Revision)))]
 async fn revision(State(s): State<SharedState>) -> ApiResult<Json<Revision>> {
     Ok(Json(Revision {
         revision: s.store.revision().await? as u64,

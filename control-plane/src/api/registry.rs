@@ -4,6 +4,7 @@
 //! in its desired state. Podman and Docker come here by themselves, told
 //! to by the registry's 401 challenge.
 
+use super::{AdminRoutes, Routes};
 use crate::auth::is_admin_token;
 use crate::error::{ApiErr, ApiResult};
 use crate::registry::token::{self, Access, Caller};
@@ -12,31 +13,31 @@ use crate::store::now;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use berth_protocol::api::{ImageInfo, PruneReport, RegistryInfo};
+use utoipa_axum::routes;
 
-pub fn routes() -> Router<SharedState> {
-    Router::new().route("/v1/registry/token", get(issue))
+pub fn routes() -> Routes {
+    Routes::default().routes(routes!(issue))
 }
 
 /// Behind the admin check: where the registry is.
-pub fn admin_routes() -> super::AdminRoutes {
-    vec![
-        ("/v1/registry", get(info)),
-        ("/v1/images", get(images)),
-        ("/v1/images/prune", axum::routing::post(prune)),
-    ]
+pub fn admin_routes() -> AdminRoutes {
+    vec![routes!(info), routes!(images), routes!(prune)]
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct PruneQuery {
     keep: Option<usize>,
 }
 
 /// Retention now, then garbage collection (see [`crate::registry::prune`]).
+#[utoipa::path(post, path = "/v1/images/prune", tag = "registry", params(PruneQuery),
+    responses((status = 200, description = "What was deleted and kept", body = PruneReport)))]
 async fn prune(
     State(s): State<SharedState>,
     q: Result<axum::extract::Query<PruneQuery>, axum::extract::rejection::QueryRejection>,
@@ -63,7 +64,8 @@ async fn prune(
     Ok(Json(report))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ImagesQuery {
     service: Option<String>,
 }
@@ -71,6 +73,8 @@ struct ImagesQuery {
 /// What the registry holds, tag by tag, with the releases that use each
 /// (by tag or by digest); with `service`, only what that service's
 /// releases use.
+#[utoipa::path(get, path = "/v1/images", tag = "registry", params(ImagesQuery),
+    responses((status = 200, description = "The images", body = Vec<ImageInfo>)))]
 async fn images(
     State(s): State<SharedState>,
     q: Result<axum::extract::Query<ImagesQuery>, axum::extract::rejection::QueryRejection>,
@@ -132,6 +136,9 @@ async fn images(
     Ok(Json(out))
 }
 
+/// Where the fleet registry is.
+#[utoipa::path(get, path = "/v1/registry", tag = "registry",
+    responses((status = 200, description = "The registry's host", body = RegistryInfo)))]
 async fn info(State(s): State<SharedState>) -> ApiResult<Json<berth_protocol::api::RegistryInfo>> {
     let registry = running(&s)?;
     Ok(Json(berth_protocol::api::RegistryInfo {
@@ -148,6 +155,17 @@ fn running(s: &SharedState) -> ApiResult<std::sync::Arc<crate::registry::Registr
     })
 }
 
+/// The fleet registry's token server (Docker registry token auth): a JWT
+/// for the `scope`s asked, to the extent the caller may have them. HTTP
+/// Basic: `admin` with the admin token, a node's name with its registry
+/// password, or `build.<id>` with a running build's password.
+#[utoipa::path(get, path = "/v1/registry/token", tag = "registry",
+    params(
+        ("service" = Option<String>, Query, description = "Must be this registry's service name"),
+        ("scope" = Option<String>, Query, description = "`repository:NAME:pull,push`; repeatable, or several space-separated"),
+    ),
+    security(("registry" = [])),
+    responses((status = 200, description = "`{token, access_token, expires_in}`", content_type = "application/json")))]
 async fn issue(State(s): State<SharedState>, headers: HeaderMap, RawQuery(query): RawQuery) -> ApiResult<Response> {
     let registry = running(&s)?;
     let caller = match caller(&s, &headers).await {

@@ -15,17 +15,17 @@
 //! /etc/berth/release.pub, so a control plane alone cannot push a build
 //! that was not signed with the release key. All of it is public.
 
+use super::{Path, Routes};
 use crate::error::{ApiErr, ApiResult};
 use crate::state::SharedState;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use berth_protocol::names::valid_version;
 use berth_protocol::ErrorCode;
 use std::path::PathBuf;
+use utoipa_axum::routes;
 
 const SETUP: &str = include_str!("../../../installer/setup.sh");
 const UPDATE: &str = include_str!("../../../installer/update.sh");
@@ -110,13 +110,34 @@ pub fn render(script: &str, url: &str, ca_pem: &str, release_key: &str, latest: 
     out
 }
 
-pub fn routes() -> Router<SharedState> {
-    Router::new()
-        .route("/setup.sh", get(|s, h| script(s, h, SETUP)))
-        .route("/update.sh", get(|s, h| script(s, h, UPDATE)))
-        .route("/uninstall.sh", get(|s, h| script(s, h, UNINSTALL)))
-        .route("/releases/latest", get(latest))
-        .route("/releases/{version}/{file}", get(release_file))
+pub fn routes() -> Routes {
+    Routes::default()
+        .routes(routes!(setup_sh))
+        .routes(routes!(update_sh))
+        .routes(routes!(uninstall_sh))
+        .routes(routes!(latest))
+        .routes(routes!(release_file))
+}
+
+/// The installer: `curl -sSL https://CONTROL-PLANE/setup.sh | sudo bash -s -- --token T`.
+#[utoipa::path(get, path = "/setup.sh", tag = "public",
+    responses((status = 200, description = "The script", content_type = "text/x-shellscript", body = String)))]
+async fn setup_sh(s: State<SharedState>, h: HeaderMap) -> Response {
+    script(s, h, SETUP).await
+}
+
+/// Upgrades the agent on a server to the latest release.
+#[utoipa::path(get, path = "/update.sh", tag = "public",
+    responses((status = 200, description = "The script", content_type = "text/x-shellscript", body = String)))]
+async fn update_sh(s: State<SharedState>, h: HeaderMap) -> Response {
+    script(s, h, UPDATE).await
+}
+
+/// Removes Berth from a server.
+#[utoipa::path(get, path = "/uninstall.sh", tag = "public",
+    responses((status = 200, description = "The script", content_type = "text/x-shellscript", body = String)))]
+async fn uninstall_sh(s: State<SharedState>, h: HeaderMap) -> Response {
+    script(s, h, UNINSTALL).await
 }
 
 async fn script(State(s): State<SharedState>, headers: HeaderMap, body: &'static str) -> Response {
@@ -141,16 +162,24 @@ fn script_url(advertised: &str, headers: &HeaderMap) -> String {
     }
 }
 
+/// The latest published release's version.
+#[utoipa::path(get, path = "/releases/latest", tag = "public",
+    responses((status = 200, description = "The version, one line", content_type = "text/plain", body = String)))]
 async fn latest(State(s): State<SharedState>) -> ApiResult<String> {
     s.releases.latest().map(|v| format!("{v}\n")).ok_or_else(|| {
         ApiErr::new(
             StatusCode::NOT_FOUND,
             ErrorCode::NotFound,
-            "no release published (berth release sign)",
+            "release: no release published (berth release sign)",
         )
+        .on("release")
     })
 }
 
+/// A file of a release: an agent binary, its SHA256SUMS, the signature.
+#[utoipa::path(get, path = "/releases/{version}/{file}", tag = "public",
+    params(("version" = String, Path, description = "Release version"), ("file" = String, Path, description = "File name")),
+    responses((status = 200, description = "The file", content_type = "application/octet-stream", body = Vec<u8>)))]
 async fn release_file(
     State(s): State<SharedState>,
     Path((version, file)): Path<(String, String)>,
@@ -159,8 +188,9 @@ async fn release_file(
         ApiErr::new(
             StatusCode::NOT_FOUND,
             ErrorCode::NotFound,
-            format!("release {version}: no file {file:?}"),
+            format!("file: release {version} has no file {file:?}"),
         )
+        .on("file")
     };
     let path = s.releases.file(&version, &file).ok_or_else(not_found)?;
     let f = tokio::fs::File::open(&path).await.map_err(|_| not_found())?;

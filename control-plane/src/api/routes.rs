@@ -4,27 +4,27 @@
 //! with how many of the online proxies serve it (`proxies_serving` of
 //! `proxies_online`, from their status reports).
 
-use super::AdminRoutes;
+use super::{AdminRoutes, Path};
 use crate::error::{ApiErr, ApiResult};
 use crate::state::SharedState;
 use crate::store::now;
 use crate::store::routes::RouteError;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
 use axum::Json;
 use berth_protocol::routes::{DomainInfo, DomainSpec, TcpRouteSpec};
 use berth_protocol::{ErrorCode, Removed};
 use serde::de::DeserializeOwned;
+use utoipa_axum::routes;
 
 pub fn routes() -> AdminRoutes {
     vec![
-        ("/v1/domains", post(add_domain).get(list_domains)),
-        ("/v1/domains/{domain}", get(get_domain).delete(remove_domain)),
-        ("/v1/routes/tcp", post(add_tcp_route).get(list_tcp_routes)),
-        ("/v1/routes/tcp/{listen}", delete(remove_tcp_route)),
+        routes!(add_domain, list_domains),
+        routes!(get_domain, remove_domain),
+        routes!(add_tcp_route, list_tcp_routes),
+        routes!(remove_tcp_route),
     ]
 }
 
@@ -79,6 +79,9 @@ fn route_error(e: RouteError) -> ApiErr {
     }
 }
 
+/// Serves a public domain from the proxy nodes (HTTPS with an automatic certificate).
+#[utoipa::path(post, path = "/v1/domains", tag = "routes", request_body = DomainSpec,
+    responses((status = 201, description = "Added", body = DomainInfo)))]
 async fn add_domain(
     State(s): State<SharedState>,
     raw: Result<Bytes, BytesRejection>,
@@ -107,6 +110,8 @@ async fn add_domain(
     Ok((StatusCode::CREATED, Json(row.info(now, &proxies))))
 }
 
+#[utoipa::path(get, path = "/v1/domains", tag = "routes",
+    responses((status = 200, description = "Every domain", body = Vec<DomainInfo>)))]
 async fn list_domains(State(s): State<SharedState>) -> ApiResult<Json<Vec<DomainInfo>>> {
     let now = now();
     let proxies = s.store.proxy_counts(now, s.offline_after_secs).await?;
@@ -120,6 +125,9 @@ async fn list_domains(State(s): State<SharedState>) -> ApiResult<Json<Vec<Domain
     ))
 }
 
+#[utoipa::path(get, path = "/v1/domains/{domain}", tag = "routes",
+    params(("domain" = String, Path, description = "The domain")),
+    responses((status = 200, description = "The domain", body = DomainInfo)))]
 async fn get_domain(State(s): State<SharedState>, Path(domain): Path<String>) -> ApiResult<Json<DomainInfo>> {
     let row = s
         .store
@@ -131,6 +139,9 @@ async fn get_domain(State(s): State<SharedState>, Path(domain): Path<String>) ->
     Ok(Json(row.info(now, &proxies)))
 }
 
+#[utoipa::path(delete, path = "/v1/domains/{domain}", tag = "routes",
+    params(("domain" = String, Path, description = "The domain")),
+    responses((status = 200, description = "Removed", body = Removed<String>)))]
 async fn remove_domain(State(s): State<SharedState>, Path(domain): Path<String>) -> ApiResult<Json<Removed>> {
     let rev = s
         .store
@@ -145,6 +156,9 @@ async fn remove_domain(State(s): State<SharedState>, Path(domain): Path<String>)
     }))
 }
 
+/// Forwards a TCP port of the proxy nodes to a service.
+#[utoipa::path(post, path = "/v1/routes/tcp", tag = "routes", request_body = TcpRouteSpec,
+    responses((status = 201, description = "Added", body = TcpRouteSpec)))]
 async fn add_tcp_route(
     State(s): State<SharedState>,
     raw: Result<Bytes, BytesRejection>,
@@ -160,12 +174,17 @@ async fn add_tcp_route(
     Ok((StatusCode::CREATED, Json(spec)))
 }
 
+#[utoipa::path(get, path = "/v1/routes/tcp", tag = "routes",
+    responses((status = 200, description = "Every TCP route", body = Vec<TcpRouteSpec>)))]
 async fn list_tcp_routes(State(s): State<SharedState>) -> ApiResult<Json<Vec<TcpRouteSpec>>> {
     Ok(Json(
         s.store.list_tcp_routes().await?.into_iter().map(|r| r.spec).collect(),
     ))
 }
 
+#[utoipa::path(delete, path = "/v1/routes/tcp/{listen}", tag = "routes",
+    params(("listen" = u16, Path, description = "The listening port, 1-65535")),
+    responses((status = 200, description = "Removed", body = Removed<u16>)))]
 async fn remove_tcp_route(State(s): State<SharedState>, Path(listen): Path<String>) -> ApiResult<Json<Removed<u16>>> {
     let port: u16 = listen
         .parse()

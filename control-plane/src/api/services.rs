@@ -3,7 +3,7 @@
 //! (store/releases.rs). Secret values go in sealed and never come back
 //! out: a service is shown with its secrets' names only.
 
-use super::{body, AdminRoutes};
+use super::{body, AdminRoutes, Path};
 use crate::error::{parse_json, ApiErr, ApiResult};
 use crate::state::SharedState;
 use crate::store::nodes::{name_of, NodeRow};
@@ -11,22 +11,22 @@ use crate::store::releases::Origin;
 use crate::store::services::{DeployError, RemoveService, ReplicaRow, SecretsUpdate, ServiceRow};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::routing::{get, post};
+use axum::extract::{Query, State};
 use axum::Json;
 use berth_protocol::release::{DeployQuery, ReleaseInfo, ReleaseState, RollbackRequest};
 use berth_protocol::service::{ReplicaInfo, ScaleRequest, ServiceInfo, ServiceSpec};
 use berth_protocol::{ErrorCode, Removed};
 use std::collections::BTreeMap;
+use utoipa_axum::routes;
 
 pub fn routes() -> AdminRoutes {
     vec![
-        ("/v1/services", post(deploy_service).get(list_services)),
-        ("/v1/services/{name}", get(show_service).delete(remove_service)),
-        ("/v1/services/{name}/scale", post(scale_service)),
-        ("/v1/services/{name}/releases", get(list_releases)),
-        ("/v1/services/{name}/rollback", post(rollback_service)),
-        ("/v1/services/{name}/restart", post(restart_service)),
+        routes!(deploy_service, list_services),
+        routes!(show_service, remove_service),
+        routes!(scale_service),
+        routes!(list_releases),
+        routes!(rollback_service),
+        routes!(restart_service),
     ]
 }
 
@@ -208,6 +208,9 @@ async fn pin_image(s: &SharedState, spec: &mut ServiceSpec) -> ApiResult<()> {
     }
 }
 
+/// Creates or updates a service: a new release, rolled out per its policy.
+#[utoipa::path(post, path = "/v1/services", tag = "services", params(DeployQuery), request_body = ServiceSpec,
+    responses((status = 200, description = "The service after the deploy", body = ServiceInfo)))]
 async fn deploy_service(
     State(s): State<SharedState>,
     q: Result<Query<DeployQuery>, QueryRejection>,
@@ -237,6 +240,8 @@ async fn deploy_service(
     release(&s, &spec, secrets, origin).await
 }
 
+#[utoipa::path(get, path = "/v1/services", tag = "services",
+    responses((status = 200, description = "Every service", body = Vec<ServiceInfo>)))]
 async fn list_services(State(s): State<SharedState>) -> ApiResult<Json<Vec<ServiceInfo>>> {
     let fleet = FleetView::read(&s).await?;
     let mut out = vec![];
@@ -246,6 +251,9 @@ async fn list_services(State(s): State<SharedState>) -> ApiResult<Json<Vec<Servi
     Ok(Json(out))
 }
 
+#[utoipa::path(get, path = "/v1/services/{name}", tag = "services",
+    params(("name" = String, Path, description = "Service name")),
+    responses((status = 200, description = "The service", body = ServiceInfo)))]
 async fn show_service(State(s): State<SharedState>, Path(name): Path<String>) -> ApiResult<Json<ServiceInfo>> {
     let row = s
         .store
@@ -255,6 +263,9 @@ async fn show_service(State(s): State<SharedState>, Path(name): Path<String>) ->
     Ok(Json(service_info(&s, &row).await?))
 }
 
+#[utoipa::path(post, path = "/v1/services/{name}/scale", tag = "services",
+    params(("name" = String, Path, description = "Service name")), request_body = ScaleRequest,
+    responses((status = 200, description = "The service", body = ServiceInfo)))]
 async fn scale_service(
     State(s): State<SharedState>,
     Path(name): Path<String>,
@@ -278,6 +289,9 @@ async fn scale_service(
     release(&s, &spec, SecretsUpdate::Keep, origin).await
 }
 
+#[utoipa::path(get, path = "/v1/services/{name}/releases", tag = "services",
+    params(("name" = String, Path, description = "Service name")),
+    responses((status = 200, description = "The service's releases, newest first", body = Vec<ReleaseInfo>)))]
 async fn list_releases(State(s): State<SharedState>, Path(name): Path<String>) -> ApiResult<Json<Vec<ReleaseInfo>>> {
     if s.store.get_service(&name).await?.is_none() {
         return Err(no_such_service(&name));
@@ -287,6 +301,9 @@ async fn list_releases(State(s): State<SharedState>, Path(name): Path<String>) -
     ))
 }
 
+#[utoipa::path(post, path = "/v1/services/{name}/rollback", tag = "services",
+    params(("name" = String, Path, description = "Service name")), request_body = RollbackRequest,
+    responses((status = 200, description = "The service", body = ServiceInfo)))]
 async fn rollback_service(
     State(s): State<SharedState>,
     Path(name): Path<String>,
@@ -343,6 +360,9 @@ async fn rollback_service(
     release(&s, &spec, secrets, origin).await
 }
 
+#[utoipa::path(delete, path = "/v1/services/{name}", tag = "services",
+    params(("name" = String, Path, description = "Service name")),
+    responses((status = 200, description = "Removed", body = Removed<String>)))]
 async fn remove_service(State(s): State<SharedState>, Path(name): Path<String>) -> ApiResult<Json<Removed>> {
     let rev = match s.store.remove_service(&name).await? {
         RemoveService::Removed(rev) => rev,
@@ -367,6 +387,9 @@ async fn remove_service(State(s): State<SharedState>, Path(name): Path<String>) 
 
 /// A new release of the same spec: every replica is replaced by the
 /// service's rollout policy (a rolling restart), secrets kept.
+#[utoipa::path(post, path = "/v1/services/{name}/restart", tag = "services",
+    params(("name" = String, Path, description = "Service name"), DeployQuery),
+    responses((status = 200, description = "The service, its restart release started", body = ServiceInfo)))]
 async fn restart_service(
     State(s): State<SharedState>,
     Path(name): Path<String>,

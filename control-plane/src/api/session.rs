@@ -17,14 +17,16 @@ use axum::extract::State;
 use axum::http::header::{RETRY_AFTER, SET_COOKIE};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use berth_protocol::user::{validate_user_name, LoginRequest, SessionInfo, ADMIN_USER};
 use berth_protocol::ErrorCode;
 use std::time::Instant;
+use utoipa_axum::routes;
 
-pub fn routes() -> Router<SharedState> {
-    Router::new().route("/v1/session", post(login).get(current).delete(logout))
+/// Public: signing in needs no credentials; reading or ending a session
+/// takes its cookie (each handler checks it).
+pub fn routes() -> super::Routes {
+    super::Routes::default().routes(routes!(login, current, logout))
 }
 
 enum Credentials {
@@ -50,6 +52,10 @@ fn invalid_credentials() -> ApiErr {
     .on("credentials")
 }
 
+/// Signs in with a user's password or the admin token; sets the
+/// `berth_session` cookie (HttpOnly, Secure, SameSite=Strict).
+#[utoipa::path(post, path = "/v1/session", tag = "session", request_body = LoginRequest, security(()),
+    responses((status = 200, description = "Signed in; `Set-Cookie: berth_session=...`", body = SessionInfo)))]
 async fn login(
     State(s): State<SharedState>,
     remote: Option<Extension<RemoteAddr>>,
@@ -145,10 +151,17 @@ async fn verify(password: String, hash: String) -> ApiResult<bool> {
         .map_err(ApiErr::internal)
 }
 
+/// The session of the cookie sent (its CSRF token, after a page reload).
+#[utoipa::path(get, path = "/v1/session", tag = "session", security(("session" = [])),
+    responses((status = 200, description = "The session", body = SessionInfo)))]
 async fn current(State(s): State<SharedState>, headers: HeaderMap) -> ApiResult<Json<SessionInfo>> {
     Ok(Json(info(&session_of(&s, &headers).await?)))
 }
 
+/// Signs out: the session ends and the cookie is cleared. Needs `x-csrf-token`.
+#[utoipa::path(delete, path = "/v1/session", tag = "session", security(("session" = [])),
+    params(("x-csrf-token" = String, Header, description = "The session's CSRF token")),
+    responses((status = 204, description = "Signed out; the cookie is cleared")))]
 async fn logout(State(s): State<SharedState>, method: Method, headers: HeaderMap) -> ApiResult<Response> {
     let session = session_of(&s, &headers).await?;
     check_csrf(&method, &headers, &session)?;

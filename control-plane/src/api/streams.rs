@@ -3,7 +3,7 @@
 //! `GET /v1/agent/streams/next` long-poll and the `GET /v1/agent/streams/ID`
 //! WebSocket they answer a job with. The control plane only relays.
 
-use super::{AdminRoutes, MAX_WAIT_SECS};
+use super::{AdminRoutes, Path, Routes, MAX_WAIT_SECS};
 use crate::auth::require_node;
 use crate::error::{ApiErr, ApiResult};
 use crate::state::SharedState;
@@ -13,11 +13,10 @@ use crate::streams::{Refusal, Ticket};
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{rejection::WebSocketUpgradeRejection, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use berth_protocol::event::EventKind;
 use berth_protocol::stream::{
     ExecControl, ExecRequest, LogLine, LogsRequest, StreamJobs, StreamKind, MAX_EXEC_CMD_BYTES,
@@ -28,6 +27,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use utoipa_axum::routes;
 
 /// Log messages held for a slow reader, over all replicas of one request
 /// (each at most an agent's batch, 64 KiB).
@@ -35,26 +35,27 @@ const LOG_BUFFER: usize = 64;
 /// Most lines `tail` may ask for.
 const MAX_TAIL: u32 = 1_000_000;
 
-pub fn agent_routes() -> Router<SharedState> {
-    Router::new()
-        .route("/v1/agent/streams/next", get(next))
-        .route("/v1/agent/streams/{id}", get(connect))
+pub fn agent_routes() -> Routes {
+    Routes::default().routes(routes!(next)).routes(routes!(connect))
 }
 
 pub fn admin_routes() -> AdminRoutes {
-    vec![
-        ("/v1/services/{name}/logs", get(logs)),
-        ("/v1/services/{name}/exec", get(exec)),
-        ("/v1/nodes/{name}/logs", get(node_logs)),
-    ]
+    vec![routes!(logs), routes!(exec), routes!(node_logs)]
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct NextQuery {
     wait: Option<u64>,
 }
 
+/// Long-poll for stream jobs (logs, exec) this node is to answer.
+#[utoipa::path(get, path = "/v1/agent/streams/next", operation_id = "next_stream_jobs", tag = "agent", params(NextQuery),
+    responses(
+        (status = 200, description = "Jobs to answer", body = StreamJobs),
+        (status = 204, description = "None within `wait` seconds"),
+    ))]
 async fn next(
     State(s): State<SharedState>,
     method: Method,
@@ -80,6 +81,12 @@ fn not_websocket(e: WebSocketUpgradeRejection) -> ApiErr {
 }
 
 /// The agent's socket for job `id`, handed to the request waiting for it.
+///
+/// WebSocket upgrade (`GET` with `Upgrade: websocket`): the agent's side
+/// of stream job `id`, relayed to the admin who asked for it.
+#[utoipa::path(get, path = "/v1/agent/streams/{id}", tag = "agent",
+    params(("id" = String, Path, description = "Stream job id")),
+    responses((status = 101, description = "Switching Protocols: a WebSocket carrying the job's stream")))]
 async fn connect(
     State(s): State<SharedState>,
     Path(id): Path<String>,
@@ -133,7 +140,8 @@ fn parse_since(v: &str, now: i64) -> ApiResult<i64> {
     if let Ok(t) = v.parse::<i64>() {
         return if t >= 0 { Ok(t) } else { Err(bad()) };
     }
-    let (num, unit) = v.split_at(v.len().saturating_sub(1));
+    // The unit is the last character, which may be more than one byte.
+    let (num, unit) = v.split_at(v.char_indices().last().map_or(0, |(i, _)| i));
     let n: i64 = num.parse().map_err(|_| bad())?;
     let secs = match unit {
         "s" => 1,
@@ -193,7 +201,8 @@ fn online(s: &SharedState, n: &NodeRow) -> bool {
     n.online(crate::store::now(), s.offline_after_secs)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct LogsQuery {
     #[serde(default)]
@@ -206,6 +215,9 @@ struct LogsQuery {
 /// A service's log: every replica's lines as NDJSON ([`LogLine`]), merged
 /// as they come; with `follow`, open until the admin leaves, taking in the
 /// replicas that start meanwhile.
+#[utoipa::path(get, path = "/v1/services/{name}/logs", operation_id = "service_logs", tag = "streams",
+    params(("name" = String, Path, description = "Service name"), LogsQuery),
+    responses((status = 200, description = "Log lines, one JSON object per line", content_type = "application/x-ndjson", body = LogLine)))]
 async fn logs(
     State(s): State<SharedState>,
     Path(name): Path<String>,
@@ -251,7 +263,8 @@ async fn logs(
     Ok(super::ndjson_response(rx))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct NodeLogsQuery {
     #[serde(default)]
@@ -261,6 +274,9 @@ struct NodeLogsQuery {
 }
 
 /// The agent's own log of node `name` (`berth nodes logs`), as NDJSON.
+#[utoipa::path(get, path = "/v1/nodes/{name}/logs", tag = "streams",
+    params(("name" = String, Path, description = "Node name"), NodeLogsQuery),
+    responses((status = 200, description = "Log lines, one JSON object per line", content_type = "application/x-ndjson", body = LogLine)))]
 async fn node_logs(
     State(s): State<SharedState>,
     Path(name): Path<String>,
@@ -408,7 +424,8 @@ async fn follow_new_replicas(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ExecQuery {
     replica: Option<String>,
@@ -444,6 +461,13 @@ fn parse_cmd(v: &str) -> ApiResult<Vec<String>> {
 
 /// Runs a command in a replica (the named one, or the first running one)
 /// and relays its terminal or pipes over the admin's WebSocket.
+///
+/// WebSocket upgrade (`GET` with `Upgrade: websocket`): runs `cmd` in a
+/// replica. Binary messages carry stdin (to the replica) and output (from
+/// it); text messages carry `ExecControl` (resize, exit code).
+#[utoipa::path(get, path = "/v1/services/{name}/exec", tag = "streams",
+    params(("name" = String, Path, description = "Service name"), ExecQuery),
+    responses((status = 101, description = "Switching Protocols: a WebSocket to the command")))]
 async fn exec(
     State(s): State<SharedState>,
     Path(name): Path<String>,
@@ -552,7 +576,7 @@ mod tests {
         assert_eq!(parse_since("2h", now).unwrap(), now - 7200);
         assert_eq!(parse_since("1d", now).unwrap(), now - 86400);
         assert_eq!(parse_since("1700000000", now).unwrap(), 1_700_000_000);
-        for bad in ["", "m", "10x", "-5m", "-1", "ten"] {
+        for bad in ["", "m", "10x", "-5m", "-1", "ten", "1\u{80}", "\u{ea}"] {
             let e = parse_since(bad, now).unwrap_err();
             assert_eq!(e.field.as_deref(), Some("since"), "{bad}");
         }

@@ -1,24 +1,24 @@
 //! Join tokens (admin): create one (with the agent command to paste), list
 //! them with their state, revoke an unused one.
 
-use super::{body, AdminRoutes, MAX_TOKEN_TTL, MIN_TOKEN_TTL};
+use super::{body, AdminRoutes, Path, MAX_TOKEN_TTL, MIN_TOKEN_TTL};
 use crate::error::{parse_json, ApiErr, ApiResult};
 use crate::state::SharedState;
 use crate::store::now;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
-use axum::routing::{delete, post};
+use axum::extract::State;
 use axum::Json;
 use berth_protocol::{CreateTokenRequest, CreatedToken, ErrorCode, Role, TokenInfo, TokenRevoked, TokenState};
+use utoipa_axum::routes;
 
 pub fn routes() -> AdminRoutes {
-    vec![
-        ("/v1/tokens", post(create_token).get(list_tokens)),
-        ("/v1/tokens/{id}", delete(revoke_token)),
-    ]
+    vec![routes!(create_token, list_tokens), routes!(revoke_token)]
 }
 
+/// A join token, with the agent command to paste on the new server.
+#[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = CreateTokenRequest,
+    responses((status = 200, description = "The token (shown once)", body = CreatedToken)))]
 async fn create_token(
     State(s): State<SharedState>,
     raw: Result<Bytes, BytesRejection>,
@@ -56,11 +56,18 @@ async fn create_token(
     }))
 }
 
+/// Every join token with its state.
+#[utoipa::path(get, path = "/v1/tokens", tag = "tokens",
+    responses((status = 200, description = "The tokens", body = Vec<TokenInfo>)))]
 async fn list_tokens(State(s): State<SharedState>) -> ApiResult<Json<Vec<TokenInfo>>> {
     let now = now();
     Ok(Json(s.store.list_tokens().await?.iter().map(|t| t.info(now)).collect()))
 }
 
+/// Revokes an unused token.
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens",
+    params(("id" = String, Path, description = "Token id")),
+    responses((status = 200, description = "Revoked", body = TokenRevoked)))]
 async fn revoke_token(State(s): State<SharedState>, Path(id): Path<String>) -> ApiResult<Json<TokenRevoked>> {
     match s.store.revoke_token(&id).await? {
         None => Err(ApiErr::not_found("id", format!("id: no token {id:?}"))),
