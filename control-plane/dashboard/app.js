@@ -59,7 +59,7 @@ class ApiFailure extends Error {
   }
 }
 
-async function api(method, path, body) {
+async function api(method, path, body, retried = false) {
   const headers = {};
   if (body !== undefined) headers["content-type"] = "application/json";
   if (method !== "GET" && csrf) headers["x-csrf-token"] = csrf;
@@ -73,6 +73,12 @@ async function api(method, path, body) {
   try { json = text ? JSON.parse(text) : null; } catch { json = { error: text }; }
   if (!res.ok) {
     const f = new ApiFailure(res.status, json || {});
+    // Signed in again in another tab: this tab's CSRF token is stale.
+    if (f.code === "csrf_required" && !retried && path !== "/v1/session") {
+      const s = await api("GET", "/v1/session", undefined, true);
+      csrf = s.csrf;
+      return api(method, path, body, true);
+    }
     // The session ended (logout elsewhere, expiry, user removed).
     if (res.status === 401 && path !== "/v1/session") showLogin("Your session ended; sign in again.");
     throw f;
@@ -225,8 +231,10 @@ function page(title, draw, extra = () => {}, { extraFirst = false } = {}) {
   const more = h("div", { class: "extra" });
   const root = h("div", {}, h("h1", {}, title), extraFirst ? [more, body] : [body, more]);
   let busy = false;
+  let again = false;
   const refresh = async () => {
-    if (busy) return;
+    // An event during a draw asks for one more, with what came after it.
+    if (busy) { again = true; return; }
     busy = true;
     try {
       const el = await draw();
@@ -238,6 +246,7 @@ function page(title, draw, extra = () => {}, { extraFirst = false } = {}) {
       }
     } finally {
       busy = false;
+      if (again && !abort.signal.aborted) { again = false; refresh(); }
     }
   };
   extra(more, abort.signal, refresh);
@@ -396,12 +405,19 @@ function servicePage(name) {
     logPane(extra, signal, `/v1/services/${enc(name)}/logs?follow=true&tail=200`, "service-log");
     const buildBox = h("div", { id: "build-log" });
     extra.append(buildBox);
+    // One build log at a time: the one shown before is let go (a browser
+    // keeps only 6 connections to a host over HTTP/1.1).
+    let shown = null;
+    signal.addEventListener("abort", () => shown?.abort());
     buildLog = (id) => {
+      shown?.abort();
+      shown = new AbortController();
+      const mine = shown.signal;
       buildBox.replaceChildren(h("h2", {}, `Build ${id} log`));
       const pre = h("pre", { class: "log" });
       buildBox.append(pre);
-      follow(`/v1/builds/${id}/logs?follow=true`, signal, (l) => pre.append(l + "\n"), false)
-        .catch((e) => { if (!signal.aborted) pre.append(`(log unavailable: ${e.message})\n`); });
+      follow(`/v1/builds/${id}/logs?follow=true`, mine, (l) => pre.append(l + "\n"), false)
+        .catch((e) => { if (!mine.aborted) pre.append(`(log unavailable: ${e.message})\n`); });
     };
   });
 }
@@ -486,8 +502,13 @@ function tokensPage() {
       tokens.map((t) => h("tr", {},
         h("td", {}, t.id), h("td", {}, t.role), h("td", {}, pill(t.state)), h("td", {}, when(t.created_at)),
         h("td", {}, when(t.expires_at)), h("td", {}, t.used_by || ""),
-        h("td", {}, t.state === "valid" ? h("button", { type: "button", class: "quiet", onclick: async () => {
-          await api("DELETE", `/v1/tokens/${enc(t.id)}`); current?.refresh();
+        h("td", {}, t.state === "valid" ? h("button", { type: "button", class: "quiet", onclick: async (ev) => {
+          try {
+            await api("DELETE", `/v1/tokens/${enc(t.id)}`);
+            current?.refresh();
+          } catch (e) {
+            ev.target.replaceWith(h("span", { class: "bad" }, e.message));
+          }
         } }, "Revoke") : null))), "No tokens."));
   }, (extra, _signal, refresh) => {
     const out = h("div", { id: "new-token" });
@@ -552,6 +573,15 @@ function launchPage() {
     if (d.get("command").trim()) spec.command = d.get("command").trim();
     const domain = d.get("domain").trim();
     if (domain && !spec.port) throw Object.assign(new Error("port: a domain needs the service's port"), { field: "port" });
+    // A launch makes a new service; it never replaces one.
+    const taken = await api("GET", `/v1/services/${enc(spec.name)}`).then(() => true, (e) => {
+      if (e instanceof ApiFailure && e.status === 404) return false;
+      throw e;
+    });
+    if (taken) {
+      throw Object.assign(new Error(`name: a service named ${spec.name} exists already (deploy to it from its page)`),
+        { field: "name" });
+    }
     const info = await api("POST", "/v1/services", spec);
     if (domain) {
       try {
@@ -590,7 +620,7 @@ async function watchLaunch(name, release, domain, into, signal) {
       const s = await api("GET", `/v1/services/${enc(name)}`);
       const d = domain ? await api("GET", `/v1/domains/${enc(domain)}`) : null;
       const want = s.spec.replicas;
-      const reps = s.replicas.filter((r) => r.release === s.current_release || s.current_release == null);
+      const reps = s.replicas.filter((r) => r.release === release);
       const placed = reps.length >= want && reps.every((r) => r.node);
       const running = placed && reps.filter((r) => r.state === "running").length >= want;
       const healthy = running && healthyCount({ replicas: reps }) >= want;
@@ -624,7 +654,10 @@ async function watchLaunch(name, release, domain, into, signal) {
 function route() {
   if (!csrf) return;
   if (current) current.stop();
-  const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  let parts = [];
+  try {
+    parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  } catch { /* a malformed link: the overview */ }
   const [what, name] = parts;
   current = what === "services" && name ? servicePage(name)
     : what === "nodes" && name ? nodePage(name)

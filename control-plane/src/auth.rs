@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::Response;
 use berth_protocol::signing::{self, SignedHeaders, HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
-use berth_protocol::user::CSRF_HEADER;
+use berth_protocol::user::{ADMIN_USER, CSRF_HEADER};
 use berth_protocol::ErrorCode;
 use sha2::{Digest, Sha256};
 
@@ -49,22 +49,43 @@ fn require_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
 /// WebSocket origin checks a browser needs). It wraps the routes'
 /// handlers only, so unknown paths still get their 404 and wrong methods
 /// their 405.
-pub async fn admin_only(State(s): State<SharedState>, req: Request, next: Next) -> ApiResult<Response> {
+pub async fn admin_only(State(s): State<SharedState>, mut req: Request, next: Next) -> ApiResult<Response> {
     let headers = req.headers();
-    if headers.contains_key("authorization") || sessions::cookie(headers).is_none() {
+    let actor = if headers.contains_key("authorization") || sessions::cookie(headers).is_none() {
         require_admin(&s, headers)?;
+        ADMIN_USER.to_string()
     } else {
         let session = session_of(&s, headers).await?;
         check_csrf(req.method(), headers, &session)?;
         check_websocket_origin(headers, req.uri())?;
-    }
+        session.user
+    };
+    req.extensions_mut().insert(Actor(actor));
     Ok(next.run(req).await)
 }
 
-/// The live session the request's `berth_session` cookie opens (401 on `cookie` if none).
+/// Who made an admin request, for release history and events: `admin`
+/// (the admin token, or a sign-in with it) or the dashboard user's name.
+/// [`admin_only`] sets it; outside it, `admin`.
+#[derive(Debug, Clone)]
+pub struct Actor(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Actor {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<Actor>()
+            .cloned()
+            .unwrap_or_else(|| Actor(ADMIN_USER.to_string())))
+    }
+}
+
+/// The live session the request's `__Host-berth_session` cookie opens (401 on `cookie` if none).
 pub async fn session_of(state: &AppState, headers: &HeaderMap) -> ApiResult<SessionRow> {
-    let secret =
-        sessions::cookie(headers).ok_or_else(|| ApiErr::unauthorized("cookie", "cookie: no berth_session cookie"))?;
+    let secret = sessions::cookie(headers)
+        .ok_or_else(|| ApiErr::unauthorized("cookie", "cookie: no __Host-berth_session cookie"))?;
     state
         .store
         .session(&sessions::session_id(secret), now())

@@ -161,7 +161,7 @@ pub fn session_id(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
-/// The `berth_session` cookie's value among the request's `Cookie` headers.
+/// The `__Host-berth_session` cookie's value among the request's `Cookie` headers.
 pub fn cookie(headers: &axum::http::HeaderMap) -> Option<&str> {
     headers
         .get_all("cookie")
@@ -286,7 +286,7 @@ mod tests {
     #[test]
     fn the_cookie_is_found_among_others_and_ids_are_hashes() {
         let mut h = axum::http::HeaderMap::new();
-        h.append("cookie", "a=1; berth_session=abc ; b=2".parse().unwrap());
+        h.append("cookie", "a=1; __Host-berth_session=abc ; b=2".parse().unwrap());
         assert_eq!(cookie(&h), Some("abc"));
         let mut other = axum::http::HeaderMap::new();
         other.append("cookie", "x_berth_session=abc".parse().unwrap());

@@ -41,7 +41,7 @@ async fn openapi_document_matches_the_router(db: &Db) {
     assert_eq!(schemes["admin"]["scheme"], "bearer", "{schemes}");
     assert_eq!(
         (&schemes["session"]["in"], &schemes["session"]["name"]),
-        (&"cookie".into(), &"berth_session".into()),
+        (&"cookie".into(), &"__Host-berth_session".into()),
         "{schemes}"
     );
     for h in [

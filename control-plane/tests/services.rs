@@ -436,6 +436,36 @@ async fn rollouts_history_and_rollback(db: &Db) {
     let h = releases_of(&cp, "web").await;
     assert_eq!(h[0].reason.as_deref(), Some("restart"));
     assert_eq!(h[0].spec, h[1].spec, "the same spec");
+
+    // A restart queued behind a rollout and overtaken by a scale is not
+    // lost: the scale replaces every replica too.
+    deploy(&cp, spec("nine", "/")).await;
+    let rolling: Vec<String> = show_service(&cp, "web")
+        .await
+        .replicas
+        .iter()
+        .map(|r| r.replica.clone())
+        .collect();
+    let r = Reply::from(cp.admin(Method::POST, "/v1/services/web/restart").send().await.unwrap()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(releases_of(&cp, "web").await[0].state, ReleaseState::Queued);
+    let r = Reply::from(
+        cp.admin(Method::POST, "/v1/services/web/scale")
+            .json(&serde_json::json!({"replicas": 2}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let info = settle(&cp, &nodes, "web", 12, &|_| true, 2).await;
+    assert!(
+        info.replicas
+            .iter()
+            .all(|r| r.release == 12 && !rolling.contains(&r.replica)),
+        "{:?} after {rolling:?}",
+        info.replicas
+    );
     let r = Reply::from(
         cp.admin(Method::POST, "/v1/services/nope/restart")
             .send()

@@ -105,6 +105,20 @@ async fn token_and_password_sign_ins_set_a_strict_cookie_that_opens_the_admin_ap
     let alice = add_user(&cp, "alice").await;
     assert_eq!(alice.name, "alice");
 
+    // Only JSON signs in: a cross-site form (text/plain) cannot.
+    let form = cp
+        .http
+        .post(format!("{}/v1/session", cp.url))
+        .header("content-type", "text/plain")
+        .body(serde_json::json!({"token": cp.admin_token}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(form.headers().get("set-cookie").is_none(), "no cookie for a form");
+    Reply::from(form)
+        .await
+        .coded(StatusCode::BAD_REQUEST, ErrorCode::InvalidField, Some("content-type"));
+
     let admin = as_admin(&cp).await;
     let set = admin.set_cookie.clone().unwrap();
     let attrs: Vec<&str> = set.split(';').map(str::trim).collect();
@@ -113,7 +127,7 @@ async fn token_and_password_sign_ins_set_a_strict_cookie_that_opens_the_admin_ap
         ["HttpOnly", "Secure", "SameSite=Strict", "Path=/", "Max-Age=43200"],
         "{set}"
     );
-    let secret = attrs[0].strip_prefix("berth_session=").unwrap();
+    let secret = attrs[0].strip_prefix("__Host-berth_session=").unwrap();
     assert!(
         secret.len() == 64 && secret.bytes().all(|b| b.is_ascii_hexdigit()),
         "{set}"
@@ -165,6 +179,21 @@ async fn token_and_password_sign_ins_set_a_strict_cookie_that_opens_the_admin_ap
     // The bearer token still needs no CSRF token.
     let r = get(cp.admin(Method::POST, "/v1/tokens").json(&new_token())).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    // What a user changes is told as theirs, in history and events.
+    let spec = serde_json::json!({"name": "web", "image": "localhost/berth-test/busybox:latest", "replicas": 0});
+    let r = get(with_cookie(&cp, Method::POST, "/v1/services", &user.cookie())
+        .header("x-csrf-token", &user.session().csrf)
+        .json(&spec))
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = get(cp.admin(Method::GET, "/v1/services/web/releases")).await;
+    let releases: Vec<berth_protocol::release::ReleaseInfo> = r.json();
+    assert_eq!(releases[0].created_by, "alice", "{releases:?}");
+    let r = get(cp.admin(Method::POST, "/v1/services/web/restart")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let releases: Vec<berth_protocol::release::ReleaseInfo> =
+        get(cp.admin(Method::GET, "/v1/services/web/releases")).await.json();
+    assert_eq!(releases[0].created_by, "admin", "the token is the admin");
 
     // Signing out needs the token too, clears the cookie and ends the session.
     get(with_cookie(&cp, Method::DELETE, "/v1/session", &user.cookie()))
@@ -178,7 +207,7 @@ async fn token_and_password_sign_ins_set_a_strict_cookie_that_opens_the_admin_ap
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     assert_eq!(
         resp.headers()["set-cookie"],
-        "berth_session=; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age=0"
+        "__Host-berth_session=; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age=0"
     );
     for path in ["/v1/tokens", "/v1/session"] {
         get(with_cookie(&cp, Method::GET, path, &user.cookie())).await.coded(
@@ -196,7 +225,7 @@ async fn token_and_password_sign_ins_set_a_strict_cookie_that_opens_the_admin_ap
         ErrorCode::Unauthorized,
         Some("cookie"),
     );
-    get(with_cookie(&cp, Method::GET, "/v1/tokens", "berth_session=00ff"))
+    get(with_cookie(&cp, Method::GET, "/v1/tokens", "__Host-berth_session=00ff"))
         .await
         .coded(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, Some("cookie"));
     get(cp.http.get(format!("{}/v1/tokens", cp.url))).await.coded(
@@ -351,7 +380,9 @@ async fn expired_sessions_are_refused_and_deleted(db: &Db) {
     let cp = Cp::start(db).await;
     let old = as_admin(&cp).await;
     let fresh = as_admin(&cp).await;
-    let old_id = hex::encode(Sha256::digest(old.cookie().strip_prefix("berth_session=").unwrap()));
+    let old_id = hex::encode(Sha256::digest(
+        old.cookie().strip_prefix("__Host-berth_session=").unwrap(),
+    ));
     sqlx::query("UPDATE sessions SET expires_at = $1 WHERE id = $2")
         .bind(now() - 1)
         .bind(&old_id)

@@ -6,8 +6,10 @@ use crate::error::FieldError;
 use crate::names::validate_dns_label;
 use serde::{Deserialize, Serialize};
 
-/// The cookie a session travels in.
-pub const SESSION_COOKIE: &str = "berth_session";
+/// The cookie a session travels in. The `__Host-` prefix makes browsers
+/// refuse it unless it is Secure, has Path=/ and no Domain, so a sibling
+/// subdomain cannot plant one of its own (cookie tossing).
+pub const SESSION_COOKIE: &str = "__Host-berth_session";
 /// The header every cookie-authenticated request other than GET, HEAD and
 /// OPTIONS must carry, holding the session's `csrf` token.
 pub const CSRF_HEADER: &str = "x-csrf-token";

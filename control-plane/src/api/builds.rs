@@ -183,7 +183,11 @@ fn validate(req: &BuildRequest, registry: &Registry) -> ApiResult<()> {
 /// to upload next (`PUT /v1/builds/{id}/context`).
 #[utoipa::path(post, path = "/v1/builds", tag = "builds", request_body = BuildRequest,
     responses((status = 201, description = "Created", body = BuildInfo)))]
-async fn create(State(s): State<SharedState>, raw: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+async fn create(
+    State(s): State<SharedState>,
+    crate::auth::Actor(actor): crate::auth::Actor,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
     let req: BuildRequest = parse_json(&body(raw)?)?;
     if req.git.as_ref().is_some_and(|g| g.credential_sealed.is_some()) {
         return Err(ApiErr::invalid(
@@ -191,7 +195,7 @@ async fn create(State(s): State<SharedState>, raw: Result<Bytes, BytesRejection>
             "git.credential_sealed: set by the control plane; give the token or key as git.credential",
         ));
     }
-    let row = start(&s, req, "admin").await?;
+    let row = start(&s, req, &actor).await?;
     Ok((StatusCode::CREATED, Json(info(&s, &row).await?)).into_response())
 }
 

@@ -39,7 +39,7 @@ pub const PATH: &str = "/v1/openapi.json";
         (name = "nodes"), (name = "tokens"), (name = "services"), (name = "routes"),
         (name = "builds"), (name = "registry"), (name = "events"), (name = "streams"),
         (name = "users", description = "Dashboard users"),
-        (name = "session", description = "Dashboard sign-in: the `berth_session` cookie"),
+        (name = "session", description = "Dashboard sign-in: the `__Host-berth_session` cookie"),
     )
 )]
 struct Frame;
@@ -119,7 +119,7 @@ pub fn finish(mut doc: OpenApi) -> OpenApi {
     components.security_schemes.insert(
         SESSION.into(),
         SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
-            "berth_session",
+            "__Host-berth_session",
             "The dashboard's session cookie, from POST /v1/session; requests that change something \
              also send the session's CSRF token in `x-csrf-token`.",
         ))),

@@ -4,6 +4,7 @@
 //! out: a service is shown with its secrets' names only.
 
 use super::{body, AdminRoutes, Path};
+use crate::auth::Actor;
 use crate::error::{parse_json, ApiErr, ApiResult};
 use crate::state::SharedState;
 use crate::store::nodes::{name_of, NodeRow};
@@ -213,6 +214,7 @@ async fn pin_image(s: &SharedState, spec: &mut ServiceSpec) -> ApiResult<()> {
     responses((status = 200, description = "The service after the deploy", body = ServiceInfo)))]
 async fn deploy_service(
     State(s): State<SharedState>,
+    Actor(actor): Actor,
     q: Result<Query<DeployQuery>, QueryRejection>,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<ServiceInfo>> {
@@ -232,7 +234,7 @@ async fn deploy_service(
         SecretsUpdate::Set(seal_secrets(&s, &spec.secrets)?)
     };
     let origin = Origin {
-        created_by: "admin".into(),
+        created_by: actor,
         reason: None,
         force: q.force,
         restart: false,
@@ -268,6 +270,7 @@ async fn show_service(State(s): State<SharedState>, Path(name): Path<String>) ->
     responses((status = 200, description = "The service", body = ServiceInfo)))]
 async fn scale_service(
     State(s): State<SharedState>,
+    Actor(actor): Actor,
     Path(name): Path<String>,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<ServiceInfo>> {
@@ -281,7 +284,7 @@ async fn scale_service(
     spec.replicas = req.replicas;
     spec.validate()?;
     let origin = Origin {
-        created_by: "admin".into(),
+        created_by: actor,
         reason: None,
         force: false,
         restart: false,
@@ -306,6 +309,7 @@ async fn list_releases(State(s): State<SharedState>, Path(name): Path<String>) -
     responses((status = 200, description = "The service", body = ServiceInfo)))]
 async fn rollback_service(
     State(s): State<SharedState>,
+    Actor(actor): Actor,
     Path(name): Path<String>,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<ServiceInfo>> {
@@ -352,7 +356,7 @@ async fn rollback_service(
         None => SecretsUpdate::Clear,
     };
     let origin = Origin {
-        created_by: "admin".into(),
+        created_by: actor,
         reason: Some(format!("rollback to {}", to.number)),
         force: req.force,
         restart: false,
@@ -392,6 +396,7 @@ async fn remove_service(State(s): State<SharedState>, Path(name): Path<String>) 
     responses((status = 200, description = "The service, its restart release started", body = ServiceInfo)))]
 async fn restart_service(
     State(s): State<SharedState>,
+    Actor(actor): Actor,
     Path(name): Path<String>,
     q: Result<Query<DeployQuery>, QueryRejection>,
 ) -> ApiResult<Json<ServiceInfo>> {
@@ -402,7 +407,7 @@ async fn restart_service(
         .await?
         .ok_or_else(|| no_such_service(&name))?;
     let origin = Origin {
-        created_by: "admin".into(),
+        created_by: actor,
         reason: Some("restart".into()),
         force: q.force,
         restart: true,

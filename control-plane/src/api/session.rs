@@ -53,15 +53,33 @@ fn invalid_credentials() -> ApiErr {
 }
 
 /// Signs in with a user's password or the admin token; sets the
-/// `berth_session` cookie (HttpOnly, Secure, SameSite=Strict).
+/// `__Host-berth_session` cookie (HttpOnly, Secure, SameSite=Strict).
 #[utoipa::path(post, path = "/v1/session", tag = "session", request_body = LoginRequest, security(()),
-    responses((status = 200, description = "Signed in; `Set-Cookie: berth_session=...`", body = SessionInfo)))]
+    responses((status = 200, description = "Signed in; `Set-Cookie: __Host-berth_session=...`", body = SessionInfo)))]
 async fn login(
     State(s): State<SharedState>,
     remote: Option<Extension<RemoteAddr>>,
+    headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let start = Instant::now();
+    // JSON only: a cross-site HTML form (text/plain, urlencoded) cannot
+    // send it without a CORS preflight, so no page elsewhere can sign a
+    // browser in as someone else (login CSRF).
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !json {
+        return Err(ApiErr::invalid(
+            "content-type",
+            "content-type: signing in takes application/json",
+        ));
+    }
     let req: LoginRequest = parse_json(&body(raw)?)?;
     let creds = match req {
         LoginRequest {

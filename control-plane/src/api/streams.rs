@@ -470,6 +470,7 @@ fn parse_cmd(v: &str) -> ApiResult<Vec<String>> {
     responses((status = 101, description = "Switching Protocols: a WebSocket to the command")))]
 async fn exec(
     State(s): State<SharedState>,
+    crate::auth::Actor(actor): crate::auth::Actor,
     Path(name): Path<String>,
     q: Result<Query<ExecQuery>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -507,7 +508,7 @@ async fn exec(
     tracing::info!(target: "berth::audit", service = %name, replica = %replica.name, node = %node.name,
         cmd = ?req.cmd, tty = req.tty, "exec");
     let message = format!(
-        "exec in {} by admin{}: {}",
+        "exec in {} by {actor}{}: {}",
         replica.name,
         if req.tty { " (terminal)" } else { "" },
         serde_json::to_string(&req.cmd).unwrap_or_default()

@@ -306,6 +306,16 @@ impl Store {
             &format!("{what} (by {})", origin.created_by),
         )
         .await?;
+        // A restart waiting in the queue is not lost when overtaken: the
+        // new release replaces every replica too.
+        sqlx::query(
+            "UPDATE releases SET restart = 1 WHERE service = $1 AND number = $2 AND EXISTS \
+             (SELECT 1 FROM releases q WHERE q.service = $1 AND q.state = 'queued' AND q.restart <> 0 AND q.number <> $2)",
+        )
+        .bind(&spec.name)
+        .bind(number as i64)
+        .execute(&mut *tx)
+        .await?;
         // Whatever waited in the queue is overtaken by this one.
         let superseded = format!("superseded by release {number} before it started");
         sqlx::query("UPDATE releases SET state = 'failed', reason = $1, finished_at = $2 WHERE service = $3 AND state = 'queued' AND number <> $4")

@@ -92,10 +92,15 @@ impl Store {
     /// The session `id` names, unless it has expired by `now` (an expired
     /// one is deleted on the way).
     pub async fn session(&self, id: &str, now: i64) -> sqlx::Result<Option<SessionRow>> {
-        let row = sqlx::query("SELECT id, user_name, csrf, created_at, expires_at FROM sessions WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        // A session opened while its user was being removed dies with it.
+        let row = sqlx::query(
+            "SELECT id, user_name, csrf, created_at, expires_at FROM sessions WHERE id = $1 \
+             AND (user_name = $2 OR EXISTS (SELECT 1 FROM users WHERE users.name = sessions.user_name))",
+        )
+        .bind(id)
+        .bind(berth_protocol::user::ADMIN_USER)
+        .fetch_optional(&self.pool)
+        .await?;
         let Some(r) = row else { return Ok(None) };
         let s = SessionRow {
             id: r.get(0),
