@@ -156,6 +156,30 @@ test("a join token comes with its setup line", async () => {
   await shot("07-join-token");
 });
 
+test("a node's page shows its peers and its agent's own log", async () => {
+  const [node, peer] = NODES;
+  await page.goto(`${URL}/#/nodes/${node}`);
+  await page.waitForSelector(`main a[href="#/nodes/${peer}"]`, { timeout: WAIT });
+  await page.waitForFunction(() => /\S/.test(document.querySelector("#agent-log")?.textContent || ""),
+    null, { timeout: WAIT });
+  assert.match(await page.locator("#upgrade-state").textContent(), /up to date|upgrading/);
+  await shot("08-node");
+});
+
+test("the events page shows new events as they happen", async () => {
+  await page.click('a[data-nav="events"]');
+  await page.waitForSelector('#events tr[data-kind="deploy"]', { timeout: WAIT });
+  await page.evaluate(() => { window.berthMark = "events page"; });
+  // A restart from elsewhere (this page's own session, outside the UI).
+  const session = await inPage("GET", "/v1/session");
+  const r = await inPage("POST", `/v1/services/${TICKER}/restart`, { "x-csrf-token": session.body.csrf });
+  assert.equal(r.status, 200, JSON.stringify(r.body));
+  await page.waitForFunction((svc) => [...document.querySelectorAll('#events tr[data-kind="deploy"]')]
+    .some((tr) => tr.textContent.includes(svc) && tr.textContent.includes("restart")), TICKER, { timeout: WAIT });
+  assert.equal(await page.evaluate(() => window.berthMark), "events page", "the page was not reloaded");
+  await shot("09-events");
+});
+
 test("the API refuses a cookie request without the CSRF token", async () => {
   const without = await inPage("POST", `/v1/services/${DEMO}/scale`, { "content-type": "application/json" },
     JSON.stringify({ replicas: 1 }));
@@ -171,5 +195,5 @@ test("after signing out no page or API call works", async () => {
   await page.goto(`${URL}/#/services/${DEMO}`);
   await page.waitForSelector("#login-form", { timeout: WAIT });
   assert.equal(await page.locator("#replica-count").count(), 0);
-  await shot("08-signed-out");
+  await shot("10-signed-out");
 });
