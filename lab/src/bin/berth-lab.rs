@@ -142,6 +142,12 @@ async fn run(cmd: LabCmd) -> anyhow::Result<i32> {
             print_nodes(&list);
             println!("\nThe lab is up. Point the CLI at it:");
             println!("  {}", exports(&l));
+            println!(
+                "The dashboard: {}/ (the lab's CA is {}); sign in with a user \
+                 (`berth users add NAME`) or the admin token as the password.",
+                l.url(),
+                l.client_config().ca_file.display()
+            );
             if let (Some(a), Some(b)) = (list.first(), list.get(1)) {
                 println!(
                     "Ping across the mesh:\n  berth lab exec {} {} -- ping -c 3 {}",
