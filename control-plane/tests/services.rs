@@ -47,6 +47,28 @@ async fn deploy(cp: &Cp, spec: serde_json::Value) -> Reply {
     Reply::from(cp.admin(Method::POST, "/v1/services").json(&spec).send().await.unwrap()).await
 }
 
+async fn scale(cp: &Cp, name: &str, replicas: u32) -> Reply {
+    let body = serde_json::json!({ "replicas": replicas });
+    Reply::from(
+        cp.admin(Method::POST, &format!("/v1/services/{name}/scale"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+async fn restart(cp: &Cp, name: &str) -> Reply {
+    Reply::from(
+        cp.admin(Method::POST, &format!("/v1/services/{name}/restart"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
 async fn desired(cp: &Cp, n: &SealedNode) -> DesiredState {
     cp.desired(&n.agent, 0, 1).await.json()
 }
@@ -139,14 +161,7 @@ async fn deploy_scale_move_and_health(db: &Db) {
     // Release 1 completes once every node confirmed; then scale to 3: one per node.
     settle(&cp, &[&a, &b, &c], "web", 1, &|_| true, 0).await;
     // Scale to 0 (below): nothing anywhere, the name stays.
-    let r = Reply::from(
-        cp.admin(Method::POST, "/v1/services/web/scale")
-            .json(&serde_json::json!({"replicas": 3}))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let r = scale(&cp, "web", 3).await;
     let info: ServiceInfo = r.json();
     let mut nodes: Vec<_> = info.replicas.iter().map(|r| r.node.clone()).collect();
     nodes.sort();
@@ -167,14 +182,7 @@ async fn deploy_scale_move_and_health(db: &Db) {
         info.replicas
     );
 
-    let r = Reply::from(
-        cp.admin(Method::POST, "/v1/services/web/scale")
-            .json(&serde_json::json!({"replicas": 0}))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let r = scale(&cp, "web", 0).await;
     // Scaling down drains: out of DNS at once, stopped once every node
     // has loaded that (and the drain time, 0 here, has passed).
     let info: ServiceInfo = r.json();
@@ -328,14 +336,7 @@ async fn rollouts_history_and_rollback(db: &Db) {
     );
 
     // A scale is a release without a rollout.
-    let r = Reply::from(
-        cp.admin(Method::POST, "/v1/services/web/scale")
-            .json(&serde_json::json!({"replicas": 2}))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let r = scale(&cp, "web", 2).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let h = releases_of(&cp, "web").await;
     assert_eq!(
@@ -422,7 +423,7 @@ async fn rollouts_history_and_rollback(db: &Db) {
 
     // A restart is release 9 of the same spec: every replica is replaced.
     let before: Vec<String> = info.replicas.iter().map(|r| r.replica.clone()).collect();
-    let r = Reply::from(cp.admin(Method::POST, "/v1/services/web/restart").send().await.unwrap()).await;
+    let r = restart(&cp, "web").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let info = settle(&cp, &nodes, "web", 9, &|_| true, 2).await;
     assert_eq!(info.current_release, Some(9));
@@ -446,17 +447,10 @@ async fn rollouts_history_and_rollback(db: &Db) {
         .iter()
         .map(|r| r.replica.clone())
         .collect();
-    let r = Reply::from(cp.admin(Method::POST, "/v1/services/web/restart").send().await.unwrap()).await;
+    let r = restart(&cp, "web").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(releases_of(&cp, "web").await[0].state, ReleaseState::Queued);
-    let r = Reply::from(
-        cp.admin(Method::POST, "/v1/services/web/scale")
-            .json(&serde_json::json!({"replicas": 2}))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let r = scale(&cp, "web", 2).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let info = settle(&cp, &nodes, "web", 12, &|_| true, 2).await;
     assert!(
@@ -466,12 +460,6 @@ async fn rollouts_history_and_rollback(db: &Db) {
         "{:?} after {rolling:?}",
         info.replicas
     );
-    let r = Reply::from(
-        cp.admin(Method::POST, "/v1/services/nope/restart")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let r = restart(&cp, "nope").await;
     r.coded(StatusCode::NOT_FOUND, ErrorCode::NotFound, Some("name"));
 }
