@@ -197,7 +197,6 @@ document.getElementById("logout").addEventListener("click", async () => {
 // keeps figures that change without events (CPU, handshakes) current.
 let liveAbort = null;
 let pending = null;
-const listeners = new Set();
 
 function startLive() {
   if (liveAbort) return;
@@ -206,8 +205,7 @@ function startLive() {
   const loop = async () => {
     while (!signal.aborted) {
       try {
-        await follow("/v1/events?follow=true&tail=0", signal, (e) => {
-          listeners.forEach((f) => f(e));
+        await follow("/v1/events?follow=true&tail=0", signal, () => {
           if (!pending) pending = setTimeout(() => { pending = null; current?.refresh(); }, 250);
         });
       } catch (e) {
@@ -365,6 +363,8 @@ function logPane(into, signal, path, id) {
 
 function servicePage(name) {
   let svc = null;
+  // Set once the page's log box exists (below); the builds table calls it.
+  let buildLog = () => {};
   return page(`Service ${name}`, async () => {
     const [info, releases, builds] = await Promise.all([
       api("GET", `/v1/services/${enc(name)}`),
@@ -421,8 +421,6 @@ function servicePage(name) {
     };
   });
 }
-let buildLog = () => {};
-
 function actions(name, svc, refresh) {
   const done = (what) => async (p) => { await p; flash(`${what}: accepted`); refresh(); };
   const deploy = onSubmit(h("form", { class: "inline", id: "deploy-form" },
