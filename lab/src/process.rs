@@ -8,7 +8,7 @@
 //! leader, which a freshly spawned child never is.) This keeps the crate free
 //! of `unsafe` (`pre_exec`), which the workspace denies.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -26,7 +26,7 @@ use nix::unistd::Pid;
 /// passed to `waitpid`: with pid_max at 32768, a stale pid of an exited daemon
 /// is soon reused, and waiting on it could reap another thread's
 /// `Command::output()` child, which then fails with ECHILD.
-static UNREAPED: Mutex<Option<HashSet<u32>>> = Mutex::new(None);
+static UNREAPED: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
 
 /// How often liveness is polled while waiting for a process to end.
 const POLL: Duration = Duration::from_millis(20);
@@ -93,11 +93,7 @@ pub fn spawn_daemon(
     // Dropping `Child` neither kills nor waits; the process is reaped later by
     // `is_alive` (WNOHANG) if we are still its parent when it exits.
     let pid = child.id();
-    UNREAPED
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get_or_insert_with(HashSet::new)
-        .insert(pid);
+    UNREAPED.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
     wait_exec(pid, program);
     Ok(pid)
 }
@@ -137,10 +133,10 @@ fn target(pid: u32) -> Option<Pid> {
 /// Reaps `pid` if it is an exited daemon that this process spawned. Returns
 /// true if it was reaped.
 fn reap(pid: Pid) -> bool {
-    let mut unreaped = UNREAPED.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(set) = unreaped.as_mut().filter(|s| s.contains(&(pid.as_raw() as u32))) else {
+    let mut set = UNREAPED.lock().unwrap_or_else(|e| e.into_inner());
+    if !set.contains(&(pid.as_raw() as u32)) {
         return false;
-    };
+    }
     match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
         Ok(nix::sys::wait::WaitStatus::StillAlive) => false,
         Ok(_) => {
