@@ -52,16 +52,18 @@ fn open_secrets(s: &SharedState, sealed: Option<&str>) -> BTreeMap<String, Strin
 }
 
 /// What every service's view reads once: nodes, replicas and the usage
-/// figures, so listing many services copies nothing per service.
-struct FleetView {
+/// figures, so listing many services copies nothing per service. Read
+/// fresh, not from `desired::FleetView`: replica states and heartbeats
+/// change without a new revision.
+struct ServiceListing {
     nodes: Vec<NodeRow>,
     replicas: Vec<ReplicaRow>,
     usage: std::collections::HashMap<String, (Option<u32>, Option<u64>)>,
 }
 
-impl FleetView {
-    async fn read(s: &SharedState) -> ApiResult<FleetView> {
-        Ok(FleetView {
+impl ServiceListing {
+    async fn read(s: &SharedState) -> ApiResult<ServiceListing> {
+        Ok(ServiceListing {
             nodes: s.store.list_nodes().await?,
             replicas: s.store.list_replicas().await?,
             usage: s.usage.lock().map(|u| u.replicas.clone()).unwrap_or_default(),
@@ -70,10 +72,10 @@ impl FleetView {
 }
 
 async fn service_info(s: &SharedState, row: &ServiceRow) -> ApiResult<ServiceInfo> {
-    service_info_in(s, row, &FleetView::read(s).await?).await
+    service_info_in(s, row, &ServiceListing::read(s).await?).await
 }
 
-async fn service_info_in(s: &SharedState, row: &ServiceRow, fleet: &FleetView) -> ApiResult<ServiceInfo> {
+async fn service_info_in(s: &SharedState, row: &ServiceRow, fleet: &ServiceListing) -> ApiResult<ServiceInfo> {
     let secret_names = open_secrets(s, row.secrets_sealed.as_deref()).into_keys().collect();
     let latest = s.store.list_releases(&row.name).await?.into_iter().next();
     Ok(ServiceInfo {
@@ -245,7 +247,7 @@ async fn deploy_service(
 #[utoipa::path(get, path = "/v1/services", tag = "services",
     responses((status = 200, description = "Every service", body = Vec<ServiceInfo>)))]
 async fn list_services(State(s): State<SharedState>) -> ApiResult<Json<Vec<ServiceInfo>>> {
-    let fleet = FleetView::read(&s).await?;
+    let fleet = ServiceListing::read(&s).await?;
     let mut out = vec![];
     for row in s.store.list_services().await? {
         out.push(service_info_in(&s, &row, &fleet).await?);
