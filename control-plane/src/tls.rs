@@ -43,7 +43,7 @@ fn ca_params() -> CertificateParams {
 
 pub use berth_protocol::keyfile::write_private;
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
