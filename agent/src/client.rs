@@ -3,6 +3,7 @@
 
 use anyhow::{anyhow, bail, Context};
 use berth_protocol::build::{BuildDone, BuildJob, BuildLogAck, BuilderQuery};
+use berth_protocol::delta::DesiredUpdate;
 use berth_protocol::signing::{self, HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use berth_protocol::token::{ca_hash, JoinToken};
 use berth_protocol::{ApiError, DesiredState, RegisterRequest, RegisterResponse, StatusReport};
@@ -18,6 +19,9 @@ pub struct Client {
     base: reqwest::Url,
     key: SigningKey,
     node_id: String,
+    /// The last document received and the control plane's view it came
+    /// from: what the next long-poll's delta applies to.
+    held: std::sync::Mutex<Option<(u64, DesiredState)>>,
 }
 
 /// A stream's WebSocket to the control plane.
@@ -118,6 +122,7 @@ impl Client {
             base: reqwest::Url::parse(url).with_context(|| format!("--url {url:?}"))?,
             key,
             node_id,
+            held: Default::default(),
         })
     }
 
@@ -169,22 +174,55 @@ impl Client {
         Ok(resp.json().await?)
     }
 
-    /// Long-polls for a desired state newer than `after`.
+    /// Long-polls for a desired state newer than `after`. Asks for a delta
+    /// against the last document received (see [`berth_protocol::delta`])
+    /// and returns the merged, whole document.
     pub async fn poll_desired(&self, after: u64, wait_secs: u64) -> anyhow::Result<Poll> {
+        let base = self.held_view();
+        let mut path = format!("/v1/agent/desired?after={after}&wait={wait_secs}&delta=true");
+        if let Some(view) = base {
+            path.push_str(&format!("&base={view}"));
+        }
         let resp = self
-            .signed(
-                Method::GET,
-                &format!("/v1/agent/desired?after={after}&wait={wait_secs}"),
-                vec![],
-            )?
+            .signed(Method::GET, &path, vec![])?
             .timeout(Duration::from_secs(wait_secs + 15))
             .send()
             .await?;
         match resp.status() {
             StatusCode::NO_CONTENT => Ok(Poll::Unchanged),
-            s if s.is_success() => Ok(Poll::Changed(Box::new(resp.json().await?))),
+            s if s.is_success() => {
+                let update: DesiredUpdate = resp.json().await?;
+                Ok(Poll::Changed(Box::new(self.merge(update)?)))
+            }
             _ => Err(refused(resp).await.into()),
         }
+    }
+
+    fn held_view(&self) -> Option<u64> {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.as_ref().map(|(view, _)| *view)
+    }
+
+    /// Brings the held document to `update`'s view and returns a copy.
+    fn merge(&self, update: DesiredUpdate) -> anyhow::Result<DesiredState> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let doc = match (update.full, update.delta, held.take()) {
+            (Some(full), _, _) => {
+                crate::metrics::desired_answer(false);
+                full
+            }
+            (None, Some(delta), Some((view, mut doc))) if view == delta.base => {
+                crate::metrics::desired_answer(true);
+                delta.apply(&mut doc);
+                doc
+            }
+            // Nothing held (now) to apply it to: the next poll, with no
+            // base, gets the full document.
+            (None, Some(delta), _) => bail!("a delta from view {} arrived for no document of it", delta.base),
+            (None, None, _) => bail!("the control plane's answer has neither `full` nor `delta`"),
+        };
+        *held = Some((update.view, doc.clone()));
+        Ok(doc)
     }
 
     pub async fn report(&self, report: &StatusReport) -> anyhow::Result<()> {

@@ -41,6 +41,20 @@ pub fn dns(answer: DnsAnswer) {
     DNS[answer as usize].fetch_add(1, Ordering::Relaxed);
 }
 
+/// Desired-state answers received, by kind: a whole document, or a delta.
+static DESIRED: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+const DESIRED_LABELS: [&str; 2] = ["full", "delta"];
+
+/// The long-poll answered with a delta (true) or a whole document.
+pub fn desired_answer(delta: bool) {
+    DESIRED[delta as usize].fetch_add(1, Ordering::Relaxed);
+}
+
+/// (whole documents, deltas) received so far.
+pub fn desired_answers() -> (u64, u64) {
+    (DESIRED[0].load(Ordering::Relaxed), DESIRED[1].load(Ordering::Relaxed))
+}
+
 static STREAMS: AtomicU64 = AtomicU64::new(0);
 
 /// Counts a live `berth logs` / `berth exec` stream while it lives.
@@ -327,6 +341,19 @@ pub async fn render(snapshot: &SharedSnapshot, podman: &Podman) -> String {
             out,
             "berth_dns_queries_total{{answer=\"{label}\"}} {}",
             DNS[i].load(Ordering::Relaxed)
+        );
+    }
+    family(
+        &mut out,
+        "berth_agent_desired_answers_total",
+        "counter",
+        "Desired-state answers from the control plane: whole documents, or deltas.",
+    );
+    for (i, label) in DESIRED_LABELS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "berth_agent_desired_answers_total{{kind=\"{label}\"}} {}",
+            DESIRED[i].load(Ordering::Relaxed)
         );
     }
     out

@@ -162,7 +162,14 @@ pub async fn require_node(
     let ts = header(headers, HEADER_TIMESTAMP)?;
     let nonce = header(headers, HEADER_NONCE)?;
     let sig = header(headers, HEADER_SIGNATURE)?;
-    let node = state.store.get_node(node_id).await?.ok_or_else(|| {
+    // The fleet view holds every node at the current revision; a node
+    // registered or removed since is looked up in the store.
+    let known = state.fleet_view().await?.node(node_id).cloned();
+    let node = match known {
+        Some(n) => Some(n),
+        None => state.store.get_node(node_id).await?,
+    };
+    let node = node.ok_or_else(|| {
         ApiErr::unauthorized(
             HEADER_NODE,
             format!("{HEADER_NODE}: unknown node {node_id:?} (removed?)"),
@@ -178,8 +185,8 @@ pub async fn require_node(
     signing::verify(&key, method.as_str(), path_and_query(uri), body, &signed, now).map_err(refused)?;
     let ts: i64 = ts.parse().unwrap_or(now);
     let fresh = state
-        .store
-        .record_nonce(&node.id, nonce, ts + signing::MAX_CLOCK_SKEW_SECS + 1)
+        .replay
+        .fresh(&node.id, nonce, ts + signing::MAX_CLOCK_SKEW_SECS + 1)
         .await?;
     if !fresh {
         return Err(ApiErr::unauthorized(HEADER_NONCE, format!("{HEADER_NONCE}: replayed")));

@@ -15,9 +15,9 @@ use berth_protocol::proxy::{
 use berth_protocol::service::{ContainerDesired, DnsReplica};
 use berth_protocol::{DesiredState, DnsService, NodeSelf, Peer, Role};
 use ipnet::Ipv4Net;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use x25519_dalek::StaticSecret;
 
 /// The whole fleet as the store had it at one cluster revision: nodes,
@@ -25,7 +25,19 @@ use x25519_dalek::StaticSecret;
 #[derive(Debug, Default)]
 pub struct FleetView {
     pub revision: i64,
+    /// Names this view among every view this process builds (random, so a
+    /// view of a control plane that restarted never passes for one of its
+    /// predecessor's): the `base` of a delta.
+    pub id: u64,
+    /// Sorted by name (bytewise), as documents list peers.
     pub nodes: Vec<NodeRow>,
+    /// Index into `nodes` by node id.
+    by_id: HashMap<String, usize>,
+    /// Node ids whose peer entry differs from the view built before this
+    /// one (added, changed or removed): what a delta's peers come from.
+    pub peers_changed: HashSet<String>,
+    /// DNS records, built once per view.
+    dns: OnceLock<Vec<DnsService>>,
     pub services: Vec<ServiceRow>,
     pub replicas: Vec<ReplicaRow>,
     /// The releases some replica runs: a replica runs its release's spec.
@@ -52,7 +64,7 @@ pub struct Routes {
 }
 
 /// A node's peer entry, encoded with each endpoint another node may be given.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct PeerJson {
     /// Endpoint = its private address (for nodes on the same network).
     pub private: Option<Vec<u8>>,
@@ -76,7 +88,16 @@ fn same_network(a: &NodeRow, b: &NodeRow) -> bool {
 }
 
 impl FleetView {
-    pub fn new(revision: i64, nodes: Vec<NodeRow>, services: Vec<ServiceRow>, replicas: Vec<ReplicaRow>) -> FleetView {
+    pub fn new(
+        revision: i64,
+        mut nodes: Vec<NodeRow>,
+        services: Vec<ServiceRow>,
+        replicas: Vec<ReplicaRow>,
+    ) -> FleetView {
+        // The store's ORDER BY name follows the database's collation; the
+        // documents and the agents' merged deltas sort bytewise.
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let by_id = nodes.iter().enumerate().map(|(i, n)| (n.id.clone(), i)).collect();
         let peer_json = nodes
             .iter()
             .map(|n| {
@@ -90,7 +111,11 @@ impl FleetView {
             .collect();
         FleetView {
             revision,
+            id: rand::random::<u64>() >> 11,
             nodes,
+            by_id,
+            peers_changed: HashSet::new(),
+            dns: OnceLock::new(),
             services,
             replicas,
             releases: vec![],
@@ -116,6 +141,33 @@ impl FleetView {
         self
     }
 
+    /// Records which peer entries differ from `prev`'s, the view built
+    /// before this one.
+    pub fn after(mut self, prev: &FleetView) -> FleetView {
+        let mut changed: HashSet<String> = prev
+            .peer_json
+            .keys()
+            .filter(|id| !self.peer_json.contains_key(*id))
+            .cloned()
+            .collect();
+        for (id, pj) in &self.peer_json {
+            if prev.peer_json.get(id) != Some(pj) {
+                changed.insert(id.clone());
+            }
+        }
+        self.peers_changed = changed;
+        self
+    }
+
+    pub fn node(&self, id: &str) -> Option<&NodeRow> {
+        self.by_id.get(id).and_then(|&i| self.nodes.get(i))
+    }
+
+    /// Every service's replicas as DNS answers them, built on first use.
+    pub fn dns(&self) -> &[DnsService] {
+        self.dns.get_or_init(|| dns_records(self))
+    }
+
     /// The spec and sealed secrets replica `r` runs: its release's, or the
     /// service's newest when the release is not in the view.
     fn spec_of(&self, r: &ReplicaRow) -> Option<(&berth_protocol::service::ServiceSpec, Option<&str>)> {
@@ -135,12 +187,21 @@ impl FleetView {
 /// both sit on the same network, otherwise its public address. (The
 /// encoded documents pick between the two pre-encoded peer entries by the
 /// same rule.)
-#[cfg(test)]
 fn endpoint(from: &NodeRow, to: &NodeRow) -> Option<SocketAddr> {
     if let (true, Some(b)) = (same_network(from, to), to.private_addr) {
         return Some(SocketAddr::new(IpAddr::V4(b.addr()), to.wg_port));
     }
     to.public_ip.map(|ip| SocketAddr::new(ip, to.wg_port))
+}
+
+/// How a document carries what is sealed (secrets, certificate keys).
+#[derive(Clone, Copy)]
+pub enum Sealing<'a> {
+    /// Resealed to the node, with the control plane's key: what is sent.
+    ToNode(&'a StaticSecret),
+    /// As the store keeps it, sealed to the control plane: sealing is
+    /// randomised, so two views' documents are compared in this form.
+    Stable,
 }
 
 /// Reseals a service's secrets (sealed to the control plane) to one node.
@@ -173,7 +234,7 @@ pub fn dns_records(fleet: &FleetView) -> Vec<DnsService> {
 }
 
 /// The containers `node` runs: its replicas, secrets sealed to its key.
-pub fn containers(fleet: &FleetView, node: &NodeRow, cp_key: &StaticSecret) -> Vec<ContainerDesired> {
+pub fn containers(fleet: &FleetView, node: &NodeRow, sealing: Sealing) -> Vec<ContainerDesired> {
     fleet
         .replicas
         .iter()
@@ -187,7 +248,10 @@ pub fn containers(fleet: &FleetView, node: &NodeRow, cp_key: &StaticSecret) -> V
                 ip: r.ip,
                 port: spec.port,
                 env: spec.env.clone(),
-                sealed_secrets: secrets_sealed.and_then(|x| reseal(cp_key, x, node.sealing_key.as_deref())),
+                sealed_secrets: secrets_sealed.and_then(|x| match sealing {
+                    Sealing::ToNode(cp_key) => reseal(cp_key, x, node.sealing_key.as_deref()),
+                    Sealing::Stable => Some(x.to_string()),
+                }),
                 command: spec.command.clone(),
                 cpu: spec.cpu,
                 memory: spec.memory,
@@ -212,8 +276,8 @@ fn for_node(
     subnet_pool: Ipv4Net,
     cp_key: &StaticSecret,
 ) -> Option<DesiredState> {
-    let mut d = without_peers(fleet, node_id, mesh, subnet_pool, cp_key)?;
-    let me = fleet.nodes.iter().find(|n| n.id == node_id)?;
+    let mut d = without_peers(fleet, node_id, mesh, subnet_pool, Sealing::ToNode(cp_key))?;
+    let me = fleet.node(node_id)?;
     d.peers = fleet
         .nodes
         .iter()
@@ -228,31 +292,39 @@ fn without_peers(
     node_id: &str,
     mesh: Ipv4Net,
     subnet_pool: Ipv4Net,
-    cp_key: &StaticSecret,
+    sealing: Sealing,
 ) -> Option<DesiredState> {
-    let me = fleet.nodes.iter().find(|n| n.id == node_id)?;
+    let me = fleet.node(node_id)?;
     Some(DesiredState {
         revision: me.revision as u64,
-        node: NodeSelf {
-            node_id: me.id.clone(),
-            name: me.name.clone(),
-            role: me.role,
-            mesh_ip: me.mesh_ip,
-            mesh_cidr: mesh.to_string(),
-            subnet: me.subnet.to_string(),
-            subnet_pool: subnet_pool.to_string(),
-            wg_port: me.wg_port,
-        },
+        node: node_self(me, mesh, subnet_pool),
         peers: vec![],
-        containers: containers(fleet, me, cp_key),
-        dns: dns_records(fleet),
-        proxy: proxy(fleet, me, cp_key),
+        containers: containers(fleet, me, sealing),
+        dns: fleet.dns().to_vec(),
+        proxy: proxy(fleet, me, sealing),
         upgrade_to: me.target_version.clone(),
-        registry: fleet.registry.as_ref().map(|r| berth_protocol::api::RegistryAccess {
-            host: r.host.clone(),
-            username: me.name.clone(),
-            password: r.node_password(&me.id),
-        }),
+        registry: registry_access(fleet, me),
+    })
+}
+
+fn node_self(me: &NodeRow, mesh: Ipv4Net, subnet_pool: Ipv4Net) -> NodeSelf {
+    NodeSelf {
+        node_id: me.id.clone(),
+        name: me.name.clone(),
+        role: me.role,
+        mesh_ip: me.mesh_ip,
+        mesh_cidr: mesh.to_string(),
+        subnet: me.subnet.to_string(),
+        subnet_pool: subnet_pool.to_string(),
+        wg_port: me.wg_port,
+    }
+}
+
+fn registry_access(fleet: &FleetView, me: &NodeRow) -> Option<berth_protocol::api::RegistryAccess> {
+    fleet.registry.as_ref().map(|r| berth_protocol::api::RegistryAccess {
+        host: r.host.clone(),
+        username: me.name.clone(),
+        password: r.node_password(&me.id),
     })
 }
 
@@ -288,7 +360,7 @@ fn sealed_key(fleet: &FleetView, node: &NodeRow, d: &DomainRow, cp_key: &StaticS
 }
 
 /// What a proxy node serves; None for workers.
-pub fn proxy(fleet: &FleetView, me: &NodeRow, cp_key: &StaticSecret) -> Option<ProxyDesired> {
+pub fn proxy(fleet: &FleetView, me: &NodeRow, sealing: Sealing) -> Option<ProxyDesired> {
     if me.role != Role::Proxy {
         return None;
     }
@@ -310,7 +382,11 @@ pub fn proxy(fleet: &FleetView, me: &NodeRow, cp_key: &StaticSecret) -> Option<P
             upstreams: ups,
         });
         // A proxy without a sealing key cannot be sent keys: no certificate.
-        if let (Some(chain), Some(key)) = (&d.chain_pem, sealed_key(fleet, me, d, cp_key)) {
+        let key = match sealing {
+            Sealing::ToNode(cp_key) => sealed_key(fleet, me, d, cp_key),
+            Sealing::Stable => me.sealing_key.as_ref().and(d.key_sealed.clone()),
+        };
+        if let (Some(chain), Some(key)) = (&d.chain_pem, key) {
             p.certs.push(CertDesired {
                 domain: d.spec.domain.clone(),
                 chain_pem: chain.clone(),
@@ -354,8 +430,8 @@ pub fn encode_for_node(
     subnet_pool: Ipv4Net,
     cp_key: &StaticSecret,
 ) -> Option<(u64, Vec<u8>)> {
-    let d = without_peers(fleet, node_id, mesh, subnet_pool, cp_key)?;
-    let me = fleet.nodes.iter().find(|n| n.id == node_id)?;
+    let d = without_peers(fleet, node_id, mesh, subnet_pool, Sealing::ToNode(cp_key))?;
+    let me = fleet.node(node_id)?;
     let head = serde_json::to_vec(&d).ok()?;
     const EMPTY: &[u8] = b"\"peers\":[]";
     // The first match is the top-level field: `node` holds no such key and
@@ -378,6 +454,90 @@ pub fn encode_for_node(
     }
     out.extend_from_slice(&head[at..]);
     Some((d.revision, out))
+}
+
+/// The answer to a `delta=true` long-poll (a [`DesiredUpdate`]), as JSON:
+/// the changes since `base` (a view of this process and the peers changed
+/// after it, from [`crate::state::AppState::delta_base`]) when it can be
+/// diffed against, else the full document flagged as one. None when the
+/// node is not in `fleet`. Returns the node's revision and the bytes.
+///
+/// [`DesiredUpdate`]: berth_protocol::delta::DesiredUpdate
+pub fn encode_update(
+    fleet: &FleetView,
+    base: Option<(&FleetView, &HashSet<String>)>,
+    node_id: &str,
+    mesh: Ipv4Net,
+    subnet_pool: Ipv4Net,
+    cp_key: &StaticSecret,
+) -> Option<(u64, Vec<u8>)> {
+    if let Some(d) = base.and_then(|(b, changed)| delta(b, fleet, changed, node_id, mesh, subnet_pool, cp_key)) {
+        let revision = d.revision;
+        let update = berth_protocol::delta::DesiredUpdate {
+            view: fleet.id,
+            full: None,
+            delta: Some(d),
+        };
+        return Some((revision, serde_json::to_vec(&update).ok()?));
+    }
+    let (revision, doc) = encode_for_node(fleet, node_id, mesh, subnet_pool, cp_key)?;
+    let mut out = Vec::with_capacity(doc.len() + 40);
+    out.extend_from_slice(format!("{{\"view\":{},\"full\":", fleet.id).as_bytes());
+    out.extend_from_slice(&doc);
+    out.push(b'}');
+    Some((revision, out))
+}
+
+/// What turns `node_id`'s document in `base` into its document in `cur`;
+/// None when it must be sent whole: the node is new to one of the views, or
+/// its own address or sealing key changed (which changes every endpoint
+/// or every sealed value it is sent).
+fn delta(
+    base: &FleetView,
+    cur: &FleetView,
+    peers_changed: &HashSet<String>,
+    node_id: &str,
+    mesh: Ipv4Net,
+    subnet_pool: Ipv4Net,
+    cp_key: &StaticSecret,
+) -> Option<berth_protocol::delta::DesiredDelta> {
+    let (was, me) = (base.node(node_id)?, cur.node(node_id)?);
+    if was.private_addr != me.private_addr || was.sealing_key != me.sealing_key {
+        return None;
+    }
+    let mut d = berth_protocol::delta::DesiredDelta {
+        base: base.id,
+        revision: me.revision as u64,
+        ..Default::default()
+    };
+    let node = node_self(me, mesh, subnet_pool);
+    if node_self(was, mesh, subnet_pool) != node {
+        d.node = Some(node);
+    }
+    for id in peers_changed.iter().filter(|id| *id != node_id) {
+        match cur.node(id) {
+            Some(n) => d.peers_set.push(peer(n, endpoint(me, n))),
+            None if base.node(id).is_some() => d.peers_removed.push(id.clone()),
+            None => {}
+        }
+    }
+    if containers(base, was, Sealing::Stable) != containers(cur, me, Sealing::Stable) {
+        d.containers = Some(containers(cur, me, Sealing::ToNode(cp_key)));
+    }
+    if base.dns() != cur.dns() {
+        d.dns = Some(cur.dns().to_vec());
+    }
+    if proxy(base, was, Sealing::Stable) != proxy(cur, me, Sealing::Stable) {
+        d.proxy = proxy(cur, me, Sealing::ToNode(cp_key));
+    }
+    if was.target_version != me.target_version {
+        d.upgrade_to = Some(me.target_version.clone());
+    }
+    let registry = registry_access(cur, me);
+    if registry_access(base, was) != registry {
+        d.registry = Some(registry);
+    }
+    Some(d)
 }
 
 #[cfg(test)]
@@ -422,15 +582,12 @@ mod tests {
 
     #[test]
     fn desired_state_lists_every_other_node_at_the_nodes_revision() {
-        let fleet = FleetView {
-            revision: 9,
-            nodes: vec![
-                node("a", Some("198.18.0.11/24"), None, "10.100.0.1", 9),
-                node("b", Some("198.18.0.12/24"), None, "10.100.0.2", 9),
-                node("c", Some("198.18.0.13/24"), None, "10.100.0.3", 7),
-            ],
-            ..Default::default()
-        };
+        let nodes = vec![
+            node("a", Some("198.18.0.11/24"), None, "10.100.0.1", 9),
+            node("b", Some("198.18.0.12/24"), None, "10.100.0.2", 9),
+            node("c", Some("198.18.0.13/24"), None, "10.100.0.3", 7),
+        ];
+        let fleet = FleetView::new(9, nodes, vec![], vec![]);
         let mesh = "10.100.0.0/16".parse().unwrap();
         let pool = "10.200.0.0/13".parse().unwrap();
         let key = StaticSecret::from([3u8; 32]);
@@ -549,3 +706,6 @@ mod tests {
         assert_eq!(a.peers[2].endpoint, None);
     }
 }
+
+#[cfg(test)]
+mod delta_tests;

@@ -11,9 +11,11 @@ pub mod dashboard;
 pub mod desired;
 pub mod error;
 pub mod events;
+pub mod heartbeats;
 pub mod metrics;
 pub mod placement;
 pub mod registry;
+pub mod replay;
 pub mod rollout;
 pub mod server;
 pub mod sessions;
@@ -125,6 +127,8 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Started> {
         tokio::spawn(state::follow_other_replicas(state.clone(), cfg.database.clone()));
     }
     tokio::spawn(prune_nonces(store.clone()));
+    tokio::spawn(replay::write_behind(state.clone()));
+    tokio::spawn(heartbeats::write_behind(state.clone()));
     // Made now, so the first failed sign-in takes no longer than the others.
     let warm = state.clone();
     tokio::spawn(async move {

@@ -122,7 +122,6 @@ impl AsyncWrite for Lingering {
 mod tests {
     use super::*;
     use axum::http::StatusCode;
-    use axum::routing::post;
 
     /// A client that sends a whole request (headers, then a body bigger
     /// than the socket buffers) before it reads the answer, as
@@ -155,7 +154,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tls = crate::tls::generated(dir.path(), &["127.0.0.1".into()]).unwrap();
         // Answers without reading the body, as an auth check does.
-        let app = Router::new().route("/upload", post(|| async { StatusCode::UNAUTHORIZED }));
+        let app = Router::new().fallback(|| async { StatusCode::UNAUTHORIZED });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(serve_tls(listener, tls.server_config.clone(), app));

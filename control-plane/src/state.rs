@@ -4,6 +4,7 @@
 use crate::desired::FleetView;
 use crate::store::nodes::Pools;
 use crate::store::{Database, Store};
+use std::collections::HashSet;
 use std::sync::Arc;
 use tokio::sync::{watch, Mutex};
 
@@ -41,17 +42,32 @@ pub struct AppState {
     pub metrics_token_hash: Option<String>,
     /// Dashboard sign-in: session settings and failed-attempt counts.
     pub sessions: crate::sessions::Sessions,
+    /// Nonces of node-signed requests.
+    pub replay: crate::replay::Replay,
+    /// The status-report hot path.
+    pub heartbeats: crate::heartbeats::Heartbeats,
     revision: watch::Sender<i64>,
     fleet_view: Mutex<Arc<FleetView>>,
+    /// The last [`VIEW_HISTORY`] views, oldest first: the bases deltas
+    /// are built against.
+    views: std::sync::Mutex<std::collections::VecDeque<Arc<FleetView>>>,
 }
+
+/// Views kept for deltas. An agent whose base is older gets a full
+/// document; each view holds every node row and peer entry (about 1 KB
+/// per node).
+pub const VIEW_HISTORY: usize = 16;
 
 pub type SharedState = Arc<AppState>;
 
-/// The CPU and memory nodes last reported with a heartbeat: shown by
-/// `berth nodes list` and `berth service show`, kept in memory only.
+/// The CPU and memory nodes last reported with a heartbeat, and the mesh
+/// peers they last reported: shown by `berth nodes list` and `berth
+/// service show`, kept in memory only.
 #[derive(Default)]
 pub struct UsageBoard {
     pub nodes: std::collections::HashMap<String, berth_protocol::NodeUsage>,
+    /// By node id: its peers' handshakes, from its last report with peers.
+    pub peers: std::collections::HashMap<String, Vec<berth_protocol::PeerStatus>>,
     /// By replica name: (thousandths of a core, memory bytes).
     pub replicas: std::collections::HashMap<String, (Option<u32>, Option<u64>)>,
 }
@@ -59,6 +75,9 @@ pub struct UsageBoard {
 impl UsageBoard {
     /// Takes in a heartbeat's figures; a report without them changes nothing.
     pub fn report(&mut self, node_id: &str, report: &berth_protocol::StatusReport) {
+        if !report.peers.is_empty() {
+            self.peers.insert(node_id.to_string(), report.peers.clone());
+        }
         let Some(u) = report.usage else { return };
         self.nodes.insert(node_id.to_string(), u);
         for c in &report.containers {
@@ -104,6 +123,8 @@ impl AppState {
         } = parts;
         let rev = store.revision().await?;
         let (tx, _) = watch::channel(rev);
+        let replay = crate::replay::Replay::new(store.clone()).await?;
+        let heartbeats = crate::heartbeats::Heartbeats::new(store.database == Database::Sqlite);
         Ok(Arc::new(AppState {
             store,
             pools,
@@ -124,11 +145,11 @@ impl AppState {
             usage: Default::default(),
             metrics_token_hash,
             sessions: crate::sessions::Sessions::new(sessions),
+            replay,
+            heartbeats,
             revision: tx,
-            fleet_view: Mutex::new(Arc::new(FleetView {
-                revision: -1,
-                ..Default::default()
-            })),
+            fleet_view: Mutex::new(Arc::new(FleetView::new(-1, vec![], vec![], vec![]))),
+            views: Default::default(),
         }))
     }
 
@@ -189,9 +210,31 @@ impl AppState {
             FleetView::new(revision, nodes, services, replicas)
                 .with_routes(routes)
                 .with_releases(releases)
-                .with_registry(self.registry.clone()),
+                .with_registry(self.registry.clone())
+                .after(&cached),
         );
+        let mut views = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        views.push_back(cached.clone());
+        while views.len() > VIEW_HISTORY {
+            views.pop_front();
+        }
         Ok(cached.clone())
+    }
+
+    /// The view `base` and every node id whose peer entry changed between
+    /// it and `cur`; None when `base` is no longer (or never was) kept.
+    pub fn delta_base(&self, base: u64, cur: &FleetView) -> Option<(Arc<FleetView>, HashSet<String>)> {
+        let views = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        let from = views.iter().position(|v| v.id == base)?;
+        let to = views.iter().position(|v| v.id == cur.id)?;
+        if to < from {
+            return None;
+        }
+        let changed = views
+            .range(from + 1..=to)
+            .flat_map(|v| v.peers_changed.iter().cloned())
+            .collect();
+        Some((views[from].clone(), changed))
     }
 }
 

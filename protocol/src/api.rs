@@ -233,6 +233,14 @@ pub struct DesiredQuery {
     /// Seconds to wait for that before answering 204 (default 25, at most 60).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait: Option<u64>,
+    /// Answer with a [`crate::delta::DesiredUpdate`]: the changes since
+    /// the document of view `base`, or a full document flagged as one.
+    /// Without it (agents before deltas) the answer is a [`DesiredState`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<bool>,
+    /// The view of the document the agent holds (the last answer's `view`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<u64>,
 }
 
 /// Heartbeat and apply report, posted by the agent.

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod build;
+pub mod delta;
 pub mod error;
 pub mod event;
 pub mod keyfile;

@@ -19,7 +19,8 @@ use berth_protocol::names::validate_dns_label;
 use berth_protocol::signing::validate_wg_key;
 use berth_protocol::token::JoinToken;
 use berth_protocol::{
-    DesiredQuery, DesiredState, ErrorCode, RegisterRequest, RegisterResponse, Revision, StatusReport, TokenState,
+    delta::DesiredUpdate, DesiredQuery, DesiredState, ErrorCode, RegisterRequest, RegisterResponse, Revision,
+    StatusReport, TokenState,
 };
 use std::net::IpAddr;
 use std::time::Duration;
@@ -132,10 +133,13 @@ pub(super) async fn register(
 }
 
 /// Long-poll: answers at once if the node's revision is past `after`,
-/// otherwise waits until it is (or `wait` seconds pass: 204).
+/// otherwise waits until it is (or `wait` seconds pass: 204). With
+/// `delta=true` the answer is a `DesiredUpdate` (the changes since the
+/// document of view `base`), else the whole `DesiredState`.
 #[utoipa::path(get, path = "/v1/agent/desired", tag = "agent", params(DesiredQuery),
     responses(
-        (status = 200, description = "The node's desired state", body = DesiredState),
+        (status = 200, description = "The node's desired state, or with `delta=true` the changes since `base`",
+            body = DesiredState, content((DesiredState), (DesiredUpdate))),
         (status = 204, description = "Still at `after` when `wait` ran out"),
     ))]
 async fn desired_state(
@@ -154,7 +158,14 @@ async fn desired_state(
     let mut waited = None;
     loop {
         let fleet = s.fleet_view().await?;
-        match desired::encode_for_node(&fleet, &node.id, s.pools.mesh, s.pools.subnets, &s.secrets_key) {
+        let answer = if q.delta == Some(true) {
+            let base = q.base.and_then(|b| s.delta_base(b, &fleet));
+            let base = base.as_ref().map(|(view, changed)| (&**view, changed));
+            desired::encode_update(&fleet, base, &node.id, s.pools.mesh, s.pools.subnets, &s.secrets_key)
+        } else {
+            desired::encode_for_node(&fleet, &node.id, s.pools.mesh, s.pools.subnets, &s.secrets_key)
+        };
+        match answer {
             None => {
                 return Err(ApiErr::new(StatusCode::GONE, ErrorCode::Gone, "node: removed from the fleet").on("node"))
             }
@@ -190,10 +201,18 @@ async fn status(
     let raw = body(raw)?;
     let node = require_node(&s, &method, &uri, &headers, &raw).await?;
     let report: StatusReport = parse_json(&raw)?;
-    s.store.record_status(&node.id, &report).await?;
     if let Ok(mut u) = s.usage.lock() {
         u.report(&node.id, &report);
     }
+    let fingerprint = crate::heartbeats::fingerprint(&report);
+    if s.heartbeats
+        .same_as_recorded(&node.id, fingerprint, crate::store::now())
+    {
+        return Ok(Json(Revision {
+            revision: node.revision as u64,
+        }));
+    }
+    s.store.record_status(&node.id, &report).await?;
     if let Some(rev) = s.store.advance_rollout(&node.id, &report.agent_version).await? {
         s.revision_moved(rev).await;
     }
@@ -202,6 +221,7 @@ async fn status(
     }
     // A report may confirm a revision a rollout waits for.
     s.rollout_wake.notify_one();
+    s.heartbeats.recorded(&node.id, fingerprint);
     Ok(Json(Revision {
         revision: node.revision as u64,
     }))

@@ -31,13 +31,16 @@ pub fn routes() -> AdminRoutes {
     responses((status = 200, description = "The nodes", body = Vec<NodeInfo>)))]
 async fn list_nodes(State(s): State<SharedState>) -> ApiResult<Json<Vec<NodeInfo>>> {
     let nodes = s.store.list_nodes().await?;
-    let statuses = s.store.node_statuses().await?;
     let names: HashMap<&str, &str> = nodes
         .iter()
         .map(|n| (n.wg_public_key.as_str(), n.name.as_str()))
         .collect();
     let now = now();
-    let usage = s.usage.lock().map(|u| u.nodes.clone()).unwrap_or_default();
+    let (usage, peers) = s
+        .usage
+        .lock()
+        .map(|u| (u.nodes.clone(), u.peers.clone()))
+        .unwrap_or_default();
     let list = nodes
         .iter()
         .map(|n| NodeInfo {
@@ -54,10 +57,10 @@ async fn list_nodes(State(s): State<SharedState>) -> ApiResult<Json<Vec<NodeInfo
             applied_revision: n.applied_revision as u64,
             agent_version: n.agent_version.clone(),
             error: n.last_error.clone(),
-            peers: statuses
+            peers: peers
                 .get(&n.id)
-                .map(|st| {
-                    st.peers
+                .map(|peers| {
+                    peers
                         .iter()
                         .filter_map(|p| {
                             names.get(p.wg_public_key.as_str()).map(|name| PeerStatusNamed {
@@ -80,12 +83,26 @@ async fn list_nodes(State(s): State<SharedState>) -> ApiResult<Json<Vec<NodeInfo
     responses((status = 200, description = "Removed", body = Removed<String>)))]
 async fn remove_node(State(s): State<SharedState>, Path(name): Path<String>) -> ApiResult<Json<Removed>> {
     validate_dns_label("name", &name)?;
+    let id = s
+        .fleet_view()
+        .await?
+        .nodes
+        .iter()
+        .find(|n| n.name == name)
+        .map(|n| n.id.clone());
     let rev = s
         .store
         .remove_node(&name, s.offline_after_secs)
         .await?
         .ok_or_else(|| ApiErr::not_found("name", format!("name: no node named {name:?}")))?;
     tracing::info!(node = %name, revision = rev, "node removed");
+    if let Some(id) = id {
+        s.heartbeats.forget(&id);
+        if let Ok(mut u) = s.usage.lock() {
+            u.nodes.remove(&id);
+            u.peers.remove(&id);
+        }
+    }
     s.revision_moved(rev).await;
     Ok(Json(Removed {
         removed: name,

@@ -113,6 +113,36 @@ impl Store {
         )
     }
 
+    /// Records nonces accepted from memory ([`crate::replay`]); ones
+    /// already stored are skipped.
+    pub async fn record_nonces(&self, batch: &[(String, String, i64)]) -> sqlx::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in batch.chunks(300) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+                .collect();
+            let sql = format!(
+                "INSERT INTO nonces (node_id, nonce, expires_at) VALUES {} ON CONFLICT DO NOTHING",
+                values.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for (node, nonce, exp) in chunk {
+                q = q.bind(node).bind(nonce).bind(*exp);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await
+    }
+
+    /// The nonces that are still unspent at `now`: (node id, nonce, expiry).
+    pub async fn live_nonces(&self, now: i64) -> sqlx::Result<Vec<(String, String, i64)>> {
+        let rows = sqlx::query("SELECT node_id, nonce, expires_at FROM nonces WHERE expires_at >= $1")
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    }
+
     /// Rows of `table` (`releases` or `builds`) by their `state`, for metrics.
     pub async fn count_by_state(&self, table: &'static str) -> sqlx::Result<Vec<(String, i64)>> {
         debug_assert!(matches!(table, "releases" | "builds"));

@@ -35,8 +35,8 @@ pub struct NodeRow {
 
 const COLUMNS: &str = "id, name, role, signing_key, wg_public_key, wg_port, private_addr, public_ip, \
      mesh_ip, subnet, revision, applied_revision, last_seen, agent_version, last_error, sealing_key, target_version";
-// status_json is left out on purpose: it holds a peer list as long as the
-// fleet, and node rows are read on every signed request and every fleet view.
+// status_json (a peer list as long as the fleet, which reports once carried
+// into the store) is no longer written or read: peers are kept in memory.
 
 /// Online: reported within `offline_after` seconds of `now`. The one rule
 /// behind `berth nodes list`, placement, proxy counts and the node watcher.
@@ -287,45 +287,52 @@ impl Store {
         .await
     }
 
-    /// The last peer report of every node (node id → report), for `nodes list`.
-    pub async fn node_statuses(&self) -> sqlx::Result<std::collections::HashMap<String, StatusReport>> {
-        let rows = sqlx::query("SELECT id, status_json FROM nodes WHERE status_json IS NOT NULL")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| {
-                Some((
-                    r.get::<String, _>(0),
-                    serde_json::from_str(&r.get::<String, _>(1)).ok()?,
-                ))
-            })
-            .collect())
-    }
-
-    /// Records a heartbeat. A report without peers (most heartbeats: the
-    /// peer list is O(fleet) and sent less often) keeps the stored one. The
-    /// domains a proxy serves come with every report and replace the stored
-    /// ones (NULL when the report has none: a worker, or an older agent).
+    /// Records a status report. Its peers are not stored: they grow with
+    /// the fleet and change with every report (the usage board keeps the
+    /// last ones in memory). The domains a proxy serves come with every
+    /// report and replace the stored list.
     pub async fn record_status(&self, node_id: &str, report: &StatusReport) -> sqlx::Result<()> {
-        let json = (!report.peers.is_empty()).then(|| serde_json::to_string(report).unwrap_or_default());
         let served = report
             .served_domains
             .as_ref()
             .map(|d| serde_json::to_string(d).unwrap_or_default());
         sqlx::query(
             "UPDATE nodes SET last_seen = $1, applied_revision = $2, agent_version = $3, \
-             status_json = COALESCE($4, status_json), last_error = $5, served_domains = $6 WHERE id = $7",
+             last_error = $4, served_domains = $5 WHERE id = $6",
         )
         .bind(now())
         .bind(report.applied_revision as i64)
         .bind(&report.agent_version)
-        .bind(json)
         .bind(report.error.as_ref().or(report.upgrade_error.as_ref()))
         .bind(served)
         .bind(node_id)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Writes heartbeat times (node id → unix seconds) kept in memory by
+    /// [`crate::heartbeats`]; a time never moves back.
+    pub async fn record_seen(&self, seen: &std::collections::HashMap<String, i64>) -> sqlx::Result<()> {
+        let mut by_time: std::collections::BTreeMap<i64, Vec<&str>> = Default::default();
+        for (id, at) in seen {
+            by_time.entry(*at).or_default().push(id);
+        }
+        let mut tx = self.pool.begin().await?;
+        for (at, ids) in by_time {
+            for chunk in ids.chunks(500) {
+                let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+                let sql = format!(
+                    "UPDATE nodes SET last_seen = $1 WHERE (last_seen IS NULL OR last_seen < $1) AND id IN ({})",
+                    list.join(", ")
+                );
+                let mut q = sqlx::query(&sql).bind(at);
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                q.execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await
     }
 }
