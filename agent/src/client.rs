@@ -21,7 +21,7 @@ pub struct Client {
     node_id: String,
     /// The last document received and the control plane's view it came
     /// from: what the next long-poll's delta applies to.
-    held: std::sync::Mutex<Option<(u64, DesiredState)>>,
+    held: std::sync::Mutex<Option<(u64, std::sync::Arc<DesiredState>)>>,
 }
 
 /// A stream's WebSocket to the control plane.
@@ -29,7 +29,9 @@ pub type StreamSocket = tokio_tungstenite::WebSocketStream<tokio_rustls::client:
 
 /// Outcome of one long-poll.
 pub enum Poll {
-    Changed(Box<DesiredState>),
+    /// Shared with the copy the client keeps to apply the next delta to:
+    /// dropping it before the next poll spares that a copy.
+    Changed(std::sync::Arc<DesiredState>),
     Unchanged,
 }
 
@@ -192,7 +194,7 @@ impl Client {
             StatusCode::NO_CONTENT => Ok(Poll::Unchanged),
             s if s.is_success() => {
                 let update: DesiredUpdate = resp.json().await?;
-                Ok(Poll::Changed(Box::new(self.merge(update)?)))
+                Ok(Poll::Changed(self.merge(update)?))
             }
             _ => Err(refused(resp).await.into()),
         }
@@ -203,17 +205,17 @@ impl Client {
         held.as_ref().map(|(view, _)| *view)
     }
 
-    /// Brings the held document to `update`'s view and returns a copy.
-    fn merge(&self, update: DesiredUpdate) -> anyhow::Result<DesiredState> {
+    /// Brings the held document to `update`'s view and returns it.
+    fn merge(&self, update: DesiredUpdate) -> anyhow::Result<std::sync::Arc<DesiredState>> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let doc = match (update.full, update.delta, held.take()) {
             (Some(full), _, _) => {
                 crate::metrics::desired_answer(false);
-                full
+                std::sync::Arc::new(full)
             }
             (None, Some(delta), Some((view, mut doc))) if view == delta.base => {
                 crate::metrics::desired_answer(true);
-                delta.apply(&mut doc);
+                delta.apply(std::sync::Arc::make_mut(&mut doc));
                 doc
             }
             // Nothing held (now) to apply it to: the next poll, with no

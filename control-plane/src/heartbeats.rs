@@ -1,9 +1,12 @@
-//! The status-report hot path. Most reports are heartbeats that say
-//! nothing new: same applied revision, version, errors, served domains
-//! and container states, only a later time. Such a report is answered
-//! from memory: its time is written behind to the store with everyone
-//! else's, once per [`FLUSH_EVERY`], in one statement per batch. A report
-//! that says anything new takes the full path, which writes it at once.
+//! The status-report hot path. Most reports say nothing new but a later
+//! time and, after each change, the revision the node applied: same
+//! version, errors, served domains and container states. Such a report is
+//! answered from memory, and its time and applied revision are written
+//! behind to the store with everyone else's, in one statement per batch:
+//! within [`APPLIED_EVERY`] when an applied revision moved (rollouts wait
+//! for those, and are woken after the write), else within [`SEEN_EVERY`].
+//! A report that says anything else new takes the full path, which writes
+//! it at once.
 //!
 //! SQLite only: on PostgreSQL several control planes may share the store,
 //! and one of them cannot tell from its own memory that a report equal to
@@ -13,10 +16,12 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// How often heartbeat times are written; `last_seen` lags by at most this.
-pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// `last_seen` lags by at most this.
+pub const SEEN_EVERY: Duration = Duration::from_secs(1);
+/// An applied revision reaches the store (and the rollouts) within this.
+pub const APPLIED_EVERY: Duration = Duration::from_millis(25);
 
 #[derive(Default)]
 pub struct Heartbeats {
@@ -24,16 +29,29 @@ pub struct Heartbeats {
     enabled: bool,
     /// Node id → fingerprint of its last report the full path recorded.
     recorded: Mutex<HashMap<String, u64>>,
-    /// Node id → time of its latest heartbeat not yet written.
-    unwritten: Mutex<HashMap<String, i64>>,
+    unwritten: Mutex<Unwritten>,
+}
+
+#[derive(Default)]
+struct Unwritten {
+    /// Node id → (time of its latest report, the revision it applied).
+    seen: HashMap<String, Seen>,
+    /// Some applied revision moved since the last write.
+    applied_moved: bool,
+}
+
+/// A report's time and applied revision, waiting to be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Seen {
+    pub at: i64,
+    pub applied_revision: i64,
 }
 
 /// What a report says that the store keeps, hashed: everything but its
-/// time, its peers and its CPU and memory figures (kept in memory by the
-/// usage board, and different in every report).
+/// time, its applied revision, its peers and its CPU and memory figures
+/// (kept in memory by the usage board, and different in every report).
 pub fn fingerprint(report: &berth_protocol::StatusReport) -> u64 {
     let mut h = DefaultHasher::new();
-    report.applied_revision.hash(&mut h);
     report.agent_version.hash(&mut h);
     report.error.hash(&mut h);
     report.upgrade_error.hash(&mut h);
@@ -64,8 +82,9 @@ impl Heartbeats {
     }
 
     /// If the node's last recorded report said the same (`fingerprint`),
-    /// notes the time to write behind and returns true.
-    pub fn same_as_recorded(&self, node_id: &str, fingerprint: u64, now: i64) -> bool {
+    /// keeps `seen` to write behind and returns true. `stored_applied` is
+    /// the applied revision the caller knows the store has.
+    pub fn same_as_recorded(&self, node_id: &str, fingerprint: u64, seen: Seen, stored_applied: i64) -> bool {
         let same = self.enabled
             && self
                 .recorded
@@ -74,48 +93,102 @@ impl Heartbeats {
                 .get(node_id)
                 .is_some_and(|f| *f == fingerprint);
         if same {
-            let mut unwritten = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
-            unwritten.insert(node_id.to_string(), now);
+            let mut u = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+            let moved = u.seen.get(node_id).map_or(stored_applied, |s| s.applied_revision) != seen.applied_revision;
+            u.applied_moved |= moved;
+            u.seen.insert(node_id.to_string(), seen);
         }
         same
     }
 
-    /// The full path wrote a report with this fingerprint.
+    /// The full path wrote a report with this fingerprint (and its time
+    /// and applied revision, so what waited for that is dropped).
     pub fn recorded(&self, node_id: &str, fingerprint: u64) {
         if !self.enabled {
             return;
         }
-        let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
-        recorded.insert(node_id.to_string(), fingerprint);
+        self.recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node_id.to_string(), fingerprint);
+        self.unwritten
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seen
+            .remove(node_id);
     }
 
     /// Forgets a removed node.
     pub fn forget(&self, node_id: &str) {
         self.recorded.lock().unwrap_or_else(|e| e.into_inner()).remove(node_id);
-        self.unwritten.lock().unwrap_or_else(|e| e.into_inner()).remove(node_id);
+        self.unwritten
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seen
+            .remove(node_id);
     }
 
-    fn take_unwritten(&self) -> HashMap<String, i64> {
-        std::mem::take(&mut *self.unwritten.lock().unwrap_or_else(|e| e.into_inner()))
+    /// What is due: everything when an applied revision moved or `seen_due`.
+    fn take_due(&self, seen_due: bool) -> Option<(HashMap<String, Seen>, bool)> {
+        let mut u = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+        if u.seen.is_empty() || !(u.applied_moved || seen_due) {
+            return None;
+        }
+        let moved = std::mem::take(&mut u.applied_moved);
+        Some((std::mem::take(&mut u.seen), moved))
+    }
+
+    fn put_back(&self, batch: HashMap<String, Seen>, moved: bool) {
+        let mut u = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+        u.applied_moved |= moved;
+        for (id, s) in batch {
+            u.seen.entry(id).or_insert(s);
+        }
     }
 }
 
-/// Writes the heartbeat times every [`FLUSH_EVERY`].
+/// Writes what the hot path kept, on the schedule the module describes.
 pub async fn write_behind(state: crate::state::SharedState) {
-    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    let mut tick = tokio::time::interval(APPLIED_EVERY);
+    let mut last = Instant::now();
     loop {
         tick.tick().await;
-        let batch = state.heartbeats.take_unwritten();
-        if batch.is_empty() {
+        let Some((batch, moved)) = state.heartbeats.take_due(last.elapsed() >= SEEN_EVERY) else {
             continue;
-        }
-        if let Err(e) = state.store.record_seen(&batch).await {
-            tracing::warn!(error = %e, nodes = batch.len(), "writing heartbeat times failed");
-            // Put them back unless a newer heartbeat came meanwhile.
-            let mut unwritten = state.heartbeats.unwritten.lock().unwrap_or_else(|e| e.into_inner());
-            for (id, at) in batch {
-                unwritten.entry(id).or_insert(at);
+        };
+        last = Instant::now();
+        match state.store.record_seen(&batch).await {
+            Ok(()) if moved => state.rollout_wake.notify_one(),
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, nodes = batch.len(), "writing heartbeats failed; retrying");
+                state.heartbeats.put_back(batch, moved);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_moved_applied_revision_is_due_at_once_a_heartbeat_later() {
+        let h = Heartbeats::new(true);
+        let seen = |at, applied_revision| Seen { at, applied_revision };
+        assert!(!h.same_as_recorded("a", 7, seen(1, 5), 5), "nothing recorded yet");
+        h.recorded("a", 7);
+        assert!(!h.same_as_recorded("a", 8, seen(2, 5), 5), "a new container state");
+        assert!(h.same_as_recorded("a", 7, seen(3, 5), 5));
+        assert!(h.take_due(false).is_none(), "a heartbeat waits");
+        assert!(h.same_as_recorded("a", 7, seen(4, 6), 5));
+        let (batch, moved) = h.take_due(false).unwrap();
+        assert!(moved);
+        assert_eq!(batch["a"], seen(4, 6));
+        assert!(h.take_due(true).is_none(), "taken");
+        assert!(
+            !Heartbeats::new(false).same_as_recorded("a", 7, seen(1, 5), 5),
+            "off on PostgreSQL"
+        );
     }
 }

@@ -66,8 +66,8 @@ pub type SharedState = Arc<AppState>;
 #[derive(Default)]
 pub struct UsageBoard {
     pub nodes: std::collections::HashMap<String, berth_protocol::NodeUsage>,
-    /// By node id: its peers' handshakes, from its last report with peers.
-    pub peers: std::collections::HashMap<String, Vec<berth_protocol::PeerStatus>>,
+    /// Each node's peers' handshakes, from its last report with peers.
+    pub peers: PeerBoard,
     /// By replica name: (thousandths of a core, memory bytes).
     pub replicas: std::collections::HashMap<String, (Option<u32>, Option<u64>)>,
 }
@@ -76,7 +76,7 @@ impl UsageBoard {
     /// Takes in a heartbeat's figures; a report without them changes nothing.
     pub fn report(&mut self, node_id: &str, report: &berth_protocol::StatusReport) {
         if !report.peers.is_empty() {
-            self.peers.insert(node_id.to_string(), report.peers.clone());
+            self.peers.report(node_id, &report.peers);
         }
         let Some(u) = report.usage else { return };
         self.nodes.insert(node_id.to_string(), u);
@@ -84,6 +84,63 @@ impl UsageBoard {
             self.replicas
                 .insert(c.replica.clone(), (c.cpu_millicores, c.memory_bytes));
         }
+    }
+}
+
+/// The handshake ages nodes report for their peers: one entry per pair
+/// of nodes, so kept compact (8 bytes: the peer's key as an index into
+/// the keys seen, and the age).
+#[derive(Default)]
+pub struct PeerBoard {
+    key_index: std::collections::HashMap<String, u32>,
+    keys: Vec<String>,
+    by_node: std::collections::HashMap<String, Vec<(u32, u32)>>,
+}
+
+/// The age stored for a peer never handshaken with.
+const NO_HANDSHAKE: u32 = u32::MAX;
+
+impl PeerBoard {
+    fn report(&mut self, node_id: &str, peers: &[berth_protocol::PeerStatus]) {
+        let entries = peers
+            .iter()
+            .map(|p| {
+                let idx = match self.key_index.get(&p.wg_public_key) {
+                    Some(i) => *i,
+                    None => {
+                        self.keys.push(p.wg_public_key.clone());
+                        let i = (self.keys.len() - 1) as u32;
+                        self.key_index.insert(p.wg_public_key.clone(), i);
+                        i
+                    }
+                };
+                let age = p
+                    .handshake_age_secs
+                    .map_or(NO_HANDSHAKE, |a| a.min(NO_HANDSHAKE as u64 - 1) as u32);
+                (idx, age)
+            })
+            .collect();
+        self.by_node.insert(node_id.to_string(), entries);
+    }
+
+    /// `node_id`'s peers as (WireGuard key, handshake age).
+    pub fn of(&self, node_id: &str) -> Vec<(&str, Option<u64>)> {
+        self.by_node
+            .get(node_id)
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter_map(|(i, age)| {
+                        let key = self.keys.get(*i as usize)?;
+                        Some((key.as_str(), (*age != NO_HANDSHAKE).then_some(*age as u64)))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn remove(&mut self, node_id: &str) {
+        self.by_node.remove(node_id);
     }
 }
 

@@ -81,8 +81,10 @@ impl DesiredDelta {
             let set: std::collections::HashSet<&str> = self.peers_set.iter().map(|p| p.node_id.as_str()).collect();
             doc.peers
                 .retain(|p| !gone.contains(p.node_id.as_str()) && !set.contains(p.node_id.as_str()));
-            doc.peers.extend(self.peers_set);
-            doc.peers.sort_by(|a, b| a.name.cmp(&b.name));
+            if !self.peers_set.is_empty() {
+                doc.peers.extend(self.peers_set);
+                doc.peers.sort_by(|a, b| a.name.cmp(&b.name));
+            }
         }
         if let Some(c) = self.containers {
             doc.containers = c;

@@ -205,8 +205,12 @@ async fn status(
         u.report(&node.id, &report);
     }
     let fingerprint = crate::heartbeats::fingerprint(&report);
+    let seen = crate::heartbeats::Seen {
+        at: crate::store::now(),
+        applied_revision: report.applied_revision as i64,
+    };
     if s.heartbeats
-        .same_as_recorded(&node.id, fingerprint, crate::store::now())
+        .same_as_recorded(&node.id, fingerprint, seen, node.applied_revision)
     {
         return Ok(Json(Revision {
             revision: node.revision as u64,

@@ -36,11 +36,8 @@ async fn list_nodes(State(s): State<SharedState>) -> ApiResult<Json<Vec<NodeInfo
         .map(|n| (n.wg_public_key.as_str(), n.name.as_str()))
         .collect();
     let now = now();
-    let (usage, peers) = s
-        .usage
-        .lock()
-        .map(|u| (u.nodes.clone(), u.peers.clone()))
-        .unwrap_or_default();
+    let usage_board = s.usage.lock().unwrap_or_else(|e| e.into_inner());
+    let usage = &usage_board.nodes;
     let list = nodes
         .iter()
         .map(|n| NodeInfo {
@@ -57,20 +54,17 @@ async fn list_nodes(State(s): State<SharedState>) -> ApiResult<Json<Vec<NodeInfo
             applied_revision: n.applied_revision as u64,
             agent_version: n.agent_version.clone(),
             error: n.last_error.clone(),
-            peers: peers
-                .get(&n.id)
-                .map(|peers| {
-                    peers
-                        .iter()
-                        .filter_map(|p| {
-                            names.get(p.wg_public_key.as_str()).map(|name| PeerStatusNamed {
-                                name: name.to_string(),
-                                handshake_age_secs: p.handshake_age_secs,
-                            })
-                        })
-                        .collect()
+            peers: usage_board
+                .peers
+                .of(&n.id)
+                .into_iter()
+                .filter_map(|(key, age)| {
+                    names.get(key).map(|name| PeerStatusNamed {
+                        name: name.to_string(),
+                        handshake_age_secs: age,
+                    })
                 })
-                .unwrap_or_default(),
+                .collect(),
         })
         .collect();
     Ok(Json(list))

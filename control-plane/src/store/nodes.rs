@@ -311,22 +311,26 @@ impl Store {
         Ok(())
     }
 
-    /// Writes heartbeat times (node id → unix seconds) kept in memory by
-    /// [`crate::heartbeats`]; a time never moves back.
-    pub async fn record_seen(&self, seen: &std::collections::HashMap<String, i64>) -> sqlx::Result<()> {
-        let mut by_time: std::collections::BTreeMap<i64, Vec<&str>> = Default::default();
-        for (id, at) in seen {
-            by_time.entry(*at).or_default().push(id);
+    /// Writes the reports' times and applied revisions kept in memory by
+    /// [`crate::heartbeats`]; a newer time already stored wins.
+    pub async fn record_seen(
+        &self,
+        seen: &std::collections::HashMap<String, crate::heartbeats::Seen>,
+    ) -> sqlx::Result<()> {
+        let mut groups: std::collections::BTreeMap<crate::heartbeats::Seen, Vec<&str>> = Default::default();
+        for (id, s) in seen {
+            groups.entry(*s).or_default().push(id);
         }
         let mut tx = self.pool.begin().await?;
-        for (at, ids) in by_time {
+        for (s, ids) in groups {
             for chunk in ids.chunks(500) {
-                let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+                let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect();
                 let sql = format!(
-                    "UPDATE nodes SET last_seen = $1 WHERE (last_seen IS NULL OR last_seen < $1) AND id IN ({})",
+                    "UPDATE nodes SET last_seen = $1, applied_revision = $2 \
+                     WHERE (last_seen IS NULL OR last_seen <= $1) AND id IN ({})",
                     list.join(", ")
                 );
-                let mut q = sqlx::query(&sql).bind(at);
+                let mut q = sqlx::query(&sql).bind(s.at).bind(s.applied_revision);
                 for id in chunk {
                     q = q.bind(*id);
                 }
