@@ -72,6 +72,12 @@ struct Args {
     /// Keep the control plane's temporary directory (store, log) afterwards.
     #[arg(long)]
     keep_dir: bool,
+    /// Run the control plane on PostgreSQL instead of SQLite. A URL whose
+    /// role may create databases (`bash scripts/test-postgres.sh` prints
+    /// one): the bench makes a fresh database `berth_bench_cp` there
+    /// (dropping an old one) and leaves it afterwards.
+    #[arg(long, value_name = "URL")]
+    postgres: Option<String>,
 }
 
 /// What the simulated agents share with the coordinator.
@@ -115,12 +121,39 @@ fn cpu_line(label: &str, before: ProcSample, after: ProcSample, wall: Duration) 
     )
 }
 
-async fn start_cp(dir: &Path, port: u16) -> anyhow::Result<(ProcessGuard, String, AdminClient, PathBuf)> {
+/// A fresh database `berth_bench_cp` beside the one `url` names, and its URL.
+fn fresh_postgres(url: &str) -> anyhow::Result<String> {
+    for sql in [
+        "DROP DATABASE IF EXISTS berth_bench_cp WITH (FORCE)",
+        "CREATE DATABASE berth_bench_cp",
+    ] {
+        let out = std::process::Command::new("psql")
+            .args([url, "-v", "ON_ERROR_STOP=1", "-qc", sql])
+            .output()
+            .context("running psql")?;
+        if !out.status.success() {
+            bail!("psql {sql:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+    }
+    let (base, _) = url.rsplit_once('/').context("--postgres: no database in the URL")?;
+    Ok(format!("{base}/berth_bench_cp"))
+}
+
+async fn start_cp(
+    dir: &Path,
+    port: u16,
+    postgres: Option<&str>,
+) -> anyhow::Result<(ProcessGuard, String, AdminClient, PathBuf)> {
+    // The default subnet pool holds 2,048 nodes' subnets; this one 32,768.
+    let mut pool = vec!["--subnet-pool".to_string(), "10.128.0.0/9".to_string()];
+    if let Some(url) = postgres {
+        pool.extend(["--database".to_string(), fresh_postgres(url)?]);
+    }
     let cp = ControlPlane {
         bin_dir: &berth_lab::default_bin_dir(),
         data_dir: &dir.join("cp"),
         listen: (Ipv4Addr::LOCALHOST, port).into(),
-        extra_args: &[],
+        extra_args: &pool,
         log_level: "warn",
         log: &dir.join("cp.log"),
     };
@@ -275,7 +308,7 @@ async fn run(
         bail!("--agents must be larger than --changes");
     }
     let port = free_port()?;
-    let (cp, url, admin, ca_file) = start_cp(dir, port).await?;
+    let (cp, url, admin, ca_file) = start_cp(dir, port, args.postgres.as_deref()).await?;
     let cp_pid = cp.pid;
     *cp_slot = Some(cp);
     let cp_start = sample_pid(cp_pid)?;
@@ -484,7 +517,14 @@ async fn run(
     // ---- summary ----
     let end = sample_pid(cp_pid)?;
     println!();
-    println!("== bench-cp-scale: {n} simulated agents ==");
+    println!(
+        "== bench-cp-scale: {n} simulated agents, control plane on {} ==",
+        if args.postgres.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        }
+    );
     println!(
         "machine: {} CPUs, shared by the control plane AND this bench (which runs all {n} simulated agents' TLS and JSON work)",
         std::thread::available_parallelism().map(|x| x.get()).unwrap_or(1)
@@ -506,12 +546,31 @@ async fn run(
     print_summary("fan-out, last agent", &fanouts);
     print_summary("fan-out, median agent", &medians);
     if let Some(max) = fanouts.iter().max() {
-        let verdict = if *max < Duration::from_secs(2) { "met" } else { "MISSED" };
-        println!("  target fan-out < 2 s: {verdict} (max {} ms)", ms(*max));
+        let mut sorted = fanouts.clone();
+        sorted.sort();
+        let p50 = sorted[sorted.len() / 2];
+        let met = |ok: bool| if ok { "met" } else { "MISSED" };
+        // The targets of issue 16: 1,000 agents p50 < 250 ms and max < 500 ms; more, < 2 s.
+        if n <= 1000 {
+            println!(
+                "  target last agent p50 < 250 ms: {} (p50 {} ms); max < 500 ms: {} (max {} ms)",
+                met(p50 < Duration::from_millis(250)),
+                ms(p50),
+                met(*max < Duration::from_millis(500)),
+                ms(*max)
+            );
+        } else {
+            println!(
+                "  target fan-out < 2 s: {} (max {} ms)",
+                met(*max < Duration::from_secs(2)),
+                ms(*max)
+            );
+        }
     }
     println!(
-        "  control plane CPU during the {} fan-outs: {cp_fanout_cpu:.2} s",
-        fanouts.len()
+        "  control plane CPU during the {} fan-outs: {cp_fanout_cpu:.2} s, {:.3} s per change",
+        fanouts.len(),
+        cp_fanout_cpu / fanouts.len().max(1) as f64
     );
     println!(
         "  {} (since start: {:.2} s CPU)",
