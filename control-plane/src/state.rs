@@ -46,12 +46,18 @@ pub struct AppState {
     pub replay: crate::replay::Replay,
     /// The status-report hot path.
     pub heartbeats: crate::heartbeats::Heartbeats,
+    /// Full desired-state documents being encoded or sent at once.
+    pub full_documents: Arc<tokio::sync::Semaphore>,
     revision: watch::Sender<i64>,
     fleet_view: Mutex<Arc<FleetView>>,
     /// The last [`VIEW_HISTORY`] views, oldest first: the bases deltas
     /// are built against.
     views: std::sync::Mutex<std::collections::VecDeque<Arc<FleetView>>>,
 }
+
+/// Full documents encoded or in flight at once (each up to ~250 bytes per
+/// node of the fleet).
+pub const FULL_DOCUMENTS: usize = 16;
 
 /// Views kept for deltas. An agent whose base is older gets a full
 /// document; each view holds every node row and peer entry (about 1 KB
@@ -204,6 +210,7 @@ impl AppState {
             sessions: crate::sessions::Sessions::new(sessions),
             replay,
             heartbeats,
+            full_documents: Arc::new(tokio::sync::Semaphore::new(FULL_DOCUMENTS)),
             revision: tx,
             fleet_view: Mutex::new(Arc::new(FleetView::new(-1, vec![], vec![], vec![]))),
             views: Default::default(),

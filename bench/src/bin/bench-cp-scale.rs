@@ -80,14 +80,18 @@ struct Args {
     postgres: Option<String>,
 }
 
+/// How often a simulated agent remakes the peer list its heartbeats carry.
+const PEERS_REMADE_EVERY: Duration = Duration::from_secs(50);
+
 /// What the simulated agents share with the coordinator.
 struct Shared {
     /// Highest revision each agent has received.
     received: Vec<AtomicU64>,
     /// Agents the bench removed (their 410 is expected; they stop).
     removed: Vec<AtomicBool>,
-    /// Last peer list per agent (for status reports), when --report-peers.
-    peers: Vec<Mutex<Arc<Vec<PeerStatus>>>>,
+    /// Peer list per agent (for status reports), when --report-peers, and
+    /// when it was made.
+    peers: Vec<Mutex<(Option<Instant>, Arc<Vec<PeerStatus>>)>>,
     poll_errors: AtomicU64,
     report_errors: AtomicU64,
     report_413: AtomicU64,
@@ -177,7 +181,12 @@ async fn poll_loop(idx: usize, client: Arc<Client>, shared: Arc<Shared>, wait: u
                 after = d.revision;
                 shared.received[idx].store(d.revision, Ordering::SeqCst);
                 let _ = shared.events.send((idx, d.revision, at));
-                let peers: Vec<PeerStatus> = if report_peers {
+                // The list rides on every 6th heartbeat only: remade at most
+                // that often (remaking 5,000 entries on every change would
+                // make the bench, not the control plane, the bottleneck).
+                let made = shared.peers[idx].lock().unwrap().0;
+                let stale = made.is_none_or(|t| t.elapsed() >= PEERS_REMADE_EVERY);
+                let peers: Vec<PeerStatus> = if report_peers && stale {
                     d.peers
                         .iter()
                         .map(|p| PeerStatus {
@@ -191,8 +200,9 @@ async fn poll_loop(idx: usize, client: Arc<Client>, shared: Arc<Shared>, wait: u
                     vec![]
                 };
                 drop(d);
-                let peers = Arc::new(peers);
-                *shared.peers[idx].lock().unwrap() = peers;
+                if report_peers && stale {
+                    *shared.peers[idx].lock().unwrap() = (Some(Instant::now()), Arc::new(peers));
+                }
                 // Like berth-agent: the apply report carries no peer list.
                 send_report(idx, &client, &shared, after, &[]).await;
             }
@@ -249,7 +259,7 @@ async fn heartbeat_loop(idx: usize, client: Arc<Client>, shared: Arc<Shared>, ev
             return;
         }
         let peers = if n.is_multiple_of(6) {
-            shared.peers[idx].lock().unwrap().clone()
+            shared.peers[idx].lock().unwrap().1.clone()
         } else {
             Default::default()
         };
@@ -413,7 +423,7 @@ async fn run(
     let shared = Arc::new(Shared {
         received: (0..n).map(|_| AtomicU64::new(0)).collect(),
         removed: (0..n).map(|_| AtomicBool::new(false)).collect(),
-        peers: (0..n).map(|_| Mutex::new(Arc::new(vec![]))).collect(),
+        peers: (0..n).map(|_| Mutex::new((None, Arc::new(vec![])))).collect(),
         poll_errors: AtomicU64::new(0),
         report_errors: AtomicU64::new(0),
         report_413: AtomicU64::new(0),

@@ -156,26 +156,38 @@ async fn desired_state(
     let deadline = tokio::time::Instant::now() + wait;
     let mut rx = s.subscribe();
     let mut waited = None;
+    let gone = || ApiErr::new(StatusCode::GONE, ErrorCode::Gone, "node: removed from the fleet").on("node");
     loop {
         let fleet = s.fleet_view().await?;
-        let answer = if q.delta == Some(true) {
-            let base = q.base.and_then(|b| s.delta_base(b, &fleet));
-            let base = base.as_ref().map(|(view, changed)| (&**view, changed));
-            desired::encode_update(&fleet, base, &node.id, s.pools.mesh, s.pools.subnets, &s.secrets_key)
-        } else {
-            desired::encode_for_node(&fleet, &node.id, s.pools.mesh, s.pools.subnets, &s.secrets_key)
-        };
-        match answer {
-            None => {
-                return Err(ApiErr::new(StatusCode::GONE, ErrorCode::Gone, "node: removed from the fleet").on("node"))
-            }
-            Some((rev, json)) if rev > after => {
-                if waited.is_some() {
-                    s.metrics.delivered(rev as i64);
+        let me = fleet.node(&node.id).ok_or_else(gone)?;
+        if me.revision as u64 > after {
+            let base = match q.delta {
+                Some(true) => q.base.and_then(|b| s.delta_base(b, &fleet)),
+                _ => None,
+            };
+            // A full document holds every peer: a few at a time, so a
+            // fleet's worth of them (after a restart) cannot fill memory.
+            let permit = match base {
+                None => Some(s.full_documents.clone().acquire_owned().await),
+                Some(_) => None,
+            };
+            let (mesh, pool) = (s.pools.mesh, s.pools.subnets);
+            let answer = match (q.delta, &base) {
+                (Some(true), base) => {
+                    let base = base.as_ref().map(|(view, changed)| (&**view, changed));
+                    desired::encode_update(&fleet, base, &node.id, mesh, pool, &s.secrets_key)
                 }
-                return Ok(([("content-type", "application/json")], json).into_response());
+                _ => desired::encode_for_node(&fleet, &node.id, mesh, pool, &s.secrets_key),
+            };
+            let (rev, json) = answer.ok_or_else(gone)?;
+            if waited.is_some() {
+                s.metrics.delivered(rev as i64);
             }
-            Some(_) => {}
+            let body = match permit {
+                Some(permit) => held_body(json, permit.ok()),
+                None => json.into(),
+            };
+            return Ok(([("content-type", "application/json")], body).into_response());
         }
         if waited.is_none() {
             waited = Some(s.metrics.waiting());
@@ -186,6 +198,21 @@ async fn desired_state(
         }
     }
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A body sent in chunks that keeps `permit` until its last chunk is taken.
+fn held_body(json: Vec<u8>, permit: Option<tokio::sync::OwnedSemaphorePermit>) -> axum::body::Body {
+    const CHUNK: usize = 64 * 1024;
+    let json = Bytes::from(json);
+    let chunks = futures_util::stream::unfold((json, permit), |(mut rest, permit)| async move {
+        if rest.is_empty() {
+            drop(permit);
+            return None;
+        }
+        let chunk = rest.split_to(CHUNK.min(rest.len()));
+        Some((Ok::<_, std::convert::Infallible>(chunk), (rest, permit)))
+    });
+    axum::body::Body::from_stream(chunks)
 }
 
 /// Records a heartbeat; answers with the node's current revision.
