@@ -189,6 +189,8 @@ async fn desired_state(
             };
             return Ok(([("content-type", "application/json")], body).into_response());
         }
+        // A view is big: a waiting poll must not keep an old one alive.
+        drop(fleet);
         if waited.is_none() {
             waited = Some(s.metrics.waiting());
         }
