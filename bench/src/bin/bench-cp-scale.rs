@@ -83,6 +83,9 @@ struct Args {
 /// How often a simulated agent remakes the peer list its heartbeats carry.
 const PEERS_REMADE_EVERY: Duration = Duration::from_secs(50);
 
+/// A simulated agent's peer list and when it was made.
+type PeerList = (Option<Instant>, Arc<Vec<PeerStatus>>);
+
 /// What the simulated agents share with the coordinator.
 struct Shared {
     /// Highest revision each agent has received.
@@ -91,7 +94,7 @@ struct Shared {
     removed: Vec<AtomicBool>,
     /// Peer list per agent (for status reports), when --report-peers, and
     /// when it was made.
-    peers: Vec<Mutex<(Option<Instant>, Arc<Vec<PeerStatus>>)>>,
+    peers: Vec<Mutex<PeerList>>,
     poll_errors: AtomicU64,
     report_errors: AtomicU64,
     report_413: AtomicU64,
