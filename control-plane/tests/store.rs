@@ -24,6 +24,8 @@ on_both_stores!(
     exhausted_pools_refuse_and_change_nothing,
     removing_a_node_moves_everyone_else,
     nonces_detect_replays_and_expire,
+    replayed_nonces_are_refused_after_a_restart,
+    heartbeats_written_behind_never_move_back,
 );
 
 /// What a refused registration must leave as it was.
@@ -441,4 +443,76 @@ async fn nonces_detect_replays_and_expire(db: &Db) {
     );
     assert_eq!(store.prune_nonces(t + 1000).await.unwrap(), 3);
     assert_eq!(store.prune_nonces(t + 1000).await.unwrap(), 0);
+}
+
+/// `Replay` (memory and write-behind on SQLite, the store on PostgreSQL):
+/// a nonce accepted before a restart is refused after it, an expired one
+/// is not kept, and a nonce of another node is its own.
+async fn replayed_nonces_are_refused_after_a_restart(db: &Db) {
+    use berth_control_plane::replay::Replay;
+    let store = db.store().await;
+    let t = now();
+    let replay = Replay::new(store.clone()).await.unwrap();
+    assert!(replay.fresh("n1", "aaaa", t + 300).await.unwrap());
+    assert!(!replay.fresh("n1", "aaaa", t + 300).await.unwrap(), "a replay");
+    assert!(
+        replay.fresh("n2", "aaaa", t + 300).await.unwrap(),
+        "nonces are per node"
+    );
+    assert!(replay.fresh("n1", "spent", t - 10).await.unwrap());
+    replay.flush(t).await.unwrap();
+    assert!(
+        !replay.fresh("n1", "aaaa", t + 300).await.unwrap(),
+        "still refused after the write"
+    );
+
+    let restarted = Replay::new(store.clone()).await.unwrap();
+    assert!(
+        !restarted.fresh("n1", "aaaa", t + 300).await.unwrap(),
+        "refused after a restart"
+    );
+    assert!(!restarted.fresh("n2", "aaaa", t + 300).await.unwrap());
+    assert!(restarted.fresh("n1", "bbbb", t + 300).await.unwrap());
+    let live: HashSet<(String, String)> = store
+        .live_nonces(t)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(node, nonce, _)| (node, nonce))
+        .collect();
+    assert!(live.contains(&("n1".into(), "aaaa".into())));
+    assert!(
+        !live.contains(&("n1".into(), "spent".into())),
+        "an expired nonce is not live"
+    );
+}
+
+/// `record_seen`, the heartbeats' batched write: times and applied
+/// revisions land in one go, and an older time never overwrites a newer one.
+async fn heartbeats_written_behind_never_move_back(db: &Db) {
+    use berth_control_plane::heartbeats::Seen;
+    let store = db.store().await;
+    let mut ids = vec![];
+    for name in ["a", "b"] {
+        let t = store.create_token(Role::Worker, 3600, CA_HASH).await.unwrap();
+        let (node, _) = store
+            .register_node(&Agent::new(name).new_node(&t.token), default_pools())
+            .await
+            .unwrap();
+        ids.push(node.id);
+    }
+    let seen = |at, applied_revision| Seen { at, applied_revision };
+    let t = now();
+    let batch = [(ids[0].clone(), seen(t, 2)), (ids[1].clone(), seen(t + 1, 2))].into();
+    store.record_seen(&batch).await.unwrap();
+    let older = [(ids[1].clone(), seen(t - 5, 1))].into();
+    store.record_seen(&older).await.unwrap();
+    let nodes = store.list_nodes().await.unwrap();
+    let row = |name: &str| nodes.iter().find(|n| n.name == name).unwrap();
+    assert_eq!((row("a").last_seen, row("a").applied_revision), (Some(t), 2));
+    assert_eq!(
+        (row("b").last_seen, row("b").applied_revision),
+        (Some(t + 1), 2),
+        "the older write changed nothing"
+    );
 }
