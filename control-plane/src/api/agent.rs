@@ -161,10 +161,8 @@ async fn desired_state(
         let fleet = s.fleet_view().await?;
         let me = fleet.node(&node.id).ok_or_else(gone)?;
         if me.revision as u64 > after {
-            let base = match q.delta {
-                Some(true) => q.base.and_then(|b| s.delta_base(b, &fleet)),
-                _ => None,
-            };
+            let wants_delta = q.delta == Some(true);
+            let base = q.base.filter(|_| wants_delta).and_then(|b| s.delta_base(b, &fleet));
             // A full document holds every peer: a few at a time, so a
             // fleet's worth of them (after a restart) cannot fill memory.
             let permit = match base {
@@ -172,12 +170,11 @@ async fn desired_state(
                 Some(_) => None,
             };
             let (mesh, pool) = (s.pools.mesh, s.pools.subnets);
-            let answer = match (q.delta, &base) {
-                (Some(true), base) => {
-                    let base = base.as_ref().map(|(view, changed)| (&**view, changed));
-                    desired::encode_update(&fleet, base, &node.id, mesh, pool, &s.secrets_key)
-                }
-                _ => desired::encode_for_node(&fleet, &node.id, mesh, pool, &s.secrets_key),
+            let answer = if wants_delta {
+                let base = base.as_ref().map(|(view, changed)| (&**view, changed));
+                desired::encode_update(&fleet, base, &node.id, mesh, pool, &s.secrets_key)
+            } else {
+                desired::encode_for_node(&fleet, &node.id, mesh, pool, &s.secrets_key)
             };
             let (rev, json) = answer.ok_or_else(gone)?;
             if waited.is_some() {

@@ -119,7 +119,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for chunk in batch.chunks(300) {
             let values: Vec<String> = (0..chunk.len())
-                .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+                .map(|i| format!("({})", params(3 * i + 1, 3)))
                 .collect();
             let sql = format!(
                 "INSERT INTO nonces (node_id, nonce, expires_at) VALUES {} ON CONFLICT DO NOTHING",
@@ -195,6 +195,15 @@ pub async fn bump_all(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> sqlx::Result
 
 pub fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+/// `$first, $first+1, …`: `n` numbered parameters, for statements built
+/// for a batch.
+pub(crate) fn params(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// An INSERT's outcome as "was it new": false when the key was taken.

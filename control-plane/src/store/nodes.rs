@@ -324,11 +324,10 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for (s, ids) in groups {
             for chunk in ids.chunks(500) {
-                let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect();
                 let sql = format!(
                     "UPDATE nodes SET last_seen = $1, applied_revision = $2 \
                      WHERE (last_seen IS NULL OR last_seen <= $1) AND id IN ({})",
-                    list.join(", ")
+                    super::params(3, chunk.len())
                 );
                 let mut q = sqlx::query(&sql).bind(s.at).bind(s.applied_revision);
                 for id in chunk {
