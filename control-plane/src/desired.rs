@@ -14,9 +14,11 @@ use berth_protocol::proxy::{
 };
 use berth_protocol::service::{ContainerDesired, DnsReplica};
 use berth_protocol::{DesiredState, DnsService, NodeSelf, Peer, Role};
+use bytes::Bytes;
 use ipnet::Ipv4Net;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 use x25519_dalek::StaticSecret;
 
@@ -43,7 +45,7 @@ pub struct FleetView {
     /// The releases some replica runs: a replica runs its release's spec.
     pub releases: Vec<ReleaseRow>,
     /// Each node as a peer, JSON-encoded once per view (see [`encode_for_node`]).
-    pub peer_json: HashMap<String, PeerJson>,
+    peers: PeerBlocks,
     /// Domains, TCP routes and pending challenges: what proxy nodes serve.
     pub routes: Routes,
     /// Certificate keys resealed to each proxy, (node id, domain) → sealed
@@ -63,13 +65,57 @@ pub struct Routes {
     pub challenges: Vec<ChallengeRow>,
 }
 
-/// A node's peer entry, encoded with each endpoint another node may be given.
-#[derive(Debug, Default, PartialEq)]
-pub struct PeerJson {
-    /// Endpoint = its private address (for nodes on the same network).
-    pub private: Option<Vec<u8>>,
-    /// Endpoint = its public address, or none.
-    pub public: Vec<u8>,
+/// Every node's peer entry, encoded once per view as `,{...}` in `nodes`
+/// order, into two blocks: with its public endpoint (or none), and with its
+/// private one (for nodes on the same network; nodes without a private
+/// address have no entry there). A full document's peer list is slices of
+/// these blocks, shared by every document built from the view rather than
+/// copied into each: a fleet resyncing at once holds one copy.
+#[derive(Debug, Default)]
+struct PeerBlocks {
+    public: Bytes,
+    private: Bytes,
+    /// Per node, as `nodes`: its entry's range in `public`, and in `private`.
+    spans: Vec<(Range<usize>, Option<Range<usize>>)>,
+}
+
+impl PeerBlocks {
+    fn new(nodes: &[NodeRow]) -> PeerBlocks {
+        let (mut public, mut private) = (Vec::new(), Vec::new());
+        let add = |block: &mut Vec<u8>, p: Peer| {
+            let start = block.len();
+            block.push(b',');
+            serde_json::to_writer(&mut *block, &p).expect("a peer encodes");
+            start..block.len()
+        };
+        let spans = nodes
+            .iter()
+            .map(|n| {
+                let pub_span = add(
+                    &mut public,
+                    peer(n, n.public_ip.map(|ip| SocketAddr::new(ip, n.wg_port))),
+                );
+                let priv_span = n.private_addr.map(|p| {
+                    add(
+                        &mut private,
+                        peer(n, Some(SocketAddr::new(IpAddr::V4(p.addr()), n.wg_port))),
+                    )
+                });
+                (pub_span, priv_span)
+            })
+            .collect();
+        PeerBlocks {
+            public: public.into(),
+            private: private.into(),
+            spans,
+        }
+    }
+
+    /// Node `i`'s entries: public, private.
+    fn entries(&self, i: usize) -> (&[u8], Option<&[u8]>) {
+        let (public, private) = &self.spans[i];
+        (&self.public[public.clone()], private.clone().map(|r| &self.private[r]))
+    }
 }
 
 fn peer(n: &NodeRow, endpoint: Option<SocketAddr>) -> Peer {
@@ -98,17 +144,7 @@ impl FleetView {
         // documents and the agents' merged deltas sort bytewise.
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
         let by_id = nodes.iter().enumerate().map(|(i, n)| (n.id.clone(), i)).collect();
-        let peer_json = nodes
-            .iter()
-            .map(|n| {
-                let enc = |e| serde_json::to_vec(&peer(n, e)).unwrap_or_default();
-                let private = n
-                    .private_addr
-                    .map(|p| enc(Some(SocketAddr::new(IpAddr::V4(p.addr()), n.wg_port))));
-                let public = enc(n.public_ip.map(|ip| SocketAddr::new(ip, n.wg_port)));
-                (n.id.clone(), PeerJson { private, public })
-            })
-            .collect();
+        let peers = PeerBlocks::new(&nodes);
         FleetView {
             revision,
             id: rand::random::<u64>() >> 11,
@@ -119,7 +155,7 @@ impl FleetView {
             services,
             replicas,
             releases: vec![],
-            peer_json,
+            peers,
             routes: Routes::default(),
             sealed_keys: Default::default(),
             registry: None,
@@ -145,14 +181,15 @@ impl FleetView {
     /// before this one.
     pub fn after(mut self, prev: &FleetView) -> FleetView {
         let mut changed: HashSet<String> = prev
-            .peer_json
-            .keys()
-            .filter(|id| !self.peer_json.contains_key(*id))
-            .cloned()
+            .nodes
+            .iter()
+            .filter(|n| !self.by_id.contains_key(&n.id))
+            .map(|n| n.id.clone())
             .collect();
-        for (id, pj) in &self.peer_json {
-            if prev.peer_json.get(id) != Some(pj) {
-                changed.insert(id.clone());
+        for (i, n) in self.nodes.iter().enumerate() {
+            let before = prev.by_id.get(&n.id).map(|&j| prev.peers.entries(j));
+            if before != Some(self.peers.entries(i)) {
+                changed.insert(n.id.clone());
             }
         }
         self.peers_changed = changed;
@@ -420,47 +457,74 @@ pub fn proxy(fleet: &FleetView, me: &NodeRow, sealing: Sealing) -> Option<ProxyD
     Some(p)
 }
 
+/// An encoded answer: its JSON in the pieces it is sent as.
+#[derive(Debug)]
+pub struct Encoded {
+    pub revision: u64,
+    pub chunks: Vec<Bytes>,
+}
+
+impl Encoded {
+    #[cfg(test)]
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.chunks.concat()
+    }
+}
+
 /// The desired state of `node_id` as JSON, built from the view's
 /// pre-encoded peers: a change that wakes N long-polls encodes each peer
-/// once instead of N times. Returns the revision and the bytes.
+/// once instead of N times, and the documents share those bytes.
 pub fn encode_for_node(
     fleet: &FleetView,
     node_id: &str,
     mesh: Ipv4Net,
     subnet_pool: Ipv4Net,
     cp_key: &StaticSecret,
-) -> Option<(u64, Vec<u8>)> {
+) -> Option<Encoded> {
     let d = without_peers(fleet, node_id, mesh, subnet_pool, Sealing::ToNode(cp_key))?;
     let me = fleet.node(node_id)?;
-    let head = serde_json::to_vec(&d).ok()?;
+    let head = Bytes::from(serde_json::to_vec(&d).ok()?);
     const EMPTY: &[u8] = b"\"peers\":[]";
     // The first match is the top-level field: `node` holds no such key and
     // quotes inside string values are escaped.
     let at = head.windows(EMPTY.len()).position(|w| w == EMPTY)? + EMPTY.len() - 1;
-    let mut out = Vec::with_capacity(head.len() + fleet.nodes.len() * 200);
-    out.extend_from_slice(&head[..at]);
-    let mut first = true;
-    for n in fleet.nodes.iter().filter(|n| n.id != me.id) {
-        let pj = fleet.peer_json.get(&n.id)?;
-        let json = match (&pj.private, same_network(me, n)) {
-            (Some(p), true) => p,
-            _ => &pj.public,
+    let mut chunks = vec![head.slice(..at)];
+    // Runs of entries that follow each other in one block go as one slice.
+    let mut run: Option<(bool, Range<usize>)> = None;
+    let blocks = &fleet.peers;
+    let slice = |(private, r): (bool, Range<usize>)| match private {
+        true => blocks.private.slice(r),
+        false => blocks.public.slice(r),
+    };
+    for (i, n) in fleet.nodes.iter().enumerate().filter(|(_, n)| n.id != me.id) {
+        let (public, private) = &blocks.spans[i];
+        let (private, mut r) = match (private, same_network(me, n)) {
+            (Some(r), true) => (true, r.clone()),
+            _ => (false, public.clone()),
         };
-        if !first {
-            out.push(b',');
+        match &mut run {
+            Some((p, cur)) if *p == private && cur.end == r.start => cur.end = r.end,
+            _ => {
+                if run.is_none() {
+                    r.start += 1; // the list's first entry has no comma before it
+                }
+                chunks.extend(run.replace((private, r)).map(slice));
+            }
         }
-        first = false;
-        out.extend_from_slice(json);
     }
-    out.extend_from_slice(&head[at..]);
-    Some((d.revision, out))
+    chunks.extend(run.map(slice));
+    chunks.push(head.slice(at..));
+    Some(Encoded {
+        revision: d.revision,
+        chunks,
+    })
 }
 
 /// The answer to a `delta=true` long-poll (a [`DesiredUpdate`]), as JSON:
 /// the changes since `base` (a view of this process and the peers changed
 /// after it, from [`crate::state::AppState::delta_base`]) when it can be
 /// diffed against, else the full document flagged as one. None when the
-/// node is not in `fleet`. Returns the node's revision and the bytes.
+/// node is not in `fleet`.
 ///
 /// [`DesiredUpdate`]: berth_protocol::delta::DesiredUpdate
 pub fn encode_update(
@@ -470,7 +534,7 @@ pub fn encode_update(
     mesh: Ipv4Net,
     subnet_pool: Ipv4Net,
     cp_key: &StaticSecret,
-) -> Option<(u64, Vec<u8>)> {
+) -> Option<Encoded> {
     if let Some(d) = base.and_then(|(b, changed)| delta(b, fleet, changed, node_id, mesh, subnet_pool, cp_key)) {
         let revision = d.revision;
         let update = berth_protocol::delta::DesiredUpdate {
@@ -478,14 +542,16 @@ pub fn encode_update(
             full: None,
             delta: Some(d),
         };
-        return Some((revision, serde_json::to_vec(&update).ok()?));
+        return Some(Encoded {
+            revision,
+            chunks: vec![serde_json::to_vec(&update).ok()?.into()],
+        });
     }
-    let (revision, doc) = encode_for_node(fleet, node_id, mesh, subnet_pool, cp_key)?;
-    let mut out = Vec::with_capacity(doc.len() + 40);
-    out.extend_from_slice(format!("{{\"view\":{},\"full\":", fleet.id).as_bytes());
-    out.extend_from_slice(&doc);
-    out.push(b'}');
-    Some((revision, out))
+    let mut doc = encode_for_node(fleet, node_id, mesh, subnet_pool, cp_key)?;
+    doc.chunks
+        .insert(0, format!("{{\"view\":{},\"full\":", fleet.id).into());
+    doc.chunks.push(Bytes::from_static(b"}"));
+    Some(doc)
 }
 
 /// What turns `node_id`'s document in `base` into its document in `cur`;
@@ -695,10 +761,10 @@ mod tests {
         assert!(for_node(&fleet, "a", mesh, pool, &key).unwrap().proxy.is_none());
         for id in ["a", "b", "c", "d", "p"] {
             let built = for_node(&fleet, id, mesh, pool, &key).unwrap();
-            let (rev, bytes) = encode_for_node(&fleet, id, mesh, pool, &key).unwrap();
-            let decoded: DesiredState = serde_json::from_slice(&bytes).unwrap();
+            let doc = encode_for_node(&fleet, id, mesh, pool, &key).unwrap();
+            let decoded: DesiredState = serde_json::from_slice(&doc.to_vec()).unwrap();
             assert_eq!(decoded, built, "node {id}");
-            assert_eq!(rev, 9);
+            assert_eq!(doc.revision, 9);
         }
         let a = for_node(&fleet, "a", mesh, pool, &key).unwrap();
         assert_eq!(a.peers[0].endpoint, Some("198.18.0.12:51820".parse().unwrap()));

@@ -15,6 +15,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+/// Encrypted bytes a connection holds for its peer beyond what the kernel
+/// takes: one TLS record.
+const SEND_BUFFER: usize = 16 * 1024 + 512;
+
+/// The most an HTTP/1 connection buffers of what it reads.
+const HTTP1_READ_BUFFER: usize = 64 * 1024;
+
 /// How long a closed connection keeps discarding what its client still sends.
 const LINGER: Duration = Duration::from_secs(5);
 
@@ -34,7 +41,7 @@ pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ap
         let acceptor = acceptor.clone();
         let app = app.clone().layer(Extension(RemoteAddr(remote)));
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+            let mut tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(%remote, error = %e, "TLS handshake failed");
@@ -42,8 +49,16 @@ pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ap
                 }
                 Err(_) => return,
             };
+            // rustls buffers up to 64 KiB of records a slow reader has not
+            // taken yet; a fleet resyncing at once would hold that per agent.
+            tls.get_mut().1.set_buffer_limit(Some(SEND_BUFFER));
             let svc = TowerToHyperService::new(app);
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // HTTP/1's read buffer grows to the largest body read through
+            // it (400 KB by default) and stays: an agent's peer report on
+            // each idle connection would hold that much.
+            http.http1().max_buf_size(HTTP1_READ_BUFFER);
+            let _ = http
                 .serve_connection_with_upgrades(TokioIo::new(Lingering(Some(tls))), svc)
                 .await;
         });

@@ -46,18 +46,12 @@ pub struct AppState {
     pub replay: crate::replay::Replay,
     /// The status-report hot path.
     pub heartbeats: crate::heartbeats::Heartbeats,
-    /// Full desired-state documents being encoded or sent at once.
-    pub full_documents: Arc<tokio::sync::Semaphore>,
     revision: watch::Sender<i64>,
     fleet_view: Mutex<Arc<FleetView>>,
     /// The last [`VIEW_HISTORY`] views, oldest first: the bases deltas
     /// are built against.
     views: std::sync::Mutex<std::collections::VecDeque<Arc<FleetView>>>,
 }
-
-/// Full documents encoded or in flight at once (each up to ~250 bytes per
-/// node of the fleet).
-pub const FULL_DOCUMENTS: usize = 16;
 
 /// Views kept for deltas. An agent whose base is older gets a full
 /// document; each view holds every node row and peer entry (about 1 KB
@@ -93,56 +87,72 @@ impl UsageBoard {
     }
 }
 
-/// The handshake ages nodes report for their peers: one entry per pair
-/// of nodes, so kept compact (8 bytes: the peer's key as an index into
-/// the keys seen, and the age).
+/// The handshake ages nodes report for their peers: one entry per pair of
+/// nodes, so kept dense: per node a row of 2-byte ages indexed by the
+/// peer's key (its index among the keys seen). 5,000 nodes: 50 MB.
 #[derive(Default)]
 pub struct PeerBoard {
     key_index: std::collections::HashMap<String, u32>,
     keys: Vec<String>,
-    by_node: std::collections::HashMap<String, Vec<(u32, u32)>>,
+    by_node: std::collections::HashMap<String, Vec<u16>>,
 }
 
-/// The age stored for a peer never handshaken with.
-const NO_HANDSHAKE: u32 = u32::MAX;
+/// In a row: the node did not report this key.
+const NOT_REPORTED: u16 = u16::MAX;
+/// In a row: the peer was never handshaken with.
+const NO_HANDSHAKE: u16 = u16::MAX - 1;
+/// Ages below this are kept in seconds, above in minutes (up to ~23 days).
+const MINUTES_FROM: u64 = 1 << 15;
+
+fn age_to_u16(age: Option<u64>) -> u16 {
+    match age {
+        None => NO_HANDSHAKE,
+        Some(s) if s < MINUTES_FROM => s as u16,
+        Some(s) => (MINUTES_FROM + ((s - MINUTES_FROM) / 60).min(NO_HANDSHAKE as u64 - 1 - MINUTES_FROM)) as u16,
+    }
+}
+
+fn age_from_u16(v: u16) -> Option<u64> {
+    match v as u64 {
+        _ if v == NO_HANDSHAKE => None,
+        s if s < MINUTES_FROM => Some(s),
+        m => Some(MINUTES_FROM + (m - MINUTES_FROM) * 60),
+    }
+}
 
 impl PeerBoard {
     fn report(&mut self, node_id: &str, peers: &[berth_protocol::PeerStatus]) {
-        let entries = peers
-            .iter()
-            .map(|p| {
-                let idx = match self.key_index.get(&p.wg_public_key) {
-                    Some(i) => *i,
-                    None => {
-                        self.keys.push(p.wg_public_key.clone());
-                        let i = (self.keys.len() - 1) as u32;
-                        self.key_index.insert(p.wg_public_key.clone(), i);
-                        i
-                    }
-                };
-                let age = p
-                    .handshake_age_secs
-                    .map_or(NO_HANDSHAKE, |a| a.min(NO_HANDSHAKE as u64 - 1) as u32);
-                (idx, age)
-            })
-            .collect();
-        self.by_node.insert(node_id.to_string(), entries);
+        let mut row = self.by_node.remove(node_id).unwrap_or_default();
+        row.iter_mut().for_each(|a| *a = NOT_REPORTED);
+        for p in peers {
+            let idx = match self.key_index.get(&p.wg_public_key) {
+                Some(i) => *i as usize,
+                None => {
+                    self.keys.push(p.wg_public_key.clone());
+                    self.key_index
+                        .insert(p.wg_public_key.clone(), (self.keys.len() - 1) as u32);
+                    self.keys.len() - 1
+                }
+            };
+            if row.len() <= idx {
+                row.resize(idx + 1, NOT_REPORTED);
+            }
+            row[idx] = age_to_u16(p.handshake_age_secs);
+        }
+        self.by_node.insert(node_id.to_string(), row);
     }
 
-    /// `node_id`'s peers as (WireGuard key, handshake age).
+    /// `node_id`'s peers as (WireGuard key, handshake age), in the order
+    /// their keys were first seen.
     pub fn of(&self, node_id: &str) -> Vec<(&str, Option<u64>)> {
-        self.by_node
-            .get(node_id)
-            .map(|entries| {
-                entries
-                    .iter()
-                    .filter_map(|(i, age)| {
-                        let key = self.keys.get(*i as usize)?;
-                        Some((key.as_str(), (*age != NO_HANDSHAKE).then_some(*age as u64)))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+        let Some(row) = self.by_node.get(node_id) else {
+            return vec![];
+        };
+        row.iter()
+            .zip(&self.keys)
+            .filter(|(a, _)| **a != NOT_REPORTED)
+            .map(|(a, key)| (key.as_str(), age_from_u16(*a)))
+            .collect()
     }
 
     pub fn remove(&mut self, node_id: &str) {
@@ -210,7 +220,6 @@ impl AppState {
             sessions: crate::sessions::Sessions::new(sessions),
             replay,
             heartbeats,
-            full_documents: Arc::new(tokio::sync::Semaphore::new(FULL_DOCUMENTS)),
             revision: tx,
             fleet_view: Mutex::new(Arc::new(FleetView::new(-1, vec![], vec![], vec![]))),
             views: Default::default(),
@@ -337,5 +346,36 @@ pub async fn follow_other_replicas(state: SharedState, url: String) {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod peer_board_tests {
+    use super::*;
+
+    fn status(key: &str, age: Option<u64>) -> berth_protocol::PeerStatus {
+        berth_protocol::PeerStatus {
+            wg_public_key: key.into(),
+            handshake_age_secs: age,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn a_report_replaces_the_last_and_keeps_each_age() {
+        let mut b = PeerBoard::default();
+        b.report("n1", &[status("k1", Some(5)), status("k2", None)]);
+        b.report("n2", &[status("k3", Some(40_000)), status("k1", Some(0))]);
+        assert_eq!(b.of("n1"), vec![("k1", Some(5)), ("k2", None)]);
+        // Above 2^15 s an age is kept to the minute; a key learned since
+        // (k3) has no entry in rows made before it.
+        assert_eq!(b.of("n2"), vec![("k1", Some(0)), ("k3", Some(39_968))]);
+        b.report("n1", &[status("k3", Some(1 << 40))]);
+        assert_eq!(b.of("n1"), vec![("k3", age_from_u16(NO_HANDSHAKE - 1))]);
+        assert!(age_from_u16(NO_HANDSHAKE - 1).unwrap() > 20 * 86_400);
+        b.remove("n1");
+        assert!(b.of("n1").is_empty());
+        assert!(b.of("unknown").is_empty());
     }
 }

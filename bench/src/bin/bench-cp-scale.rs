@@ -66,6 +66,10 @@ struct Args {
     /// Pause between measured changes, seconds (lets re-polls and reports settle).
     #[arg(long, default_value_t = 3)]
     settle: u64,
+    /// After the fan-outs, a window of this many seconds with only
+    /// heartbeats: the control plane's CPU in it per status report; 0 = skip.
+    #[arg(long, default_value_t = 20)]
+    quiet: u64,
     /// Give up waiting for one fan-out after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -527,6 +531,21 @@ async fn run(
         tokio::time::sleep(Duration::from_secs(args.settle)).await;
     }
 
+    // ---- status reports alone ----
+    let mut per_report = None;
+    if args.quiet > 0 && args.heartbeat > 0 {
+        let (cp_b, n_b, t) = (
+            sample_pid(cp_pid)?,
+            shared.reports_ok.load(Ordering::SeqCst),
+            Instant::now(),
+        );
+        tokio::time::sleep(Duration::from_secs(args.quiet)).await;
+        let (cp_a, n_a) = (sample_pid(cp_pid)?, shared.reports_ok.load(Ordering::SeqCst));
+        let reports = n_a - n_b;
+        let cpu = ticks_secs(cp_a.cpu_ticks - cp_b.cpu_ticks);
+        per_report = Some((cpu * 1e6 / reports.max(1) as f64, reports, cpu, t.elapsed()));
+    }
+
     // ---- summary ----
     let end = sample_pid(cp_pid)?;
     println!();
@@ -585,6 +604,16 @@ async fn run(
         fanouts.len(),
         cp_fanout_cpu / fanouts.len().max(1) as f64
     );
+    if let Some((us, reports, cpu, wall)) = per_report {
+        // TLS, HTTP, signature check, JSON and bookkeeping of a heartbeat;
+        // one in six carries the peer list (one entry per peer).
+        println!(
+            "  status reports alone: {reports} in {:.1} s took the control plane {cpu:.2} s CPU = {us:.0} µs per report; \
+             target < 50 µs: {}",
+            wall.as_secs_f64(),
+            if us < 50.0 { "met" } else { "MISSED" }
+        );
+    }
     println!(
         "  {} (since start: {:.2} s CPU)",
         proc_line("control plane at end", end),

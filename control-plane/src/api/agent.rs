@@ -163,12 +163,6 @@ async fn desired_state(
         if me.revision as u64 > after {
             let wants_delta = q.delta == Some(true);
             let base = q.base.filter(|_| wants_delta).and_then(|b| s.delta_base(b, &fleet));
-            // A full document holds every peer: a few at a time, so a
-            // fleet's worth of them (after a restart) cannot fill memory.
-            let permit = match base {
-                None => Some(s.full_documents.clone().acquire_owned().await),
-                Some(_) => None,
-            };
             let (mesh, pool) = (s.pools.mesh, s.pools.subnets);
             let answer = if wants_delta {
                 let base = base.as_ref().map(|(view, changed)| (&**view, changed));
@@ -176,14 +170,11 @@ async fn desired_state(
             } else {
                 desired::encode_for_node(&fleet, &node.id, mesh, pool, &s.secrets_key)
             };
-            let (rev, json) = answer.ok_or_else(gone)?;
+            let doc = answer.ok_or_else(gone)?;
             if waited.is_some() {
-                s.metrics.delivered(rev as i64);
+                s.metrics.delivered(doc.revision as i64);
             }
-            let body = match permit {
-                Some(permit) => held_body(json, permit.ok()),
-                None => json.into(),
-            };
+            let body = axum::body::Body::new(ChunksBody::new(doc.chunks));
             return Ok(([("content-type", "application/json")], body).into_response());
         }
         // A view is big: a waiting poll must not keep an old one alive.
@@ -199,19 +190,46 @@ async fn desired_state(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// A body sent in chunks that keeps `permit` until its last chunk is taken.
-fn held_body(json: Vec<u8>, permit: Option<tokio::sync::OwnedSemaphorePermit>) -> axum::body::Body {
-    const CHUNK: usize = 64 * 1024;
-    let json = Bytes::from(json);
-    let chunks = futures_util::stream::unfold((json, permit), |(mut rest, permit)| async move {
-        if rest.is_empty() {
-            drop(permit);
-            return None;
+/// A body of ready chunks, its length known (so it goes with a
+/// Content-Length). A full document's chunks are mostly slices of its
+/// view's shared peer blocks: a body in flight holds no copy of them.
+struct ChunksBody {
+    chunks: std::collections::VecDeque<Bytes>,
+    left: u64,
+}
+
+impl ChunksBody {
+    fn new(chunks: Vec<Bytes>) -> ChunksBody {
+        let left = chunks.iter().map(|c| c.len() as u64).sum();
+        ChunksBody {
+            chunks: chunks.into(),
+            left,
         }
-        let chunk = rest.split_to(CHUNK.min(rest.len()));
-        Some((Ok::<_, std::convert::Infallible>(chunk), (rest, permit)))
-    });
-    axum::body::Body::from_stream(chunks)
+    }
+}
+
+impl http_body::Body for ChunksBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let chunk = self.chunks.pop_front();
+        if let Some(c) = &chunk {
+            self.left -= c.len() as u64;
+        }
+        std::task::Poll::Ready(chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.left)
+    }
 }
 
 /// Records a heartbeat; answers with the node's current revision.

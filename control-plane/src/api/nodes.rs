@@ -54,17 +54,21 @@ async fn list_nodes(State(s): State<SharedState>) -> ApiResult<Json<Vec<NodeInfo
             applied_revision: n.applied_revision as u64,
             agent_version: n.agent_version.clone(),
             error: n.last_error.clone(),
-            peers: usage_board
-                .peers
-                .of(&n.id)
-                .into_iter()
-                .filter_map(|(key, age)| {
-                    names.get(key).map(|name| PeerStatusNamed {
-                        name: name.to_string(),
-                        handshake_age_secs: age,
+            peers: {
+                let mut peers: Vec<PeerStatusNamed> = usage_board
+                    .peers
+                    .of(&n.id)
+                    .into_iter()
+                    .filter_map(|(key, age)| {
+                        names.get(key).map(|name| PeerStatusNamed {
+                            name: name.to_string(),
+                            handshake_age_secs: age,
+                        })
                     })
-                })
-                .collect(),
+                    .collect();
+                peers.sort_by(|a, b| a.name.cmp(&b.name));
+                peers
+            },
         })
         .collect();
     Ok(Json(list))

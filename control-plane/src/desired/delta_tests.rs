@@ -276,8 +276,8 @@ fn opened(mut d: DesiredState) -> DesiredState {
 
 fn update(fleet: &FleetView, base: Option<(&FleetView, &HashSet<String>)>, id: &str) -> DesiredUpdate {
     let (mesh, pool) = (MESH.parse().unwrap(), POOL.parse().unwrap());
-    let (_, bytes) = encode_update(fleet, base, id, mesh, pool, &cp_key()).unwrap();
-    serde_json::from_slice(&bytes).unwrap()
+    let doc = encode_update(fleet, base, id, mesh, pool, &cp_key()).unwrap();
+    serde_json::from_slice(&doc.to_vec()).unwrap()
 }
 
 fn oracle(fleet: &FleetView, id: &str) -> DesiredState {
