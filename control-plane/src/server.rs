@@ -1,9 +1,8 @@
 //! HTTPS serving: a TLS accept loop in front of the axum router.
 
 use crate::api::RemoteAddr;
-use axum::{Extension, Router};
+use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -39,7 +38,7 @@ pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ap
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let app = app.clone().layer(Extension(RemoteAddr(remote)));
+        let app = app.clone();
         tokio::spawn(async move {
             let mut tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
@@ -52,8 +51,20 @@ pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ap
             // rustls buffers up to 64 KiB of records a slow reader has not
             // taken yet; a fleet resyncing at once would hold that per agent.
             tls.get_mut().1.set_buffer_limit(Some(SEND_BUFFER));
-            let svc = TowerToHyperService::new(app);
+            // The peer's address goes into each request (a layer per
+            // connection would rebuild the router for each: 15 KB apiece).
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(RemoteAddr(remote));
+                tower::Service::call(&mut app.clone(), req)
+            });
             let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // Request bodies the handlers have not read yet are buffered up
+            // to the window. An adaptive window starts at HTTP/2's 64 KB
+            // and grows only with the connection's bandwidth-delay product:
+            // a burst of peer reports from 5,000 agents waits in its
+            // senders, while an upload over a slow link still gets a window
+            // that fills it.
+            http.http2().adaptive_window(true);
             // HTTP/1's read buffer grows to the largest body read through
             // it (400 KB by default) and stays: an agent's peer report on
             // each idle connection would hold that much.

@@ -46,6 +46,9 @@ pub struct AppState {
     pub replay: crate::replay::Replay,
     /// The status-report hot path.
     pub heartbeats: crate::heartbeats::Heartbeats,
+    /// Status reports read and handled at once: a burst of peer reports
+    /// (each up to ~100 bytes a node) waits in its senders, not in memory.
+    pub report_bodies: tokio::sync::Semaphore,
     revision: watch::Sender<i64>,
     fleet_view: Mutex<Arc<FleetView>>,
     /// The last [`VIEW_HISTORY`] views, oldest first: the bases deltas
@@ -59,6 +62,9 @@ pub struct AppState {
 pub const VIEW_HISTORY: usize = 16;
 
 pub type SharedState = Arc<AppState>;
+
+/// See [`AppState::report_bodies`].
+pub const REPORT_BODIES: usize = 8;
 
 /// The CPU and memory nodes last reported with a heartbeat, and the mesh
 /// peers they last reported: shown by `berth nodes list` and `berth
@@ -220,6 +226,7 @@ impl AppState {
             sessions: crate::sessions::Sessions::new(sessions),
             replay,
             heartbeats,
+            report_bodies: tokio::sync::Semaphore::new(REPORT_BODIES),
             revision: tx,
             fleet_view: Mutex::new(Arc::new(FleetView::new(-1, vec![], vec![], vec![]))),
             views: Default::default(),

@@ -63,7 +63,14 @@ impl ControlPlane<'_> {
             None,
             &bin,
             &args,
-            &[("BERTH_LOG".into(), self.log_level.into())],
+            &[
+                ("BERTH_LOG".into(), self.log_level.into()),
+                // As systemd/berth-control-plane.service sets it.
+                (
+                    "MALLOC_ARENA_MAX".into(),
+                    std::env::var("MALLOC_ARENA_MAX").unwrap_or_else(|_| "2".into()),
+                ),
+            ],
             self.log,
         )
     }

@@ -240,9 +240,10 @@ async fn status(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    raw: Result<Bytes, BytesRejection>,
+    req: axum::extract::Request,
 ) -> ApiResult<Json<Revision>> {
-    let raw = body(raw)?;
+    let _permit = s.report_bodies.acquire().await;
+    let raw = body(<Bytes as axum::extract::FromRequest<()>>::from_request(req, &()).await)?;
     let node = require_node(&s, &method, &uri, &headers, &raw).await?;
     let report: StatusReport = parse_json(&raw)?;
     if let Ok(mut u) = s.usage.lock() {
