@@ -91,16 +91,8 @@ impl PeerBlocks {
         let spans = nodes
             .iter()
             .map(|n| {
-                let pub_span = add(
-                    &mut public,
-                    peer(n, n.public_ip.map(|ip| SocketAddr::new(ip, n.wg_port))),
-                );
-                let priv_span = n.private_addr.map(|p| {
-                    add(
-                        &mut private,
-                        peer(n, Some(SocketAddr::new(IpAddr::V4(p.addr()), n.wg_port))),
-                    )
-                });
+                let pub_span = add(&mut public, peer(n, public_endpoint(n)));
+                let priv_span = private_endpoint(n).map(|e| add(&mut private, peer(n, Some(e))));
                 (pub_span, priv_span)
             })
             .collect();
@@ -225,10 +217,18 @@ impl FleetView {
 /// encoded documents pick between the two pre-encoded peer entries by the
 /// same rule.)
 fn endpoint(from: &NodeRow, to: &NodeRow) -> Option<SocketAddr> {
-    if let (true, Some(b)) = (same_network(from, to), to.private_addr) {
-        return Some(SocketAddr::new(IpAddr::V4(b.addr()), to.wg_port));
+    match same_network(from, to) {
+        true => private_endpoint(to),
+        false => public_endpoint(to),
     }
-    to.public_ip.map(|ip| SocketAddr::new(ip, to.wg_port))
+}
+
+fn private_endpoint(n: &NodeRow) -> Option<SocketAddr> {
+    n.private_addr.map(|p| SocketAddr::new(IpAddr::V4(p.addr()), n.wg_port))
+}
+
+fn public_endpoint(n: &NodeRow) -> Option<SocketAddr> {
+    n.public_ip.map(|ip| SocketAddr::new(ip, n.wg_port))
 }
 
 /// How a document carries what is sealed (secrets, certificate keys).
