@@ -158,10 +158,14 @@ pub async fn require_node(
     headers: &HeaderMap,
     body: &[u8],
 ) -> ApiResult<NodeRow> {
+    let node = claimed_node(state, headers).await?;
+    verify_node(state, node, method, uri, headers, body).await
+}
+
+/// The registered node a request says it comes from (not yet verified: see
+/// [`verify_node`]), checked before its body is read.
+pub async fn claimed_node(state: &AppState, headers: &HeaderMap) -> ApiResult<NodeRow> {
     let node_id = header(headers, HEADER_NODE)?;
-    let ts = header(headers, HEADER_TIMESTAMP)?;
-    let nonce = header(headers, HEADER_NONCE)?;
-    let sig = header(headers, HEADER_SIGNATURE)?;
     // The fleet view holds every node at the current revision; a node
     // registered or removed since is looked up in the store.
     let known = state.fleet_view().await?.node(node_id).cloned();
@@ -169,12 +173,27 @@ pub async fn require_node(
         Some(n) => Some(n),
         None => state.store.get_node(node_id).await?,
     };
-    let node = node.ok_or_else(|| {
+    node.ok_or_else(|| {
         ApiErr::unauthorized(
             HEADER_NODE,
             format!("{HEADER_NODE}: unknown node {node_id:?} (removed?)"),
         )
-    })?;
+    })
+}
+
+/// Verifies the signature of a request from `node` ([`claimed_node`]) and
+/// records its nonce.
+pub async fn verify_node(
+    state: &AppState,
+    node: NodeRow,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult<NodeRow> {
+    let ts = header(headers, HEADER_TIMESTAMP)?;
+    let nonce = header(headers, HEADER_NONCE)?;
+    let sig = header(headers, HEADER_SIGNATURE)?;
     let key = signing::parse_verifying_key("signing_key", &node.signing_key).map_err(ApiErr::internal)?;
     let now = now();
     let signed = SignedHeaders {

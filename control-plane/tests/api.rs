@@ -678,6 +678,30 @@ async fn signed_agent_requests_are_checked(db: &Db) {
         .await
         .error(StatusCode::UNAUTHORIZED, "x-berth-node: ");
 
+    // Reports that name no registered node are refused before their bodies
+    // are read: uploads that never end take none of the slots reports are
+    // read in, and a real report still goes through.
+    let stalled = (0..berth_control_plane::state::REPORT_BODIES + 1).map(|_| {
+        let never_ends = futures_util::stream::pending::<Result<Vec<u8>, std::io::Error>>();
+        let req = cp
+            .http
+            .post(format!("{}/v1/agent/status", cp.url))
+            .header(HEADER_NODE, &stranger.node_id)
+            .body(reqwest::Body::wrap_stream(never_ends));
+        tokio::time::timeout(Duration::from_secs(10), send(req))
+    });
+    for r in futures_util::future::join_all(stalled).await {
+        r.expect("a stranger's report is answered before its body ends")
+            .error(StatusCode::UNAUTHORIZED, "x-berth-node: ");
+    }
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        send(cp.signed(&a, Method::POST, "/v1/agent/status", report.clone())),
+    )
+    .await
+    .expect("a node's report is read while strangers' uploads hang");
+    assert_eq!(r.status, StatusCode::OK);
+
     // Replay: the very same signed request, twice.
     let once = cp.signed(&a, Method::GET, pq, vec![]);
     let twice = once.try_clone().unwrap();

@@ -4,7 +4,7 @@
 //! handler checks it ([`require_node`]) once it has the body.
 
 use super::{body, RemoteAddr, Routes, MAX_STATUS_BODY, MAX_WAIT_SECS};
-use crate::auth::{require_node, verify_self_signed};
+use crate::auth::{claimed_node, require_node, verify_node, verify_self_signed};
 use crate::desired;
 use crate::error::{parse_json, ApiErr, ApiResult};
 use crate::state::SharedState;
@@ -242,9 +242,12 @@ async fn status(
     headers: HeaderMap,
     req: axum::extract::Request,
 ) -> ApiResult<Json<Revision>> {
+    // Only a request naming a registered node waits for a slot: a
+    // stranger's slow upload must not hold one.
+    let node = claimed_node(&s, &headers).await?;
     let _permit = s.report_bodies.acquire().await;
     let raw = body(<Bytes as axum::extract::FromRequest<()>>::from_request(req, &()).await)?;
-    let node = require_node(&s, &method, &uri, &headers, &raw).await?;
+    let node = verify_node(&s, node, &method, &uri, &headers, &raw).await?;
     let report: StatusReport = parse_json(&raw)?;
     if let Ok(mut u) = s.usage.lock() {
         u.report(&node.id, &report);
