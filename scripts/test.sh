@@ -63,7 +63,7 @@ cargo test -p berth-control-plane --tests --locked
 step "agent tests on real Podman, DNS, wireguard-go, nftables, git servers and sshd"
 BERTH_TEST_SSHD="$(bash scripts/test-sshd.sh | tail -n 1)"
 export BERTH_TEST_SSHD
-cargo test -p berth-agent --test dns --test podman --test containers --test mesh --test firewall --test git_auth --test buildkit --test deltas \
+cargo test -p berth-agent --test dns --test podman --test containers --test mesh --test firewall --test git_auth --test buildkit --test control_plane \
     --locked -- --test-threads=2
 
 step "berth-proxy tests (real TLS, HTTP/1.1 and HTTP/2, WebSocket, SSE, reloads)"

@@ -1,16 +1,24 @@
 //! The agent's HTTPS client to the control plane: pins the control plane's
-//! CA and signs every request with the node's Ed25519 key.
+//! CA and authenticates every request: with a session
+//! ([`berth_protocol::session`]) when it holds one, else with the node's
+//! Ed25519 signature. A session is opened by one signed request, lazily,
+//! and again when the control plane no longer knows it.
 
 use anyhow::{anyhow, bail, Context};
 use berth_protocol::build::{BuildDone, BuildJob, BuildLogAck, BuilderQuery};
 use berth_protocol::delta::DesiredUpdate;
+use berth_protocol::session::{self, OpenedSession, HEADER_COUNTER, HEADER_MAC, HEADER_SESSION};
 use berth_protocol::signing::{self, HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use berth_protocol::token::{ca_hash, JoinToken};
-use berth_protocol::{ApiError, DesiredState, RegisterRequest, RegisterResponse, StatusReport};
+use berth_protocol::{ApiError, DesiredState, ErrorCode, RegisterRequest, RegisterResponse, StatusReport};
+use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use reqwest::{Method, StatusCode};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 
 pub struct Client {
     http: reqwest::Client,
@@ -22,6 +30,38 @@ pub struct Client {
     /// The last document received and the control plane's view it came
     /// from: what the next long-poll's delta applies to.
     held: std::sync::Mutex<Option<(u64, std::sync::Arc<DesiredState>)>>,
+    /// Opens session keys; without it every request is signed.
+    sealing: Option<x25519_dalek::StaticSecret>,
+    /// One task opens a session at a time; the others wait for it.
+    session: tokio::sync::Mutex<SessionSlot>,
+    sessions_opened: AtomicU64,
+}
+
+#[derive(Default)]
+struct SessionSlot {
+    current: Option<Arc<Session>>,
+    /// After a failed opening: sign requests until then.
+    retry_at: Option<Instant>,
+}
+
+struct Session {
+    id: String,
+    key: [u8; 32],
+    counter: AtomicU64,
+    /// Open the next one from then on (before the control plane ends it).
+    renew_at: Instant,
+}
+
+/// After an opening failed for want of the endpoint (an older control
+/// plane) or for any other answer.
+const SESSION_RETRY_REFUSED: Duration = Duration::from_secs(600);
+/// After an opening failed to get through.
+const SESSION_RETRY_UNREACHED: Duration = Duration::from_secs(15);
+
+/// How a request is authenticated.
+enum Auth<'a> {
+    Signature,
+    Session(&'a Session),
 }
 
 /// A stream's WebSocket to the control plane.
@@ -40,6 +80,7 @@ pub enum Poll {
 #[error("control plane answered {status}: {message}")]
 pub struct Refused {
     pub status: StatusCode,
+    pub code: ErrorCode,
     pub message: String,
 }
 
@@ -111,8 +152,18 @@ fn pem_first_cert(pem: &str) -> Option<Vec<u8>> {
 async fn refused(resp: reqwest::Response) -> Refused {
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
-    let message = serde_json::from_str::<ApiError>(&text).map(|e| e.error).unwrap_or(text);
-    Refused { status, message }
+    match serde_json::from_str::<ApiError>(&text) {
+        Ok(e) => Refused {
+            status,
+            code: e.code,
+            message: e.error,
+        },
+        Err(_) => Refused {
+            status,
+            code: ErrorCode::Unknown,
+            message: text,
+        },
+    }
 }
 
 impl Client {
@@ -125,33 +176,57 @@ impl Client {
             key,
             node_id,
             held: Default::default(),
+            sealing: None,
+            session: Default::default(),
+            sessions_opened: AtomicU64::new(0),
         })
     }
 
-    fn signed(&self, method: Method, path_and_query: &str, body: Vec<u8>) -> anyhow::Result<reqwest::RequestBuilder> {
-        self.signed_as(method, path_and_query, body, "application/json")
+    /// Authenticate requests with sessions, whose keys come sealed to
+    /// `sealing` (the node's sealing key, registered with it).
+    pub fn with_sessions(mut self, sealing: x25519_dalek::StaticSecret) -> Client {
+        self.sealing = Some(sealing);
+        self
     }
 
-    /// A signed request whose body (if any) is of `content_type`.
-    fn signed_as(
+    /// Sessions this client has opened so far.
+    pub fn sessions_opened(&self) -> u64 {
+        self.sessions_opened.load(Ordering::Relaxed)
+    }
+
+    /// A request authenticated by `auth`, whose body (if any) is of `content_type`.
+    fn request(
         &self,
         method: Method,
         path_and_query: &str,
-        body: Vec<u8>,
+        body: Bytes,
         content_type: &str,
+        auth: Auth<'_>,
     ) -> anyhow::Result<reqwest::RequestBuilder> {
         let url = self.base.join(path_and_query)?;
         let pq = match url.query() {
             Some(q) => format!("{}?{}", url.path(), q),
             None => url.path().to_string(),
         };
-        let h = signing::sign(&self.key, method.as_str(), &pq, &body, now());
-        let mut req = self
-            .http
-            .request(method, url)
-            .header(HEADER_TIMESTAMP, h.timestamp)
-            .header(HEADER_NONCE, h.nonce)
-            .header(HEADER_SIGNATURE, h.signature);
+        let mut req = match auth {
+            Auth::Signature => {
+                let h = signing::sign(&self.key, method.as_str(), &pq, &body, now());
+                self.http
+                    .request(method, url)
+                    .header(HEADER_TIMESTAMP, h.timestamp)
+                    .header(HEADER_NONCE, h.nonce)
+                    .header(HEADER_SIGNATURE, h.signature)
+            }
+            Auth::Session(s) => {
+                let counter = s.counter.fetch_add(1, Ordering::Relaxed) + 1;
+                let mac = session::mac(&s.key, method.as_str(), &pq, counter, &body);
+                self.http
+                    .request(method, url)
+                    .header(HEADER_SESSION, &s.id)
+                    .header(HEADER_COUNTER, counter)
+                    .header(HEADER_MAC, mac)
+            }
+        };
         if !self.node_id.is_empty() {
             req = req.header(HEADER_NODE, &self.node_id);
         }
@@ -161,11 +236,123 @@ impl Client {
         Ok(req)
     }
 
+    /// Sends a request of this node, in its session if it has one (opening
+    /// one first if it may). A request the control plane refuses because it
+    /// no longer knows the session is sent again in a new one: it was not
+    /// acted on. A 401 comes back as a [`Refused`] error.
+    async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: impl Into<Bytes>,
+        content_type: &str,
+        timeout: Option<Duration>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let body = body.into();
+        let mut stale: Option<Arc<Session>> = None;
+        loop {
+            let session = self.session(stale.as_ref()).await;
+            let auth = session.as_deref().map_or(Auth::Signature, Auth::Session);
+            let mut req = self.request(method.clone(), path_and_query, body.clone(), content_type, auth)?;
+            if let Some(t) = timeout {
+                req = req.timeout(t);
+            }
+            let resp = req.send().await?;
+            if resp.status() != StatusCode::UNAUTHORIZED {
+                return Ok(resp);
+            }
+            let refusal = refused(resp).await;
+            match session {
+                Some(s) if refusal.code == ErrorCode::SessionInvalid && stale.is_none() => stale = Some(s),
+                _ => return Err(refusal.into()),
+            }
+        }
+    }
+
+    /// The session to send a request in: the one held, or a new one when
+    /// none is held, it is due for renewal or it is `stale` (refused).
+    /// None: sign the request.
+    async fn session(&self, stale: Option<&Arc<Session>>) -> Option<Arc<Session>> {
+        let sealing = self.sealing.as_ref()?;
+        if self.node_id.is_empty() {
+            return None;
+        }
+        let mut slot = self.session.lock().await;
+        if let (Some(held), Some(stale)) = (&slot.current, stale) {
+            if Arc::ptr_eq(held, stale) {
+                slot.current = None;
+            }
+        }
+        if let Some(s) = &slot.current {
+            if Instant::now() < s.renew_at {
+                return Some(s.clone());
+            }
+        }
+        if slot.retry_at.is_some_and(|t| Instant::now() < t) {
+            // Still good until the control plane ends it, if not renewed.
+            return slot.current.clone();
+        }
+        match self.open_session(sealing).await {
+            Ok(s) => {
+                self.sessions_opened.fetch_add(1, Ordering::Relaxed);
+                slot.retry_at = None;
+                slot.current = Some(Arc::new(s));
+            }
+            Err(e) => {
+                let wait = if e.downcast_ref::<Refused>().is_some() {
+                    SESSION_RETRY_REFUSED
+                } else {
+                    SESSION_RETRY_UNREACHED
+                };
+                tracing::debug!(error = %format!("{e:#}"), "opening a session failed; signing each request for now");
+                slot.retry_at = Some(Instant::now() + wait);
+            }
+        }
+        slot.current.clone()
+    }
+
+    async fn open_session(&self, sealing: &x25519_dalek::StaticSecret) -> anyhow::Result<Session> {
+        let resp = self
+            .request(
+                Method::POST,
+                "/v1/agent/session",
+                Bytes::new(),
+                "application/json",
+                Auth::Signature,
+            )?
+            .timeout(Duration::from_secs(15))
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            return Err(refused(resp).await.into());
+        }
+        let opened: OpenedSession = resp.json().await?;
+        let key: [u8; 32] = berth_protocol::seal::open(sealing, &opened.key_sealed)
+            .map_err(|e| anyhow!("the session key: {e}"))?
+            .try_into()
+            .map_err(|_| anyhow!("the session key is not 32 bytes"))?;
+        // Renew at four fifths of its life: in-flight requests of the old
+        // one still land before it ends.
+        let life = Duration::from_secs(opened.expires_in_secs);
+        Ok(Session {
+            id: opened.id,
+            key,
+            counter: AtomicU64::new(0),
+            renew_at: Instant::now() + life * 4 / 5,
+        })
+    }
+
     /// Registers this node; the request is signed with the key it registers.
     pub async fn register(&self, req: &RegisterRequest) -> anyhow::Result<RegisterResponse> {
         let body = serde_json::to_vec(req)?;
         let resp = self
-            .signed(Method::POST, "/v1/register", body)?
+            .request(
+                Method::POST,
+                "/v1/register",
+                body.into(),
+                "application/json",
+                Auth::Signature,
+            )?
             .timeout(Duration::from_secs(30))
             .send()
             .await
@@ -186,9 +373,13 @@ impl Client {
             path.push_str(&format!("&base={view}"));
         }
         let resp = self
-            .signed(Method::GET, &path, vec![])?
-            .timeout(Duration::from_secs(wait_secs + 15))
-            .send()
+            .send(
+                Method::GET,
+                &path,
+                Bytes::new(),
+                "",
+                Some(Duration::from_secs(wait_secs + 15)),
+            )
             .await?;
         match resp.status() {
             StatusCode::NO_CONTENT => Ok(Poll::Unchanged),
@@ -229,9 +420,13 @@ impl Client {
 
     pub async fn report(&self, report: &StatusReport) -> anyhow::Result<()> {
         let resp = self
-            .signed(Method::POST, "/v1/agent/status", serde_json::to_vec(report)?)?
-            .timeout(Duration::from_secs(15))
-            .send()
+            .send(
+                Method::POST,
+                "/v1/agent/status",
+                serde_json::to_vec(report)?,
+                "application/json",
+                Some(Duration::from_secs(15)),
+            )
             .await?;
         if !resp.status().is_success() {
             return Err(refused(resp).await.into());
@@ -242,17 +437,18 @@ impl Client {
     /// Long-polls for a build this node may take; None after `q.wait`.
     pub async fn next_build(&self, q: &BuilderQuery) -> anyhow::Result<Option<BuildJob>> {
         let wait = q.wait.unwrap_or(25);
+        let path = format!(
+            "/v1/agent/builds/next?arch={}&preferred={}&wait={wait}",
+            q.arch, q.preferred
+        );
         let resp = self
-            .signed(
+            .send(
                 Method::GET,
-                &format!(
-                    "/v1/agent/builds/next?arch={}&preferred={}&wait={wait}",
-                    q.arch, q.preferred
-                ),
-                vec![],
-            )?
-            .timeout(Duration::from_secs(wait + 15))
-            .send()
+                &path,
+                Bytes::new(),
+                "",
+                Some(Duration::from_secs(wait + 15)),
+            )
             .await?;
         match resp.status() {
             StatusCode::NO_CONTENT => Ok(None),
@@ -265,8 +461,13 @@ impl Client {
     pub async fn build_context(&self, id: u64, dest: &Path) -> anyhow::Result<u64> {
         use tokio::io::AsyncWriteExt;
         let mut resp = self
-            .signed(Method::GET, &format!("/v1/agent/builds/{id}/context"), vec![])?
-            .send()
+            .send(
+                Method::GET,
+                &format!("/v1/agent/builds/{id}/context"),
+                Bytes::new(),
+                "",
+                None,
+            )
             .await?;
         if !resp.status().is_success() {
             return Err(refused(resp).await.into());
@@ -286,14 +487,13 @@ impl Client {
     /// Appends to build `id`'s log; the answer says whether to stop.
     pub async fn build_log(&self, id: u64, chunk: Vec<u8>) -> anyhow::Result<BuildLogAck> {
         let resp = self
-            .signed_as(
+            .send(
                 Method::POST,
                 &format!("/v1/agent/builds/{id}/log"),
                 chunk,
                 "application/octet-stream",
-            )?
-            .timeout(Duration::from_secs(15))
-            .send()
+                Some(Duration::from_secs(15)),
+            )
             .await?;
         if !resp.status().is_success() {
             return Err(refused(resp).await.into());
@@ -304,13 +504,13 @@ impl Client {
     /// Reports how build `id` ended on this node.
     pub async fn build_done(&self, id: u64, done: &BuildDone) -> anyhow::Result<()> {
         let resp = self
-            .signed(
+            .send(
                 Method::POST,
                 &format!("/v1/agent/builds/{id}/done"),
                 serde_json::to_vec(done)?,
-            )?
-            .timeout(Duration::from_secs(60))
-            .send()
+                "application/json",
+                Some(Duration::from_secs(60)),
+            )
             .await?;
         if !resp.status().is_success() {
             return Err(refused(resp).await.into());
@@ -321,9 +521,13 @@ impl Client {
     /// Long-polls for streams to open (`berth logs`, `berth exec`).
     pub async fn next_streams(&self, wait_secs: u64) -> anyhow::Result<Vec<berth_protocol::stream::StreamJob>> {
         let resp = self
-            .signed(Method::GET, &format!("/v1/agent/streams/next?wait={wait_secs}"), vec![])?
-            .timeout(Duration::from_secs(wait_secs + 15))
-            .send()
+            .send(
+                Method::GET,
+                &format!("/v1/agent/streams/next?wait={wait_secs}"),
+                Bytes::new(),
+                "",
+                Some(Duration::from_secs(wait_secs + 15)),
+            )
             .await?;
         match resp.status() {
             StatusCode::NO_CONTENT => Ok(vec![]),
@@ -332,8 +536,8 @@ impl Client {
         }
     }
 
-    /// Opens the WebSocket of stream `id`, signed like any request (its
-    /// body, empty, is what the signature covers).
+    /// Opens the WebSocket of stream `id`, signed (its body, empty, is what
+    /// the signature covers; a stream is rare, so no session).
     pub async fn stream_socket(&self, id: &str) -> anyhow::Result<StreamSocket> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         use tokio_tungstenite::tungstenite::http::HeaderValue;

@@ -324,12 +324,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         notify(sd_notify::NotifyState::Ready);
     }
 
-    let client = Arc::new(Client::new(
-        &url,
-        &args.data_dir.join("ca.pem"),
-        id.signing_key.clone(),
-        reg.node_id.clone(),
-    )?);
+    let client = Arc::new(
+        Client::new(
+            &url,
+            &args.data_dir.join("ca.pem"),
+            id.signing_key.clone(),
+            reg.node_id.clone(),
+        )?
+        .with_sessions(id.sealing.clone()),
+    );
     let report_now = Arc::new(tokio::sync::Notify::new());
     let snapshot = berth_agent::metrics::SharedSnapshot::default();
     if let Some(d) = &cached {
@@ -453,9 +456,8 @@ async fn sync_loop(client: Arc<Client>, reporter: Arc<Reporter>, rec: Arc<Mutex<
                 if let Ok(mut u) = reporter.upgrader.lock() {
                     u.want(d.upgrade_to.as_deref());
                 }
-                let mut report = rec.lock().await.report().await;
-                // Only the revision matters here; peer handshakes ride on heartbeats.
-                report.peers.clear();
+                // Only the revision matters here; peer state rides on heartbeats.
+                let report = rec.lock().await.report();
                 reporter.send(report).await;
                 match res {
                     Ok(()) => {
@@ -525,32 +527,33 @@ async fn heartbeat(
 ) {
     let mut tick = tokio::time::interval(every);
     let mut usage = berth_agent::usage::Sampler::default();
-    // The peer list grows with the fleet: send it when the set of peers
-    // changed and every PEERS_EVERY-th heartbeat, not every time (nor with
-    // apply reports).
-    const PEERS_EVERY: u64 = 6;
-    let mut n: u64 = 0;
-    let mut last_sent: Vec<String> = vec![];
+    // Reports carry the peers down and a count of the rest, and only when
+    // that changed or on every PEERS_EVERY-th heartbeat (never with urgent
+    // or apply reports): a list of every peer would grow with the fleet.
+    let mut peer_state = berth_agent::mesh::PeerStateReports::default();
     loop {
         let urgent = tokio::select! {
             _ = tick.tick() => false,
             _ = report_now.notified() => true,
         };
-        let mut report = rec.lock().await.report().await;
         if urgent {
-            report.peers.clear();
+            let report = rec.lock().await.report();
             reporter.send(report).await;
             continue;
         }
-        // Sorted: wireguard-go lists peers in no fixed order.
-        let mut keys: Vec<String> = report.peers.iter().map(|p| p.wg_public_key.clone()).collect();
-        keys.sort();
-        if keys != last_sent || n.is_multiple_of(PEERS_EVERY) {
-            last_sent = keys;
-        } else {
-            report.peers.clear();
+        let (mut report, mesh) = {
+            let rec = rec.lock().await;
+            (rec.report(), rec.mesh_status().await)
+        };
+        if let Some(mesh) = mesh {
+            if let Some((up, down)) = peer_state.next(&mesh) {
+                report.peers_up = Some(up);
+                report.peers_down = Some(down);
+            }
+            if let Ok(mut s) = reporter.snapshot.lock() {
+                s.mesh_status(mesh);
+            }
         }
-        n += 1;
         usage.fill(&podman, &mut report).await;
         reporter.send(report).await;
     }

@@ -1,8 +1,9 @@
 //! The agent's Prometheus endpoint, `--metrics ADDR` (docs/monitoring.md):
 //! mesh peers, replicas by state and health, restarts, per-replica CPU,
 //! memory and network from Podman, apply latency, and DNS queries by
-//! answer. What the agent last reported is kept in a [`Snapshot`]; Podman's
-//! stats are read at scrape time.
+//! answer. What the agent last reported, and every peer's status as of the
+//! last heartbeat, are kept in a [`Snapshot`]; Podman's stats are read at
+//! scrape time.
 
 use crate::podman::Podman;
 use berth_protocol::prom::{escape, family, Histogram};
@@ -88,7 +89,7 @@ pub fn applied(secs: f64) {
     APPLY.observe(secs);
 }
 
-/// What the agent last told the control plane, and its peers' names.
+/// What the agent last told the control plane, and its peers' status and names.
 #[derive(Default)]
 pub struct Snapshot {
     report: Option<StatusReport>,
@@ -99,12 +100,15 @@ pub struct Snapshot {
 pub type SharedSnapshot = Arc<Mutex<Snapshot>>;
 
 impl Snapshot {
-    /// Keeps `report`; a report without peers keeps the peers seen before.
+    /// Keeps `report`.
     pub fn reported(&mut self, report: &StatusReport) {
-        if !report.peers.is_empty() {
-            self.peers = report.peers.clone();
-        }
         self.report = Some(report.clone());
+    }
+
+    /// Keeps every peer's status, read at each heartbeat: the per-peer
+    /// figures live here, reports carry only the peers down.
+    pub fn mesh_status(&mut self, peers: Vec<berth_protocol::PeerStatus>) {
+        self.peers = peers;
     }
 
     /// The peers' names by WireGuard key, from a desired state.

@@ -384,18 +384,15 @@ impl Reconciler {
         self.berth_proxy.as_ref().map(|sup| sup.served_domains().to_vec())
     }
 
-    pub async fn report(&self) -> StatusReport {
-        let peers = match &self.mesh {
-            Some(m) => m.status().await.unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "reading WireGuard peer status failed");
-                vec![]
-            }),
-            None => vec![],
-        };
+    /// The report of what was applied, without peer state (heartbeats
+    /// add it from [`Reconciler::mesh_status`]).
+    pub fn report(&self) -> StatusReport {
         StatusReport {
             applied_revision: self.applied.applied,
             agent_version: crate::VERSION.to_string(),
-            peers,
+            peers: vec![],
+            peers_up: None,
+            peers_down: None,
             error: self
                 .last_error
                 .clone()
@@ -407,6 +404,18 @@ impl Reconciler {
             upgrade_error: None,
             served_domains: self.served_domains(),
             usage: None,
+        }
+    }
+
+    /// Every mesh peer's handshake age and counters; None without a mesh
+    /// or when the interface could not be read (nothing is known then).
+    pub async fn mesh_status(&self) -> Option<Vec<berth_protocol::PeerStatus>> {
+        match self.mesh.as_ref()?.status().await {
+            Ok(status) => Some(status),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading WireGuard peer status failed");
+                None
+            }
         }
     }
 

@@ -250,7 +250,7 @@ pub enum TokenCmd {
 
 #[derive(Subcommand)]
 pub enum NodesCmd {
-    /// Every node: mesh IP, subnet, role, state, last seen, revisions, peer handshakes.
+    /// Every node: mesh IP, subnet, role, state, last seen, revisions, peers up and down.
     List {
         /// Print JSON instead of a table.
         #[arg(long)]

@@ -3,7 +3,7 @@
 
 use berth_protocol::routes::DomainInfo;
 use berth_protocol::service::ServiceInfo;
-use berth_protocol::NodeInfo;
+use berth_protocol::{NodeInfo, PeerStatusNamed};
 
 /// Seconds since the Unix epoch.
 pub fn now() -> i64 {
@@ -43,25 +43,38 @@ fn bytes(b: Option<u64>) -> String {
     }
 }
 
+/// Down peers named in the PEERS column; the rest are counted (all of
+/// them are in `--json`).
+const DOWN_SHOWN: usize = 5;
+
+/// The PEERS column: `4999 up`, or `4997 up, down: db-1 never, web-3 12m`
+/// (a down peer with the time since its last handshake); `-` before the
+/// node reported its peers.
+fn peers_cell(up: Option<u32>, down: &[PeerStatusNamed]) -> String {
+    let Some(up) = up else { return "-".into() };
+    if down.is_empty() {
+        return format!("{up} up");
+    }
+    let mut named: Vec<String> = down
+        .iter()
+        .take(DOWN_SHOWN)
+        .map(|p| {
+            let age = p.handshake_age_secs.map_or("never".into(), humantime);
+            format!("{} {age}", p.name)
+        })
+        .collect();
+    if down.len() > DOWN_SHOWN {
+        named.push(format!("{} more", down.len() - DOWN_SHOWN));
+    }
+    format!("{up} up, down: {}", named.join(", "))
+}
+
 pub fn print_nodes(nodes: &[NodeInfo]) {
     println!(
-        "{:<16} {:<8} {:<13} {:<16} {:<8} {:<10} {:<9} {:<12} {:<12} {:<15} PEERS (handshake age)",
+        "{:<16} {:<8} {:<13} {:<16} {:<8} {:<10} {:<9} {:<12} {:<12} {:<15} PEERS",
         "NAME", "ROLE", "MESH IP", "SUBNET", "STATE", "LAST SEEN", "REVISION", "VERSION", "CPU", "MEMORY"
     );
     for n in nodes {
-        let peers: Vec<String> = n
-            .peers
-            .iter()
-            .map(|p| {
-                format!(
-                    "{}:{}",
-                    p.name,
-                    p.handshake_age_secs
-                        .map(|s| format!("{s}s"))
-                        .unwrap_or_else(|| "-".into())
-                )
-            })
-            .collect();
         let (cpu_text, mem_text) = match &n.usage {
             Some(u) => (
                 format!("{}/{}", cpu(Some(u.cpu_millicores)), u.cores),
@@ -85,7 +98,7 @@ pub fn print_nodes(nodes: &[NodeInfo]) {
             n.agent_version.as_deref().unwrap_or("-"),
             cpu_text,
             mem_text,
-            peers.join(" ")
+            peers_cell(n.peers_up, &n.peers)
         );
         if let Some(e) = &n.error {
             println!("  last error: {e}");
@@ -175,4 +188,31 @@ pub fn json_or<T: serde::Serialize + ?Sized>(json: bool, value: &T, table: impl 
         table(value);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn down(name: &str, age: Option<u64>) -> PeerStatusNamed {
+        PeerStatusNamed {
+            name: name.into(),
+            handshake_age_secs: age,
+        }
+    }
+
+    #[test]
+    fn the_peers_column_counts_the_up_and_names_the_down() {
+        assert_eq!(peers_cell(None, &[]), "-");
+        assert_eq!(peers_cell(Some(4999), &[]), "4999 up");
+        assert_eq!(
+            peers_cell(Some(4997), &[down("db-1", None), down("web-3", Some(725))]),
+            "4997 up, down: db-1 never, web-3 12m"
+        );
+        let many: Vec<PeerStatusNamed> = (0..8).map(|i| down(&format!("n{i}"), Some(200))).collect();
+        assert_eq!(
+            peers_cell(Some(0), &many),
+            "0 up, down: n0 3m, n1 3m, n2 3m, n3 3m, n4 3m, 3 more"
+        );
+    }
 }

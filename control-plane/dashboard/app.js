@@ -305,16 +305,21 @@ function overview() {
   });
 }
 
+// A node's peers: how many had a recent handshake, then each one down.
+// (Reports name only the peers down; every peer's age is in its agent's metrics.)
+const peersUp = (n) => (n.peers_up === null || n.peers_up === undefined ? "–" : `${n.peers_up} up`);
+const peerDown = (p) => `${p.name}: down, last handshake ${ago(p.handshake_age_secs)}`;
+
 function nodeTable(nodes) {
   return table(
-    ["Node", "Role", "State", "Version", "Mesh IP", "Peers (handshake)", "CPU", "Memory"],
+    ["Node", "Role", "State", "Version", "Mesh IP", "Peers", "CPU", "Memory"],
     nodes.map((n) => h("tr", { "data-node": n.name },
       h("td", {}, h("a", { href: `#/nodes/${enc(n.name)}` }, n.name)),
       h("td", {}, n.role),
       h("td", {}, pill(n.online ? "online" : "offline"), n.error ? h("div", { class: "bad" }, n.error) : null),
       h("td", {}, n.agent_version || "–"),
       h("td", {}, n.mesh_ip),
-      h("td", {}, n.peers.map((p) => h("div", {}, `${p.name}: ${ago(p.handshake_age_secs)}`))),
+      h("td", {}, peersUp(n), n.peers.map((p) => h("div", { class: "bad" }, peerDown(p)))),
       h("td", {}, n.usage ? `${cpu(n.usage.cpu_millicores)} of ${n.usage.cores}` : "–"),
       h("td", {}, n.usage ? `${bytes(n.usage.memory_used_bytes)} of ${bytes(n.usage.memory_total_bytes)}` : "–"))),
     "No nodes yet: create a join token.");
@@ -465,9 +470,13 @@ function nodePage(name) {
         h("td", {}, n.usage ? `${bytes(n.usage.memory_used_bytes)} of ${bytes(n.usage.memory_total_bytes)}` : "–"))]),
       n.error ? h("p", { class: "bad" }, n.error) : null),
       h("h2", {}, "Peers"),
-      h("section", { class: "card" }, table(["Peer", "Last handshake"],
-        n.peers.map((p) => h("tr", {}, h("td", {}, h("a", { href: `#/nodes/${enc(p.name)}` }, p.name)),
-          h("td", {}, ago(p.handshake_age_secs)))), "No peers.")),
+      h("section", { class: "card" },
+        h("p", { id: "peers-up" }, n.peers_up === null || n.peers_up === undefined
+          ? "Not reported yet."
+          : `${n.peers_up} up (a handshake within the last 3 minutes)`),
+        table(["Peer down", "Last handshake"],
+          n.peers.map((p) => h("tr", {}, h("td", {}, h("a", { href: `#/nodes/${enc(p.name)}` }, p.name)),
+            h("td", {}, ago(p.handshake_age_secs)))), "None down.")),
       h("h2", {}, "Replicas"),
       h("section", { class: "card" }, replicaTable(replicas, false)));
   }, (extra, signal) => {

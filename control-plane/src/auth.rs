@@ -1,9 +1,10 @@
 //! Authentication: admin bearer token for the CLI or a dashboard session
-//! cookie (checked once for the whole admin router by [`admin_only`]),
-//! Ed25519 request signatures for agents ([`require_node`], in each node
-//! handler: the signature covers the body).
+//! cookie (checked once for the whole admin router by [`admin_only`]);
+//! for agents an Ed25519 request signature or a session's MAC
+//! ([`require_node`], in each node handler: both cover the body).
 
 use crate::error::{ApiErr, ApiResult};
+use crate::node_sessions::Refusal;
 use crate::sessions;
 use crate::state::{AppState, SharedState};
 use crate::store::{nodes::NodeRow, now, users::SessionRow};
@@ -11,6 +12,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::Response;
+use berth_protocol::session::{HEADER_COUNTER, HEADER_MAC, HEADER_SESSION};
 use berth_protocol::signing::{self, SignedHeaders, HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use berth_protocol::user::{ADMIN_USER, CSRF_HEADER};
 use berth_protocol::ErrorCode;
@@ -150,7 +152,7 @@ pub fn path_and_query(uri: &Uri) -> &str {
     uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
 }
 
-/// Verifies a signed request from a registered node and records its nonce.
+/// Authenticates a request from a registered node (see [`verify_node`]).
 pub async fn require_node(
     state: &AppState,
     method: &Method,
@@ -181,9 +183,75 @@ pub async fn claimed_node(state: &AppState, headers: &HeaderMap) -> ApiResult<No
     })
 }
 
-/// Verifies the signature of a request from `node` ([`claimed_node`]) and
-/// records its nonce.
+/// Authenticates a request from `node` ([`claimed_node`]): by its session
+/// MAC when it names a session (`x-berth-session`), else by its Ed25519
+/// signature.
 pub async fn verify_node(
+    state: &AppState,
+    node: NodeRow,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult<NodeRow> {
+    if headers.contains_key(HEADER_SESSION) {
+        verify_session(state, &node, method, uri, headers, body)?;
+        return Ok(node);
+    }
+    verify_signature(state, node, method, uri, headers, body).await
+}
+
+/// A signed request from a registered node, not a session's: what opens a
+/// session (so a session cannot renew itself).
+pub async fn require_signed_node(
+    state: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult<NodeRow> {
+    let node = claimed_node(state, headers).await?;
+    verify_signature(state, node, method, uri, headers, body).await
+}
+
+fn verify_session(
+    state: &AppState,
+    node: &NodeRow,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult<()> {
+    let id = header(headers, HEADER_SESSION)?;
+    let counter: u64 = header(headers, HEADER_COUNTER)?
+        .parse()
+        .map_err(|_| ApiErr::unauthorized(HEADER_COUNTER, format!("{HEADER_COUNTER}: not a number")))?;
+    let mac = header(headers, HEADER_MAC)?;
+    let checked = state.node_sessions.verify(
+        id,
+        &node.id,
+        method.as_str(),
+        path_and_query(uri),
+        counter,
+        body,
+        mac,
+        now(),
+    );
+    checked.map_err(|r| match r {
+        Refusal::Invalid => ApiErr::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::SessionInvalid,
+            format!("{HEADER_SESSION}: not a live session of this node here (expired, or the control plane restarted); open a new one"),
+        )
+        .on(HEADER_SESSION),
+        Refusal::BadMac => ApiErr::unauthorized(HEADER_MAC, format!("{HEADER_MAC}: does not verify")),
+        Refusal::Replayed => ApiErr::unauthorized(HEADER_COUNTER, format!("{HEADER_COUNTER}: replayed")),
+    })
+}
+
+/// Verifies the Ed25519 signature of a request from `node` and records
+/// its nonce.
+async fn verify_signature(
     state: &AppState,
     node: NodeRow,
     method: &Method,

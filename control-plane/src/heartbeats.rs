@@ -27,9 +27,13 @@ pub const APPLIED_EVERY: Duration = Duration::from_millis(25);
 pub struct Heartbeats {
     /// False on PostgreSQL: every report takes the full path.
     enabled: bool,
-    /// Node id → fingerprint of its last report the full path recorded.
-    recorded: Mutex<HashMap<String, u64>>,
+    /// Node id → fingerprint of its last report the full path recorded,
+    /// and the applied revision the store holds for it (the fleet view's
+    /// copy lags: it is only read again when a revision moves).
+    recorded: Mutex<HashMap<String, Recorded>>,
     unwritten: Mutex<Unwritten>,
+    /// Woken when an applied revision moves: the writer sleeps otherwise.
+    applied_moved: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -38,6 +42,12 @@ struct Unwritten {
     seen: HashMap<String, Seen>,
     /// Some applied revision moved since the last write.
     applied_moved: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Recorded {
+    fingerprint: u64,
+    applied_revision: i64,
 }
 
 /// A report's time and applied revision, waiting to be written.
@@ -82,40 +92,56 @@ impl Heartbeats {
     }
 
     /// If the node's last recorded report said the same (`fingerprint`),
-    /// keeps `seen` to write behind and returns true. `stored_applied` is
-    /// the applied revision the caller knows the store has.
-    pub fn same_as_recorded(&self, node_id: &str, fingerprint: u64, seen: Seen, stored_applied: i64) -> bool {
-        let same = self.enabled
-            && self
-                .recorded
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(node_id)
-                .is_some_and(|f| *f == fingerprint);
-        if same {
-            let mut u = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
-            let moved = u.seen.get(node_id).map_or(stored_applied, |s| s.applied_revision) != seen.applied_revision;
-            u.applied_moved |= moved;
-            u.seen.insert(node_id.to_string(), seen);
+    /// keeps `seen` to write behind and returns true.
+    pub fn same_as_recorded(&self, node_id: &str, fingerprint: u64, seen: Seen) -> bool {
+        if !self.enabled {
+            return false;
         }
-        same
+        let stored_applied = {
+            let recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+            match recorded.get(node_id) {
+                Some(r) if r.fingerprint == fingerprint => r.applied_revision,
+                _ => return false,
+            }
+        };
+        let mut u = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
+        let moved = u.seen.get(node_id).map_or(stored_applied, |s| s.applied_revision) != seen.applied_revision;
+        if moved && !u.applied_moved {
+            self.applied_moved.notify_one();
+        }
+        u.applied_moved |= moved;
+        u.seen.insert(node_id.to_string(), seen);
+        true
     }
 
-    /// The full path wrote a report with this fingerprint (and its time
-    /// and applied revision, so what waited for that is dropped).
-    pub fn recorded(&self, node_id: &str, fingerprint: u64) {
+    /// The full path wrote a report with this fingerprint and applied
+    /// revision (and its time, so what waited for that is dropped).
+    pub fn recorded(&self, node_id: &str, fingerprint: u64, applied_revision: i64) {
         if !self.enabled {
             return;
         }
-        self.recorded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(node_id.to_string(), fingerprint);
+        self.recorded.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            node_id.to_string(),
+            Recorded {
+                fingerprint,
+                applied_revision,
+            },
+        );
         self.unwritten
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .seen
             .remove(node_id);
+    }
+
+    /// A batch taken by [`Heartbeats::take_due`] is in the store.
+    fn written(&self, batch: &HashMap<String, Seen>) {
+        let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, s) in batch {
+            if let Some(r) = recorded.get_mut(id) {
+                r.applied_revision = r.applied_revision.max(s.applied_revision);
+            }
+        }
     }
 
     /// Forgets a removed node.
@@ -141,6 +167,9 @@ impl Heartbeats {
     fn put_back(&self, batch: HashMap<String, Seen>, moved: bool) {
         let mut u = self.unwritten.lock().unwrap_or_else(|e| e.into_inner());
         u.applied_moved |= moved;
+        if moved {
+            self.applied_moved.notify_one();
+        }
         for (id, s) in batch {
             u.seen.entry(id).or_insert(s);
         }
@@ -148,18 +177,29 @@ impl Heartbeats {
 }
 
 /// Writes what the hot path kept, on the schedule the module describes.
+/// Between writes it sleeps (no ticking while nothing is due).
 pub async fn write_behind(state: crate::state::SharedState) {
-    let mut tick = tokio::time::interval(APPLIED_EVERY);
-    let mut last = Instant::now();
+    let mut next_seen = Instant::now() + SEEN_EVERY;
     loop {
-        tick.tick().await;
-        let Some((batch, moved)) = state.heartbeats.take_due(last.elapsed() >= SEEN_EVERY) else {
+        tokio::select! {
+            // Let the burst of reports after a change gather.
+            _ = state.heartbeats.applied_moved.notified() => tokio::time::sleep(APPLIED_EVERY).await,
+            _ = tokio::time::sleep_until(next_seen.into()) => {}
+        }
+        let seen_due = Instant::now() >= next_seen;
+        if seen_due {
+            next_seen = Instant::now() + SEEN_EVERY;
+        }
+        let Some((batch, moved)) = state.heartbeats.take_due(seen_due) else {
             continue;
         };
-        last = Instant::now();
         match state.store.record_seen(&batch).await {
-            Ok(()) if moved => state.rollout_wake.notify_one(),
-            Ok(()) => {}
+            Ok(()) => {
+                state.heartbeats.written(&batch);
+                if moved {
+                    state.rollout_wake.notify_one();
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, nodes = batch.len(), "writing heartbeats failed; retrying");
                 state.heartbeats.put_back(batch, moved);
@@ -176,18 +216,23 @@ mod tests {
     fn a_moved_applied_revision_is_due_at_once_a_heartbeat_later() {
         let h = Heartbeats::new(true);
         let seen = |at, applied_revision| Seen { at, applied_revision };
-        assert!(!h.same_as_recorded("a", 7, seen(1, 5), 5), "nothing recorded yet");
-        h.recorded("a", 7);
-        assert!(!h.same_as_recorded("a", 8, seen(2, 5), 5), "a new container state");
-        assert!(h.same_as_recorded("a", 7, seen(3, 5), 5));
+        assert!(!h.same_as_recorded("a", 7, seen(1, 5)), "nothing recorded yet");
+        h.recorded("a", 7, 5);
+        assert!(!h.same_as_recorded("a", 8, seen(2, 5)), "a new container state");
+        assert!(h.same_as_recorded("a", 7, seen(3, 5)));
         assert!(h.take_due(false).is_none(), "a heartbeat waits");
-        assert!(h.same_as_recorded("a", 7, seen(4, 6), 5));
+        assert!(h.same_as_recorded("a", 7, seen(4, 6)));
         let (batch, moved) = h.take_due(false).unwrap();
         assert!(moved);
         assert_eq!(batch["a"], seen(4, 6));
         assert!(h.take_due(true).is_none(), "taken");
+        // Once written, the same applied revision is no longer news.
+        h.written(&batch);
+        assert!(h.same_as_recorded("a", 7, seen(5, 6)));
+        assert!(h.take_due(false).is_none(), "applied 6 is in the store already");
+        assert!(h.take_due(true).is_some(), "the time, a second later");
         assert!(
-            !Heartbeats::new(false).same_as_recorded("a", 7, seen(1, 5), 5),
+            !Heartbeats::new(false).same_as_recorded("a", 7, seen(1, 5)),
             "off on PostgreSQL"
         );
     }

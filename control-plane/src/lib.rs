@@ -13,6 +13,7 @@ pub mod error;
 pub mod events;
 pub mod heartbeats;
 pub mod metrics;
+pub mod node_sessions;
 pub mod placement;
 pub mod registry;
 pub mod replay;

@@ -44,6 +44,8 @@ pub struct AppState {
     pub sessions: crate::sessions::Sessions,
     /// Nonces of node-signed requests.
     pub replay: crate::replay::Replay,
+    /// Node sessions: requests authenticated by an HMAC, not a signature.
+    pub node_sessions: crate::node_sessions::NodeSessions,
     /// The status-report hot path.
     pub heartbeats: crate::heartbeats::Heartbeats,
     /// Status reports read and handled at once: a burst of peer reports
@@ -67,12 +69,12 @@ pub type SharedState = Arc<AppState>;
 pub const REPORT_BODIES: usize = 8;
 
 /// The CPU and memory nodes last reported with a heartbeat, and the mesh
-/// peers they last reported: shown by `berth nodes list` and `berth
+/// peer state they last reported: shown by `berth nodes list` and `berth
 /// service show`, kept in memory only.
 #[derive(Default)]
 pub struct UsageBoard {
     pub nodes: std::collections::HashMap<String, berth_protocol::NodeUsage>,
-    /// Each node's peers' handshakes, from its last report with peers.
+    /// Each node's peers up and down, from its last report with peer state.
     pub peers: PeerBoard,
     /// By replica name: (thousandths of a core, memory bytes).
     pub replicas: std::collections::HashMap<String, (Option<u32>, Option<u64>)>,
@@ -81,8 +83,15 @@ pub struct UsageBoard {
 impl UsageBoard {
     /// Takes in a heartbeat's figures; a report without them changes nothing.
     pub fn report(&mut self, node_id: &str, report: &berth_protocol::StatusReport) {
-        if !report.peers.is_empty() {
-            self.peers.report(node_id, &report.peers);
+        // Agents send both or neither; either one is taken as peer state.
+        if report.peers_up.is_some() || report.peers_down.is_some() {
+            let down = report.peers_down.as_deref().unwrap_or_default();
+            self.peers
+                .report(node_id, report.peers_up.unwrap_or(0), down, crate::store::now());
+        } else if !report.peers.is_empty() {
+            // An agent from before `peers_up`: its whole list.
+            let (up, down) = berth_protocol::split_peers(&report.peers);
+            self.peers.report(node_id, up, &down, crate::store::now());
         }
         let Some(u) = report.usage else { return };
         self.nodes.insert(node_id.to_string(), u);
@@ -93,76 +102,135 @@ impl UsageBoard {
     }
 }
 
-/// The handshake ages nodes report for their peers: one entry per pair of
-/// nodes, so kept dense: per node a row of 2-byte ages indexed by the
-/// peer's key (its index among the keys seen). 5,000 nodes: 50 MB.
+/// The peer state nodes report: per node how many peers are up and which
+/// are down, so memory grows with the peers down, not with pairs of nodes.
+/// A down peer is kept as (its key's index in `keys`, when it last
+/// handshook): 8 bytes, even when half a large fleet cannot reach the
+/// other half.
 #[derive(Default)]
 pub struct PeerBoard {
-    key_index: std::collections::HashMap<String, u32>,
-    keys: Vec<String>,
-    by_node: std::collections::HashMap<String, Vec<u16>>,
+    by_node: std::collections::HashMap<String, NodePeers>,
+    keys: KeyTable,
 }
 
-/// In a row: the node did not report this key.
-const NOT_REPORTED: u16 = u16::MAX;
-/// In a row: the peer was never handshaken with.
-const NO_HANDSHAKE: u16 = u16::MAX - 1;
-/// Ages below this are kept in seconds, above in minutes (up to ~23 days).
-const MINUTES_FROM: u64 = 1 << 15;
-
-fn age_to_u16(age: Option<u64>) -> u16 {
-    match age {
-        None => NO_HANDSHAKE,
-        Some(s) if s < MINUTES_FROM => s as u16,
-        Some(s) => (MINUTES_FROM + ((s - MINUTES_FROM) / 60).min(NO_HANDSHAKE as u64 - 1 - MINUTES_FROM)) as u16,
-    }
+/// One node's last reported peer state.
+struct NodePeers {
+    up: u32,
+    down: Vec<(u32, HandshakeAt)>,
 }
 
-fn age_from_u16(v: u16) -> Option<u64> {
-    match v as u64 {
-        _ if v == NO_HANDSHAKE => None,
-        s if s < MINUTES_FROM => Some(s),
-        m => Some(MINUTES_FROM + (m - MINUTES_FROM) * 60),
-    }
+/// When a down peer last handshook, in Unix seconds of the control
+/// plane's clock (report time minus the reported age), or None for never.
+/// A time rather than the age: the age shown is then as of now, however
+/// long ago the report came, and exact at any age.
+type HandshakeAt = Option<std::num::NonZeroU32>;
+
+fn handshake_at(age: Option<u64>, reported_at: i64) -> HandshakeAt {
+    let age = i64::try_from(age?).unwrap_or(i64::MAX);
+    let at = reported_at.saturating_sub(age).clamp(1, u32::MAX as i64);
+    std::num::NonZeroU32::new(at as u32)
 }
+
+fn age_at(at: HandshakeAt, now: i64) -> Option<u64> {
+    at.map(|at| (now - at.get() as i64).max(0) as u64)
+}
+
+/// A node's peer state: how many peers are up, and the peers down as
+/// (WireGuard key, handshake age as of now).
+pub type PeersOf<'a> = (u32, Vec<(&'a str, Option<u64>)>);
 
 impl PeerBoard {
-    fn report(&mut self, node_id: &str, peers: &[berth_protocol::PeerStatus]) {
-        let mut row = self.by_node.remove(node_id).unwrap_or_default();
-        row.iter_mut().for_each(|a| *a = NOT_REPORTED);
-        for p in peers {
-            let idx = match self.key_index.get(&p.wg_public_key) {
-                Some(i) => *i as usize,
-                None => {
-                    self.keys.push(p.wg_public_key.clone());
-                    self.key_index
-                        .insert(p.wg_public_key.clone(), (self.keys.len() - 1) as u32);
-                    self.keys.len() - 1
-                }
-            };
-            if row.len() <= idx {
-                row.resize(idx + 1, NOT_REPORTED);
-            }
-            row[idx] = age_to_u16(p.handshake_age_secs);
+    /// Replaces `node_id`'s peer state with a report's, made at `reported_at`.
+    fn report(&mut self, node_id: &str, up: u32, down: &[berth_protocol::PeerStatus], reported_at: i64) {
+        let down: Vec<(u32, HandshakeAt)> = down
+            .iter()
+            .map(|p| {
+                (
+                    self.keys.hold(&p.wg_public_key),
+                    handshake_at(p.handshake_age_secs, reported_at),
+                )
+            })
+            .collect();
+        // Held before the old ones are let go: a key down in both stays put.
+        if let Some(old) = self.by_node.insert(node_id.to_string(), NodePeers { up, down }) {
+            old.down.iter().for_each(|(key, _)| self.keys.release(*key));
         }
-        self.by_node.insert(node_id.to_string(), row);
     }
 
-    /// `node_id`'s peers as (WireGuard key, handshake age), in the order
-    /// their keys were first seen.
-    pub fn of(&self, node_id: &str) -> Vec<(&str, Option<u64>)> {
-        let Some(row) = self.by_node.get(node_id) else {
-            return vec![];
-        };
-        row.iter()
-            .zip(&self.keys)
-            .filter(|(a, _)| **a != NOT_REPORTED)
-            .map(|(a, key)| (key.as_str(), age_from_u16(*a)))
-            .collect()
+    /// `node_id`'s last reported peer state as of `now`; None before any.
+    pub fn of(&self, node_id: &str, now: i64) -> Option<PeersOf<'_>> {
+        let node = self.by_node.get(node_id)?;
+        let down = node
+            .down
+            .iter()
+            .map(|(key, at)| (self.keys.get(*key), age_at(*at, now)))
+            .collect();
+        Some((node.up, down))
     }
 
     pub fn remove(&mut self, node_id: &str) {
-        self.by_node.remove(node_id);
+        if let Some(old) = self.by_node.remove(node_id) {
+            old.down.iter().for_each(|(key, _)| self.keys.release(*key));
+        }
+    }
+}
+
+/// The WireGuard keys of peers reported down, each stored once and
+/// counted by the down entries that name it; a key none names any more
+/// (its peer came back up, or left the fleet) is dropped and its index
+/// reused.
+#[derive(Default)]
+struct KeyTable {
+    index: std::collections::HashMap<Arc<str>, u32>,
+    /// By index: the key and how many down entries name it; None when free.
+    slots: Vec<Option<(Arc<str>, u32)>>,
+    free: Vec<u32>,
+}
+
+impl KeyTable {
+    /// The index of `key`, counted once more.
+    fn hold(&mut self, key: &str) -> u32 {
+        if let Some(&i) = self.index.get(key) {
+            if let Some((_, refs)) = &mut self.slots[i as usize] {
+                *refs += 1;
+            }
+            return i;
+        }
+        let key: Arc<str> = key.into();
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some((key.clone(), 1));
+                i
+            }
+            None => {
+                self.slots.push(Some((key.clone(), 1)));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.index.insert(key, i);
+        i
+    }
+
+    /// Counts `i` once less; drops its key at zero.
+    fn release(&mut self, i: u32) {
+        let slot = &mut self.slots[i as usize];
+        if let Some((key, refs)) = slot {
+            *refs -= 1;
+            if *refs == 0 {
+                self.index.remove(&**key);
+                *slot = None;
+                self.free.push(i);
+            }
+        }
+    }
+
+    fn get(&self, i: u32) -> &str {
+        self.slots[i as usize].as_ref().map_or("", |(key, _)| key)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.index.len()
     }
 }
 
@@ -225,6 +293,7 @@ impl AppState {
             metrics_token_hash,
             sessions: crate::sessions::Sessions::new(sessions),
             replay,
+            node_sessions: Default::default(),
             heartbeats,
             report_bodies: tokio::sync::Semaphore::new(REPORT_BODIES),
             revision: tx,
@@ -369,20 +438,74 @@ mod peer_board_tests {
         }
     }
 
+    fn new_style(up: u32, down: Vec<berth_protocol::PeerStatus>) -> berth_protocol::StatusReport {
+        berth_protocol::StatusReport {
+            peers_up: Some(up),
+            peers_down: Some(down),
+            ..Default::default()
+        }
+    }
+
     #[test]
-    fn a_report_replaces_the_last_and_keeps_each_age() {
+    fn down_peers_age_from_the_report_on() {
         let mut b = PeerBoard::default();
-        b.report("n1", &[status("k1", Some(5)), status("k2", None)]);
-        b.report("n2", &[status("k3", Some(40_000)), status("k1", Some(0))]);
-        assert_eq!(b.of("n1"), vec![("k1", Some(5)), ("k2", None)]);
-        // Above 2^15 s an age is kept to the minute; a key learned since
-        // (k3) has no entry in rows made before it.
-        assert_eq!(b.of("n2"), vec![("k1", Some(0)), ("k3", Some(39_968))]);
-        b.report("n1", &[status("k3", Some(1 << 40))]);
-        assert_eq!(b.of("n1"), vec![("k3", age_from_u16(NO_HANDSHAKE - 1))]);
-        assert!(age_from_u16(NO_HANDSHAKE - 1).unwrap() > 20 * 86_400);
-        b.remove("n1");
-        assert!(b.of("n1").is_empty());
-        assert!(b.of("unknown").is_empty());
+        b.report("n1", 4998, &[status("k1", Some(400)), status("k2", None)], 10_000);
+        // 60 s later the down peer is 60 s older; never stays never.
+        assert_eq!(b.of("n1", 10_060), Some((4998, vec![("k1", Some(460)), ("k2", None)])));
+        // Ages of days and more stay exact to the second.
+        b.report("n2", 0, &[status("k1", Some(9 * 86_400 + 1))], 1_000_000);
+        assert_eq!(b.of("n2", 1_000_000), Some((0, vec![("k1", Some(9 * 86_400 + 1))])));
+        assert_eq!(b.of("unknown", 10_000), None);
+    }
+
+    #[test]
+    fn a_report_replaces_the_last_and_keys_are_kept_while_named() {
+        const T: i64 = 1_700_000_000;
+        let mut b = PeerBoard::default();
+        b.report("n1", 1, &[status("k1", Some(200)), status("k2", None)], T);
+        b.report("n2", 2, &[status("k1", Some(300))], T);
+        assert_eq!(b.keys.len(), 2);
+        // n1's peers came back up: only n2 still names k1; k2 is dropped.
+        b.report("n1", 3, &[], T + 100);
+        assert_eq!(b.of("n1", T + 100), Some((3, vec![])));
+        assert_eq!(b.keys.len(), 1);
+        // A new key takes the freed index; n2's entry is untouched.
+        b.report("n3", 0, &[status("k3", None)], T + 100);
+        assert_eq!(b.keys.slots.len(), 2, "k3 took k2's index");
+        assert_eq!(b.of("n2", T + 100), Some((2, vec![("k1", Some(400))])));
+        assert_eq!(b.of("n3", T + 100), Some((0, vec![("k3", None)])));
+        // A key down in the last report and this one stays held.
+        b.report("n2", 2, &[status("k1", Some(310))], T + 110);
+        assert_eq!(b.of("n2", T + 110), Some((2, vec![("k1", Some(310))])));
+        b.remove("n2");
+        b.remove("n3");
+        assert_eq!(b.of("n2", T + 110), None);
+        assert_eq!(b.keys.len(), 0, "no node names a key down");
+    }
+
+    #[test]
+    fn the_board_takes_new_reports_and_old_agents_lists() {
+        let mut u = UsageBoard::default();
+        u.report("new", &new_style(2, vec![status("k9", None)]));
+        let (up, down) = u.peers.of("new", crate::store::now()).unwrap();
+        assert_eq!((up, down), (2, vec![("k9", None)]));
+        // Without peer state the last one is kept.
+        u.report("new", &berth_protocol::StatusReport::default());
+        assert_eq!(u.peers.of("new", crate::store::now()).unwrap().0, 2);
+        // An old agent sends every peer: below 180 s is up, the rest down.
+        let old = berth_protocol::StatusReport {
+            peers: vec![status("a", Some(7)), status("b", Some(400)), status("c", None)],
+            ..Default::default()
+        };
+        u.report("old", &old);
+        let (up, down) = u.peers.of("old", crate::store::now()).unwrap();
+        assert_eq!(up, 1);
+        let keys: Vec<&str> = down.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, ["b", "c"]);
+        assert!(down[0].1.is_some_and(|age| (400..410).contains(&age)), "{down:?}");
+        assert_eq!(down[1].1, None);
+        // A node with no peers at all reports 0 up, none down.
+        u.report("alone", &new_style(0, vec![]));
+        assert_eq!(u.peers.of("alone", crate::store::now()), Some((0, vec![])));
     }
 }

@@ -156,21 +156,21 @@ async fn register_long_poll_and_report(db: &Db) {
     // A status report makes the node online with what it applied.
     let nodes = cp.nodes().await;
     assert!(nodes.iter().all(|n| !n.online && n.last_seen.is_none()), "{nodes:?}");
+    // alpha is an agent from before `peers_up`: it sends every peer. 7 s
+    // is up; charlie never handshook, so it is down.
+    let peer = |key: &str, age: Option<u64>| PeerStatus {
+        wg_public_key: key.into(),
+        handshake_age_secs: age,
+        rx_bytes: 1,
+        tx_bytes: 2,
+    };
     let report = StatusReport {
         applied_revision: 3,
         agent_version: "0.1.0-test".into(),
-        peers: vec![PeerStatus {
-            wg_public_key: b.wg_public.clone(),
-            handshake_age_secs: Some(7),
-            rx_bytes: 1,
-            tx_bytes: 2,
-        }],
+        peers: vec![peer(&b.wg_public, Some(7)), peer(&c.wg_public, None)],
         error: None,
         rss_bytes: Some(1 << 20),
-        containers: vec![],
-        upgrade_error: None,
-        served_domains: None,
-        usage: None,
+        ..Default::default()
     };
     let r = Reply::from(
         cp.signed(
@@ -199,11 +199,56 @@ async fn register_long_poll_and_report(db: &Db) {
     assert_eq!(na.applied_revision, 3);
     assert_eq!(na.agent_version.as_deref(), Some("0.1.0-test"));
     assert_eq!(na.error, None);
-    assert_eq!(na.peers.len(), 1);
-    assert_eq!(na.peers[0].name, "bravo");
-    assert_eq!(na.peers[0].handshake_age_secs, Some(7));
+    assert_eq!(na.peers_up, Some(1), "bravo, 7 s ago: {na:?}");
+    let down: Vec<(&str, Option<u64>)> = na
+        .peers
+        .iter()
+        .map(|p| (p.name.as_str(), p.handshake_age_secs))
+        .collect();
+    assert_eq!(down, [("charlie", None)]);
     assert!(!nodes[1].online && !nodes[2].online, "the others have not reported");
     assert_eq!(nodes[2].role, Role::Proxy);
+    assert_eq!((nodes[1].peers_up, nodes[1].peers.len()), (None, 0), "never reported");
+
+    // bravo is a current agent: a count and the peers down. alpha's last
+    // handshake was 400 s ago (past 180 s: down).
+    let report = StatusReport {
+        applied_revision: 3,
+        agent_version: "0.1.0-test".into(),
+        peers_up: Some(1),
+        peers_down: Some(vec![peer(&a.wg_public, Some(400))]),
+        ..Default::default()
+    };
+    cp.report(&b, &report).await;
+    // A report without peer state (an apply report) keeps it.
+    cp.report(
+        &b,
+        &StatusReport {
+            applied_revision: 3,
+            agent_version: "0.1.0-test".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let nodes = cp.nodes().await;
+    let nb = &nodes[1];
+    assert_eq!(nb.peers_up, Some(1), "{nb:?}");
+    assert_eq!(nb.peers.len(), 1, "{nb:?}");
+    assert_eq!(nb.peers[0].name, "alpha");
+    // Aged as of now: 400 s plus the seconds since the report.
+    assert!(
+        nb.peers[0]
+            .handshake_age_secs
+            .is_some_and(|age| (400..=405).contains(&age)),
+        "{nb:?}"
+    );
+    // The JSON: `peers_up` beside the down peers.
+    let raw: serde_json::Value = Reply::from(cp.admin(Method::GET, "/v1/nodes").send().await.unwrap())
+        .await
+        .json();
+    assert_eq!(raw[1]["peers_up"], 1, "{raw}");
+    assert_eq!(raw[1]["peers"][0]["name"], "alpha", "{raw}");
+    assert!(raw[2].get("peers_up").is_none(), "charlie never reported: {raw}");
 }
 
 async fn long_poll_times_out_without_a_change(db: &Db) {

@@ -211,6 +211,13 @@ pub struct DnsService {
     pub replicas: Vec<crate::service::DnsReplica>,
 }
 
+/// A mesh peer counts as up when its last handshake is more recent than
+/// this many seconds. Every peer has a 25 s persistent keepalive, so a live
+/// pair re-handshakes about every 2 minutes; after WireGuard's
+/// REJECT_AFTER_TIME (180 s) without one, its session keys are dropped
+/// and the pair passes no traffic.
+pub const PEER_UP_WITHIN_SECS: u64 = 180;
+
 /// Handshake state of one WireGuard peer, as the agent sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -220,6 +227,22 @@ pub struct PeerStatus {
     pub handshake_age_secs: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+}
+
+impl PeerStatus {
+    /// Whether the peer had a handshake within [`PEER_UP_WITHIN_SECS`].
+    pub fn is_up(&self) -> bool {
+        self.handshake_age_secs.is_some_and(|age| age < PEER_UP_WITHIN_SECS)
+    }
+}
+
+/// A whole peer list as a report carries it: how many peers are up, and
+/// the ones down sorted by key. Agents report this; the control plane
+/// turns the full lists of agents before `peers_up` into it.
+pub fn split_peers(peers: &[PeerStatus]) -> (u32, Vec<PeerStatus>) {
+    let mut down: Vec<PeerStatus> = peers.iter().filter(|p| !p.is_up()).cloned().collect();
+    down.sort_by(|a, b| a.wg_public_key.cmp(&b.wg_public_key));
+    ((peers.len() - down.len()) as u32, down)
 }
 
 /// Query of the desired-state long-poll, `GET /v1/agent/desired?after=N&wait=S`.
@@ -250,8 +273,18 @@ pub struct StatusReport {
     /// Revision of the last desired state applied completely.
     pub applied_revision: u64,
     pub agent_version: String,
+    /// Every peer with its handshake age: sent by agents before
+    /// `peers_up`/`peers_down`, empty from newer ones. Still read (an age
+    /// below [`PEER_UP_WITHIN_SECS`] counts as up) while a fleet upgrades.
     #[serde(default)]
     pub peers: Vec<PeerStatus>,
+    /// How many peers had a handshake within [`PEER_UP_WITHIN_SECS`].
+    /// With `peers_down`, absent when this report carries no peer state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers_up: Option<u32>,
+    /// The peers that did not (never, or longer ago), with their ages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers_down: Option<Vec<PeerStatus>>,
     /// Last apply error, if the last apply failed.
     #[serde(default)]
     pub error: Option<String>,
@@ -290,6 +323,14 @@ pub struct NodeInfo {
     pub applied_revision: u64,
     pub agent_version: Option<String>,
     pub error: Option<String>,
+    /// How many of its peers had a handshake within
+    /// [`PEER_UP_WITHIN_SECS`], as the node last reported; absent when it
+    /// never reported its peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers_up: Option<u32>,
+    /// Only the peers without a recent handshake (the ones down), with
+    /// their ages as of now, sorted by name. Per-peer ages of every peer
+    /// are in each agent's metrics (`berth_mesh_peer_handshake_age_seconds`).
     pub peers: Vec<PeerStatusNamed>,
     /// The node's CPU and memory, as it last reported them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -441,6 +482,54 @@ pub const API_PREFIX: &str = "/v1";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn peer(key: &str, age: Option<u64>) -> PeerStatus {
+        PeerStatus {
+            wg_public_key: key.into(),
+            handshake_age_secs: age,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn a_peer_is_up_below_reject_after_time_only() {
+        let peers = [
+            peer("d", Some(PEER_UP_WITHIN_SECS)),
+            peer("a", Some(0)),
+            peer("c", None),
+            peer("b", Some(PEER_UP_WITHIN_SECS - 1)),
+            peer("e", Some(400)),
+        ];
+        let (up, down) = split_peers(&peers);
+        assert_eq!(up, 2);
+        let down: Vec<(&str, Option<u64>)> = down
+            .iter()
+            .map(|p| (p.wg_public_key.as_str(), p.handshake_age_secs))
+            .collect();
+        assert_eq!(down, vec![("c", None), ("d", Some(180)), ("e", Some(400))]);
+        assert_eq!(split_peers(&[]), (0, vec![]));
+    }
+
+    #[test]
+    fn a_report_without_peer_state_says_nothing_of_it() {
+        let r = serde_json::to_value(StatusReport::default()).unwrap();
+        assert!(r.get("peers_up").is_none() && r.get("peers_down").is_none(), "{r}");
+        // An old agent's report: no new fields.
+        let old: StatusReport = serde_json::from_value(serde_json::json!({
+            "applied_revision": 1, "agent_version": "0.0.9",
+            "peers": [{"wg_public_key": "k", "handshake_age_secs": 7, "rx_bytes": 1, "tx_bytes": 2}]
+        }))
+        .unwrap();
+        assert_eq!((old.peers.len(), old.peers_up, old.peers_down), (1, None, None));
+        let new = StatusReport {
+            peers_up: Some(4),
+            peers_down: Some(vec![peer("k", None)]),
+            ..Default::default()
+        };
+        let back: StatusReport = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!((back.peers_up, back.peers_down), (Some(4), Some(vec![peer("k", None)])));
+    }
 
     #[test]
     fn token_states_are_lowercase_and_pad() {

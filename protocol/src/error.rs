@@ -49,8 +49,8 @@ pub enum ErrorCode {
     /// service whose replicas cannot be placed (`nodes`, `replicas`).
     InvalidField,
     /// 401: no or a wrong admin token (`authorization`); a node request
-    /// whose signature is missing, malformed, stale, replayed or from an
-    /// unknown node (`x-berth-*`); a join token that is malformed, unknown
+    /// whose signature or session MAC is missing, malformed, stale,
+    /// replayed or from an unknown node (`x-berth-*`); a join token that is malformed, unknown
     /// or from another control plane (`token`); a session cookie that is
     /// unknown, ended or expired (`cookie`).
     Unauthorized,
@@ -118,6 +118,11 @@ pub enum ErrorCode {
     /// 405: the path exists but not with this method; the `Allow` header
     /// lists the methods it takes (`method`).
     MethodNotAllowed,
+    /// 401: a node request's session (`x-berth-session`) is not one this
+    /// control plane holds: it expired, was opened on another control plane
+    /// or before a restart, or belongs to another node. Open a new one
+    /// (`POST /v1/agent/session`) and send the request again.
+    SessionInvalid,
     /// Never sent: what a client reads for a code newer than itself, or for
     /// an error body without one.
     #[default]
@@ -154,6 +159,7 @@ impl ErrorCode {
             ErrorCode::CsrfRequired => "csrf_required",
             ErrorCode::CrossOrigin => "cross_origin",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::SessionInvalid => "session_invalid",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -250,6 +256,8 @@ mod tests {
             TooManyAttempts,
             CsrfRequired,
             CrossOrigin,
+            MethodNotAllowed,
+            SessionInvalid,
             Unknown,
         ] {
             assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());

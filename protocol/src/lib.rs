@@ -15,6 +15,7 @@ pub mod release;
 pub mod routes;
 pub mod seal;
 pub mod service;
+pub mod session;
 pub mod signing;
 pub mod stream;
 pub mod time;

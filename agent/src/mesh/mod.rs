@@ -431,6 +431,40 @@ fn handshake_age(last: Option<SystemTime>, now: SystemTime) -> Option<u64> {
     Some(now.duration_since(last).map(|d| d.as_secs()).unwrap_or(0))
 }
 
+/// Heartbeats carry peer state at least this often (a minute at the
+/// default 10 s heartbeat), so a restarted control plane soon shows it.
+pub const PEERS_EVERY: u64 = 6;
+
+/// Decides which heartbeats carry peer state (`peers_up`, `peers_down`):
+/// the ones where the up count or the set of down peers changed since the
+/// last sent, and every [`PEERS_EVERY`]-th. A down peer's age growing is
+/// no change: the control plane ages it itself.
+#[derive(Default)]
+pub struct PeerStateReports {
+    heartbeats: u64,
+    last_sent: Option<(u32, Vec<String>)>,
+}
+
+impl PeerStateReports {
+    /// For the next heartbeat, from the peers' status: the up count and the
+    /// down peers to send, or None to send no peer state.
+    pub fn next(&mut self, status: &[berth_protocol::PeerStatus]) -> Option<(u32, Vec<berth_protocol::PeerStatus>)> {
+        let due = self.heartbeats.is_multiple_of(PEERS_EVERY);
+        self.heartbeats += 1;
+        let (up, down) = berth_protocol::split_peers(status);
+        let down_keys: Vec<String> = down.iter().map(|p| p.wg_public_key.clone()).collect();
+        let changed = self
+            .last_sent
+            .as_ref()
+            .is_none_or(|(last_up, last_down)| *last_up != up || *last_down != down_keys);
+        if !due && !changed {
+            return None;
+        }
+        self.last_sent = Some((up, down_keys));
+        Some((up, down))
+    }
+}
+
 /// Runs `ip` with `args`, returning stdout; a failure carries stderr.
 pub(crate) async fn ip(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("ip")
@@ -531,6 +565,64 @@ mod tests {
         assert_eq!(handshake_age(Some(SystemTime::UNIX_EPOCH), now), None);
         assert_eq!(handshake_age(Some(now - Duration::from_secs(7)), now), Some(7));
         assert_eq!(handshake_age(Some(now + Duration::from_secs(7)), now), Some(0));
+    }
+
+    fn status(key: &str, age: Option<u64>) -> berth_protocol::PeerStatus {
+        berth_protocol::PeerStatus {
+            wg_public_key: key.into(),
+            handshake_age_secs: age,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        }
+    }
+
+    /// What each heartbeat sends: None, or (up, down keys).
+    fn sent(r: &mut PeerStateReports, peers: &[berth_protocol::PeerStatus]) -> Option<(u32, Vec<String>)> {
+        r.next(peers)
+            .map(|(up, down)| (up, down.into_iter().map(|p| p.wg_public_key).collect()))
+    }
+
+    #[test]
+    fn peer_state_rides_on_changes_and_every_sixth_heartbeat() {
+        let mut r = PeerStateReports::default();
+        let healthy = [status("a", Some(10)), status("b", Some(100)), status("c", None)];
+        assert_eq!(
+            sent(&mut r, &healthy),
+            Some((2, vec!["c".into()])),
+            "the first heartbeat"
+        );
+        // Ages move (c stays never, a and b stay up): nothing to send.
+        let aged = [status("a", Some(50)), status("b", Some(2)), status("c", None)];
+        for _ in 1..PEERS_EVERY {
+            assert_eq!(sent(&mut r, &aged), None);
+        }
+        assert_eq!(
+            sent(&mut r, &aged),
+            Some((2, vec!["c".into()])),
+            "the 6th after the first"
+        );
+        // b goes down: the set of down peers changed.
+        let b_down = [status("a", Some(5)), status("b", Some(200)), status("c", None)];
+        assert_eq!(sent(&mut r, &b_down), Some((1, vec!["b".into(), "c".into()])));
+        // b's age grows: no change.
+        let b_older = [status("a", Some(5)), status("b", Some(300)), status("c", None)];
+        assert_eq!(sent(&mut r, &b_older), None);
+        // A peer added, up: the up count changed.
+        let more = [
+            status("a", Some(5)),
+            status("b", Some(310)),
+            status("c", None),
+            status("d", Some(1)),
+        ];
+        assert_eq!(sent(&mut r, &more), Some((2, vec!["b".into(), "c".into()])));
+        // The same count with other peers down is a change too.
+        let swapped = [
+            status("a", Some(500)),
+            status("b", Some(3)),
+            status("c", None),
+            status("d", Some(1)),
+        ];
+        assert_eq!(sent(&mut r, &swapped), Some((2, vec!["a".into(), "c".into()])));
     }
 
     #[test]

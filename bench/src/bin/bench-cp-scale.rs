@@ -26,7 +26,7 @@ use berth_bench::{
 };
 use berth_client::AdminClient;
 use berth_lab::control_plane::ControlPlane;
-use berth_protocol::{PeerStatus, RegisterRequest, StatusReport};
+use berth_protocol::{RegisterRequest, StatusReport};
 use clap::Parser;
 use ed25519_dalek::SigningKey;
 use std::net::Ipv4Addr;
@@ -59,10 +59,16 @@ struct Args {
     /// (berth-agent default: 10).
     #[arg(long, default_value_t = 10)]
     heartbeat: u64,
-    /// Status reports carry one entry per peer, like berth-agent's
-    /// (`peers`: key, handshake age, byte counters). `false` sends none.
+    /// Status reports carry peer state like berth-agent's: how many peers
+    /// are up and which are down (here none), on every 6th heartbeat and
+    /// when it changed. `false` sends none.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     report_peers: bool,
+    /// Simulated agents authenticate in sessions (an HMAC per request),
+    /// as berth-agent does; `false` signs every request with Ed25519, as
+    /// agents did before sessions.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    sessions: bool,
     /// Pause between measured changes, seconds (lets re-polls and reports settle).
     #[arg(long, default_value_t = 3)]
     settle: u64,
@@ -84,21 +90,14 @@ struct Args {
     postgres: Option<String>,
 }
 
-/// How often a simulated agent remakes the peer list its heartbeats carry.
-const PEERS_REMADE_EVERY: Duration = Duration::from_secs(50);
-
-/// A simulated agent's peer list and when it was made.
-type PeerList = (Option<Instant>, Arc<Vec<PeerStatus>>);
-
 /// What the simulated agents share with the coordinator.
 struct Shared {
     /// Highest revision each agent has received.
     received: Vec<AtomicU64>,
     /// Agents the bench removed (their 410 is expected; they stop).
     removed: Vec<AtomicBool>,
-    /// Peer list per agent (for status reports), when --report-peers, and
-    /// when it was made.
-    peers: Vec<Mutex<PeerList>>,
+    /// Peers in each agent's last document (all up, for its reports).
+    peers: Vec<AtomicU64>,
     poll_errors: AtomicU64,
     report_errors: AtomicU64,
     report_413: AtomicU64,
@@ -178,7 +177,7 @@ async fn start_cp(
 }
 
 /// The long-poll loop of one simulated agent.
-async fn poll_loop(idx: usize, client: Arc<Client>, shared: Arc<Shared>, wait: u64, report_peers: bool) {
+async fn poll_loop(idx: usize, client: Arc<Client>, shared: Arc<Shared>, wait: u64) {
     let mut after = 0u64;
     loop {
         match client.poll_desired(after, wait).await {
@@ -188,30 +187,10 @@ async fn poll_loop(idx: usize, client: Arc<Client>, shared: Arc<Shared>, wait: u
                 after = d.revision;
                 shared.received[idx].store(d.revision, Ordering::SeqCst);
                 let _ = shared.events.send((idx, d.revision, at));
-                // The list rides on every 6th heartbeat only: remade at most
-                // that often (remaking 5,000 entries on every change would
-                // make the bench, not the control plane, the bottleneck).
-                let made = shared.peers[idx].lock().unwrap().0;
-                let stale = made.is_none_or(|t| t.elapsed() >= PEERS_REMADE_EVERY);
-                let peers: Vec<PeerStatus> = if report_peers && stale {
-                    d.peers
-                        .iter()
-                        .map(|p| PeerStatus {
-                            wg_public_key: p.wg_public_key.clone(),
-                            handshake_age_secs: Some(rand::random::<u64>() % 120),
-                            rx_bytes: rand::random::<u32>() as u64,
-                            tx_bytes: rand::random::<u32>() as u64,
-                        })
-                        .collect()
-                } else {
-                    vec![]
-                };
+                shared.peers[idx].store(d.peers.len() as u64, Ordering::Relaxed);
                 drop(d);
-                if report_peers && stale {
-                    *shared.peers[idx].lock().unwrap() = (Some(Instant::now()), Arc::new(peers));
-                }
-                // Like berth-agent: the apply report carries no peer list.
-                send_report(idx, &client, &shared, after, &[]).await;
+                // Like berth-agent: the apply report carries no peer state.
+                send_report(idx, &client, &shared, after, None).await;
             }
             Err(e) => {
                 if shared.removed[idx].load(Ordering::SeqCst) {
@@ -225,15 +204,16 @@ async fn poll_loop(idx: usize, client: Arc<Client>, shared: Arc<Shared>, wait: u
     }
 }
 
-async fn send_report(idx: usize, client: &Client, shared: &Shared, applied: u64, peers: &[PeerStatus]) {
+/// Sends a status report; `peers_up`: the peer state it carries (all up).
+async fn send_report(idx: usize, client: &Client, shared: &Shared, applied: u64, peers_up: Option<u32>) {
     // `..Default::default()`: fields the protocol adds later take their defaults.
-    #[allow(clippy::needless_update)]
     let report = StatusReport {
         applied_revision: applied,
         agent_version: "bench-sim".into(),
-        peers: peers.to_vec(),
         error: None,
         rss_bytes: Some(20 << 20),
+        peers_up,
+        peers_down: peers_up.map(|_| vec![]),
         ..Default::default()
     };
     match client.report(&report).await {
@@ -251,28 +231,28 @@ async fn send_report(idx: usize, client: &Client, shared: &Shared, applied: u64,
     }
 }
 
-/// Heartbeat of one simulated agent: a status report every `every` (with the
-/// peer list every 6th time, as berth-agent does), with a
-/// random phase so the fleet's heartbeats are spread out.
-async fn heartbeat_loop(idx: usize, client: Arc<Client>, shared: Arc<Shared>, every: Duration) {
+/// Heartbeat of one simulated agent: a status report every `every` (with
+/// its peer state every 6th time and when it changed, as berth-agent
+/// does), with a random phase so the fleet's heartbeats are spread out.
+async fn heartbeat_loop(idx: usize, client: Arc<Client>, shared: Arc<Shared>, every: Duration, report_peers: bool) {
     let phase = Duration::from_millis(rand::random::<u64>() % every.as_millis().max(1) as u64);
     tokio::time::sleep(phase).await;
     let mut tick = tokio::time::interval(every);
-    // Like berth-agent: the peer list rides on every 6th heartbeat only.
     let mut n: u64 = 0;
+    let mut last_sent = None;
     loop {
         tick.tick().await;
         if shared.removed[idx].load(Ordering::SeqCst) {
             return;
         }
-        let peers = if n.is_multiple_of(6) {
-            shared.peers[idx].lock().unwrap().1.clone()
-        } else {
-            Default::default()
-        };
+        let up = shared.peers[idx].load(Ordering::Relaxed) as u32;
+        let peers_up = (report_peers && (n.is_multiple_of(6) || last_sent != Some(up))).then_some(up);
+        if peers_up.is_some() {
+            last_sent = peers_up;
+        }
         n += 1;
         let applied = shared.received[idx].load(Ordering::SeqCst);
-        send_report(idx, &client, &shared, applied, &peers).await;
+        send_report(idx, &client, &shared, applied, peers_up).await;
     }
 }
 
@@ -363,9 +343,10 @@ async fn run(
     let t = Instant::now();
     let mut set = JoinSet::new();
     for (i, token) in tokens.into_iter().enumerate() {
-        let (sem, url, ca_file) = (sem.clone(), url.clone(), ca_file.clone());
+        let (sem, url, ca_file, sessions) = (sem.clone(), url.clone(), ca_file.clone(), args.sessions);
         set.spawn(async move {
             let key = SigningKey::generate(&mut rand::rngs::OsRng);
+            let sealing = x25519_dalek::StaticSecret::random_from_rng(rand::rngs::OsRng);
             let name = format!("sim{i:05}");
             // Built from JSON so fields the protocol adds later (all
             // optional) take their defaults instead of breaking the bench.
@@ -374,7 +355,7 @@ async fn run(
                 "name": name,
                 "signing_key": B64.encode(key.verifying_key().as_bytes()),
                 "wg_public_key": B64.encode(rand::random::<[u8; 32]>()),
-                "sealing_key": B64.encode(rand::random::<[u8; 32]>()),
+                "sealing_key": B64.encode(x25519_dalek::PublicKey::from(&sealing).as_bytes()),
                 "wg_port": 51820,
                 "private_addr": format!("10.{}.{}.{}/8", (i >> 16) & 255, (i >> 8) & 255, i & 255),
                 "proxy": false,
@@ -386,7 +367,11 @@ async fn run(
                 .await;
             let latency = started.elapsed();
             let resp = reg.with_context(|| format!("registering {name}"))?;
-            let client = Arc::new(Client::new(&url, &ca_file, key, resp.node_id)?);
+            let mut client = Client::new(&url, &ca_file, key, resp.node_id)?;
+            if sessions {
+                client = client.with_sessions(sealing);
+            }
+            let client = Arc::new(client);
             anyhow::Ok((i, Sim { name, client }, latency))
         });
     }
@@ -430,7 +415,7 @@ async fn run(
     let shared = Arc::new(Shared {
         received: (0..n).map(|_| AtomicU64::new(0)).collect(),
         removed: (0..n).map(|_| AtomicBool::new(false)).collect(),
-        peers: (0..n).map(|_| Mutex::new((None, Arc::new(vec![])))).collect(),
+        peers: (0..n).map(|_| AtomicU64::new(0)).collect(),
         poll_errors: AtomicU64::new(0),
         report_errors: AtomicU64::new(0),
         report_413: AtomicU64::new(0),
@@ -442,19 +427,14 @@ async fn run(
     let (cp0, me0) = (sample_pid(cp_pid)?, sample("self")?);
     let t = Instant::now();
     for (i, s) in sims.iter().enumerate() {
-        sims_slot.spawn(poll_loop(
-            i,
-            s.client.clone(),
-            shared.clone(),
-            args.wait,
-            args.report_peers,
-        ));
+        sims_slot.spawn(poll_loop(i, s.client.clone(), shared.clone(), args.wait));
         if args.heartbeat > 0 {
             sims_slot.spawn(heartbeat_loop(
                 i,
                 s.client.clone(),
                 shared.clone(),
                 Duration::from_secs(args.heartbeat),
+                args.report_peers,
             ));
         }
     }
@@ -566,14 +546,19 @@ async fn run(
         loadavg()
     );
     println!(
-        "simulated agents: long-poll wait {} s, heartbeat {}, status reports {} peer entries",
+        "simulated agents: long-poll wait {} s, heartbeat {}, status reports {} peer state, {}",
         args.wait,
         if args.heartbeat > 0 {
             format!("every {} s", args.heartbeat)
         } else {
             "off".into()
         },
-        if args.report_peers { "with" } else { "without" }
+        if args.report_peers { "with" } else { "without" },
+        if args.sessions {
+            "in sessions (HMAC)"
+        } else {
+            "each signed (Ed25519)"
+        }
     );
     print_summary("fan-out, last agent", &fanouts);
     print_summary("fan-out, median agent", &medians);
@@ -605,8 +590,8 @@ async fn run(
         cp_fanout_cpu / fanouts.len().max(1) as f64
     );
     if let Some((us, reports, cpu, wall)) = per_report {
-        // TLS, HTTP, signature check, JSON and bookkeeping of a heartbeat;
-        // one in six carries the peer list (one entry per peer).
+        // TLS, HTTP, authentication, JSON and bookkeeping of a heartbeat,
+        // and the control plane's own timers over the window.
         println!(
             "  status reports alone: {reports} in {:.1} s took the control plane {cpu:.2} s CPU = {us:.0} µs per report; \
              target < 50 µs: {}",

@@ -1,10 +1,11 @@
 //! What agents call: registration (public, proven by a join token and a
-//! self-signature), then, signed by the node's key, the desired-state
-//! long-poll and status reports. The signature covers the body, so each
-//! handler checks it ([`require_node`]) once it has the body.
+//! self-signature), then, signed by the node's key or by a session opened
+//! with it, the desired-state long-poll and status reports. The signature
+//! (or the session's MAC) covers the body, so each handler checks it
+//! ([`require_node`]) once it has the body.
 
 use super::{body, RemoteAddr, Routes, MAX_STATUS_BODY, MAX_WAIT_SECS};
-use crate::auth::{claimed_node, require_node, verify_node, verify_self_signed};
+use crate::auth::{claimed_node, require_node, require_signed_node, verify_node, verify_self_signed};
 use crate::desired;
 use crate::error::{parse_json, ApiErr, ApiResult};
 use crate::state::SharedState;
@@ -16,6 +17,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use berth_protocol::names::validate_dns_label;
+use berth_protocol::session::OpenedSession;
 use berth_protocol::signing::validate_wg_key;
 use berth_protocol::token::JoinToken;
 use berth_protocol::{
@@ -31,6 +33,7 @@ use utoipa_axum::routes;
 pub fn routes() -> Routes {
     Routes::default()
         .routes(routes!(desired_state))
+        .routes(routes!(open_session))
         // A report lists every peer (~130 bytes each): room for thousands.
         .routes(routes!(status).layer(DefaultBodyLimit::max(MAX_STATUS_BODY)))
 }
@@ -129,6 +132,40 @@ pub(super) async fn register(
         mesh_ip: node.mesh_ip,
         mesh_cidr: s.pools.mesh.to_string(),
         subnet: node.subnet.to_string(),
+    }))
+}
+
+/// Opens a node session (see `berth_protocol::session`): the request must
+/// be signed with the node's key; later requests may carry the session's
+/// MAC instead of a signature, which is far cheaper to check.
+#[utoipa::path(post, path = "/v1/agent/session", tag = "agent",
+    responses(
+        (status = 200, description = "The session, its key sealed to the node's sealing key", body = OpenedSession),
+        (status = 409, description = "`conflict` on `sealing_key`: the node registered without one; sign each request instead"),
+    ))]
+async fn open_session(
+    State(s): State<SharedState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<Json<OpenedSession>> {
+    let node = require_signed_node(&s, &method, &uri, &headers, b"").await?;
+    let sealing_key = node
+        .sealing_key
+        .as_deref()
+        .and_then(|k| berth_protocol::seal::parse_public("sealing_key", k).ok())
+        .ok_or_else(|| {
+            ApiErr::conflict(
+                ErrorCode::Conflict,
+                "sealing_key: the node registered without one, and a session key is sealed to it; sign each request instead",
+            )
+            .on("sealing_key")
+        })?;
+    let (id, key) = s.node_sessions.open(&node.id, crate::store::now());
+    Ok(Json(OpenedSession {
+        id,
+        key_sealed: berth_protocol::seal::seal(&sealing_key, &key),
+        expires_in_secs: crate::node_sessions::SESSION_TTL_SECS as u64,
     }))
 }
 
@@ -257,9 +294,7 @@ async fn status(
         at: crate::store::now(),
         applied_revision: report.applied_revision as i64,
     };
-    if s.heartbeats
-        .same_as_recorded(&node.id, fingerprint, seen, node.applied_revision)
-    {
+    if s.heartbeats.same_as_recorded(&node.id, fingerprint, seen) {
         return Ok(Json(Revision {
             revision: node.revision as u64,
         }));
@@ -273,7 +308,8 @@ async fn status(
     }
     // A report may confirm a revision a rollout waits for.
     s.rollout_wake.notify_one();
-    s.heartbeats.recorded(&node.id, fingerprint);
+    s.heartbeats
+        .recorded(&node.id, fingerprint, report.applied_revision as i64);
     Ok(Json(Revision {
         revision: node.revision as u64,
     }))

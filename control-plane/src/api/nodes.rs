@@ -40,7 +40,8 @@ async fn list_nodes(State(s): State<SharedState>) -> ApiResult<Json<Vec<NodeInfo
     let usage = &usage_board.nodes;
     let list = nodes
         .iter()
-        .map(|n| NodeInfo {
+        .map(|n| (n, usage_board.peers.of(&n.id, now)))
+        .map(|(n, peers)| NodeInfo {
             usage: usage.get(&n.id).copied(),
             target_version: n.target_version.clone(),
             node_id: n.id.clone(),
@@ -54,11 +55,12 @@ async fn list_nodes(State(s): State<SharedState>) -> ApiResult<Json<Vec<NodeInfo
             applied_revision: n.applied_revision as u64,
             agent_version: n.agent_version.clone(),
             error: n.last_error.clone(),
+            peers_up: peers.as_ref().map(|(up, _)| *up),
             peers: {
-                let mut peers: Vec<PeerStatusNamed> = usage_board
-                    .peers
-                    .of(&n.id)
+                // A key that names no node (one just removed) is left out.
+                let mut down: Vec<PeerStatusNamed> = peers
                     .into_iter()
+                    .flat_map(|(_, down)| down)
                     .filter_map(|(key, age)| {
                         names.get(key).map(|name| PeerStatusNamed {
                             name: name.to_string(),
@@ -66,8 +68,8 @@ async fn list_nodes(State(s): State<SharedState>) -> ApiResult<Json<Vec<NodeInfo
                         })
                     })
                     .collect();
-                peers.sort_by(|a, b| a.name.cmp(&b.name));
-                peers
+                down.sort_by(|a, b| a.name.cmp(&b.name));
+                down
             },
         })
         .collect();

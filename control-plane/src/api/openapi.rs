@@ -12,6 +12,7 @@ use axum::body::Bytes;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Extension;
+use berth_protocol::session::{HEADER_COUNTER, HEADER_MAC, HEADER_SESSION};
 use berth_protocol::signing::{HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use berth_protocol::{ApiError, ErrorCode};
 use utoipa::openapi::security::{
@@ -35,7 +36,7 @@ pub const PATH: &str = "/v1/openapi.json";
     components(schemas(ApiError, ErrorCode)),
     tags(
         (name = "public", description = "No authentication: health, the CA, the installer and releases, registration (proves itself with a join token)"),
-        (name = "agent", description = "Called by a registered node, every request signed with the node's Ed25519 key"),
+        (name = "agent", description = "Called by a registered node, every request signed with the node's Ed25519 key or authenticated by a session opened with it"),
         (name = "nodes"), (name = "tokens"), (name = "services"), (name = "routes"),
         (name = "builds"), (name = "registry"), (name = "events"), (name = "streams"),
         (name = "users", description = "Dashboard users"),
@@ -54,7 +55,7 @@ pub enum Caller {
     /// `Authorization: Bearer <admin token>`, or the dashboard's session
     /// cookie (with `x-csrf-token` on changes).
     Admin,
-    /// A registered node: the four `x-berth-*` signature headers.
+    /// A registered node: the `x-berth-*` signature or session headers.
     Node,
 }
 
@@ -66,12 +67,21 @@ pub fn secured<S: Send + Sync + Clone + 'static>(mut r: OpenApiRouter<S>, who: C
             SecurityRequirement::new(ADMIN, Vec::<String>::new()),
             SecurityRequirement::new(SESSION, Vec::<String>::new()),
         ],
-        // All four headers together: one requirement naming each.
-        Caller::Node => vec![[HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE]
-            .into_iter()
-            .fold(SecurityRequirement::new(HEADER_NODE, Vec::<String>::new()), |req, h| {
-                req.add(h, Vec::<String>::new())
-            })],
+        // The node and either its signature (three headers) or its
+        // session's (three more): two requirements naming each header.
+        Caller::Node => [
+            [HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE],
+            [HEADER_SESSION, HEADER_COUNTER, HEADER_MAC],
+        ]
+        .into_iter()
+        .map(|headers| {
+            headers
+                .into_iter()
+                .fold(SecurityRequirement::new(HEADER_NODE, Vec::<String>::new()), |req, h| {
+                    req.add(h, Vec::<String>::new())
+                })
+        })
+        .collect(),
     };
     for item in r.get_openapi_mut().paths.paths.values_mut() {
         for op in operations(item) {
@@ -144,6 +154,19 @@ pub fn finish(mut doc: OpenApi) -> OpenApi {
             HEADER_SIGNATURE,
             "Base64 Ed25519 signature, with the node's key, over method, path and query, \
              SHA-256 of the body, timestamp and nonce (berth_protocol::signing).",
+        ),
+        (
+            HEADER_SESSION,
+            "Instead of a signature: the id of a session from POST /v1/agent/session.",
+        ),
+        (
+            HEADER_COUNTER,
+            "With a session: 1, 2, 3... each accepted once (berth_protocol::session).",
+        ),
+        (
+            HEADER_MAC,
+            "With a session: hex HMAC-SHA256, with the session key, over method, path and query, \
+             counter and body (berth_protocol::session).",
         ),
     ] {
         components.security_schemes.insert(

@@ -13,6 +13,10 @@ use std::time::Duration;
 /// How often rollouts are looked at without a wake-up (a status report or
 /// a revision change wakes the driver earlier).
 const TICK: Duration = Duration::from_millis(250);
+/// The same while none needs driving: only a revision change (a deploy, a
+/// scale, another replica's change) or a report can start one, and those
+/// wake the driver; this is a fallback.
+const IDLE_TICK: Duration = Duration::from_secs(5);
 /// How long a lease on a service's rollouts lasts without renewal.
 const LEASE_MS: i64 = 5_000;
 
@@ -21,8 +25,12 @@ pub async fn drive(state: SharedState) {
     let owner = format!("{:016x}", rand::random::<u64>());
     let mut revisions = state.subscribe();
     loop {
+        let mut tick = IDLE_TICK;
         match state.store.releases_to_drive().await {
             Ok(list) => {
+                if !list.is_empty() {
+                    tick = TICK;
+                }
                 let mut seen = std::collections::BTreeSet::new();
                 for (service, _) in list {
                     if !seen.insert(service.clone()) {
@@ -47,12 +55,15 @@ pub async fn drive(state: SharedState) {
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "reading rollouts failed"),
+            Err(e) => {
+                tick = TICK;
+                tracing::warn!(error = %e, "reading rollouts failed")
+            }
         }
         tokio::select! {
             _ = state.rollout_wake.notified() => {}
             _ = revisions.changed() => {}
-            _ = tokio::time::sleep(TICK) => {}
+            _ = tokio::time::sleep(tick) => {}
         }
     }
 }
