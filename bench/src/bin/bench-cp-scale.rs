@@ -523,7 +523,36 @@ async fn run(
         let (cp_a, n_a) = (sample_pid(cp_pid)?, shared.reports_ok.load(Ordering::SeqCst));
         let reports = n_a - n_b;
         let cpu = ticks_secs(cp_a.cpu_ticks - cp_b.cpu_ticks);
-        per_report = Some((cpu * 1e6 / reports.max(1) as f64, reports, cpu, t.elapsed()));
+        let wall = t.elapsed();
+        // Then as long again with a second heartbeat per agent: what the
+        // added reports cost is a report's own cost, apart from the
+        // long-polls' re-polls and the control plane's timers.
+        let mut extra = JoinSet::new();
+        for (i, s) in sims.iter().enumerate() {
+            extra.spawn(heartbeat_loop(
+                i,
+                s.client.clone(),
+                shared.clone(),
+                Duration::from_secs(args.heartbeat),
+                false,
+            ));
+        }
+        // Past the extra loops' random phases.
+        tokio::time::sleep(Duration::from_secs(args.heartbeat)).await;
+        let (cp_b2, n_b2, t2) = (
+            sample_pid(cp_pid)?,
+            shared.reports_ok.load(Ordering::SeqCst),
+            Instant::now(),
+        );
+        tokio::time::sleep(wall).await;
+        let (cp_a2, n_a2) = (sample_pid(cp_pid)?, shared.reports_ok.load(Ordering::SeqCst));
+        let wall2 = t2.elapsed().as_secs_f64();
+        extra.abort_all();
+        let rate = |n: u64, w: f64| n as f64 / w;
+        let added_reports = rate(n_a2 - n_b2, wall2) - rate(reports, wall.as_secs_f64());
+        let added_cpu = ticks_secs(cp_a2.cpu_ticks - cp_b2.cpu_ticks) / wall2 - cpu / wall.as_secs_f64();
+        let marginal = (added_reports > 0.0).then(|| added_cpu * 1e6 / added_reports);
+        per_report = Some((cpu * 1e6 / reports.max(1) as f64, reports, cpu, wall, marginal));
     }
 
     // ---- summary ----
@@ -589,15 +618,24 @@ async fn run(
         fanouts.len(),
         cp_fanout_cpu / fanouts.len().max(1) as f64
     );
-    if let Some((us, reports, cpu, wall)) = per_report {
-        // TLS, HTTP, authentication, JSON and bookkeeping of a heartbeat,
-        // and the control plane's own timers over the window.
+    if let Some((us, reports, cpu, wall, marginal)) = per_report {
+        // All of the control plane's CPU in the window, over its reports:
+        // also the long-polls' re-polls and its timers.
         println!(
-            "  status reports alone: {reports} in {:.1} s took the control plane {cpu:.2} s CPU = {us:.0} µs per report; \
-             target < 50 µs: {}",
+            "  status reports alone: {reports} in {:.1} s; the control plane's CPU in it {cpu:.2} s = {us:.0} µs per report \
+             (re-polls and timers included)",
             wall.as_secs_f64(),
-            if us < 50.0 { "met" } else { "MISSED" }
         );
+        // What the added reports cost: TLS, HTTP/2, the socket, the
+        // runtime, authentication, JSON and the hot path of one report.
+        match marginal {
+            Some(m) => println!(
+                "  one more status report costs the control plane {m:.0} µs (twice the heartbeats in a second window); \
+                 target < 50 µs: {}",
+                if m < 50.0 { "met" } else { "MISSED" }
+            ),
+            None => println!("  one more status report: not measured (the second window had no more reports)"),
+        }
     }
     println!(
         "  {} (since start: {:.2} s CPU)",
