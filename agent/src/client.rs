@@ -7,7 +7,7 @@
 use anyhow::{anyhow, bail, Context};
 use berth_protocol::build::{BuildDone, BuildJob, BuildLogAck, BuilderQuery};
 use berth_protocol::delta::DesiredUpdate;
-use berth_protocol::session::{self, OpenedSession, HEADER_COUNTER, HEADER_MAC, HEADER_SESSION};
+use berth_protocol::session::{self, OpenedSession};
 use berth_protocol::signing::{self, HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use berth_protocol::token::{ca_hash, JoinToken};
 use berth_protocol::{ApiError, DesiredState, ErrorCode, RegisterRequest, RegisterResponse, StatusReport};
@@ -32,8 +32,10 @@ pub struct Client {
     held: std::sync::Mutex<Option<(u64, std::sync::Arc<DesiredState>)>>,
     /// Opens session keys; without it every request is signed.
     sealing: Option<x25519_dalek::StaticSecret>,
-    /// One task opens a session at a time; the others wait for it.
-    session: tokio::sync::Mutex<SessionSlot>,
+    session: std::sync::Mutex<SessionSlot>,
+    /// Held by the one task opening a session; the others do not wait for
+    /// it (they use the session they have, or sign).
+    opening: tokio::sync::Mutex<()>,
     sessions_opened: AtomicU64,
 }
 
@@ -52,10 +54,10 @@ struct Session {
     renew_at: Instant,
 }
 
-/// After an opening failed for want of the endpoint (an older control
-/// plane) or for any other answer.
+/// After an opening was refused for good (an older control plane, a node
+/// without a sealing key), or a fresh session was not known either.
 const SESSION_RETRY_REFUSED: Duration = Duration::from_secs(600);
-/// After an opening failed to get through.
+/// After an opening failed otherwise (unreachable, 5xx).
 const SESSION_RETRY_UNREACHED: Duration = Duration::from_secs(15);
 
 /// How a request is authenticated.
@@ -178,6 +180,7 @@ impl Client {
             held: Default::default(),
             sealing: None,
             session: Default::default(),
+            opening: Default::default(),
             sessions_opened: AtomicU64::new(0),
         })
     }
@@ -219,12 +222,12 @@ impl Client {
             }
             Auth::Session(s) => {
                 let counter = s.counter.fetch_add(1, Ordering::Relaxed) + 1;
-                let mac = session::mac(&s.key, method.as_str(), &pq, counter, &body);
-                self.http
-                    .request(method, url)
-                    .header(HEADER_SESSION, &s.id)
-                    .header(HEADER_COUNTER, counter)
-                    .header(HEADER_MAC, mac)
+                let headers = session::headers(&s.id, &s.key, method.as_str(), &pq, counter, &body);
+                headers
+                    .into_iter()
+                    .fold(self.http.request(method, url), |req, (name, value)| {
+                        req.header(name, value)
+                    })
             }
         };
         if !self.node_id.is_empty() {
@@ -237,9 +240,11 @@ impl Client {
     }
 
     /// Sends a request of this node, in its session if it has one (opening
-    /// one first if it may). A request the control plane refuses because it
-    /// no longer knows the session is sent again in a new one: it was not
-    /// acted on. A 401 comes back as a [`Refused`] error.
+    /// one first if it may). A request refused (401) in a session is sent
+    /// again: in a new session if the control plane no longer knew this
+    /// one, else signed. Authentication comes before anything a handler
+    /// does, so the refused request was not acted on. A 401 comes back as
+    /// a [`Refused`] error.
     async fn send(
         &self,
         method: Method,
@@ -249,9 +254,14 @@ impl Client {
         timeout: Option<Duration>,
     ) -> anyhow::Result<reqwest::Response> {
         let body = body.into();
-        let mut stale: Option<Arc<Session>> = None;
+        let mut refused_in: Option<Arc<Session>> = None;
+        let mut sign = false;
         loop {
-            let session = self.session(stale.as_ref()).await;
+            let session = if sign {
+                None
+            } else {
+                self.session(refused_in.as_ref()).await
+            };
             let auth = session.as_deref().map_or(Auth::Signature, Auth::Session);
             let mut req = self.request(method.clone(), path_and_query, body.clone(), content_type, auth)?;
             if let Some(t) = timeout {
@@ -262,44 +272,77 @@ impl Client {
                 return Ok(resp);
             }
             let refusal = refused(resp).await;
-            match session {
-                Some(s) if refusal.code == ErrorCode::SessionInvalid && stale.is_none() => stale = Some(s),
-                _ => return Err(refusal.into()),
+            let Some(s) = session else {
+                return Err(refusal.into());
+            };
+            match (refusal.code, refused_in.is_some()) {
+                // Unknown here: a new session, once.
+                (ErrorCode::SessionInvalid, false) => refused_in = Some(s),
+                // A fresh session unknown too (another replica answers each
+                // request?), or a counter or MAC refused: sign this one,
+                // and sign for a while.
+                _ => {
+                    if refusal.code == ErrorCode::SessionInvalid {
+                        self.sign_for(SESSION_RETRY_REFUSED);
+                    }
+                    sign = true;
+                }
             }
         }
     }
 
+    /// Signs every request for `wait` (the session held is dropped).
+    fn sign_for(&self, wait: Duration) {
+        let mut slot = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        slot.current = None;
+        slot.retry_at = Some(Instant::now() + wait);
+    }
+
     /// The session to send a request in: the one held, or a new one when
-    /// none is held, it is due for renewal or it is `stale` (refused).
-    /// None: sign the request.
-    async fn session(&self, stale: Option<&Arc<Session>>) -> Option<Arc<Session>> {
+    /// none is held, it is due for renewal or it was `refused`. None: sign
+    /// the request. While another task opens one, this one does not wait:
+    /// it sends in the session held, or signs.
+    async fn session(&self, refused: Option<&Arc<Session>>) -> Option<Arc<Session>> {
         let sealing = self.sealing.as_ref()?;
         if self.node_id.is_empty() {
             return None;
         }
-        let mut slot = self.session.lock().await;
-        if let (Some(held), Some(stale)) = (&slot.current, stale) {
-            if Arc::ptr_eq(held, stale) {
-                slot.current = None;
+        let held = {
+            let mut slot = self.session.lock().unwrap_or_else(|e| e.into_inner());
+            if let (Some(held), Some(refused)) = (&slot.current, refused) {
+                if Arc::ptr_eq(held, refused) {
+                    slot.current = None;
+                }
             }
-        }
-        if let Some(s) = &slot.current {
-            if Instant::now() < s.renew_at {
-                return Some(s.clone());
+            let now = Instant::now();
+            match &slot.current {
+                Some(s) if now < s.renew_at => return Some(s.clone()),
+                _ if slot.retry_at.is_some_and(|t| now < t) => return slot.current.clone(),
+                current => current.clone(),
             }
-        }
-        if slot.retry_at.is_some_and(|t| Instant::now() < t) {
-            // Still good until the control plane ends it, if not renewed.
-            return slot.current.clone();
-        }
-        match self.open_session(sealing).await {
+        };
+        // Due for a new one; a renewal keeps using the old one until then.
+        let Ok(_opening) = self.opening.try_lock() else {
+            return held;
+        };
+        let opened = self.open_session(sealing).await;
+        let mut slot = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        match opened {
             Ok(s) => {
                 self.sessions_opened.fetch_add(1, Ordering::Relaxed);
                 slot.retry_at = None;
                 slot.current = Some(Arc::new(s));
             }
             Err(e) => {
-                let wait = if e.downcast_ref::<Refused>().is_some() {
+                // No such endpoint (a control plane before sessions) or a
+                // node it will not open one for: not soon again.
+                let refused = e.downcast_ref::<Refused>().is_some_and(|r| {
+                    matches!(
+                        r.status,
+                        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED | StatusCode::CONFLICT
+                    )
+                });
+                let wait = if refused {
                     SESSION_RETRY_REFUSED
                 } else {
                     SESSION_RETRY_UNREACHED

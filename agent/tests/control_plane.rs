@@ -289,6 +289,7 @@ async fn in_session(
         .header(HEADER_NODE, as_node)
         .header(HEADER_SESSION, id)
         .header(HEADER_COUNTER, counter)
+        // A MAC over `mac_counter`: another counter than sent, to test.
         .header(HEADER_MAC, session::mac(key, "POST", path, mac_counter, body))
         .header("content-type", "application/json")
         .body(body.to_vec())

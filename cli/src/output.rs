@@ -50,8 +50,21 @@ const DOWN_SHOWN: usize = 5;
 /// The PEERS column: `4999 up`, or `4997 up, down: db-1 never, web-3 12m`
 /// (a down peer with the time since its last handshake); `-` before the
 /// node reported its peers.
-fn peers_cell(up: Option<u32>, down: &[PeerStatusNamed]) -> String {
-    let Some(up) = up else { return "-".into() };
+fn peers_cell(up: Option<u32>, peers: &[PeerStatusNamed]) -> String {
+    // A control plane before peer state sends no count and every peer.
+    let old: Vec<PeerStatusNamed>;
+    let (up, down) = match up {
+        Some(up) => (up, peers),
+        None if peers.is_empty() => return "-".into(),
+        None => {
+            let is_up = |p: &PeerStatusNamed| {
+                p.handshake_age_secs
+                    .is_some_and(|a| a < berth_protocol::PEER_UP_WITHIN_SECS)
+            };
+            old = peers.iter().filter(|p| !is_up(p)).cloned().collect();
+            ((peers.len() - old.len()) as u32, old.as_slice())
+        }
+    };
     if down.is_empty() {
         return format!("{up} up");
     }
@@ -204,6 +217,11 @@ mod tests {
     #[test]
     fn the_peers_column_counts_the_up_and_names_the_down() {
         assert_eq!(peers_cell(None, &[]), "-");
+        // From a control plane before peer state: every peer, no count.
+        assert_eq!(
+            peers_cell(None, &[down("a", Some(7)), down("b", None), down("c", Some(400))]),
+            "1 up, down: b never, c 6m"
+        );
         assert_eq!(peers_cell(Some(4999), &[]), "4999 up");
         assert_eq!(
             peers_cell(Some(4997), &[down("db-1", None), down("web-3", Some(725))]),

@@ -23,6 +23,8 @@ pub struct NodeSessions {
 #[derive(Default)]
 struct Inner {
     by_id: HashMap<String, Session>,
+    /// Each node's session ids, oldest first.
+    by_node: HashMap<String, Vec<String>>,
     opened_since_sweep: u32,
 }
 
@@ -54,18 +56,21 @@ impl NodeSessions {
         if inner.opened_since_sweep >= SWEEP_EVERY {
             inner.opened_since_sweep = 0;
             inner.by_id.retain(|_, s| now - s.opened_at < SESSION_TTL_SECS);
+            let Inner { by_id, by_node, .. } = &mut *inner;
+            by_node.retain(|_, ids| {
+                ids.retain(|id| by_id.contains_key(id));
+                !ids.is_empty()
+            });
         }
-        let mut mine: Vec<(i64, String)> = inner
-            .by_id
-            .iter()
-            .filter(|(_, s)| s.node_id == node_id)
-            .map(|(id, s)| (s.opened_at, id.clone()))
-            .collect();
-        if mine.len() >= PER_NODE {
-            mine.sort();
-            for (_, old) in &mine[..=mine.len() - PER_NODE] {
-                inner.by_id.remove(old);
-            }
+        let mine = inner.by_node.entry(node_id.to_string()).or_default();
+        let ended: Vec<String> = if mine.len() >= PER_NODE {
+            mine.drain(..=mine.len() - PER_NODE).collect()
+        } else {
+            vec![]
+        };
+        mine.push(id.clone());
+        for old in ended {
+            inner.by_id.remove(&old);
         }
         inner.by_id.insert(
             id.clone(),
@@ -166,6 +171,8 @@ mod tests {
         }
         assert_eq!(s.inner.lock().unwrap().by_id.len(), SWEEP_EVERY as usize - 1);
         s.open("late", SESSION_TTL_SECS + 1);
-        assert_eq!(s.inner.lock().unwrap().by_id.len(), 1, "only the late one is left");
+        let inner = s.inner.lock().unwrap();
+        assert_eq!(inner.by_id.len(), 1, "only the late one is left");
+        assert_eq!(inner.by_node.len(), 1);
     }
 }

@@ -22,8 +22,8 @@ const SEND_BUFFER: usize = 16 * 1024 + 512;
 const HTTP1_READ_BUFFER: usize = 64 * 1024;
 
 /// HTTP/2 receive windows (see where they are set).
-const H2_STREAM_WINDOW: u32 = 1024 * 1024;
-const H2_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
 
 /// How long a closed connection keeps discarding what its client still sends.
 const LINGER: Duration = Duration::from_secs(5);

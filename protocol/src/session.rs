@@ -26,8 +26,11 @@ pub const HEADER_SESSION: &str = "x-berth-session";
 pub const HEADER_COUNTER: &str = "x-berth-counter";
 pub const HEADER_MAC: &str = "x-berth-mac";
 
-/// How far below the highest counter seen a request may still arrive.
-pub const REPLAY_WINDOW: u64 = 64;
+/// How far below the highest counter seen a request may still arrive: a
+/// report waiting seconds for its turn while the same agent sends build
+/// logs must still be taken.
+pub const REPLAY_WINDOW: u64 = 1024;
+const WORDS: usize = (REPLAY_WINDOW / 64) as usize;
 
 /// The answer to `POST /v1/agent/session`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +69,22 @@ pub fn mac(key: &[u8; 32], method: &str, path_and_query: &str, counter: u64, bod
     )
 }
 
+/// The three headers of a request in session `id` (with `x-berth-node`).
+pub fn headers(
+    id: &str,
+    key: &[u8; 32],
+    method: &str,
+    path_and_query: &str,
+    counter: u64,
+    body: &[u8],
+) -> [(&'static str, String); 3] {
+    [
+        (HEADER_SESSION, id.to_string()),
+        (HEADER_COUNTER, counter.to_string()),
+        (HEADER_MAC, mac(key, method, path_and_query, counter, body)),
+    ]
+}
+
 /// Whether `given` (hex) is the request's MAC; compared in constant time.
 pub fn verify_mac(key: &[u8; 32], method: &str, path_and_query: &str, counter: u64, body: &[u8], given: &str) -> bool {
     let Ok(given) = hex::decode(given) else { return false };
@@ -75,12 +94,26 @@ pub fn verify_mac(key: &[u8; 32], method: &str, path_and_query: &str, counter: u
 }
 
 /// The counters a session has accepted: the highest, and which of the
-/// [`REPLAY_WINDOW`] below it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// [`REPLAY_WINDOW`] up to it (a ring of bits indexed by the counter, as
+/// WireGuard keeps it; 136 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplayWindow {
     highest: u64,
-    /// Bit i: counter `highest - i` was accepted.
-    seen: u64,
+    bits: [u64; WORDS],
+}
+
+impl Default for ReplayWindow {
+    fn default() -> Self {
+        ReplayWindow {
+            highest: 0,
+            bits: [0; WORDS],
+        }
+    }
+}
+
+fn slot(counter: u64) -> (usize, u64) {
+    let i = counter % REPLAY_WINDOW;
+    ((i / 64) as usize, 1 << (i % 64))
 }
 
 impl ReplayWindow {
@@ -91,17 +124,28 @@ impl ReplayWindow {
             return false;
         }
         if counter > self.highest {
-            let shift = counter - self.highest;
-            self.seen = if shift >= REPLAY_WINDOW { 0 } else { self.seen << shift };
-            self.seen |= 1;
+            // The slots between the old highest and this one are free again.
+            if counter - self.highest >= REPLAY_WINDOW {
+                self.bits = [0; WORDS];
+            } else {
+                for c in self.highest + 1..counter {
+                    let (w, b) = slot(c);
+                    self.bits[w] &= !b;
+                }
+            }
             self.highest = counter;
+            let (w, b) = slot(counter);
+            self.bits[w] |= b;
             return true;
         }
-        let back = self.highest - counter;
-        if back >= REPLAY_WINDOW || self.seen & (1 << back) != 0 {
+        if self.highest - counter >= REPLAY_WINDOW {
             return false;
         }
-        self.seen |= 1 << back;
+        let (w, b) = slot(counter);
+        if self.bits[w] & b != 0 {
+            return false;
+        }
+        self.bits[w] |= b;
         true
     }
 }
@@ -140,9 +184,24 @@ mod tests {
         // 4 is still within the window below the new highest, 2 is not.
         assert!(w.accept(4));
         assert!(!w.accept(2));
-        assert!(w.accept(1_000));
-        assert!(!w.accept(1_000 - REPLAY_WINDOW), "fell out of the window");
-        assert!(w.accept(1_000 - REPLAY_WINDOW + 1));
+        let far = 10 * REPLAY_WINDOW;
+        assert!(w.accept(far));
+        assert!(!w.accept(far - REPLAY_WINDOW), "fell out of the window");
+        assert!(w.accept(far - REPLAY_WINDOW + 1));
+        assert!(w.accept(far - 5), "its slot was freed by the jump");
+        assert!(!w.accept(far - 5));
+    }
+
+    #[test]
+    fn a_slot_is_reused_only_once_its_counter_left_the_window() {
+        let mut w = ReplayWindow::default();
+        assert!(w.accept(5));
+        assert!(w.accept(5 + REPLAY_WINDOW - 1));
+        assert!(!w.accept(5), "still in the window, and seen");
+        assert!(w.accept(5 + REPLAY_WINDOW), "the same slot, a new counter");
+        assert!(!w.accept(5 + REPLAY_WINDOW));
+        assert!(!w.accept(5), "out of the window now");
+        assert!(w.accept(6), "freed when the window moved past it, never seen");
     }
 
     #[test]
