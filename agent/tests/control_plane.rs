@@ -50,6 +50,18 @@ impl Cp {
         }
     }
 
+    /// A control plane of its own, in a new temporary directory, on a free port.
+    async fn fresh() -> (tempfile::TempDir, Cp, AdminClient) {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (cp, admin) = Cp::start(dir.path(), port).await;
+        (dir, cp, admin)
+    }
+
     async fn start(dir: &Path, port: u16) -> (Cp, AdminClient) {
         let mut cp = Cp {
             pid: 0,
@@ -166,13 +178,7 @@ fn answers_since(before: (u64, u64)) -> (u64, u64) {
 #[tokio::test]
 async fn agents_converge_from_deltas_and_resync_with_full_documents() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let (mut cp, admin) = Cp::start(dir.path(), port).await;
+    let (_dir, mut cp, admin) = Cp::fresh().await;
     let a = join(&cp, &admin, "a").await;
     let b = join(&cp, &admin, "b").await;
     let c = join(&cp, &admin, "c").await;
@@ -335,13 +341,7 @@ async fn open_session(http: &reqwest::Client, cp: &Cp, node: &Node) -> (u16, Opt
 #[tokio::test]
 async fn agents_authenticate_in_sessions_and_reopen_them() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let (mut cp, admin) = Cp::start(dir.path(), port).await;
+    let (_dir, mut cp, admin) = Cp::fresh().await;
     let a = join(&cp, &admin, "a").await;
     let b = join(&cp, &admin, "b").await;
     let report = StatusReport {

@@ -21,10 +21,6 @@ const SEND_BUFFER: usize = 16 * 1024 + 512;
 /// The most an HTTP/1 connection buffers of what it reads.
 const HTTP1_READ_BUFFER: usize = 64 * 1024;
 
-/// HTTP/2 receive windows (see where they are set).
-const H2_STREAM_WINDOW: u32 = 256 * 1024;
-const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
-
 /// How long a closed connection keeps discarding what its client still sends.
 const LINGER: Duration = Duration::from_secs(5);
 
@@ -62,18 +58,16 @@ pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ap
                 tower::Service::call(&mut app.clone(), req)
             });
             let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            // Fixed receive windows, not adaptive ones: hyper measures the
-            // bandwidth-delay product with a PING on data at most every
-            // 10 s, which is every heartbeat of an agent, and the round
-            // trip doubled what a report costs. 1 MB a stream still fills a
-            // 20 MB/s upload at 50 ms (a build context from afar). Bodies
-            // the handlers have not read yet are buffered up to the window:
-            // a status report waiting for its slot is a kilobyte now (peer
-            // state by exception); one of an agent from before that, up to
-            // its peer list.
-            http.http2()
-                .initial_stream_window_size(H2_STREAM_WINDOW)
-                .initial_connection_window_size(H2_CONNECTION_WINDOW);
+            // Request bodies the handlers have not read yet are buffered up
+            // to the window. An adaptive window starts at HTTP/2's 64 KB
+            // and grows only with the connection's bandwidth-delay product:
+            // a burst of peer reports from 5,000 agents waits in its
+            // senders, while an upload over a slow link still gets a window
+            // that fills it. Its bandwidth PING rides on every heartbeat
+            // (hyper samples at most every 10 s); fixed windows made
+            // reports cheaper but slowed the PostgreSQL fan-out
+            // (docs/benchmarks.md), so it stays.
+            http.http2().adaptive_window(true);
             // HTTP/1's read buffer grows to the largest body read through
             // it (400 KB by default) and stays: an agent's peer report on
             // each idle connection would hold that much.
