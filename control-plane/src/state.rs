@@ -48,8 +48,9 @@ pub struct AppState {
     pub node_sessions: crate::node_sessions::NodeSessions,
     /// The status-report hot path.
     pub heartbeats: crate::heartbeats::Heartbeats,
-    /// Status reports read and handled at once: a burst of peer reports
-    /// (each up to ~100 bytes a node) waits in its senders, not in memory.
+    /// Status reports read and handled at once: a burst of them (from
+    /// agents before peer state, up to ~100 bytes a node each) waits in
+    /// its senders, not in memory.
     pub report_bodies: tokio::sync::Semaphore,
     revision: watch::Sender<i64>,
     fleet_view: Mutex<Arc<FleetView>>,

@@ -8,12 +8,13 @@
 //! path) straight into the router (`tower::ServiceExt::oneshot`): no TLS,
 //! HTTP/2 or sockets, which `bench-cp-scale` measures with them. The
 //! requests are made before the clock starts. Printed: CPU (utime+stime of
-//! the process, whose runtime has one thread) and wall time per report, in
-//! sessions and signed.
+//! the process, whose runtime has one thread; one clock tick, 10 ms, over
+//! the run) and wall time per report, in sessions and signed.
 
 use anyhow::{bail, Context};
 use axum::body::Body;
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
+use berth_bench::{sample, ticks_secs};
 use berth_control_plane::api::RemoteAddr;
 use berth_protocol::session::{self, OpenedSession};
 use berth_protocol::signing::{self, HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
@@ -45,19 +46,6 @@ struct Node {
     counter: u64,
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-fn cpu_secs() -> f64 {
-    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).expect("getrusage");
-    let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
-    t(u.user_time()) + t(u.system_time())
-}
-
 fn request(method: &str, path: &str, body: Vec<u8>) -> axum::http::request::Builder {
     let mut b = axum::http::Request::builder().method(method).uri(path);
     if !body.is_empty() {
@@ -67,7 +55,7 @@ fn request(method: &str, path: &str, body: Vec<u8>) -> axum::http::request::Buil
 }
 
 fn signed(key: &SigningKey, node: Option<&str>, method: &str, path: &str, body: Vec<u8>) -> axum::http::Request<Body> {
-    let h = signing::sign(key, method, path, &body, now());
+    let h = signing::sign(key, method, path, &body, berth_control_plane::store::now());
     let mut b = request(method, path, vec![])
         .header(HEADER_TIMESTAMP, h.timestamp)
         .header(HEADER_NONCE, h.nonce)
@@ -230,11 +218,11 @@ async fn main() -> anyhow::Result<()> {
                 }
             })
             .collect();
-        let (cpu0, t0) = (cpu_secs(), Instant::now());
+        let (cpu0, t0) = (sample("self")?, Instant::now());
         for req in reqs {
             call(&router, req).await?;
         }
-        let (cpu, wall) = (cpu_secs() - cpu0, t0.elapsed());
+        let (cpu, wall) = (ticks_secs(sample("self")?.cpu_ticks - cpu0.cpu_ticks), t0.elapsed());
         let us = cpu * 1e6 / args.reports as f64;
         println!(
             "{} reports {way}: {:.1} µs CPU, {:.1} µs wall per report in the control plane's own code \
