@@ -6,14 +6,17 @@
 //! within [`APPLIED_EVERY`] when an applied revision moved (rollouts wait
 //! for those, and are woken after the write), else within [`SEEN_EVERY`].
 //! A report that says anything else new takes the full path, which writes
-//! it at once.
+//! it at once, with its fingerprint.
 //!
-//! SQLite only: on PostgreSQL several control planes may share the store,
-//! and one of them cannot tell from its own memory that a report equal to
-//! the last it recorded is equal to the last the store holds.
+//! Several control planes may share a PostgreSQL store, and one of them
+//! cannot tell from its own memory that the report it last recorded is the
+//! last the store holds. So a time is written behind only where the store
+//! still holds the fingerprint of the report it repeats. Where another
+//! report was recorded since, nothing is written, the memory forgets the
+//! node, and its next report takes the full path (within a heartbeat).
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -25,8 +28,6 @@ pub const APPLIED_EVERY: Duration = Duration::from_millis(25);
 
 #[derive(Default)]
 pub struct Heartbeats {
-    /// False on PostgreSQL: every report takes the full path.
-    enabled: bool,
     /// Node id → fingerprint of its last report the full path recorded,
     /// and the applied revision the store holds for it (the fleet view's
     /// copy lags: it is only read again when a revision moves).
@@ -50,11 +51,13 @@ struct Recorded {
     applied_revision: i64,
 }
 
-/// A report's time and applied revision, waiting to be written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A report's time and applied revision, waiting to be written, and the
+/// fingerprint of the recorded report it repeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seen {
     pub at: i64,
     pub applied_revision: i64,
+    pub fingerprint: u64,
 }
 
 /// What a report says that the store keeps, hashed: everything but its
@@ -84,23 +87,13 @@ pub fn fingerprint(report: &berth_protocol::StatusReport) -> u64 {
 }
 
 impl Heartbeats {
-    pub fn new(enabled: bool) -> Heartbeats {
-        Heartbeats {
-            enabled,
-            ..Default::default()
-        }
-    }
-
-    /// If the node's last recorded report said the same (`fingerprint`),
+    /// If the node's last recorded report said the same (`seen.fingerprint`),
     /// keeps `seen` to write behind and returns true.
-    pub fn same_as_recorded(&self, node_id: &str, fingerprint: u64, seen: Seen) -> bool {
-        if !self.enabled {
-            return false;
-        }
+    pub fn same_as_recorded(&self, node_id: &str, seen: Seen) -> bool {
         let stored_applied = {
             let recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
             match recorded.get(node_id) {
-                Some(r) if r.fingerprint == fingerprint => r.applied_revision,
+                Some(r) if r.fingerprint == seen.fingerprint => r.applied_revision,
                 _ => return false,
             }
         };
@@ -117,9 +110,6 @@ impl Heartbeats {
     /// The full path wrote a report with this fingerprint and applied
     /// revision (and its time, so what waited for that is dropped).
     pub fn recorded(&self, node_id: &str, fingerprint: u64, applied_revision: i64) {
-        if !self.enabled {
-            return;
-        }
         self.recorded.lock().unwrap_or_else(|e| e.into_inner()).insert(
             node_id.to_string(),
             Recorded {
@@ -134,11 +124,18 @@ impl Heartbeats {
             .remove(node_id);
     }
 
-    /// A batch taken by [`Heartbeats::take_due`] is in the store.
-    fn written(&self, batch: &HashMap<String, Seen>) {
+    /// A batch taken by [`Heartbeats::take_due`] went to the store, which
+    /// took the `written` nodes' part. The others' recorded reports are no
+    /// longer the store's: forgotten, so their next reports take the full path.
+    fn written(&self, batch: &HashMap<String, Seen>, written: &HashSet<String>) {
         let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
         for (id, s) in batch {
-            if let Some(r) = recorded.get_mut(id) {
+            if !written.contains(id) {
+                // Unless the full path recorded another report meanwhile.
+                if recorded.get(id).is_some_and(|r| r.fingerprint == s.fingerprint) {
+                    recorded.remove(id);
+                }
+            } else if let Some(r) = recorded.get_mut(id) {
                 r.applied_revision = r.applied_revision.max(s.applied_revision);
             }
         }
@@ -194,8 +191,14 @@ pub async fn write_behind(state: crate::state::SharedState) {
             continue;
         };
         match state.store.record_seen(&batch).await {
-            Ok(()) => {
-                state.heartbeats.written(&batch);
+            Ok(written) => {
+                if written.len() < batch.len() {
+                    tracing::debug!(
+                        nodes = batch.len() - written.len(),
+                        "heartbeats not written: the store holds a newer report"
+                    );
+                }
+                state.heartbeats.written(&batch, &written);
                 if moved {
                     state.rollout_wake.notify_one();
                 }
@@ -212,28 +215,52 @@ pub async fn write_behind(state: crate::state::SharedState) {
 mod tests {
     use super::*;
 
+    fn seen(at: i64, applied_revision: i64, fingerprint: u64) -> Seen {
+        Seen {
+            at,
+            applied_revision,
+            fingerprint,
+        }
+    }
+
     #[test]
     fn a_moved_applied_revision_is_due_at_once_a_heartbeat_later() {
-        let h = Heartbeats::new(true);
-        let seen = |at, applied_revision| Seen { at, applied_revision };
-        assert!(!h.same_as_recorded("a", 7, seen(1, 5)), "nothing recorded yet");
+        let h = Heartbeats::default();
+        assert!(!h.same_as_recorded("a", seen(1, 5, 7)), "nothing recorded yet");
         h.recorded("a", 7, 5);
-        assert!(!h.same_as_recorded("a", 8, seen(2, 5)), "a new container state");
-        assert!(h.same_as_recorded("a", 7, seen(3, 5)));
+        assert!(!h.same_as_recorded("a", seen(2, 5, 8)), "a new container state");
+        assert!(h.same_as_recorded("a", seen(3, 5, 7)));
         assert!(h.take_due(false).is_none(), "a heartbeat waits");
-        assert!(h.same_as_recorded("a", 7, seen(4, 6)));
+        assert!(h.same_as_recorded("a", seen(4, 6, 7)));
         let (batch, moved) = h.take_due(false).unwrap();
         assert!(moved);
-        assert_eq!(batch["a"], seen(4, 6));
+        assert_eq!(batch["a"], seen(4, 6, 7));
         assert!(h.take_due(true).is_none(), "taken");
         // Once written, the same applied revision is no longer news.
-        h.written(&batch);
-        assert!(h.same_as_recorded("a", 7, seen(5, 6)));
+        h.written(&batch, &["a".to_string()].into());
+        assert!(h.same_as_recorded("a", seen(5, 6, 7)));
         assert!(h.take_due(false).is_none(), "applied 6 is in the store already");
         assert!(h.take_due(true).is_some(), "the time, a second later");
-        assert!(
-            !Heartbeats::new(false).same_as_recorded("a", 7, seen(1, 5)),
-            "off on PostgreSQL"
-        );
+    }
+
+    #[test]
+    fn a_node_the_store_did_not_take_is_forgotten() {
+        let h = Heartbeats::default();
+        h.recorded("a", 7, 5);
+        h.recorded("b", 7, 5);
+        assert!(h.same_as_recorded("a", seen(1, 5, 7)));
+        assert!(h.same_as_recorded("b", seen(1, 5, 7)));
+        let (batch, _) = h.take_due(true).unwrap();
+        // Another control plane recorded a different report of a's.
+        h.written(&batch, &["b".to_string()].into());
+        assert!(!h.same_as_recorded("a", seen(2, 5, 7)), "a takes the full path");
+        assert!(h.same_as_recorded("b", seen(2, 5, 7)));
+        // The full path recorded c anew while its batch was out: kept.
+        h.recorded("c", 7, 5);
+        assert!(h.same_as_recorded("c", seen(3, 5, 7)));
+        let (batch, _) = h.take_due(true).unwrap();
+        h.recorded("c", 9, 5);
+        h.written(&batch, &HashSet::new());
+        assert!(h.same_as_recorded("c", seen(4, 5, 9)));
     }
 }

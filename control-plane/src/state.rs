@@ -272,9 +272,9 @@ impl AppState {
         let rev = store.revision().await?;
         let (tx, _) = watch::channel(rev);
         let replay = crate::replay::Replay::new(store.clone()).await?;
-        let heartbeats = crate::heartbeats::Heartbeats::new(store.database == Database::Sqlite);
         Ok(Arc::new(AppState {
             store,
+            heartbeats: Default::default(),
             pools,
             ca_hash,
             ca_pem,
@@ -295,7 +295,6 @@ impl AppState {
             sessions: crate::sessions::Sessions::new(sessions),
             replay,
             node_sessions: Default::default(),
-            heartbeats,
             report_bodies: tokio::sync::Semaphore::new(REPORT_BODIES),
             revision: tx,
             fleet_view: Mutex::new(Arc::new(FleetView::new(-1, vec![], vec![], vec![]))),

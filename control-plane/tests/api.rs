@@ -9,7 +9,7 @@ mod common;
 
 use berth_protocol::signing::{self, HEADER_NODE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use berth_protocol::token::JoinToken;
-use berth_protocol::{DesiredState, ErrorCode, PeerStatus, RegisterResponse, Role, StatusReport, TokenState};
+use berth_protocol::{DesiredState, ErrorCode, NodeInfo, PeerStatus, RegisterResponse, Role, StatusReport, TokenState};
 use common::{now, Agent, Cp, Db, Reply};
 use reqwest::{Method, StatusCode};
 use std::time::{Duration, Instant};
@@ -937,4 +937,30 @@ async fn replicas_share_postgres_and_wake_each_other() {
     // Both replicas list the same fleet.
     assert_eq!(a.fleet().await, b.fleet().await);
     assert_eq!(a.nodes().await.len(), 3);
+
+    // Status reports move between replicas. A report repeating the one a
+    // replica recorded is kept in its memory, and written behind only
+    // while the store still holds that report; else the replica forgets
+    // it, and the node's next report there is written in full.
+    let error = |e: &str| berth_protocol::StatusReport {
+        applied_revision: 3,
+        error: Some(e.into()),
+        ..Default::default()
+    };
+    let stored_error = |nodes: Vec<NodeInfo>| nodes.into_iter().find(|n| n.node_id == n1.node_id).unwrap().error;
+    a.report(&n1, &error("first")).await;
+    b.report(&n1, &error("second")).await;
+    a.report(&n1, &error("first")).await;
+    assert_eq!(
+        stored_error(b.nodes().await).as_deref(),
+        Some("second"),
+        "a repeated report is not written at once"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await; // A's write-behind ran
+    a.report(&n1, &error("first")).await;
+    assert_eq!(
+        stored_error(b.nodes().await).as_deref(),
+        Some("first"),
+        "A's memory no longer matched the store: the report was written in full"
+    );
 }

@@ -488,25 +488,49 @@ async fn replayed_nonces_are_refused_after_a_restart(db: &Db) {
 }
 
 /// `record_seen`, the heartbeats' batched write: times and applied
-/// revisions land in one go, and an older time never overwrites a newer one.
+/// revisions land in one go, only where the store holds the report they
+/// repeat, and an older time never overwrites a newer one.
 async fn heartbeats_written_behind_never_move_back(db: &Db) {
     use berth_control_plane::heartbeats::Seen;
     let store = db.store().await;
     let mut ids = vec![];
-    for name in ["a", "b"] {
+    for name in ["a", "b", "c"] {
         let t = store.create_token(Role::Worker, 3600, CA_HASH).await.unwrap();
         let (node, _) = store
             .register_node(&Agent::new(name).new_node(&t.token), default_pools())
             .await
             .unwrap();
+        let report = berth_protocol::StatusReport {
+            applied_revision: 1,
+            ..Default::default()
+        };
+        // Fingerprints 7 and, for c, one above u64's signed half.
+        let fingerprint = if name == "c" { u64::MAX - 3 } else { 7 };
+        store.record_status(&node.id, &report, fingerprint).await.unwrap();
         ids.push(node.id);
     }
-    let seen = |at, applied_revision| Seen { at, applied_revision };
-    let t = now();
-    let batch = [(ids[0].clone(), seen(t, 2)), (ids[1].clone(), seen(t + 1, 2))].into();
-    store.record_seen(&batch).await.unwrap();
-    let older = [(ids[1].clone(), seen(t - 5, 1))].into();
-    store.record_seen(&older).await.unwrap();
+    let seen = |at, applied_revision, fingerprint| Seen {
+        at,
+        applied_revision,
+        fingerprint,
+    };
+    let t = now() + 100;
+    let batch = [
+        (ids[0].clone(), seen(t, 2, 7)),
+        (ids[1].clone(), seen(t + 1, 2, 7)),
+        (ids[2].clone(), seen(t, 2, u64::MAX - 3)),
+    ]
+    .into();
+    let written = store.record_seen(&batch).await.unwrap();
+    assert_eq!(written, ids.iter().cloned().collect::<HashSet<_>>());
+    let older = [(ids[1].clone(), seen(t - 5, 1, 7))].into();
+    assert!(store.record_seen(&older).await.unwrap().is_empty());
+    // a's store holds another report now (another control plane's).
+    let stale = [(ids[0].clone(), seen(t + 10, 3, 8))].into();
+    assert!(
+        store.record_seen(&stale).await.unwrap().is_empty(),
+        "a time repeating a report the store no longer holds is refused"
+    );
     let nodes = store.list_nodes().await.unwrap();
     let row = |name: &str| nodes.iter().find(|n| n.name == name).unwrap();
     assert_eq!((row("a").last_seen, row("a").applied_revision), (Some(t), 2));
@@ -515,4 +539,5 @@ async fn heartbeats_written_behind_never_move_back(db: &Db) {
         (Some(t + 1), 2),
         "the older write changed nothing"
     );
+    assert_eq!((row("c").last_seen, row("c").applied_revision), (Some(t), 2));
 }

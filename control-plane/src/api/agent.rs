@@ -293,13 +293,14 @@ async fn status(
     let seen = crate::heartbeats::Seen {
         at: crate::store::now(),
         applied_revision: report.applied_revision as i64,
+        fingerprint,
     };
-    if s.heartbeats.same_as_recorded(&node.id, fingerprint, seen) {
+    if s.heartbeats.same_as_recorded(&node.id, seen) {
         return Ok(Json(Revision {
             revision: node.revision as u64,
         }));
     }
-    s.store.record_status(&node.id, &report).await?;
+    s.store.record_status(&node.id, &report, fingerprint).await?;
     if let Some(rev) = s.store.advance_rollout(&node.id, &report.agent_version).await? {
         s.revision_moved(rev).await;
     }

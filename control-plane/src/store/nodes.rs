@@ -287,24 +287,26 @@ impl Store {
         .await
     }
 
-    /// Records a status report. Its peers are not stored: they grow with
+    /// Records a status report, and its `fingerprint` (see
+    /// [`crate::heartbeats`]). Its peers are not stored: they grow with
     /// the fleet and change with every report (the usage board keeps the
     /// last ones in memory). The domains a proxy serves come with every
     /// report and replace the stored list.
-    pub async fn record_status(&self, node_id: &str, report: &StatusReport) -> sqlx::Result<()> {
+    pub async fn record_status(&self, node_id: &str, report: &StatusReport, fingerprint: u64) -> sqlx::Result<()> {
         let served = report
             .served_domains
             .as_ref()
             .map(|d| serde_json::to_string(d).unwrap_or_default());
         sqlx::query(
             "UPDATE nodes SET last_seen = $1, applied_revision = $2, agent_version = $3, \
-             last_error = $4, served_domains = $5 WHERE id = $6",
+             last_error = $4, served_domains = $5, report_fingerprint = $6 WHERE id = $7",
         )
         .bind(now())
         .bind(report.applied_revision as i64)
         .bind(&report.agent_version)
         .bind(report.error.as_ref().or(report.upgrade_error.as_ref()))
         .bind(served)
+        .bind(fingerprint as i64)
         .bind(node_id)
         .execute(&self.pool)
         .await?;
@@ -312,30 +314,51 @@ impl Store {
     }
 
     /// Writes the reports' times and applied revisions kept in memory by
-    /// [`crate::heartbeats`]; a newer time already stored wins.
+    /// [`crate::heartbeats`], each only where the store still holds the
+    /// report it repeats (its fingerprint) and no newer time. Returns the
+    /// nodes written; the others had a different report recorded since,
+    /// by another control plane sharing the store or by the full path.
     pub async fn record_seen(
         &self,
         seen: &std::collections::HashMap<String, crate::heartbeats::Seen>,
-    ) -> sqlx::Result<()> {
-        let mut groups: std::collections::BTreeMap<crate::heartbeats::Seen, Vec<&str>> = Default::default();
-        for (id, s) in seen {
-            groups.entry(*s).or_default().push(id);
-        }
+    ) -> sqlx::Result<HashSet<String>> {
+        // Four parameters a node; SQLite takes 32,766 a statement.
+        const NODES_A_STATEMENT: usize = 1000;
+        let seen: Vec<_> = seen.iter().collect();
+        let mut written = HashSet::with_capacity(seen.len());
         let mut tx = self.pool.begin().await?;
-        for (s, ids) in groups {
-            for chunk in ids.chunks(500) {
-                let sql = format!(
-                    "UPDATE nodes SET last_seen = $1, applied_revision = $2 \
-                     WHERE (last_seen IS NULL OR last_seen <= $1) AND id IN ({})",
-                    super::params(3, chunk.len())
-                );
-                let mut q = sqlx::query(&sql).bind(s.at).bind(s.applied_revision);
-                for id in chunk {
-                    q = q.bind(*id);
-                }
-                q.execute(&mut *tx).await?;
+        for chunk in seen.chunks(NODES_A_STATEMENT) {
+            let rows = (0..chunk.len())
+                .map(|i| {
+                    let p = 4 * i + 1;
+                    format!(
+                        "(${p}, CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT))",
+                        p + 1,
+                        p + 2,
+                        p + 3
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "WITH v (id, at, applied, fingerprint) AS (VALUES {rows}) \
+                 UPDATE nodes SET last_seen = v.at, applied_revision = v.applied FROM v \
+                 WHERE nodes.id = v.id AND nodes.report_fingerprint = v.fingerprint \
+                 AND (nodes.last_seen IS NULL OR nodes.last_seen <= v.at) RETURNING nodes.id"
+            );
+            let mut q = sqlx::query(&sql);
+            for (id, s) in chunk {
+                q = q
+                    .bind(id.as_str())
+                    .bind(s.at)
+                    .bind(s.applied_revision)
+                    .bind(s.fingerprint as i64);
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                written.insert(row.try_get::<String, _>(0)?);
             }
         }
-        tx.commit().await
+        tx.commit().await?;
+        Ok(written)
     }
 }
