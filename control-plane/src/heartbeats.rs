@@ -15,8 +15,9 @@
 //! report was recorded since, nothing is written, the memory forgets the
 //! node, and its next report takes the full path (within a heartbeat).
 
+use crate::store::nodes::SeenWritten;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -125,11 +126,17 @@ impl Heartbeats {
     }
 
     /// A batch taken by [`Heartbeats::take_due`] went to the store, which
-    /// took the `written` nodes' part. The others' recorded reports are no
+    /// took the `written` nodes' part and could not yet lock the `busy`
+    /// ones' (kept for the next write). The others' recorded reports are no
     /// longer the store's: forgotten, so their next reports take the full path.
-    fn written(&self, batch: &HashMap<String, Seen>, written: &HashSet<String>) {
+    fn written(&self, mut batch: HashMap<String, Seen>, moved: bool, done: &SeenWritten) {
+        let busy: HashMap<String, Seen> = done.busy.iter().filter_map(|id| batch.remove_entry(id)).collect();
+        if !busy.is_empty() {
+            self.put_back(busy, moved);
+        }
+        let written = &done.written;
         let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
-        for (id, s) in batch {
+        for (id, s) in &batch {
             if !written.contains(id) {
                 // Unless the full path recorded another report meanwhile.
                 if recorded.get(id).is_some_and(|r| r.fingerprint == s.fingerprint) {
@@ -191,14 +198,15 @@ pub async fn write_behind(state: crate::state::SharedState) {
             continue;
         };
         match state.store.record_seen(&batch).await {
-            Ok(written) => {
-                if written.len() < batch.len() {
+            Ok(done) => {
+                let refused = batch.len() - done.written.len() - done.busy.len();
+                if refused > 0 {
                     tracing::debug!(
-                        nodes = batch.len() - written.len(),
+                        nodes = refused,
                         "heartbeats not written: the store holds a newer report"
                     );
                 }
-                state.heartbeats.written(&batch, &written);
+                state.heartbeats.written(batch, moved, &done);
                 if moved {
                     state.rollout_wake.notify_one();
                 }
@@ -214,6 +222,14 @@ pub async fn write_behind(state: crate::state::SharedState) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn done(written: &[&str], busy: &[&str]) -> SeenWritten {
+        let set = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect();
+        SeenWritten {
+            written: set(written),
+            busy: set(busy),
+        }
+    }
 
     fn seen(at: i64, applied_revision: i64, fingerprint: u64) -> Seen {
         Seen {
@@ -237,7 +253,7 @@ mod tests {
         assert_eq!(batch["a"], seen(4, 6, 7));
         assert!(h.take_due(true).is_none(), "taken");
         // Once written, the same applied revision is no longer news.
-        h.written(&batch, &["a".to_string()].into());
+        h.written(batch, moved, &done(&["a"], &[]));
         assert!(h.same_as_recorded("a", seen(5, 6, 7)));
         assert!(h.take_due(false).is_none(), "applied 6 is in the store already");
         assert!(h.take_due(true).is_some(), "the time, a second later");
@@ -252,7 +268,7 @@ mod tests {
         assert!(h.same_as_recorded("b", seen(1, 5, 7)));
         let (batch, _) = h.take_due(true).unwrap();
         // Another control plane recorded a different report of a's.
-        h.written(&batch, &["b".to_string()].into());
+        h.written(batch, false, &done(&["b"], &[]));
         assert!(!h.same_as_recorded("a", seen(2, 5, 7)), "a takes the full path");
         assert!(h.same_as_recorded("b", seen(2, 5, 7)));
         // The full path recorded c anew while its batch was out: kept.
@@ -260,7 +276,22 @@ mod tests {
         assert!(h.same_as_recorded("c", seen(3, 5, 7)));
         let (batch, _) = h.take_due(true).unwrap();
         h.recorded("c", 9, 5);
-        h.written(&batch, &HashSet::new());
+        h.written(batch, false, &done(&[], &[]));
         assert!(h.same_as_recorded("c", seen(4, 5, 9)));
+    }
+
+    #[test]
+    fn a_node_whose_row_was_locked_is_written_later() {
+        let h = Heartbeats::default();
+        h.recorded("a", 7, 5);
+        assert!(h.same_as_recorded("a", seen(1, 6, 7)));
+        let (batch, moved) = h.take_due(false).unwrap();
+        h.written(batch, moved, &done(&[], &["a"]));
+        let (batch, moved) = h
+            .take_due(false)
+            .expect("due again at once: its applied revision moved");
+        assert!(moved);
+        assert_eq!(batch["a"], seen(1, 6, 7));
+        assert!(h.same_as_recorded("a", seen(2, 6, 7)), "still recorded");
     }
 }

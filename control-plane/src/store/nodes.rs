@@ -40,6 +40,15 @@ const COLUMNS: &str = "id, name, role, signing_key, wg_public_key, wg_port, priv
 
 /// Online: reported within `offline_after` seconds of `now`. The one rule
 /// behind `berth nodes list`, placement, proxy counts and the node watcher.
+/// What [`Store::record_seen`] did with a batch: the nodes `written`, the
+/// `busy` ones (their rows locked by a change in flight: try again), and
+/// by elimination the refused ones (the store holds another report).
+#[derive(Debug, Default)]
+pub struct SeenWritten {
+    pub written: HashSet<String>,
+    pub busy: HashSet<String>,
+}
+
 pub fn seen_recently(last_seen: Option<i64>, now: i64, offline_after: i64) -> bool {
     last_seen.is_some_and(|t| now - t <= offline_after)
 }
@@ -315,19 +324,52 @@ impl Store {
 
     /// Writes the reports' times and applied revisions kept in memory by
     /// [`crate::heartbeats`], each only where the store still holds the
-    /// report it repeats (its fingerprint) and no newer time. Returns the
-    /// nodes written; the others had a different report recorded since,
-    /// by another control plane sharing the store or by the full path.
+    /// report it repeats (its fingerprint) and no newer time.
     pub async fn record_seen(
         &self,
         seen: &std::collections::HashMap<String, crate::heartbeats::Seen>,
-    ) -> sqlx::Result<HashSet<String>> {
+    ) -> sqlx::Result<SeenWritten> {
         // Four parameters a node; SQLite takes 32,766 a statement.
         const NODES_A_STATEMENT: usize = 1000;
-        let seen: Vec<_> = seen.iter().collect();
-        let mut written = HashSet::with_capacity(seen.len());
+        let mut out = SeenWritten::default();
         let mut tx = self.pool.begin().await?;
-        for chunk in seen.chunks(NODES_A_STATEMENT) {
+        let ids: Vec<&String> = seen.keys().collect();
+        for chunk in ids.chunks(NODES_A_STATEMENT) {
+            // A change locks every node's row (`bump_all`), in an order of
+            // its own: on PostgreSQL the batch waits for no row, so the two
+            // never deadlock. A row it could not lock is tried again later.
+            let chunk: Vec<&String> = if self.database == super::Database::Postgres {
+                let sql = format!(
+                    "SELECT id FROM nodes WHERE id IN ({}) FOR UPDATE SKIP LOCKED",
+                    super::params(1, chunk.len())
+                );
+                let mut q = sqlx::query(&sql);
+                for id in chunk {
+                    q = q.bind(id.as_str());
+                }
+                let locked: HashSet<String> = q
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .iter()
+                    .map(|r| r.try_get::<String, _>(0))
+                    .collect::<sqlx::Result<_>>()?;
+                out.busy.extend(
+                    chunk
+                        .iter()
+                        .filter(|id| !locked.contains(id.as_str()))
+                        .map(|id| id.to_string()),
+                );
+                chunk
+                    .iter()
+                    .copied()
+                    .filter(|id| locked.contains(id.as_str()))
+                    .collect()
+            } else {
+                chunk.to_vec()
+            };
+            if chunk.is_empty() {
+                continue;
+            }
             let rows = (0..chunk.len())
                 .map(|i| {
                     let p = 4 * i + 1;
@@ -347,7 +389,8 @@ impl Store {
                  AND (nodes.last_seen IS NULL OR nodes.last_seen <= v.at) RETURNING nodes.id"
             );
             let mut q = sqlx::query(&sql);
-            for (id, s) in chunk {
+            for id in chunk {
+                let s = &seen[id];
                 q = q
                     .bind(id.as_str())
                     .bind(s.at)
@@ -355,10 +398,10 @@ impl Store {
                     .bind(s.fingerprint as i64);
             }
             for row in q.fetch_all(&mut *tx).await? {
-                written.insert(row.try_get::<String, _>(0)?);
+                out.written.insert(row.try_get::<String, _>(0)?);
             }
         }
         tx.commit().await?;
-        Ok(written)
+        Ok(out)
     }
 }
