@@ -329,75 +329,56 @@ impl Store {
         &self,
         seen: &std::collections::HashMap<String, crate::heartbeats::Seen>,
     ) -> sqlx::Result<SeenWritten> {
-        // Four parameters a node; SQLite takes 32,766 a statement.
-        const NODES_A_STATEMENT: usize = 1000;
+        // The batch goes as one JSON parameter, `[[id, at, applied,
+        // fingerprint], ...]`: one statement text whatever its size (so it
+        // is prepared once), and no thousands of parameters to bind.
+        let rows_from = match self.database {
+            super::Database::Sqlite => "json_each($1)",
+            super::Database::Postgres => "json_array_elements(CAST($1 AS JSON))",
+        };
+        let batch = |ids: &mut dyn Iterator<Item = &String>| {
+            let rows: Vec<_> = ids
+                .map(|id| {
+                    let s = &seen[id];
+                    (id, s.at, s.applied_revision, s.fingerprint as i64)
+                })
+                .collect();
+            serde_json::to_string(&rows).unwrap_or_default()
+        };
         let mut out = SeenWritten::default();
         let mut tx = self.pool.begin().await?;
-        let ids: Vec<&String> = seen.keys().collect();
-        for chunk in ids.chunks(NODES_A_STATEMENT) {
+        let mut ids: Vec<&String> = seen.keys().collect();
+        if self.database == super::Database::Postgres {
             // A change locks every node's row (`bump_all`), in an order of
-            // its own: on PostgreSQL the batch waits for no row, so the two
-            // never deadlock. A row it could not lock is tried again later.
-            let chunk: Vec<&String> = if self.database == super::Database::Postgres {
-                let sql = format!(
-                    "SELECT id FROM nodes WHERE id IN ({}) FOR UPDATE SKIP LOCKED",
-                    super::params(1, chunk.len())
-                );
-                let mut q = sqlx::query(&sql);
-                for id in chunk {
-                    q = q.bind(id.as_str());
-                }
-                let locked: HashSet<String> = q
-                    .fetch_all(&mut *tx)
-                    .await?
-                    .iter()
-                    .map(|r| r.try_get::<String, _>(0))
-                    .collect::<sqlx::Result<_>>()?;
-                out.busy.extend(
-                    chunk
-                        .iter()
-                        .filter(|id| !locked.contains(id.as_str()))
-                        .map(|id| id.to_string()),
-                );
-                chunk
-                    .iter()
-                    .copied()
-                    .filter(|id| locked.contains(id.as_str()))
-                    .collect()
-            } else {
-                chunk.to_vec()
-            };
-            if chunk.is_empty() {
-                continue;
-            }
-            let rows = (0..chunk.len())
-                .map(|i| {
-                    let p = 4 * i + 1;
-                    format!(
-                        "(${p}, CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT))",
-                        p + 1,
-                        p + 2,
-                        p + 3
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
+            // its own: the batch waits for no row, so the two never
+            // deadlock. A row it could not lock is tried again later.
+            let locked: HashSet<String> = sqlx::query(&format!(
+                "SELECT id FROM nodes WHERE id IN (SELECT value ->> 0 FROM {rows_from}) FOR UPDATE SKIP LOCKED"
+            ))
+            .bind(batch(&mut ids.iter().copied()))
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<sqlx::Result<_>>()?;
+            let (free, busy): (Vec<&String>, Vec<&String>) = ids.into_iter().partition(|id| locked.contains(*id));
+            out.busy = busy.into_iter().cloned().collect();
+            ids = free;
+        }
+        if !ids.is_empty() {
             let sql = format!(
-                "WITH v (id, at, applied, fingerprint) AS (VALUES {rows}) \
+                "WITH v AS (SELECT value ->> 0 AS id, CAST(value ->> 1 AS BIGINT) AS at, \
+                 CAST(value ->> 2 AS BIGINT) AS applied, CAST(value ->> 3 AS BIGINT) AS fingerprint \
+                 FROM {rows_from}) \
                  UPDATE nodes SET last_seen = v.at, applied_revision = v.applied FROM v \
                  WHERE nodes.id = v.id AND nodes.report_fingerprint = v.fingerprint \
                  AND (nodes.last_seen IS NULL OR nodes.last_seen <= v.at) RETURNING nodes.id"
             );
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                let s = &seen[id];
-                q = q
-                    .bind(id.as_str())
-                    .bind(s.at)
-                    .bind(s.applied_revision)
-                    .bind(s.fingerprint as i64);
-            }
-            for row in q.fetch_all(&mut *tx).await? {
+            for row in sqlx::query(&sql)
+                .bind(batch(&mut ids.iter().copied()))
+                .fetch_all(&mut *tx)
+                .await?
+            {
                 out.written.insert(row.try_get::<String, _>(0)?);
             }
         }
