@@ -38,8 +38,6 @@ const COLUMNS: &str = "id, name, role, signing_key, wg_public_key, wg_port, priv
 // status_json (a peer list as long as the fleet, which reports once carried
 // into the store) is no longer written or read: peers are kept in memory.
 
-/// Online: reported within `offline_after` seconds of `now`. The one rule
-/// behind `berth nodes list`, placement, proxy counts and the node watcher.
 /// What [`Store::record_seen`] did with a batch: the nodes `written`, the
 /// `busy` ones (their rows locked by a change in flight: try again), and
 /// by elimination the refused ones (the store holds another report).
@@ -49,6 +47,8 @@ pub struct SeenWritten {
     pub busy: HashSet<String>,
 }
 
+/// Online: reported within `offline_after` seconds of `now`. The one rule
+/// behind `berth nodes list`, placement, proxy counts and the node watcher.
 pub fn seen_recently(last_seen: Option<i64>, now: i64, offline_after: i64) -> bool {
     last_seen.is_some_and(|t| now - t <= offline_after)
 }
