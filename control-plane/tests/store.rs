@@ -487,14 +487,11 @@ async fn replayed_nonces_are_refused_after_a_restart(db: &Db) {
     );
 }
 
-/// `record_seen`, the heartbeats' batched write: times and applied
-/// revisions land in one go, only where the store holds the report they
-/// repeat, and an older time never overwrites a newer one.
-async fn heartbeats_written_behind_never_move_back(db: &Db) {
-    use berth_control_plane::heartbeats::Seen;
-    let store = db.store().await;
+/// Registers nodes `(name, fingerprint)`, each with one report recorded in
+/// full (applied revision 1) under that fingerprint; returns their ids.
+async fn nodes_reported(store: &Store, nodes: &[(&str, u64)]) -> Vec<String> {
     let mut ids = vec![];
-    for name in ["a", "b", "c"] {
+    for &(name, fingerprint) in nodes {
         let t = store.create_token(Role::Worker, 3600, CA_HASH).await.unwrap();
         let (node, _) = store
             .register_node(&Agent::new(name).new_node(&t.token), default_pools())
@@ -504,11 +501,20 @@ async fn heartbeats_written_behind_never_move_back(db: &Db) {
             applied_revision: 1,
             ..Default::default()
         };
-        // Fingerprints 7 and, for c, one above u64's signed half.
-        let fingerprint = if name == "c" { u64::MAX - 3 } else { 7 };
         store.record_status(&node.id, &report, fingerprint).await.unwrap();
         ids.push(node.id);
     }
+    ids
+}
+
+/// `record_seen`, the heartbeats' batched write: times and applied
+/// revisions land in one go, only where the store holds the report they
+/// repeat, and an older time never overwrites a newer one.
+async fn heartbeats_written_behind_never_move_back(db: &Db) {
+    use berth_control_plane::heartbeats::Seen;
+    let store = db.store().await;
+    // Fingerprints 7 and, for c, one above u64's signed half.
+    let ids = nodes_reported(&store, &[("a", 7), ("b", 7), ("c", u64::MAX - 3)]).await;
     let seen = |at, applied_revision, fingerprint| Seen {
         at,
         applied_revision,
@@ -555,16 +561,7 @@ async fn heartbeats_skip_rows_a_change_holds() {
         return;
     };
     let store = db.store().await;
-    let mut ids = vec![];
-    for name in ["a", "b"] {
-        let t = store.create_token(Role::Worker, 3600, CA_HASH).await.unwrap();
-        let (node, _) = store
-            .register_node(&Agent::new(name).new_node(&t.token), default_pools())
-            .await
-            .unwrap();
-        store.record_status(&node.id, &Default::default(), 7).await.unwrap();
-        ids.push(node.id);
-    }
+    let ids = nodes_reported(&store, &[("a", 7), ("b", 7)]).await;
     let mut change = sqlx::postgres::PgConnection::connect(&db.url).await.unwrap();
     sqlx::query("BEGIN").execute(&mut change).await.unwrap();
     sqlx::query("UPDATE nodes SET revision = revision WHERE id = $1")

@@ -336,9 +336,10 @@ impl Store {
             super::Database::Sqlite => "json_each($1)",
             super::Database::Postgres => "json_array_elements(CAST($1 AS JSON))",
         };
-        let batch = |ids: &mut dyn Iterator<Item = &String>| {
+        let batch = |ids: &[&String]| {
             let rows: Vec<_> = ids
-                .map(|id| {
+                .iter()
+                .map(|&id| {
                     let s = &seen[id];
                     (id, s.at, s.applied_revision, s.fingerprint as i64)
                 })
@@ -355,7 +356,7 @@ impl Store {
             let locked: HashSet<String> = sqlx::query(&format!(
                 "SELECT id FROM nodes WHERE id IN (SELECT value ->> 0 FROM {rows_from}) FOR UPDATE SKIP LOCKED"
             ))
-            .bind(batch(&mut ids.iter().copied()))
+            .bind(batch(&ids))
             .fetch_all(&mut *tx)
             .await?
             .iter()
@@ -374,11 +375,7 @@ impl Store {
                  WHERE nodes.id = v.id AND nodes.report_fingerprint = v.fingerprint \
                  AND (nodes.last_seen IS NULL OR nodes.last_seen <= v.at) RETURNING nodes.id"
             );
-            for row in sqlx::query(&sql)
-                .bind(batch(&mut ids.iter().copied()))
-                .fetch_all(&mut *tx)
-                .await?
-            {
+            for row in sqlx::query(&sql).bind(batch(&ids)).fetch_all(&mut *tx).await? {
                 out.written.insert(row.try_get::<String, _>(0)?);
             }
         }
