@@ -1,5 +1,6 @@
-//! Client-side stream wrapper: replays bytes read ahead (the ClientHello
-//! peeked for SNI) and counts reads and writes, for the idle timeout.
+//! Client-side stream wrappers: one replays bytes read ahead (the
+//! ClientHello peeked for SNI) and counts reads and writes, for the idle
+//! timeout; one closes the connection without losing an early answer.
 
 use std::io;
 use std::pin::Pin;
@@ -7,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 
 fn epoch() -> Instant {
     static START: OnceLock<Instant> = OnceLock::new();
@@ -136,6 +138,74 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How long a closed client connection is still read and thrown away.
+pub const LINGER: Duration = Duration::from_secs(5);
+
+/// A client connection that closes the way nginx's `lingering_close` does.
+///
+/// hyper closes a connection right after an answer sent before the request
+/// body was read to its end: the upstream's 413 to a large upload, a 400
+/// for a malformed head. Closing a socket with unread bytes makes the
+/// kernel send a reset, which can overtake the answer: the client then sees
+/// a broken pipe instead of the 413. So on drop the connection is closed
+/// for writing, and what the client still sends is read and thrown away,
+/// for at most [`LINGER`].
+pub struct Lingering(Option<TcpStream>);
+
+impl Lingering {
+    pub fn new(stream: TcpStream) -> Self {
+        Lingering(Some(stream))
+    }
+    fn stream(&mut self) -> &mut TcpStream {
+        self.0.as_mut().expect("a Lingering stream is only taken on drop")
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let (Some(mut tcp), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        rt.spawn(async move {
+            let _ = tokio::time::timeout(LINGER, async {
+                // FIN after whatever was written (TLS's close_notify included).
+                let _ = tcp.shutdown().await;
+                let mut sink = [0u8; 16 * 1024];
+                while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+        });
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.stream()).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(self.stream()).poll_write(cx, data)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(self.stream()).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.as_ref().is_some_and(|s| s.is_write_vectored())
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.stream()).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.stream()).poll_shutdown(cx)
     }
 }
 

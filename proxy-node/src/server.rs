@@ -3,7 +3,7 @@
 //! HTTP/1.1 and HTTP/2 connections.
 
 use crate::config::Shared;
-use crate::io::{with_idle_timeout, Activity, ConnIo};
+use crate::io::{with_idle_timeout, Activity, ConnIo, Lingering};
 use crate::metrics::ConnKind;
 use crate::{http, sni, tcp, tls};
 use hyper::service::service_fn;
@@ -39,7 +39,7 @@ pub async fn serve_http(shared: Arc<Shared>, listener: TcpListener) {
         tokio::spawn(async move {
             let _g = shared.metrics.connection(ConnKind::Http);
             let activity = Activity::new();
-            let io = ConnIo::new(stream, Vec::new(), activity.clone());
+            let io = ConnIo::new(Lingering::new(stream), Vec::new(), activity.clone());
             let s = shared.clone();
             let svc = service_fn(move |req| http::handle_http(s.clone(), peer, req));
             let conn = shared.h1.serve_connection(TokioIo::new(io), svc);
@@ -79,7 +79,7 @@ async fn tls_connection(shared: &Arc<Shared>, mut stream: TcpStream, peer: Socke
     }
     let _g = shared.metrics.connection(ConnKind::Https);
     let activity = Activity::new();
-    let io = ConnIo::new(stream, hello_bytes, activity.clone());
+    let io = ConnIo::new(Lingering::new(stream), hello_bytes, activity.clone());
     let tls_stream = tokio::time::timeout(hs_timeout, shared.tls.accept(io))
         .await
         .map_err(|_| format!("TLS handshake not done within {hs_timeout:?}"))?

@@ -335,6 +335,59 @@ async fn an_early_answer_to_an_upload_reaches_the_client() {
     assert_eq!(body, "too large");
 }
 
+#[tokio::test]
+async fn an_early_answer_survives_the_close_while_the_client_still_sends() {
+    // As above, but the client reads only after sending for a while, as a
+    // client busy with a large upload does. The proxy closes the connection
+    // after the 413 without reading the rest of the body: closing a socket
+    // with unread bytes sends a reset, and the client's next write fails.
+    let (up, _) = raw_backend(|mut s, _| async move {
+        read_head(&mut s).await.unwrap();
+        s.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large")
+            .await
+            .unwrap();
+        let _ = s.shutdown().await;
+        let mut sink = vec![0u8; 64 * 1024];
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while s.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
+    })
+    .await;
+    let h = start(up).await;
+    let mut tls = h.tls(A, &[b"http/1.1"]).await;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: {A}\r\ncontent-length: {}\r\n\r\n",
+        64 << 20
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    // The proxy answers within this while the client goes on sending. A
+    // write that fails here is what a client such as hyper's reports
+    // instead of the answer (a broken pipe): the proxy must go on taking
+    // the upload (and throw it away) until it closes for good.
+    let piece = vec![1u8; 64 * 1024];
+    let sending = tokio::time::timeout(Duration::from_millis(300), async {
+        loop {
+            if let Err(e) = tls.write_all(&piece).await {
+                return e;
+            }
+        }
+    })
+    .await;
+    assert!(sending.is_err(), "the upload broke off: {:?}", sending.unwrap());
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer))
+        .await
+        .expect("the proxy closed the connection after its answer");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        read.is_ok(),
+        "the answer was lost to a reset: {read:?}, read before it: {answer:?}"
+    );
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.ends_with("too large"), "{answer}");
+}
+
 /// Reads a chunked request body to its end; returns the data's length.
 async fn read_chunked(s: &mut TcpStream) -> usize {
     let mut total = 0;
