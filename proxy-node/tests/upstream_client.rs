@@ -293,23 +293,7 @@ async fn a_body_cut_short_breaks_the_client_response_and_the_next_request_works(
 
 #[tokio::test]
 async fn an_early_answer_to_an_upload_reaches_the_client() {
-    // The upstream refuses the upload after its head, lingering (reading and
-    // discarding) so that its answer is not lost to a reset.
-    let (up, _) = raw_backend(|mut s, _| async move {
-        let head = read_head(&mut s).await.unwrap();
-        assert!(head.contains("transfer-encoding: chunked"), "{head}");
-        s.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large")
-            .await
-            .unwrap();
-        let _ = s.shutdown().await;
-        let mut sink = vec![0u8; 64 * 1024];
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            while s.read(&mut sink).await.is_ok_and(|n| n > 0) {}
-        })
-        .await;
-    })
-    .await;
-    let h = start(up).await;
+    let h = start(refusing_backend("transfer-encoding: chunked").await).await;
     let (tx, rx) = mpsc::channel::<Bytes>(2);
     // 64 MiB, far more than socket buffers hold: the proxy must stop sending.
     tokio::spawn(async move {
@@ -341,20 +325,7 @@ async fn an_early_answer_survives_the_close_while_the_client_still_sends() {
     // client busy with a large upload does. The proxy closes the connection
     // after the 413 without reading the rest of the body: closing a socket
     // with unread bytes sends a reset, and the client's next write fails.
-    let (up, _) = raw_backend(|mut s, _| async move {
-        read_head(&mut s).await.unwrap();
-        s.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large")
-            .await
-            .unwrap();
-        let _ = s.shutdown().await;
-        let mut sink = vec![0u8; 64 * 1024];
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            while s.read(&mut sink).await.is_ok_and(|n| n > 0) {}
-        })
-        .await;
-    })
-    .await;
-    let h = start(up).await;
+    let h = start(refusing_backend("content-length: 67108864").await).await;
     let mut tls = h.tls(A, &[b"http/1.1"]).await;
     let head = format!(
         "POST /upload HTTP/1.1\r\nhost: {A}\r\ncontent-length: {}\r\n\r\n",
@@ -386,6 +357,27 @@ async fn an_early_answer_survives_the_close_while_the_client_still_sends() {
     );
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.ends_with("too large"), "{answer}");
+}
+
+/// An upstream that refuses every upload with a 413 after its head (which
+/// must contain `expect`), lingering (reading and discarding) so that its
+/// answer is not lost to a reset.
+async fn refusing_backend(expect: &'static str) -> SocketAddr {
+    let (up, _) = raw_backend(move |mut s, _| async move {
+        let head = read_head(&mut s).await.unwrap();
+        assert!(head.contains(expect), "{head}");
+        s.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large")
+            .await
+            .unwrap();
+        let _ = s.shutdown().await;
+        let mut sink = vec![0u8; 64 * 1024];
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while s.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
+    })
+    .await;
+    up
 }
 
 /// Reads a chunked request body to its end; returns the data's length.
